@@ -1,0 +1,3 @@
+from s3cryptfs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""The volume descriptor: one small JSON object under ``<prefix>.s3cryptfs/volume.json``.
+
+It holds no secret in clear: the password manager's keys in it are sealed under the password.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from s3cryptfs.errors import VolumeError
+from s3cryptfs.format import v1
+
+DESCRIPTOR_VERSION = 1
+META_DIR = ".s3cryptfs"
+DESCRIPTOR_NAME = "volume.json"
+
+
+def descriptor_key(prefix: str) -> str:
+    return f"{prefix}{META_DIR}/{DESCRIPTOR_NAME}"
+
+
+@dataclass
+class Descriptor:
+    volume_id: str
+    chunk_size: int = v1.DEFAULT_CHUNK
+    provider: str = "s3cryptfs-password"
+    key_settings: dict[str, Any] = field(default_factory=dict)
+    object_format: str = "1"
+    version: int = DESCRIPTOR_VERSION
+
+    @staticmethod
+    def new_volume_id() -> str:
+        return os.urandom(16).hex()
+
+    def encode(self) -> bytes:
+        doc = {
+            "s3cryptfs": "volume",
+            "version": self.version,
+            "volume_id": self.volume_id,
+            "object_format": self.object_format,
+            "chunk_size": self.chunk_size,
+            "key_manager": {"provider": self.provider, "settings": self.key_settings},
+        }
+        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+    @staticmethod
+    def decode(raw: bytes) -> Descriptor:
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise VolumeError(f"volume descriptor is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("s3cryptfs") != "volume":
+            raise VolumeError("volume descriptor is not an s3cryptfs descriptor")
+        version = doc.get("version")
+        if version != DESCRIPTOR_VERSION:
+            raise VolumeError(
+                f"volume descriptor version {version!r} is not supported by this s3cryptfs "
+                f"(it reads version {DESCRIPTOR_VERSION}); upgrade s3cryptfs"
+            )
+        try:
+            km = doc["key_manager"]
+            desc = Descriptor(
+                volume_id=str(doc["volume_id"]),
+                chunk_size=int(doc["chunk_size"]),
+                provider=str(km["provider"]),
+                key_settings=dict(km.get("settings", {})),
+                object_format=str(doc.get("object_format", "1")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VolumeError(f"volume descriptor is missing or has a bad field: {exc}") from None
+        if desc.object_format != "1":
+            raise VolumeError(f"volume object format {desc.object_format!r} is not supported")
+        try:
+            v1.check_chunk_size(desc.chunk_size)
+        except Exception as exc:
+            raise VolumeError(f"volume descriptor: {exc}") from None
+        return desc

@@ -1,0 +1,65 @@
+"""The KeyManager protocol, after the Go gateway's interface (see docs/KEYS.md).
+
+Contract every implementation keeps:
+- safe to call from several threads at once;
+- never logs or stores key material in clear;
+- ``unwrap_key`` raises ``KeyNotFound`` for an unknown key id/version, ``UnwrapFailed`` when the
+  ciphertext does not authenticate, ``InvalidEnvelope`` for a malformed envelope and
+  ``ProviderUnavailable`` when its server cannot be reached;
+- ``close`` may be called more than once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class KeyEnvelope:
+    """A wrapped data key and what is needed to find the key that unwraps it."""
+
+    key_id: str
+    key_version: int
+    provider: str
+    ciphertext: bytes
+
+    def __repr__(self) -> str:  # never print the wrapped bytes whole
+        return (
+            f"KeyEnvelope(provider={self.provider!r}, key_id={self.key_id!r}, "
+            f"key_version={self.key_version}, ciphertext=<{len(self.ciphertext)} bytes>)"
+        )
+
+
+@runtime_checkable
+class KeyManager(Protocol):
+    """Wraps per-object data keys (DEKs) under a key it manages."""
+
+    provider: str
+
+    def wrap_key(self, dek: bytes, context: Mapping[str, str]) -> KeyEnvelope:
+        """Wrap *dek* under the active key. *context* is bound where the provider can bind it."""
+        ...
+
+    def unwrap_key(self, envelope: KeyEnvelope, context: Mapping[str, str]) -> bytes:
+        """Return the DEK inside *envelope*, or raise one of the KeyManagerError kinds."""
+        ...
+
+    def active_key_version(self) -> int:
+        """The version new objects are wrapped under."""
+        ...
+
+    def health_check(self) -> None:
+        """Raise ProviderUnavailable (or another KeyManagerError) when the manager cannot work."""
+        ...
+
+    def close(self) -> None:
+        """Release connections. Idempotent."""
+        ...
+
+
+class KeyManagerFactory(Protocol):
+    """What the entry point ``s3cryptfs.key_managers`` names: a class or callable."""
+
+    def __call__(self, settings: Mapping[str, Any], secrets: Mapping[str, Any]) -> KeyManager: ...

@@ -1,0 +1,51 @@
+"""Find key manager plugins through the ``s3cryptfs.key_managers`` entry-point group."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+from typing import Any
+
+from s3cryptfs.errors import UnknownProvider
+from s3cryptfs.keys.base import KeyManager
+
+GROUP = "s3cryptfs.key_managers"
+
+# Built-in managers, so a source checkout that was never pip-installed still works.
+_BUILTIN = {
+    "s3cryptfs-password": "s3cryptfs.keys.password:PasswordKeyManager",
+}
+
+
+def _targets() -> dict[str, str]:
+    found = dict(_BUILTIN)
+    for ep in entry_points(group=GROUP):
+        found[ep.name] = ep.value
+    return found
+
+
+def provider_names() -> list[str]:
+    return sorted(_targets())
+
+
+def _resolve(target: str) -> Any:
+    module_name, _, attr = target.partition(":")
+    module = __import__(module_name, fromlist=[attr])
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_key_manager(
+    provider: str, settings: Mapping[str, Any], secrets: Mapping[str, Any]
+) -> KeyManager:
+    """Instantiate the manager registered as *provider*."""
+    target = _targets().get(provider)
+    if target is None:
+        raise UnknownProvider(
+            f"no key manager is registered for provider {provider!r} "
+            f"(known: {', '.join(provider_names())})"
+        )
+    factory = _resolve(target)
+    return factory(settings, secrets)

@@ -1,0 +1,365 @@
+"""The object store: boto3 behind a small, blocking interface with one retry policy.
+
+Blocking on purpose: the filesystem core calls it from worker threads (trio.to_thread). Every
+failure leaves as one of the StoreError kinds of ``s3cryptfs.errors``; a server error is never
+reported as "not found".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import boto3
+import botocore.exceptions as bce
+from botocore.config import Config
+
+from s3cryptfs.errors import (
+    AccessDenied,
+    BucketNotFound,
+    EndpointUnreachable,
+    ObjectNotFound,
+    PreconditionFailed,
+    StoreError,
+    TransientStoreError,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MIN_PART = 5 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    mtime_ns: int
+    metadata: dict[str, str] | None = None  # None: not known (LIST does not return it)
+
+
+@dataclass
+class ListPage:
+    objects: list[ObjectInfo] = field(default_factory=list)
+    prefixes: list[str] = field(default_factory=list)
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    bucket: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    # Total time one operation may spend retrying transient errors before it fails.
+    retry_deadline: float = 45.0
+    connect_timeout: float = 5.0
+    read_timeout: float = 20.0
+    max_connections: int = 32
+    part_size: int = 16 * 1024 * 1024
+    multipart_threshold: int = 32 * 1024 * 1024
+    part_concurrency: int = 4
+
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeTooSkewed",
+    "OperationAborted",
+}
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
+
+
+def classify(exc: BaseException, what: str) -> StoreError:
+    """Map a botocore exception to our error kinds. *what* names the operation and key."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, bce.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        msg = err.get("Message") or code
+        if code == "NoSuchBucket":
+            return BucketNotFound(f"{what}: the bucket does not exist")
+        if code in _NOT_FOUND or (status == 404 and code not in _TRANSIENT_CODES):
+            return ObjectNotFound(f"{what}: not found")
+        if code in ("PreconditionFailed", "412") or status == 412:
+            return PreconditionFailed(f"{what}: changed by another writer (precondition failed)")
+        if code in _DENIED or status == 403:
+            return AccessDenied(f"{what}: access denied ({code}: {msg})")
+        if code in _TRANSIENT_CODES or status >= 500 or status == 429 or status == 0:
+            return TransientStoreError(f"{what}: S3 error {code or status}: {msg}")
+        return StoreError(f"{what}: S3 refused the request ({code or status}: {msg})")
+    if isinstance(exc, bce.EndpointConnectionError | bce.ConnectTimeoutError):
+        return EndpointUnreachable(f"{what}: cannot connect to the S3 endpoint ({exc})")
+    if isinstance(exc, bce.ReadTimeoutError | bce.ConnectionClosedError | bce.ResponseStreamingError):
+        return TransientStoreError(f"{what}: S3 connection failed ({exc})")
+    if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
+        return AccessDenied(f"{what}: no S3 credentials found ({exc})")
+    if isinstance(exc, bce.HTTPClientError | ConnectionError | TimeoutError):
+        return TransientStoreError(f"{what}: S3 connection failed ({exc})")
+    if isinstance(exc, bce.BotoCoreError):
+        return StoreError(f"{what}: {exc}")
+    raise exc
+
+
+class S3Store:
+    """One bucket, one shared boto3 client (thread safe), one retry policy."""
+
+    def __init__(self, settings: StoreSettings, client: Any | None = None) -> None:
+        self.settings = settings
+        self.bucket = settings.bucket
+        self._client = client or boto3.session.Session().client(
+            "s3",
+            endpoint_url=settings.endpoint_url,
+            region_name=settings.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            config=Config(
+                connect_timeout=settings.connect_timeout,
+                read_timeout=settings.read_timeout,
+                retries={"max_attempts": 1, "mode": "standard"},
+                max_pool_connections=settings.max_connections,
+                s3={"addressing_style": "path"} if settings.endpoint_url else None,
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+        self.stats_lock = threading.Lock()
+        self.requests: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+
+    # --- the retry loop -----------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.settings.retry_deadline
+        delay = 0.1
+        attempt = 0
+        while True:
+            attempt += 1
+            op = what.split(" ", 1)[0]
+            with self.stats_lock:
+                self.requests[op] = self.requests.get(op, 0) + 1
+            try:
+                return fn()
+            except Exception as raw:  # noqa: BLE001 - classified right below
+                err = classify(raw, what)
+                with self.stats_lock:
+                    kind = type(err).__name__
+                    self.errors[kind] = self.errors.get(kind, 0) + 1
+                if not isinstance(err, TransientStoreError):
+                    raise err from None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.error("%s: giving up after %d attempts: %s", what, attempt, err)
+                    raise err from None
+                sleep = min(delay * (0.5 + random.random()), remaining, 5.0)
+                log.warning("%s: %s; retrying in %.1fs", what, err, sleep)
+                time.sleep(sleep)
+                delay = min(delay * 2, 5.0)
+
+    # --- reading --------------------------------------------------------------------------
+
+    def check_bucket(self) -> None:
+        self._call(f"head_bucket {self.bucket}", lambda: self._client.head_bucket(Bucket=self.bucket))
+
+    def head(self, key: str) -> ObjectInfo:
+        r = self._call(f"head {key}", lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+        return ObjectInfo(
+            key=key,
+            size=int(r["ContentLength"]),
+            etag=r["ETag"],
+            mtime_ns=int(r["LastModified"].timestamp() * 1e9),
+            metadata={k.lower(): v for k, v in r.get("Metadata", {}).items()},
+        )
+
+    def get(
+        self, key: str, start: int | None = None, end: int | None = None, if_match: str | None = None
+    ) -> bytes:
+        """Bytes [start, end] (inclusive) of *key*; PreconditionFailed if its ETag is not if_match."""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if start is not None:
+            args["Range"] = f"bytes={start}-{'' if end is None else end}"
+        if if_match:
+            args["IfMatch"] = if_match
+
+        def fetch() -> bytes:
+            r = self._client.get_object(**args)
+            return r["Body"].read()
+
+        return self._call(f"get {key}", fetch)
+
+    def list(self, prefix: str, delimiter: str | None = "/", token: str | None = None) -> ListPage:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": 1000}
+        if delimiter:
+            args["Delimiter"] = delimiter
+        if token:
+            args["ContinuationToken"] = token
+        r = self._call(f"list {prefix}", lambda: self._client.list_objects_v2(**args))
+        page = ListPage()
+        for o in r.get("Contents", []):
+            page.objects.append(
+                ObjectInfo(
+                    key=o["Key"],
+                    size=int(o["Size"]),
+                    etag=o.get("ETag", ""),
+                    mtime_ns=int(o["LastModified"].timestamp() * 1e9),
+                )
+            )
+        page.prefixes = [p["Prefix"] for p in r.get("CommonPrefixes", [])]
+        page.token = r.get("NextContinuationToken") if r.get("IsTruncated") else None
+        return page
+
+    def list_all(self, prefix: str, delimiter: str | None = "/") -> Iterator[ListPage]:
+        token = None
+        while True:
+            page = self.list(prefix, delimiter, token)
+            yield page
+            if not page.token:
+                return
+            token = page.token
+
+    # --- writing --------------------------------------------------------------------------
+
+    @staticmethod
+    def _conditions(if_match: str | None, if_none_match: bool) -> dict[str, str]:
+        cond: dict[str, str] = {}
+        if if_match:
+            cond["IfMatch"] = if_match
+        elif if_none_match:
+            cond["IfNoneMatch"] = "*"
+        return cond
+
+    def put(
+        self,
+        key: str,
+        body: bytes,
+        metadata: Mapping[str, str],
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        content_type: str = "application/octet-stream",
+    ) -> str:
+        """Write *key* whole; returns the new ETag."""
+        args = {
+            "Bucket": self.bucket,
+            "Key": key,
+            "Body": body,
+            "Metadata": dict(metadata),
+            "ContentType": content_type,
+            **self._conditions(if_match, if_none_match),
+        }
+        r = self._call(f"put {key}", lambda: self._client.put_object(**args))
+        return r["ETag"]
+
+    def upload_file(
+        self,
+        key: str,
+        path: str,
+        metadata: Mapping[str, str],
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        """Upload a local file as *key*, multipart with parallel parts when it is large."""
+        size = os.path.getsize(path)
+        if size < self.settings.multipart_threshold:
+            with open(path, "rb") as f:
+                data = f.read()
+            return self.put(key, data, metadata, if_match, if_none_match)
+        return self._multipart(key, path, size, metadata, if_match, if_none_match)
+
+    def _multipart(
+        self,
+        key: str,
+        path: str,
+        size: int,
+        metadata: Mapping[str, str],
+        if_match: str | None,
+        if_none_match: bool,
+    ) -> str:
+        part_size = max(self.settings.part_size, MIN_PART, -(-size // 10000))
+        upload = self._call(
+            f"create_multipart {key}",
+            lambda: self._client.create_multipart_upload(
+                Bucket=self.bucket,
+                Key=key,
+                Metadata=dict(metadata),
+                ContentType="application/octet-stream",
+            ),
+        )
+        upload_id = upload["UploadId"]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+
+            def send(number: int) -> dict[str, Any]:
+                offset = (number - 1) * part_size
+                data = os.pread(fd, min(part_size, size - offset), offset)
+                r = self._call(
+                    f"upload_part {key}#{number}",
+                    lambda: self._client.upload_part(
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=data,
+                    ),
+                )
+                return {"PartNumber": number, "ETag": r["ETag"]}
+
+            count = -(-size // part_size)
+            with ThreadPoolExecutor(self.settings.part_concurrency) as pool:
+                parts = list(pool.map(send, range(1, count + 1)))
+            r = self._call(
+                f"complete_multipart {key}",
+                lambda: self._client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                    **self._conditions(if_match, if_none_match),
+                ),
+            )
+            return r["ETag"]
+        except BaseException:
+            try:
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except Exception:  # noqa: BLE001 - best effort; the original error matters
+                log.warning("could not abort multipart upload of %s", key)
+            raise
+        finally:
+            os.close(fd)
+
+    def copy(
+        self,
+        src: str,
+        dst: str,
+        metadata: Mapping[str, str] | None = None,
+        src_etag: str | None = None,
+        content_type: str = "application/octet-stream",
+    ) -> str:
+        """Server-side copy; with *metadata*, replace the metadata. Returns the new ETag."""
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": dst,
+            "CopySource": {"Bucket": self.bucket, "Key": src},
+        }
+        if metadata is not None:
+            args["Metadata"] = dict(metadata)
+            args["MetadataDirective"] = "REPLACE"
+            args["ContentType"] = content_type
+        if src_etag:
+            args["CopySourceIfMatch"] = src_etag
+        r = self._call(f"copy {src} -> {dst}", lambda: self._client.copy_object(**args))
+        return r["CopyObjectResult"]["ETag"]
+
+    def delete(self, key: str) -> None:
+        self._call(f"delete {key}", lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
