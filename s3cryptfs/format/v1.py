@@ -86,7 +86,7 @@ def cipher_size(plain_size: int, chunk_size: int) -> int:
 
 
 def plain_size(body_size: int, chunk_size: int) -> int:
-    """Plaintext length of a body of *body_size* bytes; IntegrityError if no body has that length."""
+    """Plaintext length of a *body_size*-byte body; IntegrityError if no body has that length."""
     payload = body_size - HEADER_LEN
     if payload < TAG_LEN:
         raise IntegrityError(f"object of {body_size} bytes is too short to be valid")
@@ -154,6 +154,22 @@ class ChunkCipher:
         return out
 
 
+def _read_full(src: BinaryIO, size: int) -> bytes:
+    """Read *size* bytes, fewer only at end of file (a raw stream may return short reads)."""
+    data = src.read(size)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    missing = size - len(data)
+    while missing:
+        more = src.read(missing)
+        if not more:
+            break
+        parts.append(more)
+        missing -= len(more)
+    return b"".join(parts)
+
+
 def encrypt_stream(
     dek: bytes, src: BinaryIO, dst: BinaryIO, chunk_size: int = DEFAULT_CHUNK
 ) -> tuple[int, int]:
@@ -164,9 +180,9 @@ def encrypt_stream(
     written = HEADER_LEN
     total = 0
     index = 0
-    current = src.read(chunk_size)
+    current = _read_full(src, chunk_size)
     while True:
-        following = src.read(chunk_size) if len(current) == chunk_size else b""
+        following = _read_full(src, chunk_size) if len(current) == chunk_size else b""
         last = not following
         sealed = cipher.seal(index, current, last)
         dst.write(sealed)

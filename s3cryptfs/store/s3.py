@@ -104,7 +104,9 @@ def classify(exc: BaseException, what: str) -> StoreError:
         return StoreError(f"{what}: S3 refused the request ({code or status}: {msg})")
     if isinstance(exc, bce.EndpointConnectionError | bce.ConnectTimeoutError):
         return EndpointUnreachable(f"{what}: cannot connect to the S3 endpoint ({exc})")
-    if isinstance(exc, bce.ReadTimeoutError | bce.ConnectionClosedError | bce.ResponseStreamingError):
+    if isinstance(
+        exc, bce.ReadTimeoutError | bce.ConnectionClosedError | bce.ResponseStreamingError
+    ):
         return TransientStoreError(f"{what}: S3 connection failed ({exc})")
     if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
         return AccessDenied(f"{what}: no S3 credentials found ({exc})")
@@ -113,6 +115,11 @@ def classify(exc: BaseException, what: str) -> StoreError:
     if isinstance(exc, bce.BotoCoreError):
         return StoreError(f"{what}: {exc}")
     raise exc
+
+
+def _close_after_marker(request: Any, **_: Any) -> None:
+    if request.url.split("?", 1)[0].endswith("/"):
+        request.headers["Connection"] = "close"
 
 
 class S3Store:
@@ -135,6 +142,10 @@ class S3Store:
                 response_checksum_validation="when_required",
             ),
         )
+        # SeaweedFS answers a PUT of a "dir/" marker in a way that leaves the connection out of
+        # step (the next request on it reads a stale reply and times out), so such PUTs do not
+        # keep their connection.
+        self._client.meta.events.register("before-send.s3.PutObject", _close_after_marker)
         self.stats_lock = threading.Lock()
         self.requests: dict[str, int] = {}
         self.errors: dict[str, int] = {}
@@ -171,7 +182,9 @@ class S3Store:
     # --- reading --------------------------------------------------------------------------
 
     def check_bucket(self) -> None:
-        self._call(f"head_bucket {self.bucket}", lambda: self._client.head_bucket(Bucket=self.bucket))
+        self._call(
+            f"head_bucket {self.bucket}", lambda: self._client.head_bucket(Bucket=self.bucket)
+        )
 
     def head(self, key: str) -> ObjectInfo:
         r = self._call(f"head {key}", lambda: self._client.head_object(Bucket=self.bucket, Key=key))
@@ -184,9 +197,13 @@ class S3Store:
         )
 
     def get(
-        self, key: str, start: int | None = None, end: int | None = None, if_match: str | None = None
+        self,
+        key: str,
+        start: int | None = None,
+        end: int | None = None,
+        if_match: str | None = None,
     ) -> bytes:
-        """Bytes [start, end] (inclusive) of *key*; PreconditionFailed if its ETag is not if_match."""
+        """Bytes [start, end] (inclusive) of *key*; PreconditionFailed if its ETag changed."""
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if start is not None:
             args["Range"] = f"bytes={start}-{'' if end is None else end}"

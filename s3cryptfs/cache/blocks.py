@@ -1,0 +1,51 @@
+"""Plaintext chunk cache: a byte budget, least recently used out first.
+
+Holds decrypted chunks in memory only (never on disk). Keys are (version id, chunk index); a
+version id names one immutable object version (key + ETag, or a local journal entry), so a
+changed object can never be served from chunks of its previous version.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+
+
+class BlockCache:
+    def __init__(self, budget: int) -> None:
+        self.budget = max(budget, 1)
+        self._blocks: OrderedDict[tuple[Hashable, int], bytes] = OrderedDict()
+        self.used = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, vid: Hashable, index: int) -> bytes | None:
+        key = (vid, index)
+        block = self._blocks.get(key)
+        if block is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._blocks.move_to_end(key)
+        return block
+
+    def contains(self, vid: Hashable, index: int) -> bool:
+        return (vid, index) in self._blocks
+
+    def put(self, vid: Hashable, index: int, block: bytes) -> None:
+        key = (vid, index)
+        old = self._blocks.pop(key, None)
+        if old is not None:
+            self.used -= len(old)
+        self._blocks[key] = block
+        self.used += len(block)
+        while self.used > self.budget and self._blocks:
+            _, evicted = self._blocks.popitem(last=False)
+            self.used -= len(evicted)
+
+    def drop(self, vid: Hashable) -> None:
+        for key in [k for k in self._blocks if k[0] == vid]:
+            self.used -= len(self._blocks.pop(key))
+
+    def __len__(self) -> int:
+        return len(self._blocks)

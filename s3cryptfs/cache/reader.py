@@ -1,0 +1,205 @@
+"""Reads plaintext ranges of encrypted object versions through the block cache.
+
+A version is one immutable encrypted body, in S3 (range GETs) or in the local journal (pread).
+Fetches are aligned to groups of chunks, deduplicated while in flight, run in worker threads
+(fetch and decrypt together), and sequential readers get a readahead window that doubles up to
+a bound and resets on a random access.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+import trio
+
+from s3cryptfs.cache.blocks import BlockCache
+from s3cryptfs.errors import IntegrityError
+from s3cryptfs.format import v1
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Version:
+    """One encrypted body. *fetch(start, end)* returns body bytes [start, end] (blocking)."""
+
+    vid: Hashable
+    name: str  # for log lines: the object key
+    plain_size: int
+    body_size: int
+    fetch: Callable[[int, int], bytes]
+    make_cipher: Callable[[bytes], v1.ChunkCipher]  # header bytes -> cipher (may call a KMS)
+    cipher: v1.ChunkCipher | None = None
+
+    @property
+    def chunk_size(self) -> int:
+        assert self.cipher is not None
+        return self.cipher.chunk_size
+
+    def chunks(self) -> int:
+        return v1.chunk_count(self.plain_size, self.chunk_size)
+
+
+@dataclass
+class ReadState:
+    """Per open handle: where the last read ended and how far ahead to fetch."""
+
+    next_offset: int = -1
+    window: int = 0
+
+
+@dataclass
+class _Flight:
+    done: trio.Event = field(default_factory=trio.Event)
+    blocks: dict[int, bytes] | None = None
+    error: BaseException | None = None
+
+
+class Reader:
+    def __init__(
+        self,
+        cache: BlockCache,
+        limiter: trio.CapacityLimiter,
+        group_bytes: int = 1024 * 1024,
+        readahead_max: int = 32 * 1024 * 1024,
+    ) -> None:
+        self.cache = cache
+        self.limiter = limiter
+        self.group_bytes = group_bytes
+        self.readahead_max = readahead_max
+        self._flights: dict[tuple[Hashable, int], _Flight] = {}
+        self.nursery: trio.Nursery | None = None
+
+    def _group_len(self, version: Version) -> int:
+        return max(1, self.group_bytes // version.chunk_size)
+
+    async def _ensure_cipher(self, version: Version) -> None:
+        if version.cipher is not None:
+            return
+
+        def load() -> v1.ChunkCipher:
+            return version.make_cipher(version.fetch(0, v1.HEADER_LEN - 1))
+
+        version.cipher = await trio.to_thread.run_sync(load, limiter=self.limiter)
+        expected = v1.plain_size(version.body_size, version.cipher.chunk_size)
+        if expected != version.plain_size:
+            version.plain_size = expected
+
+    def _fetch_group(self, version: Version, group: int) -> dict[int, bytes]:
+        """Blocking: fetch and decrypt one group of chunks."""
+        cipher = version.cipher
+        assert cipher is not None
+        glen = self._group_len(version)
+        total = version.chunks()
+        first = group * glen
+        last = min(first + glen, total) - 1
+        start, _ = v1.chunk_span(first, cipher.chunk_size)
+        end = (
+            min(
+                v1.chunk_span(last, cipher.chunk_size)[0] + cipher.chunk_size + v1.TAG_LEN,
+                version.body_size,
+            )
+            - 1
+        )
+        data = version.fetch(start, end)
+        if len(data) != end - start + 1:
+            raise IntegrityError(
+                f"{version.name}: object is shorter than its listed size (truncated?)"
+            )
+        return dict(enumerate(cipher.open_range(first, data, total), start=first))
+
+    async def _group(self, version: Version, group: int) -> dict[int, bytes]:
+        key = (version.vid, group)
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = _Flight()
+            self._flights[key] = flight
+            try:
+                flight.blocks = await trio.to_thread.run_sync(
+                    self._fetch_group, version, group, limiter=self.limiter
+                )
+                for index, block in flight.blocks.items():
+                    self.cache.put(version.vid, index, block)
+            except BaseException as exc:
+                flight.error = exc
+                raise
+            finally:
+                del self._flights[key]
+                flight.done.set()
+            return flight.blocks
+        await flight.done.wait()
+        if flight.error is not None:
+            raise IntegrityError(f"{version.name}: read failed: {flight.error}")
+        assert flight.blocks is not None
+        return flight.blocks
+
+    async def read(
+        self, version: Version, offset: int, size: int, state: ReadState | None = None
+    ) -> bytes:
+        await self._ensure_cipher(version)
+        if offset >= version.plain_size or size <= 0:
+            return b""
+        end = min(offset + size, version.plain_size)
+        csize = version.chunk_size
+        first, last = offset // csize, (end - 1) // csize
+        blocks: dict[int, bytes] = {}
+        missing_groups: set[int] = set()
+        glen = self._group_len(version)
+        for index in range(first, last + 1):
+            block = self.cache.get(version.vid, index)
+            if block is None:
+                missing_groups.add(index // glen)
+            else:
+                blocks[index] = block
+        if missing_groups:
+            results: list[dict[int, bytes]] = []
+            errors: list[BaseException] = []
+
+            async def one(g: int) -> None:
+                try:
+                    results.append(await self._group(version, g))
+                except Exception as exc:  # noqa: BLE001 - re-raised below, first one wins
+                    errors.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                for g in sorted(missing_groups):
+                    nursery.start_soon(one, g)
+            if errors:
+                raise errors[0]
+            for found in results:
+                for index, block in found.items():
+                    if first <= index <= last:
+                        blocks[index] = block
+        if state is not None:
+            self._readahead(version, offset, end, state)
+        data = b"".join(blocks[i] for i in range(first, last + 1))
+        skip = offset - first * csize
+        return data[skip : skip + (end - offset)]
+
+    def _readahead(self, version: Version, offset: int, end: int, state: ReadState) -> None:
+        if offset == state.next_offset:
+            state.window = min(max(state.window * 2, self.group_bytes), self.readahead_max)
+        else:
+            state.window = 0
+        state.next_offset = end
+        if not state.window or self.nursery is None or end >= version.plain_size:
+            return
+        csize = version.chunk_size
+        glen = self._group_len(version)
+        first_group = (end // csize) // glen
+        last_group = (min(end + state.window, version.plain_size) - 1) // csize // glen
+        for g in range(first_group, last_group + 1):
+            if (version.vid, g) in self._flights or self.cache.contains(version.vid, g * glen):
+                continue
+            self.nursery.start_soon(self._prefetch, version, g)
+
+    async def _prefetch(self, version: Version, group: int) -> None:
+        try:
+            await self._group(version, group)
+        except Exception as exc:  # noqa: BLE001 - a prefetch failing is not a read failing
+            log.debug("readahead of %s failed: %s", version.name, exc)
+
+    def forget(self, version: Version) -> None:
+        self.cache.drop(version.vid)

@@ -1,0 +1,434 @@
+"""Write-back: a crash-safe local journal of encrypted file versions, and the uploader.
+
+A version enters the journal when a file is closed (or fsync'ed): its encrypted body is written
+and fsync'ed first, then a small JSON record is written and renamed into place. Only a renamed
+record counts; after a crash, the next mount uploads every record it finds, in order, before it
+serves anything. Bodies are ciphertext, so the journal never holds plaintext.
+
+Uploads replace objects with conditional writes (If-Match on the ETag the version was based on,
+If-None-Match for new files), so a concurrent change by another client is detected. The losing
+version is stored next to the original as ``<name>.conflict-<time>``, never dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from s3cryptfs.errors import ObjectNotFound, PreconditionFailed, StoreError, UploadConflict
+from s3cryptfs.store.s3 import S3Store
+
+log = logging.getLogger(__name__)
+
+# base of a version: the ETag it replaces, "absent" (a new file), or "chain" (the previous
+# journal entry of the same key, whose ETag is only known once it is uploaded)
+Base = tuple[str, str]
+ABSENT: Base = ("absent", "")
+CHAIN: Base = ("chain", "")
+
+
+@dataclass(eq=False)
+class Entry:
+    seq: int
+    key: str
+    body_path: str
+    metadata: dict[str, str]
+    base: Base
+    plain_size: int
+    body_size: int
+    state: str = "queued"  # queued | uploading | done | conflict
+    etag: str | None = None
+    error: BaseException | None = None
+    superseded_by: Entry | None = None
+    attempts: int = 0
+    not_before: float = 0.0
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "key": self.key,
+            "metadata": self.metadata,
+            "base": list(self.base),
+            "plain_size": self.plain_size,
+            "body_size": self.body_size,
+        }
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class Journal:
+    """The on-disk part. Directory mode 0700, files 0600."""
+
+    def __init__(self, directory: str) -> None:
+        self.dir = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)
+        self._seq = 0
+        for name in os.listdir(directory):
+            stem = name.split(".", 1)[0]
+            if stem.isdigit():
+                self._seq = max(self._seq, int(stem))
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def body_path(self, seq: int) -> str:
+        return os.path.join(self.dir, f"{seq:012d}.body")
+
+    def record_path(self, seq: int) -> str:
+        return os.path.join(self.dir, f"{seq:012d}.json")
+
+    def open_body(self, seq: int) -> Any:
+        fd = os.open(self.body_path(seq), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        return os.fdopen(fd, "w+b")
+
+    def write_record(self, entry: Entry) -> None:
+        """Make *entry* durable (blocking). The body must already be complete."""
+        with open(entry.body_path, "rb+") as f:
+            os.fsync(f.fileno())
+        final = self.record_path(entry.seq)
+        tmp = final + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(entry.record(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        dfd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def remove(self, entry: Entry) -> None:
+        for path in (self.record_path(entry.seq), entry.body_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def load(self) -> list[Entry]:
+        """Committed entries, oldest first. Leftovers without a record are deleted."""
+        entries: list[Entry] = []
+        recorded: set[int] = set()
+        for name in sorted(os.listdir(self.dir)):
+            path = os.path.join(self.dir, name)
+            if name.endswith(".json"):
+                with open(path) as f:
+                    rec = json.load(f)
+                seq = int(rec["seq"])
+                recorded.add(seq)
+                entries.append(
+                    Entry(
+                        seq=seq,
+                        key=rec["key"],
+                        body_path=self.body_path(seq),
+                        metadata=dict(rec["metadata"]),
+                        base=(rec["base"][0], rec["base"][1]),
+                        plain_size=int(rec["plain_size"]),
+                        body_size=int(rec["body_size"]),
+                    )
+                )
+        for name in os.listdir(self.dir):
+            stem = name.split(".", 1)[0]
+            if stem.isdigit() and int(stem) not in recorded:
+                log.info("journal: removing uncommitted leftover %s", name)
+                os.unlink(os.path.join(self.dir, name))
+        entries.sort(key=lambda e: e.seq)
+        return entries
+
+    def pending_bytes(self) -> int:
+        total = 0
+        for name in os.listdir(self.dir):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(self.dir, name)).st_size
+        return total
+
+
+Uploaded = Callable[[Entry], Awaitable[None]]
+
+
+class Uploader:
+    """Uploads journal entries in the background: in parallel, in order per key, with retries."""
+
+    def __init__(
+        self,
+        store: S3Store,
+        journal: Journal,
+        limiter: trio.CapacityLimiter,
+        concurrency: int = 4,
+        on_uploaded: Uploaded | None = None,
+        on_conflict: Uploaded | None = None,
+    ) -> None:
+        self.store = store
+        self.journal = journal
+        self.limiter = limiter
+        self.concurrency = concurrency
+        self.on_uploaded = on_uploaded
+        self.on_conflict = on_conflict
+        self.queue: list[Entry] = []
+        self.in_flight: dict[str, Entry] = {}
+        self.last_etag: dict[str, str] = {}
+        self._wakeup = trio.Event()
+        self.uploaded_count = 0
+        self.failed_attempts = 0
+        self.queued_bytes = 0
+        self._space = trio.Event()
+
+    # --- submitting ---------------------------------------------------------------------
+
+    def submit(self, entry: Entry) -> None:
+        for older in self.queue:
+            if older.key == entry.key and older.state == "queued":
+                # Coalesce: the older version never needs to reach S3.
+                self.queue.remove(older)
+                self.queued_bytes -= older.body_size
+                if entry.base == CHAIN:
+                    entry.base = older.base
+                    self._rewrite(entry)
+                older.superseded_by = entry
+                self.journal.remove(older)
+                older._notify()
+                break
+        self.queue.append(entry)
+        self.queued_bytes += entry.body_size
+        self._kick()
+
+    def _rewrite(self, entry: Entry) -> None:
+        self.journal.write_record(entry)
+
+    def update_metadata(self, key: str, metadata: dict[str, str]) -> bool:
+        """Change the metadata of a queued version of *key*; False if none is queued."""
+        for entry in reversed(self.queue):
+            if entry.key == key and entry.state == "queued":
+                entry.metadata = dict(metadata)
+                self._rewrite(entry)
+                return True
+        return False
+
+    def _kick(self) -> None:
+        self._wakeup.set()
+
+    def pending_for(self, key: str) -> list[Entry]:
+        found = [e for e in self.queue if e.key == key]
+        if key in self.in_flight:
+            found.insert(0, self.in_flight[key])
+        return found
+
+    def pending_under(self, prefix: str) -> list[Entry]:
+        found = [e for e in self.queue if e.key.startswith(prefix)]
+        found += [e for k, e in self.in_flight.items() if k.startswith(prefix)]
+        return found
+
+    def cancel(self, key: str) -> None:
+        """Drop queued versions of *key* (it is being deleted). In-flight ones must be awaited."""
+        for entry in [e for e in self.queue if e.key == key]:
+            self.queue.remove(entry)
+            self.queued_bytes -= entry.body_size
+            self.journal.remove(entry)
+            entry.state = "done"
+            entry._notify()
+
+    @property
+    def pending(self) -> int:
+        return len(self.queue) + len(self.in_flight)
+
+    # --- waiting ------------------------------------------------------------------------
+
+    async def wait(self, entry: Entry, raise_errors: bool = True) -> None:
+        """Until *entry* (or a newer version that replaced it) is in S3.
+
+        Raises the error of a failed attempt (the entry stays queued and is retried)."""
+        while True:
+            while entry.superseded_by is not None:
+                entry = entry.superseded_by
+            if entry.state == "done":
+                return
+            if entry.state == "conflict":
+                if raise_errors:
+                    raise UploadConflict(str(entry.error))
+                return
+            seen_attempts = entry.attempts
+            await entry.changed.wait()
+            failed = entry.error is not None and entry.attempts > seen_attempts
+            if raise_errors and failed and entry.state != "done":
+                err = entry.error
+                if isinstance(err, UploadConflict):
+                    raise err
+                raise StoreError(f"upload of {entry.key} failed (will retry): {err}")
+
+    async def wait_all(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            await self.wait(entry, raise_errors=False)
+
+    async def drain(self) -> None:
+        """Until nothing is queued or in flight (retrying forever)."""
+        while self.pending:
+            entries = list(self.in_flight.values()) + list(self.queue)
+            await self.wait_all(entries)
+
+    async def wait_for_space(self, limit: int) -> None:
+        """Backpressure: wait while the journal holds more than *limit* bytes."""
+        while self.queued_bytes > limit and self.pending:
+            event = self._space
+            await event.wait()
+
+    # --- the workers ----------------------------------------------------------------------
+
+    def _next(self) -> Entry | None:
+        now = time.monotonic()
+        for entry in self.queue:
+            if entry.key in self.in_flight or entry.not_before > now:
+                continue
+            if entry.base == CHAIN and entry.key not in self.last_etag:
+                # the previous version of this key must land first; if none exists any more
+                # (crash recovery), it was coalesced and this one is based on nothing known
+                if not any(e.key == entry.key and e.seq < entry.seq for e in self.queue):
+                    entry.base = ("unknown", "")
+                else:
+                    continue
+            return entry
+        return None
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                entry = self._next() if len(self.in_flight) < self.concurrency else None
+                if entry is None:
+                    self._wakeup = trio.Event()
+                    with trio.move_on_after(0.5):
+                        await self._wakeup.wait()
+                    continue
+                self.queue.remove(entry)
+                self.in_flight[entry.key] = entry
+                entry.state = "uploading"
+                nursery.start_soon(self._upload, entry)
+
+    def _conditions(self, entry: Entry) -> tuple[str | None, bool]:
+        kind, value = entry.base
+        if kind == "etag":
+            return value, False
+        if kind == "absent":
+            return None, True
+        if kind == "chain":
+            return self.last_etag[entry.key], False
+        return None, False  # unknown base (recovery): plain overwrite
+
+    async def _upload(self, entry: Entry) -> None:
+        entry.attempts += 1
+        try:
+            if_match, if_none_match = self._conditions(entry)
+            etag = await trio.to_thread.run_sync(
+                self.store.upload_file,
+                entry.key,
+                entry.body_path,
+                entry.metadata,
+                if_match,
+                if_none_match,
+                limiter=self.limiter,
+            )
+        except (PreconditionFailed, ObjectNotFound):
+            landed = await self._landed(entry)
+            if landed is None:
+                await self._divert(entry)
+                return
+            etag = landed
+        except Exception as exc:  # noqa: BLE001 - any failure: keep the data, retry later
+            self.failed_attempts += 1
+            entry.error = exc
+            entry.state = "queued"
+            delay = min(60.0, 2.0 ** min(entry.attempts, 6))
+            entry.not_before = time.monotonic() + delay
+            log.error(
+                "upload of %s failed (attempt %d, retrying in %.0fs; the data is kept): %s",
+                entry.key,
+                entry.attempts,
+                delay,
+                exc,
+            )
+            del self.in_flight[entry.key]
+            self.queue.insert(0, entry)
+            entry._notify()
+            self._kick()
+            return
+        entry.etag = etag
+        self.last_etag[entry.key] = etag
+        if self.on_uploaded is not None:
+            await self.on_uploaded(entry)
+        await self._finish(entry, "done")
+
+    async def _landed(self, entry: Entry) -> str | None:
+        """After a refused conditional write: is the object there our own version anyway?
+
+        A PUT whose reply was lost (timeout) may have been applied; its retry then fails the
+        precondition against our own write. The wrapped data key is unique per version."""
+        try:
+            head = await trio.to_thread.run_sync(self.store.head, entry.key, limiter=self.limiter)
+        except StoreError:
+            return None
+        mine = entry.metadata.get("encryption-wrapped-key")
+        if mine and head.metadata and head.metadata.get("encryption-wrapped-key") == mine:
+            log.info("%s: an earlier attempt of this upload had already succeeded", entry.key)
+            return head.etag
+        return None
+
+    async def _divert(self, entry: Entry) -> None:
+        """Someone else changed the object: store our version beside it, never over it."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        conflict_key = f"{entry.key}.conflict-{stamp}-{entry.seq}"
+        try:
+            await trio.to_thread.run_sync(
+                self.store.upload_file,
+                conflict_key,
+                entry.body_path,
+                entry.metadata,
+                None,
+                True,
+                limiter=self.limiter,
+            )
+        except Exception as exc:  # noqa: BLE001 - keep it queued, try again later
+            entry.error = exc
+            entry.state = "queued"
+            entry.not_before = time.monotonic() + 10
+            log.error("conflict copy of %s could not be stored yet: %s", entry.key, exc)
+            del self.in_flight[entry.key]
+            self.queue.insert(0, entry)
+            entry._notify()
+            return
+        log.error(
+            "upload conflict: %s was changed by another writer; this mount's version was saved "
+            "as %s",
+            entry.key,
+            conflict_key,
+        )
+        entry.error = UploadConflict(
+            f"{entry.key} was changed by another writer; your version was saved as {conflict_key}"
+        )
+        self.last_etag.pop(entry.key, None)
+        await self._finish(entry, "conflict")
+        if self.on_conflict is not None:
+            await self.on_conflict(entry)
+
+    async def _finish(self, entry: Entry, state: str) -> None:
+        await trio.to_thread.run_sync(self.journal.remove, entry)
+        entry.state = state
+        self.in_flight.pop(entry.key, None)
+        self.queued_bytes -= entry.body_size
+        self.uploaded_count += 1
+        if not any(e.key == entry.key for e in self.queue):
+            # nothing chains on this key any more
+            self.last_etag.pop(entry.key, None)
+        entry._notify()
+        self._space.set()
+        self._space = trio.Event()
+        self._kick()

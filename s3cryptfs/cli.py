@@ -1,0 +1,401 @@
+"""The command line: s3cryptfs init | mount | umount. Exit codes are documented in docs/CLI.md."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from s3cryptfs import __version__, config
+from s3cryptfs.errors import (
+    AccessDenied,
+    ConfigError,
+    PreconditionFailed,
+    S3CryptFSError,
+    StoreError,
+    TransientStoreError,
+    VolumeError,
+    WrongPasswordError,
+)
+
+log = logging.getLogger("s3cryptfs")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_WRONG_PASSWORD = 3
+EXIT_S3 = 4
+EXIT_VOLUME = 5
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: AWS)")
+    p.add_argument("--region", help="S3 region (default: from the AWS configuration)")
+    p.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="file holding the password (must not be readable by group or others); "
+        "else $S3CRYPTFS_PASSWORD, else a prompt",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="default: info",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="s3cryptfs",
+        description="Mount an S3 bucket as a folder whose files are encrypted on the client.",
+    )
+    parser.add_argument("--version", action="version", version=f"s3cryptfs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "init",
+        help="create a volume in a bucket or prefix",
+        description="Create an encrypted volume: write its descriptor object.",
+    )
+    p.add_argument("url", metavar="s3://BUCKET[/PREFIX]")
+    _add_common(p)
+    p.add_argument(
+        "--chunk-size",
+        default="64K",
+        help="plaintext bytes per encrypted chunk, a power of two from 4K to 8M (default 64K)",
+    )
+
+    p = sub.add_parser(
+        "mount",
+        help="mount a volume",
+        description="Mount a volume. Runs in the background once the mount is "
+        "ready, unless --foreground is given.",
+    )
+    p.add_argument("url", metavar="s3://BUCKET[/PREFIX]")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    _add_common(p)
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help=f"write-back journal and cache (default {config.default_cache_root()})",
+    )
+    p.add_argument(
+        "--cache-size",
+        default="2G",
+        metavar="SIZE",
+        help="bound on encrypted data waiting for upload under --cache-dir; writers "
+        "wait when it is full (default 2G)",
+    )
+    p.add_argument(
+        "--memory-cache",
+        default="128M",
+        metavar="SIZE",
+        help="decrypted blocks kept in memory (default 128M)",
+    )
+    p.add_argument(
+        "-o",
+        dest="fuse_opts",
+        action="append",
+        default=[],
+        metavar="OPTS",
+        help="extra FUSE mount options, comma separated",
+    )
+    p.add_argument("--read-only", action="store_true", help="mount read-only")
+    p.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users access the mount (needs user_allow_other for non-root)",
+    )
+    p.add_argument("--uid", type=int, help="owner of files that carry no owner (default: you)")
+    p.add_argument("--gid", type=int, help="group of files that carry no group (default: yours)")
+    p.add_argument(
+        "--sync-close", action="store_true", help="close() returns only once the file is in S3"
+    )
+    p.add_argument(
+        "--dir-cache-ttl",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long a directory listing is trusted (default 5)",
+    )
+    p.add_argument(
+        "--s3-timeout",
+        type=float,
+        default=45.0,
+        metavar="SECONDS",
+        help="how long one S3 operation is retried before it fails with EIO (default 45)",
+    )
+    p.add_argument(
+        "--log-file",
+        metavar="FILE",
+        help="log file in the background (default: mount.log in the cache dir)",
+    )
+
+    p = sub.add_parser(
+        "umount",
+        help="upload every pending file, then unmount",
+        description="Wait until every file written through the mount is in S3, then unmount.",
+    )
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument(
+        "--lazy",
+        action="store_true",
+        help="if the mount process is gone, detach the dead mount (fusermount -uz)",
+    )
+    return parser
+
+
+def _setup_logging(level: str, stream: object = None, path: str | None = None) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    handler: logging.Handler
+    if path:
+        handler = logging.FileHandler(path)
+        os.chmod(path, 0o600)
+    else:
+        handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # urllib3 warns about header parsing on some S3 servers' 100-continue replies; harmless.
+    logging.getLogger("urllib3.connection").setLevel(logging.ERROR)
+
+
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, WrongPasswordError):
+        return EXIT_WRONG_PASSWORD
+    if isinstance(exc, StoreError | AccessDenied | TransientStoreError):
+        return EXIT_S3
+    if isinstance(exc, VolumeError):
+        return EXIT_VOLUME
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE
+    return EXIT_ERROR
+
+
+# --- init ------------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from s3cryptfs.format import v1
+    from s3cryptfs.format.descriptor import Descriptor, descriptor_key
+    from s3cryptfs.keys import password as pw
+    from s3cryptfs.mount import check_bucket, make_store
+
+    url = config.parse_url(args.url)
+    chunk = config.parse_size(args.chunk_size)
+    try:
+        v1.check_chunk_size(chunk)
+    except S3CryptFSError as exc:
+        raise ConfigError(str(exc)) from None
+    password = config.get_password(args.password_file, confirm=True)
+    store = make_store(url, args.endpoint_url, args.region, retry_deadline=20)
+    check_bucket(store)
+    volume_id = Descriptor.new_volume_id()
+    desc = Descriptor(
+        volume_id=volume_id,
+        chunk_size=chunk,
+        provider=pw.PROVIDER,
+        key_settings=pw.new_settings(password, volume_id),
+    )
+    key = descriptor_key(url.prefix)
+    try:
+        store.put(key, desc.encode(), {}, if_none_match=True, content_type="application/json")
+    except PreconditionFailed:
+        raise VolumeError(f"{url} is already an s3cryptfs volume ({key} exists)") from None
+    print(f"created volume {url} (id {volume_id}, {chunk // 1024} KiB chunks)")
+    return EXIT_OK
+
+
+# --- mount -----------------------------------------------------------------------------------
+
+
+def _mount_spec(args: argparse.Namespace, password: bytes) -> object:
+    from s3cryptfs.mount import MountSpec
+    from s3cryptfs.vfs.core import FsOptions
+
+    fuse_options: list[str] = []
+    for group in args.fuse_opts:
+        fuse_options += [o for o in group.split(",") if o]
+    return MountSpec(
+        url=config.parse_url(args.url),
+        mountpoint=os.path.abspath(args.mountpoint),
+        endpoint_url=args.endpoint_url,
+        region=args.region,
+        password=password,
+        cache_root=os.path.abspath(args.cache_dir or config.default_cache_root()),
+        fs_options=FsOptions(
+            uid=os.getuid() if args.uid is None else args.uid,
+            gid=os.getgid() if args.gid is None else args.gid,
+            dir_ttl=args.dir_cache_ttl,
+            read_only=args.read_only,
+            sync_close=args.sync_close,
+            memory_cache=config.parse_size(args.memory_cache),
+            journal_limit=config.parse_size(args.cache_size),
+        ),
+        fuse_options=fuse_options,
+        allow_other=args.allow_other,
+        retry_deadline=args.s3_timeout,
+    )
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from s3cryptfs.mount import Mount
+
+    password = config.get_password(args.password_file)
+    spec = _mount_spec(args, password)
+    mount = Mount(spec)  # type: ignore[arg-type]
+    if args.foreground:
+        _setup_logging(args.log_level, path=args.log_file)
+        mount.prepare()
+        mount.run()
+        return EXIT_OK
+    return _daemonize(mount, args)
+
+
+def _daemonize(mount: object, args: argparse.Namespace) -> int:
+    """Fork; the child mounts and reports READY or the error through a pipe."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        if message.startswith("READY"):
+            return EXIT_OK
+        if not message:
+            _, status = os.waitpid(pid, 0)
+            print("s3cryptfs: the mount process died before the mount was ready", file=sys.stderr)
+            return EXIT_ERROR
+        code, _, text = message.partition(" ")
+        print(f"s3cryptfs: {text}", file=sys.stderr)
+        os.waitpid(pid, 0)
+        return int(code) if code.isdigit() else EXIT_ERROR
+
+    # child
+    os.close(read_fd)
+    os.setsid()
+    code = EXIT_OK
+    try:
+        from s3cryptfs.mount import Mount
+
+        assert isinstance(mount, Mount)
+        _setup_logging(args.log_level, stream=sys.stderr)
+        mount.prepare()
+        assert mount.fs is not None
+        log_path = args.log_file or os.path.join(mount.fs.cache_dir, "mount.log")
+        _setup_logging(args.log_level, path=log_path)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+
+        def ready() -> None:
+            os.write(write_fd, b"READY")
+            os.close(write_fd)
+
+        mount.run(ready)
+    except S3CryptFSError as exc:
+        code = _exit_code(exc)
+        _report(write_fd, code, str(exc))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, then logged
+        code = EXIT_ERROR
+        log.exception("mount failed")
+        _report(write_fd, code, f"mount failed: {exc}")
+    os._exit(code)
+
+
+def _report(fd: int, code: int, text: str) -> None:
+    try:
+        os.write(fd, f"{code} {text}".encode())
+        os.close(fd)
+    except OSError:
+        pass
+
+
+# --- umount ----------------------------------------------------------------------------------
+
+
+def _mount_pid(mountpoint: str) -> int | None:
+    try:
+        raw = os.getxattr(mountpoint, "user.s3cryptfs.pid")
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return None
+        raise
+    return int(raw)
+
+
+def _is_mounted(path: str) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == real for line in f if len(line.split()) > 1)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not _is_mounted(mountpoint):
+        raise ConfigError(f"{mountpoint} is not mounted")
+    try:
+        pid = _mount_pid(mountpoint)
+    except OSError as exc:
+        raise ConfigError(f"{mountpoint} is not an s3cryptfs mount ({exc.strerror})") from None
+    if pid is None:
+        if not args.lazy:
+            raise ConfigError(
+                f"the s3cryptfs process behind {mountpoint} is gone (transport endpoint is not "
+                "connected). Versions it had not uploaded are kept in its journal and are "
+                "uploaded by the next mount. Detach the dead mount with: "
+                f"s3cryptfs umount --lazy {mountpoint}"
+            )
+        fusermount = shutil.which("fusermount3") or "fusermount"
+        subprocess.run([fusermount, "-u", "-z", mountpoint], check=False)
+        return EXIT_OK
+    os.kill(pid, 15)
+    announced = time.monotonic() + 5
+    while _pid_alive(pid):
+        if time.monotonic() > announced:
+            print(
+                f"s3cryptfs: waiting for pending uploads of {mountpoint} (pid {pid})...",
+                file=sys.stderr,
+            )
+            announced = time.monotonic() + 30
+        time.sleep(0.1)
+    if _is_mounted(mountpoint):
+        raise S3CryptFSError(f"{mountpoint} is still mounted after the mount process ended")
+    return EXIT_OK
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "mount" or getattr(args, "foreground", False):
+        _setup_logging(
+            getattr(args, "log_level", "warning") if args.command != "init" else "warning"
+        )
+    try:
+        return COMMANDS[args.command](args)
+    except S3CryptFSError as exc:
+        print(f"s3cryptfs: {exc}", file=sys.stderr)
+        return _exit_code(exc)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,263 @@
+"""The thin pyfuse3 adapter: translate requests to the core, and errors to errnos.
+
+pyfuse3 only survives FUSEError; any other exception ends pyfuse3.main() and takes the mount
+down. So every handler converts at this boundary, through errors.to_errno, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from s3cryptfs.errors import is_expected, to_errno
+from s3cryptfs.vfs.core import Attr, Filesystem
+from s3cryptfs.vfs.nodes import Node
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+XATTR_STATE = b"user.s3cryptfs.state"
+XATTR_PID = b"user.s3cryptfs.pid"
+ATTR_TIMEOUT = 1.0
+
+
+def _guard(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place errors become errnos
+            err = to_errno(exc)
+            if is_expected(exc):
+                log.debug("%s: %s", fn.__name__, exc)
+            elif err == errno.EIO:
+                log.error("%s failed: %s", fn.__name__, exc, exc_info=not _ours(exc))
+            else:
+                log.info("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(err) from None
+
+    return wrapper
+
+
+def _ours(exc: BaseException) -> bool:
+    from s3cryptfs.errors import S3CryptFSError
+
+    return isinstance(exc, S3CryptFSError)
+
+
+def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = attr.ino
+    e.generation = 0
+    e.entry_timeout = ATTR_TIMEOUT
+    e.attr_timeout = ATTR_TIMEOUT
+    e.st_mode = attr.mode
+    e.st_nlink = attr.nlink
+    e.st_uid = attr.uid
+    e.st_gid = attr.gid
+    e.st_rdev = 0
+    e.st_size = attr.size
+    e.st_blksize = 65536
+    e.st_blocks = (attr.size + 511) // 512
+    e.st_atime_ns = attr.mtime_ns
+    e.st_mtime_ns = attr.mtime_ns
+    e.st_ctime_ns = attr.ctime_ns
+    return e
+
+
+class FuseOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: Filesystem) -> None:
+        super().__init__()
+        self.fs = fs
+
+    def _reply(self, node: Node) -> pyfuse3.EntryAttributes:
+        node.lookups += 1
+        return _entry(self.fs.attr(node))
+
+    @_guard
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        return self._reply(await self.fs.lookup(parent_inode, os.fsdecode(name)))
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        try:
+            self.fs.forget(inode_list)
+        except Exception:  # noqa: BLE001 - forget cannot report errors
+            log.exception("forget failed")
+
+    @_guard
+    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        return _entry(await self.fs.getattr(inode))
+
+    @_guard
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> Any:
+        mtime = None
+        if fields.update_mtime:
+            mtime = attr.st_mtime_ns
+        result = await self.fs.setattr(
+            inode,
+            fh,
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            mtime_ns=mtime,
+        )
+        return _entry(result)
+
+    @_guard
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return await self.fs.readlink(inode)
+
+    @_guard
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        node = self.fs.node(inode)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_guard
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        entries = await self.fs.readdir(fh)
+        directory = self.fs.node(fh)
+        parent = self.fs.nodes.at(directory.parent_path) or directory
+        # "." and ".." come first; the kernel does not count lookups for them.
+        dots = [(".", directory), ("..", parent)]
+        listing = dots + entries
+        for index in range(start_id, len(listing)):
+            name, node = listing[index]
+            attrs = _entry(self.fs.attr(node))
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
+                return
+            if index >= len(dots):
+                node.lookups += 1
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_guard
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        node = await self.fs.mkdir(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid)
+        return self._reply(node)
+
+    @_guard
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.fs.rmdir(parent_inode, os.fsdecode(name))
+
+    @_guard
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.fs.unlink(parent_inode, os.fsdecode(name))
+
+    @_guard
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        node = await self.fs.symlink(parent_inode, os.fsdecode(name), target, ctx.uid, ctx.gid)
+        return self._reply(node)
+
+    @_guard
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
+    ) -> None:
+        await self.fs.rename(
+            parent_inode_old,
+            os.fsdecode(name_old),
+            parent_inode_new,
+            os.fsdecode(name_new),
+            flags,
+        )
+
+    @_guard
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        self.fs.link()
+
+    @_guard
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        handle, keep = await self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep)
+
+    @_guard
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        handle = await self.fs.create(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=handle.fh), self._reply(handle.node)
+
+    @_guard
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.fs.read(fh, off, size)
+
+    @_guard
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.fs.write(fh, off, buf)
+
+    @_guard
+    async def flush(self, fh: int) -> None:
+        await self.fs.flush(fh)
+
+    @_guard
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.fs.fsync(fh)
+
+    async def release(self, fh: int) -> None:
+        try:
+            await self.fs.release(fh)
+        except Exception:  # noqa: BLE001 - release cannot report errors to anyone
+            log.exception("release failed")
+
+    @_guard
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    @_guard
+    async def statfs(self, ctx: Any) -> Any:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = 65536
+        s.f_frsize = 65536
+        s.f_blocks = 2**40 // 65536
+        s.f_bfree = s.f_blocks
+        s.f_bavail = s.f_blocks
+        s.f_files = 2**32
+        s.f_ffree = 2**32
+        s.f_favail = 2**32
+        s.f_namemax = 255
+        return s
+
+    @_guard
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        node = self.fs.node(inode)
+        if name == XATTR_STATE and not node.is_dir:
+            return self.fs.state_of(node).encode()
+        if name == XATTR_PID and inode == pyfuse3.ROOT_INODE:
+            return str(os.getpid()).encode()
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    @_guard
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        node = self.fs.node(inode)
+        return [] if node.is_dir else [XATTR_STATE]
+
+    @_guard
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    @_guard
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.ENOTSUP)

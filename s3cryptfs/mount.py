@@ -1,0 +1,225 @@
+"""Composition root: build the store, open the volume, run the FUSE loop, drain on the way out."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from s3cryptfs import config
+from s3cryptfs.codec import ObjectCodec
+from s3cryptfs.errors import (
+    BucketNotFound,
+    ConfigError,
+    ObjectNotFound,
+    S3CryptFSError,
+    VolumeError,
+)
+from s3cryptfs.format.descriptor import Descriptor, descriptor_key
+from s3cryptfs.keys.registry import load_key_manager
+from s3cryptfs.store.s3 import S3Store, StoreSettings
+from s3cryptfs.vfs.core import Filesystem, FsOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MountSpec:
+    url: config.VolumeURL
+    mountpoint: str
+    endpoint_url: str | None
+    region: str | None
+    password: bytes
+    cache_root: str
+    fs_options: FsOptions
+    fuse_options: list[str] = field(default_factory=list)
+    allow_other: bool = False
+    retry_deadline: float = 45.0
+
+
+def make_store(
+    url: config.VolumeURL, endpoint: str | None, region: str | None, retry_deadline: float = 45.0
+) -> S3Store:
+    return S3Store(
+        StoreSettings(
+            bucket=url.bucket, endpoint_url=endpoint, region=region, retry_deadline=retry_deadline
+        )
+    )
+
+
+def check_bucket(store: S3Store) -> None:
+    try:
+        store.check_bucket()
+    except (BucketNotFound, ObjectNotFound):
+        raise VolumeError(f"bucket {store.bucket!r} does not exist") from None
+
+
+def read_descriptor(store: S3Store, url: config.VolumeURL) -> Descriptor:
+    try:
+        raw = store.get(descriptor_key(url.prefix))
+    except ObjectNotFound:
+        raise VolumeError(
+            f"{url} is not an s3cryptfs volume (no descriptor at "
+            f"{descriptor_key(url.prefix)}); create one with: s3cryptfs init {url}"
+        ) from None
+    return Descriptor.decode(raw)
+
+
+def open_codec(desc: Descriptor, password: bytes) -> ObjectCodec:
+    manager = load_key_manager(desc.provider, desc.key_settings, {"password": password})
+    return ObjectCodec(desc, manager)
+
+
+class CacheLock:
+    """One mount per cache directory: the journal has exactly one writer."""
+
+    def __init__(self, directory: str) -> None:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)
+        self._fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise ConfigError(
+                f"the cache directory {directory} is in use by another s3cryptfs mount of "
+                "this volume"
+            ) from None
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(path)
+        s.sendall(message.encode())
+
+
+def check_mountpoint(path: str) -> None:
+    if not os.path.isdir(path):
+        raise ConfigError(f"mount point {path} does not exist or is not a directory")
+    real = os.path.realpath(path)
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2 and parts[1] == real:
+                raise ConfigError(f"{path} is already a mount point ({parts[0]})")
+
+
+class Mount:
+    """Everything one mount owns, set up in order and torn down in reverse."""
+
+    def __init__(self, spec: MountSpec) -> None:
+        self.spec = spec
+        self.fs: Filesystem | None = None
+        self.lock: CacheLock | None = None
+
+    def prepare(self) -> None:
+        """All the checks that can fail, before anything is mounted."""
+        spec = self.spec
+        check_mountpoint(spec.mountpoint)
+        store = make_store(spec.url, spec.endpoint_url, spec.region, spec.retry_deadline)
+        check_bucket(store)
+        desc = read_descriptor(store, spec.url)
+        codec = open_codec(desc, spec.password)
+        cache_dir = config.volume_cache_dir(spec.cache_root, spec.endpoint_url, spec.url)
+        self.lock = CacheLock(cache_dir)
+        self.fs = Filesystem(store, codec, spec.url.prefix, cache_dir, spec.fs_options)
+        self.fs.clear_staging()
+
+    async def _recover(self) -> None:
+        assert self.fs is not None
+        count = await self.fs.recover()
+        if count:
+            log.info("uploaded %d file version(s) left by an earlier mount", count)
+
+    def run(self, on_ready: Any = None) -> None:
+        import pyfuse3
+
+        from s3cryptfs.fuse_ops import FuseOperations
+
+        assert self.fs is not None
+        trio.run(self._recover)
+        ops = FuseOperations(self.fs)
+        options = set(pyfuse3.default_options)
+        options.add("fsname=s3cryptfs")
+        options.add("subtype=s3cryptfs")
+        if self.spec.fs_options.read_only:
+            options.add("ro")
+        if self.spec.allow_other:
+            options.add("allow_other")
+        options.update(self.spec.fuse_options)
+        pyfuse3.init(ops, self.spec.mountpoint, options)
+        log.info("mounted %s at %s", self.spec.url, self.spec.mountpoint)
+        try:
+            trio.run(self._main, on_ready)
+        finally:
+            pyfuse3.close(unmount=True)
+            if self.lock is not None:
+                self.lock.release()
+        log.info("unmounted %s; every file is in S3", self.spec.mountpoint)
+
+    async def _main(self, on_ready: Any) -> None:
+        import pyfuse3
+
+        assert self.fs is not None
+        fs = self.fs
+        async with trio.open_nursery() as nursery:
+            await fs.run_background(nursery)
+            nursery.start_soon(self._signals)
+            if on_ready is not None:
+                on_ready()
+            sd_notify("READY=1\nSTATUS=mounted")
+            await pyfuse3.main()
+            # Unmounted (by a signal or by fusermount): nothing may stay only on this disk.
+            await self._drain(fs)
+            nursery.cancel_scope.cancel()
+
+    async def _drain(self, fs: Filesystem) -> None:
+        pending = fs.uploader.pending
+        if pending:
+            log.info("uploading %d pending file version(s) before exit", pending)
+        sd_notify(f"STOPPING=1\nSTATUS=uploading {pending} pending file version(s)")
+        await fs.drain()
+
+    async def _signals(self) -> None:
+        import pyfuse3
+
+        assert self.fs is not None
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    continue
+                log.info(
+                    "received %s: uploading dirty files, then unmounting",
+                    signal.Signals(signum).name,
+                )
+                await self._drain(self.fs)
+                pyfuse3.terminate()
+                return
+
+
+def run_mount(spec: MountSpec, on_ready: Any = None) -> None:
+    mount = Mount(spec)
+    try:
+        mount.prepare()
+    except S3CryptFSError:
+        if mount.lock is not None:
+            mount.lock.release()
+        raise
+    mount.run(on_ready)

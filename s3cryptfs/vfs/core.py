@@ -1,0 +1,1028 @@
+"""The filesystem core: POSIX operations on inodes, in terms of the object store.
+
+FUSE-free (the adapter in fuse_ops.py is a thin translation), so it is testable without a
+kernel. It raises errors from s3cryptfs.errors; fuse_ops turns them into errnos.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from s3cryptfs.cache.blocks import BlockCache
+from s3cryptfs.cache.reader import Reader, Version
+from s3cryptfs.cache.writeback import ABSENT, CHAIN, Entry, Journal, Uploader
+from s3cryptfs.codec import ObjectCodec
+from s3cryptfs.errors import (
+    FsError,
+    IntegrityError,
+    ObjectNotFound,
+    S3CryptFSError,
+    UploadConflict,
+)
+from s3cryptfs.format import metadata as md
+from s3cryptfs.format.descriptor import META_DIR
+from s3cryptfs.store.s3 import ObjectInfo, S3Store
+from s3cryptfs.vfs.nodes import (
+    ROOT_INODE,
+    ChildInfo,
+    Handle,
+    Listing,
+    Node,
+    NodeTable,
+    Remote,
+    Staging,
+    child_path,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_KEY_BYTES = 1024
+MAX_NAME_BYTES = 255
+
+
+@dataclass
+class FsOptions:
+    uid: int
+    gid: int
+    file_mode: int = 0o644
+    dir_mode: int = 0o755
+    dir_ttl: float = 5.0
+    read_only: bool = False
+    sync_close: bool = False
+    memory_cache: int = 128 * 1024 * 1024
+    journal_limit: int = 2 * 1024 * 1024 * 1024
+    upload_concurrency: int = 4
+    io_threads: int = 16
+
+
+@dataclass
+class Attr:
+    """What getattr returns, FUSE-free."""
+
+    ino: int
+    mode: int
+    size: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    ctime_ns: int
+    nlink: int
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+class Filesystem:
+    def __init__(
+        self, store: S3Store, codec: ObjectCodec, prefix: str, cache_dir: str, opts: FsOptions
+    ) -> None:
+        self.store = store
+        self.codec = codec
+        self.prefix = prefix
+        self.opts = opts
+        self.cache_dir = cache_dir
+        self.limiter = trio.CapacityLimiter(opts.io_threads)
+        self.upload_limiter = trio.CapacityLimiter(max(2, opts.upload_concurrency * 2))
+        self.journal = Journal(os.path.join(cache_dir, "journal"))
+        self.staging_dir = os.path.join(cache_dir, "staging")
+        os.makedirs(self.staging_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.staging_dir, 0o700)
+        self.blocks = BlockCache(opts.memory_cache)
+        self.reader = Reader(self.blocks, self.limiter)
+        self.uploader = Uploader(
+            store,
+            self.journal,
+            self.upload_limiter,
+            concurrency=opts.upload_concurrency,
+            on_uploaded=self._uploaded,
+            on_conflict=self._conflicted,
+        )
+        self.nodes = NodeTable()
+        now = _now_ns()
+        root = Node(ROOT_INODE, "", stat.S_IFDIR | opts.dir_mode, opts.uid, opts.gid, now, now)
+        root.lookups = 1
+        self.nodes.add(root)
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self.unsynced: set[Node] = set()  # created here, not in S3 yet
+        self.nursery: trio.Nursery | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def clear_staging(self) -> None:
+        """Plaintext left by a crash belongs to versions never closed: they are not uploaded."""
+        for name in os.listdir(self.staging_dir):
+            log.warning("discarding write-back file of a file that was open during a crash")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.staging_dir, name))
+
+    async def recover(self) -> int:
+        """Upload every version committed before a crash. Returns how many there were."""
+        entries = await trio.to_thread.run_sync(self.journal.load)
+        if not entries:
+            return 0
+        log.info("recovering %d file version(s) from the journal", len(entries))
+        for entry in entries:
+            self.uploader.submit(entry)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.uploader.run)
+            await self.uploader.drain()
+            nursery.cancel_scope.cancel()
+        return len(entries)
+
+    async def run_background(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.reader.nursery = nursery
+        nursery.start_soon(self.uploader.run)
+
+    async def commit_all(self) -> None:
+        """Commit every dirty open file (before unmounting)."""
+        for node in list(self.nodes.by_ino.values()):
+            if node.staging is not None and node.staging.dirty:
+                await self._commit(node)
+
+    async def drain(self) -> None:
+        await self.commit_all()
+        await self.uploader.drain()
+
+    # --- keys and names ----------------------------------------------------------------
+
+    def key(self, path: str) -> str:
+        return self.prefix + path
+
+    def dir_prefix(self, path: str) -> str:
+        return self.prefix + path + "/" if path else self.prefix
+
+    def _check_name(self, parent: Node, name: str) -> None:
+        if parent.path == "" and name == META_DIR:
+            raise FsError(errno.EPERM, f"{META_DIR} is reserved for the volume's metadata")
+        if len(name.encode()) > MAX_NAME_BYTES:
+            raise FsError(errno.ENAMETOOLONG)
+        if len(self.key(child_path(parent.path, name)).encode()) + 1 > MAX_KEY_BYTES:
+            raise FsError(errno.ENAMETOOLONG, "the S3 key would be longer than 1024 bytes")
+
+    def _writable(self) -> None:
+        if self.opts.read_only:
+            raise FsError(errno.EROFS)
+
+    # --- nodes ---------------------------------------------------------------------------
+
+    def node(self, ino: int) -> Node:
+        node = self.nodes.get(ino)
+        if node is None:
+            raise FsError(errno.ENOENT, f"unknown inode {ino}")
+        return node
+
+    def _file_node(self, path: str, info: ObjectInfo | ChildInfo) -> Node:
+        mtime = info.mtime_ns
+        node = Node(
+            self.nodes.new_ino(),
+            path,
+            stat.S_IFREG | self.opts.file_mode,
+            self.opts.uid,
+            self.opts.gid,
+            mtime,
+            mtime,
+        )
+        size = info.size
+        node.remote = Remote(info.etag, size)
+        node.size = self.codec.plain_size_or_none(size) or 0
+        if isinstance(info, ObjectInfo) and info.metadata is not None:
+            self._apply_metadata(node, info.metadata)
+        return self.nodes.add(node)
+
+    def _dir_node(self, path: str, mtime_ns: int = 0) -> Node:
+        mtime = mtime_ns or _now_ns()
+        node = Node(
+            self.nodes.new_ino(),
+            path,
+            stat.S_IFDIR | self.opts.dir_mode,
+            self.opts.uid,
+            self.opts.gid,
+            mtime,
+            mtime,
+        )
+        return self.nodes.add(node)
+
+    def _apply_metadata(self, node: Node, meta: dict[str, str]) -> None:
+        assert node.remote is not None
+        node.remote.metadata = meta
+        attrs = md.PosixAttrs.decode(meta)
+        if attrs.mode is not None and stat.S_IFMT(attrs.mode) in (stat.S_IFREG, stat.S_IFLNK):
+            node.mode = attrs.mode
+        if attrs.uid is not None:
+            node.uid = attrs.uid
+        if attrs.gid is not None:
+            node.gid = attrs.gid
+        if attrs.mtime_ns is not None:
+            node.mtime_ns = attrs.mtime_ns
+        if md.FORMAT not in meta:
+            # Not an s3cryptfs object: refuse to serve it as plaintext (no downgrade).
+            node.error = "not encrypted by s3cryptfs"
+
+    def attr(self, node: Node) -> Attr:
+        size = node.size
+        if node.is_link and node.link_target is not None:
+            size = len(node.link_target)
+        return Attr(
+            ino=node.ino,
+            mode=node.mode,
+            size=size,
+            uid=node.uid,
+            gid=node.gid,
+            mtime_ns=node.mtime_ns,
+            ctime_ns=max(node.ctime_ns, node.mtime_ns),
+            nlink=2 if node.is_dir else 1,
+        )
+
+    def _posix_attrs(self, node: Node) -> md.PosixAttrs:
+        return md.PosixAttrs(node.mode, node.uid, node.gid, node.mtime_ns)
+
+    async def _thread(self, fn: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    # --- listing -------------------------------------------------------------------------
+
+    async def _list(self, node: Node) -> Listing:
+        """The children of a directory, from S3 (cached for dir_ttl) plus local pending ones."""
+        listing = node.listing
+        if listing is not None and time.monotonic() - listing.fetched_at < self.opts.dir_ttl:
+            return listing
+        prefix = self.dir_prefix(node.path)
+
+        def fetch() -> dict[str, ChildInfo]:
+            children: dict[str, ChildInfo] = {}
+            for page in self.store.list_all(prefix):
+                for p in page.prefixes:
+                    name = p[len(prefix) :].rstrip("/")
+                    if name and name not in (".", "..") and "/" not in name:
+                        children[name] = ChildInfo(is_dir=True)
+                for o in page.objects:
+                    name = o.key[len(prefix) :]
+                    if not name or name in (".", "..") or "/" in name:
+                        continue
+                    if name in children:  # a directory of the same name wins
+                        continue
+                    children[name] = ChildInfo(False, o.size, o.etag, o.mtime_ns)
+            return children
+
+        children = await self._thread(fetch)
+        if node.path == "":
+            children.pop(META_DIR, None)
+        for pending in self.unsynced:
+            if pending.parent_path == node.path and not pending.unlinked:
+                children.setdefault(pending.name, ChildInfo(pending.is_dir))
+        node.listing = Listing(children)
+        return node.listing
+
+    def _listing_add(self, parent: Node, name: str, info: ChildInfo) -> None:
+        if parent.listing is not None:
+            parent.listing.children[name] = info
+
+    def _listing_remove(self, parent_path: str, name: str) -> None:
+        parent = self.nodes.at(parent_path)
+        if parent is not None and parent.listing is not None:
+            parent.listing.children.pop(name, None)
+
+    async def _child(self, parent: Node, name: str) -> Node | None:
+        """The node of *name* in *parent*, asking S3 when needed; None if it does not exist."""
+        path = child_path(parent.path, name)
+        known = self.nodes.at(path)
+        if known is not None:
+            return known
+        if parent.path == "" and name == META_DIR:
+            return None
+        listing = parent.listing
+        if listing is not None:
+            if time.monotonic() - listing.fetched_at >= self.opts.dir_ttl:
+                listing = await self._list(parent)
+            info = listing.children.get(name)
+            if info is None:
+                return None
+            if info.is_dir:
+                return self._dir_node(path)
+            node = self._file_node(path, info)
+            return node
+        # No listing of the parent: ask for this one name.
+        key = self.key(path)
+        try:
+            head = await self._thread(self.store.head, key)
+            return self._file_node(path, head)
+        except ObjectNotFound:
+            pass
+        page = await self._thread(self.store.list, key + "/", "/", None)
+        if page.objects or page.prefixes:
+            node = self._dir_node(path)
+            node.has_marker = any(o.key == key + "/" for o in page.objects)
+            return node
+        return None
+
+    async def lookup(self, parent_ino: int, name: str) -> Node:
+        parent = self.node(parent_ino)
+        if not parent.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if name == ".":
+            return parent
+        if name == "..":
+            return self.nodes.at(parent.parent_path) or parent
+        node = await self._child(parent, name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        await self._load_metadata(node)
+        return node
+
+    async def _load_metadata(self, node: Node) -> None:
+        """HEAD a listed file once, for its mode, owner and mtime."""
+        if node.is_dir or node.remote is None or node.remote.metadata is not None:
+            return
+        try:
+            head = await self._thread(self.store.head, self.key(node.path))
+        except ObjectNotFound:
+            return
+        if head.etag != node.remote.etag:
+            self._replace_remote(node, head)
+        self._apply_metadata(node, head.metadata or {})
+
+    async def load_attrs_many(self, nodes: list[Node]) -> None:
+        """Load metadata for many listed files at once (readdir)."""
+        todo = [
+            n for n in nodes if not n.is_dir and n.remote is not None and n.remote.metadata is None
+        ]
+        if not todo:
+            return
+        async with trio.open_nursery() as nursery:
+            for n in todo:
+                nursery.start_soon(self._load_metadata, n)
+
+    async def readdir(self, ino: int) -> list[tuple[str, Node]]:
+        node = self.node(ino)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        listing = await self._list(node)
+        out: list[tuple[str, Node]] = []
+        for name in sorted(listing.children):
+            child = await self._child(node, name)
+            if child is not None and not child.unlinked:
+                out.append((name, child))
+        await self.load_attrs_many([c for _, c in out])
+        return out
+
+    # --- reading -------------------------------------------------------------------------
+
+    def _replace_remote(self, node: Node, info: ObjectInfo) -> None:
+        if node.remote is not None and node.remote.version is not None:
+            self.reader.forget(node.remote.version)
+        node.remote = Remote(info.etag, info.size, info.metadata)
+        node.size = self.codec.plain_size_or_none(info.size) or 0
+        if info.metadata is not None:
+            self._apply_metadata(node, info.metadata)
+
+    def _remote_version(self, node: Node) -> Version:
+        remote = node.remote
+        assert remote is not None
+        if remote.version is None:
+            key = self.key(node.path)
+            etag = remote.etag
+            meta = remote.metadata or {}
+            size = self.codec.plain_size_or_none(remote.body_size)
+            if size is None:
+                raise IntegrityError(
+                    f"{key}: object length {remote.body_size} is not a valid encrypted length"
+                )
+
+            def fetch(start: int, end: int) -> bytes:
+                return self.store.get(key, start, end, if_match=etag)
+
+            remote.version = Version(
+                vid=("r", key, etag),
+                name=key,
+                plain_size=size,
+                body_size=remote.body_size,
+                fetch=fetch,
+                make_cipher=lambda header: self.codec.cipher(meta, header),
+            )
+        return remote.version
+
+    async def _revalidate(self, node: Node) -> bool:
+        """Before opening: is the object still what we cached? Returns True if unchanged."""
+        if node.local is not None or node.staging is not None or node.remote is None:
+            return True
+        key = self.key(node.path)
+        try:
+            head = await self._thread(self.store.head, key)
+        except ObjectNotFound:
+            self.nodes.detach(node)
+            node.unlinked = True
+            self._listing_remove(node.parent_path, node.name)
+            raise FsError(errno.ENOENT, f"{key} was deleted by another client") from None
+        if head.etag == node.remote.etag and node.remote.metadata is not None:
+            return True
+        changed = head.etag != node.remote.etag
+        self._replace_remote(node, head)
+        return not changed
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self.handles[fh]
+        node = handle.node
+        if node.staging is not None:
+            return await self._thread(os.pread, node.staging.fd, size, offset)
+        version = node.local_version
+        if version is None:
+            if node.remote is None:
+                return b""
+            if node.error:
+                raise IntegrityError(f"{self.key(node.path)}: {node.error}")
+            version = self._remote_version(node)
+        try:
+            return await self.reader.read(version, offset, size, handle.state)
+        except IntegrityError as exc:
+            log.error("%s: %s", self.key(node.path), exc)
+            raise
+
+    async def readlink(self, ino: int) -> bytes:
+        node = self.node(ino)
+        if not node.is_link:
+            raise FsError(errno.EINVAL)
+        if node.link_target is None:
+            await self._revalidate(node)
+            version = self._remote_version(node)
+            node.link_target = await self.reader.read(version, 0, version.plain_size or 1 << 20)
+        return node.link_target
+
+    # --- opening and writing ------------------------------------------------------------
+
+    async def open(self, ino: int, flags: int) -> tuple[Handle, bool]:
+        """Returns the handle and whether the kernel may keep its page cache."""
+        node = self.node(ino)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable:
+            self._writable()
+        keep = await self._revalidate(node)
+        if node.error and node.local is None and node.staging is None and not writable:
+            raise IntegrityError(f"{self.key(node.path)}: {node.error}")
+        return self._new_handle(node, writable), keep
+
+    def _new_handle(self, node: Node, writable: bool) -> Handle:
+        fh = self._next_fh
+        self._next_fh += 1
+        handle = Handle(fh, node, writable)
+        self.handles[fh] = handle
+        node.opens += 1
+        if writable:
+            node.writers += 1
+        return handle
+
+    async def create(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Handle:
+        self._writable()
+        parent = self.node(parent_ino)
+        self._check_name(parent, name)
+        existing = await self._child(parent, name)
+        if existing is not None and not existing.unlinked:
+            raise FsError(errno.EEXIST)
+        now = _now_ns()
+        path = child_path(parent.path, name)
+        node = Node(self.nodes.new_ino(), path, stat.S_IFREG | (mode & 0o7777), uid, gid, now, now)
+        self.nodes.add(node)
+        node.staging = self._new_staging()
+        node.staging.dirty = True
+        self.unsynced.add(node)
+        self._listing_add(parent, name, ChildInfo(False))
+        parent.mtime_ns = now
+        return self._new_handle(node, True)
+
+    def _new_staging(self) -> Staging:
+        seq = self.journal.next_seq()
+        path = os.path.join(self.staging_dir, f"{seq:012d}.plain")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        return Staging(path, fd)
+
+    async def _materialize(self, node: Node) -> Staging:
+        """Give *node* a plaintext write-back file holding its current content."""
+        if node.staging is not None:
+            return node.staging
+        async with node.lock:
+            if node.staging is not None:
+                return node.staging
+            staging = self._new_staging()
+            version = node.local_version
+            if version is None and node.remote is not None:
+                if node.error:
+                    staging.close()
+                    raise IntegrityError(f"{self.key(node.path)}: {node.error}")
+                version = self._remote_version(node)
+            try:
+                if version is not None:
+                    offset = 0
+                    step = 8 * 1024 * 1024
+                    while True:
+                        data = await self.reader.read(version, offset, step)
+                        if not data:
+                            break
+                        await self._thread(os.pwrite, staging.fd, data, offset)
+                        offset += len(data)
+            except BaseException:
+                staging.close()
+                raise
+            node.staging = staging
+            return staging
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self.handles[fh]
+        if not handle.writable:
+            raise FsError(errno.EBADF)
+        node = handle.node
+        staging = node.staging or await self._materialize(node)
+        written = await self._thread(os.pwrite, staging.fd, data, offset)
+        staging.dirty = True
+        node.size = max(node.size, offset + written)
+        node.mtime_ns = node.ctime_ns = _now_ns()
+        return written
+
+    async def _commit(self, node: Node) -> Entry | None:
+        """Seal the node's write-back file into the journal and queue the upload."""
+        async with node.lock:
+            staging = node.staging
+            if staging is None or not staging.dirty or node.unlinked:
+                return node.local
+            await self.uploader.wait_for_space(self.opts.journal_limit)
+            seq = self.journal.next_seq()
+            attrs = self._posix_attrs(node)
+
+            def seal() -> Any:
+                with os.fdopen(os.dup(staging.fd), "rb") as src:
+                    src.seek(0)
+                    with self.journal.open_body(seq) as dst:
+                        return self.codec.seal_stream(src, dst, attrs)
+
+            staging.dirty = False
+            try:
+                sealed = await self._thread(seal)
+            except BaseException:
+                staging.dirty = True
+                raise
+            key = self.key(node.path)
+            if self.uploader.pending_for(key):
+                base = CHAIN
+            elif node.remote is not None:
+                base = ("etag", node.remote.etag)
+            else:
+                base = ABSENT
+            entry = Entry(
+                seq=seq,
+                key=key,
+                body_path=self.journal.body_path(seq),
+                metadata=sealed.metadata,
+                base=base,
+                plain_size=sealed.plain_size,
+                body_size=sealed.body_size,
+            )
+            await self._thread(self.journal.write_record, entry)
+            body_path = entry.body_path
+
+            def fetch_local(start: int, end: int) -> bytes:
+                with open(body_path, "rb") as f:
+                    return os.pread(f.fileno(), end - start + 1, start)
+
+            if node.local_version is not None:
+                self.reader.forget(node.local_version)
+            node.local = entry
+            node.local_version = Version(
+                vid=("j", seq),
+                name=key,
+                plain_size=sealed.plain_size,
+                body_size=sealed.body_size,
+                fetch=fetch_local,
+                make_cipher=lambda header: sealed.cipher,
+                cipher=sealed.cipher,
+            )
+            node.error = None
+            self.uploader.submit(entry)
+            return entry
+
+    async def _uploaded(self, entry: Entry) -> None:
+        """The uploader finished *entry*: the node's content now lives in S3."""
+        node = self._node_for_key(entry.key)
+        if node is None or node.local is not entry:
+            return
+        node.remote = Remote(entry.etag or "", entry.body_size, dict(entry.metadata))
+        # Keep reading the local body until it is gone: the chunks are cached under its vid.
+        node.remote.version = None
+        node.local = None
+        if node.local_version is not None:
+            self.reader.forget(node.local_version)
+        node.local_version = None
+        self.unsynced.discard(node)
+        parent = self.nodes.at(node.parent_path)
+        if parent is not None:
+            self._listing_add(
+                parent, node.name, ChildInfo(False, entry.body_size, entry.etag or "", 0)
+            )
+        self._release_staging_if_idle(node)
+
+    async def _conflicted(self, entry: Entry) -> None:
+        node = self._node_for_key(entry.key)
+        if node is None or node.local is not entry:
+            return
+        node.error = str(entry.error)
+        node.local = None
+        if node.local_version is not None:
+            self.reader.forget(node.local_version)
+        node.local_version = None
+        self.unsynced.discard(node)
+        with contextlib.suppress(S3CryptFSError):
+            head = await self._thread(self.store.head, entry.key)
+            self._replace_remote(node, head)
+            node.error = None
+
+    def _node_for_key(self, key: str) -> Node | None:
+        if not key.startswith(self.prefix):
+            return None
+        return self.nodes.at(key[len(self.prefix) :])
+
+    def _release_staging_if_idle(self, node: Node) -> None:
+        if node.staging is not None and not node.staging.dirty and node.writers == 0:
+            node.staging.close()
+            node.staging = None
+
+    async def flush(self, fh: int) -> None:
+        handle = self.handles.get(fh)
+        if handle is None or not handle.writable:
+            return
+        entry = await self._commit(handle.node)
+        if self.opts.sync_close and entry is not None:
+            await self.uploader.wait(entry)
+
+    async def fsync(self, fh: int) -> None:
+        handle = self.handles[fh]
+        node = handle.node
+        entry = await self._commit(node)
+        if entry is not None:
+            await self.uploader.wait(entry)
+        if node.error:
+            raise UploadConflict(node.error)
+
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh, None)
+        if handle is None:
+            return
+        node = handle.node
+        node.opens -= 1
+        if handle.writable:
+            node.writers -= 1
+            if node.writers == 0 and node.staging is not None and node.staging.dirty:
+                with contextlib.suppress(S3CryptFSError):
+                    await self._commit(node)
+        if node.unlinked and node.opens == 0:
+            if node.staging is not None:
+                node.staging.close()
+                node.staging = None
+            self.unsynced.discard(node)
+        else:
+            self._release_staging_if_idle(node)
+        self.nodes.maybe_drop(node)
+
+    # --- attributes ----------------------------------------------------------------------
+
+    async def getattr(self, ino: int) -> Attr:
+        node = self.node(ino)
+        await self._load_metadata(node)
+        return self.attr(node)
+
+    async def setattr(
+        self,
+        ino: int,
+        fh: int | None,
+        *,
+        size: int | None = None,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> Attr:
+        node = self.node(ino)
+        self._writable()
+        now = _now_ns()
+        if size is not None:
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            if size == 0 and node.staging is None:
+                node.staging = self._new_staging()
+            staging = node.staging or await self._materialize(node)
+            await self._thread(os.ftruncate, staging.fd, size)
+            staging.dirty = True
+            node.size = size
+            node.mtime_ns = now
+            if fh is None and node.writers == 0:
+                await self._commit(node)
+                self._release_staging_if_idle(node)
+        meta_changed = False
+        if mode is not None:
+            node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
+            meta_changed = True
+        if uid is not None and uid != 0xFFFFFFFF:
+            node.uid = uid
+            meta_changed = True
+        if gid is not None and gid != 0xFFFFFFFF:
+            node.gid = gid
+            meta_changed = True
+        if mtime_ns is not None:
+            node.mtime_ns = mtime_ns
+            meta_changed = True
+        node.ctime_ns = now
+        if meta_changed and not node.is_dir:
+            await self._persist_attrs(node)
+        return self.attr(node)
+
+    async def _persist_attrs(self, node: Node) -> None:
+        """Store mode/owner/mtime in the object's metadata, without re-uploading data."""
+        if node.staging is not None and node.staging.dirty:
+            return  # the next commit carries them
+        key = self.key(node.path)
+        if node.local is not None:
+            meta = {**node.local.metadata, **self._posix_attrs(node).encode()}
+            if self.uploader.update_metadata(key, meta):
+                node.local.metadata = meta
+                return
+            await self.uploader.wait(node.local, raise_errors=False)
+        if node.remote is None:
+            return
+        if node.remote.metadata is None:
+            await self._load_metadata(node)
+        assert node.remote is not None
+        meta = {**(node.remote.metadata or {}), **self._posix_attrs(node).encode()}
+        etag = await self._thread(
+            lambda: self.store.copy(key, key, meta, src_etag=node.remote.etag)  # type: ignore[union-attr]
+        )
+        old_version = node.remote.version
+        node.remote = Remote(etag, node.remote.body_size, meta, old_version)
+        if old_version is not None:
+            # Same bytes, new ETag: keep the cached chunks, fetch by the new ETag.
+            old_version.fetch = self._fetcher(key, etag)
+
+    def _fetcher(self, key: str, etag: str) -> Any:
+        def fetch(start: int, end: int) -> bytes:
+            return self.store.get(key, start, end, if_match=etag)
+
+        return fetch
+
+    # --- namespace changes ---------------------------------------------------------------
+
+    async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Node:
+        self._writable()
+        parent = self.node(parent_ino)
+        self._check_name(parent, name)
+        if await self._child(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        path = child_path(parent.path, name)
+        now = _now_ns()
+        attrs = md.PosixAttrs(stat.S_IFDIR | (mode & 0o7777), uid, gid, now)
+        await self._thread(
+            lambda: self.store.put(self.key(path) + "/", b"", attrs.encode(), if_none_match=True)
+        )
+        node = self._dir_node(path, now)
+        node.mode, node.uid, node.gid = stat.S_IFDIR | (mode & 0o7777), uid, gid
+        node.has_marker = True
+        node.listing = Listing({})
+        self._listing_add(parent, name, ChildInfo(True))
+        parent.mtime_ns = now
+        return node
+
+    async def symlink(self, parent_ino: int, name: str, target: bytes, uid: int, gid: int) -> Node:
+        self._writable()
+        parent = self.node(parent_ino)
+        self._check_name(parent, name)
+        if await self._child(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        path = child_path(parent.path, name)
+        now = _now_ns()
+        attrs = md.PosixAttrs(stat.S_IFLNK | 0o777, uid, gid, now)
+        body, meta = await self._thread(self.codec.seal_bytes, target, attrs)
+        etag = await self._thread(
+            lambda: self.store.put(self.key(path), body, meta, if_none_match=True)
+        )
+        node = Node(self.nodes.new_ino(), path, stat.S_IFLNK | 0o777, uid, gid, now, now)
+        node.remote = Remote(etag, len(body), meta)
+        node.size = len(target)
+        node.link_target = target
+        self.nodes.add(node)
+        self._listing_add(parent, name, ChildInfo(False, len(body), etag, now))
+        return node
+
+    async def _is_empty(self, node: Node) -> bool:
+        prefix = self.dir_prefix(node.path)
+        page = await self._thread(self.store.list, prefix, "/", None)
+        others = [o for o in page.objects if o.key != prefix] + page.prefixes
+        if others:
+            return False
+        return not any(n.parent_path == node.path and not n.unlinked for n in self.unsynced)
+
+    async def rmdir(self, parent_ino: int, name: str) -> None:
+        self._writable()
+        parent = self.node(parent_ino)
+        node = await self._child(parent, name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if not await self._is_empty(node):
+            raise FsError(errno.ENOTEMPTY)
+        with contextlib.suppress(ObjectNotFound):
+            await self._thread(self.store.delete, self.key(node.path) + "/")
+        node.unlinked = True
+        self.nodes.detach(node)
+        self._listing_remove(parent.path, name)
+        parent.mtime_ns = _now_ns()
+
+    async def unlink(self, parent_ino: int, name: str) -> None:
+        self._writable()
+        parent = self.node(parent_ino)
+        node = await self._child(parent, name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        key = self.key(node.path)
+        if node.opens > 0 and node.staging is None:
+            # Still open: keep its content readable after the object is gone.
+            await self._materialize(node)
+        self.uploader.cancel(key)
+        await self.uploader.wait_all(self.uploader.pending_for(key))
+        node.unlinked = True
+        node.local = None
+        node.local_version = None
+        self.unsynced.discard(node)
+        self.nodes.detach(node)
+        self._listing_remove(parent.path, name)
+        with contextlib.suppress(ObjectNotFound):
+            await self._thread(self.store.delete, key)
+        parent.mtime_ns = _now_ns()
+        self.nodes.maybe_drop(node)
+
+    async def _settle(self, node: Node) -> None:
+        """Make sure a file's newest content is in S3 (rename copies what S3 has)."""
+        if node.staging is not None and node.staging.dirty and node.writers == 0:
+            await self._commit(node)
+        if node.local is not None:
+            await self.uploader.wait(node.local)
+
+    async def rename(
+        self, old_parent: int, old_name: str, new_parent: int, new_name: str, flags: int
+    ) -> None:
+        self._writable()
+        src_parent = self.node(old_parent)
+        dst_parent = self.node(new_parent)
+        self._check_name(dst_parent, new_name)
+        node = await self._child(src_parent, old_name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        target = await self._child(dst_parent, new_name)
+        if target is node:
+            return
+        noreplace = flags & 1  # RENAME_NOREPLACE
+        if flags & ~1:
+            raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        if target is not None:
+            if noreplace:
+                raise FsError(errno.EEXIST)
+            if node.is_dir and not target.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if not node.is_dir and target.is_dir:
+                raise FsError(errno.EISDIR)
+            if target.is_dir and not await self._is_empty(target):
+                raise FsError(errno.ENOTEMPTY)
+        new_path = child_path(dst_parent.path, new_name)
+        if node.is_dir:
+            if new_path.startswith(node.path + "/"):
+                raise FsError(errno.EINVAL, "cannot move a directory into itself")
+            await self._rename_dir(node, new_path, target)
+        else:
+            await self._rename_file(node, new_path, target)
+        self._listing_remove(src_parent.path, old_name)
+        if target is not None:
+            target.unlinked = True
+            self.nodes.detach(target)
+        self.nodes.move(node, new_path)
+        self._listing_add(
+            dst_parent,
+            new_name,
+            ChildInfo(
+                node.is_dir,
+                node.remote.body_size if node.remote else 0,
+                node.remote.etag if node.remote else "",
+            ),
+        )
+        now = _now_ns()
+        src_parent.mtime_ns = dst_parent.mtime_ns = now
+        node.ctime_ns = now
+
+    async def _rename_file(self, node: Node, new_path: str, target: Node | None) -> None:
+        old_key, new_key = self.key(node.path), self.key(new_path)
+        await self._settle(node)
+        if target is not None:
+            await self._settle(target)
+            self.uploader.cancel(new_key)
+        if node.remote is None:
+            return  # only local (still open, never committed): nothing in S3 to move
+        etag = await self._thread(
+            lambda: self.store.copy(old_key, new_key, None, src_etag=node.remote.etag)  # type: ignore[union-attr]
+        )
+        with contextlib.suppress(ObjectNotFound):
+            await self._thread(self.store.delete, old_key)
+        old = node.remote
+        node.remote = Remote(etag, old.body_size, old.metadata, None)
+        if old.version is not None:
+            self.reader.forget(old.version)
+
+    async def _rename_dir(self, node: Node, new_path: str, target: Node | None) -> None:
+        """Copy every object under the directory, then delete the originals (not atomic)."""
+        old_prefix = self.dir_prefix(node.path)
+        new_prefix = self.dir_prefix(new_path)
+        for n in list(self.nodes.by_path.values()):
+            if n.path.startswith(node.path + "/") and not n.is_dir:
+                await self._settle(n)
+        await self.uploader.wait_all(self.uploader.pending_under(old_prefix))
+
+        marker_meta = self._posix_attrs(node).encode()
+
+        def move_all() -> dict[str, str]:
+            etags: dict[str, str] = {}
+            keys = [o.key for page in self.store.list_all(old_prefix, None) for o in page.objects]
+            if node.has_marker and old_prefix not in keys:
+                keys.append(old_prefix)
+            for key in keys:
+                new_key = new_prefix + key[len(old_prefix) :]
+                try:
+                    if key.endswith("/"):
+                        # markers hold no data; some servers cannot copy them
+                        etags[key] = self.store.put(new_key, b"", marker_meta)
+                    else:
+                        etags[key] = self.store.copy(key, new_key)
+                except ObjectNotFound:
+                    continue
+            for key in keys:
+                with contextlib.suppress(ObjectNotFound):
+                    self.store.delete(key)
+            return etags
+
+        if target is not None and target.has_marker:
+            with contextlib.suppress(ObjectNotFound):
+                await self._thread(self.store.delete, self.dir_prefix(target.path))
+        etags = await self._thread(move_all)
+        if not node.has_marker:
+            # An implicit directory exists only through its objects: keep an empty one alive.
+            page = await self._thread(self.store.list, new_prefix, "/", None)
+            if not page.objects and not page.prefixes:
+                attrs = self._posix_attrs(node).encode()
+                await self._thread(lambda: self.store.put(new_prefix, b"", attrs))
+                node.has_marker = True
+        for n in list(self.nodes.by_path.values()):
+            if n.path != node.path and not n.path.startswith(node.path + "/"):
+                continue
+            n.listing = None
+            if n.remote is None:
+                continue
+            if n.remote.version is not None:
+                self.reader.forget(n.remote.version)
+            n.remote.version = None
+            new_etag = etags.get(self.key(n.path))
+            if new_etag:
+                n.remote.etag = new_etag
+
+    def link(self) -> None:
+        raise FsError(errno.EPERM, "hard links are not supported on s3cryptfs")
+
+    # --- misc ----------------------------------------------------------------------------
+
+    def forget(self, items: list[tuple[int, int]]) -> None:
+        for ino, count in items:
+            node = self.nodes.get(ino)
+            if node is None:
+                continue
+            node.lookups = max(0, node.lookups - count)
+            self.nodes.maybe_drop(node)
+
+    def state_of(self, node: Node) -> str:
+        if node.error:
+            return "error"
+        if node.staging is not None and node.staging.dirty:
+            return "dirty"
+        if node.local is not None:
+            entry = self.uploader.in_flight.get(self.key(node.path))
+            return "uploading" if entry is node.local else "dirty"
+        return "clean"
+
+    def iter_nodes(self) -> Iterator[Node]:
+        return iter(list(self.nodes.by_ino.values()))

@@ -1,0 +1,174 @@
+"""Inodes: what the filesystem knows about one file, directory or symlink.
+
+Paths are relative to the volume root ('' is the root, 'a/b' a child). A node lives until the
+kernel forgets it (lookup count 0) and nothing holds it open or dirty.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from s3cryptfs.cache.reader import ReadState, Version
+from s3cryptfs.cache.writeback import Entry
+
+ROOT_INODE = 1
+
+
+@dataclass(eq=False)
+class Remote:
+    """The object version in S3 this node was last seen (or written) as."""
+
+    etag: str
+    body_size: int
+    metadata: dict[str, str] | None = None  # None: only listed, not HEADed yet
+    version: Version | None = None
+
+
+@dataclass(eq=False)
+class Staging:
+    """Plaintext write-back file of a node open for writing (0600, in a 0700 directory)."""
+
+    path: str
+    fd: int
+    dirty: bool = False
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        finally:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+@dataclass(eq=False)
+class ChildInfo:
+    """A directory entry as a listing reported it."""
+
+    is_dir: bool
+    size: int = 0  # body size
+    etag: str = ""
+    mtime_ns: int = 0
+
+
+@dataclass(eq=False)
+class Listing:
+    children: dict[str, ChildInfo]
+    fetched_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class Node:
+    ino: int
+    path: str
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    ctime_ns: int = 0
+    size: int = 0  # plaintext
+    remote: Remote | None = None
+    local: Entry | None = None  # newest committed version not yet in S3
+    local_version: Version | None = None
+    staging: Staging | None = None
+    lookups: int = 0
+    opens: int = 0
+    writers: int = 0
+    unlinked: bool = False
+    has_marker: bool = False  # directories: a "dir/" marker object exists
+    listing: Listing | None = None
+    link_target: bytes | None = None
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    error: str | None = None  # last upload failure, for the state attribute
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_link(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def parent_path(self) -> str:
+        return self.path.rsplit("/", 1)[0] if "/" in self.path else ""
+
+    def dirty(self) -> bool:
+        return (self.staging is not None and self.staging.dirty) or self.local is not None
+
+
+@dataclass(eq=False)
+class Handle:
+    fh: int
+    node: Node
+    writable: bool
+    state: ReadState = field(default_factory=ReadState)
+
+
+def child_path(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+class NodeTable:
+    def __init__(self) -> None:
+        self.by_ino: dict[int, Node] = {}
+        self.by_path: dict[str, Node] = {}
+        self._next = ROOT_INODE + 1
+
+    def add(self, node: Node) -> Node:
+        self.by_ino[node.ino] = node
+        self.by_path[node.path] = node
+        return node
+
+    def new_ino(self) -> int:
+        ino = self._next
+        self._next += 1
+        return ino
+
+    def get(self, ino: int) -> Node | None:
+        return self.by_ino.get(ino)
+
+    def at(self, path: str) -> Node | None:
+        return self.by_path.get(path)
+
+    def detach(self, node: Node) -> None:
+        """Remove *node* from the namespace (unlink); it lives on while open or looked up."""
+        if self.by_path.get(node.path) is node:
+            del self.by_path[node.path]
+
+    def move(self, node: Node, new_path: str) -> None:
+        """Rename *node* and, for a directory, every known descendant."""
+        old = node.path
+        moves = [node] + [n for p, n in self.by_path.items() if p.startswith(old + "/")]
+        for n in moves:
+            if self.by_path.get(n.path) is n:
+                del self.by_path[n.path]
+        for n in moves:
+            n.path = new_path + n.path[len(old) :]
+            self.by_path[n.path] = n
+
+    def maybe_drop(self, node: Node) -> None:
+        """Free a node nobody refers to any more."""
+        if node.ino == ROOT_INODE or node.lookups > 0 or node.opens > 0 or node.dirty():
+            return
+        self.by_ino.pop(node.ino, None)
+        if self.by_path.get(node.path) is node:
+            del self.by_path[node.path]
+
+    def children_of(self, path: str) -> list[Node]:
+        prefix = path + "/" if path else ""
+        return [
+            n
+            for p, n in self.by_path.items()
+            if p.startswith(prefix) and p != path and "/" not in p[len(prefix) :]
+        ]
