@@ -972,7 +972,9 @@ class Filesystem:
                         etags[key] = self.store.copy(key, new_key)
                 except ObjectNotFound:
                     continue
-            for key in keys:
+            # the old marker goes last, whether or not the listing showed it (servers that keep
+            # folders would otherwise keep the old directory alive)
+            for key in [k for k in keys if k != old_prefix] + [old_prefix]:
                 with contextlib.suppress(ObjectNotFound):
                     self.store.delete(key)
             return etags

@@ -1,0 +1,193 @@
+"""s3cryptfs benchmark: the mount against raw boto3 on the same local SeaweedFS, in one run.
+
+    python3 bench/run.py [--size-mib 1024] [--files 2000]
+
+Prints each measurement with its ceiling (raw boto3 on the same endpoint) and the ratio.
+Not a test: nothing here passes or fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from servers import SeaweedFS  # noqa: E402
+
+MIB = 1024 * 1024
+PASSWORD = b"benchmark password, not secret"
+
+
+def cli(env: dict[str, str], *args: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "s3cryptfs", *args], env=env, check=True, stdin=subprocess.DEVNULL
+    )
+
+
+def timed(fn) -> float:  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class RssWatcher(threading.Thread):
+    """Peak resident memory of the mount process, sampled every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.running = pid, 0, True
+
+    def run(self) -> None:
+        while self.running:
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            except FileNotFoundError:
+                return
+            time.sleep(0.05)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--files", type=int, default=2000)
+    args = ap.parse_args()
+    size = args.size_mib * MIB
+    work = Path(tempfile.mkdtemp(prefix="s3cryptfs-bench-"))
+    server = SeaweedFS(work / "weed")
+    rows: list[tuple[str, float, float, str]] = []
+    try:
+        s3 = server.client()
+        server.make_bucket("bench")
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": server.access_key,
+            "AWS_SECRET_ACCESS_KEY": server.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        pwfile = work / "pw"
+        pwfile.write_bytes(PASSWORD)
+        pwfile.chmod(0o600)
+        data = work / "data.bin"
+        with open(data, "wb") as f:
+            for _ in range(size // (8 * MIB)):
+                f.write(os.urandom(8 * MIB))
+
+        # ceilings
+        put_raw = timed(lambda: s3.upload_file(str(data), "bench", "raw/big"))
+        get_raw = timed(lambda: s3.download_file("bench", "raw/big", str(work / "raw.out")))
+        small = os.urandom(4096)
+
+        def put_small(i: int) -> None:
+            s3.put_object(Bucket="bench", Key=f"raw/small/{i:05d}", Body=small)
+
+        def put_all() -> None:
+            with cf.ThreadPoolExecutor(8) as pool:
+                list(pool.map(put_small, range(args.files)))
+
+        small_raw = timed(put_all)
+        disk_copy = timed(
+            lambda: subprocess.run(["cp", str(data), str(work / "disk.copy")], check=True)
+        )
+
+        url = "s3://bench/vol"
+        mnt = work / "mnt"
+        mnt.mkdir()
+        common = ["--endpoint-url", server.endpoint_url, "--password-file", str(pwfile)]
+        cli(env, "init", url, *common)
+
+        def mount() -> RssWatcher:
+            cli(env, "mount", url, str(mnt), *common, "--cache-dir", str(work / "cache"))
+            watcher = RssWatcher(int(os.getxattr(mnt, "user.s3cryptfs.pid")))
+            watcher.start()
+            return watcher
+
+        def umount(w: RssWatcher) -> int:
+            cli(env, "umount", str(mnt))
+            w.running = False
+            return w.peak
+
+        w = mount()
+        seq_write = timed(
+            lambda: (subprocess.run(["cp", str(data), str(mnt / "big")], check=True), umount(w))
+        )
+        peak_write = w.peak
+        w = mount()
+        seq_read = timed(
+            lambda: subprocess.run(["cat", str(mnt / "big")], check=True, stdout=subprocess.DEVNULL)
+        )
+        fd = os.open(mnt / "big", os.O_RDONLY)
+        import random
+
+        rnd = random.Random(1)
+        reads = 500
+        t = timed(lambda: [os.pread(fd, 4096, rnd.randrange(0, size - 4096)) for _ in range(reads)])
+        os.close(fd)
+        iops = reads / t
+        (mnt / "small").mkdir()
+
+        def create_small() -> None:
+            for i in range(args.files):
+                (mnt / "small" / f"{i:05d}").write_bytes(small)
+            umount(w)
+
+        small_mnt = timed(create_small)
+        w = mount()
+        ls = timed(
+            lambda: subprocess.run(
+                ["ls", "-l", str(mnt / "small")], check=True, stdout=subprocess.DEVNULL
+            )
+        )
+        peak = max(peak_write, umount(w))
+
+        rows = [
+            (
+                "sequential write until durable",
+                size / seq_write / MIB,
+                size / put_raw / MIB,
+                "MiB/s vs boto3 upload_file",
+            ),
+            (
+                "cold sequential read",
+                size / seq_read / MIB,
+                size / get_raw / MIB,
+                "MiB/s vs boto3 download_file",
+            ),
+            ("4 KiB random reads", iops, 0.0, "IOPS (no ceiling)"),
+            (
+                f"{args.files} x 4 KiB files until durable",
+                small_mnt,
+                small_raw,
+                "seconds vs 8-thread PUT (ratio = ceiling/ours)",
+            ),
+            ("ls -l on a fresh mount", ls, 0.5, "seconds vs 0.5 s target"),
+            ("peak RSS of the mount", peak / MIB, 300, "MiB vs 300 MiB target"),
+            ("local disk copy", size / disk_copy / MIB, size / disk_copy / MIB, "MiB/s (info)"),
+        ]
+    finally:
+        subprocess.run(
+            ["fusermount3", "-u", "-z", str(work / "mnt")], check=False, stderr=subprocess.DEVNULL
+        )
+        server.stop()
+    print(f"\n{'measurement':40} {'ours':>10} {'ceiling':>10} {'ratio':>7}  unit")
+    for name, ours, ceiling, unit in rows:
+        if "seconds" in unit or "MiB vs" in unit:
+            ratio = ceiling / ours if ours else 0.0
+        else:
+            ratio = ours / ceiling if ceiling else 0.0
+        print(f"{name:40} {ours:10.2f} {ceiling:10.2f} {ratio:7.2f}  {unit}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
