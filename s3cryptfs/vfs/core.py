@@ -473,7 +473,16 @@ class Filesystem:
         keep = await self._revalidate(node)
         if node.error and node.local is None and node.staging is None and not writable:
             raise IntegrityError(f"{self.key(node.path)}: {node.error}")
-        return self._new_handle(node, writable), keep
+        handle = self._new_handle(node, writable)
+        if writable and flags & os.O_TRUNC:
+            # libfuse enables atomic_o_trunc: the kernel sends no separate setattr(size=0).
+            try:
+                await self.setattr(ino, handle.fh, size=0)
+            except BaseException:
+                await self.release(handle.fh)
+                raise
+            keep = False
+        return handle, keep
 
     def _new_handle(self, node: Node, writable: bool) -> Handle:
         fh = self._next_fh
@@ -973,8 +982,9 @@ class Filesystem:
                 except ObjectNotFound:
                     continue
             # the old marker goes last, whether or not the listing showed it (servers that keep
-            # folders would otherwise keep the old directory alive)
-            for key in [k for k in keys if k != old_prefix] + [old_prefix]:
+            # folders would otherwise keep the old directory alive). Deepest keys first: such
+            # servers do not delete a subdirectory marker while it still has children.
+            for key in sorted(set(keys) | {old_prefix}, reverse=True):
                 with contextlib.suppress(ObjectNotFound):
                     self.store.delete(key)
             return etags

@@ -1,0 +1,225 @@
+"""POSIX semantics through a real s3cryptfs mount."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+
+STATE_XATTR = "user.s3cryptfs.state"
+
+
+def objects_under(s3client, bucket: str, prefix: str) -> list[str]:
+    keys = []
+    for page in s3client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys.extend(obj["Key"] for obj in page.get("Contents", []))
+    return keys
+
+
+def test_create_write_read_back(mounted):
+    path = mounted.mountpoint / "hello.txt"
+    path.write_bytes(b"hello world\n")
+    assert path.read_bytes() == b"hello world\n"
+    assert os.stat(path).st_size == 12
+    assert stat.S_ISREG(os.stat(path).st_mode)
+
+
+def test_write_at_offsets_and_sparse_extension(mounted):
+    path = mounted.mountpoint / "offsets"
+    path.write_bytes(b"0123456789")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"ab", 3)
+        os.pwrite(fd, b"XYZ", 20)
+    finally:
+        os.close(fd)
+    data = path.read_bytes()
+    assert data == b"012ab56789" + b"\0" * 10 + b"XYZ"
+    assert os.stat(path).st_size == 23
+    mounted.remount()
+    assert path.read_bytes() == data
+
+
+def test_truncate_shrink_grow_and_o_trunc(mounted):
+    path = mounted.mountpoint / "trunc"
+    path.write_bytes(b"abcdefghij")
+    os.truncate(path, 4)
+    assert path.read_bytes() == b"abcd"
+    os.truncate(path, 8)
+    assert path.read_bytes() == b"abcd" + b"\0" * 4
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        assert os.fstat(fd).st_size == 0
+        os.write(fd, b"new")
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"new"
+    mounted.remount()
+    assert path.read_bytes() == b"new"
+
+
+def test_append(mounted):
+    path = mounted.mountpoint / "log"
+    path.write_bytes(b"one\n")
+    with open(path, "ab") as f:
+        f.write(b"two\n")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, b"three\n")
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"one\ntwo\nthree\n"
+
+
+def test_unlink(mounted):
+    path = mounted.mountpoint / "gone"
+    path.write_bytes(b"x")
+    os.unlink(path)
+    assert not path.exists()
+    with pytest.raises(FileNotFoundError):
+        os.unlink(path)
+
+
+def test_mkdir_rmdir(mounted):
+    d = mounted.mountpoint / "dir"
+    os.mkdir(d)
+    assert stat.S_ISDIR(os.stat(d).st_mode)
+    with pytest.raises(FileExistsError):
+        os.mkdir(d)
+    os.rmdir(d)
+    assert not d.exists()
+
+
+def test_rmdir_non_empty(mounted):
+    d = mounted.mountpoint / "full"
+    d.mkdir()
+    (d / "f").write_bytes(b"x")
+    with pytest.raises(OSError) as exc:
+        os.rmdir(d)
+    assert exc.value.errno == errno.ENOTEMPTY
+    assert (d / "f").read_bytes() == b"x"
+
+
+def test_rename_file_and_over_existing(mounted):
+    m = mounted.mountpoint
+    (m / "a").write_bytes(b"AAA")
+    (m / "b").write_bytes(b"BBBBB")
+    os.rename(m / "a", m / "c")
+    assert not (m / "a").exists()
+    assert (m / "c").read_bytes() == b"AAA"
+    os.rename(m / "c", m / "b")
+    assert not (m / "c").exists()
+    assert (m / "b").read_bytes() == b"AAA"
+    mounted.remount()
+    assert sorted(os.listdir(m)) == ["b"]
+    assert (m / "b").read_bytes() == b"AAA"
+
+
+def test_rename_directory_with_contents(mounted):
+    m = mounted.mountpoint
+    (m / "src" / "sub").mkdir(parents=True)
+    (m / "src" / "f1").write_bytes(b"one")
+    (m / "src" / "sub" / "f2").write_bytes(b"two" * 1000)
+    os.rename(m / "src", m / "dst")
+
+    def check():
+        assert not (m / "src").exists()
+        assert sorted(os.listdir(m)) == ["dst"]
+        assert sorted(os.listdir(m / "dst")) == ["f1", "sub"]
+        assert (m / "dst" / "f1").read_bytes() == b"one"
+        assert (m / "dst" / "sub" / "f2").read_bytes() == b"two" * 1000
+
+    check()
+    mounted.remount()
+    check()
+
+
+def test_symlink_readlink(mounted):
+    m = mounted.mountpoint
+    (m / "target").write_bytes(b"data")
+    os.symlink("target", m / "link")
+    assert os.readlink(m / "link") == "target"
+    assert stat.S_ISLNK(os.lstat(m / "link").st_mode)
+    assert (m / "link").read_bytes() == b"data"
+    mounted.remount()
+    assert os.readlink(m / "link") == "target"
+
+
+def test_chmod_utime_persist(mounted):
+    path = mounted.mountpoint / "meta"
+    path.write_bytes(b"x")
+    os.chmod(path, 0o640)
+    mtime_ns = 1_600_000_000_123_456_789
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    mounted.remount()
+    st = os.stat(path)
+    assert stat.S_IMODE(st.st_mode) == 0o640
+    assert abs(st.st_mtime_ns - mtime_ns) < 1_000_000_000
+    assert int(st.st_mtime) == mtime_ns // 1_000_000_000
+
+
+def test_hard_link_refused(mounted):
+    m = mounted.mountpoint
+    (m / "orig").write_bytes(b"x")
+    with pytest.raises(OSError) as exc:
+        os.link(m / "orig", m / "hard")
+    assert exc.value.errno in (errno.EPERM, errno.ENOTSUP)
+    assert not (m / "hard").exists()
+
+
+def test_unlinked_while_open(mounted):
+    path = mounted.mountpoint / "ghost"
+    path.write_bytes(b"still here")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.unlink(path)
+        assert not path.exists()
+        assert os.pread(fd, 100, 0) == b"still here"
+        os.pwrite(fd, b"!!", 10)
+        assert os.pread(fd, 100, 0) == b"still here!!"
+        assert os.fstat(fd).st_size == 12
+    finally:
+        os.close(fd)
+    assert os.listdir(mounted.mountpoint) == []
+
+
+def test_fsync_uploads_and_state_clean(mounted, s3client):
+    before = set(objects_under(s3client, mounted.bucket, "vol/"))
+    path = mounted.mountpoint / "synced"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"payload" * 100)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    after = set(objects_under(s3client, mounted.bucket, "vol/"))
+    assert after - before, "fsync returned but no new object appeared under vol/"
+    assert os.getxattr(path, STATE_XATTR) == b"clean"
+
+
+def test_persistence_across_remount(mounted):
+    m = mounted.mountpoint
+    (m / "d" / "e").mkdir(parents=True)
+    (m / "d" / "e" / "f").write_bytes(b"z" * 70000)
+    (m / "top").write_bytes(b"top")
+    mounted.remount()
+    assert (m / "d" / "e" / "f").read_bytes() == b"z" * 70000
+    assert (m / "top").read_bytes() == b"top"
+
+
+def test_readdir(mounted):
+    m = mounted.mountpoint
+    (m / "file1").write_bytes(b"1")
+    (m / "file2").write_bytes(b"2")
+    (m / "subdir").mkdir()
+    (m / "subdir" / "inner").write_bytes(b"i")
+    names = sorted(os.listdir(m))
+    assert names == ["file1", "file2", "subdir"]
+    assert ".s3cryptfs" not in names
+    entries = {e.name: e.is_dir() for e in os.scandir(m)}
+    assert entries == {"file1": False, "file2": False, "subdir": True}
+    assert os.listdir(m / "subdir") == ["inner"]
