@@ -789,13 +789,17 @@ class Filesystem:
 
     # --- namespace changes ---------------------------------------------------------------
 
-    async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Node:
+    async def _new_name(self, parent_ino: int, name: str) -> tuple[Node, str]:
+        """The parent and path of a name about to be created (EEXIST if it exists)."""
         self._writable()
         parent = self.node(parent_ino)
         self._check_name(parent, name)
         if await self._child(parent, name) is not None:
             raise FsError(errno.EEXIST)
-        path = child_path(parent.path, name)
+        return parent, child_path(parent.path, name)
+
+    async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Node:
+        parent, path = await self._new_name(parent_ino, name)
         now = _now_ns()
         attrs = md.PosixAttrs(stat.S_IFDIR | (mode & 0o7777), uid, gid, now)
         await self._thread(
@@ -810,12 +814,7 @@ class Filesystem:
         return node
 
     async def symlink(self, parent_ino: int, name: str, target: bytes, uid: int, gid: int) -> Node:
-        self._writable()
-        parent = self.node(parent_ino)
-        self._check_name(parent, name)
-        if await self._child(parent, name) is not None:
-            raise FsError(errno.EEXIST)
-        path = child_path(parent.path, name)
+        parent, path = await self._new_name(parent_ino, name)
         now = _now_ns()
         attrs = md.PosixAttrs(stat.S_IFLNK | 0o777, uid, gid, now)
         body, meta = await self._thread(self.codec.seal_bytes, target, attrs)
