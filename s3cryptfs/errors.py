@@ -95,6 +95,14 @@ class UnknownProvider(KeyManagerError):
     """No key manager plugin is registered under the envelope's provider name."""
 
 
+class KeyAccessDenied(KeyManagerError):
+    """The key manager refused the operation (permissions, policy, revoked credentials)."""
+
+
+class KeyRetired(KeyManagerError):
+    """The key version exists but is retired: it no longer unwraps (or wraps) anything."""
+
+
 # --- filesystem semantics ------------------------------------------------------------------
 
 

@@ -59,6 +59,39 @@ class KeyManager(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class KeyVersionInfo:
+    """One key version as a manager's administration side sees it."""
+
+    version: int
+    key_id: str
+    state: str  # "active", "decrypt-only" (dual-read window) or "retired"
+    created: float | None = None  # Unix time, when the manager knows it
+
+
+@runtime_checkable
+class KeyAdmin(Protocol):
+    """Optional administration side of a KeyManager (``s3cryptfs keys ...``).
+
+    Managers whose versions live in the volume descriptor (password, kmip, awskms) return the
+    new descriptor settings from ``rotate``/``retire``; the caller writes the descriptor back
+    with a conditional PUT. Managers whose versions live on their server (vault, keystore)
+    change the server and return their settings unchanged.
+    """
+
+    def versions(self) -> list[KeyVersionInfo]:
+        """Every version this manager knows, oldest first."""
+        ...
+
+    def rotate(self) -> dict[str, Any]:
+        """Make a new active version; older ones stay readable. Returns descriptor settings."""
+        ...
+
+    def retire(self, version: int) -> dict[str, Any]:
+        """Stop *version* from unwrapping (never the active one). Returns descriptor settings."""
+        ...
+
+
 class KeyManagerFactory(Protocol):
     """What the entry point ``s3cryptfs.key_managers`` names: a class or callable."""
 
