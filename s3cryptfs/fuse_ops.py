@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,7 @@ T = TypeVar("T")
 
 XATTR_STATE = b"user.s3cryptfs.state"
 XATTR_PID = b"user.s3cryptfs.pid"
+XATTR_STATS = b"user.s3cryptfs.stats"  # root only: request counters as JSON (for scripts, tests)
 ATTR_TIMEOUT = 1.0
 
 
@@ -247,6 +249,8 @@ class FuseOperations(pyfuse3.Operations):
             return self.fs.state_of(node).encode()
         if name == XATTR_PID and inode == pyfuse3.ROOT_INODE:
             return str(os.getpid()).encode()
+        if name == XATTR_STATS and inode == pyfuse3.ROOT_INODE:
+            return json.dumps(self.fs.stats(), sort_keys=True).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     @_guard

@@ -37,6 +37,14 @@ T = TypeVar("T")
 MIN_PART = 5 * 1024 * 1024
 
 
+def etag_of(raw: str) -> str:
+    """ETags in one spelling: quoted, as HEAD and LIST give them (some servers' CopyObject
+    results drop the quotes), so ETags from different calls compare equal."""
+    if raw and not raw.startswith(('"', 'W/"')):
+        return f'"{raw}"'
+    return raw
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -191,7 +199,7 @@ class S3Store:
         return ObjectInfo(
             key=key,
             size=int(r["ContentLength"]),
-            etag=r["ETag"],
+            etag=etag_of(r["ETag"]),
             mtime_ns=int(r["LastModified"].timestamp() * 1e9),
             metadata={k.lower(): v for k, v in r.get("Metadata", {}).items()},
         )
@@ -216,6 +224,23 @@ class S3Store:
 
         return self._call(f"get {key}", fetch)
 
+    def get_whole(self, key: str) -> tuple[bytes, ObjectInfo]:
+        """The whole object with its metadata, in one request (small objects)."""
+
+        def fetch() -> tuple[bytes, ObjectInfo]:
+            r = self._client.get_object(Bucket=self.bucket, Key=key)
+            body = r["Body"].read()
+            info = ObjectInfo(
+                key=key,
+                size=len(body),
+                etag=etag_of(r["ETag"]),
+                mtime_ns=int(r["LastModified"].timestamp() * 1e9),
+                metadata={k.lower(): v for k, v in r.get("Metadata", {}).items()},
+            )
+            return body, info
+
+        return self._call(f"get {key}", fetch)
+
     def list(self, prefix: str, delimiter: str | None = "/", token: str | None = None) -> ListPage:
         args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": 1000}
         if delimiter:
@@ -229,7 +254,7 @@ class S3Store:
                 ObjectInfo(
                     key=o["Key"],
                     size=int(o["Size"]),
-                    etag=o.get("ETag", ""),
+                    etag=etag_of(o.get("ETag", "")),
                     mtime_ns=int(o["LastModified"].timestamp() * 1e9),
                 )
             )
@@ -276,7 +301,7 @@ class S3Store:
             **self._conditions(if_match, if_none_match),
         }
         r = self._call(f"put {key}", lambda: self._client.put_object(**args))
-        return r["ETag"]
+        return etag_of(r["ETag"])
 
     def upload_file(
         self,
@@ -345,7 +370,7 @@ class S3Store:
                     **self._conditions(if_match, if_none_match),
                 ),
             )
-            return r["ETag"]
+            return etag_of(r["ETag"])
         except BaseException:
             try:
                 self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
@@ -376,7 +401,7 @@ class S3Store:
         if src_etag:
             args["CopySourceIfMatch"] = src_etag
         r = self._call(f"copy {src} -> {dst}", lambda: self._client.copy_object(**args))
-        return r["CopyObjectResult"]["ETag"]
+        return etag_of(r["CopyObjectResult"]["ETag"])
 
     def delete(self, key: str) -> None:
         self._call(f"delete {key}", lambda: self._client.delete_object(Bucket=self.bucket, Key=key))

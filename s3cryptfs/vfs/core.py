@@ -7,6 +7,7 @@ kernel. It raises errors from s3cryptfs.errors; fuse_ops turns them into errnos.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -32,6 +33,7 @@ from s3cryptfs.errors import (
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format.descriptor import META_DIR
 from s3cryptfs.store.s3 import ObjectInfo, S3Store
+from s3cryptfs.vfs.attrindex import SELF, AttrIndex, IndexEntry
 from s3cryptfs.vfs.nodes import (
     ROOT_INODE,
     ChildInfo,
@@ -117,6 +119,7 @@ class Filesystem:
         self._next_fh = 1
         self.unsynced: set[Node] = set()  # created here, not in S3 yet
         self.nursery: trio.Nursery | None = None
+        self.index = AttrIndex(store, codec, prefix, self._thread)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -145,6 +148,8 @@ class Filesystem:
         self.nursery = nursery
         self.reader.nursery = nursery
         nursery.start_soon(self.uploader.run)
+        if not self.opts.read_only:
+            nursery.start_soon(self.index.run)
 
     async def commit_all(self) -> None:
         """Commit every dirty open file (before unmounting)."""
@@ -155,6 +160,8 @@ class Filesystem:
     async def drain(self) -> None:
         await self.commit_all()
         await self.uploader.drain()
+        if not self.opts.read_only:
+            await self.index.flush()
 
     # --- keys and names ----------------------------------------------------------------
 
@@ -200,9 +207,23 @@ class Filesystem:
         node.size = self.codec.plain_size_or_none(size) or 0
         if isinstance(info, ObjectInfo) and info.metadata is not None:
             self._apply_metadata(node, info.metadata)
+        elif isinstance(info, ChildInfo) and info.attrs is not None:
+            self._apply_attrs(node, info.attrs.attrs())
+            node.remote.attrs_known = True
         return self.nodes.add(node)
 
-    def _dir_node(self, path: str, mtime_ns: int = 0) -> Node:
+    def _dir_node(self, path: str, mtime_ns: int = 0, attrs: IndexEntry | None = None) -> Node:
+        if attrs is not None and attrs.is_dir:
+            node = Node(
+                self.nodes.new_ino(),
+                path,
+                attrs.mode,
+                attrs.uid,
+                attrs.gid,
+                attrs.mtime_ns,
+                attrs.mtime_ns,
+            )
+            return self.nodes.add(node)
         mtime = mtime_ns or _now_ns()
         node = Node(
             self.nodes.new_ino(),
@@ -218,7 +239,13 @@ class Filesystem:
     def _apply_metadata(self, node: Node, meta: dict[str, str]) -> None:
         assert node.remote is not None
         node.remote.metadata = meta
-        attrs = md.PosixAttrs.decode(meta)
+        node.remote.attrs_known = True
+        self._apply_attrs(node, md.PosixAttrs.decode(meta))
+        if md.FORMAT not in meta:
+            # Not an s3cryptfs object: refuse to serve it as plaintext (no downgrade).
+            node.error = "not encrypted by s3cryptfs"
+
+    def _apply_attrs(self, node: Node, attrs: md.PosixAttrs) -> None:
         if attrs.mode is not None and stat.S_IFMT(attrs.mode) in (stat.S_IFREG, stat.S_IFLNK):
             node.mode = attrs.mode
         if attrs.uid is not None:
@@ -227,9 +254,45 @@ class Filesystem:
             node.gid = attrs.gid
         if attrs.mtime_ns is not None:
             node.mtime_ns = attrs.mtime_ns
-        if md.FORMAT not in meta:
-            # Not an s3cryptfs object: refuse to serve it as plaintext (no downgrade).
-            node.error = "not encrypted by s3cryptfs"
+
+    # --- the directory attribute index ---------------------------------------------------
+
+    def _index_entry(self, node: Node) -> IndexEntry | None:
+        if node.is_dir:
+            return IndexEntry("", node.mode, node.uid, node.gid, node.mtime_ns)
+        remote = node.remote
+        if remote is None or not remote.attrs_known or node.local is not None:
+            return None  # not in S3 yet: noted again once uploaded
+        return IndexEntry(remote.etag, node.mode, node.uid, node.gid, node.mtime_ns)
+
+    def _note(self, node: Node) -> None:
+        """Record *node*'s attributes in its directory's index (written in the background)."""
+        if self.opts.read_only:
+            return
+        entry = self._index_entry(node)
+        if entry is None:
+            return
+        if node.path == "":
+            self.index.note("", SELF, entry)
+        else:
+            self.index.note(node.parent_path, node.name, entry)
+
+    def _note_gone(self, parent_path: str, name: str) -> None:
+        if not self.opts.read_only:
+            self.index.note(parent_path, name, None)
+
+    async def _dir_index(self, node: Node) -> dict[str, IndexEntry]:
+        """The attribute index of directory *node* (cached as long as its listing)."""
+        if node.index is not None and time.monotonic() - node.index_at < self.opts.dir_ttl:
+            return node.index
+        node.index = await self.index.load(node.path)
+        node.index_at = time.monotonic()
+        if node.path == "":
+            own = node.index.get(SELF)
+            if own is not None and own.is_dir:
+                node.mode, node.uid, node.gid = own.mode, own.uid, own.gid
+                node.mtime_ns = own.mtime_ns
+        return node.index
 
     def attr(self, node: Node) -> Attr:
         size = node.size
@@ -277,9 +340,25 @@ class Filesystem:
                     children[name] = ChildInfo(False, o.size, o.etag, o.mtime_ns)
             return children
 
-        children = await self._thread(fetch)
+        children: dict[str, ChildInfo] = {}
+
+        async def fetch_listing() -> None:
+            children.update(await self._thread(fetch))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch_listing)
+            nursery.start_soon(self._dir_index, node)
+        index = node.index or {}
+        for name, info in children.items():
+            entry = index.get(name)
+            if entry is None or entry.is_dir != info.is_dir:
+                continue
+            if info.is_dir or entry.etag == info.etag:
+                info.attrs = entry
         if node.path == "":
             children.pop(META_DIR, None)
+        if not self.opts.read_only:
+            self.index.note_names(node.path, set(children) | {SELF})
         for pending in self.unsynced:
             if pending.parent_path == node.path and not pending.unlinked:
                 children.setdefault(pending.name, ChildInfo(pending.is_dir))
@@ -311,7 +390,7 @@ class Filesystem:
             if info is None:
                 return None
             if info.is_dir:
-                return self._dir_node(path)
+                return self._dir_node(path, attrs=info.attrs)
             node = self._file_node(path, info)
             return node
         # No listing of the parent: ask for this one name.
@@ -323,7 +402,7 @@ class Filesystem:
             pass
         page = await self._thread(self.store.list, key + "/", "/", None)
         if page.objects or page.prefixes:
-            node = self._dir_node(path)
+            node = self._dir_node(path, attrs=(await self._dir_index(parent)).get(name))
             node.has_marker = any(o.key == key + "/" for o in page.objects)
             return node
         return None
@@ -344,8 +423,12 @@ class Filesystem:
 
     async def _load_metadata(self, node: Node) -> None:
         """HEAD a listed file once, for its mode, owner and mtime."""
-        if node.is_dir or node.remote is None or node.remote.metadata is not None:
+        if node.is_dir or node.remote is None or node.remote.attrs_known:
             return
+        await self._head_metadata(node)
+
+    async def _head_metadata(self, node: Node) -> None:
+        assert node.remote is not None
         try:
             head = await self._thread(self.store.head, self.key(node.path))
         except ObjectNotFound:
@@ -353,11 +436,12 @@ class Filesystem:
         if head.etag != node.remote.etag:
             self._replace_remote(node, head)
         self._apply_metadata(node, head.metadata or {})
+        self._note(node)
 
     async def load_attrs_many(self, nodes: list[Node]) -> None:
         """Load metadata for many listed files at once (readdir)."""
         todo = [
-            n for n in nodes if not n.is_dir and n.remote is not None and n.remote.metadata is None
+            n for n in nodes if not n.is_dir and n.remote is not None and not n.remote.attrs_known
         ]
         if not todo:
             return
@@ -627,6 +711,7 @@ class Filesystem:
         if node is None or node.local is not entry:
             return
         node.remote = Remote(entry.etag or "", entry.body_size, dict(entry.metadata))
+        node.remote.attrs_known = True
         # Keep reading the local body until it is gone: the chunks are cached under its vid.
         node.remote.version = None
         node.local = None
@@ -634,6 +719,7 @@ class Filesystem:
             self.reader.forget(node.local_version)
         node.local_version = None
         self.unsynced.discard(node)
+        self._note(node)
         parent = self.nodes.at(node.parent_path)
         if parent is not None:
             self._listing_add(
@@ -707,6 +793,8 @@ class Filesystem:
 
     async def getattr(self, ino: int) -> Attr:
         node = self.node(ino)
+        if ino == ROOT_INODE and node.index is None:
+            await self._dir_index(node)  # the root's own attributes live in its index
         await self._load_metadata(node)
         return self.attr(node)
 
@@ -753,6 +841,8 @@ class Filesystem:
         node.ctime_ns = now
         if meta_changed and not node.is_dir:
             await self._persist_attrs(node)
+        elif meta_changed:
+            self._note(node)
         return self.attr(node)
 
     async def _persist_attrs(self, node: Node) -> None:
@@ -769,14 +859,15 @@ class Filesystem:
         if node.remote is None:
             return
         if node.remote.metadata is None:
-            await self._load_metadata(node)
+            await self._head_metadata(node)
         assert node.remote is not None
         meta = {**(node.remote.metadata or {}), **self._posix_attrs(node).encode()}
         etag = await self._thread(
             lambda: self.store.copy(key, key, meta, src_etag=node.remote.etag)  # type: ignore[union-attr]
         )
         old_version = node.remote.version
-        node.remote = Remote(etag, node.remote.body_size, meta, old_version)
+        node.remote = Remote(etag, node.remote.body_size, meta, old_version, attrs_known=True)
+        self._note(node)
         if old_version is not None:
             # Same bytes, new ETag: keep the cached chunks, fetch by the new ETag.
             old_version.fetch = self._fetcher(key, etag)
@@ -811,6 +902,7 @@ class Filesystem:
         node.listing = Listing({})
         self._listing_add(parent, name, ChildInfo(True))
         parent.mtime_ns = now
+        self._note(node)
         return node
 
     async def symlink(self, parent_ino: int, name: str, target: bytes, uid: int, gid: int) -> Node:
@@ -822,20 +914,28 @@ class Filesystem:
             lambda: self.store.put(self.key(path), body, meta, if_none_match=True)
         )
         node = Node(self.nodes.new_ino(), path, stat.S_IFLNK | 0o777, uid, gid, now, now)
-        node.remote = Remote(etag, len(body), meta)
+        node.remote = Remote(etag, len(body), meta, attrs_known=True)
         node.size = len(target)
         node.link_target = target
         self.nodes.add(node)
+        self._note(node)
         self._listing_add(parent, name, ChildInfo(False, len(body), etag, now))
         return node
 
+    def _has_unsynced_child(self, node: Node) -> bool:
+        return any(n.parent_path == node.path and not n.unlinked for n in self.unsynced)
+
     async def _is_empty(self, node: Node) -> bool:
+        # Checked before the LIST too: a child whose upload completes while the LIST is in
+        # flight would otherwise be in neither.
+        if self._has_unsynced_child(node):
+            return False
         prefix = self.dir_prefix(node.path)
         page = await self._thread(self.store.list, prefix, "/", None)
         others = [o for o in page.objects if o.key != prefix] + page.prefixes
         if others:
             return False
-        return not any(n.parent_path == node.path and not n.unlinked for n in self.unsynced)
+        return not self._has_unsynced_child(node)
 
     async def rmdir(self, parent_ino: int, name: str) -> None:
         self._writable()
@@ -852,6 +952,9 @@ class Filesystem:
         node.unlinked = True
         self.nodes.detach(node)
         self._listing_remove(parent.path, name)
+        self._note_gone(parent.path, name)
+        if not self.opts.read_only:
+            self.index.forget_dir(node.path)
         parent.mtime_ns = _now_ns()
 
     async def unlink(self, parent_ino: int, name: str) -> None:
@@ -874,6 +977,7 @@ class Filesystem:
         self.unsynced.discard(node)
         self.nodes.detach(node)
         self._listing_remove(parent.path, name)
+        self._note_gone(parent.path, name)
         with contextlib.suppress(ObjectNotFound):
             await self._thread(self.store.delete, key)
         parent.mtime_ns = _now_ns()
@@ -935,6 +1039,8 @@ class Filesystem:
         now = _now_ns()
         src_parent.mtime_ns = dst_parent.mtime_ns = now
         node.ctime_ns = now
+        self._note_gone(src_parent.path, old_name)
+        self._note(node)
 
     async def _rename_file(self, node: Node, new_path: str, target: Node | None) -> None:
         old_key, new_key = self.key(node.path), self.key(new_path)
@@ -950,7 +1056,7 @@ class Filesystem:
         with contextlib.suppress(ObjectNotFound):
             await self._thread(self.store.delete, old_key)
         old = node.remote
-        node.remote = Remote(etag, old.body_size, old.metadata, None)
+        node.remote = Remote(etag, old.body_size, old.metadata, None, old.attrs_known)
         if old.version is not None:
             self.reader.forget(old.version)
 
@@ -992,6 +1098,7 @@ class Filesystem:
             with contextlib.suppress(ObjectNotFound):
                 await self._thread(self.store.delete, self.dir_prefix(target.path))
         etags = await self._thread(move_all)
+        await self._move_indexes(node.path, new_path, etags)
         if not node.has_marker:
             # An implicit directory exists only through its objects: keep an empty one alive.
             page = await self._thread(self.store.list, new_prefix, "/", None)
@@ -1011,6 +1118,32 @@ class Filesystem:
             new_etag = etags.get(self.key(n.path))
             if new_etag:
                 n.remote.etag = new_etag
+
+    async def _move_indexes(self, old_path: str, new_path: str, etags: dict[str, str]) -> None:
+        """Carry a renamed tree's attribute indexes to the new paths (each is sealed per path)."""
+        if self.opts.read_only:
+            return
+        dirs = {old_path}
+        for key in etags:
+            rel = key[len(self.prefix) :]
+            if rel.endswith("/"):
+                rel = rel.rstrip("/") + "/."  # a marker: its directory is itself
+            while "/" in rel:
+                rel = rel.rsplit("/", 1)[0]
+                if rel != old_path and not rel.startswith(old_path + "/"):
+                    break
+                dirs.add(rel)
+        for d in sorted(dirs):
+            entries = await self.index.load(d)
+            self.index.forget_dir(d)
+            new_d = new_path + d[len(old_path) :]
+            for name, entry in entries.items():
+                if entry.is_dir or name == SELF:
+                    self.index.note(new_d, name, entry)
+                    continue
+                new_etag = etags.get(self.key(child_path(d, name)))
+                if new_etag:
+                    self.index.note(new_d, name, dataclasses.replace(entry, etag=new_etag))
 
     def link(self) -> None:
         raise FsError(errno.EPERM, "hard links are not supported on s3cryptfs")
@@ -1034,6 +1167,12 @@ class Filesystem:
             entry = self.uploader.in_flight.get(self.key(node.path))
             return "uploading" if entry is node.local else "dirty"
         return "clean"
+
+    def stats(self) -> dict[str, Any]:
+        with self.store.stats_lock:
+            requests = dict(self.store.requests)
+            errors = dict(self.store.errors)
+        return {"requests": requests, "errors": errors, "index_writes": self.index.writes}
 
     def iter_nodes(self) -> Iterator[Node]:
         return iter(list(self.nodes.by_ino.values()))

@@ -15,6 +15,7 @@ import trio
 
 from s3cryptfs.cache.reader import ReadState, Version
 from s3cryptfs.cache.writeback import Entry
+from s3cryptfs.vfs.attrindex import IndexEntry
 
 ROOT_INODE = 1
 
@@ -27,6 +28,7 @@ class Remote:
     body_size: int
     metadata: dict[str, str] | None = None  # None: only listed, not HEADed yet
     version: Version | None = None
+    attrs_known: bool = False  # mode/owner/mtime known (from metadata or the directory index)
 
 
 @dataclass(eq=False)
@@ -55,6 +57,7 @@ class ChildInfo:
     size: int = 0  # body size
     etag: str = ""
     mtime_ns: int = 0
+    attrs: IndexEntry | None = None  # from the directory index, when still valid
 
 
 @dataclass(eq=False)
@@ -83,6 +86,8 @@ class Node:
     unlinked: bool = False
     has_marker: bool = False  # directories: a "dir/" marker object exists
     listing: Listing | None = None
+    index: dict[str, IndexEntry] | None = None  # directories: their attribute index, as loaded
+    index_at: float = 0.0
     link_target: bytes | None = None
     lock: trio.Lock = field(default_factory=trio.Lock)
     error: str | None = None  # last upload failure, for the state attribute

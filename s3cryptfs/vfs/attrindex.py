@@ -1,0 +1,196 @@
+"""Per-directory attribute index: mode, owner and mtime of a directory's entries in one object.
+
+S3's LIST returns names, sizes and ETags but no user metadata, and our POSIX attributes live in
+each object's metadata; without help, `ls -l` would need one HEAD per file. So each directory
+has an index object, ``PREFIX.s3cryptfs/dirs/<hash of the directory path>``, holding for every
+entry the ETag it was seen with and its attributes. The index is a cache, never the truth for
+files: an entry is used only while its ETag equals the one LIST reports, otherwise the file is
+HEADed as before. For directories it is the only home of their attributes on stores that drop
+metadata on ``dir/`` markers (SeaweedFS), so there it is authoritative.
+
+The index is sealed like any object (format v1 under the volume's key manager), so it is
+authenticated and its contents are not readable from the bucket. Writes are read-merge-write,
+debounced, last writer wins: two mounts racing can only lose entries, which costs HEADs later,
+never wrong attributes (entries are ETag-checked). See docs/FORMAT.md, "Directory index".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from s3cryptfs.codec import ObjectCodec
+from s3cryptfs.errors import ObjectNotFound, S3CryptFSError
+from s3cryptfs.format import metadata as md
+from s3cryptfs.format.descriptor import META_DIR
+from s3cryptfs.store.s3 import S3Store
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+SELF = "."  # the directory's own attributes, for the root (other directories: in the parent)
+
+
+def index_key(prefix: str, dir_path: str) -> str:
+    digest = hashlib.sha256(b"s3cryptfs dir\x00" + dir_path.encode()).hexdigest()[:40]
+    return f"{prefix}{META_DIR}/dirs/{digest}"
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    etag: str  # "" for directories (markers may not exist, and their ETags mean nothing)
+    mode: int  # with the file type bits
+    uid: int
+    gid: int
+    mtime_ns: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    def attrs(self) -> md.PosixAttrs:
+        return md.PosixAttrs(self.mode, self.uid, self.gid, self.mtime_ns)
+
+
+def encode(dir_path: str, entries: dict[str, IndexEntry]) -> bytes:
+    doc = {
+        "s3cryptfs": "dir-index",
+        "version": INDEX_VERSION,
+        "path": dir_path,
+        "entries": {
+            name: [e.etag, e.mode, e.uid, e.gid, e.mtime_ns] for name, e in sorted(entries.items())
+        },
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def decode(dir_path: str, raw: bytes) -> dict[str, IndexEntry]:
+    """Entries of an index; ValueError if it is malformed or belongs to another directory."""
+    doc = json.loads(raw)
+    if not isinstance(doc, dict) or doc.get("s3cryptfs") != "dir-index":
+        raise ValueError("not a directory index")
+    if doc.get("version") != INDEX_VERSION:
+        raise ValueError(f"directory index version {doc.get('version')!r} is not supported")
+    if doc.get("path") != dir_path:
+        # Sealed, but an index could still be copied over another directory's key.
+        raise ValueError("directory index belongs to another directory")
+    out: dict[str, IndexEntry] = {}
+    for name, row in doc["entries"].items():
+        etag, mode, uid, gid, mtime_ns = row
+        out[str(name)] = IndexEntry(str(etag), int(mode), int(uid), int(gid), int(mtime_ns))
+    return out
+
+
+Thread = Callable[..., Awaitable[Any]]
+
+
+class AttrIndex:
+    """Loads, merges and writes directory indexes for one mounted volume."""
+
+    def __init__(
+        self, store: S3Store, codec: ObjectCodec, prefix: str, thread: Thread, delay: float = 1.0
+    ) -> None:
+        self.store = store
+        self.codec = codec
+        self.prefix = prefix
+        self._thread = thread
+        self.delay = delay
+        # dir path -> name -> new entry, or None for "gone"
+        self._pending: dict[str, dict[str, IndexEntry | None]] = {}
+        # dir path -> names the directory is known to hold (when we have a fresh full listing)
+        self._known_names: dict[str, set[str]] = {}
+        # dirs removed or renamed away: their stored index is discarded, not merged
+        self._reset: set[str] = set()
+        self._wake = trio.Event()
+        self.writes = 0
+
+    # --- reading -----------------------------------------------------------------------
+
+    def _fetch(self, dir_path: str) -> dict[str, IndexEntry]:
+        key = index_key(self.prefix, dir_path)
+        try:
+            body, info = self.store.get_whole(key)
+        except ObjectNotFound:
+            return {}
+        try:
+            raw = self.codec.decrypt_whole(info.metadata or {}, body)
+            return decode(dir_path, raw)
+        except (S3CryptFSError, ValueError, KeyError, TypeError) as exc:
+            # A cache that fails to authenticate is ignored (and rewritten), never trusted.
+            log.warning("%s: directory index ignored: %s", key, exc)
+            return {}
+
+    async def load(self, dir_path: str) -> dict[str, IndexEntry]:
+        """The index of *dir_path* as stored, with our unwritten changes applied."""
+        entries = {} if dir_path in self._reset else await self._thread(self._fetch, dir_path)
+        for name, entry in self._pending.get(dir_path, {}).items():
+            if entry is None:
+                entries.pop(name, None)
+            else:
+                entries[name] = entry
+        return entries
+
+    # --- writing -----------------------------------------------------------------------
+
+    def note(self, dir_path: str, name: str, entry: IndexEntry | None) -> None:
+        """Record *name*'s attributes (or its removal) for the next write of the index."""
+        self._pending.setdefault(dir_path, {})[name] = entry
+        self._wake.set()
+
+    def note_names(self, dir_path: str, names: set[str]) -> None:
+        """A fresh full listing of *dir_path*: entries for other names can be dropped."""
+        self._known_names[dir_path] = set(names)
+
+    def forget_dir(self, dir_path: str) -> None:
+        """*dir_path* was removed or renamed away: drop its pending changes and its index."""
+        self._pending[dir_path] = {}
+        self._known_names.pop(dir_path, None)
+        self._reset.add(dir_path)
+        self._wake.set()
+
+    def _write(self, dir_path: str, changes: dict[str, IndexEntry | None]) -> None:
+        key = index_key(self.prefix, dir_path)
+        reset = dir_path in self._reset
+        self._reset.discard(dir_path)
+        if reset and not changes:
+            try:
+                self.store.delete(key)
+            except ObjectNotFound:
+                pass
+            return
+        entries = {} if reset else self._fetch(dir_path)
+        for name, entry in changes.items():
+            if entry is None:
+                entries.pop(name, None)
+            else:
+                entries[name] = entry
+        known = self._known_names.get(dir_path)
+        if known is not None:
+            entries = {n: e for n, e in entries.items() if n in known or n in changes or n == SELF}
+        body, meta = self.codec.seal_bytes(encode(dir_path, entries), md.PosixAttrs())
+        self.store.put(key, body, meta)
+        self.writes += 1
+
+    async def flush(self) -> None:
+        """Write every index with pending changes (best effort: it is a cache)."""
+        while self._pending:
+            dir_path, changes = self._pending.popitem()
+            try:
+                await self._thread(self._write, dir_path, changes)
+            except S3CryptFSError as exc:
+                log.warning("directory index of /%s not written: %s", dir_path, exc)
+
+    async def run(self) -> None:
+        """Write pending changes a little after they happen, batching bursts (cp -r, tar x)."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            await trio.sleep(self.delay)
+            await self.flush()

@@ -1,0 +1,127 @@
+"""The directory attribute index, through the mount: `ls -l` on a fresh mount without a HEAD per
+file, attributes of directories kept across remounts, and stale entries never trusted."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+
+from tests.test_robustness import get_body, objects
+
+
+def stats(volume) -> dict:
+    return json.loads(os.getxattr(volume.mountpoint, "user.s3cryptfs.stats"))
+
+
+def heads(volume) -> int:
+    return stats(volume)["requests"].get("head", 0)
+
+
+def index_keys(s3client, volume) -> list[str]:
+    return [k for k in objects(s3client, volume.bucket) if "/.s3cryptfs/dirs/" in f"/{k}"]
+
+
+def make_tree(m) -> dict[str, tuple[int, int]]:
+    """Files and directories with distinctive modes and mtimes; returns name -> (mode, mtime)."""
+    want = {}
+    (m / "sub").mkdir()
+    for i in range(40):
+        p = m / "sub" / f"file-{i:03d}.txt"
+        p.write_bytes(b"x" * i)
+        mode = 0o600 if i % 2 else 0o640
+        os.chmod(p, mode)
+        os.utime(p, ns=(1_600_000_000_000_000_000 + i, 1_600_000_000_000_000_000 + i * 1000))
+        want[f"sub/{p.name}"] = (stat.S_IFREG | mode, 1_600_000_000_000_000_000 + i * 1000)
+    (m / "sub" / "inner").mkdir()
+    os.chmod(m / "sub" / "inner", 0o700)
+    os.utime(m / "sub" / "inner", ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
+    want["sub/inner"] = (stat.S_IFDIR | 0o700, 1_500_000_000_000_000_000)
+    os.symlink("file-001.txt", m / "sub" / "link")
+    return want
+
+
+def check_tree(m, want) -> None:
+    for rel, (mode, mtime) in want.items():
+        st = os.lstat(m / rel)
+        assert st.st_mode == mode, rel
+        assert st.st_mtime_ns == mtime, rel
+    assert os.readlink(m / "sub" / "link") == "file-001.txt"
+
+
+def test_ls_l_on_fresh_mount_needs_no_head_per_file(mounted, s3client):
+    m = mounted.mountpoint
+    want = make_tree(m)
+    mounted.remount()  # umount flushes the indexes with everything else
+    keys = index_keys(s3client, mounted)
+    assert keys, "no directory index was written"
+    for key in keys:  # sealed: no file name readable in the bucket
+        assert b"file-0" not in get_body(s3client, mounted.bucket, key)
+    before = heads(mounted)
+    out = subprocess.run(["ls", "-l", str(m / "sub")], capture_output=True, text=True, check=True)
+    assert "file-039.txt" in out.stdout and "inner" in out.stdout
+    check_tree(m, want)
+    # Without the index this is one HEAD per file (41); a few are allowed for races.
+    assert heads(mounted) - before <= 3, stats(mounted)
+
+
+def test_directory_attributes_survive_remount(mounted):
+    m = mounted.mountpoint
+    (m / "d1" / "d2").mkdir(parents=True)
+    os.chmod(m / "d1", 0o750)
+    os.chmod(m / "d1" / "d2", 0o711)
+    os.chown(m / "d1" / "d2", 1234, 5678)
+    os.chmod(m, 0o770)
+    mounted.remount()
+    assert stat.S_IMODE(os.stat(m / "d1").st_mode) == 0o750
+    st = os.stat(m / "d1" / "d2")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o711, 1234, 5678)
+    assert stat.S_IMODE(os.stat(m).st_mode) == 0o770
+
+
+def test_renamed_directory_keeps_attributes_and_index(mounted):
+    m = mounted.mountpoint
+    want = make_tree(m)
+    os.rename(m / "sub", m / "moved")
+    mounted.remount()
+    before = heads(mounted)
+    assert len(os.listdir(m / "moved")) == 42  # as `ls -l` does: list, then stat each
+    moved = {k.replace("sub/", "moved/", 1): v for k, v in want.items()}
+    for rel, (mode, mtime) in moved.items():
+        st = os.lstat(m / rel)
+        assert (st.st_mode, st.st_mtime_ns) == (mode, mtime), rel
+    assert heads(mounted) - before <= 3, stats(mounted)
+    assert not (m / "sub").exists()
+
+
+def test_stale_entry_is_not_trusted(mounted, s3client):
+    """Another client replaces a file (new ETag): its attributes win over the index entry."""
+    m = mounted.mountpoint
+    (m / "f").write_bytes(b"one")
+    os.chmod(m / "f", 0o600)
+    (m / "g").write_bytes(b"other content")
+    os.chmod(m / "g", 0o604)
+    mounted.umount()
+    bucket, prefix = mounted.bucket, mounted.prefix
+    s3client.copy_object(
+        Bucket=bucket, Key=prefix + "f", CopySource={"Bucket": bucket, "Key": prefix + "g"}
+    )
+    mounted.mount()
+    assert stat.S_IMODE(os.stat(m / "f").st_mode) == 0o604
+    assert (m / "f").read_bytes() == b"other content"
+
+
+def test_corrupt_index_is_ignored(mounted, s3client):
+    m = mounted.mountpoint
+    want = make_tree(m)
+    mounted.umount()
+    for key in index_keys(s3client, mounted):
+        body = bytearray(get_body(s3client, mounted.bucket, key))
+        body[-1] ^= 1
+        head = s3client.head_object(Bucket=mounted.bucket, Key=key)
+        s3client.put_object(
+            Bucket=mounted.bucket, Key=key, Body=bytes(body), Metadata=head["Metadata"]
+        )
+    mounted.mount()
+    check_tree(m, {k: v for k, v in want.items() if not k.endswith("inner")})
