@@ -1,0 +1,80 @@
+"""Crash recovery: versions committed to the journal while S3 was unreachable are uploaded by the
+next mount before it serves them; a version still open for writing at the crash never is."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.conftest import lazy_unmount
+from tests.servers import TcpProxy
+
+
+@pytest.fixture
+def proxy(seaweed):
+    p = TcpProxy("127.0.0.1", seaweed.s3_port)
+    yield p
+    p.stop()
+
+
+def wait_state(path, want: set[str], timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        state = os.getxattr(path, "user.s3cryptfs.state").decode()
+        if state in want:
+            return state
+        time.sleep(0.1)
+    raise AssertionError(f"{path}: state {state!r}, wanted one of {want}")
+
+
+def test_journal_survives_crash_and_outage(make_volume, bucket, proxy):
+    vol = make_volume(bucket=bucket, endpoint_url=proxy.endpoint_url)
+    vol.init()
+    # A long listing lifetime lets new names be created while S3 is away (no lookup needed).
+    vol.mount("--s3-timeout", "5", "--dir-cache-ttl", "600")
+    m = vol.mountpoint
+    (m / "edited").write_bytes(b"version one\n")
+    (m / "open-at-crash").write_bytes(b"committed before the crash\n")
+    assert sorted(os.listdir(m)) == ["edited", "open-at-crash"]
+    wait_state(m / "edited", {"clean"})
+    wait_state(m / "open-at-crash", {"clean"})
+    edited = os.open(m / "edited", os.O_RDWR)
+    still_open = os.open(m / "open-at-crash", os.O_RDWR)
+
+    proxy.set_mode("reset")  # S3 is gone: every upload fails and is retried
+    os.ftruncate(edited, 0)
+    os.pwrite(edited, b"version two, written during the outage\n", 0)
+    os.close(edited)  # committed to the journal: close returns 0
+    (m / "created").write_bytes(b"created during the outage\n")
+    os.ftruncate(still_open, 0)  # (a partial write would need the old bytes from S3)
+    os.pwrite(still_open, b"NEVER CLOSED", 0)  # not committed: must not reach S3
+    assert wait_state(m / "edited", {"dirty", "uploading"})
+    assert wait_state(m / "created", {"dirty", "uploading"})
+
+    for pid in vol.pids():  # the crash
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while vol.pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with pytest.raises(OSError):
+        os.close(still_open)  # the mount is gone under this descriptor
+    lazy_unmount(m)
+    assert not vol.is_mounted()
+
+    proxy.set_mode("pass")
+    vol.mount("--s3-timeout", "5")  # recovers the journal before it reports ready
+    assert (m / "edited").read_bytes() == b"version two, written during the outage\n"
+    assert (m / "created").read_bytes() == b"created during the outage\n"
+    assert (m / "open-at-crash").read_bytes() == b"committed before the crash\n"
+    assert wait_state(m / "edited", {"clean"}) == "clean"
+    journals = [p for p in vol.cache_dir.glob("*/journal")]
+    assert journals, "the mount keeps its journal under the cache dir"
+    leftovers = [p for j in journals for p in j.rglob("*") if p.is_file()]
+    assert not leftovers, leftovers  # every recovered version was uploaded and dropped
+    vol.umount()
+    vol.mount()  # and the data really is in S3, not only in a local cache
+    assert (m / "edited").read_bytes() == b"version two, written during the outage\n"
