@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="decrypted blocks kept in memory (default 128M)",
     )
     p.add_argument(
+        "--disk-cache",
+        default="0",
+        metavar="SIZE",
+        help="keep fetched ciphertext on disk under the cache dir, up to SIZE (default 0: off)",
+    )
+    p.add_argument(
         "-o",
         dest="fuse_opts",
         action="append",
@@ -241,6 +247,7 @@ def _mount_spec(args: argparse.Namespace, password: bytes) -> object:
             sync_close=args.sync_close,
             memory_cache=config.parse_size(args.memory_cache),
             journal_limit=config.parse_size(args.cache_size),
+            disk_cache=config.parse_size(args.disk_cache),
         ),
         fuse_options=fuse_options,
         allow_other=args.allow_other,

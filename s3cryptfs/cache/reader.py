@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 
@@ -19,6 +20,8 @@ from s3cryptfs.errors import IntegrityError
 from s3cryptfs.format import v1
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -80,14 +83,18 @@ class Reader:
             return
 
         def load() -> v1.ChunkCipher:
-            return version.make_cipher(version.fetch(0, v1.HEADER_LEN - 1))
+            return _retry_uncached(
+                version, 0, v1.HEADER_LEN - 1, lambda data: version.make_cipher(data)
+            )
 
         version.cipher = await trio.to_thread.run_sync(load, limiter=self.limiter)
         expected = v1.plain_size(version.body_size, version.cipher.chunk_size)
         if expected != version.plain_size:
             version.plain_size = expected
 
-    def _fetch_group(self, version: Version, group: int) -> dict[int, bytes]:
+    def _fetch_group(
+        self, version: Version, group: int, header_checked: bool = False
+    ) -> dict[int, bytes]:
         """Blocking: fetch and decrypt one group of chunks."""
         cipher = version.cipher
         assert cipher is not None
@@ -103,12 +110,23 @@ class Reader:
             )
             - 1
         )
-        data = version.fetch(start, end)
-        if len(data) != end - start + 1:
-            raise IntegrityError(
-                f"{version.name}: object is shorter than its listed size (truncated?)"
-            )
-        return dict(enumerate(cipher.open_range(first, data, total), start=first))
+
+        def open_all(data: bytes) -> dict[int, bytes]:
+            if len(data) != end - start + 1:
+                raise IntegrityError(
+                    f"{version.name}: object is shorter than its listed size (truncated?)"
+                )
+            return dict(enumerate(cipher.open_range(first, data, total), start=first))
+
+        try:
+            return _retry_uncached(version, start, end, open_all)
+        except IntegrityError:
+            invalidate = getattr(version.fetch, "invalidate", None)
+            if header_checked or invalidate is None or not invalidate(0, v1.HEADER_LEN - 1):
+                raise
+        # The chunks are fine in S3 but the cached header was not: start again from S3's.
+        version.cipher = version.make_cipher(version.fetch(0, v1.HEADER_LEN - 1))
+        return self._fetch_group(version, group, header_checked=True)
 
     async def _group(self, version: Version, group: int) -> dict[int, bytes]:
         key = (version.vid, group)
@@ -203,3 +221,16 @@ class Reader:
 
     def forget(self, version: Version) -> None:
         self.cache.drop(version.vid)
+
+
+def _retry_uncached(version: Version, start: int, end: int, use: Callable[[bytes], T]) -> T:
+    """use(fetch(start, end)); if the bytes came from a local cache and do not authenticate,
+    drop them and try once more with bytes from S3."""
+    data = version.fetch(start, end)
+    try:
+        return use(data)
+    except IntegrityError:
+        invalidate = getattr(version.fetch, "invalidate", None)
+        if invalidate is None or not invalidate(start, end):
+            raise
+    return use(version.fetch(start, end))

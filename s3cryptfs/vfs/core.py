@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from s3cryptfs.cache.blocks import BlockCache
+from s3cryptfs.cache.disk import DiskCache
 from s3cryptfs.cache.reader import Reader, Version
 from s3cryptfs.cache.writeback import ABSENT, CHAIN, Entry, Journal, Uploader
 from s3cryptfs.codec import ObjectCodec
@@ -64,6 +65,7 @@ class FsOptions:
     memory_cache: int = 128 * 1024 * 1024
     journal_limit: int = 2 * 1024 * 1024 * 1024
     upload_concurrency: int = 4
+    disk_cache: int = 0  # bytes of ciphertext kept on disk; 0: no disk cache
     io_threads: int = 16
 
 
@@ -101,6 +103,11 @@ class Filesystem:
         os.makedirs(self.staging_dir, mode=0o700, exist_ok=True)
         os.chmod(self.staging_dir, 0o700)
         self.blocks = BlockCache(opts.memory_cache)
+        self.disk = (
+            DiskCache(os.path.join(cache_dir, "ciphertext"), opts.disk_cache)
+            if opts.disk_cache > 0
+            else None
+        )
         self.reader = Reader(self.blocks, self.limiter)
         self.uploader = Uploader(
             store,
@@ -485,15 +492,12 @@ class Filesystem:
                     f"{key}: object length {remote.body_size} is not a valid encrypted length"
                 )
 
-            def fetch(start: int, end: int) -> bytes:
-                return self.store.get(key, start, end, if_match=etag)
-
             remote.version = Version(
                 vid=("r", key, etag),
                 name=key,
                 plain_size=size,
                 body_size=remote.body_size,
-                fetch=fetch,
+                fetch=self._fetcher(key, etag),
                 make_cipher=lambda header: self.codec.cipher(meta, header),
             )
         return remote.version
@@ -883,7 +887,7 @@ class Filesystem:
         def fetch(start: int, end: int) -> bytes:
             return self.store.get(key, start, end, if_match=etag)
 
-        return fetch
+        return fetch if self.disk is None else self.disk.wrap(key, etag, fetch)
 
     # --- namespace changes ---------------------------------------------------------------
 
@@ -1179,7 +1183,18 @@ class Filesystem:
         with self.store.stats_lock:
             requests = dict(self.store.requests)
             errors = dict(self.store.errors)
-        return {"requests": requests, "errors": errors, "index_writes": self.index.writes}
+        out: dict[str, Any] = {
+            "requests": requests,
+            "errors": errors,
+            "index_writes": self.index.writes,
+        }
+        if self.disk is not None:
+            out["disk_cache"] = {
+                "bytes": self.disk.size,
+                "hits": self.disk.hits,
+                "misses": self.disk.misses,
+            }
+        return out
 
     def iter_nodes(self) -> Iterator[Node]:
         return iter(list(self.nodes.by_ino.values()))
