@@ -6,6 +6,7 @@ down. So every handler converts at this boundary, through errors.to_errno, and n
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import json
@@ -75,6 +76,12 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     return e
 
 
+@dataclasses.dataclass
+class _DirHandle:
+    inode: int
+    entries: list[tuple[str, Node]] | None = None
+
+
 class FuseOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -83,6 +90,8 @@ class FuseOperations(pyfuse3.Operations):
     def __init__(self, fs: Filesystem) -> None:
         super().__init__()
         self.fs = fs
+        self._dirs: dict[int, _DirHandle] = {}
+        self._next_dir_fh = 1
 
     def _reply(self, node: Node) -> pyfuse3.EntryAttributes:
         node.lookups += 1
@@ -127,26 +136,37 @@ class FuseOperations(pyfuse3.Operations):
         node = self.fs.node(inode)
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        self._dirs[fh] = _DirHandle(inode)
+        return fh
 
     @_guard
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        entries = await self.fs.readdir(fh)
-        directory = self.fs.node(fh)
-        parent = self.fs.nodes.at(directory.parent_path) or directory
-        # "." and ".." come first; the kernel does not count lookups for them.
-        dots = [(".", directory), ("..", parent)]
-        listing = dots + entries
+        handle = self._dirs[fh]
+        # One listing per pass over the directory: the kernel asks again for every buffer
+        # full of entries, and rebuilding the listing each time is quadratic in its size.
+        if handle.entries is None or start_id == 0:
+            directory = self.fs.node(handle.inode)
+            parent = self.fs.nodes.at(directory.parent_path) or directory
+            # "." and ".." come first; the kernel does not count lookups for them.
+            handle.entries = [(".", directory), ("..", parent)]
+            handle.entries += await self.fs.readdir(handle.inode)
+        listing = handle.entries
         for index in range(start_id, len(listing)):
             name, node = listing[index]
+            if index >= 2:
+                node = self.fs.nodes.current(node)
+                if node is None:
+                    continue  # removed since the listing was taken
             attrs = _entry(self.fs.attr(node))
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
                 return
-            if index >= len(dots):
+            if index >= 2:
                 node.lookups += 1
 
     async def releasedir(self, fh: int) -> None:
-        return None
+        self._dirs.pop(fh, None)
 
     @_guard
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:

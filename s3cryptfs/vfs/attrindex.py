@@ -109,6 +109,9 @@ class AttrIndex:
         # dirs removed or renamed away: their stored index is discarded, not merged
         self._reset: set[str] = set()
         self._wake = trio.Event()
+        # One writer at a time: two read-merge-writes of the same index from this process
+        # would otherwise race, and the later PUT would drop the other's entries.
+        self._write_lock = trio.Lock()
         self.writes = 0
 
     # --- reading -----------------------------------------------------------------------
@@ -142,6 +145,12 @@ class AttrIndex:
     def note(self, dir_path: str, name: str, entry: IndexEntry | None) -> None:
         """Record *name*'s attributes (or its removal) for the next write of the index."""
         self._pending.setdefault(dir_path, {})[name] = entry
+        known = self._known_names.get(dir_path)
+        if known is not None:  # keep the pruning set as current as the listing would be
+            if entry is None:
+                known.discard(name)
+            else:
+                known.add(name)
         self._wake.set()
 
     def note_names(self, dir_path: str, names: set[str]) -> None:
@@ -180,12 +189,13 @@ class AttrIndex:
 
     async def flush(self) -> None:
         """Write every index with pending changes (best effort: it is a cache)."""
-        while self._pending:
-            dir_path, changes = self._pending.popitem()
-            try:
-                await self._thread(self._write, dir_path, changes)
-            except S3CryptFSError as exc:
-                log.warning("directory index of /%s not written: %s", dir_path, exc)
+        async with self._write_lock:
+            while self._pending:
+                dir_path, changes = self._pending.popitem()
+                try:
+                    await self._thread(self._write, dir_path, changes)
+                except S3CryptFSError as exc:
+                    log.warning("directory index of /%s not written: %s", dir_path, exc)
 
     async def run(self) -> None:
         """Write pending changes a little after they happen, batching bursts (cp -r, tar x)."""

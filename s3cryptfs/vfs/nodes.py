@@ -146,6 +146,18 @@ class NodeTable:
     def at(self, path: str) -> Node | None:
         return self.by_path.get(path)
 
+    def current(self, node: Node) -> Node | None:
+        """*node* if it is still in the table (put back if it was only dropped for being
+        unused), the node now at its path if that changed, None if it was removed."""
+        if self.by_ino.get(node.ino) is node:
+            return node
+        if node.unlinked:
+            return None
+        now = self.by_path.get(node.path)
+        if now is not None:
+            return now
+        return self.add(node)
+
     def detach(self, node: Node) -> None:
         """Remove *node* from the namespace (unlink); it lives on while open or looked up."""
         if self.by_path.get(node.path) is node:
