@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +155,9 @@ class Mount:
         from s3cryptfs.fuse_ops import FuseOperations
 
         assert self.fs is not None
+        # Worker threads (boto3, crypto) hold the GIL for up to the switch interval before the
+        # FUSE loop gets it back; at the default 5 ms that wait dominates small-file latency.
+        sys.setswitchinterval(0.0005)
         trio.run(self._recover)
         ops = FuseOperations(self.fs)
         options = set(pyfuse3.default_options)
