@@ -48,9 +48,19 @@ class MountSpec:
 def make_store(
     url: config.VolumeURL, endpoint: str | None, region: str | None, retry_deadline: float = 45.0
 ) -> S3Store:
+    extra: dict[str, int] = {}
+    # Some S3-compatible stores cap CopyObject below AWS's 5 GiB; larger renames then need
+    # part-by-part copies from a lower size on.
+    threshold = os.environ.get("S3CRYPTFS_COPY_THRESHOLD")
+    if threshold:
+        extra["copy_threshold"] = config.parse_size(threshold)
     return S3Store(
         StoreSettings(
-            bucket=url.bucket, endpoint_url=endpoint, region=region, retry_deadline=retry_deadline
+            bucket=url.bucket,
+            endpoint_url=endpoint,
+            region=region,
+            retry_deadline=retry_deadline,
+            **extra,
         )
     )
 

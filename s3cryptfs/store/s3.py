@@ -101,6 +101,8 @@ class StoreSettings:
     part_size: int = 16 * 1024 * 1024
     multipart_threshold: int = 32 * 1024 * 1024
     part_concurrency: int = 4
+    copy_threshold: int = 5 * 1024**3  # CopyObject's limit
+    copy_part_size: int = 512 * 1024 * 1024
 
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
@@ -414,8 +416,14 @@ class S3Store:
         metadata: Mapping[str, str] | None = None,
         src_etag: str | None = None,
         content_type: str = "application/octet-stream",
+        size: int | None = None,
     ) -> str:
-        """Server-side copy; with *metadata*, replace the metadata. Returns the new ETag."""
+        """Server-side copy; with *metadata*, replace the metadata. Returns the new ETag.
+
+        CopyObject stops at 5 GiB: give *size* (the source's length) and larger objects are
+        copied part by part (UploadPartCopy), still without their bytes passing through us."""
+        if size is not None and size > self.settings.copy_threshold:
+            return self._multipart_copy(src, dst, size, metadata, src_etag, content_type)
         args: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": dst,
@@ -429,6 +437,69 @@ class S3Store:
             args["CopySourceIfMatch"] = src_etag
         r = self._call(f"copy {src} -> {dst}", lambda: self._client.copy_object(**args))
         return etag_of(r["CopyObjectResult"]["ETag"])
+
+    def _multipart_copy(
+        self,
+        src: str,
+        dst: str,
+        size: int,
+        metadata: Mapping[str, str] | None,
+        src_etag: str | None,
+        content_type: str,
+    ) -> str:
+        if metadata is None:  # a multipart copy does not carry the source's metadata over
+            head = self.head(src)
+            if src_etag and head.etag != src_etag:
+                raise PreconditionFailed(f"copy {src}: the object changed")
+            metadata = head.metadata or {}
+            src_etag = src_etag or head.etag
+        part_size = max(self.settings.copy_part_size, MIN_PART, -(-size // 10000))
+        upload = self._call(
+            f"create_multipart {dst}",
+            lambda: self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=dst, Metadata=dict(metadata), ContentType=content_type
+            ),
+        )
+        upload_id = upload["UploadId"]
+        try:
+
+            def send(number: int) -> dict[str, Any]:
+                first = (number - 1) * part_size
+                last = min(first + part_size, size) - 1
+                extra = {"CopySourceIfMatch": src_etag} if src_etag else {}
+                r = self._call(
+                    f"upload_part_copy {src} -> {dst}#{number}",
+                    lambda: self._client.upload_part_copy(
+                        Bucket=self.bucket,
+                        Key=dst,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        CopySource={"Bucket": self.bucket, "Key": src},
+                        CopySourceRange=f"bytes={first}-{last}",
+                        **extra,
+                    ),
+                )
+                return {"PartNumber": number, "ETag": r["CopyPartResult"]["ETag"]}
+
+            count = -(-size // part_size)
+            with ThreadPoolExecutor(self.settings.part_concurrency) as pool:
+                parts = list(pool.map(send, range(1, count + 1)))
+            r = self._call(
+                f"complete_multipart {dst}",
+                lambda: self._client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=dst,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                ),
+            )
+            return etag_of(r["ETag"])
+        except BaseException:
+            try:
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=dst, UploadId=upload_id)
+            except Exception:  # noqa: BLE001 - best effort; the original error matters
+                log.warning("could not abort multipart copy to %s", dst)
+            raise
 
     def delete(self, key: str) -> None:
         self._call(f"delete {key}", lambda: self._client.delete_object(Bucket=self.bucket, Key=key))

@@ -880,7 +880,13 @@ class Filesystem:
         assert node.remote is not None
         meta = {**(node.remote.metadata or {}), **self._posix_attrs(node).encode()}
         etag = await self._thread(
-            lambda: self.store.copy(key, key, meta, src_etag=node.remote.etag)  # type: ignore[union-attr]
+            lambda: self.store.copy(
+                key,
+                key,
+                meta,
+                src_etag=node.remote.etag,  # type: ignore[union-attr]
+                size=node.remote.body_size,  # type: ignore[union-attr]
+            )
         )
         old_version = node.remote.version
         node.remote = Remote(etag, node.remote.body_size, meta, old_version, attrs_known=True)
@@ -1068,7 +1074,13 @@ class Filesystem:
         if node.remote is None:
             return  # only local (still open, never committed): nothing in S3 to move
         etag = await self._thread(
-            lambda: self.store.copy(old_key, new_key, None, src_etag=node.remote.etag)  # type: ignore[union-attr]
+            lambda: self.store.copy(
+                old_key,
+                new_key,
+                None,
+                src_etag=node.remote.etag,  # type: ignore[union-attr]
+                size=node.remote.body_size,  # type: ignore[union-attr]
+            )
         )
         with contextlib.suppress(ObjectNotFound):
             await self._thread(self.store.delete, old_key)
@@ -1090,7 +1102,12 @@ class Filesystem:
 
         def move_all() -> dict[str, str]:
             etags: dict[str, str] = {}
-            keys = [o.key for page in self.store.list_all(old_prefix, None) for o in page.objects]
+            sizes = {
+                o.key: o.size
+                for page in self.store.list_all(old_prefix, None)
+                for o in page.objects
+            }
+            keys = list(sizes)
             if node.has_marker and old_prefix not in keys:
                 keys.append(old_prefix)
             for key in keys:
@@ -1100,7 +1117,7 @@ class Filesystem:
                         # markers hold no data; some servers cannot copy them
                         etags[key] = self.store.put(new_key, b"", marker_meta)
                     else:
-                        etags[key] = self.store.copy(key, new_key)
+                        etags[key] = self.store.copy(key, new_key, size=sizes.get(key))
                 except ObjectNotFound:
                     continue
             # the old marker goes last, whether or not the listing showed it (servers that keep
