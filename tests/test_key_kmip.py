@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_wrap
 from kmip.core import enums
 from kmip_server import KmipServer, SilentListener, make_pki
-from servers import LOOPBACK, free_port
+from servers import LOOPBACK, TcpProxy, free_port
 
 from s3cryptfs.errors import (
     ConfigError,
@@ -23,7 +25,7 @@ from s3cryptfs.errors import (
     UnwrapFailed,
 )
 from s3cryptfs.keys import kmip_wrap
-from s3cryptfs.keys.base import KeyAdmin
+from s3cryptfs.keys.base import KeyAdmin, KeyEnvelope
 from s3cryptfs.keys.kmip import CosmianKmipKeyManager, KmipKeyManager, create_settings
 from s3cryptfs.keys.kmip_transport import open_client
 from s3cryptfs.keys.registry import load_key_manager
@@ -361,3 +363,108 @@ def test_stock_pykmip_refuses_nist_keywrap_clearly(kmip_settings, managers) -> N
     m = managers(kmip_settings, CosmianKmipKeyManager)
     with pytest.raises(ConfigError, match="nist-keywrap"):
         m.wrap_key(os.urandom(32), CONTEXT)
+
+
+# --------------------------------------------------------------------------------------------
+# Connections that die or hang under a live manager
+
+
+def test_dropped_connections_are_replaced_and_hangs_time_out(kmip_settings, managers) -> None:
+    proxy = TcpProxy(LOOPBACK, kmip_settings["port"])
+    try:
+        m = managers({**kmip_settings, "port": proxy.port, "timeout": 2})
+        dek = os.urandom(32)
+        env = m.wrap_key(dek, CONTEXT)  # leaves an idle pooled connection
+        proxy.set_mode("reset")  # the server side drops it
+        proxy.set_mode("pass")
+        assert m.unwrap_key(env, CONTEXT) == dek  # retried once on a fresh connection
+        proxy.set_mode("blackhole")  # the server stops answering mid-session
+        start = time.monotonic()
+        with pytest.raises(ProviderUnavailable):
+            m.unwrap_key(env, CONTEXT)
+        assert time.monotonic() - start < 10
+        proxy.set_mode("pass")
+        assert m.unwrap_key(env, CONTEXT) == dek  # the hung connection was not reused
+    finally:
+        proxy.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# nist-keywrap against a server that implements NIST key wrap in Encrypt/Decrypt
+
+
+@pytest.fixture(scope="session")
+def keywrap_server(tmp_path_factory, kmip_pki):
+    launcher = [sys.executable, str(Path(__file__).with_name("kmip_keywrap_server.py"))]
+    server = KmipServer(tmp_path_factory.mktemp("kmip-keywrap"), kmip_pki, command=launcher)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def keywrap_settings(keywrap_server) -> dict:
+    return create_settings({**connection(keywrap_server), "wrap_mode": "nist-keywrap"}, {})
+
+
+class TestCosmianKmip(Conformance):
+    """The gateway-compatible provider passes the same suite, except one documented property."""
+
+    @pytest.fixture
+    def make_manager(self, keywrap_settings, managers):
+        return lambda: managers(keywrap_settings, CosmianKmipKeyManager)
+
+    @pytest.fixture
+    def unreachable_manager(self, keywrap_settings, managers):
+        return managers({**keywrap_settings, "port": free_port(), "timeout": 1})
+
+    def test_fresh_wrap_each_time(self, manager) -> None:
+        """RFC 3394 is deterministic by design: wrapping the same DEK twice gives the same bytes
+        (it reveals only that two objects share a DEK, which random per-object DEKs never do)."""
+        dek = os.urandom(32)
+        a = manager.wrap_key(dek, CONTEXT)
+        assert a.ciphertext == manager.wrap_key(dek, CONTEXT).ciphertext
+        assert a.ciphertext != manager.wrap_key(os.urandom(32), CONTEXT).ciphertext
+        assert manager.unwrap_key(a, CONTEXT) == dek
+
+
+def _key_material(server: KmipServer, key_id: str) -> bytes:
+    client = _raw_client(server)
+    try:
+        return bytes(client.get(key_id).value)
+    finally:
+        client.close()
+
+
+def test_nist_keywrap_is_rfc3394_both_ways(keywrap_server, keywrap_settings, managers) -> None:
+    """What we send is a real RFC 3394 wrap under the KMIP key, and one made elsewhere (the Go
+    gateway through Cosmian) unwraps through us."""
+    m = managers(keywrap_settings, CosmianKmipKeyManager)
+    key = keywrap_settings["keys"][0]
+    kek = _key_material(keywrap_server, key["id"])
+    dek = os.urandom(32)
+    env = m.wrap_key(dek, CONTEXT)
+    assert (env.provider, env.key_id, env.key_version) == ("cosmian-kmip", key["id"], 1)
+    assert len(env.ciphertext) == kmip_wrap.KEYWRAP_LEN
+    assert aes_key_unwrap(kek, env.ciphertext) == dek
+
+    foreign = os.urandom(32)
+    gateway_env = KeyEnvelope(key["id"], key["version"], "cosmian-kmip", aes_key_wrap(kek, foreign))
+    assert m.unwrap_key(gateway_env, {}) == foreign  # no context is bound in this format
+    wrong_kek = aes_key_wrap(os.urandom(32), foreign)
+    with pytest.raises(UnwrapFailed):
+        m.unwrap_key(replace(gateway_env, ciphertext=wrong_kek), {})
+
+
+def test_kmip_provider_in_nist_keywrap_mode(keywrap_settings, managers) -> None:
+    m = managers(keywrap_settings)  # provider "kmip", wrap_mode from the settings
+    dek = os.urandom(32)
+    env = m.wrap_key(dek, CONTEXT)
+    assert env.provider == "kmip" and len(env.ciphertext) == kmip_wrap.KEYWRAP_LEN
+    assert m.unwrap_key(env, CONTEXT) == dek
+    gcm = managers({**keywrap_settings, "wrap_mode": "aes-gcm-local"})
+    assert gcm.unwrap_key(env, CONTEXT) == dek  # both formats read in either mode
+    env92 = gcm.wrap_key(dek, CONTEXT)
+    assert m.unwrap_key(env92, CONTEXT) == dek
