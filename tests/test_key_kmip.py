@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_wrap
 from kmip.core import enums
 from kmip_server import KmipServer, SilentListener, make_pki
@@ -27,7 +28,7 @@ from s3cryptfs.errors import (
 from s3cryptfs.keys import kmip_wrap
 from s3cryptfs.keys.base import KeyAdmin, KeyEnvelope
 from s3cryptfs.keys.kmip import CosmianKmipKeyManager, KmipKeyManager, create_settings
-from s3cryptfs.keys.kmip_transport import open_client
+from s3cryptfs.keys.kmip_transport import open_client, tls_context
 from s3cryptfs.keys.registry import load_key_manager
 from tests.keymanager_conformance import CONTEXT, Conformance
 
@@ -283,11 +284,32 @@ def test_destroyed_key_is_not_found(fresh_settings, managers, kmip_server) -> No
 
 
 def _raw_client(server: KmipServer):
-    s = connection(server)
-    m = KmipKeyManager({**s, "keys": [{"id": "x", "version": 1}]}, {})
-    context = m._pool._context  # the same TLS setup the manager uses
-    m.close()
+    """A PyKMIP client as the key's owner, for what the manager must not do itself."""
+    pair = server.pki.clients[CLIENT]
+    context = tls_context(str(server.pki.ca), str(pair.cert), str(pair.key))
     return open_client(LOOPBACK, server.port, context, LOOPBACK, 10)
+
+
+def test_encrypted_client_key_needs_its_password(kmip_settings, managers, tmp_path) -> None:
+    plain = serialization.load_pem_private_key(Path(kmip_settings["key"]).read_bytes(), None)
+    locked = tmp_path / "client-locked.key"
+    locked.write_bytes(
+        plain.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"key password"),
+        )
+    )
+    settings = {**kmip_settings, "key": str(locked)}
+    with pytest.raises(ConfigError):
+        KmipKeyManager(settings, {})  # fails at once; never prompts on the terminal
+    with pytest.raises(ConfigError):
+        KmipKeyManager(settings, {"key_password": "wrong"})
+    m = KmipKeyManager(settings, {"key_password": "key password"})
+    try:
+        m.health_check()
+    finally:
+        m.close()
 
 
 # --------------------------------------------------------------------------------------------
