@@ -129,8 +129,14 @@ class _Authority:
         return pair
 
 
-def make_pki(directory: Path, clients: list[str], ca_name: str = "s3cryptfs test CA") -> Pki:
-    """A fresh CA in *directory*, a server certificate for 127.0.0.1 and one client per CN."""
+def make_pki(
+    directory: Path,
+    clients: list[str],
+    ca_name: str = "s3cryptfs test CA",
+    server_auth_clients: tuple[str, ...] = (),
+) -> Pki:
+    """A fresh CA in *directory*, a server certificate for 127.0.0.1 and one client per CN
+    (those in *server_auth_clients* wrongly get the serverAuth EKU instead of clientAuth)."""
     directory.mkdir(parents=True, exist_ok=True)
     authority = _Authority(ca_name)
     ca_path = directory / "ca.crt"

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_wrap
-from kmip.core import enums
 from kmip_server import KmipServer, SilentListener, make_pki
 from servers import LOOPBACK, TcpProxy, free_port
 
@@ -29,16 +28,20 @@ from s3cryptfs.keys import kmip_wrap
 from s3cryptfs.keys.base import KeyAdmin, KeyEnvelope
 from s3cryptfs.keys.kmip import CosmianKmipKeyManager, KmipKeyManager, create_settings
 from s3cryptfs.keys.kmip_transport import open_client, tls_context
+from s3cryptfs.keys.pykmip_compat import enums
 from s3cryptfs.keys.registry import load_key_manager
 from tests.keymanager_conformance import CONTEXT, Conformance
 
 CLIENT = "s3cryptfs-client"
 OTHER = "other-client"  # same CA, another identity: owns none of our keys
+NO_EKU = "server-usage-client"  # same CA, but its certificate lacks the clientAuth EKU
 
 
 @pytest.fixture(scope="session")
 def kmip_pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("kmip-pki"), [CLIENT, OTHER])
+    return make_pki(
+        tmp_path_factory.mktemp("kmip-pki"), [CLIENT, OTHER, NO_EKU], server_auth_clients=(NO_EKU,)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -323,6 +326,21 @@ def test_other_identity_is_refused(kmip_server, kmip_settings, manager, managers
         stranger.unwrap_key(env, CONTEXT)
     with pytest.raises(KeyAccessDenied):
         stranger.wrap_key(os.urandom(32), CONTEXT)
+
+
+def test_client_cert_without_client_auth_eku_is_refused(
+    kmip_server, kmip_settings, managers
+) -> None:
+    m = managers({**kmip_settings, **connection(kmip_server, NO_EKU)})
+    with pytest.raises(KeyAccessDenied):
+        m.health_check()
+    with pytest.raises(KeyAccessDenied):
+        m.wrap_key(os.urandom(32), CONTEXT)
+
+
+def test_create_settings_needs_the_server(kmip_server) -> None:
+    with pytest.raises(ProviderUnavailable):
+        create_settings({**connection(kmip_server), "port": free_port(), "timeout": 1}, {})
 
 
 def test_client_cert_from_another_ca_is_refused(

@@ -22,10 +22,6 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from kmip.core import enums
-from kmip.pie.client import ProxyKmipClient
-from kmip.pie.exceptions import KmipOperationFailure
-
 from s3cryptfs.errors import (
     ConfigError,
     InvalidEnvelope,
@@ -38,6 +34,7 @@ from s3cryptfs.errors import (
 from s3cryptfs.keys import kmip_wrap as wrap
 from s3cryptfs.keys.base import KeyEnvelope, KeyVersionInfo
 from s3cryptfs.keys.kmip_transport import ConnectionPool, tls_context
+from s3cryptfs.keys.pykmip_compat import KmipOperationFailure, ProxyKmipClient, enums
 
 PROVIDER = "kmip"
 COSMIAN_PROVIDER = "cosmian-kmip"

@@ -23,17 +23,18 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from kmip.core import enums
-from kmip.pie import exceptions as pie_exceptions
-from kmip.pie.client import ProxyKmipClient
-from kmip.services.kmip_client import KMIPProxy
-from kmip.services.kmip_protocol import RequestLengthMismatch
-
 from s3cryptfs.errors import (
     ConfigError,
     KeyAccessDenied,
     KeyManagerError,
     ProviderUnavailable,
+)
+from s3cryptfs.keys.pykmip_compat import (
+    KMIPProxy,
+    ProxyKmipClient,
+    RequestLengthMismatch,
+    enums,
+    pie_exceptions,
 )
 
 T = TypeVar("T")
