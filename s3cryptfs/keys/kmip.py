@@ -42,6 +42,10 @@ DEFAULT_PORT = 5696
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_POOL = 4
 RETIRED = "retired"
+# What belongs in the shared volume descriptor; the other settings say how one machine connects.
+DESCRIPTOR_FIELDS = ("keys", "wrap_mode")
+# What a server-side failure means depends on the operation (see _translate).
+_WRAP, _UNWRAP, _ADMIN = "wrap", "unwrap", "admin"
 
 _AES = enums.CryptographicAlgorithm.AES
 _CBC_PARAMS = {
@@ -63,15 +67,18 @@ def _keys_from(settings: Mapping[str, Any]) -> list[dict[str, Any]]:
     raw = settings.get("keys")
     if not isinstance(raw, list) or not raw:
         raise ConfigError("kmip: settings need a non-empty 'keys' list")
-    keys, seen = [], set()
+    keys: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    seen_ids: set[str] = set()
     for entry in raw:
         try:
             key_id, version = str(entry["id"]), int(entry["version"])
         except (KeyError, TypeError, ValueError):
             raise ConfigError("kmip: each key needs an 'id' and an integer 'version'") from None
-        if not key_id or version < 1 or version in seen:
-            raise ConfigError(f"kmip: key version {version} is invalid or listed twice")
+        if not key_id or version < 1 or version in seen or key_id in seen_ids:
+            raise ConfigError(f"kmip: key {key_id!r} version {version} is invalid or repeated")
         seen.add(version)
+        seen_ids.add(key_id)
         keys.append({**entry, "id": key_id, "version": version})
     if keys[0].get("state") == RETIRED:
         raise ConfigError("kmip: the active (first) key is marked retired")
@@ -116,13 +123,13 @@ class KmipKeyManager:
                     cryptographic_parameters=_KEYWRAP_PARAMS,
                     iv_counter_nonce=wrap.KEYWRAP_IV,
                 )[0],
-                wrapping=True,
+                op=_WRAP,
             )
             if blob is None or len(blob) != wrap.KEYWRAP_LEN:
                 raise KeyManagerError("the KMIP server returned a malformed NIST key wrap")
         else:
             salt = wrap.new_salt()
-            kek = wrap.derive_kek(self._prf(key_id, salt, wrapping=True), key_id, version)
+            kek = wrap.derive_kek(self._prf(key_id, salt, _WRAP), key_id, version)
             blob = wrap.seal(kek, salt, dek, _volume(context), key_id, version)
         return KeyEnvelope(key_id, version, self.provider, blob)
 
@@ -147,13 +154,13 @@ class KmipKeyManager:
                     cryptographic_parameters=_KEYWRAP_PARAMS,
                     iv_counter_nonce=wrap.KEYWRAP_IV,
                 ),
-                wrapping=False,
+                op=_UNWRAP,
             )
             return wrap.check_unwrapped(dek)
         if self.allowed_wrap_modes == (wrap.NIST_KEYWRAP,):
             wrap.check_keywrap_blob(blob)  # raises: this provider only knows key wrap
         salt = wrap.split_salt(blob)
-        kek = wrap.derive_kek(self._prf(key_id, salt, wrapping=False), key_id, version)
+        kek = wrap.derive_kek(self._prf(key_id, salt, _UNWRAP), key_id, version)
         return wrap.open_sealed(kek, blob, _volume(context), key_id, version)
 
     def active_key_version(self) -> int:
@@ -162,7 +169,7 @@ class KmipKeyManager:
     def health_check(self) -> None:
         """Connects, authenticates, and checks that the active key exists and is Active."""
         key_id = self._keys[0]["id"]
-        state = self._server(key_id, lambda c: _state_of(c, key_id), wrapping=True)
+        state = self._server(key_id, lambda c: _state_of(c, key_id), op=_ADMIN)
         if state != enums.State.ACTIVE:
             raise KeyRetired(f"KMIP key {key_id} is {state.name}, not ACTIVE")
 
@@ -190,9 +197,10 @@ class KmipKeyManager:
 
     def rotate(self) -> dict[str, Any]:
         """A new AES-256 key on the server, activated, first in ``keys`` (version max+1).
-        This manager keeps using the settings it was made with; the caller saves the result."""
+        This manager keeps using the settings it was made with; the caller saves the result
+        (its DESCRIPTOR_FIELDS, if machine-local connection options were merged in)."""
         version = max(self._by_version) + 1
-        key_id = self._server("", lambda c: _create_active_key(c, version), wrapping=True)
+        key_id = self._server("", lambda c: _create_active_key(c, version), op=_ADMIN)
         settings = copy.deepcopy(self._settings)
         settings["keys"] = [{"id": key_id, "version": version}] + copy.deepcopy(
             list(settings["keys"])
@@ -212,7 +220,7 @@ class KmipKeyManager:
             if _state_of(client, key_id) == enums.State.ACTIVE:
                 client.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, key_id)
 
-        self._server(key_id, revoke, wrapping=True)
+        self._server(key_id, revoke, op=_ADMIN)
         settings = copy.deepcopy(self._settings)
         for item in settings["keys"]:
             if int(item["version"]) == entry["version"]:
@@ -235,7 +243,7 @@ class KmipKeyManager:
             raise KeyNotFound(f"key version {envelope.key_version} is not configured")
         return entry
 
-    def _prf(self, key_id: str, salt: bytes, *, wrapping: bool) -> bytes:
+    def _prf(self, key_id: str, salt: bytes, op: str) -> bytes:
         out = self._server(
             key_id,
             lambda c: c.encrypt(
@@ -244,20 +252,20 @@ class KmipKeyManager:
                 cryptographic_parameters=_CBC_PARAMS,
                 iv_counter_nonce=wrap.CBC_ZERO_IV,
             )[0],
-            wrapping=wrapping,
+            op=op,
         )
         return bytes(out or b"")
 
-    def _server(self, key_id: str, fn: Any, *, wrapping: bool) -> Any:
+    def _server(self, key_id: str, fn: Any, *, op: str) -> Any:
         """Run *fn* on a pooled client, turning KMIP refusals into our error kinds."""
         if self._closed:
             raise KeyManagerError("the KMIP key manager is closed")
         try:
             return self._pool.call(fn)
         except KmipOperationFailure as exc:
-            raise self._translate(exc, key_id, wrapping) from None
+            raise self._translate(exc, key_id, op) from None
 
-    def _translate(self, exc: KmipOperationFailure, key_id: str, wrapping: bool) -> Exception:
+    def _translate(self, exc: KmipOperationFailure, key_id: str, op: str) -> Exception:
         reason, message = exc.reason, getattr(exc, "message", "") or str(exc)
         if reason == enums.ResultReason.ITEM_NOT_FOUND:
             return KeyNotFound(f"KMIP key {key_id!r} does not exist on the server")
@@ -267,11 +275,13 @@ class KmipKeyManager:
                 if state is not None and state != enums.State.ACTIVE:
                     return KeyRetired(f"KMIP key {key_id!r} is {state.name} (revoked)")
             return KeyAccessDenied(f"KMIP server refused the operation on {key_id!r}: {message}")
-        if wrapping:
+        if op == _WRAP:
             return ConfigError(
                 f"{self.provider}: the KMIP server cannot wrap in mode {self._mode!r}: {message}"
             )
-        return UnwrapFailed(f"the KMIP server could not unwrap the key: {reason}")
+        if op == _UNWRAP:
+            return UnwrapFailed(f"the KMIP server could not unwrap the key: {reason}")
+        return KeyManagerError(f"KMIP server failed the operation on {key_id!r}: {message}")
 
     def _state_if_visible(self, key_id: str) -> enums.State | None:
         try:
