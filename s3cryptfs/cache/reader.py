@@ -67,11 +67,13 @@ class Reader:
         limiter: trio.CapacityLimiter,
         group_bytes: int = 1024 * 1024,
         readahead_max: int = 32 * 1024 * 1024,
+        span_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         self.cache = cache
         self.limiter = limiter
         self.group_bytes = group_bytes
         self.readahead_max = readahead_max
+        self.span_bytes = span_bytes
         self._flights: dict[tuple[Hashable, int], _Flight] = {}
         self.nursery: trio.Nursery | None = None
 
@@ -93,15 +95,15 @@ class Reader:
             version.plain_size = expected
 
     def _fetch_group(
-        self, version: Version, group: int, header_checked: bool = False
+        self, version: Version, group: int, header_checked: bool = False, count: int = 1
     ) -> dict[int, bytes]:
-        """Blocking: fetch and decrypt one group of chunks."""
+        """Blocking: fetch and decrypt *count* consecutive groups of chunks in one request."""
         cipher = version.cipher
         assert cipher is not None
         glen = self._group_len(version)
         total = version.chunks()
         first = group * glen
-        last = min(first + glen, total) - 1
+        last = min(first + glen * count, total) - 1
         start, _ = v1.chunk_span(first, cipher.chunk_size)
         end = (
             min(
@@ -126,7 +128,7 @@ class Reader:
                 raise
         # The chunks are fine in S3 but the cached header was not: start again from S3's.
         version.cipher = version.make_cipher(version.fetch(0, v1.HEADER_LEN - 1))
-        return self._fetch_group(version, group, header_checked=True)
+        return self._fetch_group(version, group, header_checked=True, count=count)
 
     async def _group(self, version: Version, group: int) -> dict[int, bytes]:
         key = (version.vid, group)
@@ -208,16 +210,44 @@ class Reader:
         glen = self._group_len(version)
         first_group = (end // csize) // glen
         last_group = (min(end + state.window, version.plain_size) - 1) // csize // glen
+        # Consecutive missing groups go out as one range GET of up to span_bytes: per-request
+        # overhead (signing, parsing: milliseconds of CPU in botocore) would otherwise cap
+        # sequential reads well below what the server delivers.
+        span = max(1, self.span_bytes // self.group_bytes)
+        run: list[int] = []
         for g in range(first_group, last_group + 1):
-            if (version.vid, g) in self._flights or self.cache.contains(version.vid, g * glen):
-                continue
-            self.nursery.start_soon(self._prefetch, version, g)
+            busy = (version.vid, g) in self._flights or self.cache.contains(version.vid, g * glen)
+            if not busy:
+                run.append(g)
+            if run and (busy or len(run) == span or g == last_group):
+                self.nursery.start_soon(self._prefetch_run, version, run[0], len(run))
+                run = []
 
-    async def _prefetch(self, version: Version, group: int) -> None:
+    async def _prefetch_run(self, version: Version, group: int, count: int) -> None:
+        flights = {}
+        for g in range(group, group + count):
+            if (version.vid, g) in self._flights:  # started meanwhile: fetch no further
+                break
+            flights[g] = self._flights[(version.vid, g)] = _Flight()
+        if not flights:
+            return
+        glen = self._group_len(version)
         try:
-            await self._group(version, group)
+            blocks = await trio.to_thread.run_sync(
+                self._fetch_group, version, group, False, len(flights), limiter=self.limiter
+            )
+            for index, block in blocks.items():
+                self.cache.put(version.vid, index, block)
+            for g, flight in flights.items():
+                flight.blocks = {i: b for i, b in blocks.items() if i // glen == g}
         except Exception as exc:  # noqa: BLE001 - a prefetch failing is not a read failing
             log.debug("readahead of %s failed: %s", version.name, exc)
+            for flight in flights.values():
+                flight.error = exc
+        finally:
+            for g, flight in flights.items():
+                del self._flights[(version.vid, g)]
+                flight.done.set()
 
     def forget(self, version: Version) -> None:
         self.cache.drop(version.vid)

@@ -6,6 +6,7 @@ kernel. It raises errors from s3cryptfs.errors; fuse_ops turns them into errnos.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -128,6 +129,7 @@ class Filesystem:
         self.unsynced: set[Node] = set()  # created here, not in S3 yet
         self.nursery: trio.Nursery | None = None
         self.index = AttrIndex(store, codec, prefix, self._thread)
+        self.counters: collections.Counter[str] = collections.Counter()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -643,6 +645,8 @@ class Filesystem:
             raise FsError(errno.EBADF)
         node = handle.node
         staging = node.staging or await self._materialize(node)
+        self.counters["write_calls"] += 1
+        self.counters["write_bytes"] += len(data)
         if len(data) <= INLINE_WRITE:
             # A small write to a local file lands in the page cache in microseconds: cheaper
             # than the hop to a worker thread and back, which dominates small-file copies.
@@ -1210,6 +1214,7 @@ class Filesystem:
             "requests": requests,
             "errors": errors,
             "index_writes": self.index.writes,
+            "fuse": dict(self.counters),
         }
         if self.disk is not None:
             out["disk_cache"] = {
