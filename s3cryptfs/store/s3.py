@@ -117,6 +117,11 @@ def classify(exc: BaseException, what: str) -> StoreError:
     raise exc
 
 
+def quoted_etag(etag: str) -> str:
+    """ETags as HEAD returns them (SeaweedFS leaves the quotes off CopyObject's result)."""
+    return etag if etag.startswith('"') or etag.startswith('W/') else f'"{etag}"'
+
+
 def _close_after_marker(request: Any, **_: Any) -> None:
     if request.url.split("?", 1)[0].endswith("/"):
         request.headers["Connection"] = "close"
@@ -213,6 +218,15 @@ class S3Store:
         def fetch() -> bytes:
             r = self._client.get_object(**args)
             return r["Body"].read()
+
+        return self._call(f"get {key}", fetch)
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        """The whole object and its ETag (for a later conditional write of it)."""
+
+        def fetch() -> tuple[bytes, str]:
+            r = self._client.get_object(Bucket=self.bucket, Key=key)
+            return r["Body"].read(), r["ETag"]
 
         return self._call(f"get {key}", fetch)
 
@@ -376,7 +390,7 @@ class S3Store:
         if src_etag:
             args["CopySourceIfMatch"] = src_etag
         r = self._call(f"copy {src} -> {dst}", lambda: self._client.copy_object(**args))
-        return r["CopyObjectResult"]["ETag"]
+        return quoted_etag(r["CopyObjectResult"]["ETag"])
 
     def delete(self, key: str) -> None:
         self._call(f"delete {key}", lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
