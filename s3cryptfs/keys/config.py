@@ -79,7 +79,7 @@ def load_kms_config(
             raise ConfigError(f"key manager config {path} has no [key_manager] table")
         raw_provider = table.get("provider")
         if not isinstance(raw_provider, str) or not raw_provider:
-            raise ConfigError(f"key manager config {path}: [key_manager] needs provider = \"...\"")
+            raise ConfigError(f'key manager config {path}: [key_manager] needs provider = "..."')
         provider = raw_provider
         file_secrets = table.get("secrets", {})
         if not isinstance(file_secrets, dict):

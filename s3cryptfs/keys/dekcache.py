@@ -57,9 +57,7 @@ class DekCache:
     def forget_provider(self, provider: str, version: int | None = None) -> None:
         """Drop what a provider (or one of its versions) unwrapped, e.g. after a retire."""
         with self._lock:
-            for key in [
-                k for k in self._entries if k[0] == provider and version in (None, k[2])
-            ]:
+            for key in [k for k in self._entries if k[0] == provider and version in (None, k[2])]:
                 del self._entries[key]
 
     def clear(self) -> None:
