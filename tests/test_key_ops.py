@@ -207,3 +207,37 @@ def test_init_refuses_a_short_password(volume, tmp_path) -> None:
     volume.password_file = short
     result = volume.init(check=False)
     assert result.returncode == 2 and "at least 12 characters" in result.stderr
+
+
+def test_unknown_providers_are_refused_without_writing(volume, s3client, tmp_path) -> None:
+    refused = volume.init("--key-manager", "no-such-kms", check=False)
+    assert refused.returncode == 2 and "no-such-kms" in refused.stderr
+    assert "Contents" not in s3client.list_objects_v2(Bucket=volume.bucket)
+    volume.init()
+    key = f"{volume.prefix}.s3cryptfs/volume.json"
+    before = s3client.get_object(Bucket=volume.bucket, Key=key)["Body"].read()
+    moved = admin(volume, "migrate", "--to", "no-such-kms", check=False)
+    assert moved.returncode == 2 and "no key manager is registered" in moved.stderr
+    assert s3client.get_object(Bucket=volume.bucket, Key=key)["Body"].read() == before
+
+
+def test_kms_mode_mount_of_a_password_volume_needs_the_password(volume, tmp_path) -> None:
+    volume.init()
+    cfg = tmp_path / "kms.toml"
+    cfg.write_text('[key_manager]\nprovider = "vault"\naddress = "http://127.0.0.1:1"\n')
+    volume.env = {k: v for k, v in volume.env.items() if k != "S3CRYPTFS_PASSWORD"}
+    result = volume.run(
+        "mount",
+        volume.url,
+        volume.mountpoint,
+        "--endpoint-url",
+        volume.endpoint_url,
+        "--cache-dir",
+        volume.cache_dir,
+        "--kms-config",
+        cfg,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "a password is needed" in result.stderr
+    assert not volume.is_mounted()
