@@ -154,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long an unwrapped data key stays in memory (default 300; 0 disables)",
     )
+    p.add_argument(
+        "--descriptor-refresh",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="re-read the volume descriptor before wrapping at most this often, so a key "
+        "rotation done elsewhere reaches new files (default 60)",
+    )
 
     p = sub.add_parser(
         "umount",
@@ -188,8 +196,10 @@ def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "keys":
             p.add_argument("action", choices=["status", "list", "rotate", "retire"])
-            p.add_argument("version", nargs="?", type=int, help="retire: the key version")
-        p.add_argument("url", metavar="s3://BUCKET[/PREFIX]")
+            # [VERSION] URL, split by cmd_admin: options may stand between them.
+            p.add_argument("target", nargs="*", metavar="[VERSION] s3://BUCKET[/PREFIX]")
+        else:
+            p.add_argument("url", metavar="s3://BUCKET[/PREFIX]")
         _add_common(p)
         _add_kms(p)
         p.add_argument(
@@ -324,6 +334,7 @@ def _mount_spec(args: argparse.Namespace, password: bytes | None) -> object:
         audit_log=os.path.abspath(args.audit_log) if args.audit_log else None,
         dek_cache_entries=4096 if args.dek_cache_ttl > 0 else 0,
         dek_cache_ttl=args.dek_cache_ttl,
+        descriptor_refresh=args.descriptor_refresh,
     )
 
 
@@ -469,8 +480,15 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
     run = {"keys": commands.cmd_keys, "rewrap": commands.cmd_rewrap}
     run["migrate"] = commands.cmd_migrate
-    if args.command == "keys" and args.action == "retire" and args.version is None:
-        raise ConfigError("keys retire needs a VERSION")
+    if args.command == "keys":
+        want = 2 if args.action == "retire" else 1
+        if len(args.target) != want:
+            usage = "retire VERSION s3://BUCKET[/PREFIX]" if want == 2 else "ACTION s3://BUCKET"
+            raise ConfigError(f"usage: s3cryptfs keys {usage}")
+        args.url = args.target[-1]
+        args.version = args.target[0] if want == 2 else None
+        if args.version is not None and not args.version.isdigit():
+            raise ConfigError(f"key version {args.version!r} is not a number")
     return run[args.command](args)
 
 
@@ -486,7 +504,12 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling positionals at the first option: `keys retire 1 --force URL`.
+    if args.command == "keys" and extra and not any(e.startswith("-") for e in extra):
+        args.target += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command != "mount" or getattr(args, "foreground", False):
         _setup_logging(
             getattr(args, "log_level", "warning") if args.command != "init" else "warning"

@@ -49,6 +49,7 @@ class MountSpec:
     audit_log: str | None = None
     dek_cache_entries: int = 4096
     dek_cache_ttl: float = 300.0
+    descriptor_refresh: float = 60.0
 
 
 def make_store(
@@ -90,6 +91,7 @@ def open_codec(
     refresh: Callable[[], Descriptor] | None = None,
     audit: AuditLog = NO_AUDIT,
     dek_cache: DekCache | None = None,
+    refresh_interval: float = 60.0,
 ) -> ObjectCodec:
     """A codec with a manager for every provider of *desc*, each opened now (fail early)."""
     ring = KeyRing(desc, local)
@@ -98,7 +100,14 @@ def open_codec(
     except BaseException:
         ring.close()
         raise
-    return ObjectCodec(desc, ring, refresh=refresh, dek_cache=dek_cache, audit=audit)
+    return ObjectCodec(
+        desc,
+        ring,
+        refresh=refresh,
+        dek_cache=dek_cache,
+        audit=audit,
+        refresh_interval=refresh_interval,
+    )
 
 
 class CacheLock:
@@ -170,6 +179,7 @@ class Mount:
             refresh=lambda: read_descriptor(store, spec.url),
             audit=self.audit,
             dek_cache=DekCache(spec.dek_cache_entries, spec.dek_cache_ttl),
+            refresh_interval=spec.descriptor_refresh,
         )
         cache_dir = config.volume_cache_dir(spec.cache_root, spec.endpoint_url, spec.url)
         self.lock = CacheLock(cache_dir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 
 import pytest
 
@@ -41,14 +42,18 @@ def envelope_versions(s3client, bucket: str, prefix: str) -> dict[str, tuple[str
 
 
 def admin(volume, *args, check=True):
-    return volume.run(*args, volume.url, *volume.common_args(), check=check)
+    """s3cryptfs WORDS... URL OPTIONS...: the URL goes after the leading words."""
+    args = [str(a) for a in args]
+    n = next((i for i, a in enumerate(args) if a.startswith("--")), len(args))
+    return volume.run(*args[:n], volume.url, *volume.common_args(), *args[n:], check=check)
 
 
 def test_rotate_rewrap_retire_through_the_mount(mounted, s3client, tmp_path) -> None:
     vol = mounted
     write_files(vol.mountpoint, FILES)
     vol.remount()  # every file in S3 under version 1
-    out = admin(vol, "keys", "rotate").stdout
+    audit = tmp_path / "admin-audit.jsonl"
+    out = admin(vol, "keys", "rotate", "--audit-log", audit).stdout
     assert "new active key version 2" in out
     # The running mount reads what it wrote and picks up the rotation for new files later.
     assert_files(vol.mountpoint, FILES)
@@ -72,12 +77,15 @@ def test_rotate_rewrap_retire_through_the_mount(mounted, s3client, tmp_path) -> 
     assert f"s3cryptfs-password version 1: {v1_count}" in dry
     assert envelope_versions(s3client, vol.bucket, vol.prefix) == versions  # nothing written
 
-    refused = admin(vol, "keys", "retire", "1", check=False)
+    # The documented word order: options may stand between VERSION and the URL.
+    refused = vol.run(
+        "keys", "retire", "1", "--audit-log", audit, vol.url, *vol.common_args(), check=False
+    )
     assert refused.returncode == 6, refused.stderr
     assert f"{v1_count} object(s) still use it" in refused.stderr
 
     etags_before = {k: s3client.head_object(Bucket=vol.bucket, Key=k)["ETag"] for k in versions}
-    rewrap = admin(vol, "rewrap", "--jobs", "3")
+    rewrap = admin(vol, "rewrap", "--jobs", "3", "--audit-log", audit)
     assert f"{v1_count} re-wrapped" in rewrap.stdout, rewrap.stdout
     after = envelope_versions(s3client, vol.bucket, vol.prefix)
     assert set(after.values()) == {("s3cryptfs-password", "2")}
@@ -87,7 +95,15 @@ def test_rotate_rewrap_retire_through_the_mount(mounted, s3client, tmp_path) -> 
     again = admin(vol, "rewrap")
     assert "0 re-wrapped" in again.stdout and f"{len(versions)} already" in again.stdout
 
-    admin(vol, "keys", "retire", "1")
+    admin(vol, "keys", "retire", "1", "--audit-log", audit)
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [e["event"] for e in events if e["event"] != "unwrap"] == ["rotate", "retire"] + [
+        "rewrap"
+    ] * v1_count + ["retire"]
+    assert [e["outcome"] for e in events if e["event"] == "retire"] == ["refused", "ok"]
+    assert {e["object"] for e in events if e["event"] == "rewrap"} == {
+        k for k, v in versions.items() if v[1] == "1"
+    }
     listing = admin(vol, "keys", "list").stdout
     assert "version 1  retired" in listing and "version 2  active" in listing
     # The live mount (its cached envelopes still say version 1) reads everything...
@@ -241,3 +257,69 @@ def test_kms_mode_mount_of_a_password_volume_needs_the_password(volume, tmp_path
     assert result.returncode == 2, result.stderr
     assert "a password is needed" in result.stderr
     assert not volume.is_mounted()
+
+
+def test_a_rotation_reaches_running_mounts(mounted, make_volume, s3client) -> None:
+    a = mounted
+    b = make_volume(bucket=a.bucket)  # a second machine with its own cache, mounted throughout
+    b.mount()
+    (a.mountpoint / "before.txt").write_bytes(b"written under version 1")
+    admin(a, "keys", "rotate")
+    a.remount()
+    (a.mountpoint / "by-a.txt").write_bytes(b"written under version 2")
+    a.umount()
+    key = f"{a.prefix}by-a.txt"
+    assert s3client.head_object(Bucket=a.bucket, Key=key)["Metadata"][md.KEY_VERSION] == "2"
+    # b never saw version 2: it re-reads the descriptor when an object names it.
+    assert (b.mountpoint / "by-a.txt").read_bytes() == b"written under version 2"
+    assert (b.mountpoint / "before.txt").read_bytes() == b"written under version 1"
+    # Having seen it, b wraps new files under version 2 too.
+    (b.mountpoint / "by-b.txt").write_bytes(b"b after the rotation")
+    b.umount()
+    key = f"{a.prefix}by-b.txt"
+    assert s3client.head_object(Bucket=a.bucket, Key=key)["Metadata"][md.KEY_VERSION] == "2"
+    # A mount with a short descriptor refresh picks a rotation up for writes by itself.
+    a.mount("--descriptor-refresh", "1")
+    (a.mountpoint / "warm.txt").write_bytes(b"x")
+    admin(a, "keys", "rotate")
+    time.sleep(2.5)
+    (a.mountpoint / "after.txt").write_bytes(b"written under version 3")
+    a.umount()
+    key = f"{a.prefix}after.txt"
+    assert s3client.head_object(Bucket=a.bucket, Key=key)["Metadata"][md.KEY_VERSION] == "3"
+
+
+def test_two_admins_updating_the_descriptor_do_not_clobber(volume, seaweed) -> None:
+    from s3cryptfs.config import parse_url
+    from s3cryptfs.keys.password import PasswordKeyManager
+    from s3cryptfs.ops.descriptor_update import update_descriptor
+    from s3cryptfs.store.s3 import S3Store, StoreSettings
+    from tests.conftest import PASSWORD
+
+    volume.init()
+    store = S3Store(
+        StoreSettings(bucket=volume.bucket, endpoint_url=seaweed.endpoint_url),
+        client=seaweed.client(),
+    )
+    url = parse_url(volume.url)
+    calls = []
+
+    def rotate(desc):
+        manager = PasswordKeyManager(desc.key_settings, {"password": PASSWORD.encode()})
+        desc.key_settings = manager.rotate()
+        manager.close()
+        return desc
+
+    def first_admin(desc):
+        calls.append(desc.key_settings["active_version"])
+        if len(calls) == 1:
+            # The second admin reads, rotates and writes between our read and our write.
+            update_descriptor(store, url, rotate)
+        return rotate(desc)
+
+    final = update_descriptor(store, url, first_admin)
+    assert calls == [1, 2]  # our first write lost the If-Match race; we re-read and re-applied
+    assert [k["version"] for k in final.key_settings["keys"]] == [1, 2, 3]
+    assert final.key_settings["active_version"] == 3
+    status = admin(volume, "keys", "list").stdout
+    assert "version 2  decrypt-only" in status and "version 3  active" in status
