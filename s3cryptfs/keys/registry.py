@@ -14,6 +14,8 @@ GROUP = "s3cryptfs.key_managers"
 # Built-in managers, so a source checkout that was never pip-installed still works.
 _BUILTIN = {
     "s3cryptfs-password": "s3cryptfs.keys.password:PasswordKeyManager",
+    "kmip": "s3cryptfs.keys.kmip:KmipKeyManager",
+    "cosmian-kmip": "s3cryptfs.keys.kmip:CosmianKmipKeyManager",
 }
 
 
