@@ -136,10 +136,13 @@ def _rotate(admin: Admin, ring: KeyRing) -> int:
         if not isinstance(manager, KeyAdmin):
             raise ConfigError(f"provider {desc.provider} cannot rotate keys from s3cryptfs")
         settings = manager.rotate()
-        result["version"] = manager.active_key_version()
         if settings == desc.key_settings:
+            result["version"] = manager.active_key_version()
             return None  # the version lives on the key server: nothing to write
         desc.key_settings = settings
+        # Managers need not update themselves: ask one built from the new settings.
+        ring.update(desc)
+        result["version"] = ring.active().active_key_version()
         return desc
 
     desc = update_descriptor(admin.store, admin.url, change)
