@@ -195,7 +195,7 @@ def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
     def volume_parser(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "keys":
-            p.add_argument("action", choices=["status", "list", "rotate", "retire"])
+            p.add_argument("action", choices=["status", "list", "rotate", "retire", "passwd"])
             # [VERSION] URL, split by cmd_admin: options may stand between them.
             p.add_argument("target", nargs="*", metavar="[VERSION] s3://BUCKET[/PREFIX]")
         else:
@@ -211,6 +211,11 @@ def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--count", action="store_true", help="count objects per version (walks all)")
     p.add_argument("--force", action="store_true", help="retire even if objects still use it")
     p.add_argument("--provider", help="retire: a previous provider's version (default: active)")
+    p.add_argument(
+        "--new-password-file",
+        metavar="FILE",
+        help="passwd: the new password (0600 file); else a prompt (asked twice)",
+    )
     p = volume_parser("rewrap", "re-wrap every object's data key under the active key")
     p.add_argument("--dry-run", action="store_true", help="only count objects per key version")
     p = volume_parser("migrate", "move the volume to another key manager (e.g. password -> KMS)")

@@ -323,3 +323,25 @@ def test_two_admins_updating_the_descriptor_do_not_clobber(volume, seaweed) -> N
     assert final.key_settings["active_version"] == 3
     status = admin(volume, "keys", "list").stdout
     assert "version 2  decrypt-only" in status and "version 3  active" in status
+
+
+def test_password_change(mounted, tmp_path) -> None:
+    vol = mounted
+    write_files(vol.mountpoint, FILES)
+    vol.remount("--descriptor-refresh", "1")
+    new = tmp_path / "new-password"
+    new.write_text("short")
+    new.chmod(0o600)
+    refused = admin(vol, "keys", "passwd", "--new-password-file", new, check=False)
+    assert refused.returncode == 2 and "at least 12 characters" in refused.stderr
+    new.write_text("a brand new long password")
+    assert "password changed" in admin(vol, "keys", "passwd", "--new-password-file", new).stdout
+    time.sleep(2.5)
+    (vol.mountpoint / "later.txt").write_bytes(b"the running mount goes on")
+    assert_files(vol.mountpoint, FILES)
+    vol.umount()
+    old = vol.mount(check=False)
+    assert old.returncode == 3, old.stderr
+    vol.password_file = new
+    vol.mount()
+    assert_files(vol.mountpoint, {**FILES, "later.txt": b"the running mount goes on"})

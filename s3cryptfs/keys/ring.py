@@ -101,7 +101,11 @@ class KeyRing:
                     continue  # dropped providers stay usable for objects not yet seen
                 reload = getattr(manager, "reload", None)
                 if callable(reload):
-                    reload(self.local.settings_for(provider, settings))
+                    try:
+                        reload(self.local.settings_for(provider, settings))
+                    except Exception as exc:  # noqa: BLE001 - keep the keys we have
+                        log.warning("key manager %s keeps its current keys: %s", provider, exc)
+                        continue
                 else:
                     # Another thread may be inside it: close it with the ring, not now.
                     del self._managers[provider]

@@ -20,6 +20,7 @@ from s3cryptfs.format.descriptor import Descriptor
 from s3cryptfs.keys.base import KeyAdmin
 from s3cryptfs.keys.config import load_kms_config
 from s3cryptfs.keys.password import PROVIDER as PASSWORD_PROVIDER
+from s3cryptfs.keys.password import PasswordKeyManager, check_new_password
 from s3cryptfs.keys.registry import create_settings
 from s3cryptfs.keys.ring import KeyRing, LocalKeys
 from s3cryptfs.mount import check_bucket, make_store, read_descriptor
@@ -121,6 +122,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return 0
         if args.action == "rotate":
             return _rotate(admin, ring)
+        if args.action == "passwd":
+            return _passwd(admin, ring, args)
         return _retire(admin, ring, args)
     finally:
         ring.close()
@@ -148,6 +151,42 @@ def _rotate(admin: Admin, ring: KeyRing) -> int:
     desc = update_descriptor(admin.store, admin.url, change)
     admin.audit.event("rotate", provider=desc.provider, key_version=result.get("version"))
     print(f"{desc.provider}: new active key version {result.get('version')}")
+    return 0
+
+
+def _passwd(admin: Admin, ring: KeyRing, args: argparse.Namespace) -> int:
+    """Re-seal the password manager's keys under a new password; no object changes."""
+    if args.new_password_file:
+        new = config.read_password_file(args.new_password_file)
+    else:
+        if not sys.stdin.isatty():
+            raise ConfigError("keys passwd needs --new-password-file or a terminal")
+        import getpass
+
+        new = getpass.getpass("New password: ").encode()
+        if getpass.getpass("Repeat new password: ").encode() != new:
+            raise ConfigError("the passwords do not match")
+    check_new_password(new)
+
+    def change(desc: Descriptor) -> Descriptor | None:
+        settings = desc.providers().get(PASSWORD_PROVIDER)
+        if settings is None:
+            raise ConfigError("this volume has no password key manager")
+        manager = PasswordKeyManager(settings, {"password": admin.local.password or b""})
+        try:
+            resealed = manager.change_password(new)
+        finally:
+            manager.close()
+        if desc.provider == PASSWORD_PROVIDER:
+            desc.key_settings = resealed
+        for entry in desc.previous:
+            if entry["provider"] == PASSWORD_PROVIDER:
+                entry["settings"] = resealed
+        return desc
+
+    update_descriptor(admin.store, admin.url, change)
+    admin.audit.event("passwd", provider=PASSWORD_PROVIDER)
+    print("password changed; running mounts keep working until they are remounted")
     return 0
 
 

@@ -119,7 +119,7 @@ def classify(exc: BaseException, what: str) -> StoreError:
 
 def quoted_etag(etag: str) -> str:
     """ETags as HEAD returns them (SeaweedFS leaves the quotes off CopyObject's result)."""
-    return etag if etag.startswith('"') or etag.startswith('W/') else f'"{etag}"'
+    return etag if etag.startswith('"') or etag.startswith("W/") else f'"{etag}"'
 
 
 def _close_after_marker(request: Any, **_: Any) -> None:
