@@ -19,6 +19,7 @@ from s3cryptfs.errors import (
     S3CryptFSError,
     StoreError,
     TransientStoreError,
+    UnknownProvider,
     VolumeError,
     WrongPasswordError,
 )
@@ -70,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="64K",
         help="plaintext bytes per encrypted chunk, a power of two from 4K to 8M (default 64K)",
     )
+    p.add_argument(
+        "--key-manager",
+        default="s3cryptfs-password",
+        metavar="PROVIDER",
+        help="key manager of the volume (default s3cryptfs-password); a KMS provider takes "
+        "its connection settings from --kms-config",
+    )
+    _add_kms(p)
 
     p = sub.add_parser(
         "mount",
@@ -143,6 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="log file in the background (default: mount.log in the cache dir)",
     )
+    _add_kms(p)
+    p.add_argument(
+        "--dek-cache-ttl",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long an unwrapped data key stays in memory (default 300; 0 disables)",
+    )
+    p.add_argument(
+        "--descriptor-refresh",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="re-read the volume descriptor before wrapping at most this often, so a key "
+        "rotation done elsewhere reaches new files (default 60)",
+    )
 
     p = sub.add_parser(
         "umount",
@@ -155,7 +180,55 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="if the mount process is gone, detach the dead mount (fusermount -uz)",
     )
+    _add_admin_commands(sub)
     return parser
+
+
+def _add_kms(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kms-config",
+        metavar="FILE",
+        help="TOML file with a [key_manager] table: this machine's KMS connection settings",
+    )
+    p.add_argument(
+        "--audit-log",
+        metavar="PATH",
+        help="append JSON lines of key operations (wrap, unwrap, rotate...) to PATH",
+    )
+
+
+def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
+    def volume_parser(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "keys":
+            p.add_argument("action", choices=["status", "list", "rotate", "retire", "passwd"])
+            # [VERSION] URL, split by cmd_admin: options may stand between them.
+            p.add_argument("target", nargs="*", metavar="[VERSION] s3://BUCKET[/PREFIX]")
+        else:
+            p.add_argument("url", metavar="s3://BUCKET[/PREFIX]")
+        _add_common(p)
+        _add_kms(p)
+        p.add_argument(
+            "--jobs", type=int, default=8, metavar="N", help="parallel requests (default 8)"
+        )
+        return p
+
+    p = volume_parser("keys", "show, rotate or retire the volume's key versions")
+    p.add_argument("--count", action="store_true", help="count objects per version (walks all)")
+    p.add_argument("--force", action="store_true", help="retire even if objects still use it")
+    p.add_argument("--provider", help="retire: a previous provider's version (default: active)")
+    p.add_argument(
+        "--new-password-file",
+        metavar="FILE",
+        help="passwd: the new password (0600 file); else a prompt (asked twice)",
+    )
+    p = volume_parser("rewrap", "re-wrap every object's data key under the active key")
+    p.add_argument("--dry-run", action="store_true", help="only count objects per key version")
+    p = volume_parser("migrate", "move the volume to another key manager (e.g. password -> KMS)")
+    p.add_argument("--to", required=True, metavar="PROVIDER", help="the new key manager")
+    p.add_argument(
+        "--keep-old", action="store_true", help="keep the old key manager in the descriptor"
+    )
 
 
 def _setup_logging(level: str, stream: object = None, path: str | None = None) -> None:
@@ -183,7 +256,7 @@ def _exit_code(exc: BaseException) -> int:
         return EXIT_S3
     if isinstance(exc, VolumeError):
         return EXIT_VOLUME
-    if isinstance(exc, ConfigError):
+    if isinstance(exc, ConfigError | UnknownProvider):
         return EXIT_USAGE
     return EXIT_ERROR
 
@@ -203,30 +276,47 @@ def cmd_init(args: argparse.Namespace) -> int:
         v1.check_chunk_size(chunk)
     except S3CryptFSError as exc:
         raise ConfigError(str(exc)) from None
-    password = config.get_password(args.password_file, confirm=True)
+    volume_id = Descriptor.new_volume_id()
+    if args.key_manager == pw.PROVIDER:
+        password = config.get_password(args.password_file, confirm=True)
+        pw.check_new_password(password)
+        settings = None
+    else:
+        from s3cryptfs.ops.commands import kms_settings
+
+        settings = kms_settings(args, volume_id)
     store = make_store(url, args.endpoint_url, args.region, retry_deadline=20)
     check_bucket(store)
-    volume_id = Descriptor.new_volume_id()
     desc = Descriptor(
         volume_id=volume_id,
         chunk_size=chunk,
-        provider=pw.PROVIDER,
-        key_settings=pw.new_settings(password, volume_id),
+        provider=args.key_manager,
+        key_settings=settings if settings is not None else pw.new_settings(password, volume_id),
     )
     key = descriptor_key(url.prefix)
     try:
         store.put(key, desc.encode(), {}, if_none_match=True, content_type="application/json")
     except PreconditionFailed:
         raise VolumeError(f"{url} is already an s3cryptfs volume ({key} exists)") from None
-    print(f"created volume {url} (id {volume_id}, {chunk // 1024} KiB chunks)")
+    print(
+        f"created volume {url} (id {volume_id}, {chunk // 1024} KiB chunks, "
+        f"key manager {args.key_manager})"
+    )
     return EXIT_OK
 
 
 # --- mount -----------------------------------------------------------------------------------
 
 
-def _mount_spec(args: argparse.Namespace, password: bytes) -> object:
+def _mount_spec(args: argparse.Namespace, password: bytes | None) -> object:
+    from s3cryptfs.keys.config import load_kms_config
+    from s3cryptfs.keys.ring import LocalKeys
     from s3cryptfs.mount import MountSpec
+
+    local = LocalKeys()
+    provider, options, secrets = load_kms_config(args.kms_config, os.environ)
+    if provider is not None:
+        local.add(provider, options, secrets)
     from s3cryptfs.vfs.core import FsOptions
 
     fuse_options: list[str] = []
@@ -252,13 +342,21 @@ def _mount_spec(args: argparse.Namespace, password: bytes) -> object:
         fuse_options=fuse_options,
         allow_other=args.allow_other,
         retry_deadline=args.s3_timeout,
+        local_keys=local,
+        audit_log=os.path.abspath(args.audit_log) if args.audit_log else None,
+        dek_cache_entries=4096 if args.dek_cache_ttl > 0 else 0,
+        dek_cache_ttl=args.dek_cache_ttl,
+        descriptor_refresh=args.descriptor_refresh,
     )
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from s3cryptfs.mount import Mount
 
-    password = config.get_password(args.password_file)
+    # In KMS mode a password is only needed (and asked for) when the volume still holds
+    # password-wrapped objects; it is taken when one is offered.
+    offered = args.password_file or os.environ.get(config.PASSWORD_ENV)
+    password = config.get_password(args.password_file) if offered or not args.kms_config else None
     spec = _mount_spec(args, password)
     mount = Mount(spec)  # type: ignore[arg-type]
     if args.foreground:
@@ -389,12 +487,41 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount}
+def cmd_admin(args: argparse.Namespace) -> int:
+    from s3cryptfs.ops import commands
+
+    run = {"keys": commands.cmd_keys, "rewrap": commands.cmd_rewrap}
+    run["migrate"] = commands.cmd_migrate
+    if args.command == "keys":
+        want = 2 if args.action == "retire" else 1
+        if len(args.target) != want:
+            usage = "retire VERSION s3://BUCKET[/PREFIX]" if want == 2 else "ACTION s3://BUCKET"
+            raise ConfigError(f"usage: s3cryptfs keys {usage}")
+        args.url = args.target[-1]
+        args.version = args.target[0] if want == 2 else None
+        if args.version is not None and not args.version.isdigit():
+            raise ConfigError(f"key version {args.version!r} is not a number")
+    return run[args.command](args)
+
+
+COMMANDS = {
+    "init": cmd_init,
+    "mount": cmd_mount,
+    "umount": cmd_umount,
+    "keys": cmd_admin,
+    "rewrap": cmd_admin,
+    "migrate": cmd_admin,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling positionals at the first option: `keys retire 1 --force URL`.
+    if args.command == "keys" and extra and not any(e.startswith("-") for e in extra):
+        args.target += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command != "mount" or getattr(args, "foreground", False):
         _setup_logging(
             getattr(args, "log_level", "warning") if args.command != "init" else "warning"

@@ -9,12 +9,14 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from s3cryptfs import config
+from s3cryptfs.audit import NO_AUDIT, AuditLog
 from s3cryptfs.codec import ObjectCodec
 from s3cryptfs.errors import (
     BucketNotFound,
@@ -24,7 +26,8 @@ from s3cryptfs.errors import (
     VolumeError,
 )
 from s3cryptfs.format.descriptor import Descriptor, descriptor_key
-from s3cryptfs.keys.registry import load_key_manager
+from s3cryptfs.keys.dekcache import DekCache
+from s3cryptfs.keys.ring import KeyRing, LocalKeys
 from s3cryptfs.store.s3 import S3Store, StoreSettings
 from s3cryptfs.vfs.core import Filesystem, FsOptions
 
@@ -37,12 +40,17 @@ class MountSpec:
     mountpoint: str
     endpoint_url: str | None
     region: str | None
-    password: bytes
+    password: bytes | None
     cache_root: str
     fs_options: FsOptions
     fuse_options: list[str] = field(default_factory=list)
     allow_other: bool = False
     retry_deadline: float = 45.0
+    local_keys: LocalKeys | None = None  # KMS options and secrets of this machine
+    audit_log: str | None = None
+    dek_cache_entries: int = 4096
+    dek_cache_ttl: float = 300.0
+    descriptor_refresh: float = 60.0
 
 
 def make_store(
@@ -73,19 +81,44 @@ def check_bucket(store: S3Store) -> None:
 
 
 def read_descriptor(store: S3Store, url: config.VolumeURL) -> Descriptor:
+    return read_descriptor_etag(store, url)[0]
+
+
+def read_descriptor_etag(store: S3Store, url: config.VolumeURL) -> tuple[Descriptor, str]:
+    """The descriptor and the ETag to make a conditional write of it against."""
     try:
-        raw = store.get(descriptor_key(url.prefix))
+        raw, etag = store.get_with_etag(descriptor_key(url.prefix))
     except ObjectNotFound:
         raise VolumeError(
             f"{url} is not an s3cryptfs volume (no descriptor at "
             f"{descriptor_key(url.prefix)}); create one with: s3cryptfs init {url}"
         ) from None
-    return Descriptor.decode(raw)
+    return Descriptor.decode(raw), etag
 
 
-def open_codec(desc: Descriptor, password: bytes) -> ObjectCodec:
-    manager = load_key_manager(desc.provider, desc.key_settings, {"password": password})
-    return ObjectCodec(desc, manager)
+def open_codec(
+    desc: Descriptor,
+    local: LocalKeys,
+    refresh: Callable[[], Descriptor] | None = None,
+    audit: AuditLog = NO_AUDIT,
+    dek_cache: DekCache | None = None,
+    refresh_interval: float = 60.0,
+) -> ObjectCodec:
+    """A codec with a manager for every provider of *desc*, each opened now (fail early)."""
+    ring = KeyRing(desc, local)
+    try:
+        ring.open_all()
+    except BaseException:
+        ring.close()
+        raise
+    return ObjectCodec(
+        desc,
+        ring,
+        refresh=refresh,
+        dek_cache=dek_cache,
+        audit=audit,
+        refresh_interval=refresh_interval,
+    )
 
 
 class CacheLock:
@@ -139,6 +172,7 @@ class Mount:
         self.spec = spec
         self.fs: Filesystem | None = None
         self.lock: CacheLock | None = None
+        self.audit = NO_AUDIT
 
     def prepare(self) -> None:
         """All the checks that can fail, before anything is mounted."""
@@ -147,7 +181,17 @@ class Mount:
         store = make_store(spec.url, spec.endpoint_url, spec.region, spec.retry_deadline)
         check_bucket(store)
         desc = read_descriptor(store, spec.url)
-        codec = open_codec(desc, spec.password)
+        local = spec.local_keys or LocalKeys()
+        local.password = spec.password
+        self.audit = AuditLog(spec.audit_log)
+        codec = open_codec(
+            desc,
+            local,
+            refresh=lambda: read_descriptor(store, spec.url),
+            audit=self.audit,
+            dek_cache=DekCache(spec.dek_cache_entries, spec.dek_cache_ttl),
+            refresh_interval=spec.descriptor_refresh,
+        )
         cache_dir = config.volume_cache_dir(spec.cache_root, spec.endpoint_url, spec.url)
         self.lock = CacheLock(cache_dir)
         self.fs = Filesystem(store, codec, spec.url.prefix, cache_dir, spec.fs_options)
@@ -186,6 +230,8 @@ class Mount:
             pyfuse3.close(unmount=True)
             if self.lock is not None:
                 self.lock.release()
+            self.fs.codec.ring.close()
+            self.audit.close()
         log.info("unmounted %s; every file is in S3", self.spec.mountpoint)
 
     async def _main(self, on_ready: Any) -> None:

@@ -30,13 +30,23 @@ class Descriptor:
     key_settings: dict[str, Any] = field(default_factory=dict)
     object_format: str = "1"
     version: int = DESCRIPTOR_VERSION
+    # Other managers whose objects may still be in the volume (after a migrate): read only.
+    # Each is {"provider": name, "settings": {...}}; never the active provider.
+    previous: list[dict[str, Any]] = field(default_factory=list)
+
+    def providers(self) -> dict[str, dict[str, Any]]:
+        """Every provider the volume can hold objects of, with its settings (active first)."""
+        found = {self.provider: self.key_settings}
+        for entry in self.previous:
+            found.setdefault(entry["provider"], entry["settings"])
+        return found
 
     @staticmethod
     def new_volume_id() -> str:
         return os.urandom(16).hex()
 
     def encode(self) -> bytes:
-        doc = {
+        doc: dict[str, Any] = {
             "s3cryptfs": "volume",
             "version": self.version,
             "volume_id": self.volume_id,
@@ -44,6 +54,8 @@ class Descriptor:
             "chunk_size": self.chunk_size,
             "key_manager": {"provider": self.provider, "settings": self.key_settings},
         }
+        if self.previous:
+            doc["previous_key_managers"] = self.previous
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
     @staticmethod
@@ -68,6 +80,10 @@ class Descriptor:
                 provider=str(km["provider"]),
                 key_settings=dict(km.get("settings", {})),
                 object_format=str(doc.get("object_format", "1")),
+                previous=[
+                    {"provider": str(e["provider"]), "settings": dict(e.get("settings", {}))}
+                    for e in doc.get("previous_key_managers", [])
+                ],
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise VolumeError(f"volume descriptor is missing or has a bad field: {exc}") from None

@@ -12,8 +12,10 @@ re-seals the KEKs. See docs/FORMAT.md, "Password key manager".
 from __future__ import annotations
 
 import base64
+import copy
 import os
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,17 +24,21 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from s3cryptfs.errors import (
+    ConfigError,
     InvalidEnvelope,
     KeyNotFound,
+    KeyRetired,
     UnwrapFailed,
     VolumeError,
     WrongPasswordError,
 )
-from s3cryptfs.keys.base import KeyEnvelope
+from s3cryptfs.keys.base import KeyEnvelope, KeyVersionInfo
 
 PROVIDER = "s3cryptfs-password"
 KEY_LEN = 32
 NONCE_LEN = 12
+
+MIN_PASSWORD_LEN = 12
 
 # OWASP's scrypt recommendation (128 MiB, about half a second here); descriptors carry their own.
 DEFAULT_SCRYPT = {"n": 2**17, "r": 8, "p": 1}
@@ -47,6 +53,15 @@ def _unb64(text: str, what: str) -> bytes:
         return base64.b64decode(text.encode("ascii"), validate=True)
     except (ValueError, UnicodeEncodeError) as exc:
         raise VolumeError(f"volume descriptor: {what} is not valid base64") from exc
+
+
+def check_new_password(password: bytes) -> None:
+    """Policy for a password being set (init, change): refuse short ones with a clear message."""
+    if len(password.decode("utf-8", "replace")) < MIN_PASSWORD_LEN:
+        raise ConfigError(
+            f"the new password is too short: use at least {MIN_PASSWORD_LEN} characters "
+            "(a few random words make a good one)"
+        )
 
 
 def derive_muk(password: bytes, kdf: Mapping[str, Any]) -> bytes:
@@ -71,6 +86,15 @@ def _dek_aad(volume_id: str, version: int) -> bytes:
 def seal_kek(muk: bytes, kek: bytes, volume_id: str, version: int) -> str:
     nonce = os.urandom(NONCE_LEN)
     return _b64(nonce + AESGCM(muk).encrypt(nonce, kek, _kek_aad(volume_id, version)))
+
+
+def create_settings(options: Mapping[str, Any], secrets: Mapping[str, Any]) -> dict[str, Any]:
+    """The registry's init hook: options carry ``volume_id`` (and optionally ``scrypt``)."""
+    password = secrets.get("password")
+    if not isinstance(password, bytes | bytearray) or not password:
+        raise ConfigError("the password key manager needs a password")
+    check_new_password(bytes(password))
+    return new_settings(bytes(password), str(options["volume_id"]), options.get("scrypt"))
 
 
 def new_settings(
@@ -98,31 +122,53 @@ class PasswordKeyManager:
         password = secrets.get("password")
         if not isinstance(password, bytes | bytearray) or not password:
             raise VolumeError("the password key manager needs a password")
-        self._volume_id = str(settings["volume_id"])
-        self._active = int(settings["active_version"])
-        muk = derive_muk(bytes(password), settings["kdf"])
-        self._keks: dict[int, AESGCM] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        # The MUK stays in memory for the manager's life (rotate and reload need it), never on
+        # disk; close() drops it.
+        self._muk = derive_muk(bytes(password), settings["kdf"])
+        self._load(settings)
+
+    def _load(self, settings: Mapping[str, Any]) -> None:
+        volume_id = str(settings["volume_id"])
+        active = int(settings["active_version"])
+        keks: dict[int, AESGCM] = {}
+        retired: set[int] = set()
         for entry in settings["keys"]:
             version = int(entry["version"])
+            if entry.get("retired") or "sealed" not in entry:
+                retired.add(version)
+                continue
             blob = _unb64(entry["sealed"], f"sealed key v{version}")
             try:
-                kek = AESGCM(muk).decrypt(
-                    blob[:NONCE_LEN], blob[NONCE_LEN:], _kek_aad(self._volume_id, version)
+                kek = AESGCM(self._muk).decrypt(
+                    blob[:NONCE_LEN], blob[NONCE_LEN:], _kek_aad(volume_id, version)
                 )
             except InvalidTag:
                 raise WrongPasswordError(
                     "wrong password: it does not open this volume's keys"
                 ) from None
-            self._keks[version] = AESGCM(kek)
-        if self._active not in self._keks:
-            raise VolumeError(f"volume descriptor: active key version {self._active} is missing")
-        self._lock = threading.Lock()
-        self._closed = False
+            keks[version] = AESGCM(kek)
+        if active not in keks:
+            raise VolumeError(f"volume descriptor: active key version {active} is missing")
+        self._settings = copy.deepcopy(dict(settings))
+        self._volume_id = volume_id
+        self._active = active
+        self._keks = keks
+        self._retired = retired
+
+    def reload(self, settings: Mapping[str, Any]) -> None:
+        """Take newer descriptor settings (a rotate by another process) with the kept MUK."""
+        if settings.get("kdf") != self._settings.get("kdf"):
+            raise VolumeError("the volume password was changed: remount with the new password")
+        with self._lock:
+            self._load(settings)
 
     def wrap_key(self, dek: bytes, context: Mapping[str, str]) -> KeyEnvelope:
-        version = self._active
+        with self._lock:
+            version, aead = self._active, self._keks[self._active]
         nonce = os.urandom(NONCE_LEN)
-        ct = self._keks[version].encrypt(nonce, bytes(dek), _dek_aad(self._volume_id, version))
+        ct = aead.encrypt(nonce, bytes(dek), _dek_aad(self._volume_id, version))
         return KeyEnvelope(self._volume_id, version, PROVIDER, nonce + ct)
 
     def unwrap_key(self, envelope: KeyEnvelope, context: Mapping[str, str]) -> bytes:
@@ -131,6 +177,8 @@ class PasswordKeyManager:
         if envelope.key_id and envelope.key_id != self._volume_id:
             raise KeyNotFound(f"envelope names another volume's key ({envelope.key_id})")
         aead = self._keks.get(envelope.key_version)
+        if aead is None and envelope.key_version in self._retired:
+            raise KeyRetired(f"key version {envelope.key_version} is retired")
         if aead is None:
             raise KeyNotFound(f"key version {envelope.key_version} is not in this volume")
         blob = envelope.ciphertext
@@ -151,5 +199,74 @@ class PasswordKeyManager:
 
     def close(self) -> None:
         with self._lock:
-            self._keks.clear()
+            self._keks = {}
+            self._muk = b""
             self._closed = True
+
+    # --- KeyAdmin ------------------------------------------------------------------------
+
+    def versions(self) -> list[KeyVersionInfo]:
+        with self._lock:
+            entries = sorted(self._settings["keys"], key=lambda e: int(e["version"]))
+            active = self._active
+        out = []
+        for entry in entries:
+            version = int(entry["version"])
+            if entry.get("retired") or "sealed" not in entry:
+                state = "retired"
+            else:
+                state = "active" if version == active else "decrypt-only"
+            out.append(KeyVersionInfo(version, self._volume_id, state, entry.get("created")))
+        return out
+
+    def rotate(self) -> dict[str, Any]:
+        """A new random KEK, sealed under the kept MUK, becomes active. Returns new settings."""
+        with self._lock:
+            if self._closed:
+                raise VolumeError("the key manager is closed")
+            settings = copy.deepcopy(self._settings)
+            version = max(int(e["version"]) for e in settings["keys"]) + 1
+            sealed = seal_kek(self._muk, os.urandom(KEY_LEN), self._volume_id, version)
+            settings["keys"].append({"version": version, "sealed": sealed, "created": time.time()})
+            settings["active_version"] = version
+        self.reload(settings)
+        return copy.deepcopy(settings)
+
+    def retire(self, version: int) -> dict[str, Any]:
+        """Drop the sealed KEK of *version* (crypto-erasure of what it wrapped)."""
+        with self._lock:
+            if version == self._active:
+                raise ConfigError(f"key version {version} is the active one; rotate first")
+            settings = copy.deepcopy(self._settings)
+            for entry in settings["keys"]:
+                if int(entry["version"]) == version:
+                    entry.pop("sealed", None)
+                    entry["retired"] = True
+                    entry["retired_at"] = time.time()
+                    break
+            else:
+                raise KeyNotFound(f"key version {version} is not in this volume")
+        self.reload(settings)
+        return copy.deepcopy(settings)
+
+    def change_password(self, new_password: bytes) -> dict[str, Any]:
+        """Re-seal every live KEK under a MUK from *new_password* (fresh salt)."""
+        check_new_password(new_password)
+        with self._lock:
+            settings = copy.deepcopy(self._settings)
+            kdf = {k: v for k, v in settings["kdf"].items()}
+            kdf["salt"] = _b64(os.urandom(16))
+            new_muk = derive_muk(new_password, kdf)
+            for entry in settings["keys"]:
+                if "sealed" not in entry or entry.get("retired"):
+                    continue
+                version = int(entry["version"])
+                blob = _unb64(entry["sealed"], f"sealed key v{version}")
+                kek = AESGCM(self._muk).decrypt(
+                    blob[:NONCE_LEN], blob[NONCE_LEN:], _kek_aad(self._volume_id, version)
+                )
+                entry["sealed"] = seal_kek(new_muk, kek, self._volume_id, version)
+            settings["kdf"] = kdf
+            self._muk = new_muk
+            self._settings = copy.deepcopy(settings)
+        return settings

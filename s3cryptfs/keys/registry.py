@@ -51,3 +51,20 @@ def load_key_manager(
         )
     factory = _resolve(target)
     return factory(settings, secrets)
+
+
+def create_settings(
+    provider: str, options: Mapping[str, Any], secrets: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Descriptor settings for a new key of *provider*: its module's ``create_settings``."""
+    target = _targets().get(provider)
+    if target is None:
+        raise UnknownProvider(
+            f"no key manager is registered for provider {provider!r} "
+            f"(known: {', '.join(provider_names())})"
+        )
+    module = __import__(target.partition(":")[0], fromlist=["create_settings"])
+    hook = getattr(module, "create_settings", None)
+    if hook is None:
+        raise UnknownProvider(f"provider {provider!r} cannot create keys (no create_settings)")
+    return dict(hook(options, secrets))

@@ -270,6 +270,15 @@ class S3Store:
 
         return self._call(f"get {key}", fetch)
 
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        """The whole object and its ETag (for a later conditional write of it)."""
+
+        def fetch() -> tuple[bytes, str]:
+            r = self._client.get_object(Bucket=self.bucket, Key=key)
+            return r["Body"].read(), etag_of(r["ETag"])
+
+        return self._call(f"get {key}", fetch)
+
     def list(self, prefix: str, delimiter: str | None = "/", token: str | None = None) -> ListPage:
         args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": 1000}
         if delimiter:

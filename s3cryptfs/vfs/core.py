@@ -28,8 +28,12 @@ from s3cryptfs.codec import ObjectCodec
 from s3cryptfs.errors import (
     FsError,
     IntegrityError,
+    KeyManagerError,
+    KeyNotFound,
+    KeyRetired,
     ObjectNotFound,
     S3CryptFSError,
+    UnknownProvider,
     UploadConflict,
 )
 from s3cryptfs.format import metadata as md
@@ -495,13 +499,26 @@ class Filesystem:
                     f"{key}: object length {remote.body_size} is not a valid encrypted length"
                 )
 
+            def make_cipher(header: bytes) -> Any:
+                try:
+                    return self.codec.cipher(meta, header, key)
+                except (KeyRetired, KeyNotFound, UnknownProvider):
+                    # A rewrap replaces only the metadata and may keep the ETag: our cached
+                    # envelope can be older than the object's. Fetch the current one once.
+                    fresh = self.store.head(key)
+                    if fresh.etag != etag or not fresh.metadata or fresh.metadata == meta:
+                        raise
+                    assert remote is not None
+                    remote.metadata = fresh.metadata
+                    return self.codec.cipher(fresh.metadata, header, key)
+
             remote.version = Version(
                 vid=("r", key, etag),
                 name=key,
                 plain_size=size,
                 body_size=remote.body_size,
                 fetch=self._fetcher(key, etag),
-                make_cipher=lambda header: self.codec.cipher(meta, header),
+                make_cipher=make_cipher,
             )
         return remote.version
 
@@ -539,6 +556,10 @@ class Filesystem:
             return await self.reader.read(version, offset, size, handle.state)
         except IntegrityError as exc:
             log.error("%s: %s", self.key(node.path), exc)
+            raise
+        except KeyManagerError as exc:
+            # The object stays unreadable (EIO) until its key manager answers; the mount lives.
+            log.error("%s: cannot unwrap its data key: %s", self.key(node.path), exc)
             raise
 
     async def readlink(self, ino: int) -> bytes:
@@ -672,7 +693,7 @@ class Filesystem:
                 with os.fdopen(os.dup(staging.fd), "rb") as src:
                     src.seek(0)
                     with self.journal.open_body(seq) as dst:
-                        return self.codec.seal_stream(src, dst, attrs)
+                        return self.codec.seal_stream(src, dst, attrs, self.key(node.path))
 
             staging.dirty = False
             try:
@@ -936,7 +957,7 @@ class Filesystem:
         parent, path = await self._new_name(parent_ino, name)
         now = _now_ns()
         attrs = md.PosixAttrs(stat.S_IFLNK | 0o777, uid, gid, now)
-        body, meta = await self._thread(self.codec.seal_bytes, target, attrs)
+        body, meta = await self._thread(self.codec.seal_bytes, target, attrs, self.key(path))
         etag = await self._thread(
             lambda: self.store.put(self.key(path), body, meta, if_none_match=True)
         )

@@ -1,0 +1,356 @@
+"""The administration commands: keys status|list|rotate|retire, rewrap, migrate.
+
+Each opens the volume the way a mount does (descriptor + this machine's key configuration),
+changes the descriptor only through ``update_descriptor`` and reports on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from s3cryptfs import config
+from s3cryptfs.audit import AuditLog
+from s3cryptfs.codec import ObjectCodec
+from s3cryptfs.errors import ConfigError, VolumeError
+from s3cryptfs.format.descriptor import Descriptor
+from s3cryptfs.keys.base import KeyAdmin
+from s3cryptfs.keys.config import load_kms_config
+from s3cryptfs.keys.password import PROVIDER as PASSWORD_PROVIDER
+from s3cryptfs.keys.password import PasswordKeyManager, check_new_password
+from s3cryptfs.keys.registry import create_settings
+from s3cryptfs.keys.ring import KeyRing, LocalKeys
+from s3cryptfs.mount import check_bucket, make_store, read_descriptor
+from s3cryptfs.ops.descriptor_update import update_descriptor
+from s3cryptfs.ops.rewrap import RewrapReport, count_versions, rewrap_volume
+from s3cryptfs.store.s3 import S3Store
+
+EXIT_INCOMPLETE = 6  # something was refused, skipped or failed: see the report
+
+
+@dataclass
+class Admin:
+    url: config.VolumeURL
+    store: S3Store
+    local: LocalKeys
+    audit: AuditLog
+    jobs: int
+
+    def descriptor(self) -> Descriptor:
+        return read_descriptor(self.store, self.url)
+
+    def ring(self, desc: Descriptor) -> KeyRing:
+        ring = KeyRing(desc, self.local)
+        ring.open_all()
+        return ring
+
+    def codec(self, desc: Descriptor) -> ObjectCodec:
+        return ObjectCodec(desc, self.ring(desc), audit=self.audit)
+
+
+def local_keys(args: argparse.Namespace, need_password: bool) -> LocalKeys:
+    local = LocalKeys()
+    provider, options, secrets = load_kms_config(getattr(args, "kms_config", None), os.environ)
+    if provider is not None:
+        local.add(provider, options, secrets)
+    if need_password:
+        local.password = config.get_password(args.password_file)
+    return local
+
+
+def open_admin(args: argparse.Namespace, extra_password: bool = False) -> tuple[Admin, Descriptor]:
+    url = config.parse_url(args.url)
+    store = make_store(url, args.endpoint_url, args.region, retry_deadline=30)
+    check_bucket(store)
+    desc = read_descriptor(store, url)
+    need = extra_password or PASSWORD_PROVIDER in desc.providers()
+    admin = Admin(
+        url,
+        store,
+        local_keys(args, need),
+        AuditLog(getattr(args, "audit_log", None)),
+        max(1, getattr(args, "jobs", 8) or 8),
+    )
+    return admin, desc
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+
+def _versions_lines(desc: Descriptor, ring: KeyRing, counts: dict | None) -> list[str]:
+    lines = []
+    for provider in desc.providers():
+        role = "active" if provider == desc.provider else "previous (read only)"
+        manager = ring.manager(provider)
+        lines.append(f"provider {provider} [{role}]")
+        if isinstance(manager, KeyAdmin):
+            infos = manager.versions()
+        else:
+            infos = []
+            lines.append(f"  active version {manager.active_key_version()}")
+        for info in infos:
+            n = None if counts is None else counts.get((provider, info.version), 0)
+            count = "" if n is None else f"  objects: {n}"
+            lines.append(f"  version {info.version}  {info.state}  key {info.key_id}{count}")
+        if counts is not None:
+            known = {i.version for i in infos}
+            for (p, v), n in sorted(counts.items()):
+                if p == provider and v not in known:
+                    lines.append(f"  version {v}  unknown to the manager  objects: {n}")
+    if counts is not None:
+        for (p, v), n in sorted(counts.items()):
+            if p not in desc.providers():
+                lines.append(f"provider {p} [NOT IN THE DESCRIPTOR] version {v} objects: {n}")
+    return lines
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    admin, desc = open_admin(args)
+    ring = admin.ring(desc)
+    try:
+        if args.action in ("status", "list"):
+            counts = (
+                count_versions(admin.store, admin.url.prefix, admin.jobs) if args.count else None
+            )
+            if args.action == "status":
+                print(f"volume {admin.url} (id {desc.volume_id})")
+                print(f"active: {desc.provider} version {ring.active().active_key_version()}")
+            print("\n".join(_versions_lines(desc, ring, counts)))
+            return 0
+        if args.action == "rotate":
+            return _rotate(admin, ring)
+        if args.action == "passwd":
+            return _passwd(admin, ring, args)
+        return _retire(admin, ring, args)
+    finally:
+        ring.close()
+        admin.audit.close()
+
+
+def _rotate(admin: Admin, ring: KeyRing) -> int:
+    result: dict[str, Any] = {}
+
+    def change(desc: Descriptor) -> Descriptor | None:
+        ring.update(desc)
+        manager = ring.active()
+        if not isinstance(manager, KeyAdmin):
+            raise ConfigError(f"provider {desc.provider} cannot rotate keys from s3cryptfs")
+        settings = manager.rotate()
+        if settings == desc.key_settings:
+            result["version"] = manager.active_key_version()
+            return None  # the version lives on the key server: nothing to write
+        desc.key_settings = settings
+        # Managers need not update themselves: ask one built from the new settings.
+        ring.update(desc)
+        result["version"] = ring.active().active_key_version()
+        return desc
+
+    desc = update_descriptor(admin.store, admin.url, change)
+    admin.audit.event("rotate", provider=desc.provider, key_version=result.get("version"))
+    print(f"{desc.provider}: new active key version {result.get('version')}")
+    return 0
+
+
+def _passwd(admin: Admin, ring: KeyRing, args: argparse.Namespace) -> int:
+    """Re-seal the password manager's keys under a new password; no object changes."""
+    if args.new_password_file:
+        new = config.read_password_file(args.new_password_file)
+    else:
+        if not sys.stdin.isatty():
+            raise ConfigError("keys passwd needs --new-password-file or a terminal")
+        import getpass
+
+        new = getpass.getpass("New password: ").encode()
+        if getpass.getpass("Repeat new password: ").encode() != new:
+            raise ConfigError("the passwords do not match")
+    check_new_password(new)
+
+    def change(desc: Descriptor) -> Descriptor | None:
+        settings = desc.providers().get(PASSWORD_PROVIDER)
+        if settings is None:
+            raise ConfigError("this volume has no password key manager")
+        manager = PasswordKeyManager(settings, {"password": admin.local.password or b""})
+        try:
+            resealed = manager.change_password(new)
+        finally:
+            manager.close()
+        if desc.provider == PASSWORD_PROVIDER:
+            desc.key_settings = resealed
+        for entry in desc.previous:
+            if entry["provider"] == PASSWORD_PROVIDER:
+                entry["settings"] = resealed
+        return desc
+
+    update_descriptor(admin.store, admin.url, change)
+    admin.audit.event("passwd", provider=PASSWORD_PROVIDER)
+    print("password changed; running mounts keep working until they are remounted")
+    return 0
+
+
+def _retire(admin: Admin, ring: KeyRing, args: argparse.Namespace) -> int:
+    desc = ring.descriptor
+    provider = args.provider or desc.provider
+    version = int(args.version)
+    if provider not in desc.providers():
+        raise ConfigError(f"provider {provider} is not one of this volume's key managers")
+    if provider == desc.provider and version == ring.active().active_key_version():
+        raise ConfigError(f"version {version} of {provider} is the active one; rotate first")
+    in_use = count_versions(admin.store, admin.url.prefix, admin.jobs).get((provider, version), 0)
+    if in_use and not args.force:
+        print(
+            f"s3cryptfs: refusing to retire {provider} version {version}: {in_use} object(s) "
+            f"still use it. Run `s3cryptfs rewrap {admin.url}` first (or --force to make "
+            "them unreadable)",
+            file=sys.stderr,
+        )
+        admin.audit.event("retire", "refused", provider=provider, key_version=version)
+        return EXIT_INCOMPLETE
+
+    def change(current: Descriptor) -> Descriptor | None:
+        ring.update(current)
+        manager = ring.manager(provider)
+        if not isinstance(manager, KeyAdmin):
+            raise ConfigError(f"provider {provider} cannot retire keys from s3cryptfs")
+        settings = manager.retire(version)
+        if provider == current.provider:
+            if settings == current.key_settings:
+                return None
+            current.key_settings = settings
+        else:
+            for entry in current.previous:
+                if entry["provider"] == provider:
+                    entry["settings"] = settings
+        return current
+
+    update_descriptor(admin.store, admin.url, change)
+    admin.audit.event(
+        "retire", provider=provider, key_version=version, detail=f"{in_use} object(s) in use"
+    )
+    print(
+        f"{provider}: version {version} retired" + (f" ({in_use} objects lost)" if in_use else "")
+    )
+    return 0
+
+
+# --- rewrap ------------------------------------------------------------------------------------
+
+
+def _print_report(report: RewrapReport, dry_run: bool) -> int:
+    print(report.summary(dry_run))
+    return 0 if report.complete else EXIT_INCOMPLETE
+
+
+def cmd_rewrap(args: argparse.Namespace) -> int:
+    admin, desc = open_admin(args)
+    codec = admin.codec(desc)
+    try:
+        active = codec.ring.active()
+        print(f"active key: {active.provider} version {active.active_key_version()}")
+        report = rewrap_volume(
+            admin.store, admin.url.prefix, codec, admin.jobs, args.dry_run, admin.audit
+        )
+        return _print_report(report, args.dry_run)
+    finally:
+        codec.ring.close()
+        admin.audit.close()
+
+
+# --- migrate -----------------------------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    admin, desc = open_admin(args, extra_password=args.to == PASSWORD_PROVIDER)
+    target = args.to
+    try:
+        desc = _switch_provider(admin, target)
+        codec = admin.codec(desc)
+        try:
+            report = rewrap_volume(
+                admin.store, admin.url.prefix, codec, admin.jobs, False, admin.audit
+            )
+        finally:
+            codec.ring.close()
+        code = _print_report(report, False)
+        admin.audit.event(
+            "migrate",
+            "ok" if report.complete else "incomplete",
+            provider=target,
+            detail=f"{report.rewrapped} re-wrapped",
+        )
+        if not report.complete:
+            print("some objects were not migrated: run the same command again", file=sys.stderr)
+            return code
+        if args.keep_old or not desc.previous:
+            return 0
+        return _drop_previous(admin)
+    finally:
+        admin.audit.close()
+
+
+def _switch_provider(admin: Admin, target: str) -> Descriptor:
+    """Make *target* the active provider, keeping the old ones readable under ``previous``."""
+
+    def change(desc: Descriptor) -> Descriptor | None:
+        if desc.provider == target:
+            return None  # an earlier run got this far
+        options = dict(admin.local.options.get(target, {}))
+        options.setdefault("volume_id", desc.volume_id)
+        secrets = admin.local.secrets_for(target)
+        settings = create_settings(target, options, secrets)
+        previous = [{"provider": desc.provider, "settings": desc.key_settings}]
+        previous += [e for e in desc.previous if e["provider"] not in (target, desc.provider)]
+        for entry in desc.previous:
+            if entry["provider"] == target:  # migrating back: reuse its existing keys
+                settings = entry["settings"]
+        desc.provider, desc.key_settings, desc.previous = target, settings, previous
+        return desc
+
+    desc = update_descriptor(admin.store, admin.url, change)
+    admin.audit.event("migrate", provider=target, detail="descriptor: new active provider")
+    previous = ", ".join(p["provider"] for p in desc.previous) or "none"
+    print(f"active key manager: {target} (previous: {previous})")
+    return desc
+
+
+def _drop_previous(admin: Admin) -> int:
+    # A mount that has not seen the new descriptor yet may have written under an old provider
+    # since the walk: check again, and keep every provider still in use.
+    counts = count_versions(admin.store, admin.url.prefix, admin.jobs)
+    in_use = {p for p, _ in counts}
+
+    def change(desc: Descriptor) -> Descriptor | None:
+        kept = [e for e in desc.previous if e["provider"] in in_use]
+        if kept == desc.previous:
+            return None
+        desc.previous = kept
+        return desc
+
+    desc = update_descriptor(admin.store, admin.url, change)
+    if desc.previous:
+        print(
+            "kept previous provider(s) still used by objects: "
+            + ", ".join(e["provider"] for e in desc.previous),
+            file=sys.stderr,
+        )
+        return EXIT_INCOMPLETE
+    admin.audit.event("migrate", provider=desc.provider, detail="previous providers dropped")
+    print("previous key manager(s) dropped from the descriptor")
+    return 0
+
+
+# --- init with a KMS ---------------------------------------------------------------------------
+
+
+def kms_settings(args: argparse.Namespace, volume_id: str) -> dict[str, Any]:
+    provider, options, secrets = load_kms_config(args.kms_config, os.environ)
+    if provider is not None and provider != args.key_manager:
+        raise ConfigError(
+            f"--key-manager {args.key_manager} but {args.kms_config} configures {provider}"
+        )
+    settings = create_settings(args.key_manager, {**options, "volume_id": volume_id}, secrets)
+    if not isinstance(settings, dict):
+        raise VolumeError(f"provider {args.key_manager} returned no settings")
+    return settings

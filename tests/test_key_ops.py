@@ -1,0 +1,347 @@
+"""Key operations through the real CLI, a real mount and SeaweedFS: rotate, rewrap, retire,
+bad envelopes, concurrent changes during a rewrap, and the audit log."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+
+import pytest
+
+from s3cryptfs.format import metadata as md
+
+FILES = {f"dir/f{i}.txt": (f"file {i} ".encode() * (i * 700 + 1)) for i in range(4)}
+MORE = {f"more/g{i}.bin": os.urandom(i * 3000 + 5) for i in range(3)}
+
+
+def write_files(root, files) -> None:
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def assert_files(root, files) -> None:
+    for name, data in files.items():
+        assert (root / name).read_bytes() == data, name
+
+
+def envelope_versions(s3client, bucket: str, prefix: str) -> dict[str, tuple[str, str]]:
+    """object key -> (provider, version) of every file object."""
+    out = {}
+    for page in s3client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            if "/.s3cryptfs/" in f"/{key}" or key.endswith("/"):
+                continue
+            meta = s3client.head_object(Bucket=bucket, Key=key)["Metadata"]
+            out[key] = (meta[md.KMS_PROVIDER], meta[md.KEY_VERSION])
+    return out
+
+
+def admin(volume, *args, check=True):
+    """s3cryptfs WORDS... URL OPTIONS...: the URL goes after the leading words."""
+    args = [str(a) for a in args]
+    n = next((i for i, a in enumerate(args) if a.startswith("--")), len(args))
+    return volume.run(*args[:n], volume.url, *volume.common_args(), *args[n:], check=check)
+
+
+def test_rotate_rewrap_retire_through_the_mount(mounted, s3client, tmp_path) -> None:
+    vol = mounted
+    write_files(vol.mountpoint, FILES)
+    vol.remount()  # every file in S3 under version 1
+    audit = tmp_path / "admin-audit.jsonl"
+    out = admin(vol, "keys", "rotate", "--audit-log", audit).stdout
+    assert "new active key version 2" in out
+    # The running mount reads what it wrote and picks up the rotation for new files later.
+    assert_files(vol.mountpoint, FILES)
+    write_files(vol.mountpoint, MORE)
+    vol.remount()  # a fresh mount wraps new files under version 2
+    (vol.mountpoint / "after-remount.txt").write_bytes(b"v2 file")
+    vol.umount()
+    vol.mount()
+    assert_files(vol.mountpoint, {**FILES, **MORE, "after-remount.txt": b"v2 file"})
+    versions = envelope_versions(s3client, vol.bucket, vol.prefix)
+    assert versions[f"{vol.prefix}dir/f0.txt"] == ("s3cryptfs-password", "1")
+    assert versions[f"{vol.prefix}after-remount.txt"] == ("s3cryptfs-password", "2")
+    v1_count = sum(1 for v in versions.values() if v[1] == "1")
+    assert v1_count >= len(FILES)
+
+    status = admin(vol, "keys", "status", "--count").stdout
+    assert "active: s3cryptfs-password version 2" in status
+    assert "version 1  decrypt-only  key " in status and f"objects: {v1_count}" in status
+
+    dry = admin(vol, "rewrap", "--dry-run").stdout
+    assert f"s3cryptfs-password version 1: {v1_count}" in dry
+    assert envelope_versions(s3client, vol.bucket, vol.prefix) == versions  # nothing written
+
+    # The documented word order: options may stand between VERSION and the URL.
+    refused = vol.run(
+        "keys", "retire", "1", "--audit-log", audit, vol.url, *vol.common_args(), check=False
+    )
+    assert refused.returncode == 6, refused.stderr
+    assert f"{v1_count} object(s) still use it" in refused.stderr
+
+    etags_before = {k: s3client.head_object(Bucket=vol.bucket, Key=k)["ETag"] for k in versions}
+    rewrap = admin(vol, "rewrap", "--jobs", "3", "--audit-log", audit)
+    assert f"{v1_count} re-wrapped" in rewrap.stdout, rewrap.stdout
+    after = envelope_versions(s3client, vol.bucket, vol.prefix)
+    assert set(after.values()) == {("s3cryptfs-password", "2")}
+    # Only metadata changed: every body is byte-identical (SeaweedFS even keeps the ETag).
+    for key, etag in etags_before.items():
+        assert s3client.head_object(Bucket=vol.bucket, Key=key)["ETag"] == etag, key
+    again = admin(vol, "rewrap")
+    assert "0 re-wrapped" in again.stdout and f"{len(versions)} already" in again.stdout
+
+    admin(vol, "keys", "retire", "1", "--audit-log", audit)
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [e["event"] for e in events if e["event"] != "unwrap"] == ["rotate", "retire"] + [
+        "rewrap"
+    ] * v1_count + ["retire"]
+    assert [e["outcome"] for e in events if e["event"] == "retire"] == ["refused", "ok"]
+    assert {e["object"] for e in events if e["event"] == "rewrap"} == {
+        k for k, v in versions.items() if v[1] == "1"
+    }
+    listing = admin(vol, "keys", "list").stdout
+    assert "version 1  retired" in listing and "version 2  active" in listing
+    # The live mount (its cached envelopes still say version 1) reads everything...
+    assert_files(vol.mountpoint, {**FILES, **MORE})
+    # ...and so does a fresh one, which has no DEK cached at all.
+    vol.remount()
+    assert_files(vol.mountpoint, {**FILES, **MORE, "after-remount.txt": b"v2 file"})
+
+
+def test_rewrap_skips_an_object_changed_concurrently(volume, seaweed, s3client, s3env) -> None:
+    from s3cryptfs.codec import ObjectCodec
+    from s3cryptfs.config import parse_url
+    from s3cryptfs.errors import PreconditionFailed
+    from s3cryptfs.keys.ring import KeyRing, LocalKeys
+    from s3cryptfs.mount import read_descriptor
+    from s3cryptfs.ops.rewrap import rewrap_volume
+    from s3cryptfs.store.s3 import S3Store, StoreSettings
+    from tests.conftest import PASSWORD
+
+    volume.init()
+    volume.mount()
+    write_files(volume.mountpoint, FILES)
+    volume.umount()
+    admin(volume, "keys", "rotate")
+    victim = f"{volume.prefix}dir/f1.txt"
+
+    class OtherWriterFirst(S3Store):
+        """The real store; another client overwrites the victim between HEAD and copy."""
+
+        def copy(self, src, dst, metadata=None, src_etag=None, **kw):
+            if src == victim:
+                head = s3client.head_object(Bucket=self.bucket, Key=src)
+                body = s3client.get_object(Bucket=self.bucket, Key=src)["Body"].read()
+                # Same bytes give the same ETag on S3: change the body to change the ETag.
+                s3client.put_object(
+                    Bucket=self.bucket, Key=src, Body=body[:-1], Metadata=head["Metadata"]
+                )
+            return super().copy(src, dst, metadata, src_etag, **kw)
+
+    store = OtherWriterFirst(
+        StoreSettings(bucket=volume.bucket, endpoint_url=seaweed.endpoint_url),
+        client=seaweed.client(),
+    )
+    url = parse_url(volume.url)
+    desc = read_descriptor(store, url)
+    ring = KeyRing(desc, LocalKeys(password=PASSWORD.encode()))
+    report = rewrap_volume(store, url.prefix, ObjectCodec(desc, ring), jobs=2, progress=None)
+    ring.close()
+    assert report.changed == [victim]
+    assert report.rewrapped == len(FILES) - 1 and not report.complete
+    meta = s3client.head_object(Bucket=volume.bucket, Key=victim)["Metadata"]
+    assert meta[md.KEY_VERSION] == "1"  # the other writer's object was not clobbered
+    with pytest.raises(PreconditionFailed):
+        store.copy(victim, victim, meta, src_etag='"0123456789abcdef0123456789abcdef"')
+    # Through the CLI a rerun finishes the job (exit 0).
+    rerun = admin(volume, "rewrap")
+    assert "1 re-wrapped" in rerun.stdout
+
+
+def test_bad_envelopes_give_eio_and_name_the_object(volume, s3client, tmp_path) -> None:
+    volume.init()
+    volume.mount()
+    write_files(volume.mountpoint, {"a.txt": b"alpha", "b.txt": b"beta", "c.txt": b"gamma"})
+    (volume.mountpoint / "ok.txt").write_bytes(b"fine")
+    volume.umount()
+
+    def patch(name, **changes):
+        key = f"{volume.prefix}{name}"
+        meta = s3client.head_object(Bucket=volume.bucket, Key=key)["Metadata"]
+        meta.update({k: v for k, v in changes.items() if v is not None})
+        for k in [k for k, v in changes.items() if v is None]:
+            meta.pop(k)
+        s3client.copy_object(
+            Bucket=volume.bucket,
+            Key=key,
+            CopySource={"Bucket": volume.bucket, "Key": key},
+            Metadata=meta,
+            MetadataDirective="REPLACE",
+        )
+
+    patch("a.txt", **{md.KMS_PROVIDER: "no-such-kms"})
+    patch("b.txt", **{md.WRAPPED_KEY: "not base64 !!"})
+    patch("c.txt", **{md.KEY_VERSION: "9"})
+    log = tmp_path / "mount.log"
+    audit = tmp_path / "audit.jsonl"
+    volume.mount("--log-file", log, "--audit-log", audit)
+    for name in ("a.txt", "b.txt", "c.txt"):
+        with pytest.raises(OSError) as info:
+            (volume.mountpoint / name).read_bytes()
+        assert info.value.errno == errno.EIO, name
+    assert (volume.mountpoint / "ok.txt").read_bytes() == b"fine"  # the mount survives
+    text = log.read_text()
+    for name, why in (
+        ("a.txt", "no-such-kms"),
+        ("b.txt", "base64"),
+        ("c.txt", "key version 9"),
+    ):
+        lines = [line for line in text.splitlines() if f"{volume.prefix}{name}" in line]
+        assert any(why in line for line in lines), (name, text)
+    volume.umount()
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    outcomes = {(r["object"], r["outcome"]) for r in records if r["event"] == "unwrap"}
+    assert (f"{volume.prefix}ok.txt", "ok") in outcomes
+    assert (f"{volume.prefix}a.txt", "UnknownProvider") in outcomes
+    assert (f"{volume.prefix}c.txt", "KeyNotFound") in outcomes
+    wrapped = s3client.head_object(Bucket=volume.bucket, Key=f"{volume.prefix}ok.txt")["Metadata"][
+        md.WRAPPED_KEY
+    ]
+    assert wrapped not in audit.read_text()  # never key material
+
+
+def test_init_refuses_a_short_password(volume, tmp_path) -> None:
+    short = tmp_path / "short"
+    fd = os.open(short, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"tooshort")
+    os.close(fd)
+    volume.password_file = short
+    result = volume.init(check=False)
+    assert result.returncode == 2 and "at least 12 characters" in result.stderr
+
+
+def test_unknown_providers_are_refused_without_writing(volume, s3client, tmp_path) -> None:
+    refused = volume.init("--key-manager", "no-such-kms", check=False)
+    assert refused.returncode == 2 and "no-such-kms" in refused.stderr
+    assert "Contents" not in s3client.list_objects_v2(Bucket=volume.bucket)
+    volume.init()
+    key = f"{volume.prefix}.s3cryptfs/volume.json"
+    before = s3client.get_object(Bucket=volume.bucket, Key=key)["Body"].read()
+    moved = admin(volume, "migrate", "--to", "no-such-kms", check=False)
+    assert moved.returncode == 2 and "no key manager is registered" in moved.stderr
+    assert s3client.get_object(Bucket=volume.bucket, Key=key)["Body"].read() == before
+
+
+def test_kms_mode_mount_of_a_password_volume_needs_the_password(volume, tmp_path) -> None:
+    volume.init()
+    cfg = tmp_path / "kms.toml"
+    cfg.write_text('[key_manager]\nprovider = "vault"\naddress = "http://127.0.0.1:1"\n')
+    volume.env = {k: v for k, v in volume.env.items() if k != "S3CRYPTFS_PASSWORD"}
+    result = volume.run(
+        "mount",
+        volume.url,
+        volume.mountpoint,
+        "--endpoint-url",
+        volume.endpoint_url,
+        "--cache-dir",
+        volume.cache_dir,
+        "--kms-config",
+        cfg,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "a password is needed" in result.stderr
+    assert not volume.is_mounted()
+
+
+def test_a_rotation_reaches_running_mounts(mounted, make_volume, s3client) -> None:
+    a = mounted
+    b = make_volume(bucket=a.bucket)  # a second machine with its own cache, mounted throughout
+    b.mount()
+    (a.mountpoint / "before.txt").write_bytes(b"written under version 1")
+    admin(a, "keys", "rotate")
+    a.remount()
+    (a.mountpoint / "by-a.txt").write_bytes(b"written under version 2")
+    a.umount()
+    key = f"{a.prefix}by-a.txt"
+    assert s3client.head_object(Bucket=a.bucket, Key=key)["Metadata"][md.KEY_VERSION] == "2"
+    # b never saw version 2: it re-reads the descriptor when an object names it.
+    assert (b.mountpoint / "by-a.txt").read_bytes() == b"written under version 2"
+    assert (b.mountpoint / "before.txt").read_bytes() == b"written under version 1"
+    # Having seen it, b wraps new files under version 2 too.
+    (b.mountpoint / "by-b.txt").write_bytes(b"b after the rotation")
+    b.umount()
+    key = f"{a.prefix}by-b.txt"
+    assert s3client.head_object(Bucket=a.bucket, Key=key)["Metadata"][md.KEY_VERSION] == "2"
+    # A mount with a short descriptor refresh picks a rotation up for writes by itself.
+    a.mount("--descriptor-refresh", "1")
+    (a.mountpoint / "warm.txt").write_bytes(b"x")
+    admin(a, "keys", "rotate")
+    time.sleep(2.5)
+    (a.mountpoint / "after.txt").write_bytes(b"written under version 3")
+    a.umount()
+    key = f"{a.prefix}after.txt"
+    assert s3client.head_object(Bucket=a.bucket, Key=key)["Metadata"][md.KEY_VERSION] == "3"
+
+
+def test_two_admins_updating_the_descriptor_do_not_clobber(volume, seaweed) -> None:
+    from s3cryptfs.config import parse_url
+    from s3cryptfs.keys.password import PasswordKeyManager
+    from s3cryptfs.ops.descriptor_update import update_descriptor
+    from s3cryptfs.store.s3 import S3Store, StoreSettings
+    from tests.conftest import PASSWORD
+
+    volume.init()
+    store = S3Store(
+        StoreSettings(bucket=volume.bucket, endpoint_url=seaweed.endpoint_url),
+        client=seaweed.client(),
+    )
+    url = parse_url(volume.url)
+    calls = []
+
+    def rotate(desc):
+        manager = PasswordKeyManager(desc.key_settings, {"password": PASSWORD.encode()})
+        desc.key_settings = manager.rotate()
+        manager.close()
+        return desc
+
+    def first_admin(desc):
+        calls.append(desc.key_settings["active_version"])
+        if len(calls) == 1:
+            # The second admin reads, rotates and writes between our read and our write.
+            update_descriptor(store, url, rotate)
+        return rotate(desc)
+
+    final = update_descriptor(store, url, first_admin)
+    assert calls == [1, 2]  # our first write lost the If-Match race; we re-read and re-applied
+    assert [k["version"] for k in final.key_settings["keys"]] == [1, 2, 3]
+    assert final.key_settings["active_version"] == 3
+    status = admin(volume, "keys", "list").stdout
+    assert "version 2  decrypt-only" in status and "version 3  active" in status
+
+
+def test_password_change(mounted, tmp_path) -> None:
+    vol = mounted
+    write_files(vol.mountpoint, FILES)
+    vol.remount("--descriptor-refresh", "1")
+    new = tmp_path / "new-password"
+    new.write_text("short")
+    new.chmod(0o600)
+    refused = admin(vol, "keys", "passwd", "--new-password-file", new, check=False)
+    assert refused.returncode == 2 and "at least 12 characters" in refused.stderr
+    new.write_text("a brand new long password")
+    assert "password changed" in admin(vol, "keys", "passwd", "--new-password-file", new).stdout
+    time.sleep(2.5)
+    (vol.mountpoint / "later.txt").write_bytes(b"the running mount goes on")
+    assert_files(vol.mountpoint, FILES)
+    vol.umount()
+    old = vol.mount(check=False)
+    assert old.returncode == 3, old.stderr
+    vol.password_file = new
+    vol.mount()
+    assert_files(vol.mountpoint, {**FILES, "later.txt": b"the running mount goes on"})
