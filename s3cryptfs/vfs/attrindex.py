@@ -123,7 +123,7 @@ class AttrIndex:
         except ObjectNotFound:
             return {}
         try:
-            raw = self.codec.decrypt_whole(info.metadata or {}, body)
+            raw = self.codec.decrypt_whole(info.metadata or {}, body, key)
             return decode(dir_path, raw)
         except (S3CryptFSError, ValueError, KeyError, TypeError) as exc:
             # A cache that fails to authenticate is ignored (and rewritten), never trusted.
@@ -183,7 +183,7 @@ class AttrIndex:
         known = self._known_names.get(dir_path)
         if known is not None:
             entries = {n: e for n, e in entries.items() if n in known or n in changes or n == SELF}
-        body, meta = self.codec.seal_bytes(encode(dir_path, entries), md.PosixAttrs())
+        body, meta = self.codec.seal_bytes(encode(dir_path, entries), md.PosixAttrs(), key)
         self.store.put(key, body, meta)
         self.writes += 1
 
