@@ -27,7 +27,7 @@ from typing import Any
 import trio
 
 from s3cryptfs.codec import ObjectCodec
-from s3cryptfs.errors import ObjectNotFound, S3CryptFSError
+from s3cryptfs.errors import KeyManagerError, ObjectNotFound, S3CryptFSError
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format.descriptor import META_DIR
 from s3cryptfs.store.s3 import S3Store
@@ -125,6 +125,11 @@ class AttrIndex:
         try:
             raw = self.codec.decrypt_whole(info.metadata or {}, body, key)
             return decode(dir_path, raw)
+        except KeyManagerError as exc:
+            # Indexes are caches, left out of rewrap: one sealed under a retired key version
+            # is simply rebuilt under the active one.
+            log.info("%s: directory index ignored: %s", key, exc)
+            return {}
         except (S3CryptFSError, ValueError, KeyError, TypeError) as exc:
             # A cache that fails to authenticate is ignored (and rewritten), never trusted.
             log.warning("%s: directory index ignored: %s", key, exc)
