@@ -201,9 +201,12 @@ def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
     def volume_parser(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "keys":
-            p.add_argument("action", choices=["status", "list", "rotate", "retire", "passwd"])
-            # [VERSION] URL, split by cmd_admin: options may stand between them.
-            p.add_argument("target", nargs="*", metavar="[VERSION] s3://BUCKET[/PREFIX]")
+            p.add_argument(
+                "action",
+                choices=["status", "list", "rotate", "retire", "passwd", "export", "import"],
+            )
+            # [VERSION|FILE] URL, split by cmd_admin: options may stand between them.
+            p.add_argument("target", nargs="*", metavar="[VERSION|FILE] s3://BUCKET[/PREFIX]")
         else:
             p.add_argument("url", metavar="s3://BUCKET[/PREFIX]")
         _add_common(p)
@@ -215,7 +218,18 @@ def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
 
     p = volume_parser("keys", "show, rotate or retire the volume's key versions")
     p.add_argument("--count", action="store_true", help="count objects per version (walks all)")
-    p.add_argument("--force", action="store_true", help="retire even if objects still use it")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="retire even if objects still use it; import over a different descriptor",
+    )
+    p.add_argument("--output", metavar="FILE", help="export: where to write the sealed export")
+    p.add_argument(
+        "--export-password-file",
+        metavar="FILE",
+        help="export/import: the export passphrase (0600 file); else "
+        "$S3CRYPTFS_EXPORT_PASSWORD, else a prompt",
+    )
     p.add_argument("--provider", help="retire: a previous provider's version (default: active)")
     p.add_argument(
         "--new-password-file",
@@ -264,6 +278,28 @@ def _exit_code(exc: BaseException) -> int:
 # --- init ------------------------------------------------------------------------------------
 
 
+def _check_seed_key_manager_setting(kms_chosen: bool) -> None:
+    """The Go gateway's KEY_MANAGER_ENABLED, read so that it is never silently ignored."""
+    raw = os.environ.get("KEY_MANAGER_ENABLED")
+    if raw is None:
+        return
+    value = raw.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfigError(f"KEY_MANAGER_ENABLED={raw!r}: expected true or false")
+    enabled = value in ("true", "1", "yes")
+    if enabled and not kms_chosen:
+        raise ConfigError(
+            "KEY_MANAGER_ENABLED=true (the gateway's setting) asks for KMS mode, but no key "
+            "manager was chosen: give --key-manager PROVIDER and --kms-config FILE, "
+            "or unset KEY_MANAGER_ENABLED"
+        )
+    if not enabled and kms_chosen:
+        raise ConfigError(
+            "KEY_MANAGER_ENABLED=false (the gateway's setting) contradicts --key-manager: "
+            "unset one of them"
+        )
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from s3cryptfs.format import v1
     from s3cryptfs.format.descriptor import Descriptor, descriptor_key
@@ -277,6 +313,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     except S3CryptFSError as exc:
         raise ConfigError(str(exc)) from None
     volume_id = Descriptor.new_volume_id()
+    _check_seed_key_manager_setting(args.key_manager != pw.PROVIDER)
     if args.key_manager == pw.PROVIDER:
         password = config.get_password(args.password_file, confirm=True)
         pw.check_new_password(password)
@@ -493,11 +530,19 @@ def cmd_admin(args: argparse.Namespace) -> int:
     run = {"keys": commands.cmd_keys, "rewrap": commands.cmd_rewrap}
     run["migrate"] = commands.cmd_migrate
     if args.command == "keys":
-        want = 2 if args.action == "retire" else 1
+        want = 2 if args.action in ("retire", "import") else 1
         if len(args.target) != want:
-            usage = "retire VERSION s3://BUCKET[/PREFIX]" if want == 2 else "ACTION s3://BUCKET"
+            usage = {
+                "retire": "retire VERSION s3://BUCKET[/PREFIX]",
+                "import": "import FILE s3://BUCKET[/PREFIX]",
+            }.get(args.action, f"{args.action} s3://BUCKET[/PREFIX]")
             raise ConfigError(f"usage: s3cryptfs keys {usage}")
         args.url = args.target[-1]
+        if args.action in ("export", "import"):
+            from s3cryptfs.ops import backup
+
+            args.file = args.target[0] if args.action == "import" else args.output
+            return backup.cmd_export(args) if args.action == "export" else backup.cmd_import(args)
         args.version = args.target[0] if want == 2 else None
         if args.version is not None and not args.version.isdigit():
             raise ConfigError(f"key version {args.version!r} is not a number")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import logging
 import os
 import re
 import stat
@@ -12,7 +13,10 @@ from dataclasses import dataclass
 
 from s3cryptfs.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 PASSWORD_ENV = "S3CRYPTFS_PASSWORD"
+SEED_PASSWORD_ENV = "ENCRYPTION_PASSWORD"  # the Go gateway's name for the same thing
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
 
@@ -71,12 +75,18 @@ def read_password_file(path: str) -> bytes:
 
 
 def get_password(password_file: str | None, confirm: bool = False) -> bytes:
-    """From --password-file, else $S3CRYPTFS_PASSWORD, else a prompt on the terminal."""
+    """From --password-file, else $S3CRYPTFS_PASSWORD (or the gateway's $ENCRYPTION_PASSWORD),
+    else a prompt on the terminal."""
     if password_file:
         return read_password_file(password_file)
     env = os.environ.get(PASSWORD_ENV)
     if env:
         return env.encode()
+    seed = os.environ.get(SEED_PASSWORD_ENV)
+    if seed:
+        # The Go gateway's name, honoured for people coming from it (docs/CONFIGURATION.md).
+        log.warning("using %s (the gateway's name); prefer %s", SEED_PASSWORD_ENV, PASSWORD_ENV)
+        return seed.encode()
     if not sys.stdin.isatty():
         raise ConfigError(
             f"no password: use --password-file FILE, set {PASSWORD_ENV}, or run on a terminal"

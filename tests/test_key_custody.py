@@ -1,0 +1,142 @@
+"""Key custody: export and import of a volume's keys, the password policy, and the Go gateway's
+configuration names (ENCRYPTION_PASSWORD, KEY_MANAGER_ENABLED)."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from tests.conftest import PASSWORD
+
+FILES = {"a.txt": b"alpha\n", "dir/b.bin": os.urandom(200_000), "dir/sub/c": b"gamma"}
+
+
+def secret_file(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def write_files(root) -> None:
+    for name, data in FILES.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+
+
+def test_export_then_import_restores_a_destroyed_descriptor(mounted, s3client, tmp_path):
+    vol = mounted
+    write_files(vol.mountpoint)
+    vol.umount()
+    export_pw = secret_file(tmp_path, "export-pw", "a long export passphrase, kept offline")
+    out = tmp_path / "keys.export"
+    common = vol.common_args()
+    vol.run(
+        "keys", "export", vol.url, *common, "--output", out, "--export-password-file", export_pw
+    )
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    descriptor_key = f"{vol.prefix}.s3cryptfs/volume.json"
+    descriptor = s3client.get_object(Bucket=vol.bucket, Key=descriptor_key)["Body"].read()
+    blob = out.read_bytes()
+    assert b"volume_id" not in blob and b"sealed" not in blob  # the export is sealed too
+
+    s3client.delete_object(Bucket=vol.bucket, Key=descriptor_key)  # the disaster
+    lost = vol.mount(check=False)
+    assert lost.returncode != 0 and "not an s3cryptfs volume" in lost.stderr
+
+    wrong = secret_file(tmp_path, "wrong-pw", "not the export passphrase at all")
+    refused = vol.run(
+        "keys", "import", out, vol.url, *common, "--export-password-file", wrong, check=False
+    )
+    assert refused.returncode == 3, refused.stderr
+    assert "wrong export passphrase" in refused.stderr
+    vol.run("keys", "import", out, vol.url, *common, "--export-password-file", export_pw)
+    restored = s3client.get_object(Bucket=vol.bucket, Key=descriptor_key)["Body"].read()
+    assert restored == descriptor
+    vol.mount()
+    for name, data in FILES.items():
+        assert (vol.mountpoint / name).read_bytes() == data, name
+
+
+def test_import_does_not_overwrite_another_volume(mounted, tmp_path):
+    vol = mounted
+    export_pw = secret_file(tmp_path, "export-pw", "a long export passphrase, kept offline")
+    out = tmp_path / "keys.export"
+    common = vol.common_args()
+    vol.run(
+        "keys", "export", vol.url, *common, "--output", out, "--export-password-file", export_pw
+    )
+    same = vol.run("keys", "import", out, vol.url, *common, "--export-password-file", export_pw)
+    assert "nothing to do" in same.stdout
+    other = f"s3://{vol.bucket}/other/"
+    vol.run("init", other, *common)
+    refused = vol.run(
+        "keys", "import", out, other, *common, "--export-password-file", export_pw, check=False
+    )
+    assert refused.returncode != 0 and "--force" in refused.stderr
+
+
+def test_short_passwords_are_refused(volume, s3client, tmp_path):
+    short = secret_file(tmp_path, "short", "tooshort")
+    proc = volume.run(
+        "init",
+        volume.url,
+        "--endpoint-url",
+        volume.endpoint_url,
+        "--password-file",
+        short,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "at least 12 characters" in proc.stderr
+    listed = s3client.list_objects_v2(Bucket=volume.bucket).get("Contents", [])
+    assert listed == []  # nothing written
+    volume.init()
+    out = tmp_path / "keys.export"
+    proc = volume.run(
+        "keys",
+        "export",
+        volume.url,
+        *volume.common_args(),
+        "--output",
+        out,
+        "--export-password-file",
+        short,
+        check=False,
+    )
+    assert proc.returncode != 0 and "at least 12 characters" in proc.stderr
+    assert not out.exists()
+
+
+def test_gateway_password_variable(volume):
+    env = {**volume.env, "ENCRYPTION_PASSWORD": PASSWORD}
+    volume.env = env
+    args = ["--endpoint-url", volume.endpoint_url]
+    volume.run("init", volume.url, *args)
+    volume.run(
+        "mount",
+        volume.url,
+        volume.mountpoint,
+        *args,
+        "--cache-dir",
+        volume.cache_dir,
+        require_detached=True,
+    )
+    assert volume.is_mounted()
+    (volume.mountpoint / "f").write_bytes(b"x")
+    volume.umount()
+    # and it is the same password as the file holds: a normal mount opens the volume
+    volume.env = {k: v for k, v in env.items() if k != "ENCRYPTION_PASSWORD"}
+    volume.mount()
+    assert (volume.mountpoint / "f").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("value", ["true", "maybe"])
+def test_gateway_key_manager_switch_is_never_ignored(volume, value):
+    volume.env = {**volume.env, "KEY_MANAGER_ENABLED": value}
+    proc = volume.init(check=False)
+    assert proc.returncode != 0
+    assert "KEY_MANAGER_ENABLED" in proc.stderr and "Traceback" not in proc.stderr
