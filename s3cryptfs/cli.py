@@ -203,7 +203,9 @@ def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
         if name == "keys":
             p.add_argument(
                 "action",
-                choices=["status", "list", "rotate", "retire", "passwd", "export", "import"],
+                choices=[
+                    "status", "list", "rotate", "retire", "passwd", "export", "import", "schedule"
+                ],
             )
             # [VERSION|FILE] URL, split by cmd_admin: options may stand between them.
             p.add_argument("target", nargs="*", metavar="[VERSION|FILE] s3://BUCKET[/PREFIX]")
@@ -224,6 +226,11 @@ def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
         help="retire even if objects still use it; import over a different descriptor",
     )
     p.add_argument("--output", metavar="FILE", help="export: where to write the sealed export")
+    p.add_argument(
+        "--due",
+        action="store_true",
+        help="rotate: only if the schedule (keys schedule DAYS) says a rotation is due",
+    )
     p.add_argument(
         "--export-password-file",
         metavar="FILE",
@@ -326,6 +333,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     check_bucket(store)
     desc = Descriptor(
         volume_id=volume_id,
+        rotated_at=time.time(),
         chunk_size=chunk,
         provider=args.key_manager,
         key_settings=settings if settings is not None else pw.new_settings(password, volume_id),
@@ -530,11 +538,12 @@ def cmd_admin(args: argparse.Namespace) -> int:
     run = {"keys": commands.cmd_keys, "rewrap": commands.cmd_rewrap}
     run["migrate"] = commands.cmd_migrate
     if args.command == "keys":
-        want = 2 if args.action in ("retire", "import") else 1
+        want = 2 if args.action in ("retire", "import", "schedule") else 1
         if len(args.target) != want:
             usage = {
                 "retire": "retire VERSION s3://BUCKET[/PREFIX]",
                 "import": "import FILE s3://BUCKET[/PREFIX]",
+                "schedule": "schedule DAYS s3://BUCKET[/PREFIX]  (0: no schedule)",
             }.get(args.action, f"{args.action} s3://BUCKET[/PREFIX]")
             raise ConfigError(f"usage: s3cryptfs keys {usage}")
         args.url = args.target[-1]

@@ -33,6 +33,10 @@ class Descriptor:
     # Other managers whose objects may still be in the volume (after a migrate): read only.
     # Each is {"provider": name, "settings": {...}}; never the active provider.
     previous: list[dict[str, Any]] = field(default_factory=list)
+    # Scheduled rotation (`keys schedule`, `keys rotate --due`): the policy and the time of the
+    # last rotation (or of init), kept here so every admin machine sees the same schedule.
+    rotation_days: int = 0
+    rotated_at: float | None = None
 
     def providers(self) -> dict[str, dict[str, Any]]:
         """Every provider the volume can hold objects of, with its settings (active first)."""
@@ -56,6 +60,8 @@ class Descriptor:
         }
         if self.previous:
             doc["previous_key_managers"] = self.previous
+        if self.rotation_days or self.rotated_at is not None:
+            doc["rotation"] = {"max_age_days": self.rotation_days, "last": self.rotated_at}
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
     @staticmethod
@@ -85,6 +91,10 @@ class Descriptor:
                     for e in doc.get("previous_key_managers", [])
                 ],
             )
+            rotation = doc.get("rotation") or {}
+            desc.rotation_days = int(rotation.get("max_age_days", 0))
+            last = rotation.get("last")
+            desc.rotated_at = None if last is None else float(last)
         except (KeyError, TypeError, ValueError) as exc:
             raise VolumeError(f"volume descriptor is missing or has a bad field: {exc}") from None
         if desc.object_format != "1":

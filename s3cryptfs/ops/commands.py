@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,9 +119,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
             if args.action == "status":
                 print(f"volume {admin.url} (id {desc.volume_id})")
                 print(f"active: {desc.provider} version {ring.active().active_key_version()}")
+                print(_rotation_line(desc))
             print("\n".join(_versions_lines(desc, ring, counts)))
             return 0
+        if args.action == "schedule":
+            return _schedule(admin, int(args.version))
         if args.action == "rotate":
+            if args.due and not _rotation_due(desc):
+                print(f"no rotation due: {_rotation_line(desc)}")
+                return 0
             return _rotate(admin, ring)
         if args.action == "passwd":
             return _passwd(admin, ring, args)
@@ -140,9 +147,12 @@ def _rotate(admin: Admin, ring: KeyRing) -> int:
             raise ConfigError(f"provider {desc.provider} cannot rotate keys from s3cryptfs")
         settings = manager.rotate()
         if settings == desc.key_settings:
+            # The version lives on the key server; the descriptor only records when.
             result["version"] = manager.active_key_version()
-            return None  # the version lives on the key server: nothing to write
+            desc.rotated_at = time.time()
+            return desc
         desc.key_settings = settings
+        desc.rotated_at = time.time()
         # Managers need not update themselves: ask one built from the new settings.
         ring.update(desc)
         result["version"] = ring.active().active_key_version()
@@ -151,6 +161,41 @@ def _rotate(admin: Admin, ring: KeyRing) -> int:
     desc = update_descriptor(admin.store, admin.url, change)
     admin.audit.event("rotate", provider=desc.provider, key_version=result.get("version"))
     print(f"{desc.provider}: new active key version {result.get('version')}")
+    return 0
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
+
+
+def _rotation_due(desc: Descriptor, now: float | None = None) -> bool:
+    if desc.rotation_days <= 0:
+        return False
+    last = desc.rotated_at or 0.0
+    return (now or time.time()) - last >= desc.rotation_days * 86400
+
+
+def _rotation_line(desc: Descriptor) -> str:
+    last = desc.rotated_at
+    age = "" if last is None else f"; last rotation {_when(last)}"
+    age += "" if last is None else f" ({(time.time() - last) / 86400:.1f} days ago)"
+    if desc.rotation_days <= 0:
+        return f"rotation: not scheduled{age}"
+    due = (last or 0.0) + desc.rotation_days * 86400
+    when = "now" if due <= time.time() else _when(due)
+    return f"rotation: every {desc.rotation_days} days{age}; next due {when}"
+
+
+def _schedule(admin: Admin, days: int) -> int:
+    def change(desc: Descriptor) -> Descriptor | None:
+        desc.rotation_days = days
+        if desc.rotated_at is None:
+            desc.rotated_at = time.time()  # volumes made before schedules: count from now
+        return desc
+
+    desc = update_descriptor(admin.store, admin.url, change)
+    admin.audit.event("schedule", provider=desc.provider, detail=f"every {days} days")
+    print(_rotation_line(desc))
     return 0
 
 
