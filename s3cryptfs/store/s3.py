@@ -154,6 +154,14 @@ def classify(exc: BaseException, what: str) -> StoreError:
     raise exc
 
 
+def _no_expect_for_small(request: Any, **_: Any) -> None:
+    # "Expect: 100-continue" costs a round trip before the body; it only pays off for bodies
+    # big enough that sending them to a server about to refuse would waste time.
+    length = request.headers.get("Content-Length")
+    if length is not None and int(length) < 1024 * 1024 and "Expect" in request.headers:
+        del request.headers["Expect"]
+
+
 def _close_after_marker(request: Any, **_: Any) -> None:
     if request.url.split("?", 1)[0].endswith("/"):
         request.headers["Connection"] = "close"
@@ -183,6 +191,7 @@ class S3Store:
         # step (the next request on it reads a stale reply and times out), so such PUTs do not
         # keep their connection.
         self._client.meta.events.register("before-send.s3.PutObject", _close_after_marker)
+        self._client.meta.events.register("before-send.s3.PutObject", _no_expect_for_small)
         self.stats_lock = threading.Lock()
         self.requests: dict[str, int] = {}
         self.errors: dict[str, int] = {}
