@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="if the mount process is gone, detach the dead mount (fusermount -uz)",
     )
     _add_admin_commands(sub)
+    _add_offline_commands(sub)
     return parser
 
 
@@ -204,7 +205,14 @@ def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
             p.add_argument(
                 "action",
                 choices=[
-                    "status", "list", "rotate", "retire", "passwd", "export", "import", "schedule"
+                    "status",
+                    "list",
+                    "rotate",
+                    "retire",
+                    "passwd",
+                    "export",
+                    "import",
+                    "schedule",
                 ],
             )
             # [VERSION|FILE] URL, split by cmd_admin: options may stand between them.
@@ -250,6 +258,54 @@ def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--keep-old", action="store_true", help="keep the old key manager in the descriptor"
     )
+
+
+def _add_offline_commands(sub: argparse._SubParsersAction) -> None:
+    def object_parser(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_common(p)
+        _add_kms(p)
+        p.add_argument(
+            "--volume",
+            metavar="s3://BUCKET[/PREFIX]",
+            help="the volume holding the object (default: found above the key)",
+        )
+        return p
+
+    p = object_parser("cat", "decrypt one object to standard output (no mount needed)")
+    p.add_argument("object", metavar="s3://BUCKET/KEY")
+    p = object_parser("get", "decrypt one object into a local file (no mount needed)")
+    p.add_argument("object", metavar="s3://BUCKET/KEY")
+    p.add_argument("local", metavar="LOCAL")
+    p = object_parser("put", "encrypt a local file into the volume (no mount needed)")
+    p.add_argument("local", metavar="LOCAL")
+    p.add_argument("object", metavar="s3://BUCKET/KEY")
+    p.add_argument("--force", action="store_true", help="replace an existing object")
+    p = sub.add_parser(
+        "fsck",
+        help="check every object of a volume (no mount needed)",
+        description="check every object of a volume: format, envelope, data key, and with "
+        "--full the authentication of every chunk",
+    )
+    p.add_argument("url", metavar="s3://BUCKET[/PREFIX]")
+    _add_common(p)
+    _add_kms(p)
+    p.add_argument("--full", action="store_true", help="download and authenticate every chunk")
+    p.add_argument("--jobs", type=int, default=8, metavar="N", help="parallel checks (default 8)")
+
+
+def cmd_offline(args: argparse.Namespace) -> int:
+    from s3cryptfs import offline
+
+    run = {
+        "cat": offline.cmd_cat,
+        "get": offline.cmd_get,
+        "put": offline.cmd_put,
+        "fsck": offline.cmd_fsck,
+    }
+    if args.command != "fsck":
+        args.jobs = 1
+    return run[args.command](args)
 
 
 def _setup_logging(level: str, stream: object = None, path: str | None = None) -> None:
@@ -565,6 +621,10 @@ COMMANDS = {
     "keys": cmd_admin,
     "rewrap": cmd_admin,
     "migrate": cmd_admin,
+    "cat": cmd_offline,
+    "get": cmd_offline,
+    "put": cmd_offline,
+    "fsck": cmd_offline,
 }
 
 

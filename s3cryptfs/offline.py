@@ -1,0 +1,225 @@
+"""Tools that work without a mount: ``cat``, ``get``, ``put`` and ``fsck``.
+
+They are the disaster-recovery path: with the bucket, the volume password (or KMS access) and
+nothing else, they read and check every object. They reuse the mount's store, codec and key
+managers and never write plaintext anywhere but where they are told to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from s3cryptfs import config
+from s3cryptfs.codec import ObjectCodec
+from s3cryptfs.errors import (
+    ConfigError,
+    IntegrityError,
+    ObjectNotFound,
+    PreconditionFailed,
+    S3CryptFSError,
+    VolumeError,
+)
+from s3cryptfs.format import metadata as md
+from s3cryptfs.format import v1
+from s3cryptfs.format.descriptor import descriptor_key
+from s3cryptfs.mount import check_bucket, make_store
+from s3cryptfs.ops.commands import Admin, open_admin
+from s3cryptfs.ops.walk import walk_heads
+from s3cryptfs.store.s3 import ObjectInfo, S3Store
+
+STEP = 8 * 1024 * 1024  # plaintext bytes decrypted per range request
+
+
+def _split_object_url(text: str) -> tuple[str, str]:
+    if not text.startswith("s3://"):
+        raise ConfigError(f"{text!r} is not an s3://BUCKET/KEY address")
+    bucket, _, key = text[5:].partition("/")
+    if not bucket or not key or key.endswith("/"):
+        raise ConfigError(f"{text!r}: give the object's full key, s3://BUCKET/KEY")
+    return bucket, key
+
+
+def find_volume(store: S3Store, bucket: str, key: str) -> str:
+    """The volume holding *key*: the nearest prefix above it with a volume descriptor."""
+    parts = key.split("/")[:-1]
+    for n in range(len(parts), -1, -1):
+        prefix = "".join(p + "/" for p in parts[:n])
+        try:
+            store.head(descriptor_key(prefix))
+        except ObjectNotFound:
+            continue
+        return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    raise VolumeError(f"no s3cryptfs volume above s3://{bucket}/{key} (no .s3cryptfs/volume.json)")
+
+
+def _open(args: argparse.Namespace, object_url: str) -> tuple[Admin, ObjectCodec, str]:
+    bucket, key = _split_object_url(object_url)
+    if args.volume:
+        args.url = args.volume
+    else:
+        probe = make_store(config.VolumeURL(bucket, ""), args.endpoint_url, args.region, 30)
+        check_bucket(probe)
+        args.url = find_volume(probe, bucket, key)
+    admin, desc = open_admin(args)
+    if admin.url.bucket != bucket or not key.startswith(admin.url.prefix):
+        raise ConfigError(f"{object_url} is not inside the volume {admin.url}")
+    return admin, admin.codec(desc), key
+
+
+def decrypt_object(store: S3Store, codec: ObjectCodec, info: ObjectInfo) -> Iterator[bytes]:
+    """The plaintext of an object, in pieces, every chunk authenticated; IntegrityError if not."""
+    meta = info.metadata or {}
+    if md.FORMAT not in meta:
+        raise IntegrityError(f"{info.key}: not encrypted by s3cryptfs (no format marker)")
+    header = store.get(info.key, 0, v1.HEADER_LEN - 1, if_match=info.etag)
+    cipher = codec.cipher(meta, header, info.key)
+    size = v1.plain_size(info.size, cipher.chunk_size)
+    total = v1.chunk_count(size, cipher.chunk_size)
+    per = max(1, STEP // cipher.chunk_size)
+    for first in range(0, total, per):
+        last = min(first + per, total) - 1
+        start = v1.chunk_span(first, cipher.chunk_size)[0]
+        end = (
+            min(
+                v1.chunk_span(last, cipher.chunk_size)[0]
+                + v1.chunk_span(last, cipher.chunk_size)[1],
+                info.size,
+            )
+            - 1
+        )
+        data = store.get(info.key, start, end, if_match=info.etag)
+        if len(data) != end - start + 1:
+            raise IntegrityError(f"{info.key}: object is shorter than its length says")
+        yield b"".join(cipher.open_range(first, data, total))
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    admin, codec, key = _open(args, args.object)
+    info = admin.store.head(key)
+    out = sys.stdout.buffer
+    for piece in decrypt_object(admin.store, codec, info):
+        out.write(piece)
+    out.flush()
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    admin, codec, key = _open(args, args.object)
+    info = admin.store.head(key)
+    target = os.path.abspath(args.local)
+    if os.path.isdir(target):
+        target = os.path.join(target, key.rsplit("/", 1)[-1])
+    attrs = md.PosixAttrs.decode(info.metadata or {})
+    # Decrypt next to the target and rename at the end: a failed check leaves no partial file.
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".s3cryptfs-get-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for piece in decrypt_object(admin.store, codec, info):
+                f.write(piece)
+        if attrs.mode is not None and stat.S_ISREG(attrs.mode):
+            os.chmod(tmp, stat.S_IMODE(attrs.mode))
+        if attrs.mtime_ns is not None:
+            os.utime(tmp, ns=(attrs.mtime_ns, attrs.mtime_ns))
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    print(f"{args.object} -> {target}", file=sys.stderr)
+    return 0
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    admin, codec, key = _open(args, args.object)
+    st = os.stat(args.local)
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{args.local} is not a regular file")
+    try:
+        current = admin.store.head(key).etag
+    except ObjectNotFound:
+        current = None
+    if current is not None and not args.force:
+        raise VolumeError(f"{args.object} exists; use --force to replace it")
+    attrs = md.PosixAttrs(st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
+    with tempfile.TemporaryFile() as body, open(args.local, "rb") as src:
+        sealed = codec.seal_stream(src, body, attrs, key)
+        body.flush()
+        path = f"/proc/self/fd/{body.fileno()}"
+        try:
+            admin.store.upload_file(
+                key, path, sealed.metadata, if_match=current, if_none_match=current is None
+            )
+        except PreconditionFailed:
+            raise VolumeError(f"{args.object} changed while uploading: nothing replaced") from None
+    print(f"{args.local} -> {args.object} ({sealed.plain_size} bytes, encrypted)", file=sys.stderr)
+    return 0
+
+
+# --- fsck ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class FsckReport:
+    checked: int = 0
+    bad: dict[str, str] = field(default_factory=dict)
+    versions: Counter[tuple[str, int]] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _check(store: S3Store, codec: ObjectCodec, info: ObjectInfo, full: bool) -> tuple[str, int]:
+    meta = info.metadata or {}
+    if md.FORMAT not in meta:
+        raise IntegrityError("not encrypted by s3cryptfs (no format marker)")
+    envelope = md.decode_envelope(meta)
+    if full:
+        for _ in decrypt_object(store, codec, info):
+            pass
+    else:
+        header = store.get(info.key, 0, v1.HEADER_LEN - 1, if_match=info.etag)
+        cipher = codec.cipher(meta, header, info.key)  # unwraps the data key
+        v1.plain_size(info.size, cipher.chunk_size)
+    return envelope.provider, envelope.key_version
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    admin, desc = open_admin(args)
+    codec = admin.codec(desc)
+    report = FsckReport()
+    tty = sys.stderr.isatty()
+    started = time.monotonic()
+
+    def one(info: ObjectInfo) -> None:
+        try:
+            version = _check(admin.store, codec, info, args.full)
+        except S3CryptFSError as exc:
+            with report.lock:
+                report.bad[info.key] = str(exc)
+        else:
+            with report.lock:
+                report.versions[version] += 1
+        with report.lock:
+            report.checked += 1
+            if tty and report.checked % 50 == 0:
+                print(f"\rchecked {report.checked} objects...", end="", file=sys.stderr)
+
+    walk_heads(admin.store, admin.url.prefix, admin.jobs, one)
+    if tty:
+        print("\r", end="", file=sys.stderr)
+    mode = "full authentication" if args.full else "headers and keys"
+    print(
+        f"fsck {admin.url} ({mode}): {report.checked} objects in {time.monotonic() - started:.1f}s"
+    )
+    for (provider, version), n in sorted(report.versions.items()):
+        print(f"  {provider} version {version}: {n} ok")
+    for key, why in sorted(report.bad.items()):
+        print(f"  BAD {key}: {why}")
+    print(f"{len(report.bad)} bad object(s)")
+    return 1 if report.bad else 0
