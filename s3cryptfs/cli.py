@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from s3cryptfs import __version__, config
+from s3cryptfs import __version__, config, settings
 from s3cryptfs.errors import (
     AccessDenied,
     ConfigError,
@@ -51,6 +51,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
+MOUNT_DEFAULTS: dict[str, object] = {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="s3cryptfs",
@@ -86,9 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mount a volume. Runs in the background once the mount is "
         "ready, unless --foreground is given.",
     )
-    p.add_argument("url", metavar="s3://BUCKET[/PREFIX]")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    # URL may come from --config instead: `mount --config FILE MOUNTPOINT`.
+    p.add_argument("url", metavar="s3://BUCKET[/PREFIX]", nargs="?")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
     _add_common(p)
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file with mount settings (docs/CONFIGURATION.md); flags and S3CRYPTFS_* "
+        "environment variables override it",
+    )
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument(
         "--cache-dir",
@@ -168,6 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-read the volume descriptor before wrapping at most this often, so a key "
         "rotation done elsewhere reaches new files (default 60)",
     )
+    MOUNT_DEFAULTS.update({a.dest: a.default for a in p._actions})
+
+    p = sub.add_parser(
+        "config",
+        help="check a configuration file",
+        description="Validate a mount configuration file and print the effective settings "
+        "(flags > S3CRYPTFS_* environment > file > defaults), secrets masked.",
+    )
+    p.add_argument("action", choices=["check"])
+    p.add_argument("file", metavar="FILE")
 
     p = sub.add_parser(
         "umount",
@@ -451,13 +471,44 @@ def _mount_spec(args: argparse.Namespace, password: bytes | None) -> object:
     )
 
 
+def resolve_mount_settings(args: argparse.Namespace) -> settings.FileConfig | None:
+    """Merge --config FILE and S3CRYPTFS_* variables into *args* (flags win)."""
+    cfg = settings.load_file(args.config) if args.config else None
+    if args.mountpoint is None and args.url is not None and not args.url.startswith("s3://"):
+        args.url, args.mountpoint = None, args.url  # `mount --config FILE MOUNTPOINT`
+    origin = settings.apply(args, MOUNT_DEFAULTS, cfg, dict(os.environ))
+    args.config_origin = origin
+    if args.url is None or args.mountpoint is None:
+        raise ConfigError(
+            "usage: s3cryptfs mount s3://BUCKET[/PREFIX] MOUNTPOINT (or url in --config)"
+        )
+    if cfg is not None and cfg.key_manager_enabled and not args.kms_config:
+        raise ConfigError(
+            f"{cfg.path}: encryption.key_manager.enabled is true but no [key_manager] table or "
+            "kms_config says which key manager to use"
+        )
+    return cfg
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from s3cryptfs.mount import Mount
 
+    cfg = resolve_mount_settings(args)
     # In KMS mode a password is only needed (and asked for) when the volume still holds
     # password-wrapped objects; it is taken when one is offered.
-    offered = args.password_file or os.environ.get(config.PASSWORD_ENV)
-    password = config.get_password(args.password_file) if offered or not args.kms_config else None
+    offered = (
+        args.password_file
+        or os.environ.get(config.PASSWORD_ENV)
+        or os.environ.get(config.SEED_PASSWORD_ENV)
+        or (cfg is not None and cfg.password is not None)
+        or config.credential_password_path()
+    )
+    if cfg is not None and cfg.password is not None and not args.password_file:
+        password: bytes | None = cfg.password
+    elif offered or not args.kms_config:
+        password = config.get_password(args.password_file)
+    else:
+        password = None
     spec = _mount_spec(args, password)
     mount = Mount(spec)  # type: ignore[arg-type]
     if args.foreground:
@@ -614,7 +665,20 @@ def cmd_admin(args: argparse.Namespace) -> int:
     return run[args.command](args)
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    parser = build_parser()
+    mount_args = parser.parse_args(["mount", "--config", args.file])
+    cfg = resolve_mount_settings(mount_args) if mount_args.url else None
+    if cfg is None:  # no url in the file: still validate and show it
+        cfg = settings.load_file(args.file)
+        mount_args.config_origin = settings.apply(mount_args, MOUNT_DEFAULTS, cfg, dict(os.environ))
+    print(f"# {args.file}: valid")
+    print(settings.effective(mount_args, mount_args.config_origin, cfg))
+    return EXIT_OK
+
+
 COMMANDS = {
+    "config": cmd_config,
     "init": cmd_init,
     "mount": cmd_mount,
     "umount": cmd_umount,

@@ -74,6 +74,15 @@ def read_password_file(path: str) -> bytes:
     return data
 
 
+def credential_password_path() -> str | None:
+    """The password handed over by systemd (LoadCredential=password:...), if there is one."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    path = os.path.join(directory, "password")
+    return path if os.path.exists(path) else None
+
+
 def get_password(password_file: str | None, confirm: bool = False) -> bytes:
     """From --password-file, else $S3CRYPTFS_PASSWORD (or the gateway's $ENCRYPTION_PASSWORD),
     else a prompt on the terminal."""
@@ -82,6 +91,9 @@ def get_password(password_file: str | None, confirm: bool = False) -> bytes:
     env = os.environ.get(PASSWORD_ENV)
     if env:
         return env.encode()
+    credential = credential_password_path()
+    if credential:
+        return read_password_file(credential)
     seed = os.environ.get(SEED_PASSWORD_ENV)
     if seed:
         # The Go gateway's name, honoured for people coming from it (docs/CONFIGURATION.md).

@@ -1,0 +1,193 @@
+"""Running as a service: the TOML configuration, `config check`, the mount.s3cryptfs helper as
+mount(8) runs it, umount(8), the systemd notify protocol and the mount unit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from tests.conftest import REPO_ROOT, is_mounted
+
+
+def write_config(vol, tmp_path, extra: str = "", name: str = "vol.toml"):
+    path = tmp_path / name
+    path.write_text(
+        f'url = "{vol.url}"\n'
+        f'mountpoint = "{vol.mountpoint}"\n'
+        f'endpoint_url = "{vol.endpoint_url}"\n'
+        f'password_file = "{vol.password_file}"\n'
+        f'cache_dir = "{vol.cache_dir}"\n'
+        "dir_cache_ttl = 2\n" + extra
+    )
+    return path
+
+
+def test_config_check_reports_effective_settings_and_errors(volume, tmp_path):
+    cfg = write_config(volume, tmp_path, '[encryption]\npassword = "a secret that must not show"\n')
+    cfg.chmod(0o600)
+    plain_env = volume.env
+    volume.env = {**plain_env, "S3CRYPTFS_DIR_CACHE_TTL": "7"}
+    out = volume.run("config", "check", cfg).stdout
+    volume.env = plain_env
+    assert "valid" in out
+    assert "dir_cache_ttl = 7.0  # environment" in out  # environment beats the file
+    assert f"endpoint_url = '{volume.endpoint_url}'  # {cfg}" in out
+    assert "a secret that must not show" not in out and "********" in out
+    cfg.chmod(0o644)
+    loose = volume.run("config", "check", cfg, check=False)
+    assert loose.returncode != 0 and "chmod 600" in loose.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('url = "s3://b/p"\n\ncache_sise = "1G"\n')
+    proc = volume.run("config", "check", bad, check=False)
+    assert proc.returncode != 0 and f"{bad}:3: unknown key 'cache_sise'" in proc.stderr
+    bad.write_text('url = "s3://b/p"\nread_only = "yes"\n')
+    proc = volume.run("config", "check", bad, check=False)
+    assert f"{bad}:2: read_only must be a bool" in proc.stderr
+    bad.write_text("url = \n")
+    proc = volume.run("config", "check", bad, check=False)
+    assert "not valid TOML" in proc.stderr and "line 1" in proc.stderr
+    proc = volume.run("config", "check", tmp_path / "missing.toml", check=False)
+    assert "configuration file not found" in proc.stderr
+    assert all("Traceback" not in p for p in (proc.stderr, loose.stderr))
+
+
+def test_mount_from_config_file(volume, tmp_path):
+    volume.init()
+    cfg = write_config(volume, tmp_path)
+    volume.run("mount", "--config", cfg, require_detached=True)
+    assert volume.is_mounted()
+    (volume.mountpoint / "f").write_bytes(b"from a config file")
+    volume.umount()
+    # a flag beats the file: mount read-only this time
+    volume.run("mount", "--config", cfg, "--read-only", require_detached=True)
+    assert (volume.mountpoint / "f").read_bytes() == b"from a config file"
+    try:
+        (volume.mountpoint / "g").write_bytes(b"x")
+        raise AssertionError("a read-only mount accepted a write")
+    except OSError:
+        pass
+
+
+def test_fstab_helper_as_mount_runs_it(volume, tmp_path):
+    volume.init()
+    cfg = write_config(volume, tmp_path)
+    helper = [sys.executable, "-m", "s3cryptfs.mounthelper"]
+    opts = "rw,_netdev,nofail,x-systemd.automount,noauto,config=" + str(cfg)
+    # exactly what mount(8) passes: SOURCE MOUNTPOINT -o OPTIONS (and -n when told not to
+    # write mtab); -f (fake) only prints what it would do
+    fake = subprocess.run(
+        [*helper, volume.url, str(volume.mountpoint), "-f", "-o", opts],
+        env=volume.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert fake.returncode == 0 and "--config" in fake.stderr and "_netdev" not in fake.stderr
+    assert not volume.is_mounted()
+    proc = subprocess.run(
+        [*helper, volume.url, str(volume.mountpoint), "-n", "-o", opts],
+        env=volume.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert volume.is_mounted()
+    (volume.mountpoint / "f").write_bytes(b"via fstab")
+    volume.umount()
+
+
+def test_mount_and_umount_commands(volume, tmp_path):
+    """mount(8) with type s3cryptfs finds /sbin/mount.s3cryptfs (.ci/run installs it); umount(8)
+    unmounts at once and the mount process still uploads what was written, then exits."""
+    volume.init()
+    cfg = write_config(volume, tmp_path)
+    proc = subprocess.run(
+        [
+            "mount",
+            "-t",
+            "s3cryptfs",
+            "-o",
+            f"_netdev,config={cfg}",
+            volume.url,
+            str(volume.mountpoint),
+        ],
+        env=volume.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert is_mounted(volume.mountpoint)
+    pid = int(os.getxattr(volume.mountpoint, "user.s3cryptfs.pid"))
+    data = os.urandom(3 * 1024 * 1024)
+    (volume.mountpoint / "big").write_bytes(data)
+    subprocess.run(["umount", str(volume.mountpoint)], check=True, timeout=60)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}")
+    volume.mount()
+    assert (volume.mountpoint / "big").read_bytes() == data
+
+
+def test_systemd_notify_protocol_and_drain_on_sigterm(volume, tmp_path):
+    volume.init()
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(60)
+    env = {**volume.env, "NOTIFY_SOCKET": sock_path}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "s3cryptfs",
+            "mount",
+            volume.url,
+            str(volume.mountpoint),
+            *volume.common_args(),
+            "--cache-dir",
+            str(volume.cache_dir),
+            "--foreground",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        messages = sock.recv(4096).decode()
+        assert "READY=1" in messages
+        assert volume.is_mounted()
+        data = os.urandom(5 * 1024 * 1024)
+        (volume.mountpoint / "f").write_bytes(data)
+        proc.send_signal(signal.SIGTERM)
+        stopping = sock.recv(4096).decode()
+        assert "STOPPING=1" in stopping and "STATUS=" in stopping
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sock.close()
+    assert not volume.is_mounted()
+    journal = [p for p in volume.cache_dir.glob("*/journal/*") if p.is_file()]
+    assert not journal  # nothing left dirty
+    volume.mount()
+    assert (volume.mountpoint / "f").read_bytes() == data
+
+
+def test_mount_unit_verifies(tmp_path):
+    text = (REPO_ROOT / "systemd" / "s3cryptfs@.service").read_text()
+    unit = tmp_path / "s3cryptfs@demo.service"
+    unit.write_text(text)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Type=notify" in text and "LoadCredential=password:" in text
+    for namespaced in ("PrivateTmp=", "ProtectSystem=", "ProtectHome="):
+        assert f"\n{namespaced}" not in text  # the mount must stay visible to the system
