@@ -74,9 +74,7 @@ class OpenBao:
             self.proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        _wait(
-            lambda: _http_ok(f"{self.address}/v1/sys/health"), "OpenBao", log, self.proc
-        )
+        _wait(lambda: _http_ok(f"{self.address}/v1/sys/health"), "OpenBao", log, self.proc)
         self.api("POST", "/v1/sys/mounts/transit", {"type": "transit"})
 
     def api(self, method: str, path: str, body: dict | None = None, token: str | None = None):
@@ -134,8 +132,14 @@ class Postgres:
         log = self.workdir / "postgres.log"
         subprocess.run(
             self._as_postgres(
-                str(self.BIN / "initdb"), "-D", str(data), "-A", "scram-sha-256",
-                "-U", "postgres", f"--pwfile={pwfile}",
+                str(self.BIN / "initdb"),
+                "-D",
+                str(data),
+                "-A",
+                "scram-sha-256",
+                "-U",
+                "postgres",
+                f"--pwfile={pwfile}",
             ),
             check=True,
             capture_output=True,
@@ -145,9 +149,15 @@ class Postgres:
                 [
                     *_pdeathsig_prefix(),
                     *self._as_postgres(
-                        str(self.BIN / "postgres"), "-D", str(data),
-                        "-c", f"listen_addresses={LOOPBACK}", "-p", str(self.port),
-                        "-k", str(sock),
+                        str(self.BIN / "postgres"),
+                        "-D",
+                        str(data),
+                        "-c",
+                        f"listen_addresses={LOOPBACK}",
+                        "-p",
+                        str(self.port),
+                        "-k",
+                        str(sock),
                     ),
                 ],
                 stdout=out,
