@@ -176,3 +176,89 @@ class TestVaultManager(Conformance):
                 m.wrap_key(os.urandom(32), CONTEXT)
             assert time.monotonic() - start < 10
             m.close()
+
+
+# --- a volume whose key manager is vault, through a real mount --------------------------------
+
+FILES = {"a.txt": b"alpha " * 2000, "sub/b.bin": bytes(range(256)) * 64, "empty": b""}
+
+
+def vault_config(path, bao, token: str) -> str:
+    token_file = path.parent / "vault-token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    path.write_text(
+        "[key_manager]\n"
+        'provider = "vault"\n'
+        f'address = "{bao.address}"\n'
+        f'token_file = "{token_file}"\n'
+        "timeout = 5\n"
+    )
+    return str(path)
+
+
+def test_vault_volume_init_write_remount_rotate(volume, bao, s3client, tmp_path) -> None:
+    from kms_volume import envelopes, mount_kms
+    from test_key_ops import admin, assert_files, write_files
+
+    cfg = vault_config(tmp_path / "kms.toml", bao, bao.root_token)
+    out = volume.init("--key-manager", "vault", "--kms-config", cfg).stdout
+    assert "key manager vault" in out
+    desc = s3client.get_object(Bucket=volume.bucket, Key=f"{volume.prefix}.s3cryptfs/volume.json")
+    text = desc["Body"].read().decode()
+    assert bao.root_token not in text and bao.address not in text  # identity only
+    mount_kms(volume, cfg)
+    write_files(volume.mountpoint, FILES)
+    volume.umount()
+    found = envelopes(s3client, volume.bucket, volume.prefix)
+    assert {n for n in found} == set(FILES)
+    ((provider, key, version),) = set(found.values())
+    assert provider == "vault" and key.startswith("s3cryptfs-") and version == "1"
+    assert bao.api("GET", f"/v1/transit/keys/{key}")["data"]["latest_version"] == 1
+
+    mount_kms(volume, cfg, "--dek-cache-ttl", "0")
+    assert_files(volume.mountpoint, FILES)
+    volume.umount()
+
+    assert (
+        "vault: new active key version 2"
+        in admin(volume, "keys", "rotate", "--kms-config", cfg).stdout
+    )
+    mount_kms(volume, cfg, "--dek-cache-ttl", "0")
+    (volume.mountpoint / "new.txt").write_bytes(b"under version 2")
+    assert_files(volume.mountpoint, FILES)
+    volume.umount()
+    assert envelopes(s3client, volume.bucket, volume.prefix)["new.txt"] == ("vault", key, "2")
+
+    assert f"{len(FILES)} re-wrapped" in admin(volume, "rewrap", "--kms-config", cfg).stdout
+    admin(volume, "keys", "retire", "1", "--kms-config", cfg)
+    info = bao.api("GET", f"/v1/transit/keys/{key}")["data"]
+    assert info["min_decryption_version"] == 2
+    assert {v[2] for v in envelopes(s3client, volume.bucket, volume.prefix).values()} == {"2"}
+    mount_kms(volume, cfg, "--dek-cache-ttl", "0")
+    assert_files(volume.mountpoint, {**FILES, "new.txt": b"under version 2"})
+    volume.umount()
+
+
+def test_vault_volume_without_decrypt_permission(volume, bao, tmp_path) -> None:
+    import errno
+
+    from kms_volume import mount_kms
+    from test_key_ops import write_files
+
+    cfg = vault_config(tmp_path / "kms.toml", bao, bao.root_token)
+    volume.init("--key-manager", "vault", "--kms-config", cfg)
+    mount_kms(volume, cfg)
+    write_files(volume.mountpoint, {"secret.txt": b"top secret"})
+    volume.umount()
+    token = bao.token_with_policy(
+        "encrypt-only-all",
+        'path "transit/encrypt/*" { capabilities = ["update"] }\n'
+        'path "transit/keys/*" { capabilities = ["read"] }',
+    )
+    weak = vault_config(tmp_path / "weak.toml", bao, token)
+    mount_kms(volume, weak, "--dek-cache-ttl", "0")
+    with pytest.raises(OSError) as info:
+        (volume.mountpoint / "secret.txt").read_bytes()
+    assert info.value.errno in (errno.EIO, errno.EACCES, errno.EPERM)
+    volume.umount()
