@@ -96,10 +96,8 @@ def unreachable_manager(backend):
 
 
 class TestKeystoreManager(Conformance):
-    def test_registered(self, make_manager) -> None:
-        m = load_key_manager(
-            "keystore", make_manager.settings, {"passphrase": PASSPHRASE, "db_password": "x"}
-        )
+    def test_registered(self, make_manager, backend) -> None:
+        m = load_key_manager("keystore", make_manager.settings, backend[1])
         assert isinstance(m, KeystoreKeyManager) and isinstance(m, KeyAdmin)
         m.close()
 
@@ -192,24 +190,18 @@ class TestKeystoreManager(Conformance):
         assert m.unwrap_key(m.wrap_key(dek, CONTEXT), CONTEXT) == dek
         m.close()
         key_file.write_bytes(os.urandom(32))
-        m = KeystoreKeyManager(settings, db_secrets)
         with pytest.raises(WrongPasswordError):
-            m.health_check()
-        m.close()
+            KeystoreKeyManager(settings, db_secrets)
         with pytest.raises(ConfigError):
             KeystoreKeyManager({**settings, "master_key_file": None}, db_secrets)
 
 
 def test_postgres_wrong_db_password(postgres) -> None:
-    m = KeystoreKeyManager(
-        {"database": postgres.url, "ring": "r", "timeout": 5},
-        {"passphrase": PASSPHRASE, "db_password": "wrong"},
-    )
-    try:
-        with pytest.raises(KeyAccessDenied):
-            m.health_check()
-    finally:
-        m.close()
+    with pytest.raises(KeyAccessDenied):
+        KeystoreKeyManager(
+            {"database": postgres.url, "ring": "r", "timeout": 5},
+            {"passphrase": PASSPHRASE, "db_password": "wrong"},
+        )
 
 
 def test_unreachable_is_bounded(postgres) -> None:
@@ -233,3 +225,90 @@ def test_unreachable_is_bounded(postgres) -> None:
             m.wrap_key(os.urandom(32), CONTEXT)
         assert time.monotonic() - start < 10
         m.close()
+
+
+# --- a volume whose key manager is the key store, through a real mount ------------------------
+
+FILES = {"a.txt": b"alpha " * 2000, "sub/b.bin": bytes(range(256)) * 64, "empty": b""}
+
+
+def keystore_config(path, database: str, db_password: str | None) -> str:
+    secret = path.parent / "keystore-passphrase"
+    secret.write_text(PASSPHRASE + "\n")
+    secret.chmod(0o600)
+    lines = [
+        "[key_manager]",
+        'provider = "keystore"',
+        f'database = "{database}"',
+        f'passphrase_file = "{secret}"',
+        "timeout = 5",
+        "scrypt = { n = 16384, r = 8, p = 1 }",
+    ]
+    if db_password:
+        lines.append(f'[key_manager.secrets]\ndb_password = "{db_password}"')
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_keystore_volume_init_write_remount_rotate(kind, volume, s3client, tmp_path, request):
+    from kms_volume import envelopes, mount_kms
+    from test_key_ops import admin, assert_files, write_files
+
+    if kind == "sqlite":
+        database, db_password = f"sqlite:///{tmp_path / 'keys.db'}", None
+    else:
+        pg = request.getfixturevalue("postgres")
+        database, db_password = pg.url, pg.password
+    cfg = keystore_config(tmp_path / "kms.toml", database, db_password)
+    assert (
+        "key manager keystore"
+        in volume.init("--key-manager", "keystore", "--kms-config", cfg).stdout
+    )
+    mount_kms(volume, cfg)
+    write_files(volume.mountpoint, FILES)
+    volume.umount()
+    found = envelopes(s3client, volume.bucket, volume.prefix)
+    assert set(found) == set(FILES)
+    ((provider, ring, version),) = set(found.values())
+    assert provider == "keystore" and ring.startswith("s3cryptfs-") and version == "1"
+
+    mount_kms(volume, cfg, "--dek-cache-ttl", "0")
+    assert_files(volume.mountpoint, FILES)
+    volume.umount()
+
+    out = admin(volume, "keys", "rotate", "--kms-config", cfg).stdout
+    assert "keystore: new active key version 2" in out
+    listing = admin(volume, "keys", "list", "--kms-config", cfg).stdout
+    assert "version 1  decrypt-only" in listing and "version 2  active" in listing
+    mount_kms(volume, cfg, "--dek-cache-ttl", "0")
+    (volume.mountpoint / "new.txt").write_bytes(b"under version 2")
+    assert_files(volume.mountpoint, FILES)
+    volume.umount()
+    assert envelopes(s3client, volume.bucket, volume.prefix)["new.txt"] == ("keystore", ring, "2")
+
+    assert admin(volume, "keys", "retire", "1", "--kms-config", cfg, check=False).returncode == 6
+    assert f"{len(FILES)} re-wrapped" in admin(volume, "rewrap", "--kms-config", cfg).stdout
+    admin(volume, "keys", "retire", "1", "--kms-config", cfg)
+    mount_kms(volume, cfg, "--dek-cache-ttl", "0")
+    assert_files(volume.mountpoint, {**FILES, "new.txt": b"under version 2"})
+    volume.umount()
+
+    # The wrong master passphrase fails the mount at once, with a clear message.
+    (tmp_path / "keystore-passphrase").write_text("not the passphrase\n")
+    volume.env = {k: v for k, v in volume.env.items() if k != "S3CRYPTFS_PASSWORD"}
+    failed = volume.run(
+        "mount",
+        volume.url,
+        volume.mountpoint,
+        "--endpoint-url",
+        volume.endpoint_url,
+        "--cache-dir",
+        volume.cache_dir,
+        "--kms-config",
+        cfg,
+        check=False,
+    )
+    assert failed.returncode != 0 and not volume.is_mounted()
+    assert "wrong master passphrase" in failed.stderr

@@ -454,6 +454,15 @@ class KeystoreKeyManager:
             raise ConfigError("keystore key manager: setting 'ring' is required")
         self.ring = ring
         self._store = KeyStore(settings, secrets)
+        # A wrong master secret should fail a mount at once, not at its first file; a database
+        # that is down now may come back, so that alone does not fail the construction.
+        try:
+            self._store.active(ring)
+        except ProviderUnavailable:
+            pass
+        except BaseException:
+            self._store.close()
+            raise
 
     def wrap_key(self, dek: bytes, context: Mapping[str, str]) -> KeyEnvelope:
         version, aead = self._store.active(self.ring)
