@@ -18,6 +18,7 @@ _BUILTIN = {
     "cosmian-kmip": "s3cryptfs.keys.kmip:CosmianKmipKeyManager",
     "vault": "s3cryptfs.keys.vault:VaultKeyManager",
     "keystore": "s3cryptfs.keys.keystore:KeystoreKeyManager",
+    "awskms": "s3cryptfs.keys.awskms:AwsKmsKeyManager",
 }
 
 
