@@ -106,3 +106,42 @@ class TestAwsKmsManager(Conformance):
         assert final.unwrap_key(new, CONTEXT) == after.unwrap_key(new, CONTEXT)
         with pytest.raises(KeyNotFound):
             final.retire(5)
+
+
+def test_awskms_volume_init_write_remount_rotate(volume, moto, s3client, tmp_path) -> None:
+    from kms_volume import envelopes, mount_kms
+    from test_key_ops import admin, assert_files, write_files
+
+    files = {"a.txt": b"alpha " * 2000, "sub/b.bin": bytes(range(256)) * 64}
+    cfg = tmp_path / "kms.toml"
+    cfg.write_text(
+        "[key_manager]\n"
+        'provider = "awskms"\n'
+        'region = "us-east-1"\n'
+        f'endpoint_url = "{moto.endpoint_url}"\n'
+        "timeout = 5\n"
+        "[key_manager.secrets]\n"
+        'aws_access_key_id = "testing"\n'
+        'aws_secret_access_key = "testing"\n'
+    )
+    cfg.chmod(0o600)
+    volume.init("--key-manager", "awskms", "--kms-config", cfg)
+    mount_kms(volume, cfg)
+    write_files(volume.mountpoint, files)
+    volume.umount()
+    ((provider, key, version),) = set(envelopes(s3client, volume.bucket, volume.prefix).values())
+    assert provider == "awskms" and key.startswith("arn:aws:kms:") and version == "1"
+    assert (
+        "awskms: new active key version 2"
+        in admin(volume, "keys", "rotate", "--kms-config", cfg).stdout
+    )
+    mount_kms(volume, cfg, "--dek-cache-ttl", "0")
+    assert_files(volume.mountpoint, files)
+    (volume.mountpoint / "new.txt").write_bytes(b"v2")
+    volume.umount()
+    assert envelopes(s3client, volume.bucket, volume.prefix)["new.txt"][2] == "2"
+    assert f"{len(files)} re-wrapped" in admin(volume, "rewrap", "--kms-config", cfg).stdout
+    admin(volume, "keys", "retire", "1", "--kms-config", cfg)
+    mount_kms(volume, cfg, "--dek-cache-ttl", "0")
+    assert_files(volume.mountpoint, {**files, "new.txt": b"v2"})
+    volume.umount()
