@@ -121,7 +121,7 @@ class _Database:
             if self._password:
                 kwargs["password"] = str(self._password)
             try:
-                conn = psycopg.connect(self.url, **kwargs)
+                conn = psycopg.connect(self.url, autocommit=True, **kwargs)
             except psycopg.OperationalError as exc:
                 reason = _pg_reason(exc)
                 if "authentication failed" in reason or "no password supplied" in reason:
