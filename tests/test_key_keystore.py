@@ -312,3 +312,24 @@ def test_keystore_volume_init_write_remount_rotate(kind, volume, s3client, tmp_p
     )
     assert failed.returncode != 0 and not volume.is_mounted()
     assert "wrong master passphrase" in failed.stderr
+
+
+def test_migrate_password_volume_to_keystore(volume, s3client, tmp_path) -> None:
+    from kms_volume import envelopes, mount_kms
+    from test_key_ops import admin, assert_files, write_files
+
+    cfg = keystore_config(tmp_path / "kms.toml", str(tmp_path / "keys.db"), None)
+    volume.init()
+    volume.mount()
+    write_files(volume.mountpoint, FILES)
+    volume.umount()
+    out = admin(volume, "migrate", "--to", "keystore", "--kms-config", cfg).stdout
+    assert "active key manager: keystore" in out and f"{len(FILES)} re-wrapped" in out
+    assert {v[0] for v in envelopes(s3client, volume.bucket, volume.prefix).values()} == {
+        "keystore"
+    }
+    status = admin(volume, "keys", "status", "--kms-config", cfg).stdout
+    assert "active: keystore version 1" in status
+    mount_kms(volume, cfg, "--dek-cache-ttl", "0")  # no password any more
+    assert_files(volume.mountpoint, FILES)
+    volume.umount()
