@@ -10,6 +10,7 @@ from kms_servers import OpenBao
 from servers import LOOPBACK, free_port
 
 from s3cryptfs.errors import (
+    ConfigError,
     KeyAccessDenied,
     KeyManagerError,
     KeyNotFound,
@@ -87,6 +88,13 @@ class TestVaultManager(Conformance):
             {"address": bao.address, "key": settings["key"]}, {"token": bao.root_token}
         )
         assert again == settings
+
+    def test_create_settings_without_transit_engine(self, bao) -> None:
+        with pytest.raises(ConfigError, match="no transit engine"):
+            create_settings(
+                {"address": bao.address, "key": "k", "mount": "not-mounted"},
+                {"token": bao.root_token},
+            )
 
     def test_volume_id_is_bound(self, manager) -> None:
         env = manager.wrap_key(os.urandom(32), CONTEXT)

@@ -301,10 +301,15 @@ def create_settings(options: Mapping[str, Any], secrets: Mapping[str, Any]) -> d
             info = transit.read_key()
         except KeyNotFound:
             body = {"type": KEY_TYPE}
-            transit.call(
-                "create key",
-                lambda c: c.adapter.post(f"/v1/{transit.mount}/keys/{transit.key}", json=body),
-            )
+            try:
+                transit.call(
+                    "create key",
+                    lambda c: c.adapter.post(f"/v1/{transit.mount}/keys/{transit.key}", json=body),
+                )
+            except KeyNotFound:
+                raise ConfigError(
+                    f"vault has no transit engine at {transit.mount}/ (enable it, or set mount)"
+                ) from None
             info = transit.read_key()
         if info.get("type") not in (KEY_TYPE, "chacha20-poly1305") or info.get("derived"):
             raise ConfigError(
