@@ -16,6 +16,9 @@ _BUILTIN = {
     "s3cryptfs-password": "s3cryptfs.keys.password:PasswordKeyManager",
     "kmip": "s3cryptfs.keys.kmip:KmipKeyManager",
     "cosmian-kmip": "s3cryptfs.keys.kmip:CosmianKmipKeyManager",
+    "vault": "s3cryptfs.keys.vault:VaultKeyManager",
+    "keystore": "s3cryptfs.keys.keystore:KeystoreKeyManager",
+    "awskms": "s3cryptfs.keys.awskms:AwsKmsKeyManager",
 }
 
 

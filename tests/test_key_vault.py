@@ -1,0 +1,272 @@
+"""The vault (OpenBao Transit) key manager: conformance, KeyAdmin, refusals, and a volume."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+from kms_servers import OpenBao
+from servers import LOOPBACK, free_port
+
+from s3cryptfs.errors import (
+    ConfigError,
+    KeyAccessDenied,
+    KeyManagerError,
+    KeyNotFound,
+    KeyRetired,
+    ProviderUnavailable,
+)
+from s3cryptfs.keys.base import KeyAdmin
+from s3cryptfs.keys.registry import load_key_manager
+from s3cryptfs.keys.vault import VaultKeyManager, create_settings
+from tests.keymanager_conformance import CONTEXT, Conformance
+
+
+@pytest.fixture(scope="session")
+def bao(tmp_path_factory):
+    server = OpenBao(tmp_path_factory.mktemp("openbao"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def fresh_key(bao) -> dict:
+    """Descriptor settings of a new transit key (made through create_settings, as init does)."""
+    return create_settings(
+        {"address": bao.address, "volume_id": os.urandom(16).hex(), "timeout": 5},
+        {"token": bao.root_token},
+    )
+
+
+@pytest.fixture
+def make_manager(bao):
+    settings = {**fresh_key(bao), "address": bao.address, "timeout": 5}
+    made: list[VaultKeyManager] = []
+
+    def make(token: str | None = None) -> VaultKeyManager:
+        m = VaultKeyManager(settings, {"token": token or bao.root_token})
+        made.append(m)
+        return m
+
+    make.settings = settings
+    yield make
+    for m in made:
+        m.close()
+
+
+@pytest.fixture
+def manager(make_manager):
+    return make_manager()
+
+
+@pytest.fixture
+def unreachable_manager():
+    port = free_port()  # nothing listens there
+    m = VaultKeyManager(
+        {"address": f"http://{LOOPBACK}:{port}", "key": "k", "timeout": 2}, {"token": "t"}
+    )
+    yield m
+    m.close()
+
+
+class TestVaultManager(Conformance):
+    def test_registered(self, make_manager) -> None:
+        m = load_key_manager("vault", make_manager.settings, {"token": "x"})
+        assert isinstance(m, VaultKeyManager) and isinstance(m, KeyAdmin)
+        m.close()
+
+    def test_create_settings_keeps_identity_only(self, bao) -> None:
+        settings = fresh_key(bao)
+        assert set(settings) == {"mount", "key"} and settings["key"].startswith("s3cryptfs-")
+        info = bao.api("GET", f"/v1/transit/keys/{settings['key']}")["data"]
+        assert info["type"] == "aes256-gcm96" and info["latest_version"] == 1
+        # Run again on the same key (a second init with key = ...): the key is reused.
+        again = create_settings(
+            {"address": bao.address, "key": settings["key"]}, {"token": bao.root_token}
+        )
+        assert again == settings
+
+    def test_create_settings_without_transit_engine(self, bao) -> None:
+        with pytest.raises(ConfigError, match="no transit engine"):
+            create_settings(
+                {"address": bao.address, "key": "k", "mount": "not-mounted"},
+                {"token": bao.root_token},
+            )
+
+    def test_volume_id_is_bound(self, manager) -> None:
+        env = manager.wrap_key(os.urandom(32), CONTEXT)
+        with pytest.raises(KeyManagerError):
+            manager.unwrap_key(env, {"volume_id": "another-volume"})
+
+    def test_ciphertext_is_the_transit_string(self, manager) -> None:
+        env = manager.wrap_key(os.urandom(32), CONTEXT)
+        assert env.ciphertext.startswith(b"vault:v1:") and env.key_version == 1
+
+    def test_rotate_dual_read_and_retire(self, manager, make_manager) -> None:
+        dek1 = os.urandom(32)
+        old = manager.wrap_key(dek1, CONTEXT)
+        assert manager.rotate() == {k: make_manager.settings[k] for k in ("mount", "key")}
+        assert manager.active_key_version() == 2
+        new = manager.wrap_key(os.urandom(32), CONTEXT)
+        assert new.key_version == 2 and new.ciphertext.startswith(b"vault:v2:")
+        assert manager.unwrap_key(old, CONTEXT) == dek1  # dual read
+        states = [(i.version, i.state) for i in manager.versions()]
+        assert states == [(1, "decrypt-only"), (2, "active")]
+        with pytest.raises(KeyManagerError):
+            manager.retire(2)  # the active one
+        manager.retire(1)
+        assert [(i.version, i.state) for i in manager.versions()] == [
+            (1, "retired"),
+            (2, "active"),
+        ]
+        with pytest.raises(KeyRetired):
+            manager.unwrap_key(old, CONTEXT)
+        other = make_manager()  # a client that never saw the retire
+        with pytest.raises(KeyRetired):
+            other.unwrap_key(old, CONTEXT)
+        assert other.unwrap_key(new, CONTEXT) == manager.unwrap_key(new, CONTEXT)
+
+    def test_retire_unknown_version(self, manager) -> None:
+        with pytest.raises(KeyNotFound):
+            manager.retire(7)
+
+    def test_encrypt_only_token_cannot_decrypt(self, bao, make_manager) -> None:
+        key = make_manager.settings["key"]
+        token = bao.token_with_policy(
+            f"enc-{key}", f'path "transit/encrypt/{key}" {{ capabilities = ["update"] }}'
+        )
+        restricted = make_manager(token)
+        dek = os.urandom(32)
+        env = restricted.wrap_key(dek, CONTEXT)
+        assert env.key_version == 1
+        with pytest.raises(KeyAccessDenied):
+            restricted.unwrap_key(env, CONTEXT)
+        with pytest.raises(KeyAccessDenied):
+            restricted.rotate()
+        assert make_manager().unwrap_key(env, CONTEXT) == dek
+
+    def test_bad_token_is_refused(self, make_manager) -> None:
+        with pytest.raises(KeyAccessDenied):
+            make_manager("not-a-token").wrap_key(os.urandom(32), CONTEXT)
+
+    def test_unknown_key(self, bao) -> None:
+        m = VaultKeyManager(
+            {"address": bao.address, "key": "no-such-key"}, {"token": bao.root_token}
+        )
+        try:
+            with pytest.raises(KeyNotFound):
+                m.health_check()
+        finally:
+            m.close()
+
+    def test_wrong_version_in_envelope(self, manager) -> None:
+        env = manager.wrap_key(os.urandom(32), CONTEXT)
+        with pytest.raises(KeyManagerError):
+            manager.unwrap_key(replace(env, key_version=2), CONTEXT)
+
+    def test_hung_server_times_out(self) -> None:
+        import socket
+        import time
+
+        with socket.socket() as listener:
+            listener.bind((LOOPBACK, 0))
+            listener.listen(8)  # accepts connections, never answers
+            port = listener.getsockname()[1]
+            m = VaultKeyManager(
+                {"address": f"http://{LOOPBACK}:{port}", "key": "k", "timeout": 1},
+                {"token": "t"},
+            )
+            start = time.monotonic()
+            with pytest.raises(ProviderUnavailable):
+                m.wrap_key(os.urandom(32), CONTEXT)
+            assert time.monotonic() - start < 10
+            m.close()
+
+
+# --- a volume whose key manager is vault, through a real mount --------------------------------
+
+FILES = {"a.txt": b"alpha " * 2000, "sub/b.bin": bytes(range(256)) * 64, "empty": b""}
+
+
+def vault_config(path, bao, token: str) -> str:
+    token_file = path.parent / "vault-token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    path.write_text(
+        "[key_manager]\n"
+        'provider = "vault"\n'
+        f'address = "{bao.address}"\n'
+        f'token_file = "{token_file}"\n'
+        "timeout = 5\n"
+    )
+    return str(path)
+
+
+def test_vault_volume_init_write_remount_rotate(volume, bao, s3client, tmp_path) -> None:
+    from kms_volume import envelopes, mount_kms
+    from test_key_ops import admin, assert_files, write_files
+
+    cfg = vault_config(tmp_path / "kms.toml", bao, bao.root_token)
+    out = volume.init("--key-manager", "vault", "--kms-config", cfg).stdout
+    assert "key manager vault" in out
+    desc = s3client.get_object(Bucket=volume.bucket, Key=f"{volume.prefix}.s3cryptfs/volume.json")
+    text = desc["Body"].read().decode()
+    assert bao.root_token not in text and bao.address not in text  # identity only
+    mount_kms(volume, cfg)
+    write_files(volume.mountpoint, FILES)
+    volume.umount()
+    found = envelopes(s3client, volume.bucket, volume.prefix)
+    assert {n for n in found} == set(FILES)
+    ((provider, key, version),) = set(found.values())
+    assert provider == "vault" and key.startswith("s3cryptfs-") and version == "1"
+    assert bao.api("GET", f"/v1/transit/keys/{key}")["data"]["latest_version"] == 1
+
+    mount_kms(volume, cfg, "--dek-cache-ttl", "0")
+    assert_files(volume.mountpoint, FILES)
+    volume.umount()
+
+    assert (
+        "vault: new active key version 2"
+        in admin(volume, "keys", "rotate", "--kms-config", cfg).stdout
+    )
+    mount_kms(volume, cfg, "--dek-cache-ttl", "0")
+    (volume.mountpoint / "new.txt").write_bytes(b"under version 2")
+    assert_files(volume.mountpoint, FILES)
+    volume.umount()
+    assert envelopes(s3client, volume.bucket, volume.prefix)["new.txt"] == ("vault", key, "2")
+
+    assert f"{len(FILES)} re-wrapped" in admin(volume, "rewrap", "--kms-config", cfg).stdout
+    admin(volume, "keys", "retire", "1", "--kms-config", cfg)
+    info = bao.api("GET", f"/v1/transit/keys/{key}")["data"]
+    assert info["min_decryption_version"] == 2
+    assert {v[2] for v in envelopes(s3client, volume.bucket, volume.prefix).values()} == {"2"}
+    mount_kms(volume, cfg, "--dek-cache-ttl", "0")
+    assert_files(volume.mountpoint, {**FILES, "new.txt": b"under version 2"})
+    volume.umount()
+
+
+def test_vault_volume_without_decrypt_permission(volume, bao, tmp_path) -> None:
+    import errno
+
+    from kms_volume import mount_kms
+    from test_key_ops import write_files
+
+    cfg = vault_config(tmp_path / "kms.toml", bao, bao.root_token)
+    volume.init("--key-manager", "vault", "--kms-config", cfg)
+    mount_kms(volume, cfg)
+    write_files(volume.mountpoint, {"secret.txt": b"top secret"})
+    volume.umount()
+    token = bao.token_with_policy(
+        "encrypt-only-all",
+        'path "transit/encrypt/*" { capabilities = ["update"] }\n'
+        'path "transit/keys/*" { capabilities = ["read"] }',
+    )
+    weak = vault_config(tmp_path / "weak.toml", bao, token)
+    mount_kms(volume, weak, "--dek-cache-ttl", "0")
+    with pytest.raises(OSError) as info:
+        (volume.mountpoint / "secret.txt").read_bytes()
+    assert info.value.errno in (errno.EIO, errno.EACCES, errno.EPERM)
+    volume.umount()
