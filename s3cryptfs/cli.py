@@ -181,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     MOUNT_DEFAULTS.update({a.dest: a.default for a in p._actions})
 
     p = sub.add_parser(
+        "status",
+        help="what a running mount is doing",
+        description="Show a running mount's pending uploads, caches, S3 requests and errors, "
+        "and key manager health.",
+    )
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    p = sub.add_parser(
         "config",
         help="check a configuration file",
         description="Validate a mount configuration file and print the effective settings "
@@ -677,7 +686,45 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    try:
+        raw = os.getxattr(args.mountpoint, "user.s3cryptfs.status")
+    except OSError as exc:
+        raise ConfigError(f"{args.mountpoint} is not an s3cryptfs mount ({exc.strerror})") from None
+    status = json.loads(raw)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return EXIT_OK
+    up = status.get("uploads", {})
+    cache = status.get("block_cache", {})
+    looked = cache.get("hits", 0) + cache.get("misses", 0)
+    ratio = f"{cache.get('hits', 0) / looked:.0%}" if looked else "n/a"
+    print(f"mount:        {os.path.abspath(args.mountpoint)}")
+    print(
+        f"dirty files:  {status.get('dirty_files', 0)} "
+        f"({up.get('queued', 0)} queued, {up.get('in_flight', 0)} uploading, "
+        f"{up.get('queued_bytes', 0) / 2**20:.1f} MiB waiting)"
+    )
+    print(
+        f"block cache:  {cache.get('bytes', 0) / 2**20:.1f} of "
+        f"{cache.get('budget', 0) / 2**20:.0f} MiB, hit ratio {ratio}"
+    )
+    if "disk_cache" in status:
+        d = status["disk_cache"]
+        print(f"disk cache:   {d['bytes'] / 2**20:.1f} MiB, {d['hits']} hits, {d['misses']} misses")
+    requests = ", ".join(f"{k} {v}" for k, v in sorted(status.get("requests", {}).items()))
+    errors = ", ".join(f"{k} {v}" for k, v in sorted(status.get("errors", {}).items()))
+    print(f"S3 requests:  {requests or 'none'}")
+    print(f"S3 errors:    {errors or 'none'}")
+    for provider, health in sorted(status.get("key_managers", {}).items()):
+        print(f"key manager:  {provider}: {health}")
+    return EXIT_OK
+
+
 COMMANDS = {
+    "status": cmd_status,
     "config": cmd_config,
     "init": cmd_init,
     "mount": cmd_mount,

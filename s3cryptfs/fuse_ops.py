@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from s3cryptfs.errors import is_expected, to_errno
 from s3cryptfs.vfs.core import Attr, Filesystem
@@ -26,6 +27,7 @@ T = TypeVar("T")
 
 XATTR_STATE = b"user.s3cryptfs.state"
 XATTR_PID = b"user.s3cryptfs.pid"
+XATTR_STATUS = b"user.s3cryptfs.status"  # root only: stats plus key manager health (slower)
 XATTR_STATS = b"user.s3cryptfs.stats"  # root only: request counters as JSON (for scripts, tests)
 ATTR_TIMEOUT = 1.0
 
@@ -271,6 +273,11 @@ class FuseOperations(pyfuse3.Operations):
             return str(os.getpid()).encode()
         if name == XATTR_STATS and inode == pyfuse3.ROOT_INODE:
             return json.dumps(self.fs.stats(), sort_keys=True).encode()
+        if name == XATTR_STATUS and inode == pyfuse3.ROOT_INODE:
+            status = self.fs.stats()
+            # Bounded by the managers' own timeouts (a KMS that does not answer is reported).
+            status["key_managers"] = await trio.to_thread.run_sync(self.fs.key_health)
+            return json.dumps(status, sort_keys=True).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     @_guard

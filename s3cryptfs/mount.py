@@ -263,9 +263,18 @@ class Mount:
         import pyfuse3
 
         assert self.fs is not None
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        watched = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+        configured = logging.getLogger().level
+        with trio.open_signal_receiver(*watched) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
+                    continue
+                if signum in (signal.SIGUSR1, signal.SIGUSR2):
+                    # Log levels at runtime: USR1 turns debug on, USR2 restores the level the
+                    # mount started with. Debug lines name keys, never secrets or contents.
+                    level = logging.DEBUG if signum == signal.SIGUSR1 else configured
+                    logging.getLogger().setLevel(level)
+                    log.warning("log level is now %s", logging.getLevelName(level))
                     continue
                 log.info(
                     "received %s: uploading dirty files, then unmounting",

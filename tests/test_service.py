@@ -3,6 +3,7 @@ mount(8) runs it, umount(8), the systemd notify protocol and the mount unit."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -191,3 +192,28 @@ def test_mount_unit_verifies(tmp_path):
     assert "Type=notify" in text and "LoadCredential=password:" in text
     for namespaced in ("PrivateTmp=", "ProtectSystem=", "ProtectHome="):
         assert f"\n{namespaced}" not in text  # the mount must stay visible to the system
+
+
+def test_status_and_runtime_log_level(mounted, tmp_path):
+    vol = mounted
+    (vol.mountpoint / "a").write_bytes(b"x" * 100_000)
+    assert (vol.mountpoint / "a").read_bytes() == b"x" * 100_000
+    out = vol.run("status", vol.mountpoint).stdout
+    assert "dirty files:" in out and "block cache:" in out
+    assert "key manager:  s3cryptfs-password: ok" in out
+    raw = json.loads(vol.run("status", vol.mountpoint, "--json").stdout)
+    assert raw["requests"].get("put", 0) >= 1 and raw["uploads"]["queued"] >= 0
+    not_mounted = vol.run("status", tmp_path, check=False)
+    assert not_mounted.returncode != 0 and "not an s3cryptfs mount" in not_mounted.stderr
+    pid = int(os.getxattr(vol.mountpoint, "user.s3cryptfs.pid"))
+    log = next(vol.cache_dir.glob("*/mount.log"))
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while "log level is now DEBUG" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "log level is now DEBUG" in log.read_text()
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + 10
+    while "log level is now INFO" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "log level is now INFO" in log.read_text()

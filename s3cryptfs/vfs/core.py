@@ -1237,12 +1237,39 @@ class Filesystem:
             "index_writes": self.index.writes,
             "fuse": dict(self.counters),
         }
+        out["uploads"] = {
+            "queued": len(self.uploader.queue),
+            "in_flight": len(self.uploader.in_flight),
+            "queued_bytes": self.uploader.queued_bytes,
+        }
+        dirty = [n for n in self.nodes.by_ino.values() if n.dirty()]
+        out["dirty_files"] = len(dirty)
+        out["block_cache"] = {
+            "bytes": self.blocks.used,
+            "budget": self.blocks.budget,
+            "hits": self.blocks.hits,
+            "misses": self.blocks.misses,
+        }
         if self.disk is not None:
             out["disk_cache"] = {
                 "bytes": self.disk.size,
                 "hits": self.disk.hits,
                 "misses": self.disk.misses,
             }
+        return out
+
+    def key_health(self) -> dict[str, str]:
+        """Blocking: each key manager's health_check, as "ok" or the error (for status)."""
+        out: dict[str, str] = {}
+        ring = getattr(self.codec, "ring", None)
+        if ring is None:
+            return out
+        for provider in self.codec.descriptor.providers():
+            try:
+                ring.manager(provider).health_check()
+                out[provider] = "ok"
+            except S3CryptFSError as exc:
+                out[provider] = f"{type(exc).__name__}: {exc}"
         return out
 
     def iter_nodes(self) -> Iterator[Node]:
