@@ -58,9 +58,11 @@ def unique_bucket_name() -> str:
 
 
 @pytest.fixture
-def bucket(seaweed) -> str:
-    """A fresh, empty bucket in `seaweed`."""
-    return seaweed.make_bucket(unique_bucket_name())
+def bucket(seaweed):
+    """A fresh, empty bucket in `seaweed` (emptied and deleted afterwards)."""
+    name = seaweed.make_bucket(unique_bucket_name())
+    yield name
+    seaweed.drop_bucket(name)
 
 
 @pytest.fixture(scope="session")

@@ -269,6 +269,9 @@ class SeaweedFS:
             "-webdav=false",
             "-admin.ui=false",
             "-master.telemetry=false",
+            # Volumes are sparse files: allow many, so hundreds of test buckets fit.
+            "-volume.max=2000",
+            "-master.volumeSizeLimitMB=64",
         ]
         # The HTTP unix sockets default to /tmp/seaweedfs-<component>-<port>.sock; keep them in
         # our directory when the path fits in sun_path (the gRPC ones cannot be moved).
@@ -291,6 +294,9 @@ class SeaweedFS:
         # every option, so drop the file rather than guess which one wins.
         (self.data_dir / "mini.options").unlink(missing_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(_WEED_ENV_BLOCKLIST)}
+        # Every test bucket is a collection with volumes of its own: grow one volume at a time
+        # (the default grows several), or a long session runs out of volume slots.
+        env["WEED_MASTER_VOLUME_GROWTH_COPY_1"] = "1"
         last_error = None
         for _attempt in range(3):  # a port may be taken between the check and weed's bind
             self.ports = {name: free_port_pair() for name in self.COMPONENTS}
@@ -402,6 +408,17 @@ class SeaweedFS:
     def make_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
         return name
+
+    def drop_bucket(self, name: str) -> None:
+        """Empty and delete a bucket (frees its volumes); best effort."""
+        client = self.client()
+        try:
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+                for obj in page.get("Contents", []):
+                    client.delete_object(Bucket=name, Key=obj["Key"])
+            client.delete_bucket(Bucket=name)
+        except Exception:  # noqa: BLE001 - cleanup must not fail a test
+            pass
 
 
 class _EarlyExit(RuntimeError):
