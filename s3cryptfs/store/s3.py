@@ -376,20 +376,10 @@ class S3Store:
         if_none_match: bool,
     ) -> str:
         part_size = max(self.settings.part_size, MIN_PART, -(-size // 10000))
-        upload = self._call(
-            f"create_multipart {key}",
-            lambda: self._client.create_multipart_upload(
-                Bucket=self.bucket,
-                Key=key,
-                Metadata=dict(metadata),
-                ContentType="application/octet-stream",
-            ),
-        )
-        upload_id = upload["UploadId"]
         fd = os.open(path, os.O_RDONLY)
         try:
 
-            def send(number: int) -> dict[str, Any]:
+            def send(upload_id: str, number: int) -> str:
                 offset = (number - 1) * part_size
                 data = os.pread(fd, min(part_size, size - offset), offset)
                 r = self._call(
@@ -402,11 +392,42 @@ class S3Store:
                         Body=data,
                     ),
                 )
-                return {"PartNumber": number, "ETag": r["ETag"]}
+                return r["ETag"]
 
-            count = -(-size // part_size)
+            return self._multipart_session(
+                key,
+                metadata,
+                "application/octet-stream",
+                -(-size // part_size),
+                send,
+                self._conditions(if_match, if_none_match),
+            )
+        finally:
+            os.close(fd)
+
+    def _multipart_session(
+        self,
+        key: str,
+        metadata: Mapping[str, str],
+        content_type: str,
+        count: int,
+        send: Callable[[str, int], str],
+        conditions: Mapping[str, str],
+    ) -> str:
+        """Create a multipart upload, send parts 1..count in parallel with send(upload_id, n)
+        (which returns the part's ETag), complete it under *conditions*; abort on failure, so
+        no half-written object ever becomes visible."""
+        upload = self._call(
+            f"create_multipart {key}",
+            lambda: self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, Metadata=dict(metadata), ContentType=content_type
+            ),
+        )
+        upload_id = upload["UploadId"]
+        try:
             with ThreadPoolExecutor(self.settings.part_concurrency) as pool:
-                parts = list(pool.map(send, range(1, count + 1)))
+                etags = list(pool.map(lambda n: send(upload_id, n), range(1, count + 1)))
+            parts = [{"PartNumber": n, "ETag": e} for n, e in enumerate(etags, start=1)]
             r = self._call(
                 f"complete_multipart {key}",
                 lambda: self._client.complete_multipart_upload(
@@ -414,7 +435,7 @@ class S3Store:
                     Key=key,
                     UploadId=upload_id,
                     MultipartUpload={"Parts": parts},
-                    **self._conditions(if_match, if_none_match),
+                    **conditions,
                 ),
             )
             return etag_of(r["ETag"])
@@ -422,10 +443,8 @@ class S3Store:
             try:
                 self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
             except Exception:  # noqa: BLE001 - best effort; the original error matters
-                log.warning("could not abort multipart upload of %s", key)
+                log.warning("could not abort the multipart upload of %s", key)
             raise
-        finally:
-            os.close(fd)
 
     def copy(
         self,
@@ -472,52 +491,26 @@ class S3Store:
             metadata = head.metadata or {}
             src_etag = src_etag or head.etag
         part_size = max(self.settings.copy_part_size, MIN_PART, -(-size // 10000))
-        upload = self._call(
-            f"create_multipart {dst}",
-            lambda: self._client.create_multipart_upload(
-                Bucket=self.bucket, Key=dst, Metadata=dict(metadata), ContentType=content_type
-            ),
-        )
-        upload_id = upload["UploadId"]
-        try:
+        extra = {"CopySourceIfMatch": src_etag} if src_etag else {}
 
-            def send(number: int) -> dict[str, Any]:
-                first = (number - 1) * part_size
-                last = min(first + part_size, size) - 1
-                extra = {"CopySourceIfMatch": src_etag} if src_etag else {}
-                r = self._call(
-                    f"upload_part_copy {src} -> {dst}#{number}",
-                    lambda: self._client.upload_part_copy(
-                        Bucket=self.bucket,
-                        Key=dst,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        CopySource={"Bucket": self.bucket, "Key": src},
-                        CopySourceRange=f"bytes={first}-{last}",
-                        **extra,
-                    ),
-                )
-                return {"PartNumber": number, "ETag": r["CopyPartResult"]["ETag"]}
-
-            count = -(-size // part_size)
-            with ThreadPoolExecutor(self.settings.part_concurrency) as pool:
-                parts = list(pool.map(send, range(1, count + 1)))
+        def send(upload_id: str, number: int) -> str:
+            first = (number - 1) * part_size
+            last = min(first + part_size, size) - 1
             r = self._call(
-                f"complete_multipart {dst}",
-                lambda: self._client.complete_multipart_upload(
+                f"upload_part_copy {src} -> {dst}#{number}",
+                lambda: self._client.upload_part_copy(
                     Bucket=self.bucket,
                     Key=dst,
                     UploadId=upload_id,
-                    MultipartUpload={"Parts": parts},
+                    PartNumber=number,
+                    CopySource={"Bucket": self.bucket, "Key": src},
+                    CopySourceRange=f"bytes={first}-{last}",
+                    **extra,
                 ),
             )
-            return etag_of(r["ETag"])
-        except BaseException:
-            try:
-                self._client.abort_multipart_upload(Bucket=self.bucket, Key=dst, UploadId=upload_id)
-            except Exception:  # noqa: BLE001 - best effort; the original error matters
-                log.warning("could not abort multipart copy to %s", dst)
-            raise
+            return r["CopyPartResult"]["ETag"]
+
+        return self._multipart_session(dst, metadata, content_type, -(-size // part_size), send, {})
 
     def delete(self, key: str) -> None:
         self._call(f"delete {key}", lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
