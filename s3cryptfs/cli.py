@@ -280,9 +280,22 @@ def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="passwd: the new password (0600 file); else a prompt (asked twice)",
     )
+
+    def resumable(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--cache-dir",
+            metavar="DIR",
+            help=f"where the resume checkpoint lives (default {config.default_cache_root()})",
+        )
+        p.add_argument(
+            "--from-start", action="store_true", help="ignore the checkpoint of an earlier run"
+        )
+
     p = volume_parser("rewrap", "re-wrap every object's data key under the active key")
     p.add_argument("--dry-run", action="store_true", help="only count objects per key version")
+    resumable(p)
     p = volume_parser("migrate", "move the volume to another key manager (e.g. password -> KMS)")
+    resumable(p)
     p.add_argument("--to", required=True, metavar="PROVIDER", help="the new key manager")
     p.add_argument(
         "--keep-old", action="store_true", help="keep the old key manager in the descriptor"

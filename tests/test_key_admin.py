@@ -169,3 +169,27 @@ def test_audit_log_lines(tmp_path) -> None:
     ]
     assert "key_id" not in lines[0] and lines[0]["time"].endswith("+00:00")
     assert os.stat(path).st_mode & 0o077 == 0
+
+
+def test_checkpoint_moves_only_past_finished_keys(tmp_path) -> None:
+    from s3cryptfs.ops.checkpoint import Checkpoint
+
+    path = str(tmp_path / "sub" / "cp")
+    cp = Checkpoint(path, ("p", 2))
+    for key in "abcde":
+        cp.submitted(key)
+    cp.finished("b", True)
+    assert cp.after is None  # "a" still running
+    cp.finished("a", True)
+    assert cp.after == "b"
+    cp.finished("d", True)
+    cp.finished("c", False)  # skipped: the next run must visit it again
+    cp.finished("e", True)
+    assert cp.after == "b"
+    cp.save()
+    assert Checkpoint(path, ("p", 2)).load() == "b"
+    assert Checkpoint(path, ("p", 3)).load() is None
+    assert os.stat(path).st_mode & 0o077 == 0
+    cp.remove()
+    cp.remove()
+    assert Checkpoint(path, ("p", 2)).load() is None

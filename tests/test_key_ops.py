@@ -45,7 +45,8 @@ def admin(volume, *args, check=True):
     """s3cryptfs WORDS... URL OPTIONS...: the URL goes after the leading words."""
     args = [str(a) for a in args]
     n = next((i for i, a in enumerate(args) if a.startswith("--")), len(args))
-    return volume.run(*args[:n], volume.url, *volume.common_args(), *args[n:], check=check)
+    extra = ["--cache-dir", str(volume.cache_dir)] if args[0] in ("rewrap", "migrate") else []
+    return volume.run(*args[:n], volume.url, *volume.common_args(), *extra, *args[n:], check=check)
 
 
 def test_rotate_rewrap_retire_through_the_mount(mounted, s3client, tmp_path) -> None:
@@ -345,3 +346,32 @@ def test_password_change(mounted, tmp_path) -> None:
     vol.password_file = new
     vol.mount()
     assert_files(vol.mountpoint, {**FILES, "later.txt": b"the running mount goes on"})
+
+
+def test_rewrap_resumes_after_its_checkpoint(mounted, s3client) -> None:
+    from s3cryptfs.config import parse_url, volume_cache_dir
+
+    vol = mounted
+    write_files(vol.mountpoint, FILES)
+    vol.umount()
+    admin(vol, "keys", "rotate")
+    keys = sorted(f"{vol.prefix}{name}" for name in FILES)
+    # As if an earlier run had been interrupted after the first two objects.
+    path = os.path.join(
+        volume_cache_dir(str(vol.cache_dir), vol.endpoint_url, parse_url(vol.url)),
+        "rewrap.checkpoint",
+    )
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"target": ["s3cryptfs-password", 2], "after": keys[1]}, f)
+    out = admin(vol, "rewrap").stdout
+    assert f"resumed after {keys[1]}" in out and f"{len(keys) - 2} re-wrapped" in out
+    versions = envelope_versions(s3client, vol.bucket, vol.prefix)
+    assert [versions[k][1] for k in keys] == ["1", "1"] + ["2"] * (len(keys) - 2)
+    assert not os.path.exists(path)  # a complete run removes it
+    out = admin(vol, "rewrap").stdout
+    assert "resumed" not in out and "2 re-wrapped" in out
+    # A checkpoint made for another active key is ignored.
+    with open(path, "w") as f:
+        json.dump({"target": ["s3cryptfs-password", 1], "after": keys[-1]}, f)
+    assert "resumed" not in admin(vol, "rewrap").stdout

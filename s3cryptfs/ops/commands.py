@@ -288,6 +288,16 @@ def _print_report(report: RewrapReport, dry_run: bool) -> int:
     return 0 if report.complete else EXIT_INCOMPLETE
 
 
+def checkpoint_path(args: argparse.Namespace, admin: Admin) -> str | None:
+    root = os.path.abspath(args.cache_dir or config.default_cache_root())
+    path = os.path.join(
+        config.volume_cache_dir(root, args.endpoint_url, admin.url), "rewrap.checkpoint"
+    )
+    if args.from_start and os.path.exists(path):
+        os.unlink(path)
+    return path
+
+
 def cmd_rewrap(args: argparse.Namespace) -> int:
     admin, desc = open_admin(args)
     codec = admin.codec(desc)
@@ -295,7 +305,13 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
         active = codec.ring.active()
         print(f"active key: {active.provider} version {active.active_key_version()}")
         report = rewrap_volume(
-            admin.store, admin.url.prefix, codec, admin.jobs, args.dry_run, admin.audit
+            admin.store,
+            admin.url.prefix,
+            codec,
+            admin.jobs,
+            args.dry_run,
+            admin.audit,
+            checkpoint_path=checkpoint_path(args, admin),
         )
         return _print_report(report, args.dry_run)
     finally:
@@ -314,7 +330,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         codec = admin.codec(desc)
         try:
             report = rewrap_volume(
-                admin.store, admin.url.prefix, codec, admin.jobs, False, admin.audit
+                admin.store,
+                admin.url.prefix,
+                codec,
+                admin.jobs,
+                False,
+                admin.audit,
+                checkpoint_path=checkpoint_path(args, admin),
             )
         finally:
             codec.ring.close()

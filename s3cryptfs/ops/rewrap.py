@@ -25,6 +25,7 @@ from s3cryptfs.audit import NO_AUDIT, AuditLog
 from s3cryptfs.codec import ObjectCodec
 from s3cryptfs.errors import FormatError, KeyManagerError, PreconditionFailed, StoreError
 from s3cryptfs.format import metadata as md
+from s3cryptfs.ops.checkpoint import Checkpoint
 from s3cryptfs.ops.walk import walk_heads
 from s3cryptfs.store.s3 import ObjectInfo, S3Store
 
@@ -43,13 +44,15 @@ class RewrapReport:
     by_version: Counter[tuple[str, int]] = field(default_factory=Counter)
     changed: list[str] = field(default_factory=list)  # skipped: changed concurrently
     failed: list[tuple[str, str]] = field(default_factory=list)
+    resumed_after: str | None = None  # a checkpoint of an interrupted run was used
 
     @property
     def complete(self) -> bool:
         return not self.changed and not self.failed
 
     def summary(self, dry_run: bool) -> str:
-        lines = [
+        lines = [f"resumed after {self.resumed_after}"] if self.resumed_after else []
+        lines += [
             f"examined {self.examined} object(s): "
             + (f"{self.current} already under the active key, " if not dry_run else "")
             + (f"{self.rewrapped} re-wrapped, " if not dry_run else "")
@@ -96,38 +99,45 @@ def rewrap_volume(
     dry_run: bool = False,
     audit: AuditLog = NO_AUDIT,
     progress: TextIO | None = sys.stderr,
+    checkpoint_path: str | None = None,
 ) -> RewrapReport:
+    """Re-wrap (or with *dry_run* only count) every object. With *checkpoint_path*, resume
+    after the key saved by an interrupted run for the same active key, and save progress."""
     report = RewrapReport()
     lock = threading.Lock()
     active = codec.ring.active()
     target = (active.provider, active.active_key_version())
     context = {"volume_id": codec.descriptor.volume_id}
     shown = _Progress(progress)
+    checkpoint = None
+    if checkpoint_path is not None and not dry_run:
+        checkpoint = Checkpoint(checkpoint_path, target)
+        report.resumed_after = checkpoint.load()
 
-    def one(info: ObjectInfo) -> None:
+    def one(info: ObjectInfo) -> bool:
         meta = info.metadata or {}
         try:
             if md.object_format(meta) != md.FORMAT_V1:
                 with lock:
                     report.examined += 1
                     report.plain += 1
-                return
+                return True
             envelope = md.decode_envelope(meta)
         except FormatError as exc:
             with lock:
                 report.examined += 1
                 report.failed.append((info.key, str(exc)))
-            return
+            return False
         found = (envelope.provider, envelope.key_version)
         with lock:
             report.examined += 1
             report.by_version[found] += 1
         if dry_run:
-            return
+            return True
         if found == target:
             with lock:
                 report.current += 1
-            return
+            return True
         try:
             dek = codec.unwrap_envelope(envelope, info.key)
             fresh = active.wrap_key(dek, context)
@@ -141,13 +151,13 @@ def rewrap_volume(
             audit.event("rewrap", "PreconditionFailed", object=info.key, provider=found[0])
             with lock:
                 report.changed.append(info.key)
-            return
+            return False
         except (KeyManagerError, StoreError) as exc:
             audit.event("rewrap", type(exc).__name__, object=info.key, provider=found[0])
             log.error("%s: not re-wrapped: %s", info.key, exc)
             with lock:
                 report.failed.append((info.key, str(exc)))
-            return
+            return False
         audit.event(
             "rewrap",
             object=info.key,
@@ -159,11 +169,17 @@ def rewrap_volume(
         with lock:
             report.rewrapped += 1
             shown.show(report)
+        return True
 
+    start = report.resumed_after
     try:
-        walk_heads(store, prefix, jobs, one)
+        walk_heads(store, prefix, jobs, one, start, checkpoint)
     finally:
         shown.end()
+        if checkpoint is not None:
+            checkpoint.save()
+    if checkpoint is not None and report.complete:
+        checkpoint.remove()  # done: the next run starts from the beginning
     report.changed.sort()
     report.failed.sort()
     return report

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
 
 from s3cryptfs.errors import ObjectNotFound
 from s3cryptfs.format.descriptor import META_DIR
 from s3cryptfs.store.s3 import ObjectInfo, S3Store
 
 
-def object_keys(store: S3Store, prefix: str) -> Iterator[str]:
+class Tracker(Protocol):
+    """Told about every key in listing order, and when its work is over (ok or not)."""
+
+    def submitted(self, key: str) -> None: ...
+
+    def finished(self, key: str, ok: bool) -> None: ...
+
+
+def object_keys(store: S3Store, prefix: str, start_after: str | None = None) -> Iterator[str]:
     """Every file object under *prefix*: no directory markers, nothing under ``.s3cryptfs/``."""
     skip = f"{prefix}{META_DIR}/"
-    for page in store.list_all(prefix, delimiter=None):
+    for page in store.list_all(prefix, delimiter=None, start_after=start_after):
         for obj in page.objects:
             if obj.key.startswith(skip) or obj.key.endswith("/"):
                 continue
@@ -24,22 +33,35 @@ def walk_heads(
     store: S3Store,
     prefix: str,
     jobs: int,
-    work: Callable[[ObjectInfo], None],
+    work: Callable[[ObjectInfo], bool | None],
+    start_after: str | None = None,
+    tracker: Tracker | None = None,
 ) -> None:
     """HEAD every object and call *work* on it, *jobs* at a time; keys deleted meanwhile are
-    passed over. Exceptions from *work* propagate (callers catch what they expect)."""
+    passed over. *work* returns False for an object it could not finish. Exceptions from
+    *work* propagate (callers catch what they expect)."""
     window = max(1, jobs) * 4  # bounded queue: a huge bucket never sits in memory
 
     def one(key: str) -> None:
+        ok: bool | None = True
         try:
-            info = store.head(key)
-        except ObjectNotFound:
-            return
-        work(info)
+            try:
+                info = store.head(key)
+            except ObjectNotFound:
+                return
+            ok = work(info)
+        except BaseException:
+            ok = False
+            raise
+        finally:
+            if tracker is not None:
+                tracker.finished(key, ok is not False)
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         pending: list[Future[None]] = []
-        for key in object_keys(store, prefix):
+        for key in object_keys(store, prefix, start_after):
+            if tracker is not None:
+                tracker.submitted(key)
             pending.append(pool.submit(one, key))
             if len(pending) >= window:
                 pending.pop(0).result()

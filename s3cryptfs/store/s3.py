@@ -288,12 +288,20 @@ class S3Store:
 
         return self._call(f"get {key}", fetch)
 
-    def list(self, prefix: str, delimiter: str | None = "/", token: str | None = None) -> ListPage:
+    def list(
+        self,
+        prefix: str,
+        delimiter: str | None = "/",
+        token: str | None = None,
+        start_after: str | None = None,
+    ) -> ListPage:
         args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": 1000}
         if delimiter:
             args["Delimiter"] = delimiter
         if token:
             args["ContinuationToken"] = token
+        elif start_after:
+            args["StartAfter"] = start_after
         r = self._call(f"list {prefix}", lambda: self._client.list_objects_v2(**args))
         page = ListPage()
         for o in r.get("Contents", []):
@@ -309,10 +317,12 @@ class S3Store:
         page.token = r.get("NextContinuationToken") if r.get("IsTruncated") else None
         return page
 
-    def list_all(self, prefix: str, delimiter: str | None = "/") -> Iterator[ListPage]:
+    def list_all(
+        self, prefix: str, delimiter: str | None = "/", start_after: str | None = None
+    ) -> Iterator[ListPage]:
         token = None
         while True:
-            page = self.list(prefix, delimiter, token)
+            page = self.list(prefix, delimiter, token, start_after)
             yield page
             if not page.token:
                 return
