@@ -250,3 +250,83 @@ def test_round_trip(alg, wrap, size):
     if size > 16384:
         first, start, end = lay.ciphertext_range(16384, 10)
         assert lay.decrypt_range(key, first, body[start:end])[:10] == pt[16384:16394]
+
+
+# --- key parsing, cache, sizes ----------------------------------------------------------
+
+def test_master_key_parsing():
+    assert gw.parse_master_key("00" * 16) == bytes(16)  # 32 hex chars: AES-128 KEK
+    assert gw.parse_master_key("ab" * 32) == b"\xab" * 32
+    assert gw.parse_master_key("x" * 32) == b"x" * 32  # not hex: raw bytes
+    with pytest.raises(gw.InvalidEnvelope):
+        gw.parse_master_key("")
+    with pytest.raises(gw.InvalidEnvelope):
+        gw.parse_master_key("short")
+
+
+def test_kdf_params():
+    assert gw.parse_kdf_params(None) == 100_000
+    assert gw.parse_kdf_params("pbkdf2-sha256:600000") == 600_000
+    for bad in ("pbkdf2-sha256:99999", "argon2id:3:65536:4", "pbkdf2-sha256:x",
+                "pbkdf2-sha256:99999999"):
+        with pytest.raises(FormatError):
+            gw.parse_kdf_params(bad)
+
+
+def test_pbkdf2_cache_hit(monkeypatch):
+    gw._PBKDF2_CACHE.clear()
+    first = gw.pbkdf2("cache-pw", b"\x02" * 32, 100_000)
+    monkeypatch.setattr(gw.hashlib, "pbkdf2_hmac", lambda *a: pytest.fail("not cached"))
+    assert gw.pbkdf2("cache-pw", b"\x02" * 32, 100_000) == first
+
+
+def test_lru_evicts():
+    lru = gw._LRU(2)
+    for i in range(3):
+        lru.put((b"p", bytes([i]), 1), bytes([i]))
+    assert lru.get((b"p", b"\x00", 1)) is None
+    assert lru.get((b"p", b"\x02", 1)) == b"\x02"
+
+
+def test_plaintext_size_without_record():
+    md = md_a()
+    del md["encryption-original-size"], md["original-content-length"]
+    lay = gw.chunked_layout(md)
+    assert lay.original_size is None
+    assert lay.plaintext_size(31) == 15
+    assert lay.plaintext_size(65552 + 17) == 65537
+    with pytest.raises(IntegrityError):
+        lay.plaintext_size(65552 + 16)
+
+
+def test_empty_object_and_truncated_to_empty():
+    body, md = gw.encrypt_chunked(b"", PW, iterations=100_000)
+    assert body == b"" and "encryption-original-size" not in md
+    assert gw.decrypt_all(md, body, password=PW) == b""
+    body, md = gw.encrypt_chunked(b"x", PW, iterations=100_000)
+    with pytest.raises(IntegrityError):
+        gw.decrypt_all(md, b"", password=PW)
+
+
+def test_refuses_unsupported_variants():
+    for extra in ({"encryption-chunked": "false"}, {"encryption-fallback": "true"},
+                  {"compression-enabled": "true"}, {"encryption-algorithm": "AES128-CBC"}):
+        with pytest.raises(FormatError):
+            gw.chunked_layout(md_a(**extra))
+    with pytest.raises(FormatError):
+        gw.chunked_layout({"encrypted-mpu": "true"})
+
+
+def test_bad_chunk_size_in_manifest():
+    man = base64.b64encode(b'{"v":1,"cs":4096,"cc":0,"iv":"ZGVmZ2hpamtsbW5v"}').decode()
+    with pytest.raises(FormatError):
+        gw.chunked_layout(md_a(**{"encryption-manifest": man}))
+
+
+def test_writer_wrapped_blob_is_96_bytes():
+    body, md = gw.encrypt_chunked(HELLO, PW, iterations=100_000, wrap=True)
+    blob = base64.b64decode(md["encryption-wrapped-key"])
+    assert len(blob) == 96 and blob[:4] == (100_000).to_bytes(4, "big")
+    assert md["encryption-kms-provider"] == "password" and "encryption-kms-id" not in md
+    with pytest.raises(WrongPasswordError):
+        gw.decrypt_all(md, body, password="wrong-password-here")
