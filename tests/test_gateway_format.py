@@ -330,3 +330,20 @@ def test_writer_wrapped_blob_is_96_bytes():
     assert md["encryption-kms-provider"] == "password" and "encryption-kms-id" not in md
     with pytest.raises(WrongPasswordError):
         gw.decrypt_all(md, body, password="wrong-password-here")
+
+
+def test_read_range():
+    pt = bytes((i * 13) & 0xFF for i in range(50000))
+    body, md = gw.encrypt_chunked(pt, PW, iterations=100_000, chunk_size=16384)
+    lay = gw.chunked_layout(md)
+    key = gw.data_key(md, password=PW)
+    size = lay.plaintext_size(len(body))
+    assert size == 50000
+
+    def fetch(s, e):
+        return body[s:e]
+
+    for off, ln in [(0, 1), (16383, 2), (40000, 20000), (49999, 5), (50000, 1), (100, 0)]:
+        assert lay.read_range(key, off, ln, size, fetch) == pt[off:off + ln]
+    with pytest.raises(IntegrityError):
+        lay.read_range(key, 49000, 10, size, lambda s, e: body[s:e - 16])

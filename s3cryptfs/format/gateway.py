@@ -17,7 +17,7 @@ import os
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -306,6 +306,25 @@ class ChunkedLayout:
         first = offset // self.chunk_size
         last = (offset + length - 1) // self.chunk_size
         return first, first * self.enc_chunk, (last + 1) * self.enc_chunk
+
+    def read_range(
+        self, key: bytes, offset: int, length: int, size: int, fetch: Callable[[int, int], bytes]
+    ) -> bytes:
+        """Plaintext [offset, offset+length) clipped to *size* (the plaintext size).
+
+        *fetch(start, end_exclusive)* returns ciphertext bytes; a short answer is an error.
+        """
+        if offset >= size or length <= 0:
+            return b""
+        length = min(length, size - offset)
+        first, start, end = self.ciphertext_range(offset, length)
+        end = min(end, self.ciphertext_size(size))
+        data = fetch(start, end)
+        if len(data) != end - start:
+            raise IntegrityError("gateway: object body is shorter than its recorded size")
+        pt = self.decrypt_range(key, first, data)
+        skip = offset - first * self.chunk_size
+        return pt[skip:skip + length]
 
     def decrypt_chunk(self, key: bytes, index: int, data: bytes) -> bytes:
         if not TAG < len(data) <= self.enc_chunk:
