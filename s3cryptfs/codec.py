@@ -68,6 +68,8 @@ class ObjectCodec:
         self._refresh_interval = refresh_interval
         self._refresh_lock = threading.Lock()
         self._refreshed_at = time.monotonic()
+        # (provider, version) pairs envelopes named that the descriptor lacked at its last read
+        self._missing: set[tuple[str, int]] = set()
         self._context = {"volume_id": descriptor.volume_id}
 
     # --- descriptor refresh ------------------------------------------------------------------
@@ -83,6 +85,7 @@ class ObjectCodec:
             desc = self._refresh()
             self.ring.update(desc)
             self.descriptor = desc
+            self._missing.clear()
             return True
 
     def _maybe_periodic_refresh(self) -> None:
@@ -150,7 +153,13 @@ class ObjectCodec:
                 # (or another thread just did) and retry.
                 if self._refresh is None:
                     raise
-                self.refresh()
+                # The rate limit must not hide a change made since the last read: the first
+                # time a provider/version is missing, re-read even within the interval.
+                seen = (envelope.provider, envelope.key_version)
+                with self._refresh_lock:
+                    first = seen not in self._missing
+                    self._missing.add(seen)
+                self.refresh(force=first)
                 dek = self._unwrap_once(envelope)
         except KeyManagerError as exc:
             self.audit.event(
