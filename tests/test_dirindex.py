@@ -125,3 +125,34 @@ def test_corrupt_index_is_ignored(mounted, s3client):
         )
     mounted.mount()
     check_tree(m, {k: v for k, v in want.items() if not k.endswith("inner")})
+
+
+def test_listing_taken_during_a_create_keeps_the_new_name(volume, s3client):
+    """A LIST that started before a file was created and uploaded must not hide it afterwards
+    (the listing is cached for a long time, so a stale one would hide the file for minutes)."""
+    import concurrent.futures
+
+    volume.init()
+    volume.mount("--dir-cache-ttl", "600")
+    m = volume.mountpoint
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        for round_ in range(2):
+            d = f"many{round_}"
+            # Written behind the mount's back so that it has no listing of the directory yet;
+            # enough names for the LIST to take more than one page.
+            list(
+                pool.map(
+                    lambda i, d=d: s3client.put_object(
+                        Bucket=volume.bucket, Key=f"{volume.prefix}{d}/n{i:05d}", Body=b""
+                    ),
+                    range(1100),
+                )
+            )
+            (m / d).stat()
+            lister = pool.submit(os.listdir, m / d)
+            (m / d / "a-new-file").write_bytes(b"new\n")
+            os.fsync(os.open(m / d / "a-new-file", os.O_RDONLY))
+            lister.result()
+            names = os.listdir(m / d)
+            assert "a-new-file" in names, f"round {round_}: the new file vanished from the listing"
+            assert len(names) == 1101

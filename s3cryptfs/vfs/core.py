@@ -359,9 +359,23 @@ class Filesystem:
         async def fetch_listing() -> None:
             children.update(await self._thread(fetch))
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(fetch_listing)
-            nursery.start_soon(self._dir_index, node)
+        log_start = len(node.listing_log)
+        node.listing_fetches += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetch_listing)
+                nursery.start_soon(self._dir_index, node)
+            # Creates, uploads and removals that happened during the LIST may be missing
+            # from it (or it may still show them): what the mount did itself wins.
+            for name, change in node.listing_log[log_start:]:
+                if change is None:
+                    children.pop(name, None)
+                else:
+                    children[name] = change
+        finally:
+            node.listing_fetches -= 1
+            if node.listing_fetches == 0:
+                node.listing_log.clear()
         index = node.index or {}
         for name, info in children.items():
             entry = index.get(name)
@@ -382,11 +396,17 @@ class Filesystem:
     def _listing_add(self, parent: Node, name: str, info: ChildInfo) -> None:
         if parent.listing is not None:
             parent.listing.children[name] = info
+        if parent.listing_fetches:
+            parent.listing_log.append((name, info))
 
     def _listing_remove(self, parent_path: str, name: str) -> None:
         parent = self.nodes.at(parent_path)
-        if parent is not None and parent.listing is not None:
+        if parent is None:
+            return
+        if parent.listing is not None:
             parent.listing.children.pop(name, None)
+        if parent.listing_fetches:
+            parent.listing_log.append((name, None))
 
     async def _child(self, parent: Node, name: str) -> Node | None:
         """The node of *name* in *parent*, asking S3 when needed; None if it does not exist."""

@@ -86,6 +86,10 @@ class Node:
     unlinked: bool = False
     has_marker: bool = False  # directories: a "dir/" marker object exists
     listing: Listing | None = None
+    # Changes made while a LIST of this directory is in flight: the LIST may predate them, so
+    # they are replayed onto its result (name -> entry, None = removed).
+    listing_fetches: int = 0
+    listing_log: list[tuple[str, ChildInfo | None]] = field(default_factory=list)
     index: dict[str, IndexEntry] | None = None  # directories: their attribute index, as loaded
     index_at: float = 0.0
     link_target: bytes | None = None
