@@ -56,28 +56,34 @@ def md_a(**extra: str) -> dict[str, str]:
 
 
 def md_b() -> dict[str, str]:
-    return md_a(**{
-        "encryption-wrapped-key": WK_B,
-        "encryption-kms-provider": "password",
-        "encryption-key-version": "1",
-    })
+    return md_a(
+        **{
+            "encryption-wrapped-key": WK_B,
+            "encryption-kms-provider": "password",
+            "encryption-key-version": "1",
+        }
+    )
 
 
 # --- §9.1 -------------------------------------------------------------------------------
 
+
 def test_pbkdf2_kat_100k():
     assert gw.pbkdf2("testpassword", b"\x01" * 32, 100_000).hex() == (
-        "555408728bbbb92a70c5759b5a514f85a58a2f5067561607831cc759f99b9d07")
+        "555408728bbbb92a70c5759b5a514f85a58a2f5067561607831cc759f99b9d07"
+    )
 
 
 def test_pbkdf2_kat_600k():
     assert gw.pbkdf2("testpassword", b"\x01" * 32, 600_000).hex() == (
-        "6172973d78018899fcecd7ba5c454a977f87cd72ea1ce124dfa6cef6fa819108")
+        "6172973d78018899fcecd7ba5c454a977f87cd72ea1ce124dfa6cef6fa819108"
+    )
 
 
 def test_rfc3394_kat_memory_unwrap():
     wrapped = bytes.fromhex(
-        "28C9F404C4B810F4CBCCB35CFB87F8263F5786E2D80ED326CBC7F0E71A99F43BFB988B9B7A02DD21")
+        "28C9F404C4B810F4CBCCB35CFB87F8263F5786E2D80ED326CBC7F0E71A99F43BFB988B9B7A02DD21"
+    )
     data = bytes.fromhex("00112233445566778899AABBCCDDEEFF000102030405060708090A0B0C0D0E0F")
     assert gw.unwrap_memory_dek(wrapped, bytes(range(32))) == data
     assert gw.unwrap_memory_dek(wrapped, bytes(range(32)).hex()) == data
@@ -85,25 +91,37 @@ def test_rfc3394_kat_memory_unwrap():
 
 # --- §9.2 -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("i,exp", [
-    (0, "db7df6ca0cc5a02d8c4ccb55"), (1, "234ae9ee5a51a22475cb26c2"),
-    (2, "58b97ae1f219d99e9e6dbce5"), (65535, "5bc9d51975dc17272eead351"),
-])
+
+@pytest.mark.parametrize(
+    "i,exp",
+    [
+        (0, "db7df6ca0cc5a02d8c4ccb55"),
+        (1, "234ae9ee5a51a22475cb26c2"),
+        (2, "58b97ae1f219d99e9e6dbce5"),
+        (65535, "5bc9d51975dc17272eead351"),
+    ],
+)
 def test_hkdf_nonce(i, exp):
     assert gw.chunk_nonce(bytes(range(12)), i, "hkdf-sha256").hex() == exp
 
 
-@pytest.mark.parametrize("i,exp", [
-    (0, "000102030405060708090a0b"), (1, "000102030405060708090a0a"),
-    (2, "000102030405060708090a09"), (65535, "00010203040506070809f5f4"),
-])
+@pytest.mark.parametrize(
+    "i,exp",
+    [
+        (0, "000102030405060708090a0b"),
+        (1, "000102030405060708090a0a"),
+        (2, "000102030405060708090a09"),
+        (65535, "00010203040506070809f5f4"),
+    ],
+)
 def test_legacy_nonce(i, exp):
     assert gw.chunk_nonce(bytes(range(12)), i, None).hex() == exp
 
 
 def test_object_a_key_and_body():
     assert gw.data_key(md_a(), password=PW).hex() == (
-        "996ae7616ce97075c59ca508374bd7c997c83cbdf36ed459cbe714cbdd4865d9")
+        "996ae7616ce97075c59ca508374bd7c997c83cbdf36ed459cbe714cbdd4865d9"
+    )
     assert gw.decrypt_all(md_a(), BODY_A, password=PW) == HELLO
 
 
@@ -125,7 +143,8 @@ def test_object_g_chacha():
 
 def test_object_d_memory_wrap_vector():
     wrapped = bytes.fromhex(
-        "bd2a276ae8c7464c7e8b396674ac6e0e9558c84c6009b3fa413cf06a67a200823e4d720df2419fa9")
+        "bd2a276ae8c7464c7e8b396674ac6e0e9558c84c6009b3fa413cf06a67a200823e4d720df2419fa9"
+    )
     assert gw.unwrap_memory_dek(wrapped, bytes(range(32))) == bytes(range(0x40, 0x60))
 
 
@@ -141,6 +160,7 @@ def test_sizes_vector():
 
 
 # --- dispatch, ranges -------------------------------------------------------------------
+
 
 def test_is_gateway_object():
     assert gw.is_gateway_object(md_a())
@@ -164,6 +184,7 @@ def test_ciphertext_range():
 
 # --- tamper -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("pos", [0, 14, 15, 30])
 def test_flip_byte(pos):
     body = bytearray(BODY_A)
@@ -184,8 +205,13 @@ def test_wrong_password_direct():
 
 def test_wrong_master_key():
     wrapped = aes_key_wrap(bytes(32), DEK_B)
-    md = md_a(**{"encryption-wrapped-key": base64.b64encode(wrapped).decode(),
-                 "encryption-kms-provider": "memory", "encryption-kms-id": "memory-v1"})
+    md = md_a(
+        **{
+            "encryption-wrapped-key": base64.b64encode(wrapped).decode(),
+            "encryption-kms-provider": "memory",
+            "encryption-kms-id": "memory-v1",
+        }
+    )
     assert gw.decrypt_all(md, BODY_B, master_key=bytes(32)) == HELLO
     with pytest.raises(UnwrapFailed):
         gw.decrypt_all(md, BODY_B, master_key=bytes([1]) * 32)
@@ -230,6 +256,7 @@ def test_swap_chunks():
 
 # --- writer round trips -----------------------------------------------------------------
 
+
 def test_writer_reproduces_object_a():
     body, md = gw.encrypt_chunked(HELLO, PW, salt=SALT_A, base_iv=IV_A)
     assert body == BODY_A
@@ -241,8 +268,9 @@ def test_writer_reproduces_object_a():
 @pytest.mark.parametrize("size", [0, 1, 16384, 16385, 50000])
 def test_round_trip(alg, wrap, size):
     pt = bytes((i * 7) & 0xFF for i in range(size))
-    body, md = gw.encrypt_chunked(pt, PW, iterations=100_000, chunk_size=16384,
-                                  algorithm=alg, wrap=wrap)
+    body, md = gw.encrypt_chunked(
+        pt, PW, iterations=100_000, chunk_size=16384, algorithm=alg, wrap=wrap
+    )
     assert len(body) == gw.chunked_layout(md).ciphertext_size(size)
     assert gw.decrypt_all(md, body, password=PW) == pt
     lay = gw.chunked_layout(md)
@@ -253,6 +281,7 @@ def test_round_trip(alg, wrap, size):
 
 
 # --- key parsing, cache, sizes ----------------------------------------------------------
+
 
 def test_master_key_parsing():
     assert gw.parse_master_key("00" * 16) == bytes(16)  # 32 hex chars: AES-128 KEK
@@ -267,8 +296,12 @@ def test_master_key_parsing():
 def test_kdf_params():
     assert gw.parse_kdf_params(None) == 100_000
     assert gw.parse_kdf_params("pbkdf2-sha256:600000") == 600_000
-    for bad in ("pbkdf2-sha256:99999", "argon2id:3:65536:4", "pbkdf2-sha256:x",
-                "pbkdf2-sha256:99999999"):
+    for bad in (
+        "pbkdf2-sha256:99999",
+        "argon2id:3:65536:4",
+        "pbkdf2-sha256:x",
+        "pbkdf2-sha256:99999999",
+    ):
         with pytest.raises(FormatError):
             gw.parse_kdf_params(bad)
 
@@ -309,8 +342,12 @@ def test_empty_object_and_truncated_to_empty():
 
 
 def test_refuses_unsupported_variants():
-    for extra in ({"encryption-chunked": "false"}, {"encryption-fallback": "true"},
-                  {"compression-enabled": "true"}, {"encryption-algorithm": "AES128-CBC"}):
+    for extra in (
+        {"encryption-chunked": "false"},
+        {"encryption-fallback": "true"},
+        {"compression-enabled": "true"},
+        {"encryption-algorithm": "AES128-CBC"},
+    ):
         with pytest.raises(FormatError):
             gw.chunked_layout(md_a(**extra))
     with pytest.raises(FormatError):
@@ -344,6 +381,6 @@ def test_read_range():
         return body[s:e]
 
     for off, ln in [(0, 1), (16383, 2), (40000, 20000), (49999, 5), (50000, 1), (100, 0)]:
-        assert lay.read_range(key, off, ln, size, fetch) == pt[off:off + ln]
+        assert lay.read_range(key, off, ln, size, fetch) == pt[off : off + ln]
     with pytest.raises(IntegrityError):
-        lay.read_range(key, 49000, 10, size, lambda s, e: body[s:e - 16])
+        lay.read_range(key, 49000, 10, size, lambda s, e: body[s : e - 16])

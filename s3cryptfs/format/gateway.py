@@ -77,7 +77,7 @@ def normalize_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     for k, v in metadata.items():
         k = k.lower()
         if k.startswith(_PREFIX):
-            k = k[len(_PREFIX):]
+            k = k[len(_PREFIX) :]
         out[k] = v
     for short, full in _COMPACT.items():
         if short in out and full not in out:
@@ -213,8 +213,11 @@ def _check_dek(dek: bytes) -> bytes:
 
 def unwrap_memory_dek(wrapped: bytes, master_key: bytes | str) -> bytes:
     """RFC 3394 unwrap under the memory provider's master key (raw bytes or config string)."""
-    kek = master_key if isinstance(master_key, bytes) and len(master_key) in (16, 24, 32) \
+    kek = (
+        master_key
+        if isinstance(master_key, bytes) and len(master_key) in (16, 24, 32)
         else parse_master_key(master_key)
+    )
     try:
         return _check_dek(aes_key_unwrap(kek, wrapped))
     except InvalidUnwrap as e:
@@ -324,7 +327,7 @@ class ChunkedLayout:
             raise IntegrityError("gateway: object body is shorter than its recorded size")
         pt = self.decrypt_range(key, first, data)
         skip = offset - first * self.chunk_size
-        return pt[skip:skip + length]
+        return pt[skip : skip + length]
 
     def decrypt_chunk(self, key: bytes, index: int, data: bytes) -> bytes:
         if not TAG < len(data) <= self.enc_chunk:
@@ -340,7 +343,7 @@ class ChunkedLayout:
         """Decrypt consecutive whole chunks starting at *first_index*."""
         out = []
         for j, pos in enumerate(range(0, len(data), self.enc_chunk)):
-            out.append(self.decrypt_chunk(key, first_index + j, data[pos:pos + self.enc_chunk]))
+            out.append(self.decrypt_chunk(key, first_index + j, data[pos : pos + self.enc_chunk]))
         return b"".join(out)
 
 
@@ -414,8 +417,12 @@ def decrypt_all(
 
 
 def wrap_password_dek(
-    dek: bytes, password: str | bytes, iterations: int = 600_000,
-    *, salt: bytes | None = None, nonce: bytes | None = None,
+    dek: bytes,
+    password: str | bytes,
+    iterations: int = 600_000,
+    *,
+    salt: bytes | None = None,
+    nonce: bytes | None = None,
 ) -> bytes:
     """The 0.8 provider-``password`` blob (96 B)."""
     salt = os.urandom(SALT) if salt is None else salt
@@ -453,7 +460,7 @@ def encrypt_chunked(
     chunks = []
     for i, pos in enumerate(range(0, len(plaintext), chunk_size)):
         nonce = chunk_nonce(base_iv, i, "hkdf-sha256")
-        chunks.append(aead.encrypt(nonce, plaintext[pos:pos + chunk_size], None))
+        chunks.append(aead.encrypt(nonce, plaintext[pos : pos + chunk_size], None))
     iv_b64 = base64.b64encode(base_iv).decode()
     manifest = json.dumps(
         {"v": 1, "cs": chunk_size, "cc": 0, "iv": iv_b64, "ivd": "hkdf-sha256"},
