@@ -81,6 +81,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="key manager of the volume (default s3cryptfs-password); a KMS provider takes "
         "its connection settings from --kms-config",
     )
+    p.add_argument(
+        "--format",
+        dest="object_format",
+        choices=["s3cryptfs", "gateway"],
+        default="s3cryptfs",
+        help="format of new files: ours (default), or the S3 Encryption Gateway's chunked "
+        "format (for a bucket the gateway also serves; docs/INTEROP.md)",
+    )
+    p.add_argument(
+        "--gateway-wrap",
+        choices=["password", "memory"],
+        default="password",
+        help="with --format gateway: wrap data keys as the gateway's single-password mode "
+        "does (default), or with its memory provider (needs --gateway-master-key-file at mount)",
+    )
+    p.add_argument(
+        "--gateway-iterations",
+        type=int,
+        default=600_000,
+        metavar="N",
+        help="with --format gateway: PBKDF2 iterations recorded in new objects (default 600000)",
+    )
+    p.add_argument(
+        "--allow-plaintext",
+        action="store_true",
+        help="serve objects that carry no encryption marker as plaintext (default: refuse "
+        "them with EIO, so nobody can swap a file for a plaintext one)",
+    )
     _add_kms(p)
 
     p = sub.add_parser(
@@ -224,6 +252,12 @@ def _add_kms(p: argparse.ArgumentParser) -> None:
         "--audit-log",
         metavar="PATH",
         help="append JSON lines of key operations (wrap, unwrap, rotate...) to PATH",
+    )
+    p.add_argument(
+        "--gateway-master-key-file",
+        metavar="FILE",
+        help="the S3 Encryption Gateway's memory-provider master key (hex, base64 or raw), for "
+        "its objects wrapped with provider memory (must not be readable by group or others)",
     )
 
 
@@ -419,9 +453,31 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
     volume_id = Descriptor.new_volume_id()
     _check_seed_key_manager_setting(args.key_manager != pw.PROVIDER)
+    gateway = args.object_format == "gateway"
+    gateway_settings: dict[str, object] = {}
+    if gateway:
+        from s3cryptfs.format import gateway as gw
+
+        gateway_settings = {
+            "wrap": args.gateway_wrap,
+            "iterations": args.gateway_iterations,
+            "algorithm": gw.ALG_AES,
+            "chunk_size": 65536,
+        }
+        try:
+            gw.WriteSettings.from_dict(gateway_settings)
+        except S3CryptFSError as exc:
+            raise ConfigError(str(exc)) from None
     if args.key_manager == pw.PROVIDER:
         password = config.get_password(args.password_file, confirm=True)
-        pw.check_new_password(password)
+        if gateway:
+            # The gateway's password already exists: it is what its objects need, as it is.
+            try:
+                pw.check_new_password(password)
+            except S3CryptFSError as exc:
+                log.warning("the gateway's password is weak (%s); keeping it", exc)
+        else:
+            pw.check_new_password(password)
         settings = None
     else:
         from s3cryptfs.ops.commands import kms_settings
@@ -435,16 +491,17 @@ def cmd_init(args: argparse.Namespace) -> int:
         chunk_size=chunk,
         provider=args.key_manager,
         key_settings=settings if settings is not None else pw.new_settings(password, volume_id),
+        object_format="gateway" if gateway else "1",
+        gateway=gateway_settings,
+        allow_plaintext=args.allow_plaintext,
     )
     key = descriptor_key(url.prefix)
     try:
         store.put(key, desc.encode(), {}, if_none_match=True, content_type="application/json")
     except PreconditionFailed:
         raise VolumeError(f"{url} is already an s3cryptfs volume ({key} exists)") from None
-    print(
-        f"created volume {url} (id {volume_id}, {chunk // 1024} KiB chunks, "
-        f"key manager {args.key_manager})"
-    )
+    kind = "gateway format" if gateway else f"{chunk // 1024} KiB chunks"
+    print(f"created volume {url} (id {volume_id}, {kind}, key manager {args.key_manager})")
     return EXIT_OK
 
 
@@ -486,6 +543,11 @@ def _mount_spec(args: argparse.Namespace, password: bytes | None) -> object:
         allow_other=args.allow_other,
         retry_deadline=args.s3_timeout,
         local_keys=local,
+        gateway_master_key=(
+            config.read_password_file(args.gateway_master_key_file)
+            if args.gateway_master_key_file
+            else None
+        ),
         audit_log=os.path.abspath(args.audit_log) if args.audit_log else None,
         dek_cache_entries=4096 if args.dek_cache_ttl > 0 else 0,
         dek_cache_ttl=args.dek_cache_ttl,

@@ -26,11 +26,16 @@ from s3cryptfs.errors import (
     IntegrityError,
     KeyManagerError,
     KeyNotFound,
+    ObjectNotFound,
     UnknownProvider,
+    UnwrapFailed,
+    WrongPasswordError,
 )
+from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format import v1
-from s3cryptfs.format.descriptor import Descriptor
+from s3cryptfs.format.descriptor import GATEWAY_FORMAT, Descriptor
+from s3cryptfs.format.layout import BodyCipher, PlainCipher
 from s3cryptfs.keys.base import KeyEnvelope
 from s3cryptfs.keys.dekcache import DekCache, cache_key
 from s3cryptfs.keys.ring import KeyRing
@@ -44,7 +49,27 @@ class SealedObject:
     metadata: dict[str, str]
     plain_size: int
     body_size: int
-    cipher: v1.ChunkCipher  # to read the sealed body back before it is uploaded
+    cipher: BodyCipher  # to read the sealed body back before it is uploaded
+
+
+@dataclass
+class GatewaySecrets:
+    """What this machine holds for objects of the S3 Encryption Gateway (never stored)."""
+
+    password: bytes | None = None  # the gateway's password (a password volume's own one)
+    master_key: bytes | None = None  # the gateway's `memory` provider master key
+
+
+OWN, GATEWAY, PLAIN = "s3cryptfs", "gateway", "plain"
+
+
+def object_kind(meta: Mapping[str, str]) -> str:
+    """Which format an object is in, from its metadata alone."""
+    if md.FORMAT in meta:
+        return OWN
+    if gw.is_gateway_object(meta):
+        return GATEWAY
+    return PLAIN
 
 
 class ObjectCodec:
@@ -58,8 +83,15 @@ class ObjectCodec:
         dek_cache: DekCache | None = None,
         audit: AuditLog = NO_AUDIT,
         refresh_interval: float = 60.0,
+        gateway: GatewaySecrets | None = None,
     ) -> None:
         self.descriptor = descriptor
+        self.gateway = gateway or GatewaySecrets()
+        self._gateway_wrapper: gw.PasswordWrapper | gw.MemoryWrapper | None = None
+        # (key) -> (metadata, body) of a companion object (a gateway multipart manifest);
+        # given by whoever reads the store, so that this class stays free of S3.
+        self.companion: Callable[[str], tuple[Mapping[str, str], bytes]] | None = None
+        self._gateway_lock = threading.Lock()
         self.ring = ring
         self.chunk_size = descriptor.chunk_size
         self.dek_cache = dek_cache if dek_cache is not None else DekCache()
@@ -117,10 +149,49 @@ class ObjectCodec:
         self.dek_cache.put(cache_key(envelope), dek)
         return {md.FORMAT: md.FORMAT_V1, **md.encode_envelope(envelope), **attrs.encode()}
 
+    @property
+    def writes_gateway(self) -> bool:
+        return self.descriptor.object_format == GATEWAY_FORMAT
+
+    def _wrapper(self) -> gw.PasswordWrapper | gw.MemoryWrapper:
+        with self._gateway_lock:
+            if self._gateway_wrapper is None:
+                settings = gw.WriteSettings.from_dict(self.descriptor.gateway)
+                if settings.wrap == "memory":
+                    if self.gateway.master_key is None:
+                        raise KeyNotFound(
+                            "this gateway-format volume wraps keys with the gateway's memory "
+                            "master key: give it with --gateway-master-key-file"
+                        )
+                    self._gateway_wrapper = gw.MemoryWrapper(self.gateway.master_key)
+                else:
+                    if self.gateway.password is None:
+                        raise KeyNotFound("this gateway-format volume needs its password")
+                    self._gateway_wrapper = gw.PasswordWrapper(
+                        self.gateway.password, settings.iterations
+                    )
+            return self._gateway_wrapper
+
+    def _seal_gateway(
+        self, src: BinaryIO, dst: BinaryIO, attrs: md.PosixAttrs, name: str
+    ) -> SealedObject:
+        settings = gw.WriteSettings.from_dict(self.descriptor.gateway)
+        dek = os.urandom(gw.KEY)
+        envelope = self._wrapper().wrap(dek)
+        self.audit.event("wrap", provider=envelope["encryption-kms-provider"], object=name or None)
+        meta, plain, body, cipher = gw.seal_chunked_stream(src, dst, dek, settings, envelope)
+        meta.update(attrs.encode())
+        dst.flush()
+        return SealedObject(meta, plain, body, cipher)
+
     def seal_stream(
         self, src: BinaryIO, dst: BinaryIO, attrs: md.PosixAttrs, name: str = ""
     ) -> SealedObject:
-        """Encrypt *src* into *dst* under a fresh data key (blocking: may call a KMS)."""
+        """Encrypt *src* into *dst* under a fresh data key (blocking: may call a KMS).
+
+        File contents: in the volume's object format (ours, or the gateway's)."""
+        if self.writes_gateway:
+            return self._seal_gateway(src, dst, attrs, name)
         dek = os.urandom(v1.DEK_LEN)
         meta = self.new_metadata(dek, attrs, name)
         start = dst.tell()
@@ -132,8 +203,16 @@ class ObjectCodec:
         return SealedObject(meta, plain, body, v1.ChunkCipher(dek, header))
 
     def seal_bytes(
-        self, data: bytes, attrs: md.PosixAttrs, name: str = ""
+        self, data: bytes, attrs: md.PosixAttrs, name: str = "", *, content: bool = False
     ) -> tuple[bytes, dict[str, str]]:
+        """Encrypt a small object; *content*: it is file content (the volume's format applies),
+        else it is our own bookkeeping (always our format)."""
+        if content and self.writes_gateway:
+            import io
+
+            out = io.BytesIO()
+            sealed = self._seal_gateway(io.BytesIO(data), out, attrs, name)
+            return out.getvalue(), sealed.metadata
         dek = os.urandom(v1.DEK_LEN)
         return v1.encrypt_bytes(dek, data, self.chunk_size), self.new_metadata(dek, attrs, name)
 
@@ -198,17 +277,137 @@ class ObjectCodec:
             raise FormatError(f"{name}: {exc}" if name else str(exc)) from None
         return self.unwrap_envelope(envelope, name)
 
-    def cipher(self, meta: Mapping[str, str], header_raw: bytes, name: str = "") -> v1.ChunkCipher:
+    # --- reading any object ------------------------------------------------------------------
+
+    def refusal(self, meta: Mapping[str, str]) -> str | None:
+        """Why an object cannot be served at all (None: it can be tried)."""
+        if object_kind(meta) == PLAIN and not self.descriptor.allow_plaintext:
+            # No downgrade: a plaintext object where encrypted ones are expected is refused.
+            return "not encrypted (this volume does not allow plaintext objects)"
+        return None
+
+    def header_len(self, meta: Mapping[str, str] | None) -> int:
+        """Bytes of the body's start that cipher() needs."""
+        return v1.HEADER_LEN if meta is None or object_kind(meta) == OWN else 0
+
+    def cipher(self, meta: Mapping[str, str], header_raw: bytes, name: str = "") -> BodyCipher:
+        kind = object_kind(meta)
+        if kind == GATEWAY and gw.is_mpu_object(meta):
+            manifest = self.mpu_manifest(meta, name)
+            return gw.MpuCipher(manifest, self._mpu_key(manifest, name))
+        if kind == GATEWAY:
+            return self._gateway_cipher(meta, name)
+        if kind == PLAIN:
+            reason = self.refusal(meta)
+            if reason:
+                raise FormatError(f"{name}: {reason}" if name else reason)
+            return PlainCipher()
         return v1.ChunkCipher(self.unwrap(meta, name), v1.Header.decode(header_raw))
+
+    def _gateway_key(self, meta: Mapping[str, str], name: str) -> bytes:
+        norm = gw.normalize_metadata(meta)
+        provider = norm.get("encryption-kms-provider", "")
+        if norm.get("encryption-wrapped-key") and provider not in ("password", "memory"):
+            # e.g. cosmian-kmip: the same envelope names as ours; the ring's manager unwraps it
+            return self.unwrap_envelope(md.decode_envelope(norm), name)
+        wrapped = norm.get("encryption-wrapped-key", "")
+        ckey = ("gateway:" + provider, "", 0, wrapped.encode()) if wrapped else None
+        if ckey is not None:
+            cached = self.dek_cache.get(ckey)
+            if cached is not None:
+                return cached
+        try:
+            key = gw.data_key(
+                norm, password=self.gateway.password, master_key=self.gateway.master_key
+            )
+        except (KeyManagerError, WrongPasswordError) as exc:
+            self.audit.event("unwrap", type(exc).__name__, provider=provider or "gateway-pbkdf2")
+            kind = UnwrapFailed if isinstance(exc, WrongPasswordError) else type(exc)
+            raise kind(f"{name}: {exc}" if name else str(exc)) from None
+        self.audit.event("unwrap", provider=provider or "gateway-pbkdf2", object=name or None)
+        if ckey is not None:
+            self.dek_cache.put(ckey, key)
+        return key
+
+    def mpu_manifest(self, meta: Mapping[str, str], name: str) -> gw.MpuManifest:
+        """The manifest of a gateway multipart object (blocking: reads the companion)."""
+        mkey = gw.mpu_manifest_key(name, meta)
+        if self.companion is None:
+            raise FormatError(f"{name}: a multipart object needs its manifest {mkey}")
+        try:
+            mmeta, body = self.companion(mkey)
+        except ObjectNotFound:
+            raise IntegrityError(f"{name}: its multipart manifest {mkey} is missing") from None
+        if object_kind(mmeta) != GATEWAY or gw.is_mpu_object(mmeta):
+            raise IntegrityError(f"{name}: {mkey} is not an encrypted gateway manifest")
+        try:
+            return gw.parse_mpu_manifest(self.decrypt_whole(mmeta, body, mkey))
+        except FormatError as exc:
+            raise FormatError(f"{name}: {exc}") from None
+
+    def mpu_size(self, meta: Mapping[str, str], name: str) -> int:
+        return self.mpu_manifest(meta, name).total_plain
+
+    def _mpu_key(self, manifest: gw.MpuManifest, name: str) -> bytes:
+        provider, key_id, version, blob = gw.mpu_envelope(manifest)
+        if provider not in ("password", "memory"):
+            return self.unwrap_envelope(KeyEnvelope(key_id, version, provider, blob), name)
+        ckey = ("gateway:" + provider, key_id, version, blob)
+        cached = self.dek_cache.get(ckey)
+        if cached is not None:
+            return cached
+        try:
+            if provider == "password":
+                if self.gateway.password is None:
+                    raise KeyNotFound("gateway: object is password-wrapped but no password given")
+                dek = gw.unwrap_password_dek(blob, self.gateway.password)
+            else:
+                if self.gateway.master_key is None:
+                    raise KeyNotFound("gateway: memory-wrapped object but no master key given")
+                dek = gw.unwrap_memory_dek(blob, self.gateway.master_key)
+        except (KeyManagerError, WrongPasswordError) as exc:
+            self.audit.event("unwrap", type(exc).__name__, provider=provider, object=name or None)
+            kind = UnwrapFailed if isinstance(exc, WrongPasswordError) else type(exc)
+            raise kind(f"{name}: {exc}" if name else str(exc)) from None
+        self.audit.event("unwrap", provider=provider, object=name or None)
+        self.dek_cache.put(ckey, dek)
+        return dek
+
+    def _gateway_cipher(self, meta: Mapping[str, str], name: str) -> BodyCipher:
+        try:
+            return gw.body_cipher(meta, key=self._gateway_key(meta, name))
+        except FormatError as exc:
+            raise FormatError(f"{name}: {exc}" if name else str(exc)) from None
 
     def plain_size(self, body_size: int, chunk_size: int | None = None) -> int:
         return v1.plain_size(body_size, chunk_size or self.chunk_size)
 
-    def plain_size_or_none(self, body_size: int) -> int | None:
+    def plain_size_or_none(
+        self, body_size: int, meta: Mapping[str, str] | None = None
+    ) -> int | None:
+        """The plaintext size of a body, from its length (and metadata where the format needs
+        it); None where it cannot be told."""
         try:
-            return self.plain_size(body_size)
-        except IntegrityError:
+            kind = OWN if meta is None else object_kind(meta)
+            if kind == OWN:
+                return self.plain_size(body_size)
+            if kind == PLAIN:
+                return body_size
+            norm = gw.normalize_metadata(meta)  # type: ignore[arg-type]
+            recorded = gw.recorded_size(norm)
+            if recorded is not None:
+                # What the gateway reports too; a body that disagrees fails at the first read.
+                return recorded
+            if norm.get("encryption-chunked") == "true":
+                return gw.ChunkedCipher(gw.chunked_layout(norm), b"").plain_size_of(body_size)
+            return gw.SingleCipher(norm, b"").plain_size_of(body_size)
+        except (IntegrityError, FormatError):
             return None
 
     def decrypt_whole(self, meta: Mapping[str, str], body: bytes, name: str = "") -> bytes:
-        return v1.decrypt_bytes(self.unwrap(meta, name), body)
+        if object_kind(meta) == OWN:
+            return v1.decrypt_bytes(self.unwrap(meta, name), body)
+        cipher = self.cipher(meta, b"", name)
+        size = cipher.plain_size_of(len(body))
+        parts = cipher.open_range(0, body, cipher.chunk_count(size))
+        return b"".join(parts)

@@ -18,7 +18,7 @@ import trio
 
 from s3cryptfs import config
 from s3cryptfs.audit import NO_AUDIT, AuditLog
-from s3cryptfs.codec import ObjectCodec
+from s3cryptfs.codec import GatewaySecrets, ObjectCodec
 from s3cryptfs.errors import (
     BucketNotFound,
     ConfigError,
@@ -26,7 +26,7 @@ from s3cryptfs.errors import (
     S3CryptFSError,
     VolumeError,
 )
-from s3cryptfs.format.descriptor import Descriptor, descriptor_key
+from s3cryptfs.format.descriptor import GATEWAY_FORMAT, Descriptor, descriptor_key
 from s3cryptfs.keys.dekcache import DekCache
 from s3cryptfs.keys.ring import KeyRing, LocalKeys
 from s3cryptfs.store.s3 import S3Store, StoreSettings
@@ -52,6 +52,7 @@ class MountSpec:
     dek_cache_entries: int = 4096
     dek_cache_ttl: float = 300.0
     descriptor_refresh: float = 60.0
+    gateway_master_key: bytes | None = None  # the S3 Encryption Gateway's memory master key
 
 
 def make_store(
@@ -104,8 +105,18 @@ def open_codec(
     audit: AuditLog = NO_AUDIT,
     dek_cache: DekCache | None = None,
     refresh_interval: float = 60.0,
+    gateway_master_key: bytes | None = None,
 ) -> ObjectCodec:
     """A codec with a manager for every provider of *desc*, each opened now (fail early)."""
+    if (
+        desc.object_format == GATEWAY_FORMAT
+        and desc.gateway.get("wrap") == "memory"
+        and gateway_master_key is None
+    ):
+        raise ConfigError(
+            "this volume writes files in the gateway's format with its memory provider: give "
+            "the master key with --gateway-master-key-file FILE"
+        )
     ring = KeyRing(desc, local)
     try:
         ring.open_all()
@@ -119,6 +130,7 @@ def open_codec(
         dek_cache=dek_cache,
         audit=audit,
         refresh_interval=refresh_interval,
+        gateway=GatewaySecrets(password=local.password, master_key=gateway_master_key),
     )
 
 
@@ -192,6 +204,7 @@ class Mount:
             audit=self.audit,
             dek_cache=DekCache(spec.dek_cache_entries, spec.dek_cache_ttl),
             refresh_interval=spec.descriptor_refresh,
+            gateway_master_key=spec.gateway_master_key,
         )
         cache_dir = config.volume_cache_dir(spec.cache_root, spec.endpoint_url, spec.url)
         self.lock = CacheLock(cache_dir)

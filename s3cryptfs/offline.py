@@ -78,24 +78,18 @@ def _open(args: argparse.Namespace, object_url: str) -> tuple[Admin, ObjectCodec
 def decrypt_object(store: S3Store, codec: ObjectCodec, info: ObjectInfo) -> Iterator[bytes]:
     """The plaintext of an object, in pieces, every chunk authenticated; IntegrityError if not."""
     meta = info.metadata or {}
-    if md.FORMAT not in meta:
-        raise IntegrityError(f"{info.key}: not encrypted by s3cryptfs (no format marker)")
-    header = store.get(info.key, 0, v1.HEADER_LEN - 1, if_match=info.etag)
+    reason = codec.refusal(meta)
+    if reason:
+        raise IntegrityError(f"{info.key}: {reason}")
+    hlen = codec.header_len(meta)
+    header = store.get(info.key, 0, hlen - 1, if_match=info.etag) if hlen else b""
     cipher = codec.cipher(meta, header, info.key)
-    size = v1.plain_size(info.size, cipher.chunk_size)
-    total = v1.chunk_count(size, cipher.chunk_size)
+    size = cipher.plain_size_of(info.size)
+    total = cipher.chunk_count(size)
     per = max(1, STEP // cipher.chunk_size)
     for first in range(0, total, per):
         last = min(first + per, total) - 1
-        start = v1.chunk_span(first, cipher.chunk_size)[0]
-        end = (
-            min(
-                v1.chunk_span(last, cipher.chunk_size)[0]
-                + v1.chunk_span(last, cipher.chunk_size)[1],
-                info.size,
-            )
-            - 1
-        )
+        start, end = cipher.span(first, last, info.size)
         data = store.get(info.key, start, end, if_match=info.etag)
         if len(data) != end - start + 1:
             raise IntegrityError(f"{info.key}: object is shorter than its length says")

@@ -27,6 +27,7 @@ KEYS: dict[str, tuple[type, bool]] = {
     "password_file": (str, False),
     "kms_config": (str, False),
     "audit_log": (str, False),
+    "gateway_master_key_file": (str, False),
     "cache_dir": (str, False),
     "cache_size": (str, False),
     "memory_cache": (str, False),

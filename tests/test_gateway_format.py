@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import os
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 from s3cryptfs.errors import (
@@ -384,3 +386,159 @@ def test_read_range():
         assert lay.read_range(key, off, ln, size, fetch) == pt[off : off + ln]
     with pytest.raises(IntegrityError):
         lay.read_range(key, 49000, 10, size, lambda s, e: body[s : e - 16])
+
+
+# --- the block-cache interface (ChunkedCipher, SingleCipher) ---------------------------------
+
+BODY_C = bytes.fromhex("07511f794f24d02295624d090f8e68ba502c21c24400e3207173344a5db2fb")
+
+
+def md_c(**extra: str) -> dict[str, str]:
+    md = {
+        "encrypted": "true",
+        "encryption-algorithm": "AES256-GCM",
+        "encryption-key-salt": base64.b64encode(SALT_A).decode(),
+        "encryption-iv": base64.b64encode(bytes.fromhex("32333435363738393a3b3c3d")).decode(),
+        "encryption-original-size": "15",
+        "encryption-kdf-params": "pbkdf2-sha256:600000",
+        "encryption-content-type": "text/plain",
+        "original-content-length": "15",
+    }
+    md.update(extra)
+    return md
+
+
+def test_single_aead_object_c_vector():
+    c = gw.body_cipher(md_c(), password=PW)
+    assert isinstance(c, gw.SingleCipher)
+    assert c.plain_size_of(len(BODY_C)) == 15
+    assert c.span(0, 0, len(BODY_C)) == (0, len(BODY_C) - 1)
+    assert c.open_range(0, BODY_C, 1) == [HELLO]
+
+
+def test_single_aead_aad_binds_the_recorded_size_and_type():
+    for tampered in (
+        md_c(**{"encryption-original-size": "14"}),
+        md_c(**{"encryption-content-type": "x"}),
+    ):
+        with pytest.raises(IntegrityError):
+            gw.body_cipher(tampered, password=PW).open_range(0, BODY_C, 1)
+
+
+def test_single_aead_gzip_bomb_is_refused():
+    import gzip as gz
+
+    key = gw.pbkdf2(PW, SALT_A, 600_000)
+    md = md_c(**{"compression-enabled": "true", "compression-algorithm": "gzip"})
+    md["encryption-original-size"] = "10"
+    iv = base64.b64decode(md["encryption-iv"])
+    aad = gw.single_aads(gw.normalize_metadata(md), "AES256-GCM", SALT_A, iv)[0]
+    body = AESGCM(key).encrypt(iv, gz.compress(b"\0" * 1_000_000), aad)
+    with pytest.raises(IntegrityError):
+        gw.body_cipher(md, password=PW).open_range(0, body, 1)
+
+
+def test_chunked_cipher_refuses_a_body_shorter_than_recorded():
+    pt = bytes(range(256)) * 1000
+    body, md = gw.encrypt_chunked(pt, PW, iterations=100_000, chunk_size=16384)
+    c = gw.body_cipher(md, password=PW)
+    assert isinstance(c, gw.ChunkedCipher)
+    assert c.plain_size_of(len(body)) == len(pt)
+    assert c.chunk_count(len(pt)) == -(-len(pt) // 16384)
+    start, end = c.span(2, 3, len(body))
+    assert b"".join(c.open_range(2, body[start : end + 1], 16)) == pt[2 * 16384 : 4 * 16384]
+    with pytest.raises(IntegrityError):
+        c.plain_size_of(len(body) - (16384 + 16))  # the gateway would serve this as valid
+
+
+def test_streaming_writer_matches_the_reference_reader():
+    import io
+
+    pt = os.urandom(200_001)
+    out = io.BytesIO()
+    settings = gw.WriteSettings(iterations=100_000)
+    envelope = gw.PasswordWrapper(PW, 100_000).wrap(dek := os.urandom(32))
+    md, plain, body_len, cipher = gw.seal_chunked_stream(
+        io.BytesIO(pt), out, dek, settings, envelope
+    )
+    assert (plain, body_len) == (len(pt), len(out.getvalue()))
+    assert gw.decrypt_all(md, out.getvalue(), password=PW) == pt
+    assert b"".join(cipher.open_range(0, out.getvalue(), 4)) == pt
+
+
+def test_password_wrapper_stretches_once_and_uses_fresh_nonces():
+    w = gw.PasswordWrapper(PW, 100_000)
+    a, b = (base64.b64decode(w.wrap(bytes(32))["encryption-wrapped-key"]) for _ in range(2))
+    assert a[4:36] == b[4:36]  # one salt (one PBKDF2) per wrapper
+    assert a[36:48] != b[36:48]  # a fresh nonce per object
+    assert gw.unwrap_password_dek(a, PW) == bytes(32)
+
+
+# --- encrypted multipart uploads (§5) ---------------------------------------------------------
+
+
+def test_mpu_iv_kat():
+    import hashlib
+
+    dek = bytes.fromhex("0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20")
+    salt = hashlib.sha256(b"test-upload-id-12345").digest()
+    iv = gw.mpu_iv(dek, salt, bytes.fromhex("aabbccddeeff112233445566"), 1, 0)
+    assert iv.hex() == "25676f1b3de70cfc8276d810"
+
+
+def _manifest(**extra):
+    import json
+
+    doc = {
+        "v": 1,
+        "alg": "AES256GCM",
+        "cs": 65536,
+        "iv_prefix": "aa" * 12,
+        "uid_hash": "Djkbh36fEyajCuxwZ1GKdpLDWV-JggUls96yBWTuDZ8=",
+        "wrapped_dek": json.dumps({"Provider": "password", "Ciphertext": "AAAA"}),
+        "parts": [
+            {"pn": 1, "plain_len": 70000, "enc_len": 70032, "chunks": 2},
+            {"pn": 2, "plain_len": 10, "enc_len": 26, "chunks": 1},
+        ],
+        "total_plain": 70010,
+    }
+    doc.update(extra)
+    return json.dumps(doc).encode()
+
+
+def test_mpu_manifest_parsing_and_chunk_map():
+    m = gw.parse_mpu_manifest(_manifest())
+    assert m.algorithm == gw.ALG_AES  # the pre-0.6.4 name
+    c = gw.MpuCipher(m, bytes(32))
+    assert c.chunk_count(m.total_plain) == 3
+    assert [c.chunk_start(i) for i in range(3)] == [0, 65536, 70000]
+    assert (c.chunk_of(65535), c.chunk_of(65536), c.chunk_of(70009)) == (0, 1, 2)
+    assert c.span(1, 2, 70058) == (65552, 70057)
+    assert c.plain_size_of(70058) == 70010
+    with pytest.raises(IntegrityError):
+        c.plain_size_of(70057)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"v": 2},
+        {"cs": 100},
+        {"iv_prefix": "zz"},
+        {"total_plain": 1},
+        {"parts": [{"pn": 1, "plain_len": 70000, "enc_len": 70016, "chunks": 2}]},
+        {"parts": [{"pn": 2, "plain_len": 1, "enc_len": 17, "chunks": 1}] * 2},
+        {"wrapped_dek": "not json"},
+    ],
+)
+def test_mpu_manifest_refuses_inconsistent_documents(bad):
+    with pytest.raises(FormatError):
+        gw.parse_mpu_manifest(_manifest(**bad))
+
+
+def test_mpu_manifest_pointer_must_be_the_companion():
+    assert gw.mpu_manifest_key("a/b", {"encryption-fallback-ptr": "a/b.mpu-manifest"}) == (
+        "a/b.mpu-manifest"
+    )
+    with pytest.raises(FormatError):
+        gw.mpu_manifest_key("a/b", {"encryption-fallback-ptr": "other.mpu-manifest"})

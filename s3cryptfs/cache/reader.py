@@ -18,6 +18,7 @@ import trio
 from s3cryptfs.cache.blocks import BlockCache
 from s3cryptfs.errors import IntegrityError
 from s3cryptfs.format import v1
+from s3cryptfs.format.layout import BodyCipher
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,9 @@ class Version:
     plain_size: int
     body_size: int
     fetch: Callable[[int, int], bytes]
-    make_cipher: Callable[[bytes], v1.ChunkCipher]  # header bytes -> cipher (may call a KMS)
-    cipher: v1.ChunkCipher | None = None
+    make_cipher: Callable[[bytes], BodyCipher]  # header bytes -> cipher (may call a KMS)
+    cipher: BodyCipher | None = None
+    header_len: int = v1.HEADER_LEN  # bytes make_cipher needs from the start of the body
 
     @property
     def chunk_size(self) -> int:
@@ -42,7 +44,8 @@ class Version:
         return self.cipher.chunk_size
 
     def chunks(self) -> int:
-        return v1.chunk_count(self.plain_size, self.chunk_size)
+        assert self.cipher is not None
+        return self.cipher.chunk_count(self.plain_size)
 
 
 @dataclass
@@ -84,13 +87,15 @@ class Reader:
         if version.cipher is not None:
             return
 
-        def load() -> v1.ChunkCipher:
+        def load() -> BodyCipher:
+            if version.header_len == 0:
+                return version.make_cipher(b"")
             return _retry_uncached(
-                version, 0, v1.HEADER_LEN - 1, lambda data: version.make_cipher(data)
+                version, 0, version.header_len - 1, lambda data: version.make_cipher(data)
             )
 
         version.cipher = await trio.to_thread.run_sync(load, limiter=self.limiter)
-        expected = v1.plain_size(version.body_size, version.cipher.chunk_size)
+        expected = version.cipher.plain_size_of(version.body_size)
         if expected != version.plain_size:
             version.plain_size = expected
 
@@ -104,14 +109,7 @@ class Reader:
         total = version.chunks()
         first = group * glen
         last = min(first + glen * count, total) - 1
-        start, _ = v1.chunk_span(first, cipher.chunk_size)
-        end = (
-            min(
-                v1.chunk_span(last, cipher.chunk_size)[0] + cipher.chunk_size + v1.TAG_LEN,
-                version.body_size,
-            )
-            - 1
-        )
+        start, end = cipher.span(first, last, version.body_size)
 
         def open_all(data: bytes) -> dict[int, bytes]:
             if len(data) != end - start + 1:
@@ -124,10 +122,11 @@ class Reader:
             return _retry_uncached(version, start, end, open_all)
         except IntegrityError:
             invalidate = getattr(version.fetch, "invalidate", None)
-            if header_checked or invalidate is None or not invalidate(0, v1.HEADER_LEN - 1):
+            hlen = version.header_len
+            if header_checked or not hlen or invalidate is None or not invalidate(0, hlen - 1):
                 raise
         # The chunks are fine in S3 but the cached header was not: start again from S3's.
-        version.cipher = version.make_cipher(version.fetch(0, v1.HEADER_LEN - 1))
+        version.cipher = version.make_cipher(version.fetch(0, hlen - 1))
         return self._fetch_group(version, group, header_checked=True, count=count)
 
     async def _group(self, version: Version, group: int) -> dict[int, bytes]:
@@ -162,8 +161,9 @@ class Reader:
         if offset >= version.plain_size or size <= 0:
             return b""
         end = min(offset + size, version.plain_size)
-        csize = version.chunk_size
-        first, last = offset // csize, (end - 1) // csize
+        cipher = version.cipher
+        assert cipher is not None
+        first, last = cipher.chunk_of(offset), cipher.chunk_of(end - 1)
         blocks: dict[int, bytes] = {}
         missing_groups: set[int] = set()
         glen = self._group_len(version)
@@ -195,7 +195,7 @@ class Reader:
         if state is not None:
             self._readahead(version, offset, end, state)
         data = b"".join(blocks[i] for i in range(first, last + 1))
-        skip = offset - first * csize
+        skip = offset - cipher.chunk_start(first)
         return data[skip : skip + (end - offset)]
 
     def _readahead(self, version: Version, offset: int, end: int, state: ReadState) -> None:
@@ -206,10 +206,11 @@ class Reader:
         state.next_offset = end
         if not state.window or self.nursery is None or end >= version.plain_size:
             return
-        csize = version.chunk_size
+        cipher = version.cipher
+        assert cipher is not None
         glen = self._group_len(version)
-        first_group = (end // csize) // glen
-        last_group = (min(end + state.window, version.plain_size) - 1) // csize // glen
+        first_group = cipher.chunk_of(end) // glen
+        last_group = cipher.chunk_of(min(end + state.window, version.plain_size) - 1) // glen
         # Consecutive missing groups go out as one range GET of up to span_bytes: per-request
         # overhead (signing, parsing: milliseconds of CPU in botocore) would otherwise cap
         # sequential reads well below what the server delivers.

@@ -18,6 +18,11 @@ META_DIR = ".s3cryptfs"
 DESCRIPTOR_NAME = "volume.json"
 
 
+GATEWAY_FORMAT = "gateway"
+OBJECT_FORMATS = ("1", GATEWAY_FORMAT)
+GATEWAY_WRAPS = ("password", "memory")
+
+
 def descriptor_key(prefix: str) -> str:
     return f"{prefix}{META_DIR}/{DESCRIPTOR_NAME}"
 
@@ -37,6 +42,11 @@ class Descriptor:
     # last rotation (or of init), kept here so every admin machine sees the same schedule.
     rotation_days: int = 0
     rotated_at: float | None = None
+    # object_format "gateway": how new files are written in the S3 Encryption Gateway's format
+    # ({"wrap": "password" | "memory", "iterations": N, "algorithm": ..., "chunk_size": N}).
+    gateway: dict[str, Any] = field(default_factory=dict)
+    # Objects with no encryption marker: refused (EIO) unless the volume allows reading them.
+    allow_plaintext: bool = False
 
     def providers(self) -> dict[str, dict[str, Any]]:
         """Every provider the volume can hold objects of, with its settings (active first)."""
@@ -62,6 +72,10 @@ class Descriptor:
             doc["previous_key_managers"] = self.previous
         if self.rotation_days or self.rotated_at is not None:
             doc["rotation"] = {"max_age_days": self.rotation_days, "last": self.rotated_at}
+        if self.gateway:
+            doc["gateway"] = self.gateway
+        if self.allow_plaintext:
+            doc["allow_plaintext"] = True
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
     @staticmethod
@@ -95,10 +109,14 @@ class Descriptor:
             desc.rotation_days = int(rotation.get("max_age_days", 0))
             last = rotation.get("last")
             desc.rotated_at = None if last is None else float(last)
+            desc.gateway = dict(doc.get("gateway") or {})
+            desc.allow_plaintext = doc.get("allow_plaintext") is True
         except (KeyError, TypeError, ValueError) as exc:
             raise VolumeError(f"volume descriptor is missing or has a bad field: {exc}") from None
-        if desc.object_format != "1":
+        if desc.object_format not in OBJECT_FORMATS:
             raise VolumeError(f"volume object format {desc.object_format!r} is not supported")
+        if desc.object_format == GATEWAY_FORMAT and desc.gateway.get("wrap") not in GATEWAY_WRAPS:
+            raise VolumeError("volume descriptor: gateway format without a valid gateway.wrap")
         try:
             v1.check_chunk_size(desc.chunk_size)
         except Exception as exc:

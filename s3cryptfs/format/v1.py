@@ -131,9 +131,31 @@ class ChunkCipher:
         self._raw = header.encode()
         self._aead = AESGCM(content_key(dek, header.file_id))
 
+    header_len = HEADER_LEN
+
     @property
     def chunk_size(self) -> int:
         return self.header.chunk_size
+
+    # The body-layout interface the block cache reads through (shared with foreign formats).
+
+    def span(self, first: int, last: int, body_size: int) -> tuple[int, int]:
+        """Body bytes [start, end] (inclusive) holding chunks *first*..*last*."""
+        stride = self.chunk_size + TAG_LEN
+        end = min(HEADER_LEN + (last + 1) * stride, body_size) - 1
+        return HEADER_LEN + first * stride, end
+
+    def plain_size_of(self, body_size: int) -> int:
+        return plain_size(body_size, self.chunk_size)
+
+    def chunk_count(self, plain_size: int) -> int:
+        return chunk_count(plain_size, self.chunk_size)
+
+    def chunk_of(self, offset: int) -> int:
+        return offset // self.chunk_size
+
+    def chunk_start(self, index: int) -> int:
+        return index * self.chunk_size
 
     def seal(self, index: int, plaintext: bytes, last: bool) -> bytes:
         return self._aead.encrypt(_nonce(index), plaintext, _aad(self._raw, index, last))

@@ -24,7 +24,7 @@ from s3cryptfs.cache.blocks import BlockCache
 from s3cryptfs.cache.disk import DiskCache
 from s3cryptfs.cache.reader import Reader, Version
 from s3cryptfs.cache.writeback import ABSENT, CHAIN, Entry, Journal, Uploader
-from s3cryptfs.codec import ObjectCodec
+from s3cryptfs.codec import OWN, ObjectCodec, object_kind
 from s3cryptfs.errors import (
     FsError,
     IntegrityError,
@@ -36,6 +36,7 @@ from s3cryptfs.errors import (
     UnknownProvider,
     UploadConflict,
 )
+from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format.descriptor import META_DIR
 from s3cryptfs.store.s3 import ObjectInfo, S3Store
@@ -99,6 +100,7 @@ class Filesystem:
     ) -> None:
         self.store = store
         self.codec = codec
+        codec.companion = self._companion
         self.prefix = prefix
         self.opts = opts
         self.cache_dir = cache_dir
@@ -218,7 +220,8 @@ class Filesystem:
         )
         size = info.size
         node.remote = Remote(info.etag, size)
-        node.size = self.codec.plain_size_or_none(size) or 0
+        meta = info.metadata if isinstance(info, ObjectInfo) else None
+        node.size = self.codec.plain_size_or_none(size, meta) or 0
         if isinstance(info, ObjectInfo) and info.metadata is not None:
             self._apply_metadata(node, info.metadata)
         elif isinstance(info, ChildInfo) and info.attrs is not None:
@@ -255,9 +258,12 @@ class Filesystem:
         node.remote.metadata = meta
         node.remote.attrs_known = True
         self._apply_attrs(node, md.PosixAttrs.decode(meta))
-        if md.FORMAT not in meta:
-            # Not an s3cryptfs object: refuse to serve it as plaintext (no downgrade).
-            node.error = "not encrypted by s3cryptfs"
+        if node.local is None and node.staging is None and object_kind(meta) != OWN:
+            # Foreign formats: the listed length alone does not give the plaintext size.
+            node.size = self.codec.plain_size_or_none(node.remote.body_size, meta) or 0
+        refusal = self.codec.refusal(meta)
+        if refusal:
+            node.error = refusal
 
     def _apply_attrs(self, node: Node, attrs: md.PosixAttrs) -> None:
         if attrs.mode is not None and stat.S_IFMT(attrs.mode) in (stat.S_IFREG, stat.S_IFLNK):
@@ -277,6 +283,8 @@ class Filesystem:
         remote = node.remote
         if remote is None or not remote.attrs_known or node.local is not None:
             return None  # not in S3 yet: noted again once uploaded
+        if remote.metadata is not None and object_kind(remote.metadata) != OWN:
+            return None  # a foreign object's size needs its metadata: always HEADed
         return IndexEntry(remote.etag, node.mode, node.uid, node.gid, node.mtime_ns)
 
     def _note(self, node: Node) -> None:
@@ -385,6 +393,10 @@ class Filesystem:
                 info.attrs = entry
         if node.path == "":
             children.pop(META_DIR, None)
+        for name in [n for n in children if n.endswith(gw.MPU_SUFFIX)]:
+            if name[: -len(gw.MPU_SUFFIX)] in children:
+                # the gateway's multipart manifest: part of its object, not a file of its own
+                del children[name]
         if not self.opts.read_only:
             self.index.note_names(node.path, set(children) | {SELF})
         for pending in self.unsynced:
@@ -457,7 +469,10 @@ class Filesystem:
 
     async def _load_metadata(self, node: Node) -> None:
         """HEAD a listed file once, for its mode, owner and mtime."""
-        if node.is_dir or node.remote is None or node.remote.attrs_known:
+        if node.is_dir or node.remote is None:
+            return
+        if node.remote.attrs_known:
+            await self._companion_size(node)  # (returns at once but for multipart objects)
             return
         await self._head_metadata(node)
 
@@ -470,7 +485,31 @@ class Filesystem:
         if head.etag != node.remote.etag:
             self._replace_remote(node, head)
         self._apply_metadata(node, head.metadata or {})
+        await self._companion_size(node)
         self._note(node)
+
+    def _companion(self, key: str) -> tuple[dict[str, str], bytes]:
+        """Blocking: metadata and body of a small companion object (a multipart manifest)."""
+        head = self.store.head(key)
+        body = self.store.get(key, 0, head.size - 1, if_match=head.etag) if head.size else b""
+        return head.metadata or {}, body
+
+    async def _companion_size(self, node: Node) -> None:
+        """A gateway multipart object's size is only in its manifest: read it for stat."""
+        remote = node.remote
+        if remote is None or remote.companion_read or not remote.metadata:
+            return
+        if not gw.is_mpu_object(remote.metadata):
+            return
+        if node.local is not None or node.staging is not None:
+            return
+        key = self.key(node.path)
+        remote.companion_read = True
+        try:
+            node.size = await self._thread(self.codec.mpu_size, remote.metadata, key)
+        except S3CryptFSError as exc:
+            log.error("%s: %s", key, exc)
+            node.error = str(exc)
 
     async def load_attrs_many(self, nodes: list[Node]) -> None:
         """Load metadata for many listed files at once (readdir)."""
@@ -502,7 +541,7 @@ class Filesystem:
         if node.remote is not None and node.remote.version is not None:
             self.reader.forget(node.remote.version)
         node.remote = Remote(info.etag, info.size, info.metadata)
-        node.size = self.codec.plain_size_or_none(info.size) or 0
+        node.size = self.codec.plain_size_or_none(info.size, info.metadata) or 0
         if info.metadata is not None:
             self._apply_metadata(node, info.metadata)
 
@@ -513,7 +552,9 @@ class Filesystem:
             key = self.key(node.path)
             etag = remote.etag
             meta = remote.metadata or {}
-            size = self.codec.plain_size_or_none(remote.body_size)
+            size = self.codec.plain_size_or_none(remote.body_size, remote.metadata)
+            if size is None and gw.is_mpu_object(meta):
+                size = node.size  # from its manifest; checked again once the cipher is built
             if size is None:
                 raise IntegrityError(
                     f"{key}: object length {remote.body_size} is not a valid encrypted length"
@@ -539,6 +580,7 @@ class Filesystem:
                 body_size=remote.body_size,
                 fetch=self._fetcher(key, etag),
                 make_cipher=make_cipher,
+                header_len=self.codec.header_len(remote.metadata),
             )
         return remote.version
 
@@ -558,6 +600,7 @@ class Filesystem:
             return True
         changed = head.etag != node.remote.etag
         self._replace_remote(node, head)
+        await self._companion_size(node)
         return not changed
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -660,6 +703,8 @@ class Filesystem:
             staging = self._new_staging()
             version = node.local_version
             if version is None and node.remote is not None:
+                if node.remote.metadata is None:
+                    await self._head_metadata(node)  # the format is told by the metadata
                 if node.error:
                     staging.close()
                     raise IntegrityError(f"{self.key(node.path)}: {node.error}")
@@ -762,6 +807,7 @@ class Filesystem:
                 fetch=fetch_local,
                 make_cipher=lambda header: sealed.cipher,
                 cipher=sealed.cipher,
+                header_len=sealed.cipher.header_len,
             )
             node.error = None
             self.uploader.submit(entry)
@@ -977,7 +1023,9 @@ class Filesystem:
         parent, path = await self._new_name(parent_ino, name)
         now = _now_ns()
         attrs = md.PosixAttrs(stat.S_IFLNK | 0o777, uid, gid, now)
-        body, meta = await self._thread(self.codec.seal_bytes, target, attrs, self.key(path))
+        body, meta = await self._thread(
+            lambda: self.codec.seal_bytes(target, attrs, self.key(path), content=True)
+        )
         etag = await self._thread(
             lambda: self.store.put(self.key(path), body, meta, if_none_match=True)
         )
@@ -1048,6 +1096,9 @@ class Filesystem:
         self._note_gone(parent.path, name)
         with contextlib.suppress(ObjectNotFound):
             await self._thread(self.store.delete, key)
+        if node.remote is not None and gw.is_mpu_object(node.remote.metadata or {}):
+            with contextlib.suppress(ObjectNotFound):
+                await self._thread(self.store.delete, key + gw.MPU_SUFFIX)
         parent.mtime_ns = _now_ns()
         self.nodes.maybe_drop(node)
 
@@ -1118,17 +1169,31 @@ class Filesystem:
             self.uploader.cancel(new_key)
         if node.remote is None:
             return  # only local (still open, never committed): nothing in S3 to move
+        new_meta = None
+        mpu = gw.is_mpu_object(node.remote.metadata or {})
+        if mpu:
+            # The manifest moves first, and the object's pointer names its new place.
+            await self._thread(
+                lambda: self.store.copy(old_key + gw.MPU_SUFFIX, new_key + gw.MPU_SUFFIX, None)
+            )
+            new_meta = {
+                **(node.remote.metadata or {}),
+                "encryption-fallback-ptr": new_key + gw.MPU_SUFFIX,
+            }
         etag = await self._thread(
             lambda: self.store.copy(
                 old_key,
                 new_key,
-                None,
+                new_meta,
                 src_etag=node.remote.etag,  # type: ignore[union-attr]
                 size=node.remote.body_size,  # type: ignore[union-attr]
             )
         )
         with contextlib.suppress(ObjectNotFound):
             await self._thread(self.store.delete, old_key)
+        if mpu:
+            with contextlib.suppress(ObjectNotFound):
+                await self._thread(self.store.delete, old_key + gw.MPU_SUFFIX)
         old = node.remote
         node.remote = Remote(etag, old.body_size, old.metadata, None, old.attrs_known)
         if old.version is not None:

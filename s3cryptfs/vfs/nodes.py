@@ -29,6 +29,7 @@ class Remote:
     metadata: dict[str, str] | None = None  # None: only listed, not HEADed yet
     version: Version | None = None
     attrs_known: bool = False  # mode/owner/mtime known (from metadata or the directory index)
+    companion_read: bool = False  # a gateway multipart object's size was read from its manifest
 
 
 @dataclass(eq=False)
