@@ -91,10 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--gateway-wrap",
-        choices=["password", "memory"],
+        choices=["password", "memory", "cosmian-kmip"],
         default="password",
         help="with --format gateway: wrap data keys as the gateway's single-password mode "
-        "does (default), or with its memory provider (needs --gateway-master-key-file at mount)",
+        "does (default), with its memory provider (needs --gateway-master-key-file at mount), "
+        "or with the volume's cosmian-kmip key manager (--key-manager cosmian-kmip)",
     )
     p.add_argument(
         "--gateway-iterations",
@@ -468,6 +469,11 @@ def cmd_init(args: argparse.Namespace) -> int:
             gw.WriteSettings.from_dict(gateway_settings)
         except S3CryptFSError as exc:
             raise ConfigError(str(exc)) from None
+        if args.gateway_wrap == "cosmian-kmip" and args.key_manager != "cosmian-kmip":
+            raise ConfigError(
+                "--gateway-wrap cosmian-kmip needs --key-manager cosmian-kmip: the gateway reads "
+                "KMIP-wrapped keys only from its Cosmian provider"
+            )
     if args.key_manager == pw.PROVIDER:
         password = config.get_password(args.password_file, confirm=True)
         if gateway:

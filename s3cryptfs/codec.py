@@ -172,13 +172,36 @@ class ObjectCodec:
                     )
             return self._gateway_wrapper
 
+    def _wrap_with_ring(self, dek: bytes, name: str) -> dict[str, str]:
+        """The gateway's KMS mode: the volume's active manager must be cosmian-kmip."""
+        manager = self.ring.active()
+        if manager.provider != "cosmian-kmip":
+            raise KeyNotFound(
+                f"gateway wrap cosmian-kmip needs the volume's key manager to be cosmian-kmip, "
+                f"not {manager.provider}"
+            )
+        envelope = manager.wrap_key(dek, self._context)
+        self.audit.event(
+            "wrap",
+            provider=envelope.provider,
+            key_id=envelope.key_id,
+            key_version=envelope.key_version,
+            object=name or None,
+        )
+        self.dek_cache.put(cache_key(envelope), dek)
+        return md.encode_envelope(envelope)
+
     def _seal_gateway(
         self, src: BinaryIO, dst: BinaryIO, attrs: md.PosixAttrs, name: str
     ) -> SealedObject:
         settings = gw.WriteSettings.from_dict(self.descriptor.gateway)
         dek = os.urandom(gw.KEY)
-        envelope = self._wrapper().wrap(dek)
-        self.audit.event("wrap", provider=envelope["encryption-kms-provider"], object=name or None)
+        if settings.wrap == "cosmian-kmip":
+            envelope = self._wrap_with_ring(dek, name)
+        else:
+            envelope = self._wrapper().wrap(dek)
+            provider = envelope["encryption-kms-provider"]
+            self.audit.event("wrap", provider=provider, object=name or None)
         meta, plain, body, cipher = gw.seal_chunked_stream(src, dst, dek, settings, envelope)
         meta.update(attrs.encode())
         dst.flush()

@@ -115,6 +115,8 @@ def independent_decrypt(md: dict[str, str], body: bytes, master_key: bytes | Non
         (iterations,) = struct.unpack(">I", blob[:4])
         kek = pbkdf2(blob[4:36], iterations)
         dek = AESGCM(kek).decrypt(blob[36:48], blob[48:], None)
+    elif md["encryption-kms-provider"] == "cosmian-kmip":
+        dek = aes_key_unwrap(master_key, blob)  # the KMIP key's material (RFC 3394, §3.5)
     else:
         assert md["encryption-kms-provider"] == "memory" and md["encryption-kms-id"] == "memory-v1"
         dek = aes_key_unwrap(master_key, blob)
@@ -383,3 +385,75 @@ def test_encrypted_multipart_objects(make_volume, gw_password_file, s3client):
     assert (m / "moved.bin").read_bytes() == whole
     os.unlink(m / "moved.bin")
     assert not any(k.startswith(vol.prefix + "moved.bin") for k in objects(s3client, vol.bucket))
+
+
+@pytest.fixture(scope="module")
+def keywrap_kmip(tmp_path_factory):
+    """PyKMIP's server with the NIST key wrap the gateway's Cosmian provider uses."""
+    import sys
+    from pathlib import Path
+
+    from kmip_server import KmipServer, make_pki
+
+    from tests.test_key_kmip import CLIENT
+
+    pki = make_pki(tmp_path_factory.mktemp("gw-kmip-pki"), [CLIENT])
+    launcher = [sys.executable, str(Path(__file__).with_name("kmip_keywrap_server.py"))]
+    server = KmipServer(tmp_path_factory.mktemp("gw-kmip"), pki, command=launcher)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_cosmian_kmip_gateway_volume(make_volume, keywrap_kmip, s3client, tmp_path):
+    from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+    from servers import LOOPBACK
+
+    from s3cryptfs.format import gateway as gw
+    from tests.kms_volume import mount_kms
+    from tests.test_key_kmip import CLIENT, _key_material
+
+    pair = keywrap_kmip.pki.clients[CLIENT]
+    cfg = tmp_path / "kms.toml"
+    cfg.write_text(
+        "[key_manager]\n"
+        'provider = "cosmian-kmip"\n'
+        f'host = "{LOOPBACK}"\n'
+        f"port = {keywrap_kmip.port}\n"
+        f'ca = "{keywrap_kmip.pki.ca}"\n'
+        f'cert = "{pair.cert}"\n'
+        f'key = "{pair.key}"\n'
+        "timeout = 5\n"
+    )
+    vol = make_volume()
+    wrap = ("--format", "gateway", "--gateway-wrap", "cosmian-kmip")
+    refused = vol.init(*wrap, check=False)  # the password manager cannot wrap for the gateway
+    assert refused.returncode != 0 and "--key-manager cosmian-kmip" in refused.stderr
+    vol.init("--key-manager", "cosmian-kmip", "--kms-config", cfg, *wrap)
+    desc = json.loads(get_body(s3client, vol.bucket, vol.prefix + ".s3cryptfs/volume.json"))
+    key_id = desc["key_manager"]["settings"]["keys"][0]["id"]
+    kek = _key_material(keywrap_kmip, key_id)
+    # An object the gateway wrote through the same KMS key (RFC 3394 under the key, §3.5).
+    dek = os.urandom(32)
+    body, md = gw.encrypt_chunked(HELLO * 5000, PW, iterations=100_000, dek=dek, wrap=True)
+    md.update(
+        {
+            "encryption-wrapped-key": b64(aes_key_wrap(kek, dek)),
+            "encryption-kms-provider": "cosmian-kmip",
+            "encryption-kms-id": key_id,
+            "encryption-key-version": "1",
+        }
+    )
+    put(s3client, vol, "from-gateway.bin", body, md)
+    mount_kms(vol, cfg)
+    m = vol.mountpoint
+    assert (m / "from-gateway.bin").read_bytes() == HELLO * 5000
+    data = os.urandom(150_000)
+    (m / "ours.bin").write_bytes(data)
+    vol.umount()
+    head = s3client.head_object(Bucket=vol.bucket, Key=vol.prefix + "ours.bin")["Metadata"]
+    assert (head["encryption-kms-provider"], head["encryption-kms-id"]) == ("cosmian-kmip", key_id)
+    raw = get_body(s3client, vol.bucket, vol.prefix + "ours.bin")
+    assert independent_decrypt(head, raw, master_key=kek) == data

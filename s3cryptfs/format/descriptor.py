@@ -20,7 +20,7 @@ DESCRIPTOR_NAME = "volume.json"
 
 GATEWAY_FORMAT = "gateway"
 OBJECT_FORMATS = ("1", GATEWAY_FORMAT)
-GATEWAY_WRAPS = ("password", "memory")
+GATEWAY_WRAPS = ("password", "memory", "cosmian-kmip")
 
 
 def descriptor_key(prefix: str) -> str:

@@ -874,7 +874,9 @@ def encrypt_chunked(
 class WriteSettings:
     """How a gateway-format volume writes new objects (from its descriptor)."""
 
-    wrap: str = "password"  # "password" (the 0.8 server's single-password mode) or "memory"
+    # "password" (the 0.8 server's single-password mode), "memory", or "cosmian-kmip" (the
+    # volume's own KMIP key manager, which wraps as the gateway's Cosmian provider does)
+    wrap: str = "password"
     iterations: int = 600_000
     algorithm: str = ALG_AES
     chunk_size: int = 65536
@@ -887,7 +889,7 @@ class WriteSettings:
             algorithm=str(doc.get("algorithm", ALG_AES)),
             chunk_size=int(doc.get("chunk_size", 65536)),  # type: ignore[call-overload]
         )
-        if s.wrap not in ("password", "memory"):
+        if s.wrap not in ("password", "memory", "cosmian-kmip"):
             raise FormatError(f"gateway: cannot write with key wrap {s.wrap!r}")
         if not LEGACY_ITERATIONS <= s.iterations <= 2_000_000:
             raise FormatError("gateway: iterations must be within 100000..2000000")
