@@ -383,8 +383,16 @@ def test_encrypted_multipart_objects(make_volume, gw_password_file, s3client):
     assert vol.prefix + "big.bin" not in keys and vol.prefix + "big.bin.mpu-manifest" not in keys
     vol.remount()
     assert (m / "moved.bin").read_bytes() == whole
-    os.unlink(m / "moved.bin")
-    assert not any(k.startswith(vol.prefix + "moved.bin") for k in objects(s3client, vol.bucket))
+    (m / "dir").mkdir()
+    os.rename(m / "moved.bin", m / "dir" / "moved.bin")
+    os.rename(m / "dir", m / "dir2")  # a directory rename carries the pointer along too
+    ptr = s3client.head_object(Bucket=vol.bucket, Key=vol.prefix + "dir2/moved.bin")["Metadata"]
+    assert ptr["encryption-fallback-ptr"] == vol.prefix + "dir2/moved.bin.mpu-manifest"
+    vol.remount()
+    assert os.listdir(m / "dir2") == ["moved.bin"]
+    assert (m / "dir2" / "moved.bin").read_bytes() == whole
+    os.unlink(m / "dir2" / "moved.bin")
+    assert not any("moved.bin" in k for k in objects(s3client, vol.bucket))
 
 
 @pytest.fixture(scope="module")

@@ -1226,6 +1226,14 @@ class Filesystem:
                     if key.endswith("/"):
                         # markers hold no data; some servers cannot copy them
                         etags[key] = self.store.put(new_key, b"", marker_meta)
+                    elif key + gw.MPU_SUFFIX in sizes:
+                        # maybe a gateway multipart object: its pointer must follow it
+                        meta = self.store.head(key).metadata or {}
+                        if gw.is_mpu_object(meta):
+                            meta = {**meta, "encryption-fallback-ptr": new_key + gw.MPU_SUFFIX}
+                        else:
+                            meta = None
+                        etags[key] = self.store.copy(key, new_key, meta, size=sizes.get(key))
                     else:
                         etags[key] = self.store.copy(key, new_key, size=sizes.get(key))
                 except ObjectNotFound:
