@@ -98,9 +98,9 @@ class StoreSettings:
     connect_timeout: float = 5.0
     read_timeout: float = 20.0
     max_connections: int = 32
-    part_size: int = 16 * 1024 * 1024
+    part_size: int = 8 * 1024 * 1024
     multipart_threshold: int = 32 * 1024 * 1024
-    part_concurrency: int = 4
+    part_concurrency: int = 10
     copy_threshold: int = 5 * 1024**3  # CopyObject's limit
     copy_part_size: int = 512 * 1024 * 1024
 
