@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import subprocess
+import time
 
 from tests.test_robustness import get_body, objects
 
@@ -156,3 +157,31 @@ def test_listing_taken_during_a_create_keeps_the_new_name(volume, s3client):
             names = os.listdir(m / d)
             assert "a-new-file" in names, f"round {round_}: the new file vanished from the listing"
             assert len(names) == 1101
+
+
+def test_two_mounts_writing_one_directory_merge_their_index_entries(make_volume, bucket, s3client):
+    """Each mount writes the index from what it last wrote, conditionally: when the other mount
+    wrote in between, the condition fails and the entries are merged, never dropped."""
+    a = make_volume(bucket=bucket)
+    a.init()
+    b = make_volume(bucket=bucket)
+    a.mount()
+    b.mount()
+    (a.mountpoint / "shared").mkdir()
+    for round_ in range(3):
+        for vol, tag in ((a, "a"), (b, "b")):
+            for i in range(5):
+                p = vol.mountpoint / "shared" / f"{tag}-{round_}-{i}"
+                p.write_bytes(tag.encode())
+                os.chmod(p, 0o600 if tag == "a" else 0o640)
+            time.sleep(2.5)  # its index write goes out (about a second after the changes)
+    assert stats(a)["index_writes"] >= 3 and stats(b)["index_writes"] >= 3
+    a.umount()
+    b.umount()
+    a.mount()
+    m = a.mountpoint
+    before = heads(a)
+    listing = {e.name: e.stat().st_mode & 0o777 for e in os.scandir(m / "shared")}
+    assert len(listing) == 30
+    assert all(mode == (0o600 if name[0] == "a" else 0o640) for name, mode in listing.items())
+    assert heads(a) - before <= 3, "every file should come from the merged index"

@@ -16,6 +16,7 @@ never wrong attributes (entries are ETag-checked). See docs/FORMAT.md, "Director
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ from typing import Any
 import trio
 
 from s3cryptfs.codec import ObjectCodec
-from s3cryptfs.errors import KeyManagerError, ObjectNotFound, S3CryptFSError
+from s3cryptfs.errors import KeyManagerError, ObjectNotFound, PreconditionFailed, S3CryptFSError
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format.descriptor import META_DIR
 from s3cryptfs.store.s3 import S3Store
@@ -35,6 +36,7 @@ from s3cryptfs.store.s3 import S3Store
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
+LAST_WRITTEN_DIRS = 64  # indexes whose last written state is kept to skip the GET before a PUT
 SELF = "."  # the directory's own attributes, for the root (other directories: in the parent)
 
 
@@ -113,17 +115,32 @@ class AttrIndex:
         # would otherwise race, and the later PUT would drop the other's entries.
         self._write_lock = trio.Lock()
         self.writes = 0
+        # dir path -> (ETag, entries) of the index as we last wrote or read it: the next write
+        # starts from it with a conditional PUT instead of a GET (a busy directory is written
+        # every second). Someone else's write in between fails the condition: then we merge.
+        self._last: collections.OrderedDict[str, tuple[str, dict[str, IndexEntry]]] = (
+            collections.OrderedDict()
+        )
 
     # --- reading -----------------------------------------------------------------------
 
     def _fetch(self, dir_path: str) -> dict[str, IndexEntry]:
+        return self._fetch_tagged(dir_path)[1]
+
+    def _fetch_tagged(self, dir_path: str) -> tuple[str | None, dict[str, IndexEntry]]:
+        """(ETag or None if absent, entries); entries are {} for an index we cannot trust."""
         key = index_key(self.prefix, dir_path)
         try:
             body, info = self.store.get_whole(key)
         except ObjectNotFound:
-            return {}
+            return None, {}
+        return info.etag, self._open(dir_path, key, info.metadata or {}, body)
+
+    def _open(
+        self, dir_path: str, key: str, meta: dict[str, str], body: bytes
+    ) -> dict[str, IndexEntry]:
         try:
-            raw = self.codec.decrypt_whole(info.metadata or {}, body, key)
+            raw = self.codec.decrypt_whole(meta, body, key)
             return decode(dir_path, raw)
         except KeyManagerError as exc:
             # Indexes are caches, left out of rewrap: one sealed under a retired key version
@@ -165,6 +182,7 @@ class AttrIndex:
     def forget_dir(self, dir_path: str) -> None:
         """*dir_path* was removed or renamed away: drop its pending changes and its index."""
         self._pending[dir_path] = {}
+        self._last.pop(dir_path, None)
         self._known_names.pop(dir_path, None)
         self._reset.add(dir_path)
         self._wake.set()
@@ -179,7 +197,25 @@ class AttrIndex:
             except ObjectNotFound:
                 pass
             return
+        last = None if reset else self._last.get(dir_path)
+        if last is not None:
+            try:
+                self._put(dir_path, key, dict(last[1]), changes, if_match=last[0])
+                return
+            except PreconditionFailed:
+                pass  # written by another mount since: read it and merge
+        self._last.pop(dir_path, None)
         entries = {} if reset else self._fetch(dir_path)
+        self._put(dir_path, key, entries, changes)
+
+    def _put(
+        self,
+        dir_path: str,
+        key: str,
+        entries: dict[str, IndexEntry],
+        changes: dict[str, IndexEntry | None],
+        if_match: str | None = None,
+    ) -> None:
         for name, entry in changes.items():
             if entry is None:
                 entries.pop(name, None)
@@ -189,8 +225,12 @@ class AttrIndex:
         if known is not None:
             entries = {n: e for n, e in entries.items() if n in known or n in changes or n == SELF}
         body, meta = self.codec.seal_bytes(encode(dir_path, entries), md.PosixAttrs(), key)
-        self.store.put(key, body, meta)
+        etag = self.store.put(key, body, meta, if_match)
         self.writes += 1
+        self._last[dir_path] = (etag, entries)
+        self._last.move_to_end(dir_path)
+        while len(self._last) > LAST_WRITTEN_DIRS:
+            self._last.popitem(last=False)
 
     async def flush(self) -> None:
         """Write every index with pending changes (best effort: it is a cache)."""
