@@ -856,7 +856,14 @@ class Filesystem:
         return self.nodes.at(key[len(self.prefix) :])
 
     def _release_staging_if_idle(self, node: Node) -> None:
-        if node.staging is not None and not node.staging.dirty and node.writers == 0:
+        # Not while node.lock is held: _commit marks the file clean before it seals it (to
+        # notice writes made meanwhile), and an upload landing then would close it under it.
+        if (
+            node.staging is not None
+            and not node.staging.dirty
+            and node.writers == 0
+            and not node.lock.locked()
+        ):
             node.staging.close()
             node.staging = None
 
@@ -926,8 +933,11 @@ class Filesystem:
             if size == 0 and node.staging is None:
                 node.staging = self._new_staging()
             staging = node.staging or await self._materialize(node)
-            await self._thread(os.ftruncate, staging.fd, size)
+            # Dirty before the first await: without a writer, a clean write-back file is
+            # released when the previous version's upload lands (_uploaded), and this
+            # truncate would go to a closed fd (EBADF) or be lost, never committed.
             staging.dirty = True
+            await self._thread(os.ftruncate, staging.fd, size)
             node.size = size
             node.mtime_ns = now
             if fh is None and node.writers == 0:
