@@ -241,3 +241,26 @@ def test_readdir(mounted):
     entries = {e.name: e.is_dir() for e in os.scandir(m)}
     assert entries == {"file1": False, "file2": False, "subdir": True}
     assert os.listdir(m / "subdir") == ["inner"]
+
+
+def test_unlink_while_open_for_reading_races_the_upload(mounted):
+    """The copy kept for an open reader of an unlinked file survives its upload landing."""
+    bad = []
+    for i in range(30):
+        path = mounted.mountpoint / f"u{i}"
+        data = bytes([i]) * 1000
+        path.write_bytes(data)
+        time.sleep((i % 5) * 0.002)  # the upload of the new file lands at varying moments
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.unlink(path)
+            try:
+                got = os.pread(fd, 2000, 0)
+            except OSError as exc:
+                got = repr(exc).encode()
+            if got != data:
+                bad.append((i, got[:40]))
+        finally:
+            os.close(fd)
+    assert not bad
+    assert not [n for n in os.listdir(mounted.mountpoint) if n.startswith("u")]

@@ -863,6 +863,7 @@ class Filesystem:
             and not node.staging.dirty
             and node.writers == 0
             and not node.lock.locked()
+            and not node.keep_staging
         ):
             node.staging.close()
             node.staging = None
@@ -1092,9 +1093,12 @@ class Filesystem:
         if node.is_dir:
             raise FsError(errno.EISDIR)
         key = self.key(node.path)
-        if node.opens > 0 and node.staging is None:
-            # Still open: keep its content readable after the object is gone.
-            await self._materialize(node)
+        if node.opens > 0:
+            # Still open: keep its content readable after the object is gone (an upload
+            # landing meanwhile must not release the copy).
+            node.keep_staging = True
+            if node.staging is None:
+                await self._materialize(node)
         self.uploader.cancel(key)
         await self.uploader.wait_all(self.uploader.pending_for(key))
         node.unlinked = True

@@ -85,6 +85,8 @@ class Node:
     opens: int = 0
     writers: int = 0
     unlinked: bool = False
+    # unlinked while open: the write-back file is the only copy left for its readers
+    keep_staging: bool = False
     has_marker: bool = False  # directories: a "dir/" marker object exists
     listing: Listing | None = None
     # Changes made while a LIST of this directory is in flight: the LIST may predate them, so
