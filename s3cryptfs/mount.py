@@ -79,7 +79,8 @@ def check_bucket(store: S3Store) -> None:
     try:
         store.check_bucket()
     except (BucketNotFound, ObjectNotFound):
-        raise VolumeError(f"bucket {store.bucket!r} does not exist") from None
+        # an S3 error (exit 4, docs/CLI.md), not a volume one
+        raise BucketNotFound(f"bucket {store.bucket!r} does not exist") from None
 
 
 def read_descriptor(store: S3Store, url: config.VolumeURL) -> Descriptor:

@@ -15,11 +15,11 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from s3cryptfs import config
-from s3cryptfs.codec import ObjectCodec
+from s3cryptfs.codec import OWN, PLAIN, ObjectCodec, object_kind
 from s3cryptfs.errors import (
     ConfigError,
     IntegrityError,
@@ -28,8 +28,8 @@ from s3cryptfs.errors import (
     S3CryptFSError,
     VolumeError,
 )
+from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
-from s3cryptfs.format import v1
 from s3cryptfs.format.descriptor import descriptor_key
 from s3cryptfs.mount import check_bucket, make_store
 from s3cryptfs.ops.commands import Admin, open_admin
@@ -72,7 +72,9 @@ def _open(args: argparse.Namespace, object_url: str) -> tuple[Admin, ObjectCodec
     admin, desc = open_admin(args)
     if admin.url.bucket != bucket or not key.startswith(admin.url.prefix):
         raise ConfigError(f"{object_url} is not inside the volume {admin.url}")
-    return admin, admin.codec(desc), key
+    codec = admin.codec(desc)
+    codec.companion = _companion(admin.store)
+    return admin, codec, key
 
 
 def decrypt_object(store: S3Store, codec: ObjectCodec, info: ObjectInfo) -> Iterator[bytes]:
@@ -170,22 +172,49 @@ class FsckReport:
 
 def _check(store: S3Store, codec: ObjectCodec, info: ObjectInfo, full: bool) -> tuple[str, int]:
     meta = info.metadata or {}
-    if md.FORMAT not in meta:
-        raise IntegrityError("not encrypted by s3cryptfs (no format marker)")
-    envelope = md.decode_envelope(meta)
+    reason = codec.refusal(meta)
+    if reason:
+        raise IntegrityError(reason)
     if full:
         for _ in decrypt_object(store, codec, info):
             pass
     else:
-        header = store.get(info.key, 0, v1.HEADER_LEN - 1, if_match=info.etag)
+        hlen = codec.header_len(meta)
+        header = store.get(info.key, 0, hlen - 1, if_match=info.etag) if hlen else b""
         cipher = codec.cipher(meta, header, info.key)  # unwraps the data key
-        v1.plain_size(info.size, cipher.chunk_size)
-    return envelope.provider, envelope.key_version
+        cipher.plain_size_of(info.size)
+    kind = object_kind(meta)
+    if kind == OWN:
+        envelope = md.decode_envelope(meta)
+        return envelope.provider, envelope.key_version
+    if kind == PLAIN:
+        return "plaintext", 0
+    norm = gw.normalize_metadata(meta)
+    if gw.is_mpu_object(norm):
+        return "gateway multipart", 0  # its key is in its manifest, checked on its own
+    provider = norm.get("encryption-kms-provider") or "pbkdf2"
+    try:
+        version = int(norm.get("encryption-key-version") or 0)
+    except ValueError:
+        version = 0
+    return f"gateway {provider}", version
+
+
+def _companion(store: S3Store) -> Callable[[str], tuple[dict[str, str], bytes]]:
+    """Reads a gateway multipart object's manifest for the codec."""
+
+    def read(key: str) -> tuple[dict[str, str], bytes]:
+        head = store.head(key)
+        body = store.get(key, 0, head.size - 1, if_match=head.etag) if head.size else b""
+        return head.metadata or {}, body
+
+    return read
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     admin, desc = open_admin(args)
     codec = admin.codec(desc)
+    codec.companion = _companion(admin.store)
     report = FsckReport()
     tty = sys.stderr.isatty()
     started = time.monotonic()

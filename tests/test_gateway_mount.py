@@ -465,3 +465,25 @@ def test_cosmian_kmip_gateway_volume(make_volume, keywrap_kmip, s3client, tmp_pa
     assert (head["encryption-kms-provider"], head["encryption-kms-id"]) == ("cosmian-kmip", key_id)
     raw = get_body(s3client, vol.bucket, vol.prefix + "ours.bin")
     assert independent_decrypt(head, raw, master_key=kek) == data
+
+
+def test_fsck_and_cat_check_gateway_objects(make_volume, gw_password_file, s3client):
+    vol = make_volume(password_file=gw_password_file)
+    put(s3client, vol, "a.txt", BODY_A, md_a())
+    put(s3client, vol, "c.txt", BODY_C, md_c())
+    put_mpu(s3client, vol, "mpu.bin", [os.urandom(70_000), b"tail"])
+    vol.init("--format", "gateway")
+    ok = vol.run("fsck", vol.url, *vol.common_args(), "--full")
+    assert "0 bad object(s)" in ok.stdout, ok.stdout
+    # a.txt, c.txt and the multipart object's manifest; the multipart object itself
+    assert "gateway pbkdf2 version 0: 3 ok" in ok.stdout, ok.stdout
+    assert "gateway multipart version 0: 1 ok" in ok.stdout, ok.stdout
+    assert vol.run("cat", f"s3://{vol.bucket}/{vol.prefix}a.txt", *vol.common_args()).stdout == (
+        HELLO.decode()
+    )
+    put(s3client, vol, "truncated.txt", BODY_C[:-1], md_c())
+    put(s3client, vol, "plain.txt", b"clear", {})
+    bad = vol.run("fsck", vol.url, *vol.common_args(), "--full", check=False)
+    assert bad.returncode == 1 and "2 bad object(s)" in bad.stdout, bad.stdout
+    assert f"BAD {vol.prefix}truncated.txt" in bad.stdout
+    assert f"BAD {vol.prefix}plain.txt" in bad.stdout

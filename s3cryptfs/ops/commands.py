@@ -15,7 +15,7 @@ from typing import Any
 
 from s3cryptfs import config
 from s3cryptfs.audit import AuditLog
-from s3cryptfs.codec import ObjectCodec
+from s3cryptfs.codec import GatewaySecrets, ObjectCodec
 from s3cryptfs.errors import ConfigError, VolumeError
 from s3cryptfs.format.descriptor import Descriptor
 from s3cryptfs.keys.base import KeyAdmin
@@ -49,7 +49,9 @@ class Admin:
         return ring
 
     def codec(self, desc: Descriptor) -> ObjectCodec:
-        return ObjectCodec(desc, self.ring(desc), audit=self.audit)
+        # The password also opens the S3 Encryption Gateway's objects (docs/INTEROP.md).
+        secrets = GatewaySecrets(password=self.local.password)
+        return ObjectCodec(desc, self.ring(desc), audit=self.audit, gateway=secrets)
 
 
 def local_keys(args: argparse.Namespace, need_password: bool) -> LocalKeys:

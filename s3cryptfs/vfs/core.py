@@ -193,7 +193,8 @@ class Filesystem:
         if len(name.encode()) > MAX_NAME_BYTES:
             raise FsError(errno.ENAMETOOLONG)
         if len(self.key(child_path(parent.path, name)).encode()) + 1 > MAX_KEY_BYTES:
-            raise FsError(errno.ENAMETOOLONG, "the S3 key would be longer than 1024 bytes")
+            # +1: the same name may become a directory, whose marker key ends in "/"
+            raise FsError(errno.ENAMETOOLONG, "the S3 key (with a trailing /) would exceed 1024 bytes")
 
     def _writable(self) -> None:
         if self.opts.read_only:
