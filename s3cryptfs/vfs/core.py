@@ -194,7 +194,9 @@ class Filesystem:
             raise FsError(errno.ENAMETOOLONG)
         if len(self.key(child_path(parent.path, name)).encode()) + 1 > MAX_KEY_BYTES:
             # +1: the same name may become a directory, whose marker key ends in "/"
-            raise FsError(errno.ENAMETOOLONG, "the S3 key (with a trailing /) would exceed 1024 bytes")
+            raise FsError(
+                errno.ENAMETOOLONG, "the S3 key (with a trailing /) would exceed 1024 bytes"
+            )
 
     def _writable(self) -> None:
         if self.opts.read_only:
