@@ -593,7 +593,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
         or (cfg is not None and cfg.password is not None)
         or config.credential_password_path()
     )
-    if cfg is not None and cfg.password is not None and not args.password_file:
+    from_elsewhere = (
+        args.password_file
+        or os.environ.get(config.PASSWORD_ENV)
+        or os.environ.get(config.SEED_PASSWORD_ENV)
+        or config.credential_password_path()
+    )
+    if cfg is not None and cfg.password is not None and not from_elsewhere:
+        # the file's [encryption] password comes last (docs/CONFIGURATION.md)
         password: bytes | None = cfg.password
     elif offered or not args.kms_config:
         password = config.get_password(args.password_file)

@@ -217,3 +217,30 @@ def test_status_and_runtime_log_level(mounted, tmp_path):
     while "log level is now INFO" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "log level is now INFO" in log.read_text()
+
+
+def test_config_file_password_comes_after_the_environment(volume, tmp_path):
+    """[encryption] password (the gateway's layout) is the last source: $S3CRYPTFS_PASSWORD wins."""
+    from tests.conftest import PASSWORD
+
+    volume.init()
+    cfg = tmp_path / "pw-order.toml"
+    cfg.write_text(
+        f'url = "{volume.url}"\n'
+        f'mountpoint = "{volume.mountpoint}"\n'
+        f'endpoint_url = "{volume.endpoint_url}"\n'
+        f'cache_dir = "{volume.cache_dir}"\n'
+        '[encryption]\npassword = "not the volume password at all"\n'
+    )
+    cfg.chmod(0o600)
+    plain_env = volume.env
+    try:
+        volume.env = {**plain_env, "S3CRYPTFS_PASSWORD": PASSWORD}
+        volume.run("mount", "--config", cfg, require_detached=True)
+        assert volume.is_mounted()
+        volume.umount()
+        volume.env = plain_env  # only the file's password is left: it is used, and wrong
+        proc = volume.run("mount", "--config", cfg, check=False, require_detached=True)
+        assert proc.returncode == 3 and not volume.is_mounted()
+    finally:
+        volume.env = plain_env
