@@ -185,3 +185,17 @@ def test_two_mounts_writing_one_directory_merge_their_index_entries(make_volume,
     assert len(listing) == 30
     assert all(mode == (0o600 if name[0] == "a" else 0o640) for name, mode in listing.items())
     assert heads(a) - before <= 3, "every file should come from the merged index"
+
+
+def test_listing_lifetime_zero_lists_once_per_readdir(volume, s3client):
+    """--dir-cache-ttl 0 (always fresh) must not LIST the directory again for every entry."""
+    volume.init()
+    volume.mount("--dir-cache-ttl", "0")
+    m = volume.mountpoint
+    (m / "d").mkdir()
+    for i in range(300):
+        s3client.put_object(Bucket=volume.bucket, Key=f"{volume.prefix}d/f{i:03d}", Body=b"")
+    before = stats(volume)["requests"].get("list", 0)
+    assert len(os.listdir(m / "d")) == 300
+    lists = stats(volume)["requests"].get("list", 0) - before
+    assert lists <= 4, f"{lists} LIST requests for one readdir of 300 names"

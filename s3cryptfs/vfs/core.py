@@ -423,18 +423,22 @@ class Filesystem:
         if parent.listing_fetches:
             parent.listing_log.append((name, None))
 
-    async def _child(self, parent: Node, name: str) -> Node | None:
-        """The node of *name* in *parent*, asking S3 when needed; None if it does not exist."""
+    async def _child(self, parent: Node, name: str, listing: Listing | None = None) -> Node | None:
+        """The node of *name* in *parent*, asking S3 when needed; None if it does not exist.
+
+        *listing*: one just taken (readdir), used as it is: re-validating it for every name
+        would LIST the directory once per entry when the listing lifetime is 0."""
         path = child_path(parent.path, name)
         known = self.nodes.at(path)
         if known is not None:
             return known
         if parent.path == "" and name == META_DIR:
             return None
-        listing = parent.listing
-        if listing is not None:
-            if time.monotonic() - listing.fetched_at >= self.opts.dir_ttl:
+        if listing is None:
+            listing = parent.listing
+            if listing is not None and time.monotonic() - listing.fetched_at >= self.opts.dir_ttl:
                 listing = await self._list(parent)
+        if listing is not None:
             info = listing.children.get(name)
             if info is None:
                 return None
@@ -532,7 +536,7 @@ class Filesystem:
         listing = await self._list(node)
         out: list[tuple[str, Node]] = []
         for name in sorted(listing.children):
-            child = await self._child(node, name)
+            child = await self._child(node, name, listing)
             if child is not None and not child.unlinked:
                 out.append((name, child))
         await self.load_attrs_many([c for _, c in out])
