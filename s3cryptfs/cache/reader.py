@@ -68,9 +68,12 @@ class Reader:
         self,
         cache: BlockCache,
         limiter: trio.CapacityLimiter,
-        group_bytes: int = 1024 * 1024,
+        # Measured on this machine (1 GiB cold `cat`, 2 runs each): 2 MiB groups fetched in
+        # 16 MiB spans read at 168-181 MiB/s against 87-127 MiB/s for 1 MiB groups in 8 MiB
+        # spans; a cold random 4 KiB read costs ~12% more (it fetches a whole group).
+        group_bytes: int = 2 * 1024 * 1024,
         readahead_max: int = 32 * 1024 * 1024,
-        span_bytes: int = 8 * 1024 * 1024,
+        span_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.cache = cache
         self.limiter = limiter
