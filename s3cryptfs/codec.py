@@ -36,7 +36,7 @@ from s3cryptfs.format import metadata as md
 from s3cryptfs.format import v1
 from s3cryptfs.format.descriptor import GATEWAY_FORMAT, Descriptor
 from s3cryptfs.format.layout import BodyCipher, PlainCipher
-from s3cryptfs.keys.base import KeyEnvelope
+from s3cryptfs.keys.base import KeyEnvelope, KeyManager
 from s3cryptfs.keys.dekcache import DekCache, cache_key
 from s3cryptfs.keys.ring import KeyRing
 
@@ -133,7 +133,11 @@ class ObjectCodec:
 
     def new_metadata(self, dek: bytes, attrs: md.PosixAttrs, name: str = "") -> dict[str, str]:
         self._maybe_periodic_refresh()
-        manager = self.ring.active()
+        envelope = self._wrap(self.ring.active(), dek, name)
+        return {md.FORMAT: md.FORMAT_V1, **md.encode_envelope(envelope), **attrs.encode()}
+
+    def _wrap(self, manager: KeyManager, dek: bytes, name: str) -> KeyEnvelope:
+        """Wrap *dek* with *manager*, audited, and keep it in the DEK cache."""
         try:
             envelope = manager.wrap_key(dek, self._context)
         except KeyManagerError as exc:
@@ -147,7 +151,7 @@ class ObjectCodec:
             object=name or None,
         )
         self.dek_cache.put(cache_key(envelope), dek)
-        return {md.FORMAT: md.FORMAT_V1, **md.encode_envelope(envelope), **attrs.encode()}
+        return envelope
 
     @property
     def writes_gateway(self) -> bool:
@@ -180,16 +184,7 @@ class ObjectCodec:
                 f"gateway wrap cosmian-kmip needs the volume's key manager to be cosmian-kmip, "
                 f"not {manager.provider}"
             )
-        envelope = manager.wrap_key(dek, self._context)
-        self.audit.event(
-            "wrap",
-            provider=envelope.provider,
-            key_id=envelope.key_id,
-            key_version=envelope.key_version,
-            object=name or None,
-        )
-        self.dek_cache.put(cache_key(envelope), dek)
-        return md.encode_envelope(envelope)
+        return md.encode_envelope(self._wrap(manager, dek, name))
 
     def _seal_gateway(
         self, src: BinaryIO, dst: BinaryIO, attrs: md.PosixAttrs, name: str

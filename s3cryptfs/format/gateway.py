@@ -19,7 +19,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
@@ -33,6 +33,7 @@ from s3cryptfs.errors import (
     UnwrapFailed,
     WrongPasswordError,
 )
+from s3cryptfs.format.v1 import read_full
 
 TAG = 16
 NONCE = 12
@@ -581,14 +582,20 @@ def _int(value: object, what: str) -> int:
     return value
 
 
-def parse_mpu_manifest(raw: bytes) -> MpuManifest:
-    """Parse and check a decrypted ``.mpu-manifest`` (every length is re-derived)."""
+def _manifest_v1(raw: bytes, what: str) -> dict[str, Any]:
+    """A JSON object with "v": 1 (both manifest kinds start so)."""
     try:
         doc = json.loads(raw)
     except ValueError as e:
-        raise FormatError("gateway: multipart manifest is not JSON") from e
+        raise FormatError(f"gateway: {what} is not JSON") from e
     if not isinstance(doc, dict) or doc.get("v") != 1:
-        raise FormatError("gateway: unknown multipart manifest version")
+        raise FormatError(f"gateway: unknown {what} version")
+    return doc
+
+
+def parse_mpu_manifest(raw: bytes) -> MpuManifest:
+    """Parse and check a decrypted ``.mpu-manifest`` (every length is re-derived)."""
+    doc = _manifest_v1(raw, "multipart manifest")
     alg = doc.get("alg") or ALG_AES
     alg = ALG_AES if alg == "AES256GCM" else alg  # the name before 0.6.4
     if alg not in (ALG_AES, ALG_CHACHA):
@@ -755,12 +762,7 @@ def chunked_layout(metadata: Mapping[str, str]) -> ChunkedLayout:
     if alg not in (ALG_AES, ALG_CHACHA):
         raise FormatError(f"gateway: unknown algorithm {alg!r}")
     raw = _b64d(md.get("encryption-manifest", ""), "manifest")
-    try:
-        man = json.loads(raw)
-    except ValueError as e:
-        raise FormatError("gateway: manifest is not JSON") from e
-    if not isinstance(man, dict) or man.get("v") != 1:
-        raise FormatError("gateway: unknown manifest version")
+    man = _manifest_v1(raw, "manifest")
     cs = man.get("cs")
     if not isinstance(cs, int) or isinstance(cs, bool) or not MIN_CHUNK <= cs <= MAX_CHUNK:
         raise FormatError(f"gateway: bad chunk size {cs!r}")
@@ -941,17 +943,6 @@ class MemoryWrapper:
         }
 
 
-def _read_full(src: BinaryIO, size: int) -> bytes:
-    parts = []
-    while size:
-        data = src.read(size)
-        if not data:
-            break
-        parts.append(data)
-        size -= len(data)
-    return b"".join(parts)
-
-
 def seal_chunked_stream(
     src: BinaryIO,
     dst: BinaryIO,
@@ -968,7 +959,7 @@ def seal_chunked_stream(
     plain = body = 0
     index = 0
     while True:
-        chunk = _read_full(src, cs)
+        chunk = read_full(src, cs)
         if not chunk:
             break
         sealed = aead.encrypt(chunk_nonce(base_iv, index, "hkdf-sha256"), chunk, None)

@@ -176,7 +176,7 @@ class ChunkCipher:
         return out
 
 
-def _read_full(src: BinaryIO, size: int) -> bytes:
+def read_full(src: BinaryIO, size: int) -> bytes:
     """Read *size* bytes, fewer only at end of file (a raw stream may return short reads)."""
     data = src.read(size)
     if len(data) == size or not data:
@@ -202,9 +202,9 @@ def encrypt_stream(
     written = HEADER_LEN
     total = 0
     index = 0
-    current = _read_full(src, chunk_size)
+    current = read_full(src, chunk_size)
     while True:
-        following = _read_full(src, chunk_size) if len(current) == chunk_size else b""
+        following = read_full(src, chunk_size) if len(current) == chunk_size else b""
         last = not following
         sealed = cipher.seal(index, current, last)
         dst.write(sealed)
