@@ -21,24 +21,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-from servers import SeaweedFS  # noqa: E402
+sys.path.insert(0, str(ROOT / "bench"))
+from common import cli, start, timed  # noqa: E402
 
 from s3cryptfs.format import gateway as gw  # noqa: E402
 
 PASSWORD = "benchmark password, not secret"
-
-
-def cli(env: dict[str, str], *args: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "s3cryptfs", *args], env=env, check=True, stdin=subprocess.DEVNULL
-    )
-
-
-def timed(fn) -> float:  # type: ignore[no-untyped-def]
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def drop_page_cache() -> None:
@@ -57,19 +45,9 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=600_000)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="s3cryptfs-bench-gw-"))
-    server = SeaweedFS(work / "weed")
+    server, env, pwfile = start(work, "benchgw", PASSWORD.encode())
     try:
         s3 = server.client()
-        server.make_bucket("benchgw")
-        env = {
-            **os.environ,
-            "AWS_ACCESS_KEY_ID": server.access_key,
-            "AWS_SECRET_ACCESS_KEY": server.secret_key,
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-        pwfile = work / "pw"
-        pwfile.write_text(PASSWORD)
-        pwfile.chmod(0o600)
         payloads = [os.urandom(args.size_kib * 1024) for _ in range(args.files)]
         t_make = time.perf_counter()
         for i, data in enumerate(payloads):

@@ -20,23 +20,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from servers import SeaweedFS  # noqa: E402
+sys.path.insert(0, str(ROOT / "bench"))
+from common import cli, start, timed  # noqa: E402
 
 MIB = 1024 * 1024
 PASSWORD = b"benchmark password, not secret"
-
-
-def cli(env: dict[str, str], *args: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "s3cryptfs", *args], env=env, check=True, stdin=subprocess.DEVNULL
-    )
-
-
-def timed(fn) -> float:  # type: ignore[no-untyped-def]
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 class RssWatcher(threading.Thread):
@@ -67,20 +55,10 @@ def main() -> int:
     args = ap.parse_args()
     size = args.size_mib * MIB
     work = Path(tempfile.mkdtemp(prefix="s3cryptfs-bench-"))
-    server = SeaweedFS(work / "weed")
+    server, env, pwfile = start(work, "bench", PASSWORD)
     rows: list[tuple[str, float, float, str]] = []
     try:
         s3 = server.client()
-        server.make_bucket("bench")
-        env = {
-            **os.environ,
-            "AWS_ACCESS_KEY_ID": server.access_key,
-            "AWS_SECRET_ACCESS_KEY": server.secret_key,
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-        pwfile = work / "pw"
-        pwfile.write_bytes(PASSWORD)
-        pwfile.chmod(0o600)
         data = work / "data.bin"
         with open(data, "wb") as f:
             for _ in range(size // (8 * MIB)):

@@ -30,6 +30,7 @@ from tests.test_gateway_format import (
     md_a,
     md_b,
 )
+from tests.test_key_kmip import keywrap_server, kmip_pki  # noqa: F401 - session fixtures
 from tests.test_robustness import get_body, objects
 
 BODY_C = bytes.fromhex("07511f794f24d02295624d090f8e68ba502c21c24400e3207173344a5db2fb")
@@ -395,27 +396,7 @@ def test_encrypted_multipart_objects(make_volume, gw_password_file, s3client):
     assert not any("moved.bin" in k for k in objects(s3client, vol.bucket))
 
 
-@pytest.fixture(scope="module")
-def keywrap_kmip(tmp_path_factory):
-    """PyKMIP's server with the NIST key wrap the gateway's Cosmian provider uses."""
-    import sys
-    from pathlib import Path
-
-    from kmip_server import KmipServer, make_pki
-
-    from tests.test_key_kmip import CLIENT
-
-    pki = make_pki(tmp_path_factory.mktemp("gw-kmip-pki"), [CLIENT])
-    launcher = [sys.executable, str(Path(__file__).with_name("kmip_keywrap_server.py"))]
-    server = KmipServer(tmp_path_factory.mktemp("gw-kmip"), pki, command=launcher)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def test_cosmian_kmip_gateway_volume(make_volume, keywrap_kmip, s3client, tmp_path):
+def test_cosmian_kmip_gateway_volume(make_volume, keywrap_server, s3client, tmp_path):  # noqa: F811
     from cryptography.hazmat.primitives.keywrap import aes_key_wrap
     from servers import LOOPBACK
 
@@ -423,14 +404,14 @@ def test_cosmian_kmip_gateway_volume(make_volume, keywrap_kmip, s3client, tmp_pa
     from tests.kms_volume import mount_kms
     from tests.test_key_kmip import CLIENT, _key_material
 
-    pair = keywrap_kmip.pki.clients[CLIENT]
+    pair = keywrap_server.pki.clients[CLIENT]
     cfg = tmp_path / "kms.toml"
     cfg.write_text(
         "[key_manager]\n"
         'provider = "cosmian-kmip"\n'
         f'host = "{LOOPBACK}"\n'
-        f"port = {keywrap_kmip.port}\n"
-        f'ca = "{keywrap_kmip.pki.ca}"\n'
+        f"port = {keywrap_server.port}\n"
+        f'ca = "{keywrap_server.pki.ca}"\n'
         f'cert = "{pair.cert}"\n'
         f'key = "{pair.key}"\n'
         "timeout = 5\n"
@@ -442,7 +423,7 @@ def test_cosmian_kmip_gateway_volume(make_volume, keywrap_kmip, s3client, tmp_pa
     vol.init("--key-manager", "cosmian-kmip", "--kms-config", cfg, *wrap)
     desc = json.loads(get_body(s3client, vol.bucket, vol.prefix + ".s3cryptfs/volume.json"))
     key_id = desc["key_manager"]["settings"]["keys"][0]["id"]
-    kek = _key_material(keywrap_kmip, key_id)
+    kek = _key_material(keywrap_server, key_id)
     # An object the gateway wrote through the same KMS key (RFC 3394 under the key, §3.5).
     dek = os.urandom(32)
     body, md = gw.encrypt_chunked(HELLO * 5000, PW, iterations=100_000, dek=dek, wrap=True)
