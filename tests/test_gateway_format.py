@@ -394,12 +394,14 @@ BODY_C = bytes.fromhex("07511f794f24d02295624d090f8e68ba502c21c24400e3207173344a
 
 
 def md_c(**extra: str) -> dict[str, str]:
+    """Object C (§9.2): single AEAD, password-direct, length-prefixed AAD."""
     md = {
         "encrypted": "true",
         "encryption-algorithm": "AES256-GCM",
         "encryption-key-salt": base64.b64encode(SALT_A).decode(),
         "encryption-iv": base64.b64encode(bytes.fromhex("32333435363738393a3b3c3d")).decode(),
         "encryption-original-size": "15",
+        "encryption-original-etag": "555cbb7e30e29398932aa95cf538c1e6",  # never trusted
         "encryption-kdf-params": "pbkdf2-sha256:600000",
         "encryption-content-type": "text/plain",
         "original-content-length": "15",

@@ -23,17 +23,18 @@ from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
 from tests.test_gateway_format import (
     BODY_A,
     BODY_B,
+    BODY_C,
     BODY_G,
     HELLO,
     PW,
     SALT_A,
     md_a,
     md_b,
+    md_c,
 )
 from tests.test_key_kmip import keywrap_server, kmip_pki  # noqa: F401 - session fixtures
 from tests.test_robustness import get_body, objects
 
-BODY_C = bytes.fromhex("07511f794f24d02295624d090f8e68ba502c21c24400e3207173344a5db2fb")
 BODY_D = bytes.fromhex("3728970bb9c02f467f41efc217ff072159583a8b5dd4962f27b253edf08b69")
 WRAPPED_D = bytes.fromhex(
     "bd2a276ae8c7464c7e8b396674ac6e0e9558c84c6009b3fa413cf06a67a200823e4d720df2419fa9"
@@ -43,23 +44,6 @@ MASTER_KEY = bytes(range(32))
 
 def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
-
-
-def md_c(**extra: str) -> dict[str, str]:
-    """Object C (§9.2): single AEAD, password-direct, length-prefixed AAD."""
-    md = {
-        "encrypted": "true",
-        "encryption-algorithm": "AES256-GCM",
-        "encryption-key-salt": b64(SALT_A),
-        "encryption-iv": b64(bytes.fromhex("32333435363738393a3b3c3d")),
-        "encryption-original-size": "15",
-        "encryption-original-etag": "555cbb7e30e29398932aa95cf538c1e6",
-        "encryption-kdf-params": "pbkdf2-sha256:600000",
-        "encryption-content-type": "text/plain",
-        "original-content-length": "15",
-    }
-    md.update(extra)
-    return md
 
 
 def md_d() -> dict[str, str]:
