@@ -506,7 +506,8 @@ class Filesystem:
         remote = node.remote
         if remote is None or remote.companion_read or not remote.metadata:
             return
-        if not gw.is_mpu_object(remote.metadata):
+        # (every getattr passes here: our own objects are told apart without normalizing)
+        if md.FORMAT in remote.metadata or not gw.is_mpu_object(remote.metadata):
             return
         if node.local is not None or node.staging is not None:
             return
