@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -111,6 +112,7 @@ def main() -> int:
     finally:
         subprocess.run(["umount", "-l", str(work / "mnt")], check=False, capture_output=True)
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)  # gigabytes of test data and bucket
     return 0
 
 

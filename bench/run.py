@@ -12,6 +12,7 @@ import argparse
 import concurrent.futures as cf
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -218,6 +219,7 @@ def main() -> int:
             ["fusermount3", "-u", "-z", str(work / "mnt")], check=False, stderr=subprocess.DEVNULL
         )
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)  # gigabytes of test data and bucket
     print(f"\n{'measurement':40} {'ours':>10} {'ceiling':>10} {'ratio':>7}  unit")
     for name, ours, ceiling, unit in rows:
         if "seconds" in unit or "MiB vs" in unit:

@@ -70,7 +70,7 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e.st_gid = attr.gid
     e.st_rdev = 0
     e.st_size = attr.size
-    e.st_blksize = 65536
+    e.st_blksize = 1024 * 1024
     e.st_blocks = (attr.size + 511) // 512
     e.st_atime_ns = attr.mtime_ns
     e.st_mtime_ns = attr.mtime_ns

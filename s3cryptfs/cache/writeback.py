@@ -51,9 +51,13 @@ class Entry:
     attempts: int = 0
     not_before: float = 0.0
     changed: trio.Event = field(default_factory=trio.Event)
+    # A multipart upload of this body begun while the file was written (cache/stream.py);
+    # in memory only. After a crash only its id is known (stale_upload), and it is aborted.
+    stream: Any = None
+    stale_upload: str | None = None
 
     def record(self) -> dict[str, Any]:
-        return {
+        rec = {
             "seq": self.seq,
             "key": self.key,
             "metadata": self.metadata,
@@ -61,6 +65,10 @@ class Entry:
             "plain_size": self.plain_size,
             "body_size": self.body_size,
         }
+        upload_id = self.stream.upload_id if self.stream is not None else self.stale_upload
+        if upload_id:
+            rec["upload_id"] = upload_id
+        return rec
 
     def _notify(self) -> None:
         self.changed.set()
@@ -137,6 +145,7 @@ class Journal:
                         base=(rec["base"][0], rec["base"][1]),
                         plain_size=int(rec["plain_size"]),
                         body_size=int(rec["body_size"]),
+                        stale_upload=rec.get("upload_id"),
                     )
                 )
         for name in os.listdir(self.dir):
@@ -184,6 +193,7 @@ class Uploader:
         self.failed_attempts = 0
         self.queued_bytes = 0
         self._space = trio.Event()
+        self._nursery: trio.Nursery | None = None
 
     # --- submitting ---------------------------------------------------------------------
 
@@ -197,6 +207,7 @@ class Uploader:
                     entry.base = older.base
                     self._rewrite(entry)
                 older.superseded_by = entry
+                self._discard_stream(older)
                 self.journal.remove(older)
                 older._notify()
                 break
@@ -206,6 +217,12 @@ class Uploader:
 
     def _rewrite(self, entry: Entry) -> None:
         self.journal.write_record(entry)
+
+    def _discard_stream(self, entry: Entry) -> None:
+        """The streamed multipart upload of *entry* will never be completed: abort it."""
+        stream, entry.stream = entry.stream, None
+        if stream is not None and self._nursery is not None:
+            self._nursery.start_soon(stream.abort)
 
     def update_metadata(self, key: str, metadata: dict[str, str]) -> bool:
         """Change the metadata of a queued version of *key*; False if none is queued."""
@@ -235,6 +252,7 @@ class Uploader:
         for entry in [e for e in self.queue if e.key == key]:
             self.queue.remove(entry)
             self.queued_bytes -= entry.body_size
+            self._discard_stream(entry)
             self.journal.remove(entry)
             entry.state = "done"
             entry._notify()
@@ -302,6 +320,7 @@ class Uploader:
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             while True:
                 entry = self._next() if len(self.in_flight) < self.concurrency else None
                 if entry is None:
@@ -328,15 +347,7 @@ class Uploader:
         entry.attempts += 1
         try:
             if_match, if_none_match = self._conditions(entry)
-            etag = await trio.to_thread.run_sync(
-                self.store.upload_file,
-                entry.key,
-                entry.body_path,
-                entry.metadata,
-                if_match,
-                if_none_match,
-                limiter=self.limiter,
-            )
+            etag = await self._send(entry, if_match, if_none_match)
         except (PreconditionFailed, ObjectNotFound):
             landed = await self._landed(entry)
             if landed is None:
@@ -366,6 +377,29 @@ class Uploader:
         if self.on_uploaded is not None:
             await self.on_uploaded(entry)
         await self._finish(entry, "done")
+
+    async def _send(self, entry: Entry, if_match: str | None, if_none_match: bool) -> str:
+        if entry.stale_upload:
+            # begun by a mount that crashed before completing it
+            await trio.to_thread.run_sync(self.store.abort_multipart, entry.key, entry.stale_upload)
+            entry.stale_upload = None
+        stream, entry.stream = entry.stream, None  # one try; a retry uploads the body whole
+        if stream is not None:
+            if stream.usable_for(entry.metadata):
+                etag: str = await stream.complete(
+                    entry.body_path, entry.body_size, if_match, if_none_match
+                )
+                return etag
+            await stream.abort()  # the metadata changed after close: the upload has the old
+        return await trio.to_thread.run_sync(
+            self.store.upload_file,
+            entry.key,
+            entry.body_path,
+            entry.metadata,
+            if_match,
+            if_none_match,
+            limiter=self.limiter,
+        )
 
     async def _landed(self, entry: Entry) -> str | None:
         """After a refused conditional write: is the object there our own version anyway?

@@ -357,7 +357,7 @@ class S3Store:
     # --- writing --------------------------------------------------------------------------
 
     @staticmethod
-    def _conditions(if_match: str | None, if_none_match: bool) -> dict[str, str]:
+    def conditions(if_match: str | None, if_none_match: bool) -> dict[str, str]:
         cond: dict[str, str] = {}
         if if_match:
             cond["IfMatch"] = if_match
@@ -381,7 +381,7 @@ class S3Store:
             "Body": body,
             "Metadata": dict(metadata),
             "ContentType": content_type,
-            **self._conditions(if_match, if_none_match),
+            **self.conditions(if_match, if_none_match),
         }
         r = self._call(f"put {key}", lambda: self._client.put_object(**args))
         return etag_of(r["ETag"])
@@ -418,17 +418,7 @@ class S3Store:
             def send(upload_id: str, number: int) -> str:
                 offset = (number - 1) * part_size
                 data = os.pread(fd, min(part_size, size - offset), offset)
-                r = self._call(
-                    f"upload_part {key}#{number}",
-                    lambda: self._client.upload_part(
-                        Bucket=self.bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        Body=data,
-                    ),
-                )
-                return r["ETag"]
+                return self.upload_part(key, upload_id, number, data)
 
             return self._multipart_session(
                 key,
@@ -436,7 +426,7 @@ class S3Store:
                 "application/octet-stream",
                 -(-size // part_size),
                 send,
-                self._conditions(if_match, if_none_match),
+                self.conditions(if_match, if_none_match),
             )
         finally:
             os.close(fd)
@@ -453,34 +443,66 @@ class S3Store:
         """Create a multipart upload, send parts 1..count in parallel with send(upload_id, n)
         (which returns the part's ETag), complete it under *conditions*; abort on failure, so
         no half-written object ever becomes visible."""
+        upload_id = self.create_multipart(key, metadata, content_type)
+        try:
+            with ThreadPoolExecutor(self.settings.part_concurrency) as pool:
+                etags = list(pool.map(lambda n: send(upload_id, n), range(1, count + 1)))
+            return self.complete_multipart(
+                key, upload_id, list(enumerate(etags, start=1)), conditions
+            )
+        except BaseException:
+            self.abort_multipart(key, upload_id)
+            raise
+
+    # The pieces of a multipart upload, for callers that send parts as their data appears.
+
+    def create_multipart(
+        self, key: str, metadata: Mapping[str, str], content_type: str = "application/octet-stream"
+    ) -> str:
         upload = self._call(
             f"create_multipart {key}",
             lambda: self._client.create_multipart_upload(
                 Bucket=self.bucket, Key=key, Metadata=dict(metadata), ContentType=content_type
             ),
         )
-        upload_id = upload["UploadId"]
+        return str(upload["UploadId"])
+
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        r = self._call(
+            f"upload_part {key}#{number}",
+            lambda: self._client.upload_part(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
+            ),
+        )
+        return str(r["ETag"])
+
+    def complete_multipart(
+        self,
+        key: str,
+        upload_id: str,
+        parts: list[tuple[int, str]],
+        conditions: Mapping[str, str],
+    ) -> str:
+        """Make the parts (number, ETag), in order, the object; *conditions* as for put."""
+        listed = [{"PartNumber": n, "ETag": e} for n, e in parts]
+        r = self._call(
+            f"complete_multipart {key}",
+            lambda: self._client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": listed},
+                **conditions,
+            ),
+        )
+        return etag_of(r["ETag"])
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Best effort (the caller's own error matters more): discard an unfinished upload."""
         try:
-            with ThreadPoolExecutor(self.settings.part_concurrency) as pool:
-                etags = list(pool.map(lambda n: send(upload_id, n), range(1, count + 1)))
-            parts = [{"PartNumber": n, "ETag": e} for n, e in enumerate(etags, start=1)]
-            r = self._call(
-                f"complete_multipart {key}",
-                lambda: self._client.complete_multipart_upload(
-                    Bucket=self.bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": parts},
-                    **conditions,
-                ),
-            )
-            return etag_of(r["ETag"])
-        except BaseException:
-            try:
-                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-            except Exception:  # noqa: BLE001 - best effort; the original error matters
-                log.warning("could not abort the multipart upload of %s", key)
-            raise
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except Exception:  # noqa: BLE001
+            log.warning("could not abort the multipart upload of %s", key)
 
     def copy(
         self,

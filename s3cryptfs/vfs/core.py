@@ -23,8 +23,9 @@ import trio
 from s3cryptfs.cache.blocks import BlockCache
 from s3cryptfs.cache.disk import DiskCache
 from s3cryptfs.cache.reader import Reader, Version
+from s3cryptfs.cache.stream import Stream, part_plain_size
 from s3cryptfs.cache.writeback import ABSENT, CHAIN, Entry, Journal, Uploader
-from s3cryptfs.codec import OWN, ObjectCodec, object_kind
+from s3cryptfs.codec import OWN, ObjectCodec, SealedObject, object_kind
 from s3cryptfs.errors import (
     FsError,
     IntegrityError,
@@ -74,6 +75,8 @@ class FsOptions:
     upload_concurrency: int = 4
     disk_cache: int = 0  # bytes of ciphertext kept on disk; 0: no disk cache
     io_threads: int = 16
+    # Seal and send a large file while it is written sequentially (cache/stream.py).
+    stream_uploads: bool = True
 
 
 @dataclass
@@ -117,6 +120,8 @@ class Filesystem:
             else None
         )
         self.reader = Reader(self.blocks, self.limiter)
+        self.streams: set[Stream] = set()
+        self.stream_limiter = trio.CapacityLimiter(store.settings.part_concurrency)
         self.uploader = Uploader(
             store,
             self.journal,
@@ -176,6 +181,8 @@ class Filesystem:
     async def drain(self) -> None:
         await self.commit_all()
         await self.uploader.drain()
+        for stream in list(self.streams):
+            await stream.finished.wait()  # dropped ones abort their multipart uploads
         if not self.opts.read_only:
             await self.index.flush()
 
@@ -450,9 +457,17 @@ class Filesystem:
         key = self.key(path)
         try:
             head = await self._thread(self.store.head, key)
-            return self._file_node(path, head)
         except ObjectNotFound:
             pass
+        else:
+            node = self._file_node(path, head)
+            if head.metadata is not None and md.MTIME not in head.metadata:
+                # Streamed uploads fix their metadata before the last write: the exact mtime
+                # is in the directory index (if it still describes this version).
+                entry = (await self._dir_index(parent)).get(name)
+                if entry is not None and entry.etag == head.etag:
+                    node.mtime_ns = entry.mtime_ns
+            return node
         page = await self._thread(self.store.list, key + "/", "/", None)
         if page.objects or page.prefixes:
             node = self._dir_node(path, attrs=(await self._dir_index(parent)).get(name))
@@ -741,6 +756,9 @@ class Filesystem:
         staging = node.staging or await self._materialize(node)
         self.counters["write_calls"] += 1
         self.counters["write_bytes"] += len(data)
+        if node.stream is not None and offset < node.stream.frozen:
+            self._drop_stream(node, "a write behind the sealed part")
+        old_size = node.size
         if len(data) <= INLINE_WRITE:
             # A small write to a local file lands in the page cache in microseconds: cheaper
             # than the hop to a worker thread and back, which dominates small-file copies.
@@ -750,7 +768,63 @@ class Filesystem:
         staging.dirty = True
         node.size = max(node.size, offset + written)
         node.mtime_ns = node.ctime_ns = _now_ns()
+        if node.stream is not None:
+            node.stream.wake()
+        elif offset == old_size:
+            self._maybe_stream(node)
         return written
+
+    # --- streamed uploads ------------------------------------------------------------------
+
+    def _maybe_stream(self, node: Node) -> None:
+        """A file that grows by appending past one part starts its upload (cache/stream.py)."""
+        staging = node.staging
+        if (
+            not self.opts.stream_uploads
+            or not node.stream_ok
+            or self.nursery is None
+            or staging is None
+            or node.unlinked
+            or self.codec.writes_gateway
+            or node.size <= part_plain_size(self.codec.chunk_size, self.store.settings.part_size)
+        ):
+            return
+        seq = self.journal.next_seq()
+        stream = Stream(
+            key=self.key(node.path),
+            seq=seq,
+            body_path=self.journal.body_path(seq),
+            staging_fd=staging.fd,
+            written=lambda: node.size,
+            codec=self.codec,
+            store=self.store,
+            attrs=self._posix_attrs(node),
+            part_size=self.store.settings.part_size,
+            concurrency=self.store.settings.part_concurrency,
+            limiter=self.stream_limiter,
+        )
+        node.stream = stream
+        self.streams.add(stream)
+        self.counters["streams"] += 1
+
+        async def run() -> None:
+            try:
+                await stream.run()
+            finally:
+                self.streams.discard(stream)
+
+        self.nursery.start_soon(run)
+
+    def _drop_stream(self, node: Node, why: str) -> None:
+        if node.stream is not None:
+            node.stream.drop(why)
+            node.stream = None
+            node.stream_ok = False
+
+    def _drop_streams_under(self, path: str) -> None:
+        for n in list(self.nodes.by_path.values()):
+            if n.stream is not None and (n.path == path or n.path.startswith(path + "/")):
+                self._drop_stream(n, "renamed")
 
     async def _commit(self, node: Node) -> Entry | None:
         """Seal the node's write-back file into the journal and queue the upload."""
@@ -758,21 +832,26 @@ class Filesystem:
             staging = node.staging
             if staging is None or not staging.dirty or node.unlinked:
                 return node.local
+            stream, node.stream = node.stream, None
+            node.stream_ok = True
             await self.uploader.wait_for_space(self.opts.journal_limit)
-            seq = self.journal.next_seq()
             attrs = self._posix_attrs(node)
-
-            def seal() -> Any:
-                with os.fdopen(os.dup(staging.fd), "rb") as src:
-                    src.seek(0)
-                    with self.journal.open_body(seq) as dst:
-                        return self.codec.seal_stream(src, dst, attrs, self.key(node.path))
-
+            if stream is not None and not await stream.stop():
+                stream.drop("not usable")  # its own task cleans it up
+                stream = None
             staging.dirty = False
             try:
-                sealed = await self._thread(seal)
+                if stream is not None:
+                    seq = stream.seq
+                    self.counters["stream_bytes_sent_before_close"] += stream.sent_bytes
+                    sealed = await self._thread(self._seal_streamed, stream, node.size, attrs)
+                else:
+                    seq = self.journal.next_seq()
+                    sealed = await self._thread(self._seal, staging, seq, attrs, node.path)
             except BaseException:
                 staging.dirty = True
+                if stream is not None:
+                    stream.drop("sealing failed")
                 raise
             key = self.key(node.path)
             if self.uploader.pending_for(key):
@@ -789,6 +868,7 @@ class Filesystem:
                 base=base,
                 plain_size=sealed.plain_size,
                 body_size=sealed.body_size,
+                stream=stream,
             )
             await self._thread(self.journal.write_record, entry)
             body_path = entry.body_path
@@ -820,6 +900,29 @@ class Filesystem:
             node.error = None
             self.uploader.submit(entry)
             return entry
+
+    def _seal(self, staging: Staging, seq: int, attrs: md.PosixAttrs, path: str) -> Any:
+        with os.fdopen(os.dup(staging.fd), "rb") as src:
+            src.seek(0)
+            with self.journal.open_body(seq) as dst:
+                return self.codec.seal_stream(src, dst, attrs, self.key(path))
+
+    def _seal_streamed(self, stream: Stream, size: int, attrs: md.PosixAttrs) -> Any:
+        """Finish a streamed body. Mode or owner changed since it began: the metadata is
+        the current one, and the uploader sends the body whole instead."""
+        try:
+            plain_size, body_size = stream.seal_rest(size)
+        finally:
+            stream.close_body()
+        assert stream.metadata is not None and stream.cipher is not None
+        metadata = dict(stream.metadata)
+        if (attrs.mode, attrs.uid, attrs.gid) != (
+            stream.attrs.mode,
+            stream.attrs.uid,
+            stream.attrs.gid,
+        ):
+            metadata.update(attrs.encode())
+        return SealedObject(metadata, plain_size, body_size, stream.cipher)
 
     async def _uploaded(self, entry: Entry) -> None:
         """The uploader finished *entry*: the node's content now lives in S3."""
@@ -941,6 +1044,8 @@ class Filesystem:
                 raise FsError(errno.EISDIR)
             if size == 0 and node.staging is None:
                 node.staging = self._new_staging()
+            if node.stream is not None and size < node.stream.frozen:
+                self._drop_stream(node, "truncated")
             staging = node.staging or await self._materialize(node)
             # Dirty before the first await: without a writer, a clean write-back file is
             # released when the previous version's upload lands (_uploaded), and this
@@ -1101,6 +1206,7 @@ class Filesystem:
         if node.is_dir:
             raise FsError(errno.EISDIR)
         key = self.key(node.path)
+        self._drop_stream(node, "unlinked")
         if node.opens > 0:
             # Still open: keep its content readable after the object is gone (an upload
             # landing meanwhile must not release the copy).
@@ -1157,9 +1263,13 @@ class Filesystem:
             if target.is_dir and not await self._is_empty(target):
                 raise FsError(errno.ENOTEMPTY)
         new_path = child_path(dst_parent.path, new_name)
+        if node.is_dir and new_path.startswith(node.path + "/"):
+            raise FsError(errno.EINVAL, "cannot move a directory into itself")
+        # A streamed upload goes to the old name: it is sent whole at close instead.
+        self._drop_streams_under(node.path)
+        if target is not None:
+            self._drop_stream(target, "replaced")
         if node.is_dir:
-            if new_path.startswith(node.path + "/"):
-                raise FsError(errno.EINVAL, "cannot move a directory into itself")
             await self._rename_dir(node, new_path, target)
         else:
             await self._rename_file(node, new_path, target)
@@ -1356,6 +1466,10 @@ class Filesystem:
             "queued": len(self.uploader.queue),
             "in_flight": len(self.uploader.in_flight),
             "queued_bytes": self.uploader.queued_bytes,
+        }
+        out["streaming"] = {
+            "active": len(self.streams),
+            "sent_bytes": sum(s.sent_bytes for s in self.streams),
         }
         dirty = [n for n in self.nodes.by_ino.values() if n.dirty()]
         out["dirty_files"] = len(dirty)

@@ -10,6 +10,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -98,6 +99,10 @@ class Node:
     link_target: bytes | None = None
     lock: trio.Lock = field(default_factory=trio.Lock)
     error: str | None = None  # last upload failure, for the state attribute
+    # A streamed upload of the version being written (cache/stream.py), and whether one may
+    # start (not after one was dropped, until the next commit).
+    stream: Any = None
+    stream_ok: bool = True
 
     @property
     def is_dir(self) -> bool:

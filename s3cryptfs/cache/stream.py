@@ -1,0 +1,342 @@
+"""Streaming upload: a large file written from start to end is sealed and sent while it is written.
+
+Without it, copying 1 GiB into the mount writes the plaintext write-back file, seals all of it into
+the journal at close (a second GiB of disk writes, then an fsync), and only then starts the upload,
+the slowest step. With it, every part of plaintext the writer has moved past is sealed into the
+journal body, flushed to disk, and sent as one part of a multipart upload right away; close seals
+only the tail.
+
+The journal does not change: close still commits a complete ciphertext body and its record, so
+crash recovery, conflict copies and retries all work from the body. The multipart upload is only
+a head start, completed by the uploader when the version's turn comes (with the usual conditional
+write), and abandoned (aborted) at the first sign of trouble: a write behind the sealed point, a
+truncate, a rename or unlink, a change of metadata, a failed completion.
+
+A stream never seals a chunk twice with different plaintext under its key: the plaintext it has
+started to seal is frozen, and a write into the frozen part drops the stream (and its key) first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from s3cryptfs.codec import ObjectCodec
+from s3cryptfs.format import metadata as md
+from s3cryptfs.format import v1
+from s3cryptfs.store.s3 import S3Store
+
+log = logging.getLogger(__name__)
+
+MAX_PARTS = 10000  # S3's limit; a longer file stops streaming and is uploaded at close
+
+
+_libc: Any = None
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a range of a file to disk without waiting (Linux sync_file_range), so the
+    fsync at close has only the tail left; a no-op where the call is missing."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.sync_file_range.argtypes = [
+                ctypes.c_int,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_uint,
+            ]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.sync_file_range(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
+
+
+def part_plain_size(chunk_size: int, part_size: int) -> int:
+    """Plaintext per part: whole chunks, at least *part_size* bytes of ciphertext's worth."""
+    return chunk_size * max(1, -(-part_size // chunk_size))
+
+
+class Stream:
+    """One version of one file, sealed part by part under one data key while it is written."""
+
+    def __init__(
+        self,
+        *,
+        key: str,
+        seq: int,
+        body_path: str,
+        staging_fd: int,
+        written: Callable[[], int],
+        codec: ObjectCodec,
+        store: S3Store,
+        attrs: md.PosixAttrs,
+        part_size: int,
+        concurrency: int,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.key = key
+        self.seq = seq
+        self.body_path = body_path
+        self._staging_fd = staging_fd
+        self._written = written  # the file's current plaintext size
+        self._codec = codec
+        self._store = store
+        # The data key's envelope is fixed when the upload is created, and so is the metadata:
+        # mode and owner as they are now; no mtime, which is not known before the last write
+        # (readers fall back to the object's Last-Modified; our mounts keep the exact one in the
+        # directory index).
+        self.attrs = md.PosixAttrs(attrs.mode, attrs.uid, attrs.gid, None)
+        self.chunk_size = codec.chunk_size
+        self.part_plain = part_plain_size(self.chunk_size, part_size)
+        self._chunks_per_part = self.part_plain // self.chunk_size
+        self.part_body = self.part_plain + self._chunks_per_part * v1.TAG_LEN
+        self._concurrency = max(1, concurrency)
+        self._limiter = limiter
+        self.state = "starting"  # starting | running | closing | sealed | dropped
+        self.frozen = 0  # plaintext [0, frozen) may no longer change
+        self.sealed = 0  # plaintext [0, sealed) is in the body
+        self.parts: dict[int, str] = {}  # part number -> ETag, sent
+        self.upload_id: str | None = None
+        self.metadata: dict[str, str] | None = None
+        self.cipher: v1.ChunkCipher | None = None
+        self._body_fd = -1
+        self._sending = 0
+        self._wake = trio.Event()
+        self._idle_scope: trio.CancelScope | None = None
+        self._scope = trio.CancelScope()
+        self._sealer_done = trio.Event()
+        self.finished = trio.Event()  # run() returned: nothing of the stream is in flight
+        self.sent_bytes = 0
+
+    # --- driven by the file system -------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ("starting", "running")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def drop(self, why: str) -> None:
+        """Abandon the stream; the file is sealed and uploaded at close as usual."""
+        if self.state == "dropped":
+            return
+        log.debug("streaming upload of %s dropped: %s", self.key, why)
+        self.state = "dropped"
+        self._scope.cancel()
+        self.wake()
+
+    async def stop(self) -> bool:
+        """At close: stop sealing in the background. True if the stream can be finished."""
+        if self.alive:
+            self.state = "closing"
+            if self._idle_scope is not None:
+                self._idle_scope.cancel()
+            self.wake()
+        await self._sealer_done.wait()
+        return self.state == "closing" and self.upload_id is not None
+
+    def seal_rest(self, size: int) -> tuple[int, int]:
+        """Seal plaintext [sealed, size) with the last-chunk flag, and make the body durable
+        (blocking). Returns (plaintext size, body size)."""
+        assert self.cipher is not None and self.state == "closing"
+        first = self.sealed // self.chunk_size
+        count = v1.chunk_count(size, self.chunk_size)
+        offset = v1.HEADER_LEN + first * (self.chunk_size + v1.TAG_LEN)
+        for index in range(first, count):
+            start = index * self.chunk_size
+            plain = os.pread(self._staging_fd, min(self.chunk_size, size - start), start)
+            sealed = self.cipher.seal(index, plain, index == count - 1)
+            os.pwrite(self._body_fd, sealed, offset)
+            offset += len(sealed)
+        os.ftruncate(self._body_fd, offset)
+        os.fsync(self._body_fd)
+        self.state = "sealed"
+        return size, offset
+
+    def close_body(self) -> None:
+        if self._body_fd >= 0:
+            os.close(self._body_fd)
+            self._body_fd = -1
+
+    # --- the background task -------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                async with trio.open_nursery() as sends:
+                    try:
+                        await self._start()
+                        if self.state == "starting":
+                            self.state = "running"
+                        await self._sealer(sends)
+                    finally:
+                        self._sealer_done.set()
+        except Exception as exc:  # noqa: BLE001 - the upload at close does it the usual way
+            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]  # type: ignore[assignment]
+            log.warning("streaming upload of %s stopped (sent at close): %s", self.key, exc)
+            if self.state != "sealed":
+                self.state = "dropped"
+        finally:
+            self._sealer_done.set()
+            if self.state == "dropped":
+                with trio.CancelScope(shield=True):
+                    await self._discard_body()
+                    await self.abort()
+            self.finished.set()
+
+    async def _start(self) -> None:
+        def prepare() -> None:
+            dek = os.urandom(v1.DEK_LEN)
+            header = v1.Header.new(self.chunk_size)
+            self.metadata = self._codec.new_metadata(dek, self.attrs, self.key)
+            self.cipher = v1.ChunkCipher(dek, header)
+            fd = os.open(self.body_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            self._body_fd = fd
+            os.pwrite(fd, header.encode(), 0)
+
+        await trio.to_thread.run_sync(prepare)
+        assert self.metadata is not None
+        meta = self.metadata
+        self.upload_id = await trio.to_thread.run_sync(
+            self._store.create_multipart, self.key, meta, limiter=self._limiter
+        )
+
+    def _ready(self) -> bool:
+        full = self._written() > self.sealed + self.part_plain  # a byte beyond: no last chunk
+        room = self._sending < self._concurrency
+        return full and room and self.sealed // self.part_plain < MAX_PARTS - 1
+
+    async def _sealer(self, sends: trio.Nursery) -> None:
+        while self.state == "running":
+            with trio.CancelScope() as idle:
+                self._idle_scope = idle
+                while self.state == "running" and not self._ready():
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+            self._idle_scope = None
+            if self.state != "running":
+                return
+            index = self.sealed // self.part_plain
+            self.frozen = self.sealed + self.part_plain
+            data = await trio.to_thread.run_sync(self._seal_part, index)
+            self.sealed = self.frozen
+            self._sending += 1
+            sends.start_soon(self._send, index + 1, data)
+
+    def _seal_part(self, index: int) -> bytes:
+        """Seal plaintext part *index* (never the file's last chunk) into the body; returns the
+        part's bytes (the header too, for the first)."""
+        assert self.cipher is not None
+        start = index * self.part_plain
+        plain = os.pread(self._staging_fd, self.part_plain, start)
+        if len(plain) != self.part_plain:
+            raise OSError(f"write-back file shorter than expected at {start}")
+        first = index * self._chunks_per_part
+        step = self.chunk_size
+        sealed = b"".join(
+            self.cipher.seal(first + i, plain[i * step : (i + 1) * step], False)
+            for i in range(self._chunks_per_part)
+        )
+        offset = v1.HEADER_LEN + index * self.part_body
+        os.pwrite(self._body_fd, sealed, offset)
+        start_writeback(self._body_fd, offset, len(sealed))
+        if index == 0:
+            return self.cipher.header.encode() + sealed
+        return sealed
+
+    async def _send(self, number: int, data: bytes) -> None:
+        try:
+            assert self.upload_id is not None
+            etag = await trio.to_thread.run_sync(
+                self._store.upload_part,
+                self.key,
+                self.upload_id,
+                number,
+                data,
+                limiter=self._limiter,
+            )
+            self.parts[number] = etag
+            self.sent_bytes += len(data)
+        except Exception as exc:  # noqa: BLE001 - sent again from the body when completing
+            log.info("part %d of %s will be sent again: %s", number, self.key, exc)
+        finally:
+            self._sending -= 1
+            self.wake()
+
+    # --- finishing (the uploader) --------------------------------------------------------
+
+    def _part_range(self, number: int, body_size: int) -> tuple[int, int]:
+        start = 0 if number == 1 else v1.HEADER_LEN + (number - 1) * self.part_body
+        return start, min(v1.HEADER_LEN + number * self.part_body, body_size)
+
+    async def complete(
+        self, body_path: str, body_size: int, if_match: str | None, if_none_match: bool
+    ) -> str:
+        """Send what is missing from the body and complete the upload; aborted on failure."""
+        assert self.upload_id is not None and self.state == "sealed"
+        await self.finished.wait()
+        count = max(1, -(-(body_size - v1.HEADER_LEN) // self.part_body))
+        try:
+            fd = os.open(body_path, os.O_RDONLY)
+            try:
+
+                async def send(number: int, gate: trio.Semaphore) -> None:
+                    async with gate:
+                        start, end = self._part_range(number, body_size)
+                        data = await trio.to_thread.run_sync(os.pread, fd, end - start, start)
+                        self.parts[number] = await trio.to_thread.run_sync(
+                            self._store.upload_part,
+                            self.key,
+                            self.upload_id,
+                            number,
+                            data,
+                            limiter=self._limiter,
+                        )
+
+                gate = trio.Semaphore(self._concurrency)
+                async with trio.open_nursery() as nursery:
+                    for number in range(1, count + 1):
+                        if number not in self.parts:
+                            nursery.start_soon(send, number, gate)
+            finally:
+                os.close(fd)
+            parts = [(n, self.parts[n]) for n in range(1, count + 1)]
+            conditions = S3Store.conditions(if_match, if_none_match)
+            etag: str = await trio.to_thread.run_sync(
+                self._store.complete_multipart,
+                self.key,
+                self.upload_id,
+                parts,
+                conditions,
+                limiter=self._limiter,
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.abort()
+            raise
+        self.upload_id = None
+        return etag
+
+    async def abort(self) -> None:
+        upload_id, self.upload_id = self.upload_id, None
+        if upload_id is not None:
+            await trio.to_thread.run_sync(self._store.abort_multipart, self.key, upload_id)
+
+    async def _discard_body(self) -> None:
+        self.close_body()
+        with contextlib.suppress(FileNotFoundError):
+            await trio.to_thread.run_sync(os.unlink, self.body_path)
+
+    def usable_for(self, metadata: dict[str, str]) -> bool:
+        """The entry may be finished through this stream: same metadata, upload still open."""
+        return self.state == "sealed" and self.upload_id is not None and metadata == self.metadata
