@@ -266,6 +266,11 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        if not name.startswith(b"user."):
+            # security.*, system.posix_acl_*, trusted.*: not supported here, and saying so
+            # (rather than "no such attribute") lets `ls -l` stop asking for every file: it
+            # remembers per device that contexts and ACLs are unsupported.
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         node = self.fs.node(inode)
         if name == XATTR_STATE and not node.is_dir:
             return self.fs.state_of(node).encode()

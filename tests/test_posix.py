@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 import time
 
 import pytest
@@ -217,6 +218,25 @@ def test_fsync_uploads_and_state_clean(mounted, s3client):
     after = set(objects_under(s3client, mounted.bucket, "vol/"))
     assert after - before, "fsync returned but no new object appeared under vol/"
     assert os.getxattr(path, STATE_XATTR) == b"clean"
+
+
+def test_xattrs_outside_the_user_namespace_are_unsupported(mounted):
+    """security.* and ACLs are refused as unsupported (not "no such attribute"), so that `ls -l`
+    asks once per mount instead of twice per file; user.* names are looked up as usual."""
+    path = mounted.mountpoint / "x"
+    path.write_bytes(b"x")
+    for name in ("security.selinux", "system.posix_acl_access", "trusted.anything"):
+        with pytest.raises(OSError) as err:
+            os.getxattr(path, name)
+        assert err.value.errno == errno.EOPNOTSUPP, name
+    with pytest.raises(OSError) as err:
+        os.getxattr(path, "user.not-ours")
+    assert err.value.errno == errno.ENODATA
+    assert os.getxattr(path, STATE_XATTR) in (b"clean", b"dirty", b"uploading")
+    listing = subprocess.run(
+        ["ls", "-l", str(mounted.mountpoint)], capture_output=True, text=True, check=True
+    )
+    assert " x\n" in listing.stdout and listing.stderr == ""
 
 
 def test_persistence_across_remount(mounted):

@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from s3cryptfs.cache.slots import SlotPool, SlotRecord
 from s3cryptfs.errors import ObjectNotFound, PreconditionFailed, StoreError, UploadConflict
 from s3cryptfs.store.s3 import S3Store
 
@@ -55,6 +56,14 @@ class Entry:
     # in memory only. After a crash only its id is known (stale_upload), and it is aborted.
     stream: Any = None
     stale_upload: str | None = None
+    # Small versions live in a slot of the pool file (cache/slots.py); the body starts at
+    # body_offset of body_path. moves counts relocations (a reader that raced one reads
+    # again); released: the journal no longer holds the body (it is in S3).
+    slot: int | None = None
+    generation: int = 0
+    body_offset: int = 0
+    moves: int = 0
+    released: bool = False
 
     def record(self) -> dict[str, Any]:
         rec = {
@@ -75,6 +84,12 @@ class Entry:
         self.changed = trio.Event()
 
 
+def replace_location(entry: Entry, path: str, offset: int) -> Entry:
+    entry.body_path = path
+    entry.body_offset = offset
+    return entry
+
+
 class Journal:
     """The on-disk part. Directory mode 0700, files 0600."""
 
@@ -87,6 +102,10 @@ class Journal:
             stem = name.split(".", 1)[0]
             if stem.isdigit():
                 self._seq = max(self._seq, int(stem))
+        self.slots = SlotPool(directory.rstrip("/") + ".slots")
+        self._slot_records = self.slots.scan()
+        for rec in self._slot_records:
+            self._seq = max(self._seq, rec.seq)
 
     def next_seq(self) -> int:
         self._seq += 1
@@ -120,7 +139,58 @@ class Journal:
         finally:
             os.close(dfd)
 
+    # --- small versions: slots --------------------------------------------------------------
+
+    def write_slot(self, entry: Entry, body: bytes) -> bool:
+        """Commit *entry* (its slot taken, body_offset set) with one flush. False (slot given
+        back) if it does not fit: commit it as files instead."""
+        assert entry.slot is not None
+        record = json.dumps(entry.record()).encode()
+        if len(body) + len(record) > self.slots.capacity:
+            self.slots.give_back(entry.slot)
+            entry.slot = None
+            return False
+        self.slots.write(entry.slot, entry.seq, entry.generation, body, record)
+        return True
+
+    def rewrite(self, entry: Entry) -> None:
+        """Make a changed record durable (blocking). A version in a slot moves to another slot
+        (or to files): its old place is freed only once the new one is durable."""
+        if entry.slot is None:
+            self.write_record(entry)
+            return
+        old = entry.slot
+        body = os.pread(self.slots.fd, entry.body_size, self.slots.offset(old))
+        entry.generation += 1
+        record = json.dumps(entry.record()).encode()
+        new = self.slots.take()
+        if new is not None and len(body) + len(record) <= self.slots.capacity:
+            self.slots.write(new, entry.seq, entry.generation, body, record)
+            entry.slot = new
+            replace_location(entry, self.slots.path, self.slots.offset(new))
+            self._moved(entry, old)
+            return
+        if new is not None:
+            self.slots.give_back(new)
+        path = self.body_path(entry.seq)  # no room in the slots: a pair of files
+        with open(path, "wb") as f:
+            f.write(body)
+        entry.slot = None
+        replace_location(entry, path, 0)
+        self.write_record(entry)
+        self._moved(entry, old)
+
+    def _moved(self, entry: Entry, old_slot: int) -> None:
+        entry.moves += 1
+        self.slots.clear(old_slot)
+
     def remove(self, entry: Entry) -> None:
+        entry.released = True
+        if entry.slot is not None:
+            self.slots.clear(entry.slot)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.record_path(entry.seq))
+            return
         for path in (self.record_path(entry.seq), entry.body_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -153,11 +223,40 @@ class Journal:
             if stem.isdigit() and int(stem) not in recorded:
                 log.info("journal: removing uncommitted leftover %s", name)
                 os.unlink(os.path.join(self.dir, name))
+        newest: dict[int, SlotRecord] = {}
+        for rec in self._slot_records:
+            other = newest.get(rec.seq)
+            if other is not None and other.generation > rec.generation:
+                self.slots.clear(rec.slot)  # moved by a rewrite that completed
+                continue
+            if other is not None:
+                self.slots.clear(other.slot)
+            newest[rec.seq] = rec
+        self._slot_records = []
+        for rec in newest.values():
+            if rec.seq in recorded:  # rewritten into files after it was in a slot
+                self.slots.clear(rec.slot)
+                continue
+            r = rec.record
+            entries.append(
+                Entry(
+                    seq=rec.seq,
+                    key=r["key"],
+                    body_path=self.slots.path,
+                    metadata=dict(r["metadata"]),
+                    base=(r["base"][0], r["base"][1]),
+                    plain_size=int(r["plain_size"]),
+                    body_size=int(r["body_size"]),
+                    slot=rec.slot,
+                    generation=rec.generation,
+                    body_offset=self.slots.offset(rec.slot),
+                )
+            )
         entries.sort(key=lambda e: e.seq)
         return entries
 
     def pending_bytes(self) -> int:
-        total = 0
+        total = self.slots.used_bytes()
         for name in os.listdir(self.dir):
             with contextlib.suppress(FileNotFoundError):
                 total += os.stat(os.path.join(self.dir, name)).st_size
@@ -175,14 +274,20 @@ class Uploader:
         store: S3Store,
         journal: Journal,
         limiter: trio.CapacityLimiter,
-        concurrency: int = 4,
+        concurrency: int = 16,
+        large_concurrency: int = 3,
+        large_size: int = 32 * 1024 * 1024,
         on_uploaded: Uploaded | None = None,
         on_conflict: Uploaded | None = None,
     ) -> None:
         self.store = store
         self.journal = journal
         self.limiter = limiter
+        # Small files are bound by round trips: many in flight. Large ones send their parts in
+        # parallel themselves: a few at a time, so memory and connections stay bounded.
         self.concurrency = concurrency
+        self.large_concurrency = large_concurrency
+        self.large_size = large_size
         self.on_uploaded = on_uploaded
         self.on_conflict = on_conflict
         self.queue: list[Entry] = []
@@ -216,7 +321,7 @@ class Uploader:
         self._kick()
 
     def _rewrite(self, entry: Entry) -> None:
-        self.journal.write_record(entry)
+        self.journal.rewrite(entry)
 
     def _discard_stream(self, entry: Entry) -> None:
         """The streamed multipart upload of *entry* will never be completed: abort it."""
@@ -305,8 +410,11 @@ class Uploader:
 
     def _next(self) -> Entry | None:
         now = time.monotonic()
+        large = sum(1 for e in self.in_flight.values() if e.body_size >= self.large_size)
         for entry in self.queue:
             if entry.key in self.in_flight or entry.not_before > now:
+                continue
+            if entry.body_size >= self.large_size and large >= self.large_concurrency:
                 continue
             if entry.base == CHAIN and entry.key not in self.last_etag:
                 # the previous version of this key must land first; if none exists any more
@@ -392,13 +500,21 @@ class Uploader:
                 return etag
             await stream.abort()  # the metadata changed after close: the upload has the old
         return await trio.to_thread.run_sync(
-            self.store.upload_file,
-            entry.key,
+            self._upload_body, entry, entry.key, if_match, if_none_match, limiter=self.limiter
+        )
+
+    def _upload_body(
+        self, entry: Entry, key: str, if_match: str | None, if_none_match: bool
+    ) -> str:
+        # Only queued entries are rewritten (moved), never one being uploaded.
+        return self.store.upload_file(
+            key,
             entry.body_path,
             entry.metadata,
             if_match,
             if_none_match,
-            limiter=self.limiter,
+            offset=entry.body_offset,
+            size=entry.body_size,
         )
 
     async def _landed(self, entry: Entry) -> str | None:
@@ -422,13 +538,7 @@ class Uploader:
         conflict_key = f"{entry.key}.conflict-{stamp}-{entry.seq}"
         try:
             await trio.to_thread.run_sync(
-                self.store.upload_file,
-                conflict_key,
-                entry.body_path,
-                entry.metadata,
-                None,
-                True,
-                limiter=self.limiter,
+                self._upload_body, entry, conflict_key, None, True, limiter=self.limiter
             )
         except Exception as exc:  # noqa: BLE001 - keep it queued, try again later
             entry.error = exc

@@ -232,10 +232,15 @@ class AttrIndex:
         while len(self._last) > LAST_WRITTEN_DIRS:
             self._last.popitem(last=False)
 
-    async def flush(self) -> None:
-        """Write every index with pending changes (best effort: it is a cache)."""
+    async def flush(self, once: bool = False) -> None:
+        """Write every index with pending changes (best effort: it is a cache). *once*: only
+        those pending now; changes made meanwhile wait for the next round, so a long burst
+        writes an index about once per delay, not back to back (each write is the whole
+        directory)."""
         async with self._write_lock:
-            while self._pending:
+            rounds = len(self._pending) if once else -1
+            while self._pending and rounds != 0:
+                rounds -= 1
                 dir_path, changes = self._pending.popitem()
                 try:
                     await self._thread(self._write, dir_path, changes)
@@ -248,4 +253,6 @@ class AttrIndex:
             await self._wake.wait()
             self._wake = trio.Event()
             await trio.sleep(self.delay)
-            await self.flush()
+            await self.flush(once=True)
+            if self._pending:
+                self._wake.set()

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import io
 import logging
 import os
 import stat
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 MAX_KEY_BYTES = 1024
 MAX_NAME_BYTES = 255
 INLINE_WRITE = 256 * 1024
+SLOT_PLAIN = 64 * 1024  # versions up to this size are committed into a journal slot
 
 
 @dataclass
@@ -72,7 +74,7 @@ class FsOptions:
     sync_close: bool = False
     memory_cache: int = 128 * 1024 * 1024
     journal_limit: int = 2 * 1024 * 1024 * 1024
-    upload_concurrency: int = 4
+    upload_concurrency: int = 16
     disk_cache: int = 0  # bytes of ciphertext kept on disk; 0: no disk cache
     io_threads: int = 16
     # Seal and send a large file while it is written sequentially (cache/stream.py).
@@ -108,7 +110,7 @@ class Filesystem:
         self.opts = opts
         self.cache_dir = cache_dir
         self.limiter = trio.CapacityLimiter(opts.io_threads)
-        self.upload_limiter = trio.CapacityLimiter(max(2, opts.upload_concurrency * 2))
+        self.upload_limiter = trio.CapacityLimiter(max(2, opts.upload_concurrency))
         self.journal = Journal(os.path.join(cache_dir, "journal"))
         self.staging_dir = os.path.join(cache_dir, "staging")
         os.makedirs(self.staging_dir, mode=0o700, exist_ok=True)
@@ -127,6 +129,7 @@ class Filesystem:
             self.journal,
             self.upload_limiter,
             concurrency=opts.upload_concurrency,
+            large_size=store.settings.multipart_threshold,
             on_uploaded=self._uploaded,
             on_conflict=self._conflicted,
         )
@@ -840,46 +843,57 @@ class Filesystem:
                 stream.drop("not usable")  # its own task cleans it up
                 stream = None
             staging.dirty = False
+            key = self.key(node.path)
+            base = self._base(node, key)
+
+            def new_entry(seq: int, sealed: SealedObject, path: str, offset: int) -> Entry:
+                return Entry(
+                    seq=seq,
+                    key=key,
+                    body_path=path,
+                    metadata=sealed.metadata,
+                    base=base,
+                    plain_size=sealed.plain_size,
+                    body_size=sealed.body_size,
+                    stream=stream,
+                    body_offset=offset,
+                )
+
             try:
                 if stream is not None:
-                    seq = stream.seq
                     self.counters["stream_bytes_sent_before_close"] += stream.sent_bytes
-                    sealed = await self._thread(self._seal_streamed, stream, node.size, attrs)
+                    sealed, entry = await self._thread(
+                        self._commit_streamed, stream, node.size, attrs, new_entry
+                    )
                 else:
                     seq = self.journal.next_seq()
-                    sealed = await self._thread(self._seal, staging, seq, attrs, node.path)
+                    slot = self.journal.slots.take() if node.size <= SLOT_PLAIN else None
+                    sealed, entry = await self._thread(
+                        self._commit_sealed, staging, seq, slot, attrs, key, new_entry
+                    )
             except BaseException:
                 staging.dirty = True
                 if stream is not None:
                     stream.drop("sealing failed")
                 raise
-            key = self.key(node.path)
-            if self.uploader.pending_for(key):
-                base = CHAIN
-            elif node.remote is not None:
-                base = ("etag", node.remote.etag)
-            else:
-                base = ABSENT
-            entry = Entry(
-                seq=seq,
-                key=key,
-                body_path=self.journal.body_path(seq),
-                metadata=sealed.metadata,
-                base=base,
-                plain_size=sealed.plain_size,
-                body_size=sealed.body_size,
-                stream=stream,
-            )
-            await self._thread(self.journal.write_record, entry)
-            body_path = entry.body_path
+            if entry.base == CHAIN and not self.uploader.pending_for(key):
+                # The previous version landed while this one was sealed: base it on that.
+                entry.base = self._base(node, key)
+                await self._thread(self.journal.rewrite, entry)
+            seq = entry.seq
 
             def fetch_local(start: int, end: int) -> bytes:
-                try:
-                    with open(body_path, "rb") as f:
-                        return os.pread(f.fileno(), end - start + 1, start)
-                except FileNotFoundError:
-                    if not entry.etag:
-                        raise
+                while not entry.released:
+                    moves = entry.moves
+                    try:
+                        with open(entry.body_path, "rb") as f:
+                            data = os.pread(f.fileno(), end - start + 1, entry.body_offset + start)
+                    except FileNotFoundError:
+                        if not entry.released and entry.moves == moves:
+                            raise
+                        continue
+                    if entry.moves == moves and not entry.released:
+                        return data
                 # Uploaded and dropped from the journal while a reader still held this
                 # version: the same bytes are in S3 now (and they authenticate under our key).
                 return self.store.get(key, start, end)
@@ -901,11 +915,68 @@ class Filesystem:
             self.uploader.submit(entry)
             return entry
 
-    def _seal(self, staging: Staging, seq: int, attrs: md.PosixAttrs, path: str) -> Any:
+    def _base(self, node: Node, key: str) -> Any:
+        if self.uploader.pending_for(key):
+            return CHAIN
+        if node.remote is not None:
+            return ("etag", node.remote.etag)
+        return ABSENT
+
+    def _commit_sealed(
+        self,
+        staging: Staging,
+        seq: int,
+        slot: int | None,
+        attrs: md.PosixAttrs,
+        key: str,
+        new_entry: Any,
+    ) -> tuple[SealedObject, Entry]:
+        """Seal the write-back file and commit it to the journal, in one trip to a worker
+        thread: into a slot (one flush) when it is small, else as a body file and record."""
+        try:
+            return self._seal_and_record(staging, seq, slot, attrs, key, new_entry)
+        except BaseException:
+            if slot is not None:
+                self.journal.slots.give_back(slot)
+            raise
+
+    def _seal_and_record(
+        self,
+        staging: Staging,
+        seq: int,
+        slot: int | None,
+        attrs: md.PosixAttrs,
+        key: str,
+        new_entry: Any,
+    ) -> tuple[SealedObject, Entry]:
         with os.fdopen(os.dup(staging.fd), "rb") as src:
             src.seek(0)
-            with self.journal.open_body(seq) as dst:
-                return self.codec.seal_stream(src, dst, attrs, self.key(path))
+            if slot is not None:
+                out = io.BytesIO()
+                sealed = self.codec.seal_stream(src, out, attrs, key)
+                body = out.getvalue()
+                pool = self.journal.slots
+                entry = new_entry(seq, sealed, pool.path, pool.offset(slot))
+                entry.slot = slot
+                if self.journal.write_slot(entry, body):
+                    return sealed, entry
+                entry.body_path, entry.body_offset = self.journal.body_path(seq), 0
+                with open(entry.body_path, "wb") as f:
+                    f.write(body)
+            else:
+                with self.journal.open_body(seq) as dst:
+                    sealed = self.codec.seal_stream(src, dst, attrs, key)
+                entry = new_entry(seq, sealed, self.journal.body_path(seq), 0)
+        self.journal.write_record(entry)
+        return sealed, entry
+
+    def _commit_streamed(
+        self, stream: Stream, size: int, attrs: md.PosixAttrs, new_entry: Any
+    ) -> tuple[SealedObject, Entry]:
+        sealed = self._seal_streamed(stream, size, attrs)
+        entry = new_entry(stream.seq, sealed, stream.body_path, 0)
+        self.journal.write_record(entry)
+        return sealed, entry
 
     def _seal_streamed(self, stream: Stream, size: int, attrs: md.PosixAttrs) -> Any:
         """Finish a streamed body. Mode or owner changed since it began: the metadata is
