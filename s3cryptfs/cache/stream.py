@@ -254,19 +254,16 @@ class Stream:
             return self.cipher.header.encode() + sealed
         return sealed
 
+    async def _upload_part(self, number: int, data: bytes) -> None:
+        assert self.upload_id is not None
+        self.parts[number] = await trio.to_thread.run_sync(
+            self._store.upload_part, self.key, self.upload_id, number, data, limiter=self._limiter
+        )
+        self.sent_bytes += len(data)
+
     async def _send(self, number: int, data: bytes) -> None:
         try:
-            assert self.upload_id is not None
-            etag = await trio.to_thread.run_sync(
-                self._store.upload_part,
-                self.key,
-                self.upload_id,
-                number,
-                data,
-                limiter=self._limiter,
-            )
-            self.parts[number] = etag
-            self.sent_bytes += len(data)
+            await self._upload_part(number, data)
         except Exception as exc:  # noqa: BLE001 - sent again from the body when completing
             log.info("part %d of %s will be sent again: %s", number, self.key, exc)
         finally:
@@ -294,14 +291,7 @@ class Stream:
                     async with gate:
                         start, end = self._part_range(number, body_size)
                         data = await trio.to_thread.run_sync(os.pread, fd, end - start, start)
-                        self.parts[number] = await trio.to_thread.run_sync(
-                            self._store.upload_part,
-                            self.key,
-                            self.upload_id,
-                            number,
-                            data,
-                            limiter=self._limiter,
-                        )
+                        await self._upload_part(number, data)
 
                 gate = trio.Semaphore(self._concurrency)
                 async with trio.open_nursery() as nursery:

@@ -859,6 +859,7 @@ class Filesystem:
                     body_offset=offset,
                 )
 
+            slot = None
             try:
                 if stream is not None:
                     self.counters["stream_bytes_sent_before_close"] += stream.sent_bytes
@@ -875,6 +876,8 @@ class Filesystem:
                 staging.dirty = True
                 if stream is not None:
                     stream.drop("sealing failed")
+                if slot is not None:
+                    self.journal.slots.give_back(slot)
                 raise
             if entry.base == CHAIN and not self.uploader.pending_for(key):
                 # The previous version landed while this one was sealed: base it on that.
@@ -933,22 +936,6 @@ class Filesystem:
     ) -> tuple[SealedObject, Entry]:
         """Seal the write-back file and commit it to the journal, in one trip to a worker
         thread: into a slot (one flush) when it is small, else as a body file and record."""
-        try:
-            return self._seal_and_record(staging, seq, slot, attrs, key, new_entry)
-        except BaseException:
-            if slot is not None:
-                self.journal.slots.give_back(slot)
-            raise
-
-    def _seal_and_record(
-        self,
-        staging: Staging,
-        seq: int,
-        slot: int | None,
-        attrs: md.PosixAttrs,
-        key: str,
-        new_entry: Any,
-    ) -> tuple[SealedObject, Entry]:
         with os.fdopen(os.dup(staging.fd), "rb") as src:
             src.seek(0)
             if slot is not None:
