@@ -84,10 +84,9 @@ class Entry:
         self.changed = trio.Event()
 
 
-def replace_location(entry: Entry, path: str, offset: int) -> Entry:
+def replace_location(entry: Entry, path: str, offset: int) -> None:
     entry.body_path = path
     entry.body_offset = offset
-    return entry
 
 
 class Journal:
@@ -187,9 +186,7 @@ class Journal:
     def remove(self, entry: Entry) -> None:
         entry.released = True
         if entry.slot is not None:
-            self.slots.clear(entry.slot)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.record_path(entry.seq))
+            self.slots.clear(entry.slot)  # a slot entry has no files (rewrite moves it whole)
             return
         for path in (self.record_path(entry.seq), entry.body_path):
             with contextlib.suppress(FileNotFoundError):
