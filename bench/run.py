@@ -65,9 +65,13 @@ def main() -> int:
             for _ in range(size // (8 * MIB)):
                 f.write(os.urandom(8 * MIB))
 
-        # ceilings
+        # ceilings; each measurement starts with no dirty pages waiting to be written back
+        # (a GiB left behind by the step before would compete for the disk)
+        os.sync()
         put_raw = timed(lambda: s3.upload_file(str(data), "bench", "raw/big"))
+        os.sync()
         get_raw = timed(lambda: s3.download_file("bench", "raw/big", str(work / "raw.out")))
+        (work / "raw.out").unlink()
         small = os.urandom(4096)
 
         def put_small(i: int) -> None:
@@ -77,10 +81,13 @@ def main() -> int:
             with cf.ThreadPoolExecutor(8) as pool:
                 list(pool.map(put_small, range(args.files)))
 
+        os.sync()
         small_raw = timed(put_all)
+        os.sync()
         disk_copy = timed(
             lambda: subprocess.run(["cp", str(data), str(work / "disk.copy")], check=True)
         )
+        (work / "disk.copy").unlink()
 
         url = "s3://bench/vol"
         mnt = work / "mnt"
@@ -100,6 +107,7 @@ def main() -> int:
             return w.peak
 
         w = mount()
+        os.sync()
         seq_write = timed(
             lambda: (subprocess.run(["cp", str(data), str(mnt / "big")], check=True), umount(w))
         )

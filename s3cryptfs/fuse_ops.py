@@ -78,6 +78,10 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     return e
 
 
+def _write_only(flags: int) -> bool:
+    return flags & os.O_ACCMODE == os.O_WRONLY
+
+
 @dataclasses.dataclass
 class _DirHandle:
     inode: int
@@ -217,12 +221,13 @@ class FuseOperations(pyfuse3.Operations):
     @_guard
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         handle, keep = await self.fs.open(inode, flags)
-        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep)
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep, direct_io=_write_only(flags))
 
     @_guard
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         handle = await self.fs.create(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid)
-        return pyfuse3.FileInfo(fh=handle.fh), self._reply(handle.node)
+        info = pyfuse3.FileInfo(fh=handle.fh, direct_io=_write_only(flags))
+        return info, self._reply(handle.node)
 
     @_guard
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -190,6 +190,40 @@ def test_hard_link_refused(mounted):
     assert not (m / "hard").exists()
 
 
+def test_write_only_handles_keep_readers_coherent(mounted):
+    """Write-only handles bypass the kernel's page cache (direct I/O: one copy less per byte
+    on the way to the write-back file); readers that cached the file, through read() or a
+    shared mapping, must still see every write."""
+    import mmap
+
+    path = mounted.mountpoint / "coherent"
+    path.write_bytes(b"A" * 100_000)
+    reader = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(reader, 4, 0) == b"AAAA"
+        mapped = mmap.mmap(reader, 0, prot=mmap.PROT_READ)
+        assert mapped[:4] == b"AAAA"
+        writer = os.open(path, os.O_WRONLY)
+        try:
+            assert os.pwrite(writer, b"BBBB", 0) == 4
+            assert os.pread(reader, 4, 0) == b"BBBB"  # before the writer closes
+        finally:
+            os.close(writer)
+        assert mapped[:4] == b"BBBB"
+        writer = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(writer, b"tail")
+        finally:
+            os.close(writer)
+        assert os.fstat(reader).st_size == 100_004
+        assert os.pread(reader, 6, 99_998) == b"AAtail"
+        mapped.close()
+    finally:
+        os.close(reader)
+    mounted.remount()
+    assert path.read_bytes() == b"BBBB" + b"A" * 99_996 + b"tail"
+
+
 def test_unlinked_while_open(mounted):
     path = mounted.mountpoint / "ghost"
     path.write_bytes(b"still here")

@@ -35,6 +35,7 @@ from s3cryptfs.store.s3 import S3Store
 log = logging.getLogger(__name__)
 
 MAX_PARTS = 10000  # S3's limit; a longer file stops streaming and is uploaded at close
+KEEP_IN_MEMORY = 2  # sealed parts waiting to be sent that stay in memory (others: re-read)
 
 
 _libc: Any = None
@@ -109,7 +110,12 @@ class Stream:
         self.cipher: v1.ChunkCipher | None = None
         self._body_fd = -1
         self._sending = 0
+        self._sealed_parts = 0  # parts 1..n are sealed into the body
+        self._held: dict[int, bytearray] = {}  # sealed parts not sent yet, kept in memory
+        self._free: list[bytearray] = []  # part buffers to reuse
+        self._plain_buf: bytearray | None = None
         self._wake = trio.Event()
+        self._kick = trio.Event()
         self._idle_scope: trio.CancelScope | None = None
         self._scope = trio.CancelScope()
         self._sealer_done = trio.Event()
@@ -168,18 +174,30 @@ class Stream:
             self._body_fd = -1
 
     # --- the background task -------------------------------------------------------------
+    #
+    # Two loops share the task. The sealer seals every part the writer has moved past, as
+    # soon as it can, so that close has only the tail left; at close it seals the remaining
+    # whole parts and stops. The sender sends sealed parts in order, at most `concurrency` at
+    # once, and goes on after close while the file is committed, so the upload never waits
+    # for the seal. A part is sent from memory when the sealer kept it, else read back from
+    # the body (still in the page cache): memory stays bounded when sealing runs ahead.
 
     async def run(self) -> None:
         try:
             with self._scope:
-                async with trio.open_nursery() as sends:
-                    try:
-                        await self._start()
-                        if self.state == "starting":
-                            self.state = "running"
-                        await self._sealer(sends)
-                    finally:
-                        self._sealer_done.set()
+                try:
+                    await self._start()
+                    if self.state == "starting":
+                        self.state = "running"
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._sender)
+                        try:
+                            await self._sealer()
+                        finally:
+                            self._sealer_done.set()
+                            self._kick_sender()
+                finally:
+                    self._sealer_done.set()
         except Exception as exc:  # noqa: BLE001 - the upload at close does it the usual way
             while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
                 exc = exc.exceptions[0]  # type: ignore[assignment]
@@ -191,7 +209,7 @@ class Stream:
             if self.state == "dropped":
                 with trio.CancelScope(shield=True):
                     await self._discard_body()
-                    await self.abort()
+                    await self._abort_upload()
             self.finished.set()
 
     async def _start(self) -> None:
@@ -211,64 +229,112 @@ class Stream:
             self._store.create_multipart, self.key, meta, limiter=self._limiter
         )
 
-    def _ready(self) -> bool:
-        full = self._written() > self.sealed + self.part_plain  # a byte beyond: no last chunk
-        room = self._sending < self._concurrency
-        return full and room and self.sealed // self.part_plain < MAX_PARTS - 1
+    def _full(self) -> bool:
+        """A whole part beyond the sealed point is written, and a byte more (so it never holds
+        the file's last chunk)."""
+        full = self._written() > self.sealed + self.part_plain
+        return full and self.sealed // self.part_plain < MAX_PARTS - 1
 
-    async def _sealer(self, sends: trio.Nursery) -> None:
-        while self.state == "running":
-            with trio.CancelScope() as idle:
-                self._idle_scope = idle
-                while self.state == "running" and not self._ready():
+    async def _sealer(self) -> None:
+        while True:
+            while self.state == "running" and not self._full():
+                with trio.CancelScope() as idle:  # stop() ends the wait
+                    self._idle_scope = idle
                     self._wake = trio.Event()
                     await self._wake.wait()
-            self._idle_scope = None
-            if self.state != "running":
+                self._idle_scope = None
+            if self.state not in ("running", "closing") or not self._full():
                 return
             index = self.sealed // self.part_plain
             self.frozen = self.sealed + self.part_plain
             data = await trio.to_thread.run_sync(self._seal_part, index)
             self.sealed = self.frozen
-            self._sending += 1
-            sends.start_soon(self._send, index + 1, data)
+            if len(self._held) < KEEP_IN_MEMORY:
+                self._held[index + 1] = data
+            self._sealed_parts = index + 1
+            self._kick_sender()
 
-    def _seal_part(self, index: int) -> bytes:
+    def _kick_sender(self) -> None:
+        self._kick.set()
+
+    async def _sender(self) -> None:
+        number = 1
+        async with trio.open_nursery() as sends:
+            while True:
+                while not (number <= self._sealed_parts and self._sending < self._concurrency):
+                    if self._sealer_done.is_set() and number > self._sealed_parts:
+                        return
+                    self._kick = trio.Event()
+                    await self._kick.wait()
+                self._sending += 1
+                sends.start_soon(self._send, number, self._held.pop(number, None))
+                number += 1
+
+    def _seal_part(self, index: int) -> bytearray:
         """Seal plaintext part *index* (never the file's last chunk) into the body; returns the
-        part's bytes (the header too, for the first)."""
+        part's bytes (the header too, for the first). Chunks are read and sealed in place, one
+        buffer each way: at a GiB a copy more or less is a CPU-second on a small machine."""
         assert self.cipher is not None
         start = index * self.part_plain
-        plain = os.pread(self._staging_fd, self.part_plain, start)
-        if len(plain) != self.part_plain:
+        if self._plain_buf is None:
+            self._plain_buf = bytearray(self.part_plain)
+        plain = memoryview(self._plain_buf)
+        if os.preadv(self._staging_fd, [plain], start) != self.part_plain:
             raise OSError(f"write-back file shorter than expected at {start}")
+        head = v1.HEADER_LEN if index == 0 else 0
+        out = bytearray(head + self.part_body) if head else self._buffer()
+        view = memoryview(out)
+        if head:
+            view[:head] = self.cipher.header.encode()
         first = index * self._chunks_per_part
-        step = self.chunk_size
-        sealed = b"".join(
-            self.cipher.seal(first + i, plain[i * step : (i + 1) * step], False)
-            for i in range(self._chunks_per_part)
-        )
+        step, stride = self.chunk_size, self.chunk_size + v1.TAG_LEN
+        for i in range(self._chunks_per_part):
+            pos = head + i * stride
+            self.cipher.seal_into(
+                first + i, plain[i * step : (i + 1) * step], False, view[pos : pos + stride]
+            )
         offset = v1.HEADER_LEN + index * self.part_body
-        os.pwrite(self._body_fd, sealed, offset)
-        start_writeback(self._body_fd, offset, len(sealed))
-        if index == 0:
-            return self.cipher.header.encode() + sealed
-        return sealed
+        os.pwrite(self._body_fd, view[head:], offset)
+        start_writeback(self._body_fd, offset, self.part_body)
+        return out
 
-    async def _upload_part(self, number: int, data: bytes) -> None:
+    def _buffer(self) -> bytearray:
+        try:
+            return self._free.pop()  # atomic: the sealer and readers may race here
+        except IndexError:
+            return bytearray(self.part_body)
+
+    def _read_part(self, number: int) -> bytearray:
+        start, end = self._part_range(number, v1.HEADER_LEN + number * self.part_body)
+        data = self._buffer() if end - start == self.part_body else bytearray(end - start)
+        with open(self.body_path, "rb") as f:
+            if os.preadv(f.fileno(), [data], start) != end - start:
+                raise OSError(f"journal body shorter than expected at {start}")
+        return data
+
+    async def _upload_part(self, number: int, data: bytes | bytearray) -> None:
         assert self.upload_id is not None
         self.parts[number] = await trio.to_thread.run_sync(
             self._store.upload_part, self.key, self.upload_id, number, data, limiter=self._limiter
         )
         self.sent_bytes += len(data)
 
-    async def _send(self, number: int, data: bytes) -> None:
+    async def _send(self, number: int, data: bytearray | None) -> None:
         try:
+            if data is None:
+                data = await trio.to_thread.run_sync(self._read_part, number)
             await self._upload_part(number, data)
         except Exception as exc:  # noqa: BLE001 - sent again from the body when completing
             log.info("part %d of %s will be sent again: %s", number, self.key, exc)
         finally:
             self._sending -= 1
-            self.wake()
+            if (
+                isinstance(data, bytearray)
+                and len(data) == self.part_body
+                and len(self._free) < self._concurrency + KEEP_IN_MEMORY
+            ):
+                self._free.append(data)  # reused: fresh buffers cost page faults
+            self._kick_sender()
 
     # --- finishing (the uploader) --------------------------------------------------------
 
@@ -318,6 +384,13 @@ class Stream:
         return etag
 
     async def abort(self) -> None:
+        """Stop sending and abort the multipart upload (parts in flight land first, so that
+        the abort leaves none behind)."""
+        self._scope.cancel()
+        await self.finished.wait()
+        await self._abort_upload()
+
+    async def _abort_upload(self) -> None:
         upload_id, self.upload_id = self.upload_id, None
         if upload_id is not None:
             await trio.to_thread.run_sync(self._store.abort_multipart, self.key, upload_id)

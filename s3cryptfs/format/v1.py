@@ -160,6 +160,11 @@ class ChunkCipher:
     def seal(self, index: int, plaintext: bytes, last: bool) -> bytes:
         return self._aead.encrypt(_nonce(index), plaintext, _aad(self._raw, index, last))
 
+    def seal_into(self, index: int, plaintext: memoryview, last: bool, out: memoryview) -> None:
+        """seal() into *out* (exactly len(plaintext) + TAG_LEN bytes), for callers that
+        assemble many chunks in one buffer without a copy per chunk."""
+        self._aead.encrypt_into(_nonce(index), plaintext, _aad(self._raw, index, last), out)
+
     def open(self, index: int, sealed: bytes, last: bool) -> bytes:
         try:
             return self._aead.decrypt(_nonce(index), sealed, _aad(self._raw, index, last))

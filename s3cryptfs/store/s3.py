@@ -507,7 +507,7 @@ class S3Store:
         )
         return str(upload["UploadId"])
 
-    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes | bytearray) -> str:
         r = self._call(
             f"upload_part {key}#{number}",
             lambda: self._client.upload_part(
