@@ -3,7 +3,7 @@
 A version is one immutable encrypted body, in S3 (range GETs) or in the local journal (pread).
 Fetches are aligned to groups of chunks, deduplicated while in flight, run in worker threads
 (fetch and decrypt together), and sequential readers get a readahead window that doubles up to
-a bound and resets on a random access.
+a bound, is topped up a span at a time, and resets on a random access.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class ReadState:
 
     next_offset: int = -1
     window: int = 0
+    ahead_to: int = 0  # readahead has been started up to here
 
 
 @dataclass
@@ -205,18 +206,24 @@ class Reader:
         if offset == state.next_offset:
             state.window = min(max(state.window * 2, self.group_bytes), self.readahead_max)
         else:
-            state.window = 0
+            state.window = state.ahead_to = 0
         state.next_offset = end
         if not state.window or self.nursery is None or end >= version.plain_size:
             return
         cipher = version.cipher
         assert cipher is not None
+        target = min(end + state.window, version.plain_size)
+        start = max(end, state.ahead_to)
+        # Top the window up only once a whole span (or half the window) is missing: sliding it
+        # by each read would send one small GET per read, and per-request overhead (signing,
+        # parsing: milliseconds of CPU in botocore) would cap sequential reads well below what
+        # the server delivers.
+        if target - start < min(self.span_bytes, state.window // 2, version.plain_size - start):
+            return
+        state.ahead_to = target
         glen = self._group_len(version)
-        first_group = cipher.chunk_of(end) // glen
-        last_group = cipher.chunk_of(min(end + state.window, version.plain_size) - 1) // glen
-        # Consecutive missing groups go out as one range GET of up to span_bytes: per-request
-        # overhead (signing, parsing: milliseconds of CPU in botocore) would otherwise cap
-        # sequential reads well below what the server delivers.
+        first_group = cipher.chunk_of(start) // glen
+        last_group = cipher.chunk_of(target - 1) // glen
         span = max(1, self.span_bytes // self.group_bytes)
         run: list[int] = []
         for g in range(first_group, last_group + 1):
