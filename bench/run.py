@@ -47,6 +47,13 @@ class RssWatcher(threading.Thread):
             time.sleep(0.05)
 
 
+def quiet(fn):  # type: ignore[no-untyped-def]
+    """Time *fn* from a quiet disk: the dirty pages of the step before (a GiB of SeaweedFS
+    data, say) are written back first, so that they slow neither ours nor the ceiling."""
+    os.sync()
+    return timed(fn)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--size-mib", type=int, default=1024)
@@ -65,12 +72,9 @@ def main() -> int:
             for _ in range(size // (8 * MIB)):
                 f.write(os.urandom(8 * MIB))
 
-        # ceilings; each measurement starts with no dirty pages waiting to be written back
-        # (a GiB left behind by the step before would compete for the disk)
-        os.sync()
-        put_raw = timed(lambda: s3.upload_file(str(data), "bench", "raw/big"))
-        os.sync()
-        get_raw = timed(lambda: s3.download_file("bench", "raw/big", str(work / "raw.out")))
+        # ceilings
+        put_raw = quiet(lambda: s3.upload_file(str(data), "bench", "raw/big"))
+        get_raw = quiet(lambda: s3.download_file("bench", "raw/big", str(work / "raw.out")))
         (work / "raw.out").unlink()
         small = os.urandom(4096)
 
@@ -81,10 +85,8 @@ def main() -> int:
             with cf.ThreadPoolExecutor(8) as pool:
                 list(pool.map(put_small, range(args.files)))
 
-        os.sync()
-        small_raw = timed(put_all)
-        os.sync()
-        disk_copy = timed(
+        small_raw = quiet(put_all)
+        disk_copy = quiet(
             lambda: subprocess.run(["cp", str(data), str(work / "disk.copy")], check=True)
         )
         (work / "disk.copy").unlink()
@@ -107,13 +109,12 @@ def main() -> int:
             return w.peak
 
         w = mount()
-        os.sync()
-        seq_write = timed(
+        seq_write = quiet(
             lambda: (subprocess.run(["cp", str(data), str(mnt / "big")], check=True), umount(w))
         )
         peak_write = w.peak
         w = mount()
-        seq_read = timed(
+        seq_read = quiet(
             lambda: subprocess.run(["cat", str(mnt / "big")], check=True, stdout=subprocess.DEVNULL)
         )
         # Random reads on a fresh mount: neither the kernel's page cache nor the block cache
@@ -123,10 +124,10 @@ def main() -> int:
         rnd = random.Random(1)
         offsets = [rnd.randrange(0, size - 4096) for _ in range(args.random_reads)]
         fd = os.open(mnt / "big", os.O_RDONLY)
-        t = timed(lambda: [os.pread(fd, 4096, off) for off in offsets])
+        t = quiet(lambda: [os.pread(fd, 4096, off) for off in offsets])
         os.close(fd)
         iops = len(offsets) / t
-        t_raw = timed(
+        t_raw = quiet(
             lambda: [
                 s3.get_object(Bucket="bench", Key="raw/big", Range=f"bytes={o}-{o + 4095}")[
                     "Body"
@@ -142,7 +143,7 @@ def main() -> int:
                 (mnt / "small" / f"{i:05d}").write_bytes(small)
             umount(w)
 
-        small_mnt = timed(create_small)
+        small_mnt = quiet(create_small)
         w = mount()
         (mnt / "small8").mkdir()
 
@@ -155,9 +156,9 @@ def main() -> int:
                 list(pool.map(one, range(args.files)))
             umount(w)
 
-        small_par = timed(create_small_parallel)
+        small_par = quiet(create_small_parallel)
         w = mount()
-        ls = timed(
+        ls = quiet(
             lambda: subprocess.run(
                 ["ls", "-l", str(mnt / "small")], check=True, stdout=subprocess.DEVNULL
             )
@@ -171,7 +172,7 @@ def main() -> int:
         tarball = work / "tree.tar"
         subprocess.run(["tar", "-cf", str(tarball), "-C", str(work), "tree"], check=True)
         (work / "untar").mkdir()
-        tar_disk = timed(
+        tar_disk = quiet(
             lambda: subprocess.run(
                 ["tar", "-xf", str(tarball), "-C", str(work / "untar")], check=True
             )
@@ -181,7 +182,7 @@ def main() -> int:
             subprocess.run(["tar", "-xf", str(tarball), "-C", str(mnt)], check=True)
             umount(w)
 
-        tar_mnt = timed(untar)
+        tar_mnt = quiet(untar)
         peak = max(peak_write, peak_read, w.peak)
 
         rows = [
