@@ -75,3 +75,25 @@ def test_rename_of_a_large_file_through_the_mount(make_volume, bucket):
     assert (m / "e" / "moved").read_bytes() == body
     assert os.stat(m / "e" / "moved").st_mode & 0o777 == 0o600
     assert not (m / "big").exists()
+
+
+def test_cached_user_agent_is_the_one_botocore_builds(store):
+    """The User-Agent is built once per feature set (store/s3.py): each request still carries
+    exactly what botocore would have built for it."""
+    creator = store._client._user_agent_creator
+    seen: list[tuple[bytes, str]] = []
+
+    def check(request, **kwargs):  # type: ignore[no-untyped-def]
+        sent = request.headers.get("User-Agent")
+        seen.append(
+            (sent if isinstance(sent, bytes) else sent.encode(), type(creator).to_string(creator))
+        )
+
+    store._client.meta.events.register("before-send.s3", check)
+    etag = store.put("ua/a", b"one", {})
+    store.put("ua/b", b"two", {}, if_none_match=True)
+    store.head("ua/a")
+    store.get("ua/a", 0, 2, if_match=etag)
+    assert len(seen) >= 4
+    for sent, built in seen:
+        assert sent == built.encode()
