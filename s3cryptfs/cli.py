@@ -143,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--memory-cache",
-        default="128M",
+        default="64M",
         metavar="SIZE",
-        help="decrypted blocks kept in memory (default 128M)",
+        help="decrypted blocks kept in memory (default 64M)",
     )
     p.add_argument(
         "--disk-cache",

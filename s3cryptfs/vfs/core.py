@@ -72,7 +72,7 @@ class FsOptions:
     dir_ttl: float = 5.0
     read_only: bool = False
     sync_close: bool = False
-    memory_cache: int = 128 * 1024 * 1024
+    memory_cache: int = 64 * 1024 * 1024
     journal_limit: int = 2 * 1024 * 1024 * 1024
     upload_concurrency: int = 16
     disk_cache: int = 0  # bytes of ciphertext kept on disk; 0: no disk cache
