@@ -79,6 +79,9 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
 
 
 def _write_only(flags: int) -> bool:
+    # Such handles get direct I/O: the kernel passes the writer's pages straight to us instead
+    # of copying them into its page cache first, a copy per byte that large copies feel. They
+    # cannot be mmapped, and the kernel invalidates what readers cached when they write.
     return flags & os.O_ACCMODE == os.O_WRONLY
 
 

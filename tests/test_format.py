@@ -966,3 +966,19 @@ def test_close_twice(settings):
     km.close()
     with pytest.raises(KeyManagerError):
         km.unwrap_key(env, {})
+
+
+def test_seal_into_writes_what_seal_returns():
+    """The streamed upload seals chunks in place (seal_into); the bytes must be seal()'s."""
+    from s3cryptfs.format import v1 as fmt
+
+    header = fmt.Header.new(4096)
+    cipher = fmt.ChunkCipher(bytes(range(32)), header)
+    plain = bytes(range(256)) * 16
+    out = bytearray(2 * (4096 + fmt.TAG_LEN))
+    view = memoryview(out)
+    for i in range(2):
+        stride = 4096 + fmt.TAG_LEN
+        cipher.seal_into(7 + i, memoryview(plain), i == 1, view[i * stride : (i + 1) * stride])
+    assert bytes(out) == cipher.seal(7, plain, False) + cipher.seal(8, plain, True)
+    assert cipher.open(8, bytes(out[4096 + fmt.TAG_LEN :]), True) == plain

@@ -110,7 +110,6 @@ class Stream:
         self.cipher: v1.ChunkCipher | None = None
         self._body_fd = -1
         self._sending = 0
-        self._sealed_parts = 0  # parts 1..n are sealed into the body
         self._held: dict[int, bytearray] = {}  # sealed parts not sent yet, kept in memory
         self._free: list[bytearray] = []  # part buffers to reuse
         self._plain_buf: bytearray | None = None
@@ -251,8 +250,10 @@ class Stream:
             self.sealed = self.frozen
             if len(self._held) < KEEP_IN_MEMORY:
                 self._held[index + 1] = data
-            self._sealed_parts = index + 1
             self._kick_sender()
+
+    def _room(self) -> bool:
+        return self._sending < self._concurrency
 
     def _kick_sender(self) -> None:
         self._kick.set()
@@ -261,8 +262,9 @@ class Stream:
         number = 1
         async with trio.open_nursery() as sends:
             while True:
-                while not (number <= self._sealed_parts and self._sending < self._concurrency):
-                    if self._sealer_done.is_set() and number > self._sealed_parts:
+                # parts 1..(sealed // part_plain) are in the body
+                while not (number <= self.sealed // self.part_plain and self._room()):
+                    if self._sealer_done.is_set() and number > self.sealed // self.part_plain:
                         return
                     self._kick = trio.Event()
                     await self._kick.wait()
