@@ -25,6 +25,7 @@ import trio
 
 from s3cryptfs.cache.slots import SlotPool, SlotRecord
 from s3cryptfs.errors import ObjectNotFound, PreconditionFailed, StoreError, UploadConflict
+from s3cryptfs.store.helper import HelperUnavailable, UploadHelper
 from s3cryptfs.store.s3 import S3Store
 
 log = logging.getLogger(__name__)
@@ -287,6 +288,7 @@ class Uploader:
         self.large_size = large_size
         self.on_uploaded = on_uploaded
         self.on_conflict = on_conflict
+        self.helper: UploadHelper | None = None  # set by the mount: uploads off the FUSE loop
         self.queue: list[Entry] = []
         self.in_flight: dict[str, Entry] = {}
         self.last_etag: dict[str, str] = {}
@@ -496,23 +498,26 @@ class Uploader:
                 )
                 return etag
             await stream.abort()  # the metadata changed after close: the upload has the old
-        return await trio.to_thread.run_sync(
-            self._upload_body, entry, entry.key, if_match, if_none_match, limiter=self.limiter
-        )
+        return await self._upload_body(entry, entry.key, if_match, if_none_match)
 
-    def _upload_body(
+    async def _upload_body(
         self, entry: Entry, key: str, if_match: str | None, if_none_match: bool
     ) -> str:
-        # Only queued entries are rewritten (moved), never one being uploaded.
-        return self.store.upload_file(
-            key,
-            entry.body_path,
-            entry.metadata,
-            if_match,
-            if_none_match,
-            offset=entry.body_offset,
-            size=entry.body_size,
-        )
+        # Only queued entries are rewritten (moved), never one being uploaded: the body stays
+        # where it is while the helper or a thread reads it.
+        args = (key, entry.body_path, entry.metadata, if_match, if_none_match)
+        sizes = {"offset": entry.body_offset, "size": entry.body_size}
+        if self.helper is not None:
+            try:
+                etag: str = await self.helper.call("upload_file", *args, **sizes)
+                return etag
+            except HelperUnavailable:
+                pass
+
+        def upload() -> str:
+            return self.store.upload_file(*args, **sizes)
+
+        return await trio.to_thread.run_sync(upload, limiter=self.limiter)
 
     async def _landed(self, entry: Entry) -> str | None:
         """After a refused conditional write: is the object there our own version anyway?
@@ -534,9 +539,7 @@ class Uploader:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         conflict_key = f"{entry.key}.conflict-{stamp}-{entry.seq}"
         try:
-            await trio.to_thread.run_sync(
-                self._upload_body, entry, conflict_key, None, True, limiter=self.limiter
-            )
+            await self._upload_body(entry, conflict_key, None, True)
         except Exception as exc:  # noqa: BLE001 - keep it queued, try again later
             entry.error = exc
             entry.state = "queued"

@@ -41,6 +41,7 @@ from s3cryptfs.errors import (
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format.descriptor import META_DIR
+from s3cryptfs.store.helper import UploadHelper
 from s3cryptfs.store.s3 import ObjectInfo, S3Store
 from s3cryptfs.vfs.attrindex import SELF, AttrIndex, IndexEntry
 from s3cryptfs.vfs.nodes import (
@@ -79,6 +80,8 @@ class FsOptions:
     io_threads: int = 16
     # Seal and send a large file while it is written sequentially (cache/stream.py).
     stream_uploads: bool = True
+    # Upload journal bodies from a helper process (store/helper.py).
+    upload_helper: bool = True
 
 
 @dataclass
@@ -133,6 +136,10 @@ class Filesystem:
             on_uploaded=self._uploaded,
             on_conflict=self._conflicted,
         )
+        self.helper = (
+            UploadHelper(store, opts.upload_concurrency + 4) if opts.upload_helper else None
+        )
+        self.uploader.helper = self.helper
         self.nodes = NodeTable()
         now = _now_ns()
         root = Node(ROOT_INODE, "", stat.S_IFDIR | opts.dir_mode, opts.uid, opts.gid, now, now)
@@ -172,6 +179,8 @@ class Filesystem:
         self.nursery = nursery
         self.reader.nursery = nursery
         nursery.start_soon(self.uploader.run)
+        if self.helper is not None:
+            nursery.start_soon(self.helper.run)
         if not self.opts.read_only:
             nursery.start_soon(self.index.run)
 
@@ -1525,6 +1534,13 @@ class Filesystem:
             "in_flight": len(self.uploader.in_flight),
             "queued_bytes": self.uploader.queued_bytes,
         }
+        if self.helper is not None:
+            out["upload_helper"] = {
+                "pid": self.helper.pid,
+                "calls": self.helper.calls,
+                "restarts": self.helper.restarts,
+                "disabled": self.helper.disabled,
+            }
         out["streaming"] = {
             "active": len(self.streams),
             "sent_bytes": sum(s.sent_bytes for s in self.streams),
