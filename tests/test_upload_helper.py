@@ -85,7 +85,12 @@ def test_a_killed_helper_loses_nothing(mounted):
         (m / name).write_bytes(data)
         if i == 20:
             os.kill(pid, signal.SIGKILL)  # uploads in flight and queued
-    helper = wait_for(lambda: (h := stats(mounted)["upload_helper"])["pid"] not in (None, pid) and h)
+
+    def replaced() -> dict | None:
+        helper = stats(mounted)["upload_helper"]
+        return helper if helper["pid"] not in (None, pid) else None
+
+    helper = wait_for(replaced)
     assert helper["restarts"] >= 1 and not helper["disabled"]
     mounted.umount()  # waits until every file is in S3
     mounted.mount()
