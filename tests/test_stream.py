@@ -108,6 +108,58 @@ def test_write_behind_the_sent_part_drops_the_stream(mounted, s3client):
     assert (m / "patched").read_bytes() == bytes(data)
 
 
+def staging_files(vol) -> list:
+    return list(vol.cache_dir.rglob("staging/*.plain"))
+
+
+def test_sealed_parts_leave_the_write_back_file_and_still_read(mounted, s3client):
+    """Once a part is sealed, its plaintext is cut out of the write-back file (the body has
+    it); a reader of the file being written gets it back from the body."""
+    m = mounted.mountpoint
+    data = os.urandom(3 * PART + 4321)
+    fd = os.open(m / "growing", os.O_WRONLY | os.O_CREAT, 0o644)
+    write_in_steps(fd, data[: 2 * PART + MIB])
+    wait_sent(m, PART)
+    [plain] = staging_files(mounted)
+    allocated = os.stat(plain).st_blocks * 512
+    assert allocated <= PART + 2 * MIB, allocated  # at least the first part is cut out
+    reader = os.open(m / "growing", os.O_RDONLY)
+    try:
+        for offset, size in [(0, 4096), (PART - 100, 300), (12345, 3 * MIB), (0, 2 * PART + MIB)]:
+            assert os.pread(reader, size, offset) == data[offset : offset + size], offset
+        write_in_steps(fd, data[2 * PART + MIB :])
+        os.close(fd)
+        assert os.pread(reader, len(data) + 10, 0) == data
+    finally:
+        os.close(reader)
+    assert wait_state(m / "growing", {"clean"}) == "clean"
+    mounted.remount()
+    assert (m / "growing").read_bytes() == data
+    assert open_uploads(s3client, mounted.bucket) == []
+
+
+@pytest.mark.parametrize("where", ["append", "inside the cut"])
+def test_writes_after_a_streamed_close_on_a_duplicate(mounted, s3client, where):
+    """close() of one descriptor commits the streamed version; the write-back file, with its
+    first parts cut out, lives on for the duplicate, whose writes must see the whole file."""
+    m = mounted.mountpoint
+    data = bytearray(os.urandom(2 * PART + MIB))
+    fd = os.open(m / "dup", os.O_WRONLY | os.O_CREAT, 0o644)
+    write_in_steps(fd, data)
+    wait_sent(m, PART)
+    other = os.dup(fd)
+    os.close(fd)  # flush: the streamed version is committed
+    offset = len(data) if where == "append" else 1000
+    os.pwrite(other, b"written after the commit", offset)
+    data[offset : offset + 24] = b"written after the commit"
+    os.close(other)
+    assert wait_state(m / "dup", {"clean"}) == "clean"
+    assert (m / "dup").read_bytes() == bytes(data)
+    mounted.remount()
+    assert (m / "dup").read_bytes() == bytes(data)
+    assert open_uploads(s3client, mounted.bucket) == []
+
+
 def test_truncate_while_streaming(mounted, s3client):
     m = mounted.mountpoint
     data = os.urandom(2 * PART + MIB)
@@ -167,11 +219,16 @@ def test_chmod_after_close_while_streaming_waits(mounted, s3client):
 
 def test_unlink_while_streaming(mounted, s3client):
     m, bucket = mounted.mountpoint, mounted.bucket
-    fd = os.open(m / "gone", os.O_WRONLY | os.O_CREAT, 0o644)
-    write_in_steps(fd, os.urandom(2 * PART + 1))
+    data = os.urandom(2 * PART + 1)
+    fd = os.open(m / "gone", os.O_RDWR | os.O_CREAT, 0o644)
+    write_in_steps(fd, data)
     wait_sent(m, PART)
     os.unlink(m / "gone")
     os.write(fd, b"still writable")
+    # the whole content stays readable through the handle, the first parts (cut out of the
+    # write-back file while streaming) included
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # read from the mount, not the cache
+    assert os.pread(fd, len(data) + 100, 0) == data + b"still writable"
     os.close(fd)
     deadline = time.monotonic() + 30
     while open_uploads(s3client, bucket) and time.monotonic() < deadline:

@@ -14,6 +14,14 @@ truncate, a rename or unlink, a change of metadata, a failed completion.
 
 A stream never seals a chunk twice with different plaintext under its key: the plaintext it has
 started to seal is frozen, and a write into the frozen part drops the stream (and its key) first.
+
+Once a part is sealed, its plaintext is cut out of the write-back file (a punched hole): the
+body holds it, encrypted. Keeping a second copy would cost a gigabyte of page cache per
+gigabyte written, and on this project's kind of machine fresh page-cache pages are the most
+expensive part of a copy (each costs the VM a fault to its host), while pages freed by the
+cut are reused by the next writes at a fifth of the cost. Reads of the cut range decrypt the
+body (read_through); a dropped stream first puts the plaintext back (give_back); after a
+streamed commit the file system reads it from the committed version.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -41,23 +50,51 @@ KEEP_IN_MEMORY = 2  # sealed parts waiting to be sent that stay in memory (other
 _libc: Any = None
 
 
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing a range of a file to disk without waiting (Linux sync_file_range), so the
-    fsync at close has only the tail left; a no-op where the call is missing."""
+def _load_libc() -> Any:
     global _libc
     if _libc is None:
         try:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.sync_file_range.argtypes = [
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.sync_file_range.argtypes = [
                 ctypes.c_int,
                 ctypes.c_int64,
                 ctypes.c_int64,
                 ctypes.c_uint,
             ]
+            libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            _libc = libc
         except (OSError, AttributeError):
             _libc = False
-    if _libc:
-        _libc.sync_file_range(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
+    return _libc
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a range of a file to disk without waiting (Linux sync_file_range), so the
+    fsync at close has only the tail left; a no-op where the call is missing."""
+    libc = _load_libc()
+    if libc:
+        libc.sync_file_range(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
+
+
+_FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free a range of a file without changing its size; False where that is unsupported."""
+    libc = _load_libc()
+    if not libc:
+        return False
+    done = libc.fallocate(fd, _FALLOC_PUNCH, offset, length) == 0
+    return done
+
+
+def _let_go(path: str, offset: int, length: int) -> None:
+    """Drop a written range of a file from the page cache (it is on disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def part_plain_size(chunk_size: int, part_size: int) -> int:
@@ -104,6 +141,9 @@ class Stream:
         self.state = "starting"  # starting | running | closing | sealed | dropped
         self.frozen = 0  # plaintext [0, frozen) may no longer change
         self.sealed = 0  # plaintext [0, sealed) is in the body
+        self.released = 0  # plaintext [0, released) is cut out of the write-back file
+        self._cut_lock = threading.Lock()  # a cut, a read through it and its give-back
+        self._can_cut = True
         self.parts: dict[int, str] = {}  # part number -> ETag, sent
         self.upload_id: str | None = None
         self.metadata: dict[str, str] | None = None
@@ -207,7 +247,12 @@ class Stream:
             self._sealer_done.set()
             if self.state == "dropped":
                 with trio.CancelScope(shield=True):
-                    await self._discard_body()
+                    try:
+                        await self.give_back()
+                    except Exception as exc:  # noqa: BLE001 - the next give_back tries again
+                        log.error("%s: cannot restore its write-back file yet: %s", self.key, exc)
+                    if not self.released:  # else the body is what holds that plaintext
+                        await self._discard_body()
                     await self._abort_upload()
             self.finished.set()
 
@@ -250,6 +295,8 @@ class Stream:
             self.sealed = self.frozen
             if len(self._held) < KEEP_IN_MEMORY:
                 self._held[index + 1] = data
+            else:
+                self._recycle(data)  # sent from the body later
             self._kick_sender()
 
     def _room(self) -> bool:
@@ -298,7 +345,57 @@ class Stream:
         offset = v1.HEADER_LEN + index * self.part_body
         os.pwrite(self._body_fd, view[head:], offset)
         start_writeback(self._body_fd, offset, self.part_body)
+        if self._can_cut and self.released == start:
+            with self._cut_lock:
+                if punch_hole(self._staging_fd, start, self.part_plain):
+                    self.released = start + self.part_plain
+                else:
+                    self._can_cut = False  # the cache directory's file system cannot
         return out
+
+    # --- the cut plaintext ---------------------------------------------------------------
+
+    def read_sealed(self, offset: int, size: int) -> bytes:
+        """Plaintext [offset, offset + size) of the sealed part of the body (blocking)."""
+        assert self.cipher is not None
+        end = offset + size
+        first, last = offset // self.chunk_size, (end - 1) // self.chunk_size
+        stride = self.chunk_size + v1.TAG_LEN
+        with open(self.body_path, "rb") as f:
+            raw = os.pread(f.fileno(), (last - first + 1) * stride, v1.HEADER_LEN + first * stride)
+        plain = b"".join(
+            self.cipher.open(first + i, raw[i * stride : (i + 1) * stride], False)
+            for i in range(last - first + 1)
+        )
+        skip = offset - first * self.chunk_size
+        return plain[skip : skip + size]
+
+    def read_through(self, offset: int, size: int) -> bytes:
+        """Read the file being written: the cut range from the body, the rest from the
+        write-back file (blocking)."""
+        with self._cut_lock:
+            cut = self.released
+            if offset >= cut:
+                return os.pread(self._staging_fd, size, offset)
+            low = self.read_sealed(offset, min(size, cut - offset))
+            if offset + size <= cut:
+                return low
+            return low + os.pread(self._staging_fd, offset + size - cut, cut)
+
+    def _restore(self) -> None:
+        with self._cut_lock:
+            for start in range(0, self.released, self.part_plain):
+                data = self.read_sealed(start, min(self.part_plain, self.released - start))
+                os.pwrite(self._staging_fd, data, start)
+            self.released = 0
+
+    async def give_back(self) -> None:
+        """After a drop: put the cut plaintext back into the write-back file, which is then
+        whole again. Raises if it cannot (the body stays, and the next call tries again)."""
+        await self._sealer_done.wait()  # nothing is cut any more
+        if self.released:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._restore)
 
     def _buffer(self) -> bytearray:
         try:
@@ -330,13 +427,20 @@ class Stream:
             log.info("part %d of %s will be sent again: %s", number, self.key, exc)
         finally:
             self._sending -= 1
-            if (
-                isinstance(data, bytearray)
-                and len(data) == self.part_body
-                and len(self._free) < self._concurrency + KEEP_IN_MEMORY
-            ):
-                self._free.append(data)  # reused: fresh buffers cost page faults
+            if isinstance(data, bytearray):
+                self._recycle(data)
             self._kick_sender()
+        # Sent: its pages can serve the next parts (fresh page-cache pages cost this machine's
+        # kind of VM a fault to the host each, more than the copy itself).
+        start, end = self._part_range(number, v1.HEADER_LEN + number * self.part_body)
+        with contextlib.suppress(OSError):
+            await trio.to_thread.run_sync(_let_go, self.body_path, start, end - start)
+
+    def _recycle(self, data: bytearray) -> None:
+        # Part buffers are reused: a fresh 8 MiB buffer costs zeroing and page faults, which
+        # for a GiB is most of a CPU-second.
+        if len(data) == self.part_body and len(self._free) < self._concurrency + KEEP_IN_MEMORY:
+            self._free.append(data)
 
     # --- finishing (the uploader) --------------------------------------------------------
 
@@ -391,6 +495,12 @@ class Stream:
         self._scope.cancel()
         await self.finished.wait()
         await self._abort_upload()
+
+    async def discard(self) -> None:
+        """Abort the upload and delete the body (after give_back, which needs it)."""
+        await self.abort()
+        if not self.released:
+            await self._discard_body()
 
     async def _abort_upload(self) -> None:
         upload_id, self.upload_id = self.upload_id, None

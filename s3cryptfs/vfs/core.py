@@ -642,7 +642,7 @@ class Filesystem:
         handle = self.handles[fh]
         node = handle.node
         if node.staging is not None:
-            return await self._thread(os.pread, node.staging.fd, size, offset)
+            return await self._read_staging(node, offset, size)
         version = node.local_version
         if version is None:
             if node.remote is None:
@@ -769,7 +769,10 @@ class Filesystem:
         self.counters["write_calls"] += 1
         self.counters["write_bytes"] += len(data)
         if node.stream is not None and offset < node.stream.frozen:
-            self._drop_stream(node, "a write behind the sealed part")
+            await self._drop_stream(node, "a write behind the sealed part")
+        if offset < staging.cut:
+            async with node.lock:
+                await self._uncut(node)
         old_size = node.size
         if len(data) <= INLINE_WRITE:
             # A small write to a local file lands in the page cache in microseconds: cheaper
@@ -796,6 +799,7 @@ class Filesystem:
             or not node.stream_ok
             or self.nursery is None
             or staging is None
+            or staging.cut  # a stream seals the file from its start
             or node.unlinked
             or self.codec.writes_gateway
             or node.size <= part_plain_size(self.codec.chunk_size, self.store.settings.part_size)
@@ -827,16 +831,53 @@ class Filesystem:
 
         self.nursery.start_soon(run)
 
-    def _drop_stream(self, node: Node, why: str) -> None:
-        if node.stream is not None:
-            node.stream.drop(why)
-            node.stream = None
+    async def _drop_stream(self, node: Node, why: str) -> None:
+        """Abandon the node's stream; returns once its write-back file is whole again."""
+        stream = node.stream
+        if stream is not None:
+            stream.drop(why)
+            await stream.give_back()  # until then, reads go through the stream
+            if node.stream is stream:
+                node.stream = None
             node.stream_ok = False
 
-    def _drop_streams_under(self, path: str) -> None:
+    async def _drop_streams_under(self, path: str) -> None:
         for n in list(self.nodes.by_path.values()):
             if n.stream is not None and (n.path == path or n.path.startswith(path + "/")):
-                self._drop_stream(n, "renamed")
+                await self._drop_stream(n, "renamed")
+
+    async def _read_staging(self, node: Node, offset: int, size: int) -> bytes:
+        """Read a file that has a write-back file, some of which may be cut out."""
+        staging = node.staging
+        assert staging is not None
+        stream = node.stream
+        if stream is not None and offset < stream.released:
+            data: bytes = await self._thread(stream.read_through, offset, size)
+            return data
+        cut, cut_read = staging.cut, staging.cut_read
+        if offset >= cut or cut_read is None:
+            data = await self._thread(os.pread, staging.fd, size, offset)
+            return data
+        low = await cut_read(offset, min(size, cut - offset))
+        if offset + size <= cut:
+            return low
+        high = await self._thread(os.pread, staging.fd, offset + size - cut, cut)
+        return low + high
+
+    async def _uncut(self, node: Node) -> None:
+        """Put the plaintext a streamed commit cut out back into the write-back file, before
+        anything writes, truncates or seals it. The caller holds node.lock."""
+        staging = node.staging
+        if staging is None or not staging.cut or staging.cut_read is None:
+            return
+        cut, step, offset = staging.cut, 8 * 1024 * 1024, 0
+        while offset < cut:
+            data = await staging.cut_read(offset, min(step, cut - offset))
+            if not data:
+                raise IntegrityError(f"{self.key(node.path)}: committed version ends early")
+            await self._thread(os.pwrite, staging.fd, data, offset)
+            offset += len(data)
+        staging.cut, staging.cut_read = 0, None
 
     async def _commit(self, node: Node) -> Entry | None:
         """Seal the node's write-back file into the journal and queue the upload."""
@@ -844,13 +885,27 @@ class Filesystem:
             staging = node.staging
             if staging is None or not staging.dirty or node.unlinked:
                 return node.local
-            stream, node.stream = node.stream, None
-            node.stream_ok = True
+            stream = node.stream
             await self.uploader.wait_for_space(self.opts.journal_limit)
             attrs = self._posix_attrs(node)
-            if stream is not None and not await stream.stop():
-                stream.drop("not usable")  # its own task cleans it up
+            # node.stream stays set while the stream stops: a write behind its frozen part
+            # meanwhile drops it (and gets the cut plaintext back) as at any other time.
+            if stream is not None and (node.stream is not stream or not await stream.stop()):
+                stream.drop("not usable")  # its own task cleans up the upload
+                await stream.give_back()
                 stream = None
+            node.stream = None
+            node.stream_ok = True
+            if stream is not None and stream.released:
+                staging.cut = stream.released
+
+                async def read_sealed(offset: int, size: int, stream: Stream = stream) -> bytes:
+                    data: bytes = await self._thread(stream.read_sealed, offset, size)
+                    return data
+
+                staging.cut_read = read_sealed
+            elif stream is None:
+                await self._uncut(node)  # sealing reads all of it
             staging.dirty = False
             key = self.key(node.path)
             base = self._base(node, key)
@@ -885,6 +940,8 @@ class Filesystem:
                 staging.dirty = True
                 if stream is not None:
                     stream.drop("sealing failed")
+                    with trio.CancelScope(shield=True):
+                        await self._abandon(stream, staging)
                 if slot is not None:
                     self.journal.slots.give_back(slot)
                 raise
@@ -924,8 +981,28 @@ class Filesystem:
                 header_len=sealed.cipher.header_len,
             )
             node.error = None
+            if staging.cut:
+                # The body moves on (uploaded, then dropped from the journal): read what was
+                # cut from the committed version, which falls back to S3.
+                version = node.local_version
+
+                async def read_committed(offset: int, size: int) -> bytes:
+                    return await self.reader.read(version, offset, size)
+
+                staging.cut_read = read_committed
             self.uploader.submit(entry)
             return entry
+
+    async def _abandon(self, stream: Stream, staging: Staging) -> None:
+        """A streamed commit failed: the write-back file gets its plaintext back and stays
+        dirty (the next commit seals it whole); the stream's upload and body go."""
+        try:
+            await stream.give_back()
+        except Exception as exc:  # noqa: BLE001 - the body still holds it: reads go there
+            log.error("%s: cannot restore its write-back file yet: %s", stream.key, exc)
+            return
+        staging.cut, staging.cut_read = 0, None
+        await stream.discard()
 
     def _base(self, node: Node, key: str) -> Any:
         if self.uploader.pending_for(key):
@@ -1112,12 +1189,15 @@ class Filesystem:
             if size == 0 and node.staging is None:
                 node.staging = self._new_staging()
             if node.stream is not None and size < node.stream.frozen:
-                self._drop_stream(node, "truncated")
+                await self._drop_stream(node, "truncated")
             staging = node.staging or await self._materialize(node)
             # Dirty before the first await: without a writer, a clean write-back file is
             # released when the previous version's upload lands (_uploaded), and this
             # truncate would go to a closed fd (EBADF) or be lost, never committed.
             staging.dirty = True
+            if staging.cut:
+                async with node.lock:
+                    await self._uncut(node)
             await self._thread(os.ftruncate, staging.fd, size)
             node.size = size
             node.mtime_ns = now
@@ -1273,13 +1353,15 @@ class Filesystem:
         if node.is_dir:
             raise FsError(errno.EISDIR)
         key = self.key(node.path)
-        self._drop_stream(node, "unlinked")
+        await self._drop_stream(node, "unlinked")
         if node.opens > 0:
             # Still open: keep its content readable after the object is gone (an upload
             # landing meanwhile must not release the copy).
             node.keep_staging = True
             if node.staging is None:
                 await self._materialize(node)
+            async with node.lock:
+                await self._uncut(node)  # what was cut is read from the object, going now
         self.uploader.cancel(key)
         await self.uploader.wait_all(self.uploader.pending_for(key))
         node.unlinked = True
@@ -1333,9 +1415,9 @@ class Filesystem:
         if node.is_dir and new_path.startswith(node.path + "/"):
             raise FsError(errno.EINVAL, "cannot move a directory into itself")
         # A streamed upload goes to the old name: it is sent whole at close instead.
-        self._drop_streams_under(node.path)
+        await self._drop_streams_under(node.path)
         if target is not None:
-            self._drop_stream(target, "replaced")
+            await self._drop_stream(target, "replaced")
         if node.is_dir:
             await self._rename_dir(node, new_path, target)
         else:
@@ -1368,6 +1450,9 @@ class Filesystem:
             self.uploader.cancel(new_key)
         if node.remote is None:
             return  # only local (still open, never committed): nothing in S3 to move
+        if node.staging is not None:
+            async with node.lock:
+                await self._uncut(node)  # what was cut is read from the old name
         new_meta = None
         mpu = gw.is_mpu_object(node.remote.metadata or {})
         if mpu:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,10 @@ class Staging:
     path: str
     fd: int
     dirty: bool = False
+    # After a streamed commit, plaintext [0, cut) is not in the file (cache/stream.py cut it
+    # out); cut_read(offset, size) reads it from the committed version until it is put back.
+    cut: int = 0
+    cut_read: Callable[[int, int], Awaitable[bytes]] | None = None
 
     def close(self) -> None:
         try:
