@@ -851,7 +851,7 @@ class Filesystem:
         staging = node.staging
         assert staging is not None
         stream = node.stream
-        if stream is not None and offset < stream.released:
+        if stream is not None:  # under its lock: the next part may be cut meanwhile
             data: bytes = await self._thread(stream.read_through, offset, size)
             return data
         cut, cut_read = staging.cut, staging.cut_read
