@@ -106,6 +106,20 @@ def test_the_helper_ends_when_the_mount_is_killed(mounted):
     lazy_unmount(mounted.mountpoint)
 
 
+def test_the_helper_gets_none_of_the_mounts_secrets(make_volume, bucket, s3env):
+    secrets = {"S3CRYPTFS_PASSWORD": "not for the helper", "VAULT_TOKEN": "s.secret"}
+    vol = make_volume(bucket=bucket, env={**s3env, **secrets})
+    vol.init()
+    vol.mount()
+    pid = helper_pid(vol)
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    names = {entry.split(b"=", 1)[0].decode() for entry in environ if entry}
+    assert "AWS_ACCESS_KEY_ID" in names and "AWS_SECRET_ACCESS_KEY" in names
+    assert not names & set(secrets)
+    for value in secrets.values():
+        assert value.encode() not in b"\0".join(environ)
+
+
 # --- the helper on its own ---------------------------------------------------------------------
 
 

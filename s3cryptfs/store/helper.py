@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,20 @@ def _error_from(name: str, message: str) -> BaseException:
     if isinstance(cls, type) and issubclass(cls, StoreError):
         return cls(message)
     return StoreError(f"{name}: {message}")
+
+
+# The helper needs what boto3 reads (AWS_*, proxies, CA bundles, HOME); never the secrets the
+# mount itself was given: a password, a KMS token.
+_SECRET_PREFIXES = ("S3CRYPTFS_", "VAULT_", "BAO_", "KMIP_", "CREDENTIALS_DIRECTORY")
+
+
+def helper_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    return {
+        name: value
+        for name, value in environ.items()
+        if not name.startswith(_SECRET_PREFIXES)
+        and ("PASSWORD" not in name.upper() or name.startswith("AWS_"))
+    }
 
 
 class HelperUnavailable(Exception):
@@ -172,7 +187,7 @@ class UploadHelper:
                     self._receive(message)
 
     def _spawn(self, child: socket.socket) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
+        env = helper_environment(os.environ)
         # the helper imports this very package, wherever it was loaded from
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
