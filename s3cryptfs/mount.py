@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -246,6 +247,8 @@ class Mount:
             pyfuse3.close(unmount=True)
             if self.lock is not None:
                 self.lock.release()
+            if self.fs is not None:
+                _delete_in_background(self.fs.journal.trash_paths())
             self.fs.codec.ring.close()
             self.audit.close()
         log.info("unmounted %s; every file is in S3", self.spec.mountpoint)
@@ -297,6 +300,22 @@ class Mount:
                 await self._drain(self.fs)
                 pyfuse3.terminate()
                 return
+
+
+def _delete_in_background(paths: list[str]) -> None:
+    """Uploaded bodies still in the journal's trash: everything is in S3 and the journal is
+    consistent, so the unmount does not wait for their deletion (0.7 s per GiB on some file
+    systems). A detached `rm` deletes them; if it cannot, the next mount does."""
+    if not paths:
+        return
+    with contextlib.suppress(OSError):
+        subprocess.Popen(
+            ["rm", "-f", "--", *paths],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 def _limit_malloc_arenas() -> None:

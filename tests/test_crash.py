@@ -76,5 +76,44 @@ def test_journal_survives_crash_and_outage(make_volume, bucket, proxy):
     leftovers = [p for j in journals for p in j.rglob("*") if p.is_file()]
     assert not leftovers, leftovers  # every recovered version was uploaded and dropped
     vol.umount()
+    trash = [p for p in vol.cache_dir.glob("*/journal.trash/*")]
+    deadline = time.monotonic() + 10  # uploaded bodies are deleted in the background
+    while trash and time.monotonic() < deadline:
+        time.sleep(0.1)
+        trash = [p for p in trash if p.exists()]
+    assert not trash, trash
     vol.mount()  # and the data really is in S3, not only in a local cache
     assert (m / "edited").read_bytes() == b"version two, written during the outage\n"
+
+
+def test_uploaded_bodies_leave_the_cache_directory(mounted):
+    """A large version's body goes to the journal's trash once uploaded and is deleted a little
+    later, or in the background after the unmount; a leftover is deleted by the next mount."""
+    m = mounted.mountpoint
+
+    def trash() -> list:
+        return [p for p in mounted.cache_dir.glob("*/journal.trash/*") if p.exists()]
+
+    def eventually_empty(timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while trash() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not trash(), trash()
+
+    data = os.urandom(3 * 1024 * 1024)
+    with open(m / "big", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # in S3: the journal no longer holds it
+    assert not [p for p in mounted.cache_dir.glob("*/journal/*") if p.is_file()]
+    eventually_empty()  # while mounted
+    (m / "second").write_bytes(data[::-1])
+    mounted.umount()
+    assert not [p for p in mounted.cache_dir.glob("*/journal/*") if p.is_file()]
+    eventually_empty()  # after the unmount
+    [trash_dir] = list(mounted.cache_dir.glob("*/journal.trash"))
+    (trash_dir / "000000000099.body").write_bytes(b"left by a mount that was killed")
+    mounted.mount()
+    eventually_empty()
+    assert (m / "big").read_bytes() == data
+    assert (m / "second").read_bytes() == data[::-1]

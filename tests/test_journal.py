@@ -110,3 +110,30 @@ def test_an_entry_too_big_for_a_slot_is_refused(tmp_path):
     pool.scan()
     with pytest.raises(ValueError):
         pool.write(0, 1, 0, bytes(4000), b"{}" * 100)
+
+
+def test_an_uploaded_body_goes_to_the_trash_and_not_back(tmp_path):
+    """remove() drops the record at once and moves the body aside (deleting a large file can
+    take most of a second); neither comes back after a restart, and empty_trash deletes it."""
+    journal = Journal(str(tmp_path / "journal"))
+    seq = journal.next_seq()
+    body = os.urandom(200_000)
+    with journal.open_body(seq) as f:
+        f.write(body)
+    entry = Entry(
+        seq=seq,
+        key="vol/big",
+        body_path=journal.body_path(seq),
+        metadata={"s3cryptfs-format": "1"},
+        base=ABSENT,
+        plain_size=len(body) - 100,
+        body_size=len(body),
+    )
+    journal.write_record(entry)
+    assert [e.seq for e in Journal(str(tmp_path / "journal")).load()] == [seq]
+    journal.remove(entry)
+    assert os.listdir(journal.dir) == []
+    assert [os.path.getsize(p) for p in journal.trash_paths()] == [len(body)]
+    assert Journal(str(tmp_path / "journal")).load() == []  # not a version any more
+    journal.empty_trash()
+    assert journal.trash_paths() == []

@@ -86,6 +86,8 @@ EXPLAINED_WRAPPERS: dict[tuple[str, str, str], str] = {
     ("offline.py", "cmd_get", "{} -> {}"): "get: success line (source -> target)",
     ("store/s3.py", "classify", "{}"): "botocore's own text for an error of no known kind",
     ("cache/writeback.py", "wait", "{}"): "re-raises the UploadConflict made in _divert()",
+    ("store/helper.py", "_error_from", "{}"): "an error the helper raised, passed on",
+    ("store/helper.py", "_fail_pending", "{}"): "'the upload helper exited' (run())",
     ("vfs/core.py", "read", "{}"): _NODE_ERROR,
     ("vfs/core.py", "open", "{}"): _NODE_ERROR,
     ("vfs/core.py", "_materialize", "{}"): _NODE_ERROR,

@@ -179,10 +179,20 @@ class Filesystem:
         self.nursery = nursery
         self.reader.nursery = nursery
         nursery.start_soon(self.uploader.run)
+        nursery.start_soon(self._empty_trash)
         if self.helper is not None:
             nursery.start_soon(self.helper.run)
         if not self.opts.read_only:
             nursery.start_soon(self.index.run)
+
+    async def _empty_trash(self) -> None:
+        """Delete uploaded bodies a little after they were moved to the journal's trash (and
+        what a previous mount left there); what is left at unmount goes in the background."""
+        while True:
+            self.uploader.trashed = trio.Event()
+            await trio.to_thread.run_sync(self.journal.empty_trash)
+            await self.uploader.trashed.wait()
+            await trio.sleep(2.0)  # after a burst: the unmount may come first
 
     async def commit_all(self) -> None:
         """Commit every dirty open file (before unmounting)."""
