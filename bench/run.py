@@ -48,10 +48,16 @@ class RssWatcher(threading.Thread):
         while self.running:
             try:
                 own = rss(self.pid)
-                with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
-                    children = [int(c) for c in f.read().split()]
+                tasks = os.listdir(f"/proc/{self.pid}/task")
             except FileNotFoundError:
                 return
+            children = []
+            for task in tasks:  # the helper is the child of whichever thread started it
+                try:
+                    with open(f"/proc/{self.pid}/task/{task}/children") as f:
+                        children += [int(c) for c in f.read().split()]
+                except FileNotFoundError:
+                    pass
             total = own
             for child in children:
                 try:

@@ -236,11 +236,6 @@ class UploadHelper:
             proc.kill()
             proc.wait()
 
-    def close(self) -> None:
-        """At unmount: the helper exits when its socket closes; make sure it is gone."""
-        self.disabled = True
-        self._reap()
-
 
 # --- the helper process ------------------------------------------------------------------------
 
