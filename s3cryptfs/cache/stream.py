@@ -84,8 +84,7 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     libc = _load_libc()
     if not libc:
         return False
-    done = libc.fallocate(fd, _FALLOC_PUNCH, offset, length) == 0
-    return done
+    return bool(libc.fallocate(fd, _FALLOC_PUNCH, offset, length) == 0)
 
 
 def _let_go(path: str, offset: int, length: int) -> None:

@@ -144,7 +144,10 @@ class UploadHelper:
             frame = _frame((call_id, method, args, kwargs))
             with trio.CancelScope(shield=True):  # half a frame would garble the stream
                 async with self._send_lock:
-                    await stream.send_all(frame)
+                    try:
+                        await stream.send_all(frame)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        raise HelperUnavailable from None  # it just died: run() restarts it
             self.calls += 1
             await call.done.wait()
         finally:
