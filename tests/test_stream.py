@@ -63,6 +63,8 @@ def test_sequential_write_is_sent_while_written(mounted, s3client):
     fuse = stats(m)["fuse"]
     assert fuse["streams"] == 1
     assert fuse["stream_bytes_sent_before_close"] >= PART
+    # From the first part boundary reached by appending, writes skipped the write-back file.
+    assert fuse["stream_bytes_absorbed"] == len(data) - 2 * PART
     head = s3client.head_object(Bucket=bucket, Key="vol/big")
     assert head["ETag"].strip('"').endswith("-4")  # one object of four parts
     meta = head["Metadata"]
@@ -135,6 +137,37 @@ def test_sealed_parts_leave_the_write_back_file_and_still_read(mounted, s3client
     assert wait_state(m / "growing", {"clean"}) == "clean"
     mounted.remount()
     assert (m / "growing").read_bytes() == data
+    assert open_uploads(s3client, mounted.bucket) == []
+
+
+def test_appended_parts_held_in_memory_read_back_and_spill(mounted, s3client):
+    """Appends from a part boundary on are held in memory until sealed, never in the write-back
+    file. A reader sees them; a write that is not an append puts them back into the file
+    first, and nothing is lost either way."""
+    m = mounted.mountpoint
+    data = bytearray(os.urandom(5 * PART + 3 * MIB))
+    fd = os.open(m / "held", os.O_RDWR | os.O_CREAT, 0o644)
+    write_in_steps(fd, data[: 4 * PART + MIB])
+    wait_sent(m, PART)
+    [plain] = staging_files(mounted)
+    # Only the first two parts (written before the stream began) ever were in the file.
+    assert os.stat(plain).st_blocks * 512 <= 2 * PART, os.stat(plain).st_blocks
+    for offset, size in [(2 * PART - 100, 300), (4 * PART - 5, MIB), (0, 4 * PART + MIB)]:
+        assert os.pread(fd, size, offset) == data[offset : offset + size], offset
+    assert os.pread(fd, 10, 4 * PART + MIB) == b""  # nothing past the end
+    # A write into the last part held in memory (not an append): the parts go to the file.
+    patch = 4 * PART + 4096
+    os.pwrite(fd, b"not an append", patch)
+    data[patch : patch + 13] = b"not an append"
+    assert os.pread(fd, MIB, 4 * PART) == data[4 * PART : 5 * PART][:MIB]
+    write_in_steps(fd, data[4 * PART + MIB :])
+    assert os.pread(fd, len(data), 0) == data
+    os.close(fd)
+    fuse = stats(m)["fuse"]
+    assert 2 * PART <= fuse["stream_bytes_absorbed"] < len(data) - 2 * PART
+    assert wait_state(m / "held", {"clean"}) == "clean"
+    mounted.remount()
+    assert (m / "held").read_bytes() == bytes(data)
     assert open_uploads(s3client, mounted.bucket) == []
 
 

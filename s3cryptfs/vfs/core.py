@@ -784,12 +784,16 @@ class Filesystem:
             async with node.lock:
                 await self._uncut(node)
         old_size = node.size
-        if len(data) <= INLINE_WRITE:
-            # A small write to a local file lands in the page cache in microseconds: cheaper
-            # than the hop to a worker thread and back, which dominates small-file copies.
-            written = os.pwrite(staging.fd, data, offset)
+        stream = node.stream
+        if stream is not None:
+            await stream.make_room(offset, len(data))
+        if stream is not None and stream.absorb(offset, data):
+            written = len(data)  # held by the stream until sealed (cache/stream.py)
         else:
-            written = await self._thread(os.pwrite, staging.fd, data, offset)
+            if stream is not None and stream.holding():
+                stream.stop_absorbing()
+                await self._thread(stream.spill)
+            written = await self._write_staging(staging, offset, data)
         staging.dirty = True
         node.size = max(node.size, offset + written)
         node.mtime_ns = node.ctime_ns = _now_ns()
@@ -797,6 +801,14 @@ class Filesystem:
             node.stream.wake()
         elif offset == old_size:
             self._maybe_stream(node)
+        return written
+
+    async def _write_staging(self, staging: Staging, offset: int, data: bytes) -> int:
+        if len(data) <= INLINE_WRITE:
+            # A small write to a local file lands in the page cache in microseconds: cheaper
+            # than the hop to a worker thread and back, which dominates small-file copies.
+            return os.pwrite(staging.fd, data, offset)
+        written: int = await self._thread(os.pwrite, staging.fd, data, offset)
         return written
 
     # --- streamed uploads ------------------------------------------------------------------
@@ -937,6 +949,7 @@ class Filesystem:
             try:
                 if stream is not None:
                     self.counters["stream_bytes_sent_before_close"] += stream.sent_bytes
+                    self.counters["stream_bytes_absorbed"] += stream.absorbed
                     sealed, entry = await self._thread(
                         self._commit_streamed, stream, node.size, attrs, new_entry
                     )
