@@ -54,15 +54,6 @@ MAX_PARTS = 10000  # S3's limit; a longer file stops streaming and is uploaded a
 KEEP_IN_MEMORY = 2  # sealed parts waiting to be sent that stay in memory (others: re-read)
 ABSORB_PARTS = 4  # appended parts held in memory for the sealer; beyond, writes spill to disk
 
-# Sealed parts are written to the journal body with O_DIRECT: through the page cache, that
-# write was the largest CPU cost left in a large copy (fresh page-cache pages cost this
-# project's kind of VM a fault to its host each), and nothing reads those pages back soon
-# but the sender, which has most parts in memory. Direct I/O needs file offsets, lengths and
-# buffer addresses aligned to the device's sector: the body starts at BODY_BASE in its file
-# (the journal record says so), which puts every part's first byte on a 512-byte boundary.
-SECTOR = 512
-BODY_BASE = (-v1.HEADER_LEN) % SECTOR
-
 
 _libc: Any = None
 
@@ -111,29 +102,6 @@ def _let_go(path: str, offset: int, length: int) -> None:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-
-
-def aligned_buffer(size: int) -> bytearray:
-    """A bytearray of *size* bytes whose data starts on a SECTOR boundary, for O_DIRECT."""
-    buf = bytearray(size + SECTOR)
-    address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    # Deleting from the front of a bytearray moves its start and copies nothing; trimming
-    # a few bytes off the end does not reallocate it either.
-    del buf[: -address % SECTOR]
-    del buf[size:]
-    return buf
-
-
-def is_aligned(buf: bytearray) -> bool:
-    return ctypes.addressof(ctypes.c_char.from_buffer(buf)) % SECTOR == 0
-
-
-def open_direct(path: str, flags: int) -> int:
-    """*path* opened with O_DIRECT, or -1 where the file system refuses it (tmpfs)."""
-    try:
-        return os.open(path, flags | getattr(os, "O_DIRECT", 0))
-    except OSError:
-        return -1
 
 
 def part_plain_size(chunk_size: int, part_size: int) -> int:
@@ -188,9 +156,6 @@ class Stream:
         self.metadata: dict[str, str] | None = None
         self.cipher: v1.ChunkCipher | None = None
         self._body_fd = -1
-        self.base = BODY_BASE  # where the body starts in its file
-        self._direct_fd = -1
-        self._direct = hasattr(os, "O_DIRECT")  # off at the first refusal
         self._sending = 0
         self._held: dict[int, bytearray] = {}  # sealed parts not sent yet, kept in memory
         self._free: list[bytearray] = []  # part buffers to reuse
@@ -323,7 +288,7 @@ class Stream:
         self.spill()  # the tail is read from the write-back file, which keeps it after close
         first = self.sealed // self.chunk_size
         count = v1.chunk_count(size, self.chunk_size)
-        offset = self.base + v1.HEADER_LEN + first * (self.chunk_size + v1.TAG_LEN)
+        offset = v1.HEADER_LEN + first * (self.chunk_size + v1.TAG_LEN)
         for index in range(first, count):
             start = index * self.chunk_size
             plain = os.pread(self._staging_fd, min(self.chunk_size, size - start), start)
@@ -331,17 +296,14 @@ class Stream:
             os.pwrite(self._body_fd, sealed, offset)
             offset += len(sealed)
         os.ftruncate(self._body_fd, offset)
-        os.fsync(self._body_fd)  # also what makes the direct writes durable
+        os.fsync(self._body_fd)
         self.state = "sealed"
-        return size, offset - self.base
+        return size, offset
 
     def close_body(self) -> None:
         if self._body_fd >= 0:
             os.close(self._body_fd)
             self._body_fd = -1
-        if self._direct_fd >= 0:
-            os.close(self._direct_fd)
-            self._direct_fd = -1
 
     # --- the background task -------------------------------------------------------------
     #
@@ -396,7 +358,7 @@ class Stream:
             self.cipher = v1.ChunkCipher(dek, header)
             fd = os.open(self.body_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             self._body_fd = fd
-            os.pwrite(fd, header.encode(), self.base)
+            os.pwrite(fd, header.encode(), 0)
 
         await trio.to_thread.run_sync(prepare)
         assert self.metadata is not None
@@ -484,10 +446,9 @@ class Stream:
             self.cipher.seal_into(
                 first + i, plain[i * step : (i + 1) * step], False, view[pos : pos + stride]
             )
-        offset = self.base + v1.HEADER_LEN + index * self.part_body
-        if not (head == 0 and self._write_direct(out, offset)):
-            os.pwrite(self._body_fd, view[head:], offset)
-            start_writeback(self._body_fd, offset, self.part_body)
+        offset = v1.HEADER_LEN + index * self.part_body
+        os.pwrite(self._body_fd, view[head:], offset)
+        start_writeback(self._body_fd, offset, self.part_body)
         if held is not None:
             with self._cut_lock:
                 del self._mem[index]
@@ -504,20 +465,6 @@ class Stream:
                     self._can_cut = False  # the cache directory's file system cannot
         return out
 
-    def _write_direct(self, out: bytearray, offset: int) -> bool:
-        """Write a sealed part with O_DIRECT; False (buffered from now on) where refused."""
-        if not self._direct or offset % SECTOR or not is_aligned(out):
-            return False
-        if self._direct_fd < 0:
-            self._direct_fd = open_direct(self.body_path, os.O_WRONLY)
-        try:
-            if self._direct_fd >= 0 and os.pwrite(self._direct_fd, out, offset) == len(out):
-                return True
-        except OSError as exc:  # EINVAL: the device wants a larger alignment
-            log.debug("%s: direct writes refused (%s); buffered instead", self.key, exc)
-        self._direct = False
-        return False
-
     # --- the cut plaintext ---------------------------------------------------------------
 
     def read_sealed(self, offset: int, size: int) -> bytes:
@@ -527,9 +474,7 @@ class Stream:
         first, last = offset // self.chunk_size, (end - 1) // self.chunk_size
         stride = self.chunk_size + v1.TAG_LEN
         with open(self.body_path, "rb") as f:
-            raw = os.pread(
-                f.fileno(), (last - first + 1) * stride, self.base + v1.HEADER_LEN + first * stride
-            )
+            raw = os.pread(f.fileno(), (last - first + 1) * stride, v1.HEADER_LEN + first * stride)
         plain = b"".join(
             self.cipher.open(first + i, raw[i * stride : (i + 1) * stride], False)
             for i in range(last - first + 1)
@@ -586,23 +531,14 @@ class Stream:
         try:
             return self._free.pop()  # atomic: the sealer and readers may race here
         except IndexError:
-            return aligned_buffer(self.part_body)
+            return bytearray(self.part_body)
 
     def _read_part(self, number: int) -> bytearray:
         start, end = self._part_range(number, v1.HEADER_LEN + number * self.part_body)
         data = self._buffer() if end - start == self.part_body else bytearray(end - start)
-        # Written directly, read directly: through the page cache the read would cost what
-        # the direct write saved.
-        fd = -1
-        if self._direct and (self.base + start) % SECTOR == 0 and is_aligned(data):
-            fd = open_direct(self.body_path, os.O_RDONLY)
-        if fd < 0:
-            fd = os.open(self.body_path, os.O_RDONLY)
-        try:
-            if os.preadv(fd, [data], self.base + start) != end - start:
+        with open(self.body_path, "rb") as f:
+            if os.preadv(f.fileno(), [data], start) != end - start:
                 raise OSError(f"journal body shorter than expected at {start}")
-        finally:
-            os.close(fd)
         return data
 
     async def _upload_part(self, number: int, data: bytes | bytearray) -> None:
@@ -628,7 +564,7 @@ class Stream:
         # kind of VM a fault to the host each, more than the copy itself).
         start, end = self._part_range(number, v1.HEADER_LEN + number * self.part_body)
         with contextlib.suppress(OSError):
-            await trio.to_thread.run_sync(_let_go, self.body_path, self.base + start, end - start)
+            await trio.to_thread.run_sync(_let_go, self.body_path, start, end - start)
 
     def _recycle(self, data: bytearray) -> None:
         # Part buffers are reused: a fresh 8 MiB buffer costs zeroing and page faults, which
@@ -656,9 +592,7 @@ class Stream:
                 async def send(number: int, gate: trio.Semaphore) -> None:
                     async with gate:
                         start, end = self._part_range(number, body_size)
-                        data = await trio.to_thread.run_sync(
-                            os.pread, fd, end - start, self.base + start
-                        )
+                        data = await trio.to_thread.run_sync(os.pread, fd, end - start, start)
                         await self._upload_part(number, data)
 
                 gate = trio.Semaphore(self._concurrency)

@@ -75,8 +75,6 @@ class Entry:
             "plain_size": self.plain_size,
             "body_size": self.body_size,
         }
-        if self.slot is None and self.body_offset:
-            rec["body_offset"] = self.body_offset  # a streamed body (cache/stream.py)
         upload_id = self.stream.upload_id if self.stream is not None else self.stale_upload
         if upload_id:
             rec["upload_id"] = upload_id
@@ -231,7 +229,6 @@ class Journal:
                         plain_size=int(rec["plain_size"]),
                         body_size=int(rec["body_size"]),
                         stale_upload=rec.get("upload_id"),
-                        body_offset=int(rec.get("body_offset", 0)),
                     )
                 )
         for name in os.listdir(self.dir):

@@ -468,13 +468,14 @@ class S3Store:
             if len(data) != size:
                 raise OSError(f"{path}: shorter than expected")
             return self.put(key, data, metadata, if_match, if_none_match)
-        return self._multipart(key, path, offset, size, metadata, if_match, if_none_match)
+        if offset:
+            raise ValueError("a large body is a file of its own")
+        return self._multipart(key, path, size, metadata, if_match, if_none_match)
 
     def _multipart(
         self,
         key: str,
         path: str,
-        start: int,
         size: int,
         metadata: Mapping[str, str],
         if_match: str | None,
@@ -486,7 +487,7 @@ class S3Store:
 
             def send(upload_id: str, number: int) -> str:
                 offset = (number - 1) * part_size
-                data = os.pread(fd, min(part_size, size - offset), start + offset)
+                data = os.pread(fd, min(part_size, size - offset), offset)
                 return self.upload_part(key, upload_id, number, data)
 
             return self._multipart_session(

@@ -1070,7 +1070,7 @@ class Filesystem:
         self, stream: Stream, size: int, attrs: md.PosixAttrs, new_entry: Any
     ) -> tuple[SealedObject, Entry]:
         sealed = self._seal_streamed(stream, size, attrs)
-        entry = new_entry(stream.seq, sealed, stream.body_path, stream.base)
+        entry = new_entry(stream.seq, sealed, stream.body_path, 0)
         self.journal.write_record(entry)
         return sealed, entry
 
