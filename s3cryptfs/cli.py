@@ -15,11 +15,14 @@ from s3cryptfs import __version__, config, settings
 from s3cryptfs.errors import (
     AccessDenied,
     ConfigError,
+    IntegrityError,
+    KeyManagerError,
     PreconditionFailed,
     S3CryptFSError,
     StoreError,
     TransientStoreError,
     UnknownProvider,
+    UploadConflict,
     VolumeError,
     WrongPasswordError,
 )
@@ -32,6 +35,10 @@ EXIT_USAGE = 2
 EXIT_WRONG_PASSWORD = 3
 EXIT_S3 = 4
 EXIT_VOLUME = 5
+# 6 (refused or incomplete) is returned by the key commands themselves (ops/)
+EXIT_KEYS = 7
+EXIT_INTEGRITY = 8
+EXIT_CONFLICT = 9
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -406,12 +413,20 @@ def _setup_logging(level: str, stream: object = None, path: str | None = None) -
 def _exit_code(exc: BaseException) -> int:
     if isinstance(exc, WrongPasswordError):
         return EXIT_WRONG_PASSWORD
+    if isinstance(exc, PreconditionFailed):
+        return EXIT_CONFLICT  # a conditional write lost a race: not a fault of S3
     if isinstance(exc, StoreError | AccessDenied | TransientStoreError):
         return EXIT_S3
     if isinstance(exc, VolumeError):
         return EXIT_VOLUME
     if isinstance(exc, ConfigError | UnknownProvider):
         return EXIT_USAGE
+    if isinstance(exc, KeyManagerError):
+        return EXIT_KEYS
+    if isinstance(exc, IntegrityError):
+        return EXIT_INTEGRITY
+    if isinstance(exc, UploadConflict):
+        return EXIT_CONFLICT
     return EXIT_ERROR
 
 
@@ -625,6 +640,8 @@ def _daemonize(mount: object, args: argparse.Namespace) -> int:
         with os.fdopen(read_fd, "rb") as pipe:
             message = pipe.read().decode(errors="replace")
         if message.startswith("READY"):
+            for line in message.splitlines()[1:]:
+                print(f"s3cryptfs: warning: {line}", file=sys.stderr)
             return EXIT_OK
         if not message:
             _, status = os.waitpid(pid, 0)
@@ -653,7 +670,7 @@ def _daemonize(mount: object, args: argparse.Namespace) -> int:
             os.dup2(devnull, fd)
 
         def ready() -> None:
-            os.write(write_fd, b"READY")
+            os.write(write_fd, "\n".join(["READY", *mount.warnings]).encode())
             os.close(write_fd)
 
         mount.run(ready)

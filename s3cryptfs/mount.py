@@ -188,6 +188,7 @@ class Mount:
         self.fs: Filesystem | None = None
         self.lock: CacheLock | None = None
         self.audit = NO_AUDIT
+        self.warnings: list[str] = []  # for whoever started the mount (printed by the CLI)
 
     def prepare(self) -> None:
         """All the checks that can fail, before anything is mounted."""
@@ -212,6 +213,23 @@ class Mount:
         self.lock = CacheLock(cache_dir)
         self.fs = Filesystem(store, codec, spec.url.prefix, cache_dir, spec.fs_options)
         self.fs.clear_staging()
+        self.warnings = self._check_keys()
+
+    def _check_keys(self) -> list[str]:
+        """A key manager that does not answer now does not stop the mount (it may be back in a
+        minute, and files whose keys are cached still work), but the user hears of it now
+        rather than at the first EIO."""
+        assert self.fs is not None
+        found = []
+        for provider, health in self.fs.key_health().items():
+            if health != "ok":
+                text = (
+                    f"key manager {provider} does not answer ({health}); mounting anyway: "
+                    "files that need it fail with EIO until it does"
+                )
+                log.warning(text)
+                found.append(text)
+        return found
 
     async def _recover(self) -> None:
         assert self.fs is not None

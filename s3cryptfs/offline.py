@@ -26,6 +26,7 @@ from s3cryptfs.errors import (
     ObjectNotFound,
     PreconditionFailed,
     S3CryptFSError,
+    UploadConflict,
     VolumeError,
 )
 from s3cryptfs.format import gateway as gw
@@ -154,7 +155,8 @@ def cmd_put(args: argparse.Namespace) -> int:
                 key, path, sealed.metadata, if_match=current, if_none_match=current is None
             )
         except PreconditionFailed:
-            raise VolumeError(f"{args.object} changed while uploading: nothing replaced") from None
+            msg = f"{args.object} changed while uploading: nothing replaced"
+            raise UploadConflict(msg) from None
     print(f"{args.local} -> {args.object} ({sealed.plain_size} bytes, encrypted)", file=sys.stderr)
     return 0
 

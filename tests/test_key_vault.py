@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from kms_servers import OpenBao
@@ -270,3 +271,43 @@ def test_vault_volume_without_decrypt_permission(volume, bao, tmp_path) -> None:
         (volume.mountpoint / "secret.txt").read_bytes()
     assert info.value.errno in (errno.EIO, errno.EACCES, errno.EPERM)
     volume.umount()
+
+
+def test_vault_down_at_mount_warns_and_commands_exit_7(volume, bao, tmp_path) -> None:
+    """A key manager that cannot be reached: the mount comes up (it may be back in a minute)
+    but says so at once; files that need it fail with EIO; a command fails with exit 7, its
+    own code, so that scripts can tell it from a wrong password or a missing bucket."""
+    import errno
+
+    from kms_volume import mount_kms
+
+    cfg = vault_config(tmp_path / "kms.toml", bao, bao.root_token)
+    volume.init("--key-manager", "vault", "--kms-config", cfg)
+    mount_kms(volume, cfg)
+    (volume.mountpoint / "a.txt").write_bytes(b"needs vault")
+    volume.umount()
+    down = tmp_path / "down.toml"
+    text = Path(cfg).read_text().replace(bao.address, f"http://{LOOPBACK}:{free_port()}")
+    down.write_text(text.replace("timeout = 5", "timeout = 2"))
+    down.chmod(0o600)
+    common = ["--endpoint-url", volume.endpoint_url, "--cache-dir", volume.cache_dir]
+    up = volume.run(
+        "mount", volume.url, volume.mountpoint, *common, "--kms-config", down, check=False
+    )
+    assert up.returncode == 0 and volume.is_mounted(), up.stderr
+    assert "warning: key manager vault does not answer" in up.stderr, up.stderr
+    with pytest.raises(OSError) as info:
+        (volume.mountpoint / "a.txt").read_bytes()
+    assert info.value.errno == errno.EIO
+    volume.umount()
+    cat = volume.run(
+        "cat",
+        f"{volume.url}a.txt",
+        "--endpoint-url",
+        volume.endpoint_url,
+        "--kms-config",
+        down,
+        check=False,
+    )
+    assert cat.returncode == 7 and "Traceback" not in cat.stderr, cat.stderr
+    assert cat.stdout == ""

@@ -90,4 +90,6 @@ def test_fsck_finds_tampering(mounted, s3client):
     quick = vol.run("fsck", vol.url, *vol.common_args(), check=False)
     assert quick.returncode == 1 and f"BAD {key2}" in quick.stdout
     cat = vol.run("cat", obj(vol, "big.bin"), *vol.common_args(), check=False)
-    assert cat.returncode != 0 and "Traceback" not in cat.stderr
+    assert cat.returncode == 8 and "Traceback" not in cat.stderr  # an integrity error
+    envelope = vol.run("cat", obj(vol, "docs/note.txt"), *vol.common_args(), check=False)
+    assert envelope.returncode == 7, envelope.stderr  # version 7 of the key: unknown
