@@ -187,6 +187,49 @@ class TestVaultManager(Conformance):
             m.close()
 
 
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (b'{"data": {}}', "encrypt with no ciphertext"),
+        (b'{"data": {"ciphertext": "not-vault:1:abc"}}', "ciphertext in an unknown format"),
+        (b"<html>a proxy's login page</html>", "encrypt with a reply that is not JSON"),
+    ],
+)
+def test_malformed_reply_is_not_reported_as_an_outage(body: bytes, expected: str) -> None:
+    """Something answered, wrongly: a KeyManagerError that says so, not 'unavailable' (which
+    would send the user looking for a server that is up)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    m = VaultKeyManager(
+        {"address": f"http://{LOOPBACK}:{server.server_address[1]}", "key": "k", "timeout": 2},
+        {"token": "t"},
+    )
+    try:
+        with pytest.raises(KeyManagerError) as info:
+            m.wrap_key(os.urandom(32), CONTEXT)
+        assert not isinstance(info.value, ProviderUnavailable)
+        assert expected in str(info.value)
+    finally:
+        m.close()
+        server.shutdown()
+        server.server_close()
+
+
 # --- a volume whose key manager is vault, through a real mount --------------------------------
 
 FILES = {"a.txt": b"alpha " * 2000, "sub/b.bin": bytes(range(256)) * 64, "empty": b""}

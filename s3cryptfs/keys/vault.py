@@ -122,6 +122,9 @@ class _Transit:
             raise KeyNotFound(f"vault has no transit key {self.mount}/{self.key}") from None
         except (hexc.VaultDown, hexc.InternalServerError, hexc.BadGateway) as exc:
             raise ProviderUnavailable(f"vault cannot serve {what}: {_first(exc)}") from None
+        except requests.exceptions.InvalidJSONError:
+            # It answered, so it is not unavailable: something (a proxy?) answered wrongly.
+            raise KeyManagerError(f"vault answered {what} with a reply that is not JSON") from None
         except requests.exceptions.RequestException as exc:
             raise ProviderUnavailable(
                 f"vault at {self.conn['url']} did not answer ({type(exc).__name__})"
@@ -134,7 +137,12 @@ class _Transit:
 
     def read_key(self) -> dict[str, Any]:
         reply = self.call("read key", lambda c: c.adapter.get(self.path("keys")))
-        return dict(reply["data"])
+        info = _data(reply, "read key")
+        try:
+            int(info["latest_version"])
+        except (KeyError, TypeError, ValueError):
+            raise KeyManagerError("vault answered read key with no latest_version") from None
+        return info
 
     def close(self) -> None:
         with self._lock:
@@ -142,6 +150,16 @@ class _Transit:
             clients, self._clients = self._clients, []
         for client in clients:
             client.adapter.close()
+
+
+def _data(reply: Any, what: str) -> dict[str, Any]:
+    """The "data" of a JSON reply. hvac hands back the raw response when the body is not JSON."""
+    if not isinstance(reply, dict):
+        raise KeyManagerError(f"vault answered {what} with a reply that is not JSON")
+    data = reply.get("data")
+    if not isinstance(data, dict):
+        raise KeyManagerError(f"vault answered {what} with no data")
+    return data
 
 
 def _first(exc: BaseException) -> str:
@@ -187,10 +205,13 @@ class VaultKeyManager:
         body = {"plaintext": _b64(dek), "associated_data": _context_data(context)}
         t = self._transit
         reply = t.call("encrypt", lambda c: c.adapter.post(t.path("encrypt"), json=body))
-        ciphertext = str(reply["data"]["ciphertext"]).encode("ascii")
+        try:
+            ciphertext = str(_data(reply, "encrypt")["ciphertext"]).encode("ascii")
+        except (KeyError, UnicodeEncodeError):
+            raise KeyManagerError("vault answered encrypt with no ciphertext") from None
         match = _CIPHERTEXT.match(ciphertext)
         if match is None:
-            raise ProviderUnavailable("vault returned a ciphertext in an unknown format")
+            raise KeyManagerError("vault returned a ciphertext in an unknown format")
         return KeyEnvelope(t.key, int(match.group(1)), PROVIDER, ciphertext)
 
     def unwrap_key(self, envelope: KeyEnvelope, context: Mapping[str, str]) -> bytes:
