@@ -47,3 +47,38 @@ def test_migrate_password_volume(target, volume, s3client, tmp_path, request):
     # no password is needed any more
     mount_kms(volume, cfg)
     assert_files(volume.mountpoint, {**FILES, "after.txt": b"written after the migration"})
+
+
+def test_retiring_the_last_version_of_a_previous_manager_points_to_migrate(
+    volume, s3client, tmp_path
+):
+    """After `migrate --keep-old`, the password manager is only kept for reading. Retiring its
+    last version must not advise `keys rotate` (which only rotates the active manager)."""
+    cfg = keystore_config(tmp_path / "kms.toml", f"sqlite:///{tmp_path / 'keys.db'}", None)
+    volume.init()
+    volume.mount()
+    write_files(volume.mountpoint, FILES)
+    volume.umount()
+    admin(volume, "migrate", "--to", "keystore", "--kms-config", cfg, "--keep-old")
+    desc = descriptor(s3client, volume)
+    assert [m["provider"] for m in desc["previous_key_managers"]] == ["s3cryptfs-password"]
+    refused = admin(
+        volume,
+        "keys",
+        "retire",
+        "1",
+        "--provider",
+        "s3cryptfs-password",
+        "--kms-config",
+        cfg,
+        check=False,
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "rotate first" not in refused.stderr
+    assert "s3cryptfs migrate" in refused.stderr and "--to keystore" in refused.stderr
+    # and the advice works: migrating again drops the previous manager, nothing is lost
+    admin(volume, "migrate", "--to", "keystore", "--kms-config", cfg)
+    assert "previous_key_managers" not in descriptor(s3client, volume)
+    mount_kms(volume, cfg)
+    assert_files(volume.mountpoint, FILES)
+    volume.umount()

@@ -245,6 +245,14 @@ def _retire(admin: Admin, ring: KeyRing, args: argparse.Namespace) -> int:
         raise ConfigError(f"provider {provider} is not one of this volume's key managers")
     if provider == desc.provider and version == ring.active().active_key_version():
         raise ConfigError(f"version {version} of {provider} is the active one; rotate first")
+    if provider != desc.provider and version == ring.manager(provider).active_key_version():
+        # A previous manager wraps nothing new and cannot be rotated: "rotate first" would
+        # send the user to a command that refuses. What ends its use is the migration.
+        raise ConfigError(
+            f"version {version} is the last version of {provider}, which this volume only "
+            f"keeps for reading; finish the migration instead: `s3cryptfs migrate {admin.url} "
+            f"--to {desc.provider} --kms-config FILE` drops it once no object uses it"
+        )
     in_use = count_versions(admin.store, admin.url.prefix, admin.jobs).get((provider, version), 0)
     if in_use and not args.force:
         print(
