@@ -190,6 +190,12 @@ def test_mount_unit_verifies(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "Type=notify" in text and "LoadCredential=password:" in text
+    from s3cryptfs import cli
+
+    # a wrong password or a bad configuration is not retried every 10 s forever
+    prevented = {cli.EXIT_USAGE, cli.EXIT_WRONG_PASSWORD, cli.EXIT_VOLUME}
+    line = next(x for x in text.splitlines() if x.startswith("RestartPreventExitStatus="))
+    assert {int(v) for v in line.split("=", 1)[1].split()} == prevented
     for namespaced in ("PrivateTmp=", "ProtectSystem=", "ProtectHome="):
         assert f"\n{namespaced}" not in text  # the mount must stay visible to the system
 
