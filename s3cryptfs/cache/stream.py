@@ -199,12 +199,8 @@ class Stream:
             self._append_at = offset
         if offset != self._append_at:
             return False
-        end = offset + len(data)
-        last = (end - 1) // self.part_plain
-        if last >= MAX_PARTS - 1:
-            return False  # the sealer leaves the rest to close
-        new = [k for k in range(offset // self.part_plain, last + 1) if k not in self._mem]
-        if len(self._mem) + len(new) > ABSORB_PARTS:
+        new = self._new_parts(offset, len(data))
+        if new is None or len(self._mem) + len(new) > ABSORB_PARTS:
             return False  # the sealer is behind (see make_room): keep memory bounded
         for k in new:
             buf = self._plain_free.pop() if self._plain_free else bytearray(self.part_plain)
@@ -216,18 +212,23 @@ class Stream:
             n = min(len(view), self.part_plain - at)
             self._mem[k][at : at + n] = view[:n]
             view, pos = view[n:], pos + n
-        self._append_at = end
+        self._append_at = offset + len(data)
         self.absorbed += len(data)
         return True
+
+    def _new_parts(self, offset: int, size: int) -> list[int] | None:
+        """Parts a write of [offset, offset + size) needs that no buffer holds yet; None if it
+        reaches the parts the sealer leaves to close (S3's part limit)."""
+        last = (offset + size - 1) // self.part_plain
+        if last >= MAX_PARTS - 1:
+            return None
+        return [k for k in range(offset // self.part_plain, last + 1) if k not in self._mem]
 
     def _needs_room(self, offset: int, size: int) -> bool:
         if not (self._absorbing and self.state == "running" and offset == self._append_at):
             return False
-        first, last = offset // self.part_plain, (offset + size - 1) // self.part_plain
-        if last >= MAX_PARTS - 1:
-            return False
-        new = sum(1 for k in range(first, last + 1) if k not in self._mem)
-        return len(self._mem) + new > ABSORB_PARTS
+        new = self._new_parts(offset, size)
+        return new is not None and len(self._mem) + len(new) > ABSORB_PARTS
 
     async def make_room(self, offset: int, size: int) -> None:
         """Before absorb(): while the sealer works through the parts held, wait for it rather
