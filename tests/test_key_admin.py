@@ -117,10 +117,21 @@ def test_kms_config_file_and_environment(tmp_path) -> None:
     # Secrets meant for another provider are not handed to this one.
     _, _, secrets = load_kms_config(str(cfg), {"S3CRYPTFS_KEYSTORE_PASSPHRASE": "x"})
     assert "passphrase" not in secrets
-    assert merge_settings({"address": "old", "key": "k1"}, options) == {
+    assert merge_settings("vault", {"address": "old", "key": "k1"}, options) == {
         "address": "http://127.0.0.1:1",
         "key": "k1",
         "timeout": 3,
+    }
+    # How to reach the server and whether to check its certificate come from this machine
+    # only: a descriptor (written anywhere, by anyone) does not get to say.
+    shared = {"address": "https://elsewhere:8200", "verify": False, "key": "k1", "mount": "t"}
+    assert merge_settings("vault", shared, {}) == {"key": "k1", "mount": "t"}
+    assert merge_settings("kmip", {"keys": [], "host": "h", "ca": "/x"}, {"host": "me"}) == {
+        "keys": [],
+        "host": "me",
+    }
+    assert merge_settings("awskms", {"key_ids": ["k"], "endpoint_url": "http://evil"}, {}) == {
+        "key_ids": ["k"]
     }
 
 

@@ -114,13 +114,18 @@ def load_kms_config(
 
 
 def merge_settings(
-    descriptor_settings: Mapping[str, Any], local_options: Mapping[str, Any]
+    provider: str, descriptor_settings: Mapping[str, Any], local_options: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """The settings a manager is built with: the descriptor's, with local options laid over.
+    """The settings a manager is built with: the descriptor's key identity, with this machine's
+    options laid over.
 
-    Local options win, so an address, port, CA or client certificate set on this machine is used
-    even when the descriptor recorded another (the one of the machine that ran init).
+    Only the fields the provider declares as shared are taken from the descriptor: how to reach
+    the key server (address, port, CA, TLS checks, database) comes from this machine alone, so
+    a descriptor written elsewhere (or by someone else) never points a mount at another server.
+    Local options win, so a key identity set here pins it.
     """
-    merged = dict(descriptor_settings)
+    from s3cryptfs.keys.registry import shared_settings
+
+    merged = shared_settings(provider, descriptor_settings)
     merged.update(local_options)
     return merged

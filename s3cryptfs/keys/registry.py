@@ -42,6 +42,26 @@ def _resolve(target: str) -> Any:
     return obj
 
 
+def descriptor_fields(provider: str) -> tuple[str, ...] | None:
+    """The settings *provider* keeps in the shared descriptor (its module's
+    ``DESCRIPTOR_FIELDS``); None when the plugin does not say, and then it gets them all.
+    Everything else (addresses, certificates, TLS checks) comes from this machine only."""
+    target = _targets().get(provider)
+    if target is None:
+        return None
+    module = __import__(target.partition(":")[0], fromlist=["DESCRIPTOR_FIELDS"])
+    fields = getattr(module, "DESCRIPTOR_FIELDS", None)
+    return None if fields is None else tuple(fields)
+
+
+def shared_settings(provider: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """*settings* cut down to what a descriptor may carry for *provider*."""
+    fields = descriptor_fields(provider)
+    if fields is None:
+        return dict(settings)
+    return {k: v for k, v in settings.items() if k in fields}
+
+
 def load_key_manager(
     provider: str, settings: Mapping[str, Any], secrets: Mapping[str, Any]
 ) -> KeyManager:
@@ -70,4 +90,5 @@ def create_settings(
     hook = getattr(module, "create_settings", None)
     if hook is None:
         raise UnknownProvider(f"provider {provider!r} cannot create keys (no create_settings)")
-    return dict(hook(options, secrets))
+    # What goes into the public descriptor: never this machine's connection settings.
+    return shared_settings(provider, hook(options, secrets))
