@@ -71,6 +71,11 @@ class FormatError(IntegrityError):
     """An object's metadata or header is malformed or of an unknown version."""
 
 
+class DescriptorAuthError(IntegrityError):
+    """The volume descriptor does not authenticate, was rolled back, or is not the one this
+    machine trusts: someone without the volume's keys changed it."""
+
+
 class KeyManagerError(S3CryptFSError):
     """A key manager failed."""
 

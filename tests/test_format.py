@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from s3cryptfs.errors import (
+    DescriptorAuthError,
     FormatError,
     IntegrityError,
     InvalidEnvelope,
@@ -38,7 +39,16 @@ from s3cryptfs.errors import (
 )
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format import v1
-from s3cryptfs.format.descriptor import DESCRIPTOR_VERSION, Descriptor, descriptor_key
+from s3cryptfs.format.descriptor import (
+    DESCRIPTOR_VERSION,
+    Descriptor,
+    DescriptorAuth,
+    KmsSeal,
+    LegacyDescriptor,
+    descriptor_key,
+    fingerprint,
+    mac_key,
+)
 from s3cryptfs.keys import password as pwm
 from s3cryptfs.keys.base import KeyEnvelope, KeyManager
 
@@ -221,7 +231,7 @@ def _fix_random(monkeypatch: pytest.MonkeyPatch, module: Any, *values: bytes) ->
 
 
 def test_document_has_every_vector(vectors, metadata_vectors):
-    assert set(OBJECT_VECTORS) | {"password"} <= set(vectors)
+    assert set(OBJECT_VECTORS) | {"password", "descriptor-auth"} <= set(vectors)
     assert "object-short" in metadata_vectors
     assert set(_doc_blocks("json")) == {"descriptor-example"}
 
@@ -338,7 +348,7 @@ def test_descriptor_example(vectors):
     raw = _doc_blocks("json")["descriptor-example"].encode()
     vec = vectors["password"]
     desc = Descriptor.decode(raw)
-    assert desc.version == DESCRIPTOR_VERSION == 1
+    assert desc.version == DESCRIPTOR_VERSION == 2 and desc.generation == 1
     assert desc.volume_id == vec["volume_id"] == desc.key_settings["volume_id"]
     assert desc.provider == pwm.PROVIDER
     assert desc.chunk_size == v1.DEFAULT_CHUNK and desc.object_format == "1"
@@ -728,23 +738,45 @@ def test_descriptor_key():
     assert descriptor_key("photos/") == "photos/.s3cryptfs/volume.json"
 
 
+DAK = bytes(range(32))
+
+
+def _signed(desc: Descriptor, dak: bytes = DAK) -> Descriptor:
+    """A descriptor signed as a writer would (the seals are stand-ins: only their presence
+    matters to decode)."""
+    auth = DescriptorAuth()
+    if desc.password_settings() is not None:
+        auth.password = b"p" * 60
+    if desc.provider != pwm.PROVIDER:
+        auth.kms = KmsSeal(desc.provider, "key-1", 1, b"w" * 40)
+    desc.auth = auth
+    desc.sign(dak)
+    return desc
+
+
 def test_descriptor_round_trip():
     desc = Descriptor(
         volume_id=Descriptor.new_volume_id(),
         chunk_size=1 << 20,
         provider="s3cryptfs-password",
         key_settings={"a": [1, 2], "b": {"c": "d"}},
+        generation=7,
     )
     assert len(desc.volume_id) == 32 and int(desc.volume_id, 16) >= 0
-    raw = desc.encode()
+    raw = _signed(desc).encode()
     assert raw.endswith(b"}\n")
     doc = json.loads(raw)
-    assert doc["s3cryptfs"] == "volume" and doc["version"] == 1 and doc["object_format"] == "1"
-    assert Descriptor.decode(raw) == desc
+    assert doc["s3cryptfs"] == "volume" and doc["version"] == 2 and doc["object_format"] == "1"
+    assert doc["generation"] == 7
+    decoded = Descriptor.decode(raw)
+    assert decoded == desc
+    decoded.verify(DAK)
+    with pytest.raises(DescriptorAuthError, match="does not authenticate"):
+        decoded.verify(bytes(32))
 
 
 def _descriptor_doc(**changes: Any) -> dict[str, Any]:
-    doc = json.loads(Descriptor("abc", key_settings={"x": 1}).encode())
+    doc = json.loads(_signed(Descriptor("abc", provider="p", key_settings={"x": 1})).encode())
     for name, value in changes.items():
         if value is None:
             del doc[name]
@@ -753,11 +785,23 @@ def _descriptor_doc(**changes: Any) -> dict[str, Any]:
     return doc
 
 
-@pytest.mark.parametrize("version", [0, 2, 99, "1", None])
+@pytest.mark.parametrize("version", [0, 3, 99, "1", "2", None, True])
 def test_descriptor_unknown_version_refused(version):
     doc = _descriptor_doc(version=version)
     with pytest.raises(VolumeError, match=re.escape(repr(version)) + ".*not supported"):
         Descriptor.decode(json.dumps(doc).encode())
+
+
+def test_descriptor_version_1_is_read_only_for_the_upgrade():
+    doc = _descriptor_doc(version=1, generation=None, auth=None)
+    doc["rotation"] = {"max_age_days": 0, "last": 1700000000.25}
+    raw = json.dumps(doc).encode()
+    with pytest.raises(LegacyDescriptor, match="s3cryptfs upgrade"):
+        Descriptor.decode(raw)
+    legacy = Descriptor.decode(raw, legacy=True)
+    assert legacy.version == 1 and legacy.auth is None and legacy.rotated_at == 1700000000
+    with pytest.raises(DescriptorAuthError):
+        legacy.verify(DAK)
 
 
 @pytest.mark.parametrize(
@@ -777,11 +821,95 @@ def test_descriptor_unknown_version_refused(version):
         json.dumps(_descriptor_doc(chunk_size=None)).encode(),
         json.dumps(_descriptor_doc(key_manager=None)).encode(),
         json.dumps(_descriptor_doc(key_manager={"settings": {}})).encode(),
+        json.dumps(_descriptor_doc(generation=None)).encode(),
+        json.dumps(_descriptor_doc(generation="1")).encode(),
+        json.dumps(_descriptor_doc(auth=None)).encode(),
+        json.dumps(_descriptor_doc(auth={"password": "cA=="})).encode(),
+        json.dumps(_descriptor_doc(auth={"mac": "AAAA"})).encode(),
+        json.dumps(_descriptor_doc(allow_plaintext="yes")).encode(),
+        json.dumps(_descriptor_doc(generation=1.0)).encode(),
+        json.dumps(_descriptor_doc(chunk_size=65536.0)).encode(),
+        json.dumps(_descriptor_doc(future=1e3)).encode(),
+        b'{"s3cryptfs": "volume", "version": 2, "pad": "' + b"x" * (1 << 20) + b'"}',
     ],
 )
 def test_descriptor_refused(raw):
-    with pytest.raises(VolumeError):
+    with pytest.raises((VolumeError, DescriptorAuthError)):
         Descriptor.decode(raw)
+
+
+def test_descriptor_seals_must_match_its_providers():
+    # A KMS volume without a kms seal, or a volume holding the password manager without a
+    # password seal, cannot be opened by every machine that should: refused before any use.
+    doc = _descriptor_doc()
+    del doc["auth"]["kms"]
+    doc["auth"]["password"] = base64.b64encode(b"p" * 60).decode()
+    with pytest.raises(DescriptorAuthError, match="no kms seal"):
+        Descriptor.decode(json.dumps(doc).encode())
+    doc = _descriptor_doc()
+    doc["previous_key_managers"] = [{"provider": pwm.PROVIDER, "settings": {}}]
+    with pytest.raises(DescriptorAuthError, match="no password seal"):
+        Descriptor.decode(json.dumps(doc).encode())
+    doc = _descriptor_doc()
+    doc["auth"]["kms"]["provider"] = "awskms"
+    with pytest.raises(DescriptorAuthError, match="not one of its KMS"):
+        Descriptor.decode(json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"allow_plaintext": True},
+        {"object_format": "gateway", "gateway": {"wrap": "password"}},
+        {"generation": 99},
+        {"key_manager": {"provider": "p", "settings": {"x": 1, "endpoint_url": "http://evil"}}},
+        {"previous_key_managers": [{"provider": "q", "settings": {}}]},
+        {"chunk_size": 4096},
+        {"future_field": "anything"},
+    ],
+)
+def test_every_field_is_covered_by_the_mac(change):
+    doc = _descriptor_doc()
+    doc.update(change)
+    desc = Descriptor.decode(json.dumps(doc).encode())
+    with pytest.raises(DescriptorAuthError, match="does not authenticate"):
+        desc.verify(DAK)
+
+
+def test_the_mac_does_not_depend_on_the_layout_and_keeps_unknown_fields():
+    doc = _descriptor_doc(future_field={"x": 1})
+    doc["auth"]["mac"] = "A" * 43 + "="
+    desc = Descriptor.decode(json.dumps(doc).encode())
+    assert desc.extra == {"future_field": {"x": 1}}
+    _signed(desc)
+    signed = json.loads(desc.encode())
+    assert signed["future_field"] == {"x": 1}  # kept on rewrite
+    compact = json.dumps(signed, separators=(",", ":")).encode()
+    reordered = json.dumps(dict(reversed(list(signed.items()))), indent=4).encode()
+    for raw in (compact, reordered):
+        Descriptor.decode(raw).verify(DAK)
+
+
+def test_descriptor_auth_vector(vectors):
+    vec = vectors["descriptor-auth"]
+    vid = vec["volume_id"]
+    assert vec["dak_aad"] == b"s3cryptfs dak\x00" + vid.encode()
+    assert AESGCM(vec["muk"]).decrypt(
+        vec["dak_nonce"], vec["sealed_dak"][12:], vec["dak_aad"]
+    ) == vec["dak"]
+    assert mac_key(vec["dak"], vid) == vec["mac_key"]
+    assert fingerprint(vec["dak"], vid) == vec["fingerprint"]
+    desc = Descriptor.decode(_doc_blocks("json")["descriptor-example"].encode())
+    assert desc.signed is not None
+    assert hashlib.sha256(desc.signed).digest() == vec["signing_input_sha256"]
+    assert desc.auth is not None and desc.auth.mac == vec["mac"]
+    assert desc.auth.password == vec["sealed_dak"]
+    desc.verify(vec["dak"])
+    # The password manager of the example opens the seal to the same DAK.
+    manager = pwm.PasswordKeyManager(desc.key_settings, {}, _muk=vec["muk"])
+    assert manager.open_auth_key(desc.auth.password) == vec["dak"]
+    with pytest.raises(DescriptorAuthError):
+        manager.open_auth_key(vec["sealed_dak"][:-1] + b"\x00")
 
 
 def test_descriptor_defaults_and_unknown_fields():
@@ -789,6 +917,7 @@ def test_descriptor_defaults_and_unknown_fields():
     doc["key_manager"] = {"provider": "p"}
     desc = Descriptor.decode(json.dumps(doc).encode())
     assert desc.object_format == "1" and desc.key_settings == {} and desc.provider == "p"
+    assert desc.extra == {"future_field": {"x": 1}}
 
 
 # --- password key manager -----------------------------------------------------------------------

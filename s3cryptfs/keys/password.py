@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from s3cryptfs.errors import (
     ConfigError,
+    DescriptorAuthError,
     InvalidEnvelope,
     KeyNotFound,
     KeyRetired,
@@ -39,6 +40,9 @@ KEY_LEN = 32
 NONCE_LEN = 12
 
 MIN_PASSWORD_LEN = 12
+
+# Everything of this manager lives in the descriptor (and is authenticated there).
+DESCRIPTOR_FIELDS = ("volume_id", "kdf", "active_version", "keys")
 
 # OWASP's scrypt recommendation (128 MiB, about half a second here); descriptors carry their own.
 DEFAULT_SCRYPT = {"n": 2**17, "r": 8, "p": 1}
@@ -83,6 +87,10 @@ def _dek_aad(volume_id: str, version: int) -> bytes:
     return b"s3cryptfs dek\x00" + volume_id.encode() + b"\x00" + version.to_bytes(4, "big")
 
 
+def _dak_aad(volume_id: str) -> bytes:
+    return b"s3cryptfs dak\x00" + volume_id.encode()
+
+
 def seal_kek(muk: bytes, kek: bytes, volume_id: str, version: int) -> str:
     nonce = os.urandom(NONCE_LEN)
     return _b64(nonce + AESGCM(muk).encrypt(nonce, kek, _kek_aad(volume_id, version)))
@@ -101,16 +109,11 @@ def new_settings(
     password: bytes, volume_id: str, scrypt: Mapping[str, int] | None = None
 ) -> dict[str, Any]:
     """Settings for a new volume: a fresh salt and one KEK, version 1."""
-    params = dict(DEFAULT_SCRYPT if scrypt is None else scrypt)
-    kdf = {"name": "scrypt", "salt": _b64(os.urandom(16)), **params}
-    muk = derive_muk(password, kdf)
-    kek = os.urandom(KEY_LEN)
-    return {
-        "volume_id": volume_id,
-        "kdf": kdf,
-        "active_version": 1,
-        "keys": [{"version": 1, "sealed": seal_kek(muk, kek, volume_id, 1)}],
-    }
+    manager = PasswordKeyManager.create(password, volume_id, scrypt)
+    try:
+        return manager.settings()
+    finally:
+        manager.close()
 
 
 class PasswordKeyManager:
@@ -118,16 +121,45 @@ class PasswordKeyManager:
 
     provider = PROVIDER
 
-    def __init__(self, settings: Mapping[str, Any], secrets: Mapping[str, Any]) -> None:
-        password = secrets.get("password")
-        if not isinstance(password, bytes | bytearray) or not password:
-            raise VolumeError("the password key manager needs a password")
+    def __init__(
+        self,
+        settings: Mapping[str, Any],
+        secrets: Mapping[str, Any],
+        *,
+        _muk: bytes | None = None,
+    ) -> None:
         self._lock = threading.Lock()
         self._closed = False
+        if _muk is None:
+            password = secrets.get("password")
+            if not isinstance(password, bytes | bytearray) or not password:
+                raise VolumeError("the password key manager needs a password")
+            _muk = derive_muk(bytes(password), settings["kdf"])
         # The MUK stays in memory for the manager's life (rotate and reload need it), never on
         # disk; close() drops it.
-        self._muk = derive_muk(bytes(password), settings["kdf"])
+        self._muk = _muk
         self._load(settings)
+
+    @classmethod
+    def create(
+        cls, password: bytes, volume_id: str, scrypt: Mapping[str, int] | None = None
+    ) -> PasswordKeyManager:
+        """A manager over the settings of a new volume, with the password stretched once."""
+        params = dict(DEFAULT_SCRYPT if scrypt is None else scrypt)
+        kdf = {"name": "scrypt", "salt": _b64(os.urandom(16)), **params}
+        muk = derive_muk(password, kdf)
+        kek = os.urandom(KEY_LEN)
+        settings = {
+            "volume_id": volume_id,
+            "kdf": kdf,
+            "active_version": 1,
+            "keys": [{"version": 1, "sealed": seal_kek(muk, kek, volume_id, 1)}],
+        }
+        return cls(settings, {}, _muk=muk)
+
+    def settings(self) -> dict[str, Any]:
+        with self._lock:
+            return copy.deepcopy(self._settings)
 
     def _load(self, settings: Mapping[str, Any]) -> None:
         volume_id = str(settings["volume_id"])
@@ -194,6 +226,40 @@ class PasswordKeyManager:
     def active_key_version(self) -> int:
         return self._active
 
+    def settings_kdf(self) -> Any:
+        """The KDF parameters the kept MUK was derived with."""
+        with self._lock:
+            return copy.deepcopy(self._settings.get("kdf"))
+
+    # --- the descriptor authentication key (docs/FORMAT.md section 5.5) ----------------------
+
+    def seal_auth_key(self, dak: bytes) -> bytes:
+        """*dak* sealed under the MUK itself, not under a KEK: it then survives key rotation and
+        retirement, and only a password change re-seals it."""
+        with self._lock:
+            muk = self._muk
+        nonce = os.urandom(NONCE_LEN)
+        return nonce + AESGCM(muk).encrypt(nonce, dak, _dak_aad(self._volume_id))
+
+    def open_auth_key(self, sealed: bytes) -> bytes:
+        """The DAK, or DescriptorAuthError: the KEKs opened, so the password is right, and a
+        seal that does not open was put there by someone else."""
+        with self._lock:
+            muk = self._muk
+        if len(sealed) != NONCE_LEN + KEY_LEN + 16:
+            raise DescriptorAuthError(
+                f"volume descriptor: the password seal has {len(sealed)} bytes, expected 60"
+            )
+        try:
+            return AESGCM(muk).decrypt(
+                sealed[:NONCE_LEN], sealed[NONCE_LEN:], _dak_aad(self._volume_id)
+            )
+        except InvalidTag:
+            raise DescriptorAuthError(
+                "volume descriptor: its authentication key does not open with the password "
+                "that opens its keys; someone changed the descriptor"
+            ) from None
+
     def health_check(self) -> None:
         return None
 
@@ -227,7 +293,9 @@ class PasswordKeyManager:
             settings = copy.deepcopy(self._settings)
             version = max(int(e["version"]) for e in settings["keys"]) + 1
             sealed = seal_kek(self._muk, os.urandom(KEY_LEN), self._volume_id, version)
-            settings["keys"].append({"version": version, "sealed": sealed, "created": time.time()})
+            settings["keys"].append(
+                {"version": version, "sealed": sealed, "created": int(time.time())}
+            )
             settings["active_version"] = version
         self.reload(settings)
         return copy.deepcopy(settings)
@@ -242,7 +310,7 @@ class PasswordKeyManager:
                 if int(entry["version"]) == version:
                     entry.pop("sealed", None)
                     entry["retired"] = True
-                    entry["retired_at"] = time.time()
+                    entry["retired_at"] = int(time.time())
                     break
             else:
                 raise KeyNotFound(f"key version {version} is not in this volume")
