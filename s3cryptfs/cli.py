@@ -284,6 +284,7 @@ def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
                     "export",
                     "import",
                     "schedule",
+                    "trust",
                 ],
             )
             # [VERSION|FILE] URL, split by cmd_admin: options may stand between them.
@@ -322,6 +323,24 @@ def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="passwd: the new password (0600 file); else a prompt (asked twice)",
     )
+    p.add_argument(
+        "--rotate",
+        action="store_true",
+        help="passwd: also make a new key version and a new descriptor authentication key, "
+        "re-wrap every object and retire the old versions (what the old password opened is "
+        "then useless)",
+    )
+    p.add_argument(
+        "--new-auth-key",
+        action="store_true",
+        help="rotate: also replace the descriptor authentication key (after a compromise; "
+        "machines that use only a KMS must then run `keys trust`)",
+    )
+    p.add_argument(
+        "--fingerprint",
+        metavar="FP",
+        help="trust: pin the volume only if its descriptor is signed with this fingerprint",
+    )
 
     def resumable(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -333,6 +352,10 @@ def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
             "--from-start", action="store_true", help="ignore the checkpoint of an earlier run"
         )
 
+    p = volume_parser(
+        "upgrade",
+        "authenticate a volume made by an older s3cryptfs (descriptor version 1 -> 2)",
+    )
     p = volume_parser("rewrap", "re-wrap every object's data key under the active key")
     p.add_argument("--dry-run", action="store_true", help="only count objects per key version")
     resumable(p)
@@ -457,9 +480,11 @@ def _check_seed_key_manager_setting(kms_chosen: bool) -> None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from s3cryptfs.format import v1
-    from s3cryptfs.format.descriptor import Descriptor, descriptor_key
+    from s3cryptfs.format.descriptor import Descriptor
     from s3cryptfs.keys import password as pw
+    from s3cryptfs.keys.ring import LocalKeys
     from s3cryptfs.mount import check_bucket, make_store
+    from s3cryptfs.volume import VolumeAuthority
 
     url = config.parse_url(args.url)
     chunk = config.parse_size(args.chunk_size)
@@ -489,6 +514,8 @@ def cmd_init(args: argparse.Namespace) -> int:
                 "--gateway-wrap cosmian-kmip needs --key-manager cosmian-kmip: the gateway reads "
                 "KMIP-wrapped keys only from its Cosmian provider"
             )
+    local = LocalKeys()
+    manager: pw.PasswordKeyManager | None = None
     if args.key_manager == pw.PROVIDER:
         password = config.get_password(args.password_file, confirm=True)
         if gateway:
@@ -499,30 +526,40 @@ def cmd_init(args: argparse.Namespace) -> int:
                 log.warning("the gateway's password is weak (%s); keeping it", exc)
         else:
             pw.check_new_password(password)
-        settings = None
+        store = make_store(url, args.endpoint_url, args.region, retry_deadline=20)
+        check_bucket(store)
+        local.password = password
+        manager = pw.PasswordKeyManager.create(password, volume_id)
+        settings = manager.settings()
     else:
+        from s3cryptfs.keys.config import load_kms_config
         from s3cryptfs.ops.commands import kms_settings
 
+        provider, options, secrets = load_kms_config(args.kms_config, os.environ)
+        if provider is not None:
+            local.add(provider, options, secrets)
+        store = make_store(url, args.endpoint_url, args.region, retry_deadline=20)
+        check_bucket(store)
         settings = kms_settings(args, volume_id)
-    store = make_store(url, args.endpoint_url, args.region, retry_deadline=20)
-    check_bucket(store)
     desc = Descriptor(
         volume_id=volume_id,
-        rotated_at=time.time(),
+        rotated_at=int(time.time()),
         chunk_size=chunk,
         provider=args.key_manager,
-        key_settings=settings if settings is not None else pw.new_settings(password, volume_id),
+        key_settings=settings,
         object_format="gateway" if gateway else "1",
         gateway=gateway_settings,
         allow_plaintext=args.allow_plaintext,
     )
-    key = descriptor_key(url.prefix)
+    authority = VolumeAuthority(store, url, args.endpoint_url, local)
     try:
-        store.put(key, desc.encode(), {}, if_none_match=True, content_type="application/json")
-    except PreconditionFailed:
-        raise VolumeError(f"{url} is already an s3cryptfs volume ({key} exists)") from None
+        authority.create(desc, adopt=manager)
+    finally:
+        if authority.ring is not None:
+            authority.ring.close()
     kind = "gateway format" if gateway else f"{chunk // 1024} KiB chunks"
     print(f"created volume {url} (id {volume_id}, {kind}, key manager {args.key_manager})")
+    print(f"volume fingerprint: {authority.fingerprint}")
     return EXIT_OK
 
 
@@ -601,19 +638,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     cfg = resolve_mount_settings(args)
     # In KMS mode a password is only needed (and asked for) when the volume still holds
     # password-wrapped objects; it is taken when one is offered.
-    offered = (
-        args.password_file
-        or os.environ.get(config.PASSWORD_ENV)
-        or os.environ.get(config.SEED_PASSWORD_ENV)
-        or (cfg is not None and cfg.password is not None)
-        or config.credential_password_path()
-    )
-    from_elsewhere = (
-        args.password_file
-        or os.environ.get(config.PASSWORD_ENV)
-        or os.environ.get(config.SEED_PASSWORD_ENV)
-        or config.credential_password_path()
-    )
+    from_elsewhere = config.password_offered(args.password_file)
+    offered = from_elsewhere or (cfg is not None and cfg.password is not None)
     if cfg is not None and cfg.password is not None and not from_elsewhere:
         # the file's [encryption] password comes last (docs/CONFIGURATION.md)
         password: bytes | None = cfg.password
@@ -754,10 +780,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
-    from s3cryptfs.ops import commands
+    from s3cryptfs.ops import commands, upgrade
 
     run = {"keys": commands.cmd_keys, "rewrap": commands.cmd_rewrap}
     run["migrate"] = commands.cmd_migrate
+    run["upgrade"] = upgrade.cmd_upgrade
     if args.command == "keys":
         want = 2 if args.action in ("retire", "import", "schedule") else 1
         if len(args.target) != want:
@@ -837,6 +864,7 @@ COMMANDS = {
     "keys": cmd_admin,
     "rewrap": cmd_admin,
     "migrate": cmd_admin,
+    "upgrade": cmd_admin,
     "cat": cmd_offline,
     "get": cmd_offline,
     "put": cmd_offline,

@@ -83,6 +83,16 @@ def credential_password_path() -> str | None:
     return path if os.path.exists(path) else None
 
 
+def password_offered(password_file: str | None) -> bool:
+    """True when a password is given without asking: a file, the environment, systemd."""
+    return bool(
+        password_file
+        or os.environ.get(PASSWORD_ENV)
+        or os.environ.get(SEED_PASSWORD_ENV)
+        or credential_password_path()
+    )
+
+
 def get_password(password_file: str | None, confirm: bool = False) -> bytes:
     """From --password-file, else $S3CRYPTFS_PASSWORD (or the gateway's $ENCRYPTION_PASSWORD),
     else a prompt on the terminal."""

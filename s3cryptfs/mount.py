@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,13 +24,13 @@ from s3cryptfs.errors import (
     ConfigError,
     ObjectNotFound,
     S3CryptFSError,
-    VolumeError,
 )
-from s3cryptfs.format.descriptor import GATEWAY_FORMAT, Descriptor, descriptor_key
+from s3cryptfs.format.descriptor import GATEWAY_FORMAT
 from s3cryptfs.keys.dekcache import DekCache
-from s3cryptfs.keys.ring import KeyRing, LocalKeys
+from s3cryptfs.keys.ring import LocalKeys
 from s3cryptfs.store.s3 import S3Store, StoreSettings
 from s3cryptfs.vfs.core import Filesystem, FsOptions
+from s3cryptfs.volume import VolumeAuthority
 
 log = logging.getLogger(__name__)
 
@@ -84,32 +83,18 @@ def check_bucket(store: S3Store) -> None:
         raise BucketNotFound(f"bucket {store.bucket!r} does not exist") from None
 
 
-def read_descriptor(store: S3Store, url: config.VolumeURL) -> Descriptor:
-    return read_descriptor_etag(store, url)[0]
-
-
-def read_descriptor_etag(store: S3Store, url: config.VolumeURL) -> tuple[Descriptor, str]:
-    """The descriptor and the ETag to make a conditional write of it against."""
-    try:
-        raw, etag = store.get_with_etag(descriptor_key(url.prefix))
-    except ObjectNotFound:
-        raise VolumeError(
-            f"{url} is not an s3cryptfs volume (no descriptor at "
-            f"{descriptor_key(url.prefix)}); create one with: s3cryptfs init {url}"
-        ) from None
-    return Descriptor.decode(raw), etag
-
-
 def open_codec(
-    desc: Descriptor,
-    local: LocalKeys,
-    refresh: Callable[[], Descriptor] | None = None,
+    authority: VolumeAuthority,
     audit: AuditLog = NO_AUDIT,
     dek_cache: DekCache | None = None,
     refresh_interval: float = 60.0,
     gateway_master_key: bytes | None = None,
+    refresh: bool = True,
 ) -> ObjectCodec:
-    """A codec with a manager for every provider of *desc*, each opened now (fail early)."""
+    """A codec over the authority's descriptor and key ring, every manager opened now (fail
+    early); later descriptors come through the authority, so only authentic ones count."""
+    desc, ring = authority.descriptor, authority.ring
+    assert desc is not None and ring is not None
     if (
         desc.object_format == GATEWAY_FORMAT
         and desc.gateway.get("wrap") == "memory"
@@ -119,7 +104,6 @@ def open_codec(
             "this volume writes files in the gateway's format with its memory provider: give "
             "the master key with --gateway-master-key-file FILE"
         )
-    ring = KeyRing(desc, local)
     try:
         ring.open_all()
     except BaseException:
@@ -128,11 +112,11 @@ def open_codec(
     return ObjectCodec(
         desc,
         ring,
-        refresh=refresh,
+        refresh=authority.refresh if refresh else None,
         dek_cache=dek_cache,
         audit=audit,
         refresh_interval=refresh_interval,
-        gateway=GatewaySecrets(password=local.password, master_key=gateway_master_key),
+        gateway=GatewaySecrets(password=authority.local.password, master_key=gateway_master_key),
     )
 
 
@@ -196,14 +180,13 @@ class Mount:
         check_mountpoint(spec.mountpoint)
         store = make_store(spec.url, spec.endpoint_url, spec.region, spec.retry_deadline)
         check_bucket(store)
-        desc = read_descriptor(store, spec.url)
         local = spec.local_keys or LocalKeys()
         local.password = spec.password
+        authority = VolumeAuthority(store, spec.url, spec.endpoint_url, local)
+        authority.open()
         self.audit = AuditLog(spec.audit_log)
         codec = open_codec(
-            desc,
-            local,
-            refresh=lambda: read_descriptor(store, spec.url),
+            authority,
             audit=self.audit,
             dek_cache=DekCache(spec.dek_cache_entries, spec.dek_cache_ttl),
             refresh_interval=spec.descriptor_refresh,
@@ -213,7 +196,7 @@ class Mount:
         self.lock = CacheLock(cache_dir)
         self.fs = Filesystem(store, codec, spec.url.prefix, cache_dir, spec.fs_options)
         self.fs.clear_staging()
-        self.warnings = self._check_keys()
+        self.warnings = authority.warnings + self._check_keys()
 
     def _check_keys(self) -> list[str]:
         """A key manager that does not answer now does not stop the mount (it may be back in a

@@ -50,15 +50,26 @@ def _split_object_url(text: str) -> tuple[str, str]:
 
 
 def find_volume(store: S3Store, bucket: str, key: str) -> str:
-    """The volume holding *key*: the nearest prefix above it with a volume descriptor."""
+    """The volume holding *key*: the one prefix above it with a volume descriptor.
+
+    More than one is refused: anyone who can write to the bucket can plant a descriptor in
+    a sub-folder, and the nearest one would then decide how a `put` wraps its key."""
     parts = key.split("/")[:-1]
+    found = []
     for n in range(len(parts), -1, -1):
         prefix = "".join(p + "/" for p in parts[:n])
         try:
             store.head(descriptor_key(prefix))
         except ObjectNotFound:
             continue
-        return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+        found.append(f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}")
+    if len(found) > 1:
+        raise ConfigError(
+            f"s3://{bucket}/{key} lies in more than one volume ({', '.join(found)}): "
+            "say which with --volume"
+        )
+    if found:
+        return found[0]
     raise VolumeError(f"no s3cryptfs volume above s3://{bucket}/{key} (no .s3cryptfs/volume.json)")
 
 
@@ -73,7 +84,7 @@ def _open(args: argparse.Namespace, object_url: str) -> tuple[Admin, ObjectCodec
     admin, desc = open_admin(args)
     if admin.url.bucket != bucket or not key.startswith(admin.url.prefix):
         raise ConfigError(f"{object_url} is not inside the volume {admin.url}")
-    codec = admin.codec(desc)
+    codec = admin.codec()
     codec.companion = _companion(admin.store)
     return admin, codec, key
 
@@ -215,7 +226,7 @@ def _companion(store: S3Store) -> Callable[[str], tuple[dict[str, str], bytes]]:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     admin, desc = open_admin(args)
-    codec = admin.codec(desc)
+    codec = admin.codec()
     codec.companion = _companion(admin.store)
     report = FsckReport()
     tty = sys.stderr.isatty()

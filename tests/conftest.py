@@ -31,6 +31,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Servers and S3
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _state_dir(tmp_path_factory):
+    """Pins (docs/SECURITY.md) go to a directory of the test session, never to /var/lib; every
+    CLI subprocess inherits it."""
+    path = tmp_path_factory.mktemp("state")
+    old = os.environ.get("S3CRYPTFS_STATE_DIR")
+    os.environ["S3CRYPTFS_STATE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("S3CRYPTFS_STATE_DIR", None)
+    else:
+        os.environ["S3CRYPTFS_STATE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
     """A `weed mini` that accepts any credentials."""

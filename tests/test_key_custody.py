@@ -3,6 +3,7 @@ configuration names (ENCRYPTION_PASSWORD, KEY_MANAGER_ENABLED)."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -54,8 +55,16 @@ def test_export_then_import_restores_a_destroyed_descriptor(mounted, s3client, t
     assert refused.returncode == 3, refused.stderr
     assert "wrong export passphrase" in refused.stderr
     vol.run("keys", "import", out, vol.url, *common, "--export-password-file", export_pw)
-    restored = s3client.get_object(Bucket=vol.bucket, Key=descriptor_key)["Body"].read()
-    assert restored == descriptor
+    restored = json.loads(
+        s3client.get_object(Bucket=vol.bucket, Key=descriptor_key)["Body"].read()
+    )
+    original = json.loads(descriptor)
+    # The same keys, signed again as a later generation: machines that saw the descriptor
+    # before the disaster take it as newer, not as a rollback.
+    assert restored["key_manager"] == original["key_manager"]
+    assert restored["volume_id"] == original["volume_id"]
+    assert restored["generation"] > original["generation"]
+    assert restored["auth"]["mac"] != original["auth"]["mac"]
     vol.mount()
     for name, data in FILES.items():
         assert (vol.mountpoint / name).read_bytes() == data, name

@@ -118,11 +118,9 @@ def test_rewrap_skips_an_object_changed_concurrently(volume, seaweed, s3client, 
     from s3cryptfs.codec import ObjectCodec
     from s3cryptfs.config import parse_url
     from s3cryptfs.errors import PreconditionFailed
-    from s3cryptfs.keys.ring import KeyRing, LocalKeys
-    from s3cryptfs.mount import read_descriptor
     from s3cryptfs.ops.rewrap import rewrap_volume
     from s3cryptfs.store.s3 import S3Store, StoreSettings
-    from tests.conftest import PASSWORD
+    from tests.descriptor_tools import open_authority
 
     volume.init()
     volume.mount()
@@ -149,9 +147,11 @@ def test_rewrap_skips_an_object_changed_concurrently(volume, seaweed, s3client, 
         client=seaweed.client(),
     )
     url = parse_url(volume.url)
-    desc = read_descriptor(store, url)
-    ring = KeyRing(desc, LocalKeys(password=PASSWORD.encode()))
-    report = rewrap_volume(store, url.prefix, ObjectCodec(desc, ring), jobs=2, progress=None)
+    authority = open_authority(volume, seaweed, store)
+    ring = authority.ring
+    report = rewrap_volume(
+        store, url.prefix, ObjectCodec(authority.descriptor, ring), jobs=2, progress=None
+    )
     ring.close()
     assert report.changed == [victim]
     assert report.rewrapped == len(FILES) - 1 and not report.complete
@@ -291,18 +291,12 @@ def test_a_rotation_reaches_running_mounts(mounted, make_volume, s3client) -> No
 
 
 def test_two_admins_updating_the_descriptor_do_not_clobber(volume, seaweed) -> None:
-    from s3cryptfs.config import parse_url
     from s3cryptfs.keys.password import PasswordKeyManager
-    from s3cryptfs.ops.descriptor_update import update_descriptor
-    from s3cryptfs.store.s3 import S3Store, StoreSettings
     from tests.conftest import PASSWORD
+    from tests.descriptor_tools import open_authority
 
     volume.init()
-    store = S3Store(
-        StoreSettings(bucket=volume.bucket, endpoint_url=seaweed.endpoint_url),
-        client=seaweed.client(),
-    )
-    url = parse_url(volume.url)
+    first, second = open_authority(volume, seaweed), open_authority(volume, seaweed)
     calls = []
 
     def rotate(desc):
@@ -315,10 +309,10 @@ def test_two_admins_updating_the_descriptor_do_not_clobber(volume, seaweed) -> N
         calls.append(desc.key_settings["active_version"])
         if len(calls) == 1:
             # The second admin reads, rotates and writes between our read and our write.
-            update_descriptor(store, url, rotate)
+            second.update(rotate)
         return rotate(desc)
 
-    final = update_descriptor(store, url, first_admin)
+    final = first.update(first_admin)
     assert calls == [1, 2]  # our first write lost the If-Match race; we re-read and re-applied
     assert [k["version"] for k in final.key_settings["keys"]] == [1, 2, 3]
     assert final.key_settings["active_version"] == 3

@@ -7,6 +7,7 @@ import json
 import subprocess
 
 from tests.conftest import REPO_ROOT
+from tests.descriptor_tools import rewrite_descriptor
 
 
 def admin(vol, *words, check=True):
@@ -18,15 +19,18 @@ def descriptor(s3client, vol) -> dict:
     return json.loads(s3client.get_object(Bucket=vol.bucket, Key=key)["Body"].read())
 
 
-def age_descriptor(s3client, vol, days: float) -> None:
-    """Pretend the last rotation happened *days* ago (what a month of waiting would do)."""
-    key = f"{vol.prefix}.s3cryptfs/volume.json"
-    doc = descriptor(s3client, vol)
-    doc["rotation"]["last"] -= days * 86400
-    s3client.put_object(Bucket=vol.bucket, Key=key, Body=json.dumps(doc).encode())
+def age_descriptor(vol, seaweed, days: float) -> None:
+    """Pretend the last rotation happened *days* ago (what a month of waiting would do): an
+    administrator's signed write, since a bare PUT is refused as tampering."""
+
+    def older(desc):
+        desc.rotated_at -= int(days * 86400)
+        return desc
+
+    rewrite_descriptor(vol, seaweed, older)
 
 
-def test_rotation_happens_only_when_due(mounted, s3client):
+def test_rotation_happens_only_when_due(mounted, s3client, seaweed):
     vol = mounted
     (vol.mountpoint / "before").write_bytes(b"v1")
     out = admin(vol, "keys", "rotate", "--due").stdout
@@ -37,7 +41,7 @@ def test_rotation_happens_only_when_due(mounted, s3client):
     assert "no rotation due" in admin(vol, "keys", "rotate", "--due").stdout
     status = admin(vol, "keys", "status").stdout
     assert "rotation: every 30 days" in status and "next due" in status
-    age_descriptor(s3client, vol, 31)
+    age_descriptor(vol, seaweed, 31)
     assert "next due now" in admin(vol, "keys", "status").stdout
     out = admin(vol, "keys", "rotate", "--due").stdout
     assert "new active key version 2" in out

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from s3cryptfs.errors import ConfigError, UnknownProvider
-from s3cryptfs.format.descriptor import Descriptor
+from s3cryptfs.format.descriptor import Descriptor, normalize_fingerprint
 from s3cryptfs.keys.base import KeyManager
 from s3cryptfs.keys.config import merge_settings
 from s3cryptfs.keys.password import PROVIDER as PASSWORD_PROVIDER
@@ -30,9 +30,16 @@ class LocalKeys:
     password: bytes | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     secrets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The volume fingerprint this machine was told to expect (`fingerprint` in the
+    # [key_manager] table): then even the first contact through a KMS is not taken on trust.
+    fingerprint: str | None = None
 
     def add(self, provider: str, options: Mapping[str, Any], secrets: Mapping[str, Any]) -> None:
-        self.options[provider] = dict(options)
+        options = dict(options)
+        pinned = options.pop("fingerprint", None)
+        if pinned:
+            self.fingerprint = normalize_fingerprint(str(pinned))
+        self.options[provider] = options
         self.secrets[provider] = dict(secrets)
 
     def secrets_for(self, provider: str) -> dict[str, Any]:
@@ -46,7 +53,7 @@ class LocalKeys:
         return dict(self.secrets.get(provider, {}))
 
     def settings_for(self, provider: str, descriptor_settings: Mapping[str, Any]) -> dict:
-        return merge_settings(descriptor_settings, self.options.get(provider, {}))
+        return merge_settings(provider, descriptor_settings, self.options.get(provider, {}))
 
 
 class KeyRing:
@@ -84,6 +91,15 @@ class KeyRing:
 
     def active(self) -> KeyManager:
         return self.manager(self.descriptor.provider)
+
+    def adopt(self, provider: str, manager: KeyManager, settings: Mapping[str, Any]) -> None:
+        """Use *manager* (built by the caller, e.g. after a password change) for *provider*."""
+        with self._lock:
+            old = self._managers.get(provider)
+            if old is not None and old is not manager:
+                self._stale.append(old)
+            self._managers[provider] = manager
+            self._built_from[provider] = dict(settings)
 
     def open_all(self) -> None:
         """Build every manager now, so a wrong password or a missing token fails at mount."""

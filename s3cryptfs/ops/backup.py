@@ -6,11 +6,13 @@ import argparse
 import os
 
 from s3cryptfs import config
-from s3cryptfs.errors import ConfigError, ObjectNotFound, PreconditionFailed, VolumeError
-from s3cryptfs.format.descriptor import Descriptor, descriptor_key
+from s3cryptfs.errors import ConfigError, VolumeError
+from s3cryptfs.format.descriptor import PASSWORD_PROVIDER, Descriptor, descriptor_key
 from s3cryptfs.keys.password import check_new_password
 from s3cryptfs.mount import check_bucket, make_store
 from s3cryptfs.ops import keyexport
+from s3cryptfs.ops.commands import local_keys, open_admin
+from s3cryptfs.volume import VolumeAuthority, read_raw
 
 EXPORT_PASSWORD_ENV = "S3CRYPTFS_EXPORT_PASSWORD"
 
@@ -40,43 +42,45 @@ def _passphrase(args: argparse.Namespace, new: bool) -> bytes:
 def cmd_export(args: argparse.Namespace) -> int:
     if not args.file:
         raise ConfigError("keys export: give --output FILE")
-    url = config.parse_url(args.url)
-    store = make_store(url, args.endpoint_url, args.region, retry_deadline=30)
-    check_bucket(store)
-    key = descriptor_key(url.prefix)
+    # Opened as any command opens it: what is exported has authenticated, and for a password
+    # volume the password given has opened its keys (so "sealed under the volume password"
+    # below is checked, not assumed).
+    admin, desc = open_admin(args)
     try:
-        raw, _ = store.get_with_etag(key)
-    except ObjectNotFound:
-        raise VolumeError(f"{url} is not an s3cryptfs volume ({key} is missing)") from None
-    desc = Descriptor.decode(raw)
-    blob = keyexport.seal(desc, str(url), _passphrase(args, new=True))
+        blob = keyexport.seal(desc, str(admin.url), _passphrase(args, new=True))
+    finally:
+        admin.close()
     fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(blob)
     where = (
         "it holds the volume's keys, sealed under the volume password"
-        if desc.provider == "s3cryptfs-password"
+        if desc.provider == PASSWORD_PROVIDER
         else f"it holds references only: the keys stay in {desc.provider}"
     )
-    print(f"exported the keys of {url} (volume {desc.volume_id}) to {args.file}; {where}")
+    print(f"exported the keys of {admin.url} (volume {desc.volume_id}) to {args.file}; {where}")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    """Put an exported descriptor back: it must authenticate with this machine's keys, and it
+    is written as a new generation (above the one in the bucket and the one pinned here), so
+    machines that saw later descriptors take it instead of calling it a rollback."""
     with open(args.file, "rb") as f:
         blob = f.read()
-    desc, doc = keyexport.open_bundle(blob, _passphrase(args, new=False))
+    exported, doc = keyexport.open_bundle(blob, _passphrase(args, new=False))
     url = config.parse_url(args.url)
     store = make_store(url, args.endpoint_url, args.region, retry_deadline=30)
     check_bucket(store)
     key = descriptor_key(url.prefix)
-    body = desc.encode()
     try:
-        current, etag = store.get_with_etag(key)
-    except ObjectNotFound:
+        current, etag = read_raw(store, url)
+    except VolumeError:
         current, etag = None, None
     if current is not None:
-        if current == body:
+        if Descriptor.decode(current, legacy=True).volume_id == exported.volume_id and (
+            current == exported.encode()
+        ):
             print(f"{url} already has this descriptor: nothing to do")
             return 0
         if not args.force:
@@ -84,16 +88,16 @@ def cmd_import(args: argparse.Namespace) -> int:
                 f"{url} already has a different descriptor ({key}); "
                 "use --force to replace it with the export"
             )
+    local = local_keys(args, PASSWORD_PROVIDER in exported.providers())
+    authority = VolumeAuthority(store, url, args.endpoint_url, local)
     try:
-        store.put(
-            key,
-            body,
-            {},
-            if_match=etag,
-            if_none_match=etag is None,
-            content_type="application/json",
-        )
-    except PreconditionFailed:
-        raise VolumeError(f"{key} changed while importing: run the import again") from None
-    print(f"restored the keys of volume {desc.volume_id} (exported from {doc['volume']}) to {url}")
+        authority.adopt_exported(exported)
+        restored = authority.replace(exported, etag)
+    finally:
+        if authority.ring is not None:
+            authority.ring.close()
+    print(
+        f"restored the keys of volume {restored.volume_id} (exported from {doc['volume']}) to "
+        f"{url} as generation {restored.generation}"
+    )
     return 0

@@ -1,7 +1,9 @@
-"""The administration commands: keys status|list|rotate|retire, rewrap, migrate.
+"""The administration commands: keys status|list|rotate|retire|passwd|schedule|trust, rewrap,
+migrate.
 
-Each opens the volume the way a mount does (descriptor + this machine's key configuration),
-changes the descriptor only through ``update_descriptor`` and reports on stdout.
+Each opens the volume the way a mount does (the descriptor authenticated, this machine's key
+configuration), changes the descriptor only through ``VolumeAuthority.update`` (signed, and
+conditional on what was read) and reports on stdout.
 """
 
 from __future__ import annotations
@@ -17,17 +19,17 @@ from s3cryptfs import config
 from s3cryptfs.audit import AuditLog
 from s3cryptfs.codec import GatewaySecrets, ObjectCodec
 from s3cryptfs.errors import ConfigError, VolumeError
-from s3cryptfs.format.descriptor import Descriptor
+from s3cryptfs.format.descriptor import Descriptor, normalize_fingerprint
 from s3cryptfs.keys.base import KeyAdmin
 from s3cryptfs.keys.config import load_kms_config
 from s3cryptfs.keys.password import PROVIDER as PASSWORD_PROVIDER
 from s3cryptfs.keys.password import PasswordKeyManager, check_new_password
 from s3cryptfs.keys.registry import create_settings
 from s3cryptfs.keys.ring import KeyRing, LocalKeys
-from s3cryptfs.mount import check_bucket, make_store, read_descriptor
-from s3cryptfs.ops.descriptor_update import update_descriptor
+from s3cryptfs.mount import check_bucket, make_store
 from s3cryptfs.ops.rewrap import RewrapReport, count_versions, rewrap_volume
 from s3cryptfs.store.s3 import S3Store
+from s3cryptfs.volume import VolumeAuthority, read_raw
 
 EXIT_INCOMPLETE = 6  # something was refused, skipped or failed: see the report
 
@@ -39,19 +41,29 @@ class Admin:
     local: LocalKeys
     audit: AuditLog
     jobs: int
+    authority: VolumeAuthority
 
     def descriptor(self) -> Descriptor:
-        return read_descriptor(self.store, self.url)
+        return self.authority.refresh()
 
-    def ring(self, desc: Descriptor) -> KeyRing:
-        ring = KeyRing(desc, self.local)
+    def ring(self) -> KeyRing:
+        """The key ring of the descriptor in force, every manager opened (fail early)."""
+        ring = self.authority.ring
+        assert ring is not None
         ring.open_all()
         return ring
 
-    def codec(self, desc: Descriptor) -> ObjectCodec:
+    def codec(self) -> ObjectCodec:
+        desc = self.authority.descriptor
+        assert desc is not None
         # The password also opens the S3 Encryption Gateway's objects (docs/INTEROP.md).
         secrets = GatewaySecrets(password=self.local.password)
-        return ObjectCodec(desc, self.ring(desc), audit=self.audit, gateway=secrets)
+        return ObjectCodec(desc, self.ring(), audit=self.audit, gateway=secrets)
+
+    def close(self) -> None:
+        if self.authority.ring is not None:
+            self.authority.ring.close()
+        self.audit.close()
 
 
 def local_keys(args: argparse.Namespace, need_password: bool) -> LocalKeys:
@@ -59,23 +71,41 @@ def local_keys(args: argparse.Namespace, need_password: bool) -> LocalKeys:
     provider, options, secrets = load_kms_config(getattr(args, "kms_config", None), os.environ)
     if provider is not None:
         local.add(provider, options, secrets)
-    if need_password:
+    if need_password or config.password_offered(getattr(args, "password_file", None)):
         local.password = config.get_password(args.password_file)
     return local
 
 
-def open_admin(args: argparse.Namespace, extra_password: bool = False) -> tuple[Admin, Descriptor]:
+def open_admin(
+    args: argparse.Namespace,
+    extra_password: bool = False,
+    retrust: bool = False,
+    fingerprint: str | None = None,
+) -> tuple[Admin, Descriptor]:
+    """Open the volume as a mount does: the descriptor is used only once it authenticates.
+    *retrust*: this machine's pin is replaced by what authenticates now (``keys trust``), which
+    must show *fingerprint* when one is given."""
     url = config.parse_url(args.url)
     store = make_store(url, args.endpoint_url, args.region, retry_deadline=30)
     check_bucket(store)
-    desc = read_descriptor(store, url)
-    need = extra_password or PASSWORD_PROVIDER in desc.providers()
+    # Only to know whether to ask for a password; nothing else of it is used before it
+    # authenticates.
+    peek = Descriptor.decode(read_raw(store, url)[0])
+    need = extra_password or PASSWORD_PROVIDER in peek.providers()
+    local = local_keys(args, need)
+    if fingerprint:
+        local.fingerprint = normalize_fingerprint(fingerprint)
+    authority = VolumeAuthority(store, url, args.endpoint_url, local)
+    desc = authority.open(retrust=retrust)
+    for warning in authority.warnings:
+        print(f"s3cryptfs: warning: {warning}", file=sys.stderr)
     admin = Admin(
         url,
         store,
-        local_keys(args, need),
+        local,
         AuditLog(getattr(args, "audit_log", None)),
         max(1, getattr(args, "jobs", 8) or 8),
+        authority,
     )
     return admin, desc
 
@@ -111,15 +141,18 @@ def _versions_lines(desc: Descriptor, ring: KeyRing, counts: dict | None) -> lis
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    if args.action == "trust":
+        return _trust(args)
     admin, desc = open_admin(args)
-    ring = admin.ring(desc)
     try:
+        ring = admin.ring()
         if args.action in ("status", "list"):
             counts = (
                 count_versions(admin.store, admin.url.prefix, admin.jobs) if args.count else None
             )
             if args.action == "status":
                 print(f"volume {admin.url} (id {desc.volume_id})")
+                print(f"fingerprint: {admin.authority.fingerprint} (generation {desc.generation})")
                 print(f"active: {desc.provider} version {ring.active().active_key_version()}")
                 print(_rotation_line(desc))
             print("\n".join(_versions_lines(desc, ring, counts)))
@@ -130,16 +163,27 @@ def cmd_keys(args: argparse.Namespace) -> int:
             if args.due and not _rotation_due(desc):
                 print(f"no rotation due: {_rotation_line(desc)}")
                 return 0
-            return _rotate(admin, ring)
+            return _rotate(admin, ring, new_auth_key=args.new_auth_key)
         if args.action == "passwd":
             return _passwd(admin, ring, args)
         return _retire(admin, ring, args)
     finally:
-        ring.close()
-        admin.audit.close()
+        admin.close()
 
 
-def _rotate(admin: Admin, ring: KeyRing) -> int:
+def _trust(args: argparse.Namespace) -> int:
+    """Pin what authenticates now: after an administrator changed the volume's authentication
+    key, or to pin a known fingerprint before the first contact through a KMS."""
+    admin, desc = open_admin(args, retrust=True, fingerprint=getattr(args, "fingerprint", None))
+    try:
+        print(f"volume {admin.url} (id {desc.volume_id})")
+        print(f"trusted fingerprint: {admin.authority.fingerprint} (generation {desc.generation})")
+        return 0
+    finally:
+        admin.close()
+
+
+def _rotate(admin: Admin, ring: KeyRing, new_auth_key: bool = False) -> int:
     result: dict[str, Any] = {}
 
     def change(desc: Descriptor) -> Descriptor | None:
@@ -151,19 +195,31 @@ def _rotate(admin: Admin, ring: KeyRing) -> int:
         if settings == desc.key_settings:
             # The version lives on the key server; the descriptor only records when.
             result["version"] = manager.active_key_version()
-            desc.rotated_at = time.time()
+            desc.rotated_at = int(time.time())
             return desc
         desc.key_settings = settings
-        desc.rotated_at = time.time()
+        desc.rotated_at = int(time.time())
         # Managers need not update themselves: ask one built from the new settings.
         ring.update(desc)
         result["version"] = ring.active().active_key_version()
         return desc
 
-    desc = update_descriptor(admin.store, admin.url, change)
+    desc = admin.authority.update(change, new_key=new_auth_key)
     admin.audit.event("rotate", provider=desc.provider, key_version=result.get("version"))
     print(f"{desc.provider}: new active key version {result.get('version')}")
+    if new_auth_key:
+        _announce_new_auth_key(admin)
     return 0
+
+
+def _announce_new_auth_key(admin: Admin) -> None:
+    admin.audit.event("rotate", detail="new descriptor authentication key")
+    print(
+        f"new volume fingerprint: {admin.authority.fingerprint}. Machines that open the volume "
+        "with its password follow by themselves; machines that use only a KMS refuse it until "
+        f"someone checks the fingerprint and runs: s3cryptfs keys trust {admin.url} "
+        "--fingerprint FINGERPRINT"
+    )
 
 
 def _when(t: float) -> str:
@@ -192,17 +248,16 @@ def _schedule(admin: Admin, days: int) -> int:
     def change(desc: Descriptor) -> Descriptor | None:
         desc.rotation_days = days
         if desc.rotated_at is None:
-            desc.rotated_at = time.time()  # volumes made before schedules: count from now
+            desc.rotated_at = int(time.time())  # volumes made before schedules: count from now
         return desc
 
-    desc = update_descriptor(admin.store, admin.url, change)
+    desc = admin.authority.update(change)
     admin.audit.event("schedule", provider=desc.provider, detail=f"every {days} days")
     print(_rotation_line(desc))
     return 0
 
 
-def _passwd(admin: Admin, ring: KeyRing, args: argparse.Namespace) -> int:
-    """Re-seal the password manager's keys under a new password; no object changes."""
+def _new_password(args: argparse.Namespace) -> bytes:
     if args.new_password_file:
         new = config.read_password_file(args.new_password_file)
     else:
@@ -214,16 +269,38 @@ def _passwd(admin: Admin, ring: KeyRing, args: argparse.Namespace) -> int:
         if getpass.getpass("Repeat new password: ").encode() != new:
             raise ConfigError("the passwords do not match")
     check_new_password(new)
+    return new
+
+
+def _passwd(admin: Admin, ring: KeyRing, args: argparse.Namespace) -> int:
+    """Re-seal the password manager's keys under a new password; no object changes.
+
+    With --rotate the old password (and any copy of the descriptor it opens) stops mattering:
+    a new key version and a new descriptor authentication key, every object re-wrapped under
+    the new version, then every older version retired."""
+    rotate = bool(getattr(args, "rotate", False))
+    desc = admin.authority.descriptor
+    assert desc is not None
+    if desc.password_settings() is None:
+        raise ConfigError("this volume has no password key manager")
+    if rotate and desc.provider != PASSWORD_PROVIDER:
+        raise ConfigError(
+            f"keys passwd --rotate: the password manager only reads old objects here (the "
+            f"active key manager is {desc.provider}); `s3cryptfs migrate` retires it"
+        )
+    new = _new_password(args)
 
     def change(desc: Descriptor) -> Descriptor | None:
-        settings = desc.providers().get(PASSWORD_PROVIDER)
+        settings = desc.password_settings()
         if settings is None:
             raise ConfigError("this volume has no password key manager")
         manager = PasswordKeyManager(settings, {"password": admin.local.password or b""})
-        try:
-            resealed = manager.change_password(new)
-        finally:
-            manager.close()
+        resealed = manager.change_password(new)
+        if rotate:
+            resealed = manager.rotate()
+            desc.rotated_at = int(time.time())
+        # The ring signs the descriptor with the manager that holds the new password.
+        ring.adopt(PASSWORD_PROVIDER, manager, resealed)
         if desc.provider == PASSWORD_PROVIDER:
             desc.key_settings = resealed
         for entry in desc.previous:
@@ -231,10 +308,34 @@ def _passwd(admin: Admin, ring: KeyRing, args: argparse.Namespace) -> int:
                 entry["settings"] = resealed
         return desc
 
-    update_descriptor(admin.store, admin.url, change)
+    desc = admin.authority.update(change, new_key=rotate)
+    admin.local.password = new
     admin.audit.event("passwd", provider=PASSWORD_PROVIDER)
-    print("password changed; running mounts keep working until they are remounted")
-    return 0
+    if not rotate:
+        print("password changed; running mounts keep working until they are remounted")
+        return 0
+    active = ring.active().active_key_version()
+    print(f"password changed; new active key version {active}")
+    _announce_new_auth_key(admin)
+    report = rewrap_volume(
+        admin.store, admin.url.prefix, admin.codec(), admin.jobs, False, admin.audit
+    )
+    print(report.summary(False))
+    if not report.complete:
+        print(
+            "s3cryptfs: some objects were not re-wrapped, so the old key versions stay: run "
+            f"`s3cryptfs rewrap {admin.url}`, then `s3cryptfs keys retire VERSION {admin.url}` "
+            "for each older version",
+            file=sys.stderr,
+        )
+        return EXIT_INCOMPLETE
+    manager = ring.manager(PASSWORD_PROVIDER)
+    assert isinstance(manager, PasswordKeyManager)
+    code = 0
+    for info in manager.versions():
+        if info.state == "decrypt-only":
+            code = max(code, _retire_version(admin, ring, PASSWORD_PROVIDER, info.version, False))
+    return code
 
 
 def _retire(admin: Admin, ring: KeyRing, args: argparse.Namespace) -> int:
@@ -253,8 +354,14 @@ def _retire(admin: Admin, ring: KeyRing, args: argparse.Namespace) -> int:
             f"keeps for reading; finish the migration instead: `s3cryptfs migrate {admin.url} "
             f"--to {desc.provider} --kms-config FILE` drops it once no object uses it"
         )
+    return _retire_version(admin, ring, provider, version, args.force)
+
+
+def _retire_version(
+    admin: Admin, ring: KeyRing, provider: str, version: int, force: bool
+) -> int:
     in_use = count_versions(admin.store, admin.url.prefix, admin.jobs).get((provider, version), 0)
-    if in_use and not args.force:
+    if in_use and not force:
         print(
             f"s3cryptfs: refusing to retire {provider} version {version}: {in_use} object(s) "
             f"still use it. Run `s3cryptfs rewrap {admin.url}` first (or --force to make "
@@ -263,6 +370,12 @@ def _retire(admin: Admin, ring: KeyRing, args: argparse.Namespace) -> int:
         )
         admin.audit.event("retire", "refused", provider=provider, key_version=version)
         return EXIT_INCOMPLETE
+    current = admin.authority.descriptor
+    seal = current.auth.kms if current is not None and current.auth is not None else None
+    if seal is not None and (seal.provider, seal.key_version) == (provider, version):
+        # The descriptor's own authentication key is wrapped under that version: wrap it under
+        # the active one first, or machines that open the volume through the KMS lose it.
+        admin.authority.update(lambda desc: desc)
 
     def change(current: Descriptor) -> Descriptor | None:
         ring.update(current)
@@ -280,7 +393,7 @@ def _retire(admin: Admin, ring: KeyRing, args: argparse.Namespace) -> int:
                     entry["settings"] = settings
         return current
 
-    update_descriptor(admin.store, admin.url, change)
+    admin.authority.update(change)
     admin.audit.event(
         "retire", provider=provider, key_version=version, detail=f"{in_use} object(s) in use"
     )
@@ -310,8 +423,8 @@ def checkpoint_path(args: argparse.Namespace, admin: Admin) -> str | None:
 
 def cmd_rewrap(args: argparse.Namespace) -> int:
     admin, desc = open_admin(args)
-    codec = admin.codec(desc)
     try:
+        codec = admin.codec()
         active = codec.ring.active()
         print(f"active key: {active.provider} version {active.active_key_version()}")
         report = rewrap_volume(
@@ -323,10 +436,25 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
             admin.audit,
             checkpoint_path=checkpoint_path(args, admin),
         )
-        return _print_report(report, args.dry_run)
+        code = _print_report(report, args.dry_run)
+        if not args.dry_run:
+            _reseal_under_active(admin)
+        return code
     finally:
-        codec.ring.close()
-        admin.audit.close()
+        admin.close()
+
+
+def _reseal_under_active(admin: Admin) -> None:
+    """Re-wrapping covers the descriptor's own authentication key too: a KMS seal under an
+    older version is renewed under the active one (a signed write, nothing else changes)."""
+    desc = admin.authority.descriptor
+    ring = admin.authority.ring
+    seal = desc.auth.kms if desc is not None and desc.auth is not None else None
+    if seal is None or ring is None or desc is None:
+        return
+    active = ring.active()
+    if (seal.provider, seal.key_version) != (active.provider, active.active_key_version()):
+        admin.authority.update(lambda current: current)
 
 
 # --- migrate -----------------------------------------------------------------------------------
@@ -337,19 +465,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     target = args.to
     try:
         desc = _switch_provider(admin, target)
-        codec = admin.codec(desc)
-        try:
-            report = rewrap_volume(
-                admin.store,
-                admin.url.prefix,
-                codec,
-                admin.jobs,
-                False,
-                admin.audit,
-                checkpoint_path=checkpoint_path(args, admin),
-            )
-        finally:
-            codec.ring.close()
+        report = rewrap_volume(
+            admin.store,
+            admin.url.prefix,
+            admin.codec(),
+            admin.jobs,
+            False,
+            admin.audit,
+            checkpoint_path=checkpoint_path(args, admin),
+        )
         code = _print_report(report, False)
         admin.audit.event(
             "migrate",
@@ -364,7 +488,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             return 0
         return _drop_previous(admin)
     finally:
-        admin.audit.close()
+        admin.close()
 
 
 def _switch_provider(admin: Admin, target: str) -> Descriptor:
@@ -385,7 +509,7 @@ def _switch_provider(admin: Admin, target: str) -> Descriptor:
         desc.provider, desc.key_settings, desc.previous = target, settings, previous
         return desc
 
-    desc = update_descriptor(admin.store, admin.url, change)
+    desc = admin.authority.update(change)
     admin.audit.event("migrate", provider=target, detail="descriptor: new active provider")
     previous = ", ".join(p["provider"] for p in desc.previous) or "none"
     print(f"active key manager: {target} (previous: {previous})")
@@ -405,7 +529,7 @@ def _drop_previous(admin: Admin) -> int:
         desc.previous = kept
         return desc
 
-    desc = update_descriptor(admin.store, admin.url, change)
+    desc = admin.authority.update(change)
     if desc.previous:
         print(
             "kept previous provider(s) still used by objects: "
