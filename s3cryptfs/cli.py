@@ -50,11 +50,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="file holding the password (must not be readable by group or others); "
         "else $S3CRYPTFS_PASSWORD, else a prompt",
     )
+    _add_log_level(p)
+
+
+def _add_log_level(p: argparse.ArgumentParser, default: str = "info") -> None:
     p.add_argument(
         "--log-level",
-        default="info",
+        default=default,
         choices=["debug", "info", "warning", "error"],
-        help="default: info",
+        help=f"default: {default}",
     )
 
 
@@ -224,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
+    _add_log_level(p, "warning")
 
     p = sub.add_parser(
         "config",
@@ -233,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("action", choices=["check"])
     p.add_argument("file", metavar="FILE")
+    _add_log_level(p, "warning")
 
     p = sub.add_parser(
         "umount",
@@ -245,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="if the mount process is gone, detach the dead mount (fusermount -uz)",
     )
+    _add_log_level(p, "warning")
     _add_admin_commands(sub)
     _add_offline_commands(sub)
     return parser
@@ -852,10 +859,9 @@ def main(argv: list[str] | None = None) -> int:
         args.target += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command != "mount" or getattr(args, "foreground", False):
-        _setup_logging(
-            getattr(args, "log_level", "warning") if args.command != "init" else "warning"
-        )
+    level = getattr(args, "log_level", "warning")
+    # init's INFO lines (S3 client set-up) are noise next to its one line of output
+    _setup_logging("warning" if args.command == "init" and level == "info" else level)
     try:
         return COMMANDS[args.command](args)
     except S3CryptFSError as exc:
@@ -863,3 +869,21 @@ def main(argv: list[str] | None = None) -> int:
         return _exit_code(exc)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line, never a traceback
+        return _last_resort(exc)
+
+
+def _last_resort(exc: Exception) -> int:
+    """An error no command turned into a message of its own. A local file named by the user
+    (a path that is missing, a directory, not writable...) is a usage error; anything else is
+    a bug, whose traceback goes to the debug log rather than at the user."""
+    log.debug("traceback of the error below", exc_info=exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        print(f"s3cryptfs: cannot use {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    print(
+        f"s3cryptfs: unexpected error ({type(exc).__name__}): {exc}; "
+        "--log-level debug shows the traceback",
+        file=sys.stderr,
+    )
+    return EXIT_ERROR
