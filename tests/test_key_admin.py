@@ -140,6 +140,29 @@ def test_kms_config_refuses_bad_files(tmp_path) -> None:
         load_kms_config(str(tmp_path / "missing.toml"), {})
 
 
+def test_kms_config_names_a_provider_typo_and_misplaced_secrets(tmp_path) -> None:
+    """A typo in provider used to reach no manager (the volume's own then said "setting
+    'address' is required"); a token under [key_manager] was silently dropped."""
+    cfg = tmp_path / "kms.toml"
+    cfg.write_text('[key_manager]\nprovider = "valut"\naddress = "http://127.0.0.1:1"\n')
+    with pytest.raises(ConfigError) as info:
+        load_kms_config(str(cfg), {})
+    assert "unknown provider 'valut'" in str(info.value)
+    assert "vault" in str(info.value).partition("known: ")[2]
+    cfg.write_text('[key_manager]\nprovider = "vault"\ntoken = "s.secret"\n')
+    os.chmod(cfg, 0o644)
+    with pytest.raises(ConfigError) as info:
+        load_kms_config(str(cfg), {})
+    assert "(token)" in str(info.value) and "[key_manager.secrets]" in str(info.value)
+    assert "s.secret" not in str(info.value)
+    # Where the message sends the token, it is taken, and only from a 0600 file.
+    cfg.write_text('[key_manager]\nprovider = "vault"\n[key_manager.secrets]\ntoken = "s.x"\n')
+    with pytest.raises(ConfigError, match="readable by group or others"):
+        load_kms_config(str(cfg), {})
+    os.chmod(cfg, 0o600)
+    assert load_kms_config(str(cfg), {})[2] == {"token": "s.x"}
+
+
 def test_dek_cache_bounds_and_ttl(manager) -> None:
     cache = DekCache(max_entries=2, ttl=60)
     envs = [manager.wrap_key(bytes([i]) * 32, CTX) for i in range(3)]

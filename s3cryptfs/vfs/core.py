@@ -1669,19 +1669,26 @@ class Filesystem:
             }
         return out
 
-    def key_health(self) -> dict[str, str]:
-        """Blocking: each key manager's health_check, as "ok" or the error (for status)."""
-        out: dict[str, str] = {}
+    def key_problems(self) -> dict[str, S3CryptFSError | None]:
+        """Blocking: each key manager's health_check, None when it passed."""
+        out: dict[str, S3CryptFSError | None] = {}
         ring = getattr(self.codec, "ring", None)
         if ring is None:
             return out
         for provider in self.codec.descriptor.providers():
             try:
                 ring.manager(provider).health_check()
-                out[provider] = "ok"
+                out[provider] = None
             except S3CryptFSError as exc:
-                out[provider] = f"{type(exc).__name__}: {exc}"
+                out[provider] = exc
         return out
+
+    def key_health(self) -> dict[str, str]:
+        """Blocking: each key manager's health, as "ok" or the error (for status)."""
+        return {
+            provider: "ok" if exc is None else f"{type(exc).__name__}: {exc}"
+            for provider, exc in self.key_problems().items()
+        }
 
     def iter_nodes(self) -> Iterator[Node]:
         return iter(list(self.nodes.by_ino.values()))
