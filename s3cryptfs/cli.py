@@ -6,6 +6,7 @@ import argparse
 import errno
 import logging
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,8 @@ EXIT_VOLUME = 5
 EXIT_KEYS = 7
 EXIT_INTEGRITY = 8
 EXIT_CONFLICT = 9
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C), as shells report it: 128 + 2
+EXIT_BROKEN_PIPE = 141  # the reader of our output went away (`| head`): 128 + SIGPIPE
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -852,6 +855,18 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Buffered output meets a closed pipe here, inside the handler below, rather than
+            # at interpreter exit (where it would print "Exception ignored ... BrokenPipeError").
+            sys.stdout.flush()
+    except BrokenPipeError as exc:
+        return _last_resort(exc)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops filling positionals at the first option: `keys retire 1 --force URL`.
@@ -868,15 +883,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"s3cryptfs: {exc}", file=sys.stderr)
         return _exit_code(exc)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the last resort: one line, never a traceback
         return _last_resort(exc)
+
+
+def _reader_gone(stream: object) -> bool:
+    """True when *stream* is a pipe (or socket) whose reading end was closed."""
+    try:
+        fd = stream.fileno()  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLERR is always reported: a pipe without readers raises it
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _closed_pipe(exc: Exception) -> bool:
+    """`s3cryptfs status MNT | head -3`: the reader has what it wanted. Leave quietly, as tools
+    killed by SIGPIPE do, with nothing left to flush into the closed pipe at exit."""
+    if not isinstance(exc, BrokenPipeError):
+        return False
+    gone = [s for s in (sys.stdout, sys.stderr) if _reader_gone(s)]
+    if not gone:
+        return False  # some other pipe (a helper process?): a real error
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in gone:
+        os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+    return True
 
 
 def _last_resort(exc: Exception) -> int:
     """An error no command turned into a message of its own. A local file named by the user
     (a path that is missing, a directory, not writable...) is a usage error; anything else is
     a bug, whose traceback goes to the debug log rather than at the user."""
+    if _closed_pipe(exc):
+        return EXIT_BROKEN_PIPE
     log.debug("traceback of the error below", exc_info=exc)
     if isinstance(exc, OSError) and exc.filename is not None:
         print(f"s3cryptfs: cannot use {exc.filename}: {exc.strerror}", file=sys.stderr)

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from s3cryptfs import cli
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -50,3 +55,29 @@ def test_an_os_error_on_a_path_is_a_usage_error(monkeypatch, capsys, restore_log
     assert cli.main(["status", "/nowhere"]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert err == "s3cryptfs: cannot use /srv/no/such/file: No such file or directory\n"
+
+
+def _into_closed_pipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI with stdout a pipe whose reader is already gone, as `... | head -1` ends."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "s3cryptfs", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
+    cfg = tmp_path / "mount.toml"
+    cfg.write_text('cache_size = "1G"\nmemory_cache = "32M"\n')
+    proc = _into_closed_pipe("config", "check", str(cfg))
+    assert proc.stderr == ""  # it was a BrokenPipeError, "Exception ignored" at exit
+    assert proc.returncode == cli.EXIT_BROKEN_PIPE == 141

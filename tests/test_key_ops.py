@@ -197,14 +197,28 @@ def test_bad_envelopes_give_eio_and_name_the_object(volume, s3client, tmp_path) 
         assert info.value.errno == errno.EIO, name
     assert (volume.mountpoint / "ok.txt").read_bytes() == b"fine"  # the mount survives
     text = log.read_text()
-    for name, why in (
-        ("a.txt", "no-such-kms"),
-        ("b.txt", "base64"),
-        ("c.txt", "key version 9"),
-    ):
-        lines = [line for line in text.splitlines() if f"{volume.prefix}{name}" in line]
+    bad = {"a.txt": "no-such-kms", "b.txt": "base64", "c.txt": "key version 9"}
+    for name, why in bad.items():
+        key = f"{volume.prefix}{name}"
+        lines = [line for line in text.splitlines() if key in line]
         assert any(why in line for line in lines), (name, text)
+        # named once: the codec's "KEY: " was repeated by the mount ("KEY: ...: KEY: ...")
+        assert all(line.count(key) == 1 for line in lines), lines
     volume.umount()
+    # The same objects in rewrap's and fsck's reports, each named once as well.
+    rewrap = admin(volume, "rewrap", check=False)
+    assert rewrap.returncode == 6, rewrap.stderr
+    fsck = volume.run("fsck", volume.url, *volume.common_args(), check=False)
+    assert fsck.returncode == 1, fsck.stderr
+    for name, why in bad.items():
+        key = f"{volume.prefix}{name}"
+        reports = [(rewrap.stdout, "FAILED"), (fsck.stdout, "BAD")]
+        if name != "b.txt":  # a malformed envelope is not logged, only listed
+            reports.append((rewrap.stderr, "not re-wrapped"))
+        for out, head in reports:
+            lines = [line for line in out.splitlines() if key in line]
+            assert lines and all(line.count(key) == 1 for line in lines), (name, out)
+            assert any(head in line and why in line for line in lines), (name, out)
     records = [json.loads(line) for line in audit.read_text().splitlines()]
     outcomes = {(r["object"], r["outcome"]) for r in records if r["event"] == "unwrap"}
     assert (f"{volume.prefix}ok.txt", "ok") in outcomes

@@ -23,7 +23,13 @@ from typing import TextIO
 
 from s3cryptfs.audit import NO_AUDIT, AuditLog
 from s3cryptfs.codec import ObjectCodec
-from s3cryptfs.errors import FormatError, KeyManagerError, PreconditionFailed, StoreError
+from s3cryptfs.errors import (
+    FormatError,
+    KeyManagerError,
+    PreconditionFailed,
+    StoreError,
+    strip_subject,
+)
 from s3cryptfs.format import metadata as md
 from s3cryptfs.ops.checkpoint import Checkpoint
 from s3cryptfs.ops.walk import walk_heads
@@ -126,7 +132,7 @@ def rewrap_volume(
         except FormatError as exc:
             with lock:
                 report.examined += 1
-                report.failed.append((info.key, str(exc)))
+                report.failed.append((info.key, strip_subject(exc, info.key)))
             return False
         found = (envelope.provider, envelope.key_version)
         with lock:
@@ -154,9 +160,10 @@ def rewrap_volume(
             return False
         except (KeyManagerError, StoreError) as exc:
             audit.event("rewrap", type(exc).__name__, object=info.key, provider=found[0])
-            log.error("%s: not re-wrapped: %s", info.key, exc)
+            why = strip_subject(exc, info.key)
+            log.error("%s: not re-wrapped: %s", info.key, why)
             with lock:
-                report.failed.append((info.key, str(exc)))
+                report.failed.append((info.key, why))
             return False
         audit.event(
             "rewrap",

@@ -37,6 +37,7 @@ from s3cryptfs.errors import (
     S3CryptFSError,
     UnknownProvider,
     UploadConflict,
+    strip_subject,
 )
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
@@ -553,7 +554,7 @@ class Filesystem:
         try:
             node.size = await self._thread(self.codec.mpu_size, remote.metadata, key)
         except S3CryptFSError as exc:
-            log.error("%s: %s", key, exc)
+            log.error("%s: %s", key, strip_subject(exc, key))
             node.error = str(exc)
 
     async def load_attrs_many(self, nodes: list[Node]) -> None:
@@ -663,11 +664,13 @@ class Filesystem:
         try:
             return await self.reader.read(version, offset, size, handle.state)
         except IntegrityError as exc:
-            log.error("%s: %s", self.key(node.path), exc)
+            key = self.key(node.path)
+            log.error("%s: %s", key, strip_subject(exc, key))
             raise
         except KeyManagerError as exc:
             # The object stays unreadable (EIO) until its key manager answers; the mount lives.
-            log.error("%s: cannot unwrap its data key: %s", self.key(node.path), exc)
+            key = self.key(node.path)
+            log.error("%s: cannot unwrap its data key: %s", key, strip_subject(exc, key))
             raise
 
     async def readlink(self, ino: int) -> bytes:
