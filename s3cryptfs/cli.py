@@ -399,6 +399,7 @@ def cmd_offline(args: argparse.Namespace) -> int:
     }
     if args.command != "fsck":
         args.jobs = 1
+    check_seed_key_manager_setting(args)
     return run[args.command](args)
 
 
@@ -443,24 +444,43 @@ def _exit_code(exc: BaseException) -> int:
 # --- init ------------------------------------------------------------------------------------
 
 
-def _check_seed_key_manager_setting(kms_chosen: bool) -> None:
-    """The Go gateway's KEY_MANAGER_ENABLED, read so that it is never silently ignored."""
-    raw = os.environ.get("KEY_MANAGER_ENABLED")
+SEED_KMS_ENV = "KEY_MANAGER_ENABLED"  # the Go gateway's switch for KMS mode
+
+
+def check_seed_key_manager_setting(args: argparse.Namespace) -> None:
+    """The Go gateway's KEY_MANAGER_ENABLED, read by every command that takes --kms-config so
+    that it is never silently ignored: KMS mode asked for must be configured, and the
+    password mode asked for must not meet a key manager."""
+    raw = os.environ.get(SEED_KMS_ENV)
     if raw is None:
         return
     value = raw.strip().lower()
-    if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise ConfigError(f"KEY_MANAGER_ENABLED={raw!r}: expected true or false")
-    enabled = value in ("true", "1", "yes")
-    if enabled and not kms_chosen:
-        raise ConfigError(
-            "KEY_MANAGER_ENABLED=true (the gateway's setting) asks for KMS mode, but no key "
-            "manager was chosen: give --key-manager PROVIDER and --kms-config FILE, "
-            "or unset KEY_MANAGER_ENABLED"
+    if value not in ("true", "false"):  # as the gateway's documentation says: nothing else
+        raise ConfigError(f"{SEED_KMS_ENV}={raw}: expected true or false")
+    from s3cryptfs.keys.password import PROVIDER as PASSWORD_PROVIDER
+
+    if args.command == "init":
+        chosen, given, need = (
+            args.key_manager != PASSWORD_PROVIDER,
+            f"--key-manager {args.key_manager}",
+            "--key-manager PROVIDER and --kms-config FILE",
         )
-    if not enabled and kms_chosen:
+    elif args.command == "migrate":
+        chosen, given, need = (
+            args.to != PASSWORD_PROVIDER,
+            f"--to {args.to}",
+            "--to PROVIDER and --kms-config FILE",
+        )
+    else:
+        chosen, given, need = bool(args.kms_config), "--kms-config", "--kms-config FILE"
+    if value == "true" and not chosen:
         raise ConfigError(
-            "KEY_MANAGER_ENABLED=false (the gateway's setting) contradicts --key-manager: "
+            f"{SEED_KMS_ENV}={raw} (the gateway's setting) asks for KMS mode, but no key "
+            f"manager was chosen: give {need}, or unset {SEED_KMS_ENV}"
+        )
+    if value == "false" and chosen:
+        raise ConfigError(
+            f"{SEED_KMS_ENV}={raw} (the gateway's setting) contradicts {given}: "
             "unset one of them"
         )
 
@@ -478,7 +498,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     except S3CryptFSError as exc:
         raise ConfigError(str(exc)) from None
     volume_id = Descriptor.new_volume_id()
-    _check_seed_key_manager_setting(args.key_manager != pw.PROVIDER)
+    check_seed_key_manager_setting(args)
     gateway = args.object_format == "gateway"
     gateway_settings: dict[str, object] = {}
     if gateway:
@@ -609,6 +629,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from s3cryptfs.mount import Mount
 
     cfg = resolve_mount_settings(args)
+    check_seed_key_manager_setting(args)  # after --config, which may name the kms_config
     # In KMS mode a password is only needed (and asked for) when the volume still holds
     # password-wrapped objects; it is taken when one is offered.
     offered = (
@@ -768,6 +789,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
     run = {"keys": commands.cmd_keys, "rewrap": commands.cmd_rewrap}
     run["migrate"] = commands.cmd_migrate
+    check_seed_key_manager_setting(args)
     if args.command == "keys":
         want = 2 if args.action in ("retire", "import", "schedule") else 1
         if len(args.target) != want:

@@ -81,3 +81,68 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
     proc = _into_closed_pipe("config", "check", str(cfg))
     assert proc.stderr == ""  # it was a BrokenPipeError, "Exception ignored" at exit
     assert proc.returncode == cli.EXIT_BROKEN_PIPE == 141
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "s3cryptfs", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        timeout=120,
+    )
+
+
+# Nothing listens there: a command that got past the check would fail on S3, not on the switch.
+NO_S3 = ["--endpoint-url", "http://127.0.0.1:9"]
+
+
+@pytest.mark.parametrize(
+    "value, args, expected",
+    [
+        (
+            "yes",
+            ["rewrap", "s3://bkt/p", *NO_S3],
+            "KEY_MANAGER_ENABLED=yes: expected true or false",
+        ),
+        ("1", ["keys", "status", "s3://bkt/p", *NO_S3], "KEY_MANAGER_ENABLED=1: expected true or"),
+        (
+            "TRUE",
+            ["cat", "s3://bkt/p/k", *NO_S3],
+            "KEY_MANAGER_ENABLED=TRUE (the gateway's setting) asks for KMS mode, but no key "
+            "manager was chosen: give --kms-config FILE",
+        ),
+        ("true", ["mount", "s3://bkt/p", "/nowhere", *NO_S3], "=true (the gateway's setting) asks"),
+        (
+            "False",
+            ["migrate", "s3://bkt/p", "--to", "vault", "--kms-config", "k.toml", *NO_S3],
+            "KEY_MANAGER_ENABLED=False (the gateway's setting) contradicts --to vault",
+        ),
+        ("false", ["fsck", "s3://bkt/p", "--kms-config", "k.toml", *NO_S3], "contradicts --kms"),
+        (
+            "TRUE",
+            ["init", "s3://bkt/p", *NO_S3],
+            "KEY_MANAGER_ENABLED=TRUE (the gateway's setting) asks for KMS mode, but no key "
+            "manager was chosen: give --key-manager PROVIDER and --kms-config FILE",
+        ),
+    ],
+    ids=["rewrap-yes", "keys-1", "cat-TRUE", "mount-true", "migrate-False", "fsck-false", "init"],
+)
+def test_key_manager_enabled_is_true_or_false_for_every_command(value, args, expected):
+    """The gateway's KEY_MANAGER_ENABLED: only true/false (any case), echoed as given, and
+    honoured by every command that takes --kms-config (it was read by init alone)."""
+    proc = _cli(*args, env={"KEY_MANAGER_ENABLED": value})
+    assert proc.returncode == cli.EXIT_USAGE, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert expected in line, line
+
+
+def test_key_manager_enabled_true_lets_a_kms_init_through(tmp_path):
+    missing = tmp_path / "kms.toml"
+    proc = _cli(
+        "init", "s3://bkt/p", *NO_S3, "--key-manager", "vault", "--kms-config", str(missing),
+        env={"KEY_MANAGER_ENABLED": "True"},
+    )  # fmt: skip
+    assert proc.returncode == cli.EXIT_USAGE
+    assert f"cannot read key manager config {missing}" in proc.stderr, proc.stderr
