@@ -279,22 +279,34 @@ def _add_kms(p: argparse.ArgumentParser) -> None:
     )
 
 
+# `s3cryptfs keys ACTION`: every action with its one-line description, for --help.
+KEY_ACTIONS = {
+    "status": "providers, versions and their states (--count: objects per version)",
+    "list": "the key versions only",
+    "rotate": "make a new active version (--due: only when the schedule says so)",
+    "retire": "VERSION: stop it from unwrapping (refused while objects use it)",
+    "passwd": "re-seal the password manager's keys under a new password",
+    "export": "write the descriptor, sealed under a passphrase, to --output FILE",
+    "import": "FILE: put an exported descriptor back (--force: over another one)",
+    "schedule": "DAYS: the rotation period that `rotate --due` follows (0: none)",
+}
+
+
+def _key_actions_help() -> str:
+    width = max(map(len, KEY_ACTIONS))
+    lines = [f"  {name:<{width}}  {text}" for name, text in KEY_ACTIONS.items()]
+    return "actions:\n" + "\n".join(lines)
+
+
 def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
     def volume_parser(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "keys":
+            # the epilog is a table: keep its line breaks
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
+            p.epilog = _key_actions_help()
             p.add_argument(
-                "action",
-                choices=[
-                    "status",
-                    "list",
-                    "rotate",
-                    "retire",
-                    "passwd",
-                    "export",
-                    "import",
-                    "schedule",
-                ],
+                "action", choices=list(KEY_ACTIONS), help="what to do (see actions below)"
             )
             # [VERSION|FILE] URL, split by cmd_admin: options may stand between them.
             p.add_argument("target", nargs="*", metavar="[VERSION|FILE] s3://BUCKET[/PREFIX]")
@@ -307,7 +319,9 @@ def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
         )
         return p
 
-    p = volume_parser("keys", "show, rotate or retire the volume's key versions")
+    p = volume_parser(
+        "keys", "the volume's keys: show, rotate, retire, change the password, export, import"
+    )
     p.add_argument("--count", action="store_true", help="count objects per version (walks all)")
     p.add_argument(
         "--force",
@@ -480,8 +494,7 @@ def check_seed_key_manager_setting(args: argparse.Namespace) -> None:
         )
     if value == "false" and chosen:
         raise ConfigError(
-            f"{SEED_KMS_ENV}={raw} (the gateway's setting) contradicts {given}: "
-            "unset one of them"
+            f"{SEED_KMS_ENV}={raw} (the gateway's setting) contradicts {given}: unset one of them"
         )
 
 
