@@ -88,6 +88,9 @@ def test_rotate_rewrap_retire_through_the_mount(mounted, s3client, tmp_path) -> 
     etags_before = {k: s3client.head_object(Bucket=vol.bucket, Key=k)["ETag"] for k in versions}
     rewrap = admin(vol, "rewrap", "--jobs", "3", "--audit-log", audit)
     assert f"{v1_count} re-wrapped" in rewrap.stdout, rewrap.stdout
+    # The summary counts versions as the run left them (it printed the counts from before).
+    assert f"s3cryptfs-password version 2: {len(versions)}" in rewrap.stdout, rewrap.stdout
+    assert "version 1:" not in rewrap.stdout
     after = envelope_versions(s3client, vol.bucket, vol.prefix)
     assert set(after.values()) == {("s3cryptfs-password", "2")}
     # Only metadata changed: every body is byte-identical (SeaweedFS even keeps the ETag).
@@ -389,3 +392,4 @@ def test_rewrap_resumes_after_its_checkpoint(mounted, s3client) -> None:
     with open(path, "w") as f:
         json.dump({"target": ["s3cryptfs-password", 1], "after": keys[-1]}, f)
     assert "resumed" not in admin(vol, "rewrap").stdout
+

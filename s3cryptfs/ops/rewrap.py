@@ -46,7 +46,7 @@ class RewrapReport:
     rewrapped: int = 0
     current: int = 0  # already under the active key
     plain: int = 0  # not s3cryptfs objects: left alone
-    # (provider, version) -> objects found under it (before any rewrap)
+    # (provider, version) -> objects under it once the run is over (a dry run changes nothing)
     by_version: Counter[tuple[str, int]] = field(default_factory=Counter)
     changed: list[str] = field(default_factory=list)  # skipped: changed concurrently
     failed: list[tuple[str, str]] = field(default_factory=list)
@@ -64,6 +64,9 @@ class RewrapReport:
             + (f"{self.rewrapped} re-wrapped, " if not dry_run else "")
             + f"{self.plain} not encrypted by s3cryptfs"
         ]
+        if self.by_version:
+            when = "" if dry_run else " after this run"
+            lines.append(f"key versions of the examined objects{when}:")
         for (provider, version), count in sorted(self.by_version.items()):
             lines.append(f"  {provider} version {version}: {count}")
         for key in self.changed:
@@ -137,12 +140,11 @@ def rewrap_volume(
         found = (envelope.provider, envelope.key_version)
         with lock:
             report.examined += 1
-            report.by_version[found] += 1
-        if dry_run:
-            return True
-        if found == target:
+        if dry_run or found == target:
             with lock:
-                report.current += 1
+                report.by_version[found] += 1
+                if not dry_run:
+                    report.current += 1
             return True
         try:
             dek = codec.unwrap_envelope(envelope, info.key)
@@ -156,6 +158,7 @@ def rewrap_volume(
         except PreconditionFailed:
             audit.event("rewrap", "PreconditionFailed", object=info.key, provider=found[0])
             with lock:
+                report.by_version[found] += 1
                 report.changed.append(info.key)
             return False
         except (KeyManagerError, StoreError) as exc:
@@ -163,6 +166,7 @@ def rewrap_volume(
             why = strip_subject(exc, info.key)
             log.error("%s: not re-wrapped: %s", info.key, why)
             with lock:
+                report.by_version[found] += 1
                 report.failed.append((info.key, why))
             return False
         audit.event(
@@ -175,6 +179,7 @@ def rewrap_volume(
         )
         with lock:
             report.rewrapped += 1
+            report.by_version[target] += 1
             shown.show(report)
         return True
 
