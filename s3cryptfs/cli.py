@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from signal import SIGTERM
 
 from s3cryptfs import __version__, config, settings
 from s3cryptfs.errors import (
@@ -42,6 +43,7 @@ EXIT_INTEGRITY = 8
 EXIT_CONFLICT = 9
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C), as shells report it: 128 + 2
 EXIT_BROKEN_PIPE = 141  # the reader of our output went away (`| head`): 128 + SIGPIPE
+EXIT_TERMINATED = 143  # SIGTERM during rewrap or migrate, after the checkpoint is saved
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -917,8 +919,9 @@ def _main(argv: list[str] | None) -> int:
     except S3CryptFSError as exc:
         print(f"s3cryptfs: {exc}", file=sys.stderr)
         return _exit_code(exc)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        # rewrap and migrate turn SIGTERM into an exception too (ops/checkpoint.py)
+        return EXIT_TERMINATED if getattr(exc, "signum", None) == SIGTERM else EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the last resort: one line, never a traceback
         return _last_resort(exc)
 

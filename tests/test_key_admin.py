@@ -216,3 +216,32 @@ def test_checkpoint_moves_only_past_finished_keys(tmp_path) -> None:
     cp.remove()
     cp.remove()
     assert Checkpoint(path, ("p", 2)).load() is None
+
+
+def test_checkpoint_is_saved_every_few_seconds(tmp_path, monkeypatch) -> None:
+    """Not only every SAVE_EVERY keys: a slow walk saves on time too."""
+    from s3cryptfs.ops import checkpoint
+
+    path = str(tmp_path / "cp")
+    cp = checkpoint.Checkpoint(path, ("p", 2))
+    for key in "abc":
+        cp.submitted(key)
+    cp.finished("a", True)
+    assert checkpoint.Checkpoint(path, ("p", 2)).load() is None  # 1 key, well within the time
+    monkeypatch.setattr(checkpoint, "SAVE_INTERVAL", 0.0)
+    cp.finished("b", True)
+    assert checkpoint.Checkpoint(path, ("p", 2)).load() == "b"
+
+
+def test_interruptible_turns_sigterm_into_an_exception() -> None:
+    import signal
+    import time
+
+    from s3cryptfs.ops.checkpoint import Interrupted, interruptible
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as info, interruptible():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler raises at once, whatever the main thread is doing
+    assert info.value.signum == signal.SIGTERM and isinstance(info.value, KeyboardInterrupt)
+    assert signal.getsignal(signal.SIGTERM) is before  # restored

@@ -393,3 +393,70 @@ def test_rewrap_resumes_after_its_checkpoint(mounted, s3client) -> None:
         json.dump({"target": ["s3cryptfs-password", 1], "after": keys[-1]}, f)
     assert "resumed" not in admin(vol, "rewrap").stdout
 
+
+def test_a_sigterm_d_rewrap_resumes_where_it_stopped(volume, s3client, tmp_path) -> None:
+    """SIGTERM (systemctl stop, kill) used to end rewrap without saving its checkpoint (it was
+    written every 100 objects only): the next run started over."""
+    import signal
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from s3cryptfs.config import parse_url, volume_cache_dir
+
+    volume.init()
+    seed = tmp_path / "seed.txt"
+    seed.write_bytes(b"one object, many copies")
+    volume.run("put", seed, f"{volume.url}seed.txt", *volume.common_args())
+    source = {"Bucket": volume.bucket, "Key": f"{volume.prefix}seed.txt"}
+    copies = [f"{volume.prefix}many/{i:04d}" for i in range(300)]
+
+    def copy(key: str) -> None:  # the same body and envelope: rewrap reads no body
+        s3client.copy_object(Bucket=volume.bucket, Key=key, CopySource=source)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(copy, copies))
+    keys = sorted([*copies, source["Key"]])
+    admin(volume, "keys", "rotate")
+
+    audit = tmp_path / "audit.jsonl"
+    audit.touch()
+    out, err = tmp_path / "out", tmp_path / "err"
+    cmd = [sys.executable, "-m", "s3cryptfs", "rewrap", volume.url, *volume.common_args()]
+    cmd += ["--cache-dir", str(volume.cache_dir), "--jobs", "1", "--audit-log", str(audit)]
+
+    def rewrapped() -> int:
+        lines = audit.read_text().splitlines()
+        return sum(1 for line in lines if json.loads(line)["event"] == "rewrap")
+
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=volume.env)
+        try:
+            deadline = time.monotonic() + 60
+            while rewrapped() < 20 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert proc.poll() is None, "rewrap ended before it could be stopped"
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    done = rewrapped()
+    assert 20 <= done < len(keys)
+    assert code == 143, err.read_text()
+    assert "Traceback" not in err.read_text()
+    assert f"resumes after {keys[done - 1]}" in err.read_text(), err.read_text()
+    checkpoint = os.path.join(
+        volume_cache_dir(str(volume.cache_dir), volume.endpoint_url, parse_url(volume.url)),
+        "rewrap.checkpoint",
+    )
+    with open(checkpoint) as f:
+        assert json.load(f)["after"] == keys[done - 1]
+
+    rest = admin(volume, "rewrap").stdout
+    assert f"resumed after {keys[done - 1]}" in rest, rest
+    left = len(keys) - done
+    assert f"examined {left} object(s): 0 already under the active key, {left} re-wrapped" in rest
+    versions = envelope_versions(s3client, volume.bucket, volume.prefix)
+    assert sorted(versions) == keys and set(versions.values()) == {("s3cryptfs-password", "2")}

@@ -31,7 +31,7 @@ from s3cryptfs.errors import (
     strip_subject,
 )
 from s3cryptfs.format import metadata as md
-from s3cryptfs.ops.checkpoint import Checkpoint
+from s3cryptfs.ops.checkpoint import Checkpoint, interruptible
 from s3cryptfs.ops.walk import walk_heads
 from s3cryptfs.store.s3 import ObjectInfo, S3Store
 
@@ -184,12 +184,23 @@ def rewrap_volume(
         return True
 
     start = report.resumed_after
+    stopped = False
     try:
-        walk_heads(store, prefix, jobs, one, start, checkpoint)
+        with interruptible():
+            walk_heads(store, prefix, jobs, one, start, checkpoint)
+    except KeyboardInterrupt:
+        stopped = True
+        raise
     finally:
         shown.end()
         if checkpoint is not None:
             checkpoint.save()
+            if stopped and checkpoint.after is not None:
+                print(
+                    "s3cryptfs: interrupted; progress is saved: the same command resumes after "
+                    f"{checkpoint.after}",
+                    file=sys.stderr,
+                )
     if checkpoint is not None and report.complete:
         checkpoint.remove()  # done: the next run starts from the beginning
     report.changed.sort()
