@@ -723,6 +723,14 @@ def _daemonize(mount: object, args: argparse.Namespace) -> int:
     except S3CryptFSError as exc:
         code = _exit_code(exc)
         _report(write_fd, code, str(exc))
+    except OSError as exc:
+        if exc.filename is None:
+            code = EXIT_ERROR
+            log.exception("mount failed")
+            _report(write_fd, code, f"mount failed: {exc}")
+        else:  # a path the user gave (--log-file...): a usage error, as in main()
+            code = EXIT_USAGE
+            _report(write_fd, code, f"cannot use {exc.filename}: {exc.strerror}")
     except Exception as exc:  # noqa: BLE001 - reported to the parent, then logged
         code = EXIT_ERROR
         log.exception("mount failed")

@@ -121,6 +121,13 @@ def test_bad_local_paths_are_one_line_errors(volume, tmp_path):
     volume.run("put", local, f"{volume.url}x", *common)
     proc = volume.run("get", f"{volume.url}x", nowhere, *common, check=False)
     one_line_error(proc, 2, f"cannot use {nowhere.parent}/", "No such file")
+    # ...in the background mount process too (its log file is opened after the fork)
+    proc = volume.run(
+        "mount", volume.url, volume.mountpoint, *common, "--cache-dir", volume.cache_dir,
+        "--log-file", nowhere, check=False, require_detached=True,
+    )  # fmt: skip
+    one_line_error(proc, 2, f"cannot use {nowhere}", "No such file")
+    assert not volume.is_mounted()
 
 
 def test_short_passwords_are_refused(volume, s3client, tmp_path):
