@@ -6,10 +6,12 @@ import argparse
 import errno
 import logging
 import os
+import select
 import shutil
 import subprocess
 import sys
 import time
+from signal import SIGTERM
 
 from s3cryptfs import __version__, config, settings
 from s3cryptfs.errors import (
@@ -39,6 +41,9 @@ EXIT_VOLUME = 5
 EXIT_KEYS = 7
 EXIT_INTEGRITY = 8
 EXIT_CONFLICT = 9
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C), as shells report it: 128 + 2
+EXIT_BROKEN_PIPE = 141  # the reader of our output went away (`| head`): 128 + SIGPIPE
+EXIT_TERMINATED = 143  # SIGTERM during rewrap or migrate, after the checkpoint is saved
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -50,11 +55,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="file holding the password (must not be readable by group or others); "
         "else $S3CRYPTFS_PASSWORD, else a prompt",
     )
+    _add_log_level(p)
+
+
+def _add_log_level(p: argparse.ArgumentParser, default: str = "info") -> None:
     p.add_argument(
         "--log-level",
-        default="info",
+        default=default,
         choices=["debug", "info", "warning", "error"],
-        help="default: info",
+        help=f"default: {default}",
     )
 
 
@@ -224,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
+    _add_log_level(p, "warning")
 
     p = sub.add_parser(
         "config",
@@ -233,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("action", choices=["check"])
     p.add_argument("file", metavar="FILE")
+    _add_log_level(p, "warning")
 
     p = sub.add_parser(
         "umount",
@@ -245,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="if the mount process is gone, detach the dead mount (fusermount -uz)",
     )
+    _add_log_level(p, "warning")
     _add_admin_commands(sub)
     _add_offline_commands(sub)
     return parser
@@ -269,23 +281,36 @@ def _add_kms(p: argparse.ArgumentParser) -> None:
     )
 
 
+# `s3cryptfs keys ACTION`: every action with its one-line description, for --help.
+KEY_ACTIONS = {
+    "status": "providers, versions and their states (--count: objects per version)",
+    "list": "the key versions only",
+    "rotate": "make a new active version (--due: only when the schedule says so)",
+    "retire": "VERSION: stop it from unwrapping (refused while objects use it)",
+    "passwd": "re-seal the password manager's keys under a new password (--rotate: and "
+    "revoke the old one: new key version and authentication key, re-wrap, retire)",
+    "export": "write the descriptor, sealed under a passphrase, to --output FILE",
+    "import": "FILE: put an exported descriptor back (--force: over another one)",
+    "schedule": "DAYS: the rotation period that `rotate --due` follows (0: none)",
+    "trust": "pin the volume's fingerprint on this machine (--fingerprint FP: only that one)",
+}
+
+
+def _key_actions_help() -> str:
+    width = max(map(len, KEY_ACTIONS))
+    lines = [f"  {name:<{width}}  {text}" for name, text in KEY_ACTIONS.items()]
+    return "actions:\n" + "\n".join(lines)
+
+
 def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
     def volume_parser(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "keys":
+            # the epilog is a table: keep its line breaks
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
+            p.epilog = _key_actions_help()
             p.add_argument(
-                "action",
-                choices=[
-                    "status",
-                    "list",
-                    "rotate",
-                    "retire",
-                    "passwd",
-                    "export",
-                    "import",
-                    "schedule",
-                    "trust",
-                ],
+                "action", choices=list(KEY_ACTIONS), help="what to do (see actions below)"
             )
             # [VERSION|FILE] URL, split by cmd_admin: options may stand between them.
             p.add_argument("target", nargs="*", metavar="[VERSION|FILE] s3://BUCKET[/PREFIX]")
@@ -298,7 +323,9 @@ def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
         )
         return p
 
-    p = volume_parser("keys", "show, rotate or retire the volume's key versions")
+    p = volume_parser(
+        "keys", "the volume's keys: show, rotate, retire, change the password, export, import"
+    )
     p.add_argument("--count", action="store_true", help="count objects per version (walks all)")
     p.add_argument(
         "--force",
@@ -412,6 +439,7 @@ def cmd_offline(args: argparse.Namespace) -> int:
     }
     if args.command != "fsck":
         args.jobs = 1
+    check_seed_key_manager_setting(args)
     return run[args.command](args)
 
 
@@ -456,25 +484,43 @@ def _exit_code(exc: BaseException) -> int:
 # --- init ------------------------------------------------------------------------------------
 
 
-def _check_seed_key_manager_setting(kms_chosen: bool) -> None:
-    """The Go gateway's KEY_MANAGER_ENABLED, read so that it is never silently ignored."""
-    raw = os.environ.get("KEY_MANAGER_ENABLED")
+SEED_KMS_ENV = "KEY_MANAGER_ENABLED"  # the Go gateway's switch for KMS mode
+
+
+def check_seed_key_manager_setting(args: argparse.Namespace) -> None:
+    """The Go gateway's KEY_MANAGER_ENABLED, read by every command that takes --kms-config so
+    that it is never silently ignored: KMS mode asked for must be configured, and the
+    password mode asked for must not meet a key manager."""
+    raw = os.environ.get(SEED_KMS_ENV)
     if raw is None:
         return
     value = raw.strip().lower()
-    if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise ConfigError(f"KEY_MANAGER_ENABLED={raw!r}: expected true or false")
-    enabled = value in ("true", "1", "yes")
-    if enabled and not kms_chosen:
-        raise ConfigError(
-            "KEY_MANAGER_ENABLED=true (the gateway's setting) asks for KMS mode, but no key "
-            "manager was chosen: give --key-manager PROVIDER and --kms-config FILE, "
-            "or unset KEY_MANAGER_ENABLED"
+    if value not in ("true", "false"):  # as the gateway's documentation says: nothing else
+        raise ConfigError(f"{SEED_KMS_ENV}={raw}: expected true or false")
+    from s3cryptfs.keys.password import PROVIDER as PASSWORD_PROVIDER
+
+    if args.command == "init":
+        chosen, given, need = (
+            args.key_manager != PASSWORD_PROVIDER,
+            f"--key-manager {args.key_manager}",
+            "--key-manager PROVIDER and --kms-config FILE",
         )
-    if not enabled and kms_chosen:
+    elif args.command == "migrate":
+        chosen, given, need = (
+            args.to != PASSWORD_PROVIDER,
+            f"--to {args.to}",
+            "--to PROVIDER and --kms-config FILE",
+        )
+    else:
+        chosen, given, need = bool(args.kms_config), "--kms-config", "--kms-config FILE"
+    if value == "true" and not chosen:
         raise ConfigError(
-            "KEY_MANAGER_ENABLED=false (the gateway's setting) contradicts --key-manager: "
-            "unset one of them"
+            f"{SEED_KMS_ENV}={raw} (the gateway's setting) asks for KMS mode, but no key "
+            f"manager was chosen: give {need}, or unset {SEED_KMS_ENV}"
+        )
+    if value == "false" and chosen:
+        raise ConfigError(
+            f"{SEED_KMS_ENV}={raw} (the gateway's setting) contradicts {given}: unset one of them"
         )
 
 
@@ -493,7 +539,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     except S3CryptFSError as exc:
         raise ConfigError(str(exc)) from None
     volume_id = Descriptor.new_volume_id()
-    _check_seed_key_manager_setting(args.key_manager != pw.PROVIDER)
+    check_seed_key_manager_setting(args)
     gateway = args.object_format == "gateway"
     gateway_settings: dict[str, object] = {}
     if gateway:
@@ -636,6 +682,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from s3cryptfs.mount import Mount
 
     cfg = resolve_mount_settings(args)
+    check_seed_key_manager_setting(args)  # after --config, which may name the kms_config
     # In KMS mode a password is only needed (and asked for) when the volume still holds
     # password-wrapped objects; it is taken when one is offered.
     from_elsewhere = config.password_offered(args.password_file)
@@ -703,6 +750,14 @@ def _daemonize(mount: object, args: argparse.Namespace) -> int:
     except S3CryptFSError as exc:
         code = _exit_code(exc)
         _report(write_fd, code, str(exc))
+    except OSError as exc:
+        if exc.filename is None:
+            code = EXIT_ERROR
+            log.exception("mount failed")
+            _report(write_fd, code, f"mount failed: {exc}")
+        else:  # a path the user gave (--log-file...): a usage error, as in main()
+            code = EXIT_USAGE
+            _report(write_fd, code, f"cannot use {exc.filename}: {exc.strerror}")
     except Exception as exc:  # noqa: BLE001 - reported to the parent, then logged
         code = EXIT_ERROR
         log.exception("mount failed")
@@ -785,6 +840,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
     run = {"keys": commands.cmd_keys, "rewrap": commands.cmd_rewrap}
     run["migrate"] = commands.cmd_migrate
     run["upgrade"] = upgrade.cmd_upgrade
+    check_seed_key_manager_setting(args)
     if args.command == "keys":
         want = 2 if args.action in ("retire", "import", "schedule") else 1
         if len(args.target) != want:
@@ -873,6 +929,18 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Buffered output meets a closed pipe here, inside the handler below, rather than
+            # at interpreter exit (where it would print "Exception ignored ... BrokenPipeError").
+            sys.stdout.flush()
+    except BrokenPipeError as exc:
+        return _last_resort(exc)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops filling positionals at the first option: `keys retire 1 --force URL`.
@@ -880,14 +948,60 @@ def main(argv: list[str] | None = None) -> int:
         args.target += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command != "mount" or getattr(args, "foreground", False):
-        _setup_logging(
-            getattr(args, "log_level", "warning") if args.command != "init" else "warning"
-        )
+    level = getattr(args, "log_level", "warning")
+    # init's INFO lines (S3 client set-up) are noise next to its one line of output
+    _setup_logging("warning" if args.command == "init" and level == "info" else level)
     try:
         return COMMANDS[args.command](args)
     except S3CryptFSError as exc:
         print(f"s3cryptfs: {exc}", file=sys.stderr)
         return _exit_code(exc)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:
+        # rewrap and migrate turn SIGTERM into an exception too (ops/checkpoint.py)
+        return EXIT_TERMINATED if getattr(exc, "signum", None) == SIGTERM else EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line, never a traceback
+        return _last_resort(exc)
+
+
+def _reader_gone(stream: object) -> bool:
+    """True when *stream* is a pipe (or socket) whose reading end was closed."""
+    try:
+        fd = stream.fileno()  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLERR is always reported: a pipe without readers raises it
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _closed_pipe(exc: Exception) -> bool:
+    """`s3cryptfs status MNT | head -3`: the reader has what it wanted. Leave quietly, as tools
+    killed by SIGPIPE do, with nothing left to flush into the closed pipe at exit."""
+    if not isinstance(exc, BrokenPipeError):
+        return False
+    gone = [s for s in (sys.stdout, sys.stderr) if _reader_gone(s)]
+    if not gone:
+        return False  # some other pipe (a helper process?): a real error
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in gone:
+        os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+    return True
+
+
+def _last_resort(exc: Exception) -> int:
+    """An error no command turned into a message of its own. A local file named by the user
+    (a path that is missing, a directory, not writable...) is a usage error; anything else is
+    a bug, whose traceback goes to the debug log rather than at the user."""
+    if _closed_pipe(exc):
+        return EXIT_BROKEN_PIPE
+    log.debug("traceback of the error below", exc_info=exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        print(f"s3cryptfs: cannot use {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    print(
+        f"s3cryptfs: unexpected error ({type(exc).__name__}): {exc}; "
+        "--log-level debug shows the traceback",
+        file=sys.stderr,
+    )
+    return EXIT_ERROR

@@ -153,6 +153,14 @@ def to_errno(exc: BaseException) -> int:
     return errno.EIO
 
 
+def strip_subject(exc: BaseException, subject: str) -> str:
+    """The message of *exc* without a leading ``"{subject}: "``. Errors about one object carry
+    its key in front; a caller that names the object itself says it once, not twice."""
+    text = str(exc)
+    prefix = f"{subject}: "
+    return text[len(prefix) :] if subject and text.startswith(prefix) else text
+
+
 def is_expected(exc: BaseException) -> bool:
     """True for errors that are part of normal operation and need no traceback in logs."""
     return isinstance(exc, FsError | ObjectNotFound)

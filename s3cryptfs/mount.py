@@ -22,7 +22,9 @@ from s3cryptfs.codec import GatewaySecrets, ObjectCodec
 from s3cryptfs.errors import (
     BucketNotFound,
     ConfigError,
+    KeyAccessDenied,
     ObjectNotFound,
+    ProviderUnavailable,
     S3CryptFSError,
 )
 from s3cryptfs.format.descriptor import GATEWAY_FORMAT
@@ -204,14 +206,28 @@ class Mount:
         rather than at the first EIO."""
         assert self.fs is not None
         found = []
-        for provider, health in self.fs.key_health().items():
-            if health != "ok":
+        for provider, exc in self.fs.key_problems().items():
+            if exc is None:
+                continue
+            health = f"{type(exc).__name__}: {exc}"
+            # An outage and a refused token need different fixes: say which one it is.
+            if isinstance(exc, KeyAccessDenied):
+                text = (
+                    f"key manager {provider} refused the credentials ({health}); mounting "
+                    "anyway: files that need it fail with EIO until it accepts them"
+                )
+            elif isinstance(exc, ProviderUnavailable):
                 text = (
                     f"key manager {provider} does not answer ({health}); mounting anyway: "
                     "files that need it fail with EIO until it does"
                 )
-                log.warning(text)
-                found.append(text)
+            else:
+                text = (
+                    f"key manager {provider} failed its health check ({health}); mounting "
+                    "anyway: files that need it fail with EIO until it is fixed"
+                )
+            log.warning(text)
+            found.append(text)
         return found
 
     async def _recover(self) -> None:

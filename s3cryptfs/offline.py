@@ -28,6 +28,7 @@ from s3cryptfs.errors import (
     S3CryptFSError,
     UploadConflict,
     VolumeError,
+    strip_subject,
 )
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
@@ -237,7 +238,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
             version = _check(admin.store, codec, info, args.full)
         except S3CryptFSError as exc:
             with report.lock:
-                report.bad[info.key] = str(exc)
+                report.bad[info.key] = strip_subject(exc, info.key)
         else:
             with report.lock:
                 report.versions[version] += 1

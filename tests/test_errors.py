@@ -120,3 +120,13 @@ def test_is_expected():
     assert not is_expected(TransientStoreError("503"))
     assert not is_expected(IntegrityError("tag"))
     assert not is_expected(ValueError("bug"))
+
+
+def test_strip_subject_names_an_object_once():
+    from s3cryptfs.errors import KeyNotFound, strip_subject
+
+    named = KeyNotFound("v/u1.txt: key version 9 is not in this volume")
+    assert strip_subject(named, "v/u1.txt") == "key version 9 is not in this volume"
+    assert strip_subject(named, "v/u2.txt") == str(named)  # another object's name stays
+    assert strip_subject(KeyNotFound("key version 9"), "v/u1.txt") == "key version 9"
+    assert strip_subject(named, "") == str(named)

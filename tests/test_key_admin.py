@@ -151,6 +151,29 @@ def test_kms_config_refuses_bad_files(tmp_path) -> None:
         load_kms_config(str(tmp_path / "missing.toml"), {})
 
 
+def test_kms_config_names_a_provider_typo_and_misplaced_secrets(tmp_path) -> None:
+    """A typo in provider used to reach no manager (the volume's own then said "setting
+    'address' is required"); a token under [key_manager] was silently dropped."""
+    cfg = tmp_path / "kms.toml"
+    cfg.write_text('[key_manager]\nprovider = "valut"\naddress = "http://127.0.0.1:1"\n')
+    with pytest.raises(ConfigError) as info:
+        load_kms_config(str(cfg), {})
+    assert "unknown provider 'valut'" in str(info.value)
+    assert "vault" in str(info.value).partition("known: ")[2]
+    cfg.write_text('[key_manager]\nprovider = "vault"\ntoken = "s.secret"\n')
+    os.chmod(cfg, 0o644)
+    with pytest.raises(ConfigError) as info:
+        load_kms_config(str(cfg), {})
+    assert "(token)" in str(info.value) and "[key_manager.secrets]" in str(info.value)
+    assert "s.secret" not in str(info.value)
+    # Where the message sends the token, it is taken, and only from a 0600 file.
+    cfg.write_text('[key_manager]\nprovider = "vault"\n[key_manager.secrets]\ntoken = "s.x"\n')
+    with pytest.raises(ConfigError, match="readable by group or others"):
+        load_kms_config(str(cfg), {})
+    os.chmod(cfg, 0o600)
+    assert load_kms_config(str(cfg), {})[2] == {"token": "s.x"}
+
+
 def test_dek_cache_bounds_and_ttl(manager) -> None:
     cache = DekCache(max_entries=2, ttl=60)
     envs = [manager.wrap_key(bytes([i]) * 32, CTX) for i in range(3)]
@@ -204,3 +227,32 @@ def test_checkpoint_moves_only_past_finished_keys(tmp_path) -> None:
     cp.remove()
     cp.remove()
     assert Checkpoint(path, ("p", 2)).load() is None
+
+
+def test_checkpoint_is_saved_every_few_seconds(tmp_path, monkeypatch) -> None:
+    """Not only every SAVE_EVERY keys: a slow walk saves on time too."""
+    from s3cryptfs.ops import checkpoint
+
+    path = str(tmp_path / "cp")
+    cp = checkpoint.Checkpoint(path, ("p", 2))
+    for key in "abc":
+        cp.submitted(key)
+    cp.finished("a", True)
+    assert checkpoint.Checkpoint(path, ("p", 2)).load() is None  # 1 key, well within the time
+    monkeypatch.setattr(checkpoint, "SAVE_INTERVAL", 0.0)
+    cp.finished("b", True)
+    assert checkpoint.Checkpoint(path, ("p", 2)).load() == "b"
+
+
+def test_interruptible_turns_sigterm_into_an_exception() -> None:
+    import signal
+    import time
+
+    from s3cryptfs.ops.checkpoint import Interrupted, interruptible
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as info, interruptible():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler raises at once, whatever the main thread is doing
+    assert info.value.signum == signal.SIGTERM and isinstance(info.value, KeyboardInterrupt)
+    assert signal.getsignal(signal.SIGTERM) is before  # restored

@@ -88,6 +88,57 @@ def test_import_does_not_overwrite_another_volume(mounted, tmp_path):
     assert refused.returncode != 0 and "--force" in refused.stderr
 
 
+def one_line_error(proc, code: int, *words: str) -> None:
+    """A refusal as the docs promise it: the documented exit code, one line, no traceback."""
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("s3cryptfs: "), proc.stderr
+    assert all(w in lines[0] for w in words), proc.stderr
+
+
+def test_bad_local_paths_are_one_line_errors(volume, tmp_path):
+    """keys export over an existing file, keys import of a missing one, and any other command
+    given a local path it cannot use: exit 2 and one line (they printed tracebacks)."""
+    volume.init()
+    common = volume.common_args()
+    export_pw = secret_file(tmp_path, "export-pw", "a long export passphrase, kept offline")
+    existing = tmp_path / "existing.export"
+    existing.write_bytes(b"an earlier export")
+    proc = volume.run(
+        "keys", "export", volume.url, *common, "--output", existing,
+        "--export-password-file", export_pw, check=False,
+    )  # fmt: skip
+    one_line_error(proc, 2, str(existing), "already exists")
+    assert existing.read_bytes() == b"an earlier export"
+    nowhere = tmp_path / "no-such-dir" / "keys.export"
+    proc = volume.run(
+        "keys", "export", volume.url, *common, "--output", nowhere,
+        "--export-password-file", export_pw, check=False,
+    )  # fmt: skip
+    one_line_error(proc, 2, str(nowhere), "directory does not exist")
+    missing = tmp_path / "missing.export"
+    proc = volume.run(
+        "keys", "import", missing, volume.url, *common, "--export-password-file", export_pw,
+        check=False,
+    )  # fmt: skip
+    one_line_error(proc, 2, f"cannot read {missing}", "No such file")
+    # No command has a message for every path: the last resort names it in one line too.
+    proc = volume.run("put", missing, f"{volume.url}x", *common, check=False)
+    one_line_error(proc, 2, f"cannot use {missing}", "No such file")
+    local = tmp_path / "local.txt"
+    local.write_bytes(b"local")
+    volume.run("put", local, f"{volume.url}x", *common)
+    proc = volume.run("get", f"{volume.url}x", nowhere, *common, check=False)
+    one_line_error(proc, 2, f"cannot use {nowhere.parent}/", "No such file")
+    # ...in the background mount process too (its log file is opened after the fork)
+    proc = volume.run(
+        "mount", volume.url, volume.mountpoint, *common, "--cache-dir", volume.cache_dir,
+        "--log-file", nowhere, check=False, require_detached=True,
+    )  # fmt: skip
+    one_line_error(proc, 2, f"cannot use {nowhere}", "No such file")
+    assert not volume.is_mounted()
+
+
 def test_short_passwords_are_refused(volume, s3client, tmp_path):
     short = secret_file(tmp_path, "short", "tooshort")
     proc = volume.run(

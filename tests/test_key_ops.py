@@ -88,6 +88,9 @@ def test_rotate_rewrap_retire_through_the_mount(mounted, s3client, tmp_path) -> 
     etags_before = {k: s3client.head_object(Bucket=vol.bucket, Key=k)["ETag"] for k in versions}
     rewrap = admin(vol, "rewrap", "--jobs", "3", "--audit-log", audit)
     assert f"{v1_count} re-wrapped" in rewrap.stdout, rewrap.stdout
+    # The summary counts versions as the run left them (it printed the counts from before).
+    assert f"s3cryptfs-password version 2: {len(versions)}" in rewrap.stdout, rewrap.stdout
+    assert "version 1:" not in rewrap.stdout
     after = envelope_versions(s3client, vol.bucket, vol.prefix)
     assert set(after.values()) == {("s3cryptfs-password", "2")}
     # Only metadata changed: every body is byte-identical (SeaweedFS even keeps the ETag).
@@ -197,14 +200,28 @@ def test_bad_envelopes_give_eio_and_name_the_object(volume, s3client, tmp_path) 
         assert info.value.errno == errno.EIO, name
     assert (volume.mountpoint / "ok.txt").read_bytes() == b"fine"  # the mount survives
     text = log.read_text()
-    for name, why in (
-        ("a.txt", "no-such-kms"),
-        ("b.txt", "base64"),
-        ("c.txt", "key version 9"),
-    ):
-        lines = [line for line in text.splitlines() if f"{volume.prefix}{name}" in line]
+    bad = {"a.txt": "no-such-kms", "b.txt": "base64", "c.txt": "key version 9"}
+    for name, why in bad.items():
+        key = f"{volume.prefix}{name}"
+        lines = [line for line in text.splitlines() if key in line]
         assert any(why in line for line in lines), (name, text)
+        # named once: the codec's "KEY: " was repeated by the mount ("KEY: ...: KEY: ...")
+        assert all(line.count(key) == 1 for line in lines), lines
     volume.umount()
+    # The same objects in rewrap's and fsck's reports, each named once as well.
+    rewrap = admin(volume, "rewrap", check=False)
+    assert rewrap.returncode == 6, rewrap.stderr
+    fsck = volume.run("fsck", volume.url, *volume.common_args(), check=False)
+    assert fsck.returncode == 1, fsck.stderr
+    for name, why in bad.items():
+        key = f"{volume.prefix}{name}"
+        reports = [(rewrap.stdout, "FAILED"), (fsck.stdout, "BAD")]
+        if name != "b.txt":  # a malformed envelope is not logged, only listed
+            reports.append((rewrap.stderr, "not re-wrapped"))
+        for out, head in reports:
+            lines = [line for line in out.splitlines() if key in line]
+            assert lines and all(line.count(key) == 1 for line in lines), (name, out)
+            assert any(head in line and why in line for line in lines), (name, out)
     records = [json.loads(line) for line in audit.read_text().splitlines()]
     outcomes = {(r["object"], r["outcome"]) for r in records if r["event"] == "unwrap"}
     assert (f"{volume.prefix}ok.txt", "ok") in outcomes
@@ -369,3 +386,71 @@ def test_rewrap_resumes_after_its_checkpoint(mounted, s3client) -> None:
     with open(path, "w") as f:
         json.dump({"target": ["s3cryptfs-password", 1], "after": keys[-1]}, f)
     assert "resumed" not in admin(vol, "rewrap").stdout
+
+
+def test_a_sigterm_d_rewrap_resumes_where_it_stopped(volume, s3client, tmp_path) -> None:
+    """SIGTERM (systemctl stop, kill) used to end rewrap without saving its checkpoint (it was
+    written every 100 objects only): the next run started over."""
+    import signal
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from s3cryptfs.config import parse_url, volume_cache_dir
+
+    volume.init()
+    seed = tmp_path / "seed.txt"
+    seed.write_bytes(b"one object, many copies")
+    volume.run("put", seed, f"{volume.url}seed.txt", *volume.common_args())
+    source = {"Bucket": volume.bucket, "Key": f"{volume.prefix}seed.txt"}
+    copies = [f"{volume.prefix}many/{i:04d}" for i in range(300)]
+
+    def copy(key: str) -> None:  # the same body and envelope: rewrap reads no body
+        s3client.copy_object(Bucket=volume.bucket, Key=key, CopySource=source)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(copy, copies))
+    keys = sorted([*copies, source["Key"]])
+    admin(volume, "keys", "rotate")
+
+    audit = tmp_path / "audit.jsonl"
+    audit.touch()
+    out, err = tmp_path / "out", tmp_path / "err"
+    cmd = [sys.executable, "-m", "s3cryptfs", "rewrap", volume.url, *volume.common_args()]
+    cmd += ["--cache-dir", str(volume.cache_dir), "--jobs", "1", "--audit-log", str(audit)]
+
+    def rewrapped() -> int:
+        lines = audit.read_text().splitlines()
+        return sum(1 for line in lines if json.loads(line)["event"] == "rewrap")
+
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=volume.env)
+        try:
+            deadline = time.monotonic() + 60
+            while rewrapped() < 20 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert proc.poll() is None, "rewrap ended before it could be stopped"
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    done = rewrapped()
+    assert 20 <= done < len(keys)
+    assert code == 143, err.read_text()
+    assert "Traceback" not in err.read_text()
+    assert f"resumes after {keys[done - 1]}" in err.read_text(), err.read_text()
+    checkpoint = os.path.join(
+        volume_cache_dir(str(volume.cache_dir), volume.endpoint_url, parse_url(volume.url)),
+        "rewrap.checkpoint",
+    )
+    with open(checkpoint) as f:
+        assert json.load(f)["after"] == keys[done - 1]
+
+    rest = admin(volume, "rewrap").stdout
+    assert f"resumed after {keys[done - 1]}" in rest, rest
+    left = len(keys) - done
+    assert f"examined {left} object(s): 0 already under the active key, {left} re-wrapped" in rest
+    versions = envelope_versions(s3client, volume.bucket, volume.prefix)
+    assert sorted(versions) == keys and set(versions.values()) == {("s3cryptfs-password", "2")}

@@ -354,3 +354,56 @@ def test_vault_down_at_mount_warns_and_commands_exit_7(volume, bao, tmp_path) ->
     )
     assert cat.returncode == 7 and "Traceback" not in cat.stderr, cat.stderr
     assert cat.stdout == ""
+
+
+def test_kms_config_mistakes_and_a_refused_token_are_named(volume, bao, tmp_path) -> None:
+    """A provider typo was reported as a missing 'address', a token under [key_manager] was
+    ignored, and a token OpenBao refuses (403) was reported as "does not answer"."""
+    import errno
+
+    from kms_volume import mount_kms
+
+    cfg = vault_config(tmp_path / "kms.toml", bao, bao.root_token)
+    volume.init("--key-manager", "vault", "--kms-config", cfg)
+    mount_kms(volume, cfg)
+    (volume.mountpoint / "a.txt").write_bytes(b"needs vault")
+    volume.umount()
+    common = ["--endpoint-url", volume.endpoint_url]
+    mount_args = ["mount", volume.url, volume.mountpoint, *common, "--cache-dir", volume.cache_dir]
+
+    def refused(proc, *words: str) -> str:
+        assert proc.returncode == 2, proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert all(w in line for w in words), line
+        return line
+
+    typo = tmp_path / "typo.toml"
+    typo.write_text(Path(cfg).read_text().replace('"vault"', '"valut"'))
+    for proc in (
+        volume.run("cat", f"{volume.url}a.txt", *common, "--kms-config", typo, check=False),
+        volume.run(*mount_args, "--kms-config", typo, check=False),
+    ):
+        line = refused(proc, "unknown provider 'valut'")
+        assert "vault" in line.partition("known: ")[2] and "address" not in line
+    assert not volume.is_mounted()
+
+    inline = tmp_path / "inline.toml"
+    inline.write_text(
+        f'[key_manager]\nprovider = "vault"\naddress = "{bao.address}"\n'
+        f'token = "{bao.root_token}"\n'
+    )
+    line = refused(volume.run(*mount_args, "--kms-config", inline, check=False), "[key_manager]")
+    assert "(token)" in line and "[key_manager.secrets]" in line and bao.root_token not in line
+
+    (tmp_path / "bad").mkdir()
+    bad = vault_config(tmp_path / "bad" / "kms.toml", bao, "not-a-token")
+    up = volume.run(*mount_args, "--kms-config", bad, check=False, require_detached=True)
+    assert up.returncode == 0 and volume.is_mounted(), up.stderr
+    assert "warning: key manager vault refused the credentials (KeyAccessDenied" in up.stderr
+    assert "does not answer" not in up.stderr
+    with pytest.raises(OSError) as info:
+        (volume.mountpoint / "a.txt").read_bytes()
+    assert info.value.errno == errno.EIO
+    status = volume.run("status", volume.mountpoint).stdout
+    assert "key manager:  vault: KeyAccessDenied" in status
+    volume.umount()

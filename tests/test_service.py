@@ -211,6 +211,19 @@ def test_status_and_runtime_log_level(mounted, tmp_path):
     assert raw["requests"].get("put", 0) >= 1 and raw["uploads"]["queued"] >= 0
     not_mounted = vol.run("status", tmp_path, check=False)
     assert not_mounted.returncode != 0 and "not an s3cryptfs mount" in not_mounted.stderr
+    # `status MNT | head -3` once the reader has gone: quiet, as other tools (no traceback)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "wb") as closed:
+        piped = subprocess.run(
+            [sys.executable, "-m", "s3cryptfs", "status", str(vol.mountpoint)],
+            stdout=closed,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=vol.env,
+            timeout=60,
+        )
+    assert piped.stderr == "" and piped.returncode == 141, piped.stderr
     pid = int(os.getxattr(vol.mountpoint, "user.s3cryptfs.pid"))
     log = next(vol.cache_dir.glob("*/mount.log"))
     os.kill(pid, signal.SIGUSR1)

@@ -94,6 +94,10 @@ EXPLAINED_WRAPPERS: dict[tuple[str, str, str], str] = {
     ("vfs/core.py", "fsync", "{}"): _NODE_ERROR,
 }
 
+# Calls whose value is the text of the exception they are given first: str(exc), and
+# errors.strip_subject(exc, key), the same text without the object key in front.
+EXCEPTION_TEXT = {"str", "strip_subject"}
+
 # Lines printed on stderr that are progress or success, not errors.
 NOT_ERRORS: dict[str, str] = {
     "checked {} objects...": "fsck progress on a terminal",
@@ -375,8 +379,8 @@ class Extractor:
         if (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Name)
-            and node.func.id == "str"
-            and len(node.args) == 1
+            and node.func.id in EXCEPTION_TEXT
+            and node.args
             and isinstance(node.args[0], ast.Name)
             and node.args[0].id in scope.caught
         ):

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from s3cryptfs.errors import ConfigError
+from s3cryptfs.keys.registry import provider_names
 
 # Environment variables that carry secrets: name -> (provider or None for any, secret name).
 SECRET_ENV: dict[str, tuple[str | None, str]] = {
@@ -40,6 +41,18 @@ GENERIC_PREFIX = "S3CRYPTFS_SECRET_"
 # Option names that hold a path to a file whose content is a secret: "<name>_file" -> "<name>".
 FILE_SUFFIX = "_file"
 SECRET_FILE_OPTIONS = ("token_file", "passphrase_file", "db_password_file", "key_password_file")
+# Secrets the built-in managers read. Under [key_manager] itself they would be taken for
+# connection options and silently ignored (and the file's mode never checked): refused there.
+SECRET_NAMES = (
+    "token",
+    "passphrase",
+    "db_password",
+    "key_password",
+    "password",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+)
 
 
 def _read_secret_file(path: str, what: str) -> str:
@@ -80,7 +93,22 @@ def load_kms_config(
         raw_provider = table.get("provider")
         if not isinstance(raw_provider, str) or not raw_provider:
             raise ConfigError(f'key manager config {path}: [key_manager] needs provider = "..."')
+        known = provider_names()
+        if raw_provider not in known:
+            # Checked here, not when the volume's manager is built: a typo would otherwise reach
+            # no manager, and the volume's own would complain of a missing setting.
+            raise ConfigError(
+                f"key manager config {path}: unknown provider {raw_provider!r} "
+                f"(known: {', '.join(known)})"
+            )
         provider = raw_provider
+        misplaced = [name for name in table if name in SECRET_NAMES]
+        if misplaced:
+            raise ConfigError(
+                f"key manager config {path}: secrets are not read from [key_manager] itself "
+                f"({', '.join(misplaced)}): put them under [key_manager.secrets] in a file only "
+                "you can read (chmod 600), use a *_file option, or the environment (docs/KMS.md)"
+            )
         file_secrets = table.get("secrets", {})
         if not isinstance(file_secrets, dict):
             raise ConfigError(f"key manager config {path}: [key_manager.secrets] must be a table")

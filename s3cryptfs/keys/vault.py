@@ -114,7 +114,8 @@ class _Transit:
             raise bad_request(f"vault refused {what}: {_first(exc)}") from None
         except hexc.Forbidden:
             raise KeyAccessDenied(
-                f"vault refused {what} on {self.mount}/{self.key} (token lacks permission)"
+                f"vault refused {what} on {self.mount}/{self.key}: permission denied (the token "
+                "is invalid or expired, or its policy does not allow this)"
             ) from None
         except hexc.Unauthorized:
             raise KeyAccessDenied(f"vault refused the token for {what}") from None

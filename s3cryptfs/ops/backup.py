@@ -39,9 +39,23 @@ def _passphrase(args: argparse.Namespace, new: bool) -> bytes:
     return secret
 
 
+def _check_output(path: str) -> None:
+    """Before any passphrase is asked: an export never replaces a file (it may be the only
+    copy of an older export), and its directory must exist."""
+    if os.path.lexists(path):
+        raise ConfigError(
+            f"keys export: {path} already exists; an export never replaces a file: "
+            "choose another --output"
+        )
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"keys export: cannot write {path}: its directory does not exist")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if not args.file:
         raise ConfigError("keys export: give --output FILE")
+    _check_output(args.file)
     # Opened as any command opens it: what is exported has authenticated, and for a password
     # volume the password given has opened its keys (so "sealed under the volume password"
     # below is checked, not assumed).
@@ -50,7 +64,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         blob = keyexport.seal(desc, str(admin.url), _passphrase(args, new=True))
     finally:
         admin.close()
-    fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        _check_output(args.file)  # made meanwhile: the same message as before the prompt
+        raise
+    except OSError as exc:
+        raise ConfigError(f"keys export: cannot write {args.file}: {exc.strerror}") from None
     with os.fdopen(fd, "wb") as f:
         f.write(blob)
     where = (
@@ -66,8 +86,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     """Put an exported descriptor back: it must authenticate with this machine's keys, and it
     is written as a new generation (above the one in the bucket and the one pinned here), so
     machines that saw later descriptors take it instead of calling it a rollback."""
-    with open(args.file, "rb") as f:
-        blob = f.read()
+    try:
+        with open(args.file, "rb") as f:
+            blob = f.read()
+    except OSError as exc:
+        raise ConfigError(f"keys import: cannot read {args.file}: {exc.strerror}") from None
     exported, doc = keyexport.open_bundle(blob, _passphrase(args, new=False))
     url = config.parse_url(args.url)
     store = make_store(url, args.endpoint_url, args.region, retry_deadline=30)

@@ -23,9 +23,15 @@ from typing import TextIO
 
 from s3cryptfs.audit import NO_AUDIT, AuditLog
 from s3cryptfs.codec import ObjectCodec
-from s3cryptfs.errors import FormatError, KeyManagerError, PreconditionFailed, StoreError
+from s3cryptfs.errors import (
+    FormatError,
+    KeyManagerError,
+    PreconditionFailed,
+    StoreError,
+    strip_subject,
+)
 from s3cryptfs.format import metadata as md
-from s3cryptfs.ops.checkpoint import Checkpoint
+from s3cryptfs.ops.checkpoint import Checkpoint, interruptible
 from s3cryptfs.ops.walk import walk_heads
 from s3cryptfs.store.s3 import ObjectInfo, S3Store
 
@@ -40,7 +46,7 @@ class RewrapReport:
     rewrapped: int = 0
     current: int = 0  # already under the active key
     plain: int = 0  # not s3cryptfs objects: left alone
-    # (provider, version) -> objects found under it (before any rewrap)
+    # (provider, version) -> objects under it once the run is over (a dry run changes nothing)
     by_version: Counter[tuple[str, int]] = field(default_factory=Counter)
     changed: list[str] = field(default_factory=list)  # skipped: changed concurrently
     failed: list[tuple[str, str]] = field(default_factory=list)
@@ -58,6 +64,9 @@ class RewrapReport:
             + (f"{self.rewrapped} re-wrapped, " if not dry_run else "")
             + f"{self.plain} not encrypted by s3cryptfs"
         ]
+        if self.by_version:
+            when = "" if dry_run else " after this run"
+            lines.append(f"key versions of the examined objects{when}:")
         for (provider, version), count in sorted(self.by_version.items()):
             lines.append(f"  {provider} version {version}: {count}")
         for key in self.changed:
@@ -126,17 +135,16 @@ def rewrap_volume(
         except FormatError as exc:
             with lock:
                 report.examined += 1
-                report.failed.append((info.key, str(exc)))
+                report.failed.append((info.key, strip_subject(exc, info.key)))
             return False
         found = (envelope.provider, envelope.key_version)
         with lock:
             report.examined += 1
-            report.by_version[found] += 1
-        if dry_run:
-            return True
-        if found == target:
+        if dry_run or found == target:
             with lock:
-                report.current += 1
+                report.by_version[found] += 1
+                if not dry_run:
+                    report.current += 1
             return True
         try:
             dek = codec.unwrap_envelope(envelope, info.key)
@@ -150,13 +158,16 @@ def rewrap_volume(
         except PreconditionFailed:
             audit.event("rewrap", "PreconditionFailed", object=info.key, provider=found[0])
             with lock:
+                report.by_version[found] += 1
                 report.changed.append(info.key)
             return False
         except (KeyManagerError, StoreError) as exc:
             audit.event("rewrap", type(exc).__name__, object=info.key, provider=found[0])
-            log.error("%s: not re-wrapped: %s", info.key, exc)
+            why = strip_subject(exc, info.key)
+            log.error("%s: not re-wrapped: %s", info.key, why)
             with lock:
-                report.failed.append((info.key, str(exc)))
+                report.by_version[found] += 1
+                report.failed.append((info.key, why))
             return False
         audit.event(
             "rewrap",
@@ -168,16 +179,28 @@ def rewrap_volume(
         )
         with lock:
             report.rewrapped += 1
+            report.by_version[target] += 1
             shown.show(report)
         return True
 
     start = report.resumed_after
+    stopped = False
     try:
-        walk_heads(store, prefix, jobs, one, start, checkpoint)
+        with interruptible():
+            walk_heads(store, prefix, jobs, one, start, checkpoint)
+    except KeyboardInterrupt:
+        stopped = True
+        raise
     finally:
         shown.end()
         if checkpoint is not None:
             checkpoint.save()
+            if stopped and checkpoint.after is not None:
+                print(
+                    "s3cryptfs: interrupted; progress is saved: the same command resumes after "
+                    f"{checkpoint.after}",
+                    file=sys.stderr,
+                )
     if checkpoint is not None and report.complete:
         checkpoint.remove()  # done: the next run starts from the beginning
     report.changed.sort()

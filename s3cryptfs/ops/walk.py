@@ -59,11 +59,17 @@ def walk_heads(
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         pending: list[Future[None]] = []
-        for key in object_keys(store, prefix, start_after):
-            if tracker is not None:
-                tracker.submitted(key)
-            pending.append(pool.submit(one, key))
-            if len(pending) >= window:
-                pending.pop(0).result()
-        for fut in pending:
-            fut.result()
+        try:
+            for key in object_keys(store, prefix, start_after):
+                if tracker is not None:
+                    tracker.submitted(key)
+                pending.append(pool.submit(one, key))
+                if len(pending) >= window:
+                    pending.pop(0).result()
+            for fut in pending:
+                fut.result()
+        except BaseException:
+            # Interrupted (or failed): finish only what is running, start nothing new. A key
+            # never started stays unfinished for the tracker, so a checkpoint stops before it.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise

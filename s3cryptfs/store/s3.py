@@ -34,6 +34,7 @@ from s3cryptfs.errors import (
     PreconditionFailed,
     StoreError,
     TransientStoreError,
+    strip_subject,
 )
 
 log = logging.getLogger(__name__)
@@ -306,10 +307,11 @@ class S3Store:
                     raise err from None
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    log.error("%s: giving up after %d attempts: %s", what, attempt, err)
+                    why = strip_subject(err, what)
+                    log.error("%s: giving up after %d attempts: %s", what, attempt, why)
                     raise err from None
                 sleep = min(delay * (0.5 + random.random()), remaining, 5.0)
-                log.warning("%s: %s; retrying in %.1fs", what, err, sleep)
+                log.warning("%s: %s; retrying in %.1fs", what, strip_subject(err, what), sleep)
                 time.sleep(sleep)
                 delay = min(delay * 2, 5.0)
 

@@ -28,7 +28,13 @@ from typing import Any
 import trio
 
 from s3cryptfs.codec import ObjectCodec
-from s3cryptfs.errors import KeyManagerError, ObjectNotFound, PreconditionFailed, S3CryptFSError
+from s3cryptfs.errors import (
+    KeyManagerError,
+    ObjectNotFound,
+    PreconditionFailed,
+    S3CryptFSError,
+    strip_subject,
+)
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format.descriptor import META_DIR
 from s3cryptfs.store.s3 import S3Store
@@ -145,11 +151,11 @@ class AttrIndex:
         except KeyManagerError as exc:
             # Indexes are caches, left out of rewrap: one sealed under a retired key version
             # is simply rebuilt under the active one.
-            log.info("%s: directory index ignored: %s", key, exc)
+            log.info("%s: directory index ignored: %s", key, strip_subject(exc, key))
             return {}
         except (S3CryptFSError, ValueError, KeyError, TypeError) as exc:
             # A cache that fails to authenticate is ignored (and rewritten), never trusted.
-            log.warning("%s: directory index ignored: %s", key, exc)
+            log.warning("%s: directory index ignored: %s", key, strip_subject(exc, key))
             return {}
 
     async def load(self, dir_path: str) -> dict[str, IndexEntry]:

@@ -37,6 +37,7 @@ from s3cryptfs.errors import (
     S3CryptFSError,
     UnknownProvider,
     UploadConflict,
+    strip_subject,
 )
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
@@ -553,7 +554,7 @@ class Filesystem:
         try:
             node.size = await self._thread(self.codec.mpu_size, remote.metadata, key)
         except S3CryptFSError as exc:
-            log.error("%s: %s", key, exc)
+            log.error("%s: %s", key, strip_subject(exc, key))
             node.error = str(exc)
 
     async def load_attrs_many(self, nodes: list[Node]) -> None:
@@ -663,11 +664,13 @@ class Filesystem:
         try:
             return await self.reader.read(version, offset, size, handle.state)
         except IntegrityError as exc:
-            log.error("%s: %s", self.key(node.path), exc)
+            key = self.key(node.path)
+            log.error("%s: %s", key, strip_subject(exc, key))
             raise
         except KeyManagerError as exc:
             # The object stays unreadable (EIO) until its key manager answers; the mount lives.
-            log.error("%s: cannot unwrap its data key: %s", self.key(node.path), exc)
+            key = self.key(node.path)
+            log.error("%s: cannot unwrap its data key: %s", key, strip_subject(exc, key))
             raise
 
     async def readlink(self, ino: int) -> bytes:
@@ -1669,19 +1672,26 @@ class Filesystem:
             }
         return out
 
-    def key_health(self) -> dict[str, str]:
-        """Blocking: each key manager's health_check, as "ok" or the error (for status)."""
-        out: dict[str, str] = {}
+    def key_problems(self) -> dict[str, S3CryptFSError | None]:
+        """Blocking: each key manager's health_check, None when it passed."""
+        out: dict[str, S3CryptFSError | None] = {}
         ring = getattr(self.codec, "ring", None)
         if ring is None:
             return out
         for provider in self.codec.descriptor.providers():
             try:
                 ring.manager(provider).health_check()
-                out[provider] = "ok"
+                out[provider] = None
             except S3CryptFSError as exc:
-                out[provider] = f"{type(exc).__name__}: {exc}"
+                out[provider] = exc
         return out
+
+    def key_health(self) -> dict[str, str]:
+        """Blocking: each key manager's health, as "ok" or the error (for status)."""
+        return {
+            provider: "ok" if exc is None else f"{type(exc).__name__}: {exc}"
+            for provider, exc in self.key_problems().items()
+        }
 
     def iter_nodes(self) -> Iterator[Node]:
         return iter(list(self.nodes.by_ino.values()))
