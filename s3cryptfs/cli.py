@@ -287,12 +287,11 @@ KEY_ACTIONS = {
     "list": "the key versions only",
     "rotate": "make a new active version (--due: only when the schedule says so)",
     "retire": "VERSION: stop it from unwrapping (refused while objects use it)",
-    "passwd": "re-seal the password manager's keys under a new password (--rotate: and "
-    "revoke the old one: new key version and authentication key, re-wrap, retire)",
+    "passwd": "re-seal the keys under a new password (--rotate: and revoke the old)",
     "export": "write the descriptor, sealed under a passphrase, to --output FILE",
     "import": "FILE: put an exported descriptor back (--force: over another one)",
     "schedule": "DAYS: the rotation period that `rotate --due` follows (0: none)",
-    "trust": "pin the volume's fingerprint on this machine (--fingerprint FP: only that one)",
+    "trust": "pin the volume's fingerprint here (--fingerprint FP: only that one)",
 }
 
 

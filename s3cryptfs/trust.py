@@ -95,6 +95,7 @@ class TrustStore:
     def save(self, pin: Pin) -> None:
         path = self.path(pin.endpoint, pin.volume)
         try:
+            os.makedirs(os.path.dirname(self.root), mode=0o700, exist_ok=True)
             os.makedirs(self.root, mode=0o700, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".pin-")
             try:

@@ -40,6 +40,7 @@ from s3cryptfs.format.descriptor import (
 )
 from s3cryptfs.keys.base import KeyEnvelope
 from s3cryptfs.keys.password import PasswordKeyManager
+from s3cryptfs.keys.registry import shared_settings
 from s3cryptfs.keys.ring import KeyRing, LocalKeys
 from s3cryptfs.store.s3 import S3Store
 from s3cryptfs.trust import Pin, TrustStore
@@ -47,10 +48,6 @@ from s3cryptfs.trust import Pin, TrustStore
 log = logging.getLogger(__name__)
 
 WRITE_ATTEMPTS = 5
-FIRST_CONTACT = (
-    "first contact with %s: trusting the volume fingerprint %s (compare it with "
-    "`s3cryptfs keys status` on a machine you trust)"
-)
 
 
 def read_raw(store: S3Store, url: VolumeURL) -> tuple[bytes, str]:
@@ -199,8 +196,12 @@ class VolumeAuthority:
                     f"s3cryptfs keys trust {self.url} --fingerprint NEW"
                 )
             if expected is None:
-                log.warning(FIRST_CONTACT, self.url, found)
-                self.warnings.append(FIRST_CONTACT % (self.url, found))
+                text = (
+                    f"first contact with {self.url}: trusting the volume fingerprint {found} "
+                    "(compare it with `s3cryptfs keys status` on a machine you trust)"
+                )
+                log.warning(text)
+                self.warnings.append(text)
         if same_volume and pin is not None and desc.generation < pin.generation:
             raise DescriptorAuthError(
                 f"the volume descriptor was rolled back: it is generation {desc.generation}, "
@@ -299,6 +300,11 @@ class VolumeAuthority:
             self._pin.generation if self._pin is not None else 0,
         )
         desc.generation = seen + 1
+        # Whatever a manager handed back (some return the settings they were built with,
+        # this machine's connection options included), only key identity is published.
+        desc.key_settings = shared_settings(desc.provider, desc.key_settings)
+        for entry in desc.previous:
+            entry["settings"] = shared_settings(entry["provider"], entry["settings"])
         auth = DescriptorAuth()
         context = {"volume_id": desc.volume_id}
         self.ring.update(desc)
@@ -306,10 +312,8 @@ class VolumeAuthority:
             manager = self.ring.manager(PASSWORD_PROVIDER)
             assert isinstance(manager, PasswordKeyManager)
             wanted = desc.password_settings() or {}
-            if manager.settings_kdf() != wanted.get("kdf"):
-                raise VolumeError(
-                    "the password key manager in use does not match the descriptor being written"
-                )
+            # A password change adopts the manager of the new password before signing.
+            assert manager.settings_kdf() == wanted.get("kdf"), "password manager out of date"
             auth.password = manager.seal_auth_key(dak)
         if desc.provider != PASSWORD_PROVIDER:
             envelope = self.ring.active().wrap_key(dak, context)

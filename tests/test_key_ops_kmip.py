@@ -127,6 +127,11 @@ def test_kms_volume_rotate_rewrap_retire_and_outage(volume, kmip, proxy, s3clien
     assert set(envelope_versions(s3client, volume.bucket, volume.prefix).values()) == {
         ("kmip", "2")
     }
+    # init, rotate and retire published the key identity only: how this machine reaches its
+    # KMIP server (host, port, certificates) stays in its --kms-config.
+    raw = s3client.get_object(Bucket=volume.bucket, Key=f"{volume.prefix}.s3cryptfs/volume.json")
+    settings = json.loads(raw["Body"].read())["key_manager"]["settings"]
+    assert set(settings) <= {"keys", "wrap_mode"} and len(settings["keys"]) == 2, settings
 
     mount_without_password(volume, "--kms-config", cfg, "--dek-cache-ttl", "0", "--log-file", log)
     assert (volume.mountpoint / "a.txt").read_bytes() == FILES["a.txt"]

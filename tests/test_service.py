@@ -192,8 +192,8 @@ def test_mount_unit_verifies(tmp_path):
     assert "Type=notify" in text and "LoadCredential=password:" in text
     from s3cryptfs import cli
 
-    # a wrong password or a bad configuration is not retried every 10 s forever
-    prevented = {cli.EXIT_USAGE, cli.EXIT_WRONG_PASSWORD, cli.EXIT_VOLUME}
+    # a wrong password, a bad configuration or a tampered descriptor is not retried every 10 s
+    prevented = {cli.EXIT_USAGE, cli.EXIT_WRONG_PASSWORD, cli.EXIT_VOLUME, cli.EXIT_INTEGRITY}
     line = next(x for x in text.splitlines() if x.startswith("RestartPreventExitStatus="))
     assert {int(v) for v in line.split("=", 1)[1].split()} == prevented
     for namespaced in ("PrivateTmp=", "ProtectSystem=", "ProtectHome="):
