@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import select
-import shutil
-import subprocess
 import sys
 import time
 from signal import SIGTERM
@@ -28,22 +25,23 @@ from s3cryptfs.errors import (
     VolumeError,
     WrongPasswordError,
 )
+from s3cryptfs.exitcodes import (
+    EXIT_BROKEN_PIPE,
+    EXIT_CONFLICT,
+    EXIT_ERROR,
+    EXIT_INTEGRITY,
+    EXIT_INTERRUPTED,
+    EXIT_KEYS,
+    EXIT_OK,
+    EXIT_S3,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    EXIT_VOLUME,
+    EXIT_WRONG_PASSWORD,
+)
 
 log = logging.getLogger("s3cryptfs")
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_WRONG_PASSWORD = 3
-EXIT_S3 = 4
-EXIT_VOLUME = 5
-# 6 (refused or incomplete) is returned by the key commands themselves (ops/)
-EXIT_KEYS = 7
-EXIT_INTEGRITY = 8
-EXIT_CONFLICT = 9
-EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C), as shells report it: 128 + 2
-EXIT_BROKEN_PIPE = 141  # the reader of our output went away (`| head`): 128 + SIGPIPE
-EXIT_TERMINATED = 143  # SIGTERM during rewrap or migrate, after the checkpoint is saved
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -216,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long an unwrapped data key stays in memory (default 300; 0 disables)",
     )
     p.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="on a stop (SIGTERM, umount(8)), how long uploads may make no progress before the "
+        "mount gives up waiting: what is left stays for the next mount, named in the log "
+        "(default 120)",
+    )
+    p.add_argument(
         "--descriptor-refresh",
         type=float,
         default=60.0,
@@ -255,6 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--lazy",
         action="store_true",
         help="if the mount process is gone, detach the dead mount (fusermount -uz)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up waiting when uploads make no progress for this long (S3 or the key "
+        "manager away): the mount then stays up and the files not in S3 are listed "
+        "(default 60)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with what is not in S3 yet: unmount anyway, keeping it for the next mount "
+        "(exit 6)",
     )
     _add_log_level(p, "warning")
     _add_admin_commands(sub)
@@ -655,6 +677,7 @@ def _mount_spec(args: argparse.Namespace, password: bytes | None) -> object:
         dek_cache_entries=4096 if args.dek_cache_ttl > 0 else 0,
         dek_cache_ttl=args.dek_cache_ttl,
         descriptor_refresh=args.descriptor_refresh,
+        stop_timeout=args.stop_timeout,
     )
 
 
@@ -698,8 +721,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.foreground:
         _setup_logging(args.log_level, path=args.log_file)
         mount.prepare()
-        mount.run()
-        return EXIT_OK
+        return mount.run()
     return _daemonize(mount, args)
 
 
@@ -745,7 +767,7 @@ def _daemonize(mount: object, args: argparse.Namespace) -> int:
             os.write(write_fd, "\n".join(["READY", *mount.warnings]).encode())
             os.close(write_fd)
 
-        mount.run(ready)
+        code = mount.run(ready)
     except S3CryptFSError as exc:
         code = _exit_code(exc)
         _report(write_fd, code, str(exc))
@@ -773,64 +795,6 @@ def _report(fd: int, code: int, text: str) -> None:
 
 
 # --- umount ----------------------------------------------------------------------------------
-
-
-def _mount_pid(mountpoint: str) -> int | None:
-    try:
-        raw = os.getxattr(mountpoint, "user.s3cryptfs.pid")
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            return None
-        raise
-    return int(raw)
-
-
-def _is_mounted(path: str) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == real for line in f if len(line.split()) > 1)
-
-
-def cmd_umount(args: argparse.Namespace) -> int:
-    mountpoint = os.path.abspath(args.mountpoint)
-    if not _is_mounted(mountpoint):
-        raise ConfigError(f"{mountpoint} is not mounted")
-    try:
-        pid = _mount_pid(mountpoint)
-    except OSError as exc:
-        raise ConfigError(f"{mountpoint} is not an s3cryptfs mount ({exc.strerror})") from None
-    if pid is None:
-        if not args.lazy:
-            raise ConfigError(
-                f"the s3cryptfs process behind {mountpoint} is gone (transport endpoint is not "
-                "connected). Versions it had not uploaded are kept in its journal and are "
-                "uploaded by the next mount. Detach the dead mount with: "
-                f"s3cryptfs umount --lazy {mountpoint}"
-            )
-        fusermount = shutil.which("fusermount3") or "fusermount"
-        subprocess.run([fusermount, "-u", "-z", mountpoint], check=False)
-        return EXIT_OK
-    os.kill(pid, 15)
-    announced = time.monotonic() + 5
-    while _pid_alive(pid):
-        if time.monotonic() > announced:
-            print(
-                f"s3cryptfs: waiting for pending uploads of {mountpoint} (pid {pid})...",
-                file=sys.stderr,
-            )
-            announced = time.monotonic() + 30
-        time.sleep(0.1)
-    if _is_mounted(mountpoint):
-        raise S3CryptFSError(f"{mountpoint} is still mounted after the mount process ended")
-    return EXIT_OK
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
@@ -908,6 +872,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     for provider, health in sorted(status.get("key_managers", {}).items()):
         print(f"key manager:  {provider}: {health}")
     return EXIT_OK
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from s3cryptfs import umount
+
+    return umount.cmd_umount(args)
 
 
 COMMANDS = {

@@ -27,6 +27,7 @@ from s3cryptfs.errors import (
     KeyManagerError,
     KeyNotFound,
     ObjectNotFound,
+    ProviderUnavailable,
     UnknownProvider,
     UnwrapFailed,
     WrongPasswordError,
@@ -38,10 +39,13 @@ from s3cryptfs.format.descriptor import GATEWAY_FORMAT, Descriptor
 from s3cryptfs.format.layout import BodyCipher, PlainCipher
 from s3cryptfs.keys.base import KeyEnvelope, KeyManager
 from s3cryptfs.keys.dekcache import DekCache, cache_key
+from s3cryptfs.keys.pool import KeyPool
 from s3cryptfs.keys.ring import KeyRing
 
 # At most one descriptor re-read per this many seconds, however many objects ask for it.
 REFRESH_MIN_INTERVAL = 2.0
+# After a KMS timed out on a wrap, this long without asking it again (see _check_breaker).
+BREAKER_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ class ObjectCodec:
         audit: AuditLog = NO_AUDIT,
         refresh_interval: float = 60.0,
         gateway: GatewaySecrets | None = None,
+        pool: KeyPool | None = None,
     ) -> None:
         self.descriptor = descriptor
         self.gateway = gateway or GatewaySecrets()
@@ -103,6 +108,10 @@ class ObjectCodec:
         # (provider, version) pairs envelopes named that the descriptor lacked at its last read
         self._missing: set[tuple[str, int]] = set()
         self._context = {"volume_id": descriptor.volume_id}
+        # Wrapped data keys made ahead of time (keys/pool.py): mounts have one.
+        self.pool = pool
+        self._kms_down_until = 0.0
+        self._kms_down_why = ""
 
     # --- descriptor refresh ------------------------------------------------------------------
 
@@ -115,6 +124,8 @@ class ObjectCodec:
                 return False
             self._refreshed_at = time.monotonic()
             desc = self._refresh()
+            if self.pool is not None and desc.generation != self.descriptor.generation:
+                self.pool.clear()  # keys wrapped under what the old descriptor said
             self.ring.update(desc)
             self.descriptor = desc
             self._missing.clear()
@@ -131,15 +142,64 @@ class ObjectCodec:
 
     # --- wrapping ----------------------------------------------------------------------------
 
-    def new_metadata(self, dek: bytes, attrs: md.PosixAttrs, name: str = "") -> dict[str, str]:
+    def new_key(self, attrs: md.PosixAttrs, name: str = "") -> tuple[bytes, dict[str, str]]:
+        """A fresh data key and the metadata of an object sealed under it (blocking: may call
+        the KMS, unless the pool has a key wrapped ahead of time)."""
         self._maybe_periodic_refresh()
-        envelope = self._wrap(self.ring.active(), dek, name)
-        return {md.FORMAT: md.FORMAT_V1, **md.encode_envelope(envelope), **attrs.encode()}
+        found = self.pool.take() if self.pool is not None else None
+        if found is not None:
+            dek, envelope = found
+            self.audit.event(
+                "wrap",
+                provider=envelope.provider,
+                key_id=envelope.key_id,
+                key_version=envelope.key_version,
+                object=name or None,
+            )
+            self.dek_cache.put(cache_key(envelope), dek)
+        else:
+            dek = os.urandom(v1.DEK_LEN)
+            envelope = self._wrap(self.ring.active(), dek, name)
+        return dek, {md.FORMAT: md.FORMAT_V1, **md.encode_envelope(envelope), **attrs.encode()}
+
+    def refill_pool(self) -> int:
+        """Top up the pool of wrapped data keys (blocking; for a worker thread)."""
+        if self.pool is None or self.writes_gateway:
+            return 0
+        manager = self.ring.active()
+        return self.pool.refill(lambda dek: self._wrap_now(manager, dek))
+
+    def _wrap_now(self, manager: KeyManager, dek: bytes) -> KeyEnvelope:
+        """A wrap outside of any object (the pool): its audit line comes when it is used."""
+        self._check_breaker()
+        try:
+            return manager.wrap_key(dek, self._context)
+        except ProviderUnavailable:
+            self._trip_breaker()
+            raise
+
+    def _check_breaker(self) -> None:
+        """A KMS that just timed out is not asked again for a few seconds: a file closed
+        meanwhile is kept as closed at once rather than after another full timeout."""
+        if time.monotonic() < self._kms_down_until:
+            raise ProviderUnavailable(self._kms_down_why)
+
+    def _trip_breaker(self) -> None:
+        self._kms_down_until = time.monotonic() + BREAKER_SECONDS
+        self._kms_down_why = (
+            f"the key manager did not answer less than {BREAKER_SECONDS:.0f} s ago; "
+            "not asking again yet"
+        )
 
     def _wrap(self, manager: KeyManager, dek: bytes, name: str) -> KeyEnvelope:
         """Wrap *dek* with *manager*, audited, and keep it in the DEK cache."""
         try:
-            envelope = manager.wrap_key(dek, self._context)
+            self._check_breaker()
+            try:
+                envelope = manager.wrap_key(dek, self._context)
+            except ProviderUnavailable:
+                self._trip_breaker()
+                raise
         except KeyManagerError as exc:
             self.audit.event("wrap", type(exc).__name__, provider=manager.provider, object=name)
             raise
@@ -210,8 +270,7 @@ class ObjectCodec:
         File contents: in the volume's object format (ours, or the gateway's)."""
         if self.writes_gateway:
             return self._seal_gateway(src, dst, attrs, name)
-        dek = os.urandom(v1.DEK_LEN)
-        meta = self.new_metadata(dek, attrs, name)
+        dek, meta = self.new_key(attrs, name)
         start = dst.tell()
         plain, body = v1.encrypt_stream(dek, src, dst, self.chunk_size)
         dst.flush()
@@ -231,8 +290,8 @@ class ObjectCodec:
             out = io.BytesIO()
             sealed = self._seal_gateway(io.BytesIO(data), out, attrs, name)
             return out.getvalue(), sealed.metadata
-        dek = os.urandom(v1.DEK_LEN)
-        return v1.encrypt_bytes(dek, data, self.chunk_size), self.new_metadata(dek, attrs, name)
+        dek, meta = self.new_key(attrs, name)
+        return v1.encrypt_bytes(dek, data, self.chunk_size), meta
 
     # --- unwrapping --------------------------------------------------------------------------
 

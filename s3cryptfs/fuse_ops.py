@@ -29,6 +29,12 @@ XATTR_STATE = b"user.s3cryptfs.state"
 XATTR_PID = b"user.s3cryptfs.pid"
 XATTR_STATUS = b"user.s3cryptfs.status"  # root only: stats plus key manager health (slower)
 XATTR_STATS = b"user.s3cryptfs.stats"  # root only: request counters as JSON (for scripts, tests)
+# The unmount protocol of `s3cryptfs umount` (root and the mount's owner only): set DRAIN to
+# the seconds uploads may stall; it returns once everything is in S3, or fails with EBUSY and
+# PENDING lists what is not. Setting STOP ("force") stops the mount whatever is left.
+XATTR_DRAIN = b"user.s3cryptfs.drain"
+XATTR_PENDING = b"user.s3cryptfs.pending"
+XATTR_STOP = b"user.s3cryptfs.stop"
 ATTR_TIMEOUT = 1.0
 
 
@@ -50,6 +56,12 @@ def _guard(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             raise pyfuse3.FUSEError(err) from None
 
     return wrapper
+
+
+def _control_allowed(ctx: Any) -> None:
+    """Only root and whoever runs the mount may drain it, stop it or see what is pending."""
+    if ctx.uid not in (0, os.getuid()):
+        raise pyfuse3.FUSEError(errno.EACCES)
 
 
 def _ours(exc: BaseException) -> bool:
@@ -286,6 +298,12 @@ class FuseOperations(pyfuse3.Operations):
             return str(os.getpid()).encode()
         if name == XATTR_STATS and inode == pyfuse3.ROOT_INODE:
             return json.dumps(self.fs.stats(), sort_keys=True).encode()
+        if name == XATTR_PENDING and inode == pyfuse3.ROOT_INODE:
+            _control_allowed(ctx)
+            pending = [
+                {"key": key, "kind": kind, "why": why} for key, kind, why in self.fs.not_in_s3()
+            ]
+            return json.dumps(pending, sort_keys=True).encode()
         if name == XATTR_STATUS and inode == pyfuse3.ROOT_INODE:
             status = self.fs.stats()
             # Bounded by the managers' own timeouts (a KMS that does not answer is reported).
@@ -300,6 +318,18 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        if inode == pyfuse3.ROOT_INODE and name in (XATTR_DRAIN, XATTR_STOP):
+            _control_allowed(ctx)
+            if name == XATTR_STOP:
+                self.fs.stop_requested.set()
+                return
+            try:
+                stall = float(value.decode() or "60")
+            except ValueError:
+                raise pyfuse3.FUSEError(errno.EINVAL) from None
+            if await self.fs.drain(stall):
+                raise pyfuse3.FUSEError(errno.EBUSY)
+            return
         raise pyfuse3.FUSEError(errno.ENOTSUP)
 
     @_guard

@@ -25,10 +25,11 @@ from s3cryptfs.errors import (
     KeyAccessDenied,
     ObjectNotFound,
     ProviderUnavailable,
-    S3CryptFSError,
 )
+from s3cryptfs.exitcodes import EXIT_INCOMPLETE, EXIT_OK
 from s3cryptfs.format.descriptor import GATEWAY_FORMAT
 from s3cryptfs.keys.dekcache import DekCache
+from s3cryptfs.keys.pool import KeyPool
 from s3cryptfs.keys.ring import LocalKeys
 from s3cryptfs.store.s3 import S3Store, StoreSettings
 from s3cryptfs.vfs.core import Filesystem, FsOptions
@@ -55,6 +56,9 @@ class MountSpec:
     dek_cache_ttl: float = 300.0
     descriptor_refresh: float = 60.0
     gateway_master_key: bytes | None = None  # the S3 Encryption Gateway's memory master key
+    # On a stop, how long uploads may make no progress before the mount gives up waiting
+    # (what is left stays in the cache directory for the next mount, and is named in the log).
+    stop_timeout: float = 120.0
 
 
 def make_store(
@@ -119,6 +123,7 @@ def open_codec(
         audit=audit,
         refresh_interval=refresh_interval,
         gateway=GatewaySecrets(password=authority.local.password, master_key=gateway_master_key),
+        pool=KeyPool() if refresh else None,
     )
 
 
@@ -175,6 +180,7 @@ class Mount:
         self.lock: CacheLock | None = None
         self.audit = NO_AUDIT
         self.warnings: list[str] = []  # for whoever started the mount (printed by the CLI)
+        self.left_behind: list[tuple[str, str, str]] = []
 
     def prepare(self) -> None:
         """All the checks that can fail, before anything is mounted."""
@@ -236,7 +242,10 @@ class Mount:
         if count:
             log.info("uploaded %d file version(s) left by an earlier mount", count)
 
-    def run(self, on_ready: Any = None) -> None:
+    def run(self, on_ready: Any = None) -> int:
+        """Serve until unmounted; returns the exit code: EXIT_INCOMPLETE when closed files
+        could not all be put in S3 before the stop (they stay in the cache directory, and the
+        next mount uploads them)."""
         import pyfuse3
 
         from s3cryptfs.fuse_ops import FuseOperations
@@ -268,7 +277,10 @@ class Mount:
                 _delete_in_background(self.fs.journal.trash_paths())
             self.fs.codec.ring.close()
             self.audit.close()
+        if self.left_behind:
+            return EXIT_INCOMPLETE
         log.info("unmounted %s; every file is in S3", self.spec.mountpoint)
+        return EXIT_OK
 
     async def _main(self, on_ready: Any) -> None:
         import pyfuse3
@@ -278,20 +290,43 @@ class Mount:
         async with trio.open_nursery() as nursery:
             await fs.run_background(nursery)
             nursery.start_soon(self._signals)
+            nursery.start_soon(self._stop_requests)
             if on_ready is not None:
                 on_ready()
             sd_notify("READY=1\nSTATUS=mounted")
             await pyfuse3.main()
-            # Unmounted (by a signal or by fusermount): nothing may stay only on this disk.
-            await self._drain(fs)
+            # Unmounted (by a signal, by fusermount or umount(8)): nothing may stay only on
+            # this disk, or, when S3 or the key manager is away, we say what did. (After a
+            # drain that a signal or umount asked for, this only catches the last moment.)
+            forced = fs.stop_requested.is_set()
+            await self._drain(fs, 0.0 if forced else self.spec.stop_timeout)
             nursery.cancel_scope.cancel()
 
-    async def _drain(self, fs: Filesystem) -> None:
-        pending = fs.uploader.pending
+    async def _drain(self, fs: Filesystem, stall: float | None) -> None:
+        pending = fs.uploader.pending + len(fs.closed_pending)
         if pending:
             log.info("uploading %d pending file version(s) before exit", pending)
         sd_notify(f"STOPPING=1\nSTATUS=uploading {pending} pending file version(s)")
-        await fs.drain()
+        left = await fs.drain(stall)
+        if left:
+            self.left_behind = left
+            log.error(
+                "%d closed file version(s) are not in S3 (nothing uploaded for %.0f s); they "
+                "are kept in %s and the next mount of this volume uploads them: %s",
+                len(left),
+                stall or 0,
+                fs.cache_dir,
+                "; ".join(f"{key} ({why})" for key, _, why in left),
+            )
+
+    async def _stop_requests(self) -> None:
+        """`s3cryptfs umount --force` asks through the mount itself (fuse_ops, the stop
+        attribute): stop now, whatever is not in S3 stays for the next mount."""
+        import pyfuse3
+
+        assert self.fs is not None
+        await self.fs.stop_requested.wait()
+        pyfuse3.terminate()
 
     async def _signals(self) -> None:
         import pyfuse3
@@ -314,7 +349,7 @@ class Mount:
                     "received %s: uploading dirty files, then unmounting",
                     signal.Signals(signum).name,
                 )
-                await self._drain(self.fs)
+                await self._drain(self.fs, self.spec.stop_timeout)
                 pyfuse3.terminate()
                 return
 
@@ -346,12 +381,4 @@ def _limit_malloc_arenas() -> None:
         pass  # not glibc: nothing to tune
 
 
-def run_mount(spec: MountSpec, on_ready: Any = None) -> None:
-    mount = Mount(spec)
-    try:
-        mount.prepare()
-    except S3CryptFSError:
-        if mount.lock is not None:
-            mount.lock.release()
-        raise
-    mount.run(on_ready)
+

@@ -39,6 +39,7 @@ KEYS: dict[str, tuple[type, bool]] = {
     "sync_close": (bool, False),
     "dir_cache_ttl": (float, False),
     "s3_timeout": (float, False),
+    "stop_timeout": (float, False),
     "log_level": (str, False),
     "log_file": (str, False),
     "options": (list, False),

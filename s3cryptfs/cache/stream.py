@@ -353,9 +353,8 @@ class Stream:
 
     async def _start(self) -> None:
         def prepare() -> None:
-            dek = os.urandom(v1.DEK_LEN)
             header = v1.Header.new(self.chunk_size)
-            self.metadata = self._codec.new_metadata(dek, self.attrs, self.key)
+            dek, self.metadata = self._codec.new_key(self.attrs, self.key)
             self.cipher = v1.ChunkCipher(dek, header)
             fd = os.open(self.body_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             self._body_fd = fd

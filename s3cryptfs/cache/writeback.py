@@ -65,6 +65,9 @@ class Entry:
     body_offset: int = 0
     moves: int = 0
     released: bool = False
+    # The write-back file this version was sealed from, when it had been kept as closed
+    # (vfs/closed.py): after a crash, its marker is stale once this record exists.
+    staging_name: str | None = None
 
     def record(self) -> dict[str, Any]:
         rec = {
@@ -78,6 +81,8 @@ class Entry:
         upload_id = self.stream.upload_id if self.stream is not None else self.stale_upload
         if upload_id:
             rec["upload_id"] = upload_id
+        if self.staging_name:
+            rec["staging"] = self.staging_name
         return rec
 
     def _notify(self) -> None:
@@ -229,6 +234,7 @@ class Journal:
                         plain_size=int(rec["plain_size"]),
                         body_size=int(rec["body_size"]),
                         stale_upload=rec.get("upload_id"),
+                        staging_name=rec.get("staging"),
                     )
                 )
         for name in os.listdir(self.dir):
@@ -263,6 +269,7 @@ class Journal:
                     slot=rec.slot,
                     generation=rec.generation,
                     body_offset=self.slots.offset(rec.slot),
+                    staging_name=r.get("staging"),
                 )
             )
         entries.sort(key=lambda e: e.seq)
@@ -314,6 +321,7 @@ class Uploader:
         self._space = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.trashed = trio.Event()  # a body went to the journal's trash
+        self.progress = trio.Event()  # set whenever a version reaches S3 (or its conflict copy)
 
     # --- submitting ---------------------------------------------------------------------
 
@@ -414,6 +422,10 @@ class Uploader:
         while self.pending:
             entries = list(self.in_flight.values()) + list(self.queue)
             await self.wait_all(entries)
+
+    def waiting(self) -> list[Entry]:
+        """Every version not in S3 yet, in flight first."""
+        return list(self.in_flight.values()) + list(self.queue)
 
     async def wait_for_space(self, limit: int) -> None:
         """Backpressure: wait while the journal holds more than *limit* bytes."""
@@ -595,4 +607,6 @@ class Uploader:
         entry._notify()
         self._space.set()
         self._space = trio.Event()
+        self.progress.set()
+        self.progress = trio.Event()
         self._kick()

@@ -19,6 +19,7 @@ from s3cryptfs import config
 from s3cryptfs.audit import AuditLog
 from s3cryptfs.codec import GatewaySecrets, ObjectCodec
 from s3cryptfs.errors import ConfigError, VolumeError
+from s3cryptfs.exitcodes import EXIT_INCOMPLETE
 from s3cryptfs.format.descriptor import Descriptor, normalize_fingerprint
 from s3cryptfs.keys.base import KeyAdmin
 from s3cryptfs.keys.config import load_kms_config
@@ -30,8 +31,6 @@ from s3cryptfs.mount import check_bucket, make_store
 from s3cryptfs.ops.rewrap import RewrapReport, count_versions, rewrap_volume
 from s3cryptfs.store.s3 import S3Store
 from s3cryptfs.volume import VolumeAuthority, read_raw
-
-EXIT_INCOMPLETE = 6  # something was refused, skipped or failed: see the report
 
 
 @dataclass

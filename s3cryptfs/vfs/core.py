@@ -44,6 +44,7 @@ from s3cryptfs.format import metadata as md
 from s3cryptfs.format.descriptor import META_DIR
 from s3cryptfs.store.helper import UploadHelper
 from s3cryptfs.store.s3 import ObjectInfo, S3Store
+from s3cryptfs.vfs import closed as closed_files
 from s3cryptfs.vfs.attrindex import SELF, AttrIndex, IndexEntry
 from s3cryptfs.vfs.nodes import (
     ROOT_INODE,
@@ -103,6 +104,18 @@ def _now_ns() -> int:
     return time.time_ns()
 
 
+def _trouble_kind(why: str) -> str:
+    """What kind of trouble keeps a closed file from being sealed (for umount's report)."""
+    name = why.split(":", 1)[0]
+    if name in ("ProviderUnavailable", "KeyAccessDenied", "KeyNotFound", "KeyRetired"):
+        return "key manager"
+    if name in ("UnknownProvider", "InvalidEnvelope", "UnwrapFailed", "KeyManagerError"):
+        return "key manager"
+    if name in ("ConfigError", "VolumeError", "DescriptorAuthError"):
+        return "volume"
+    return "local"
+
+
 class Filesystem:
     def __init__(
         self, store: S3Store, codec: ObjectCodec, prefix: str, cache_dir: str, opts: FsOptions
@@ -149,6 +162,13 @@ class Filesystem:
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.unsynced: set[Node] = set()  # created here, not in S3 yet
+        # Files closed but not sealed into the journal yet, and why (vfs/closed.py); a
+        # background task keeps trying.
+        self.closed_pending: dict[Node, str] = {}
+        self._closed_kick = trio.Event()
+        self._closed_at_start: list[tuple[str, closed_files.ClosedRecord]] = []
+        # Set by `s3cryptfs umount --force` (through fuse_ops): the mount stops at once.
+        self.stop_requested = trio.Event()
         self.nursery: trio.Nursery | None = None
         self.index = AttrIndex(store, codec, prefix, self._thread)
         self.counters: collections.Counter[str] = collections.Counter()
@@ -156,30 +176,87 @@ class Filesystem:
     # --- lifecycle -------------------------------------------------------------------------
 
     def clear_staging(self) -> None:
-        """Plaintext left by a crash belongs to versions never closed: they are not uploaded."""
-        for name in os.listdir(self.staging_dir):
-            log.warning("discarding write-back file of a file that was open during a crash")
+        """Sort what an earlier mount left in the write-back area: files it had closed (a
+        marker says so) are kept for recover(); files that were still open were never
+        acknowledged, and go."""
+        closed, never_closed = closed_files.scan(self.staging_dir)
+        for path in never_closed:
+            log.warning(
+                "discarding the write-back file %s of a file that was still open when the "
+                "mount stopped (never closed, so never acknowledged)",
+                os.path.basename(path),
+            )
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.staging_dir, name))
+                os.unlink(path)
+        self._closed_at_start = closed
 
     async def recover(self) -> int:
-        """Upload every version committed before a crash. Returns how many there were."""
+        """Upload every version committed before a crash, and seal the files that were closed
+        but not sealed yet. Returns how many versions there were."""
         entries = await trio.to_thread.run_sync(self.journal.load)
-        if not entries:
+        sealed = {e.staging_name for e in entries if e.staging_name}
+        adopted = []
+        for path, record in self._closed_at_start:
+            if os.path.basename(path) in sealed:
+                # Sealed into the journal just before the stop; the marker was not yet gone.
+                await trio.to_thread.run_sync(closed_files.remove, path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                continue
+            adopted.append(self._adopt_closed(path, record))
+        self._closed_at_start = []
+        if not entries and not adopted:
             return 0
-        log.info("recovering %d file version(s) from the journal", len(entries))
+        if entries:
+            log.info("recovering %d file version(s) from the journal", len(entries))
+        if adopted:
+            log.info("sealing %d file(s) closed before the mount stopped", len(adopted))
         for entry in entries:
             self.uploader.submit(entry)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.uploader.run)
+            for node in adopted:
+                await self._seal_closed(node)
             await self.uploader.drain()
             nursery.cancel_scope.cancel()
-        return len(entries)
+        return len(entries) + len(adopted) - len(self.closed_pending)
+
+    def _adopt_closed(self, path: str, record: closed_files.ClosedRecord) -> Node:
+        """A file an earlier mount closed but could not seal: it becomes a node again, whose
+        write-back file is that content, dirty, so it is sealed like any closed file."""
+        fd = os.open(path, os.O_RDWR)
+        staging = Staging(path, fd, dirty=True, closed=True)
+        node = Node(
+            self.nodes.new_ino(),
+            record.path,
+            record.mode,
+            record.uid,
+            record.gid,
+            record.mtime_ns,
+            record.mtime_ns,
+        )
+        node.size = os.fstat(fd).st_size
+        node.staging = staging
+        old = self.nodes.at(record.path)
+        if old is not None:
+            self.nodes.detach(old)
+        self.nodes.add(node)
+        kind, etag = record.base[0], record.base[1]
+        if kind == "etag":
+            node.remote = Remote(etag, 0, None)
+        else:
+            # A new file, or one whose base is no longer known: if the name exists in S3 now,
+            # the upload keeps both (a conflict copy), never overwrites.
+            self.unsynced.add(node)
+        self.closed_pending[node] = "closed before the mount stopped"
+        return node
 
     async def run_background(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
         self.reader.nursery = nursery
         nursery.start_soon(self.uploader.run)
+        nursery.start_soon(self._retry_closed)
+        nursery.start_soon(self._refill_keys)
         nursery.start_soon(self._empty_trash)
         if self.helper is not None:
             nursery.start_soon(self.helper.run)
@@ -196,18 +273,113 @@ class Filesystem:
             await trio.sleep(2.0)  # after a burst: the unmount may come first
 
     async def commit_all(self) -> None:
-        """Commit every dirty open file (before unmounting)."""
+        """Seal every dirty file (before unmounting). One that cannot be sealed now is kept
+        as closed (and listed by not_in_s3), never dropped."""
         for node in list(self.nodes.by_ino.values()):
-            if node.staging is not None and node.staging.dirty:
-                await self._commit(node)
+            if node.staging is not None and node.staging.dirty and not node.unlinked:
+                await self._seal_closed(node)
 
-    async def drain(self) -> None:
-        await self.commit_all()
-        await self.uploader.drain()
+    async def drain(self, stall: float | None = None) -> list[tuple[str, str, str]]:
+        """Seal every dirty file and wait until every version is in S3. With *stall*, give up
+        once that many seconds passed without any progress. Returns what is not in S3 yet
+        (see not_in_s3): empty when everything is."""
+        quiet_since = time.monotonic()
+        while True:
+            before = (self.uploader.uploaded_count, len(self.closed_pending))
+            await self.commit_all()
+            if not self.uploader.pending and not self.closed_pending:
+                break
+            if stall is not None and time.monotonic() - quiet_since >= stall:
+                return self.not_in_s3()
+            with trio.move_on_after(1.0 if stall is None else min(1.0, stall)):
+                await self.uploader.progress.wait()
+            after = (self.uploader.uploaded_count, len(self.closed_pending))
+            if after[0] > before[0] or after[1] < before[1]:
+                quiet_since = time.monotonic()
         for stream in list(self.streams):
             await stream.finished.wait()  # dropped ones abort their multipart uploads
         if not self.opts.read_only:
             await self.index.flush()
+        return []
+
+    def not_in_s3(self) -> list[tuple[str, str, str]]:
+        """(key, kind of trouble, why) of every closed version not in S3 yet: files closed but
+        not sealed (kind "key manager", "volume" or "local"), and sealed versions waiting
+        for their upload (kind "S3")."""
+        out = []
+        for node, why in self.closed_pending.items():
+            out.append((self.key(node.path), _trouble_kind(why), why))
+        for entry in self.uploader.waiting():
+            why = str(entry.error) if entry.error is not None else "waiting for its upload"
+            out.append((entry.key, "S3", why))
+        return out
+
+    async def _seal_closed(self, node: Node) -> bool:
+        """Seal a closed file into the journal now; on failure keep it as closed (durably)
+        and let the retry task try again. True when it was sealed."""
+        try:
+            await self._commit(node)
+        except Exception as exc:  # noqa: BLE001 - whatever stops the seal, the content stays
+            await self._keep_closed(node, exc)
+            return False
+        return True
+
+    async def _keep_closed(self, node: Node, exc: BaseException) -> None:
+        staging = node.staging
+        if staging is None or node.unlinked or not staging.dirty:
+            return
+        key = self.key(node.path)
+        why = f"{type(exc).__name__}: {strip_subject(exc, key)}"
+        first = node not in self.closed_pending
+        self.closed_pending[node] = why
+        kind, etag = self._base(node, key)
+        base = [kind, etag] if kind in ("etag", "absent") else ["unknown", ""]
+        record = closed_files.ClosedRecord(
+            node.path, base, node.mode, node.uid, node.gid, node.mtime_ns, node.size
+        )
+        await self._thread(closed_files.write, staging.fd, staging.path, record)
+        staging.closed = True
+        if first:
+            log.error(
+                "%s: closed, but it cannot be sealed for upload now (%s); its content is kept "
+                "on this disk and sealed as soon as that works",
+                key,
+                why,
+            )
+            self._closed_kick.set()
+
+    async def _refill_keys(self) -> None:
+        """Keep the pool of wrapped data keys full (keys/pool.py), so closing a file needs no
+        key manager round trip. Failures are the key manager's outages: the codec's breaker
+        spaces the attempts out, and closes fall back to wrapping (or keeping) as before."""
+        pool = self.codec.pool
+        if pool is None or self.opts.read_only:
+            return
+        while True:
+            if pool.wanted():
+                try:
+                    await trio.to_thread.run_sync(self.codec.refill_pool, limiter=self.limiter)
+                except S3CryptFSError as exc:
+                    log.debug("wrapped key pool not refilled: %s", exc)
+            await trio.sleep(0.5)
+
+    async def _retry_closed(self) -> None:
+        """Seal the files kept as closed, with a bounded backoff (1 s doubling to 60 s)."""
+        delay = 1.0
+        while True:
+            wait = delay if self.closed_pending else float("inf")
+            with trio.move_on_after(wait):
+                await self._closed_kick.wait()
+            self._closed_kick = trio.Event()
+            failed = False
+            for node in list(self.closed_pending):
+                if node.unlinked or node.staging is None or not node.staging.dirty:
+                    self.closed_pending.pop(node, None)
+                    continue
+                if node.writers:
+                    continue  # open for writing again: its next close seals it
+                failed |= not await self._seal_closed(node)
+            delay = min(60.0, delay * 2) if failed else 1.0
 
     # --- keys and names ----------------------------------------------------------------
 
@@ -935,6 +1107,8 @@ class Filesystem:
             key = self.key(node.path)
             base = self._base(node, key)
 
+            staging_name = os.path.basename(staging.path) if staging.closed else None
+
             def new_entry(seq: int, sealed: SealedObject, path: str, offset: int) -> Entry:
                 return Entry(
                     seq=seq,
@@ -946,6 +1120,7 @@ class Filesystem:
                     body_size=sealed.body_size,
                     stream=stream,
                     body_offset=offset,
+                    staging_name=staging_name,
                 )
 
             slot = None
@@ -975,6 +1150,12 @@ class Filesystem:
                 # The previous version landed while this one was sealed: base it on that.
                 entry.base = self._base(node, key)
                 await self._thread(self.journal.rewrite, entry)
+            if staging.closed:
+                # The journal holds it now (its record names this file, should we stop here).
+                await self._thread(closed_files.remove, staging.path)
+                staging.closed = False
+                if self.closed_pending.pop(node, None) is not None:
+                    log.info("%s: sealed for upload after all", key)
             seq = entry.seq
 
             def fetch_local(start: int, end: int) -> bytes:
@@ -1150,17 +1331,32 @@ class Filesystem:
             node.staging = None
 
     async def flush(self, fh: int) -> None:
+        """close(): seal the file into the journal. When that cannot be done now (its key
+        manager does not answer...), the content is kept as closed and sealed later: close
+        still succeeds, the file is durable on this disk (vfs/closed.py)."""
         handle = self.handles.get(fh)
         if handle is None or not handle.writable:
             return
-        entry = await self._commit(handle.node)
+        node = handle.node
+        try:
+            entry = await self._commit(node)
+        except Exception as exc:  # noqa: BLE001 - kept, not dropped: see _keep_closed
+            await self._keep_closed(node, exc)
+            if self.opts.sync_close:
+                raise  # close() was asked to mean "in S3": it is not
+            return
         if self.opts.sync_close and entry is not None:
             await self.uploader.wait(entry)
 
     async def fsync(self, fh: int) -> None:
+        """Until the file is in S3: an error when it cannot be (the content is kept)."""
         handle = self.handles[fh]
         node = handle.node
-        entry = await self._commit(node)
+        try:
+            entry = await self._commit(node)
+        except Exception as exc:  # noqa: BLE001 - kept, and fsync says it is not in S3
+            await self._keep_closed(node, exc)
+            raise
         if entry is not None:
             await self.uploader.wait(entry)
         if node.error:
@@ -1174,9 +1370,13 @@ class Filesystem:
         node.opens -= 1
         if handle.writable:
             node.writers -= 1
-            if node.writers == 0 and node.staging is not None and node.staging.dirty:
-                with contextlib.suppress(S3CryptFSError):
-                    await self._commit(node)
+            if (
+                node.writers == 0
+                and node.staging is not None
+                and node.staging.dirty
+                and node not in self.closed_pending  # the retry task has it
+            ):
+                await self._seal_closed(node)
         if node.unlinked and node.opens == 0:
             if node.staging is not None:
                 node.staging.close()
@@ -1389,6 +1589,11 @@ class Filesystem:
             async with node.lock:
                 await self._uncut(node)  # what was cut is read from the object, going now
         self.uploader.cancel(key)
+        if node.staging is not None and node.staging.closed:
+            # Deleted by its user: a crash must not bring it back.
+            await self._thread(closed_files.remove, node.staging.path)
+            node.staging.closed = False
+        self.closed_pending.pop(node, None)
         await self.uploader.wait_all(self.uploader.pending_for(key))
         node.unlinked = True
         node.local = None
@@ -1658,6 +1863,8 @@ class Filesystem:
         }
         dirty = [n for n in self.nodes.by_ino.values() if n.dirty()]
         out["dirty_files"] = len(dirty)
+        out["closed_not_sealed"] = len(self.closed_pending)
+        out["cache_dir"] = self.cache_dir
         out["block_cache"] = {
             "bytes": self.blocks.used,
             "budget": self.blocks.budget,

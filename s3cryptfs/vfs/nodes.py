@@ -45,6 +45,8 @@ class Staging:
     # out); cut_read(offset, size) reads it from the committed version until it is put back.
     cut: int = 0
     cut_read: Callable[[int, int], Awaitable[bytes]] | None = None
+    # Closed without being sealed: a durable marker names it (vfs/closed.py).
+    closed: bool = False
 
     def close(self) -> None:
         try:
