@@ -71,6 +71,11 @@ class FormatError(IntegrityError):
     """An object's metadata or header is malformed or of an unknown version."""
 
 
+class ObjectTooLarge(IntegrityError):
+    """An object read whole is larger than anything we write of its kind (s3cryptfs.limits):
+    planted to exhaust memory, so refused before its body is downloaded."""
+
+
 class KeyManagerError(S3CryptFSError):
     """A key manager failed."""
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from s3cryptfs import config
+from s3cryptfs import config, limits
 from s3cryptfs.audit import NO_AUDIT, AuditLog
 from s3cryptfs.codec import GatewaySecrets, ObjectCodec
 from s3cryptfs.errors import (
@@ -91,13 +91,15 @@ def read_descriptor(store: S3Store, url: config.VolumeURL) -> Descriptor:
 def read_descriptor_etag(store: S3Store, url: config.VolumeURL) -> tuple[Descriptor, str]:
     """The descriptor and the ETag to make a conditional write of it against."""
     try:
-        raw, etag = store.get_with_etag(descriptor_key(url.prefix))
+        raw, info = store.get_bounded(
+            descriptor_key(url.prefix), limits.DESCRIPTOR_MAX, "volume descriptor"
+        )
     except ObjectNotFound:
         raise VolumeError(
             f"{url} is not an s3cryptfs volume (no descriptor at "
             f"{descriptor_key(url.prefix)}); create one with: s3cryptfs init {url}"
         ) from None
-    return Descriptor.decode(raw), etag
+    return Descriptor.decode(raw), info.etag
 
 
 def open_codec(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from s3cryptfs import config
+from s3cryptfs import config, limits
 from s3cryptfs.errors import ConfigError, ObjectNotFound, PreconditionFailed, VolumeError
 from s3cryptfs.format.descriptor import Descriptor, descriptor_key
 from s3cryptfs.keys.password import check_new_password
@@ -45,7 +45,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_bucket(store)
     key = descriptor_key(url.prefix)
     try:
-        raw, _ = store.get_with_etag(key)
+        raw, _ = store.get_bounded(key, limits.DESCRIPTOR_MAX, "volume descriptor")
     except ObjectNotFound:
         raise VolumeError(f"{url} is not an s3cryptfs volume ({key} is missing)") from None
     desc = Descriptor.decode(raw)
@@ -72,7 +72,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     key = descriptor_key(url.prefix)
     body = desc.encode()
     try:
-        current, etag = store.get_with_etag(key)
+        current, info = store.get_bounded(key, limits.DESCRIPTOR_MAX, "volume descriptor")
+        etag = info.etag
     except ObjectNotFound:
         current, etag = None, None
     if current is not None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from s3cryptfs import limits
 from s3cryptfs.cache.blocks import BlockCache
 from s3cryptfs.cache.disk import DiskCache
 from s3cryptfs.cache.reader import Reader, Version
@@ -534,9 +535,8 @@ class Filesystem:
 
     def _companion(self, key: str) -> tuple[dict[str, str], bytes]:
         """Blocking: metadata and body of a small companion object (a multipart manifest)."""
-        head = self.store.head(key)
-        body = self.store.get(key, 0, head.size - 1, if_match=head.etag) if head.size else b""
-        return head.metadata or {}, body
+        body, info = self.store.get_bounded(key, limits.MPU_MANIFEST_MAX, "multipart manifest")
+        return info.metadata or {}, body
 
     async def _companion_size(self, node: Node) -> None:
         """A gateway multipart object's size is only in its manifest: read it for stat."""
@@ -676,6 +676,11 @@ class Filesystem:
             raise FsError(errno.EINVAL)
         if node.link_target is None:
             await self._revalidate(node)
+            assert node.remote is not None
+            # (the read below is pinned to this ETag, so the size checked is the size read)
+            limits.check_size(
+                "symlink", self.key(node.path), node.remote.body_size, limits.SYMLINK_BODY_MAX
+            )
             version = self._remote_version(node)
             node.link_target = await self.reader.read(version, 0, version.plain_size or 1 << 20)
         return node.link_target

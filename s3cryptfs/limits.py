@@ -1,0 +1,40 @@
+"""Upper bounds on what an object in the bucket can make us download whole.
+
+The bucket is not trusted (docs/SEMANTICS.md, "Size limits"): anyone with write access may plant
+a huge volume descriptor, directory index, multipart manifest or symlink. Each such read is
+checked against a bound here before the download starts.
+"""
+
+from __future__ import annotations
+
+from s3cryptfs.errors import ObjectTooLarge
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+# --- objects read whole ------------------------------------------------------------------------
+
+DESCRIPTOR_MAX = 1 * MiB  # .s3cryptfs/volume.json: a few KiB even with hundreds of key versions
+DIR_INDEX_MAX = 32 * MiB  # a directory index: ~100 B per entry, so ~300,000 entries
+MPU_MANIFEST_MAX = 16 * MiB  # a gateway multipart manifest: ~100 B per part, 10,000 parts at most
+PATH_MAX = 4096  # Linux's limit on a symlink target, terminating NUL included
+# The largest body PATH_MAX bytes of plaintext make in any format we read: ours at its smallest
+# chunk size (a 28 B header and one 16 B tag), or the gateway's (one tag, no header).
+SYMLINK_BODY_MAX = PATH_MAX + 28 + 16
+
+
+def human(size: int) -> str:
+    """A byte count for a message: ``256 MiB``, ``4140 bytes``."""
+    for unit, name in ((GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
+        if size >= unit and size % unit == 0:
+            return f"{size // unit} {name}"
+    return f"{size} bytes"
+
+
+def check_size(what: str, key: str, size: int, limit: int) -> None:
+    """Refuse an object of *size* bytes that is read whole, before it is read."""
+    if size > limit:
+        raise ObjectTooLarge(
+            f"{what} {key} is {size} bytes, more than the {human(limit)} allowed: not read"
+        )

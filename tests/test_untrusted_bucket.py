@@ -1,0 +1,171 @@
+"""An attacker who can write to the bucket (boto3 here), and nothing else: planted huge objects
+that would be read whole (descriptor, directory index, multipart manifest, symlink). Each is
+refused, and not downloaded: checked by the peak memory of the process and by its S3 request
+counters."""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from s3cryptfs.format import v1
+from s3cryptfs.vfs.attrindex import index_key
+
+MIB = 1024 * 1024
+PLANTED = 48 * MIB  # several times every limit under test (the largest is 32 MiB)
+GROWTH = 16 * MIB  # how much more memory than usual a refused read may take
+
+
+# --- planted huge objects ---------------------------------------------------------------------
+
+
+# Forks and execs ARGV, then writes the child's peak resident memory (KiB) to RSS_FILE. The
+# child is forked from this small interpreter: a child forked from pytest would count pytest's
+# own memory as its peak (the peak survives exec).
+LAUNCHER = """
+import os, sys
+rss_file, argv = sys.argv[1], sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    os.execv(argv[0], argv)
+_, status, usage = os.wait4(pid, 0)
+with open(rss_file, "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def peak_rss_of(args: list, env: dict, tmp_path) -> tuple[subprocess.CompletedProcess, int]:
+    """Run `python -m s3cryptfs ARGS`; its result and its peak resident memory in bytes."""
+    rss = tmp_path / "rss"
+    cmd = [sys.executable, "-c", LAUNCHER, rss, sys.executable, "-m", "s3cryptfs", *args]
+    proc = subprocess.run(list(map(str, cmd)), env=env, capture_output=True, text=True)
+    return proc, int(rss.read_text()) * 1024
+
+
+def test_oversized_descriptor_is_refused_without_downloading_it(volume, s3client, tmp_path):
+    """Compared with a run that fails at the same point on a small damaged descriptor."""
+    key = volume.prefix + ".s3cryptfs/volume.json"
+    obj = f"s3://{volume.bucket}/{volume.prefix}file"
+    args = ["cat", obj, *volume.common_args(), "--volume", volume.url]
+    s3client.put_object(Bucket=volume.bucket, Key=key, Body=b"{ damaged")
+    damaged, usual = peak_rss_of(args, volume.env, tmp_path)
+    assert damaged.returncode == 5 and "not valid JSON" in damaged.stderr, damaged
+    s3client.put_object(Bucket=volume.bucket, Key=key, Body=b" " * PLANTED)
+
+    refused, peak = peak_rss_of(args, volume.env, tmp_path)
+    assert refused.returncode == 8, refused
+    assert refused.stderr.strip() == (
+        f"s3cryptfs: volume descriptor {key} is {PLANTED} bytes, more than the 1 MiB allowed: "
+        "not read"
+    )
+    assert peak < usual + GROWTH, (peak, usual)
+
+
+def gateway_single(body_size: int) -> dict[str, str]:
+    """Metadata of a gateway single-AEAD, password-direct object (the body is the attacker's)."""
+    return {
+        "encrypted": "true",
+        "encryption-algorithm": "AES256-GCM",
+        "encryption-key-salt": base64.b64encode(os.urandom(32)).decode(),
+        "encryption-iv": base64.b64encode(os.urandom(12)).decode(),
+        "encryption-kdf-params": "pbkdf2-sha256:100000",
+        "original-content-length": str(body_size - 16),
+    }
+
+
+def mount_pid(vol) -> int:
+    return int(os.getxattr(vol.mountpoint, "user.s3cryptfs.pid"))
+
+
+def requests(vol) -> dict[str, int]:
+    return json.loads(os.getxattr(vol.mountpoint, "user.s3cryptfs.stats"))["requests"]
+
+
+class PeakMemory:
+    """The growth of a process's peak resident memory over a block (VmHWM, reset on entry)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.growth = 0
+
+    def _kib(self, field: str) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+    def __enter__(self) -> PeakMemory:
+        with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+            f.write("5")  # peak := current
+        self.start = self._kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.growth = (self._kib("VmHWM") - self.start) * 1024
+
+
+def read_errno(path, size: int = 10) -> int:
+    with pytest.raises(OSError) as info, open(path, "rb") as f:
+        f.read(size)
+    return info.value.errno
+
+
+def mount_log(vol) -> str:
+    return next(vol.cache_dir.glob("*/mount.log")).read_text()
+
+
+def test_oversized_index_manifest_and_symlink_are_not_downloaded(volume, s3client):
+    """Through a mount: a directory index (on ls), a gateway multipart manifest (on stat) and a
+    symlink body (on readlink)."""
+    vol = volume
+    vol.init()
+    vol.mount()
+    m = vol.mountpoint
+    (m / "sub").mkdir()
+    (m / "sub" / "file").write_bytes(b"listed")
+    os.symlink("file", m / "sub" / "link")
+    vol.umount()
+    put = s3client.put_object
+    big = os.urandom(PLANTED)
+    index = index_key(vol.prefix, "sub")
+    sealed = s3client.head_object(Bucket=vol.bucket, Key=index)["Metadata"]
+    put(Bucket=vol.bucket, Key=index, Body=big, Metadata=sealed)
+    mpu_key = vol.prefix + "mpu.bin"
+    ptr = {"encrypted-mpu": "true", "encryption-fallback": "mpu"}
+    put(Bucket=vol.bucket, Key=mpu_key, Body=b"x" * 100, Metadata=ptr)
+    put(
+        Bucket=vol.bucket, Key=mpu_key + ".mpu-manifest", Body=big, Metadata=gateway_single(PLANTED)
+    )
+    link_key = vol.prefix + "sub/link"
+    meta = s3client.head_object(Bucket=vol.bucket, Key=link_key)["Metadata"]
+    body = os.urandom(v1.cipher_size(8 * MIB, 65536))  # a valid length for our format
+    put(Bucket=vol.bucket, Key=link_key, Body=body, Metadata=meta)
+
+    vol.mount()
+    pid = mount_pid(vol)
+    with PeakMemory(pid) as ls:
+        assert sorted(os.listdir(m / "sub")) == ["file", "link"]  # the index is only a cache
+    with PeakMemory(pid) as manifest:
+        os.stat(m / "mpu.bin")
+        assert read_errno(m / "mpu.bin") == errno.EIO
+    gets = requests(vol).get("get", 0)
+    with pytest.raises(OSError) as info:
+        os.readlink(m / "sub" / "link")
+    assert info.value.errno == errno.EIO
+    assert requests(vol).get("get", 0) == gets  # not even its header
+    assert ls.growth < GROWTH and manifest.growth < GROWTH, (ls.growth, manifest.growth)
+    vol.umount()
+    log = mount_log(vol)
+    for line in (
+        f"{index}: directory index ignored: directory index {index} is {PLANTED} bytes, "
+        "more than the 32 MiB allowed: not read",
+        f"multipart manifest {mpu_key}.mpu-manifest is {PLANTED} bytes, more than the 16 MiB "
+        "allowed: not read",
+        f"symlink {link_key} is {len(body)} bytes, more than the 4140 bytes allowed: not read",
+    ):
+        assert line in log, line
