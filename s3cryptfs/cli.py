@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--sync-close", action="store_true", help="close() returns only once the file is in S3"
     )
     p.add_argument(
+        "--max-whole-object",
+        default="256M",
+        metavar="SIZE",
+        help="largest gateway single-AEAD object to download whole to decrypt it (default 256M)",
+    )
+    p.add_argument(
         "--dir-cache-ttl",
         type=float,
         default=5.0,
@@ -559,6 +565,7 @@ def _mount_spec(args: argparse.Namespace, password: bytes | None) -> object:
             memory_cache=config.parse_size(args.memory_cache),
             journal_limit=config.parse_size(args.cache_size),
             disk_cache=config.parse_size(args.disk_cache),
+            max_whole_object=config.parse_size(args.max_whole_object),
         ),
         fuse_options=fuse_options,
         allow_other=args.allow_other,

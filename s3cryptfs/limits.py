@@ -22,6 +22,9 @@ PATH_MAX = 4096  # Linux's limit on a symlink target, terminating NUL included
 # The largest body PATH_MAX bytes of plaintext make in any format we read: ours at its smallest
 # chunk size (a 28 B header and one 16 B tag), or the gateway's (one tag, no header).
 SYMLINK_BODY_MAX = PATH_MAX + 28 + 16
+# Gateway single-AEAD objects have one tag over the whole body: they are downloaded whole before
+# one byte can be checked. The default of --max-whole-object.
+WHOLE_OBJECT_DEFAULT = 256 * MiB
 
 
 def human(size: int) -> str:

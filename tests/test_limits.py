@@ -1,5 +1,5 @@
-"""Upper bounds on what an object from the bucket can make us download whole: symlink bodies
-and the wording of a refusal. Pure: no servers."""
+"""Upper bounds on what an object from the bucket can make us download whole: single-AEAD
+gateway bodies, symlink bodies, and the wording of a refusal. Pure: no servers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,24 @@ from s3cryptfs import limits
 from s3cryptfs.errors import ObjectTooLarge
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import v1
+from tests.test_gateway_format import BODY_C, PW, md_c
+
+
+def test_single_aead_body_beyond_max_is_refused_before_it_is_fetched():
+    unbounded = gw.body_cipher(md_c(), password=PW)
+    size = unbounded.plain_size_of(len(BODY_C))
+    assert unbounded.open_range(0, BODY_C, 1)[0]  # the vector still decrypts
+    bounded = gw.body_cipher(md_c(), password=PW, max_body=len(BODY_C), name="k")
+    assert bounded.plain_size_of(len(BODY_C)) == size
+    small = gw.body_cipher(md_c(), password=PW, max_body=len(BODY_C) - 1, name="vol/c.bin")
+    with pytest.raises(ObjectTooLarge):
+        small.span(0, 0, len(BODY_C))  # what a reader fetches: the whole body
+    with pytest.raises(ObjectTooLarge) as info:
+        small.plain_size_of(len(BODY_C))
+    assert str(info.value) == (
+        f"gateway single-AEAD object vol/c.bin is {len(BODY_C)} bytes, more than the "
+        f"{len(BODY_C) - 1} bytes allowed: not read"
+    )
 
 
 def test_symlink_body_bound_fits_every_format_we_read():

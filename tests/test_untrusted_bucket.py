@@ -1,7 +1,7 @@
 """An attacker who can write to the bucket (boto3 here), and nothing else: planted huge objects
-that would be read whole (descriptor, directory index, multipart manifest, symlink). Each is
-refused, and not downloaded: checked by the peak memory of the process and by its S3 request
-counters."""
+that would be read whole (descriptor, directory index, multipart manifest, symlink, gateway
+single-AEAD body). Each is refused, and not downloaded: checked by the peak memory of the
+process and by its S3 request counters."""
 
 from __future__ import annotations
 
@@ -169,3 +169,24 @@ def test_oversized_index_manifest_and_symlink_are_not_downloaded(volume, s3clien
         f"symlink {link_key} is {len(body)} bytes, more than the 4140 bytes allowed: not read",
     ):
         assert line in log, line
+
+
+def test_gateway_single_aead_object_beyond_max_whole_object_is_not_downloaded(volume, s3client):
+    """`head -c 10` of a single-AEAD gateway object (one tag over the whole body: it can only be
+    checked whole) larger than --max-whole-object."""
+    vol = volume
+    vol.init()
+    key = vol.prefix + "single.bin"
+    s3client.put_object(
+        Bucket=vol.bucket, Key=key, Body=os.urandom(PLANTED), Metadata=gateway_single(PLANTED)
+    )
+    vol.mount("--max-whole-object", "8M")
+    with PeakMemory(mount_pid(vol)) as single:
+        assert read_errno(vol.mountpoint / "single.bin") == errno.EIO
+        assert read_errno(vol.mountpoint / "single.bin") == errno.EIO  # nothing kept ready
+    assert single.growth < GROWTH, single.growth
+    vol.umount()
+    assert (
+        f"gateway single-AEAD object {key} is {PLANTED} bytes, more than the 8 MiB allowed: "
+        "not read"
+    ) in mount_log(vol)

@@ -83,6 +83,8 @@ class FsOptions:
     stream_uploads: bool = True
     # Upload journal bodies from a helper process (store/helper.py).
     upload_helper: bool = True
+    # Bytes of a gateway single-AEAD body downloaded whole to decrypt it (--max-whole-object).
+    max_whole_object: int = limits.WHOLE_OBJECT_DEFAULT
 
 
 @dataclass
@@ -110,6 +112,7 @@ class Filesystem:
         self.store = store
         self.codec = codec
         codec.companion = self._companion
+        codec.max_whole_object = opts.max_whole_object
         self.prefix = prefix
         self.opts = opts
         self.cache_dir = cache_dir
