@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--sync-close", action="store_true", help="close() returns only once the file is in S3"
     )
     p.add_argument(
+        "--trust-attributes",
+        action="store_true",
+        help="show the setuid, setgid and sticky bits of modes stored in S3 (default: masked, "
+        "since anyone who can write to the bucket can set them)",
+    )
+    p.add_argument(
         "--max-whole-object",
         default="256M",
         metavar="SIZE",
@@ -565,6 +571,7 @@ def _mount_spec(args: argparse.Namespace, password: bytes | None) -> object:
             memory_cache=config.parse_size(args.memory_cache),
             journal_limit=config.parse_size(args.cache_size),
             disk_cache=config.parse_size(args.disk_cache),
+            trust_attributes=args.trust_attributes,
             max_whole_object=config.parse_size(args.max_whole_object),
         ),
         fuse_options=fuse_options,

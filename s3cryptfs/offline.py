@@ -123,7 +123,9 @@ def cmd_get(args: argparse.Namespace) -> int:
             for piece in decrypt_object(admin.store, codec, info):
                 f.write(piece)
         if attrs.mode is not None and stat.S_ISREG(attrs.mode):
-            os.chmod(tmp, stat.S_IMODE(attrs.mode))
+            # Permission bits only: setuid, setgid and sticky bits (and the owner) come from
+            # whoever could write to the bucket, and `get` may well run as root.
+            os.chmod(tmp, attrs.mode & 0o777)
         if attrs.mtime_ns is not None:
             os.utime(tmp, ns=(attrs.mtime_ns, attrs.mtime_ns))
         os.replace(tmp, target)

@@ -1,7 +1,8 @@
-"""An attacker who can write to the bucket (boto3 here), and nothing else: planted huge objects
-that would be read whole (descriptor, directory index, multipart manifest, symlink, gateway
-single-AEAD body). Each is refused, and not downloaded: checked by the peak memory of the
-process and by its S3 request counters."""
+"""An attacker who can write to the bucket (boto3 here), and nothing else: planted privileges
+(setuid, setgid and sticky bits in object metadata and in directory indexes) and planted huge
+objects that would be read whole (descriptor, directory index, multipart manifest, symlink,
+gateway single-AEAD body). Each is refused or masked, and nothing oversized is downloaded:
+checked by the peak memory of the process and by its S3 request counters."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import base64
 import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -20,6 +22,81 @@ from s3cryptfs.vfs.attrindex import index_key
 MIB = 1024 * 1024
 PLANTED = 48 * MIB  # several times every limit under test (the largest is 32 MiB)
 GROWTH = 16 * MIB  # how much more memory than usual a refused read may take
+
+
+def mode_of(path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def set_metadata(s3client, bucket: str, key: str, **changes: str) -> None:
+    """Rewrite an object's metadata in place (what a bucket writer can do to any object)."""
+    head = s3client.head_object(Bucket=bucket, Key=key)
+    meta = {**head["Metadata"], **changes}
+    s3client.copy_object(
+        Bucket=bucket,
+        Key=key,
+        CopySource={"Bucket": bucket, "Key": key},
+        Metadata=meta,
+        MetadataDirective="REPLACE",
+    )
+
+
+# --- planted privileges ------------------------------------------------------------------------
+
+
+def test_setuid_setgid_and_sticky_bits_from_s3_are_masked(make_volume, s3client):
+    vol = make_volume()
+    vol.init()
+    vol.mount()
+    m = vol.mountpoint
+    (m / "own").write_bytes(b"chmod u+s through the mount")
+    os.chmod(m / "own", 0o4755)
+    (m / "shared").mkdir()
+    os.chmod(m / "shared", 0o1777)
+    os.chmod(m, 0o1777)
+    (m / "planted").write_bytes(b"the attacker sets its mode")
+    # what this session chose itself, it shows
+    assert (mode_of(m / "own"), mode_of(m / "shared"), mode_of(m)) == (0o4755, 0o1777, 0o1777)
+    vol.umount()
+    set_metadata(s3client, vol.bucket, vol.prefix + "planted", **{"s3cryptfs-mode": "106777"})
+
+    vol.mount()
+    # looked up before any listing: from a HEAD (an in-place copy keeps the ETag, so the
+    # directory index, which the attacker cannot forge, would still describe it)
+    assert mode_of(m / "planted") == 0o777
+    os.listdir(m)  # "own" and "shared" from the directory index
+    assert mode_of(m / "own") == 0o755
+    assert mode_of(m / "shared") == 0o777
+    assert mode_of(m) == 0o777
+    assert os.stat(m / "planted").st_mode & (stat.S_ISUID | stat.S_ISGID) == 0
+    # masked on the way to the kernel only: what is stored stays as it was
+    own = s3client.head_object(Bucket=vol.bucket, Key=vol.prefix + "own")["Metadata"]
+    assert own["s3cryptfs-mode"] == "104755"
+    vol.umount()
+
+    vol.mount("--trust-attributes")
+    assert mode_of(m / "planted") == 0o6777
+    assert mode_of(m / "own") == 0o4755
+    assert mode_of(m / "shared") == 0o1777
+    assert mode_of(m) == 0o1777
+
+
+def test_get_applies_permission_bits_only(volume, s3client, tmp_path):
+    volume.init()
+    local = tmp_path / "tool"
+    local.write_bytes(b"#!/bin/sh\necho planted\n")
+    obj = f"s3://{volume.bucket}/{volume.prefix}tool"
+    volume.run("put", local, obj, *volume.common_args())
+    set_metadata(
+        s3client,
+        volume.bucket,
+        volume.prefix + "tool",
+        **{"s3cryptfs-mode": "106777", "s3cryptfs-uid": "4242", "s3cryptfs-gid": "4242"},
+    )
+    volume.run("get", obj, tmp_path / "out", *volume.common_args())  # as root
+    st = os.stat(tmp_path / "out")
+    assert stat.S_IMODE(st.st_mode) == 0o777
+    assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
 
 
 # --- planted huge objects ---------------------------------------------------------------------

@@ -63,6 +63,10 @@ MAX_KEY_BYTES = 1024
 MAX_NAME_BYTES = 255
 INLINE_WRITE = 256 * 1024
 SLOT_PLAIN = 64 * 1024  # versions up to this size are committed into a journal slot
+# Bits that hand out privileges (setuid, setgid) or decide who may delete in a directory
+# (sticky): anyone who can write to the bucket can set them, so modes read from S3 are shown
+# without them unless the user trusts the bucket's attributes (docs/SEMANTICS.md).
+PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
 
 
 @dataclass
@@ -83,6 +87,8 @@ class FsOptions:
     stream_uploads: bool = True
     # Upload journal bodies from a helper process (store/helper.py).
     upload_helper: bool = True
+    # Show setuid, setgid and sticky bits of modes read from S3 (--trust-attributes).
+    trust_attributes: bool = False
     # Bytes of a gateway single-AEAD body downloaded whole to decrypt it (--max-whole-object).
     max_whole_object: int = limits.WHOLE_OBJECT_DEFAULT
 
@@ -266,18 +272,9 @@ class Filesystem:
         return self.nodes.add(node)
 
     def _dir_node(self, path: str, mtime_ns: int = 0, attrs: IndexEntry | None = None) -> Node:
-        if attrs is not None and attrs.is_dir:
-            node = Node(
-                self.nodes.new_ino(),
-                path,
-                attrs.mode,
-                attrs.uid,
-                attrs.gid,
-                attrs.mtime_ns,
-                attrs.mtime_ns,
-            )
-            return self.nodes.add(node)
-        mtime = mtime_ns or _now_ns()
+        if attrs is not None and not attrs.is_dir:
+            attrs = None
+        mtime = attrs.mtime_ns if attrs is not None else (mtime_ns or _now_ns())
         node = Node(
             self.nodes.new_ino(),
             path,
@@ -287,6 +284,8 @@ class Filesystem:
             mtime,
             mtime,
         )
+        if attrs is not None:
+            self._apply_attrs(node, attrs.attrs())
         return self.nodes.add(node)
 
     def _apply_metadata(self, node: Node, meta: dict[str, str]) -> None:
@@ -302,7 +301,11 @@ class Filesystem:
             node.error = refusal
 
     def _apply_attrs(self, node: Node, attrs: md.PosixAttrs) -> None:
-        if attrs.mode is not None and stat.S_IFMT(attrs.mode) in (stat.S_IFREG, stat.S_IFLNK):
+        """Attributes read from S3 (object metadata, a directory index)."""
+        types = (stat.S_IFDIR,) if node.is_dir else (stat.S_IFREG, stat.S_IFLNK)
+        if attrs.mode is not None and stat.S_IFMT(attrs.mode) in types:
+            if attrs.mode != node.mode:  # (our own chmod read back stays ours)
+                node.mode_set_here = False
             node.mode = attrs.mode
         if attrs.uid is not None:
             node.uid = attrs.uid
@@ -348,17 +351,21 @@ class Filesystem:
         if node.path == "":
             own = node.index.get(SELF)
             if own is not None and own.is_dir:
-                node.mode, node.uid, node.gid = own.mode, own.uid, own.gid
-                node.mtime_ns = own.mtime_ns
+                self._apply_attrs(node, own.attrs())
         return node.index
 
     def attr(self, node: Node) -> Attr:
         size = node.size
         if node.is_link and node.link_target is not None:
             size = len(node.link_target)
+        mode = node.mode
+        if not (self.opts.trust_attributes or node.mode_set_here):
+            # The one place modes from S3 are masked: on the way to the kernel, so that what
+            # is stored is kept as it is (for a mount that trusts it, and in the index).
+            mode &= ~PRIVILEGE_BITS
         return Attr(
             ino=node.ino,
-            mode=node.mode,
+            mode=mode,
             size=size,
             uid=node.uid,
             gid=node.gid,
@@ -732,6 +739,7 @@ class Filesystem:
         now = _now_ns()
         path = child_path(parent.path, name)
         node = Node(self.nodes.new_ino(), path, stat.S_IFREG | (mode & 0o7777), uid, gid, now, now)
+        node.mode_set_here = True
         self.nodes.add(node)
         node.staging = self._new_staging()
         node.staging.dirty = True
@@ -1238,6 +1246,7 @@ class Filesystem:
         meta_changed = False
         if mode is not None:
             node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
+            node.mode_set_here = True
             meta_changed = True
         if uid is not None and uid != 0xFFFFFFFF:
             node.uid = uid
@@ -1314,6 +1323,7 @@ class Filesystem:
         )
         node = self._dir_node(path, now)
         node.mode, node.uid, node.gid = stat.S_IFDIR | (mode & 0o7777), uid, gid
+        node.mode_set_here = True
         node.has_marker = True
         node.listing = Listing({})
         self._listing_add(parent, name, ChildInfo(True))
