@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from s3cryptfs import __version__, config, settings
+from s3cryptfs import __version__, config, mountcheck, settings
 from s3cryptfs.errors import (
     AccessDenied,
     ConfigError,
@@ -601,6 +601,8 @@ def resolve_mount_settings(args: argparse.Namespace) -> settings.FileConfig | No
         raise ConfigError(
             "usage: s3cryptfs mount s3://BUCKET[/PREFIX] MOUNTPOINT (or url in --config)"
         )
+    # before a password is asked for; `config check` reports it too
+    mountcheck.check_fuse_options([o for group in args.fuse_opts for o in group.split(",")])
     if cfg is not None and cfg.key_manager_enabled and not args.kms_config:
         raise ConfigError(
             f"{cfg.path}: encryption.key_manager.enabled is true but no [key_manager] table or "

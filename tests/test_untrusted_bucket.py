@@ -99,6 +99,41 @@ def test_get_applies_permission_bits_only(volume, s3client, tmp_path):
     assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
 
 
+def test_suid_and_dev_mount_options_are_refused(volume, tmp_path):
+    """From -o, from the configuration file's options and from an fstab line (mount.s3cryptfs);
+    refused before anything is read from S3 (the volume does not even exist)."""
+
+    def mount(*extra: str):
+        return volume.run(
+            "mount", volume.url, volume.mountpoint, *volume.common_args(), *extra, check=False
+        )
+
+    config = tmp_path / "m.toml"
+    config.write_text(f'url = "{volume.url}"\noptions = ["noatime", "dev"]\n')
+    helper = [
+        sys.executable,
+        "-c",
+        "import sys; from s3cryptfs.mounthelper import main; sys.exit(main(sys.argv[1:]))",
+        volume.url,
+        str(volume.mountpoint),
+        "-o",
+        f"_netdev,suid,password_file={volume.password_file}",
+    ]
+    runs = [
+        ("suid", mount("-o", "suid")),
+        ("dev", mount("-o", "nosuid,dev")),
+        ("dev", volume.run("mount", "--config", config, volume.mountpoint, check=False)),
+        ("suid", subprocess.run(helper, env=volume.env, capture_output=True, text=True)),
+    ]
+    for option, proc in runs:
+        assert proc.returncode == 2, proc
+        assert proc.stderr.strip().splitlines() == [
+            f"s3cryptfs: mount option {option} is refused: anyone who can write to the bucket "
+            "could plant setuid programs or device nodes (s3cryptfs mounts are nosuid,nodev)"
+        ]
+        assert not volume.is_mounted()
+
+
 # --- planted huge objects ---------------------------------------------------------------------
 
 
