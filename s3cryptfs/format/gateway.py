@@ -43,7 +43,9 @@ SALT = 32
 LEGACY_ITERATIONS = 100_000
 MIN_CHUNK = 16_384
 MAX_CHUNK = 1_048_576
-MAX_ITERATIONS = 10_000_000  # our own bound: refuse absurd work factors from metadata
+# Work factors read from metadata (anyone who can write to the bucket sets them) are refused
+# above this: the gateway's own bound on wrapped keys, so every object it can read passes.
+MAX_ITERATIONS = 2_000_000
 
 ALG_AES = "AES256-GCM"
 ALG_CHACHA = "ChaCha20-Poly1305"
@@ -161,7 +163,7 @@ def parse_kdf_params(value: str | None) -> int:
     except ValueError as e:
         raise FormatError(f"gateway: bad kdf iterations {value!r}") from e
     if not LEGACY_ITERATIONS <= n <= MAX_ITERATIONS:
-        raise FormatError(f"gateway: kdf iterations {n} out of range")
+        raise FormatError(f"gateway: kdf iterations {n} out of range (100000..2000000)")
     return n
 
 
@@ -196,7 +198,7 @@ def unwrap_password_dek(blob: bytes, password: str | bytes) -> bytes:
         raise InvalidEnvelope("gateway: password-wrapped key too short")
     if len(blob) >= 64:
         (it,) = struct.unpack(">I", blob[:4])
-        if LEGACY_ITERATIONS <= it <= 2_000_000:
+        if LEGACY_ITERATIONS <= it <= MAX_ITERATIONS:
             salt, nonce, ct = blob[4:36], blob[36:48], blob[48:]
             dek = _gcm_open_dek(pbkdf2(password, salt, it), nonce, ct)
             if dek is not None:
@@ -914,7 +916,7 @@ class WriteSettings:
         )
         if s.wrap not in ("password", "memory", "cosmian-kmip"):
             raise FormatError(f"gateway: cannot write with key wrap {s.wrap!r}")
-        if not LEGACY_ITERATIONS <= s.iterations <= 2_000_000:
+        if not LEGACY_ITERATIONS <= s.iterations <= MAX_ITERATIONS:
             raise FormatError("gateway: iterations must be within 100000..2000000")
         if s.algorithm not in (ALG_AES, ALG_CHACHA):
             raise FormatError(f"gateway: unknown algorithm {s.algorithm!r}")
