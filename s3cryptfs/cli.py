@@ -812,6 +812,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     try:
         raw = os.getxattr(args.mountpoint, "user.s3cryptfs.status")
+    except PermissionError:
+        raise ConfigError(
+            f"{args.mountpoint}: only root and the user who mounted it may read its status"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{args.mountpoint} is not an s3cryptfs mount ({exc.strerror})") from None
     status = json.loads(raw)
