@@ -731,6 +731,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     if not _is_mounted(mountpoint):
         raise ConfigError(f"{mountpoint} is not mounted")
+    owner = mountcheck.mount_owner(mountpoint, os.getuid())
     try:
         pid = _mount_pid(mountpoint)
     except OSError as exc:
@@ -746,6 +747,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         fusermount = shutil.which("fusermount3") or "fusermount"
         subprocess.run([fusermount, "-u", "-z", mountpoint], check=False)
         return EXIT_OK
+    mountcheck.check_mount_process(mountpoint, pid, owner)
     os.kill(pid, 15)
     announced = time.monotonic() + 5
     while _pid_alive(pid):

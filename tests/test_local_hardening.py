@@ -1,14 +1,17 @@
 """Protections against other local users: the status attributes answer only root and the
-mounting user (and ask the key managers at most every HEALTH_TTL seconds)."""
+mounting user (and ask the key managers at most every HEALTH_TTL seconds); `umount` signals
+only a process that is the mount's."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,10 +20,20 @@ import pytest
 import trio
 
 from s3cryptfs import fuse_ops
-from tests.conftest import is_mounted, lazy_unmount
+from s3cryptfs.errors import ConfigError
+from s3cryptfs.mountcheck import check_mount_process, mount_owner
+from tests.conftest import fuse_mounts, is_mounted, lazy_unmount
 
 NOBODY = 65534
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+HERE = Path(__file__).resolve().parent
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 # --- the status attributes ----------------------------------------------------------------------
@@ -104,3 +117,75 @@ def test_other_users_cannot_read_the_status(make_volume, open_mountpoint):
         assert "key manager:" in vol.run("status", vol.mountpoint).stdout  # root still may
     finally:
         vol.umount()
+
+
+# --- umount ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pretender(tmp_path):
+    """start(pid): mount a FUSE file system of subtype s3cryptfs that names *pid* as its mount
+    process; unmounted and stopped at teardown."""
+    started: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(pid: int) -> Path:
+        mountpoint = tmp_path / f"fake{len(started)}"
+        mountpoint.mkdir()
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "fake_s3cryptfs.py"), mountpoint, str(pid)]
+        )
+        started.append((proc, mountpoint))
+        wait_for(lambda: (str(mountpoint), "fuse.s3cryptfs") in fuse_mounts())
+        return mountpoint
+
+    yield start
+    for proc, mountpoint in started:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, timeout=30)
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_umount_signals_only_the_mounts_own_process(mounted, pretender, cli):
+    """A FUSE file system that claims to be s3cryptfs names, in turn: a root process, another
+    user's process, and the process of a real s3cryptfs mount elsewhere. None is signalled."""
+    victims = {
+        "root": subprocess.Popen(["sleep", "300"]),
+        "nobody": subprocess.Popen([*AS_NOBODY, "sleep", "300"]),
+    }
+    real_pid = int(os.getxattr(mounted.mountpoint, "user.s3cryptfs.pid"))
+    try:
+        cases = [
+            (victims["root"].pid, "its command line is not an s3cryptfs mount of it"),
+            (victims["nobody"].pid, "it does not run as uid 0, the owner of the mount"),
+            (real_pid, "its command line is not an s3cryptfs mount of it"),
+        ]
+        for pid, reason in cases:
+            fake = pretender(pid)
+            proc = cli("umount", fake)
+            assert proc.returncode == 2, proc
+            assert proc.stderr.strip() == (
+                f"s3cryptfs: {fake} names pid {pid} as its mount process, but {reason}: not "
+                "signalled (a FUSE file system that only pretends to be s3cryptfs?)"
+            )
+            assert alive(pid)
+        assert all(v.poll() is None for v in victims.values())
+        assert mounted.is_mounted()
+        # the real mount: its process passes, and only its owner (or root) may unmount it
+        check_mount_process(str(mounted.mountpoint), real_pid, 0)
+        with pytest.raises(ConfigError, match="belongs to uid 0: only that user or root"):
+            mount_owner(str(mounted.mountpoint), NOBODY)
+        assert mount_owner(str(mounted.mountpoint), 0) == 0
+    finally:
+        for victim in victims.values():
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+    mounted.umount()  # and the real umount still works
+    assert not alive(real_pid)
