@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from s3cryptfs import __version__, config, mountcheck, settings
+from s3cryptfs import __version__, config, hardening, mountcheck, settings
 from s3cryptfs.errors import (
     AccessDenied,
     ConfigError,
@@ -409,8 +409,8 @@ def _setup_logging(level: str, stream: object = None, path: str | None = None) -
     root.handlers.clear()
     handler: logging.Handler
     if path:
-        handler = logging.FileHandler(path)
-        os.chmod(path, 0o600)
+        fd = hardening.open_append_private(path, "log file")
+        handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
     else:
         handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -1,6 +1,6 @@
-"""Protections against other local users: the status attributes answer only root and the
-mounting user (and ask the key managers at most every HEALTH_TTL seconds); `umount` signals
-only a process that is the mount's."""
+"""Protections against other local users and planted local files: the status attributes answer
+only root and the mounting user (and ask the key managers at most every HEALTH_TTL seconds);
+`umount` signals only a process that is the mount's; logs never follow a symbolic link."""
 
 from __future__ import annotations
 
@@ -189,3 +189,62 @@ def test_umount_signals_only_the_mounts_own_process(mounted, pretender, cli):
             victim.wait()
     mounted.umount()  # and the real umount still works
     assert not alive(real_pid)
+
+
+# --- log files ---------------------------------------------------------------------------------
+
+
+def test_log_and_audit_files_never_follow_symlinks(volume, tmp_path):
+    volume.init()
+    target = tmp_path / "precious"
+    target.write_text("not a log\n")
+    target.chmod(0o644)
+    link = tmp_path / "log-link"
+    link.symlink_to(target)
+    common = volume.common_args()
+    runs = {
+        "log file": [
+            volume.run(
+                "mount",
+                volume.url,
+                volume.mountpoint,
+                *common,
+                "--cache-dir",
+                volume.cache_dir,
+                "--log-file",
+                link,
+                check=False,
+            ),
+            volume.run(
+                "mount",
+                volume.url,
+                volume.mountpoint,
+                *common,
+                "--cache-dir",
+                volume.cache_dir,
+                "--log-file",
+                link,
+                "--foreground",
+                check=False,
+            ),
+        ],
+        "audit log": [
+            volume.run("keys", "status", volume.url, *common, "--audit-log", link, check=False)
+        ],
+    }
+    for what, procs in runs.items():
+        for proc in procs:
+            assert proc.returncode == 2, proc
+            assert proc.stderr.strip().splitlines()[-1] == (
+                f"s3cryptfs: the {what} {link} is a symbolic link: refused (give the path of the "
+                "file itself)"
+            )
+    assert not volume.is_mounted()
+    assert target.read_text() == "not a log\n" and (target.stat().st_mode & 0o777) == 0o644
+    # a log that is a file is made private, created or not
+    log = tmp_path / "mount.log"
+    log.write_text("")
+    log.chmod(0o644)
+    volume.mount("--log-file", log)
+    volume.umount()
+    assert (log.stat().st_mode & 0o777) == 0o600 and "unmounted" in log.read_text()
