@@ -638,6 +638,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     else:
         password = None
     spec = _mount_spec(args, password)
+    # Read: out of the environment of what may run for months (the daemon inherits this).
+    hardening.scrub_secret_environment()
     mount = Mount(spec)  # type: ignore[arg-type]
     if args.foreground:
         _setup_logging(args.log_level, path=args.log_file)

@@ -1,6 +1,7 @@
 """Protections against other local users and planted local files: the status attributes answer
 only root and the mounting user (and ask the key managers at most every HEALTH_TTL seconds);
-`umount` signals only a process that is the mount's; logs never follow a symbolic link."""
+`umount` signals only a process that is the mount's; logs never follow a symbolic link; the
+password and key manager secrets leave the mount process's environment."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import trio
 from s3cryptfs import fuse_ops
 from s3cryptfs.errors import ConfigError
 from s3cryptfs.mountcheck import check_mount_process, mount_owner
-from tests.conftest import fuse_mounts, is_mounted, lazy_unmount
+from tests.conftest import PASSWORD, fuse_mounts, is_mounted, lazy_unmount
 
 NOBODY = 65534
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
@@ -248,3 +249,61 @@ def test_log_and_audit_files_never_follow_symlinks(volume, tmp_path):
     volume.mount("--log-file", log)
     volume.umount()
     assert (log.stat().st_mode & 0o777) == 0o600 and "unmounted" in log.read_text()
+
+
+# --- secrets in the environment -----------------------------------------------------------------
+
+
+def environ_of(pid: int) -> bytes:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return f.read()
+
+
+def test_password_and_secrets_leave_the_mount_process_environment(volume):
+    volume.init()
+    env = {
+        **volume.env,
+        "S3CRYPTFS_PASSWORD": PASSWORD,
+        "S3CRYPTFS_SECRET_CANARY": "canary-generic-secret",
+        "VAULT_TOKEN": "canary-vault-token",
+    }
+    base = [
+        "mount",
+        volume.url,
+        volume.mountpoint,
+        "--endpoint-url",
+        volume.endpoint_url,
+        "--cache-dir",
+        volume.cache_dir,
+    ]
+    secrets = (PASSWORD.encode(), b"canary-generic-secret", b"canary-vault-token")
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "s3cryptfs", *map(str, base)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    pid = int(os.getxattr(volume.mountpoint, "user.s3cryptfs.pid"))
+    daemon = environ_of(pid)
+    assert b"AWS_ACCESS_KEY_ID=" in daemon  # the rest of the environment is intact
+    assert not [s for s in secrets if s in daemon]
+    assert b"S3CRYPTFS_PASSWORD=" not in daemon and b"VAULT_TOKEN=" not in daemon
+    volume.umount()
+
+    foreground = subprocess.Popen(
+        [sys.executable, "-m", "s3cryptfs", *map(str, base), "--foreground"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(volume.is_mounted, timeout=60)
+        held = environ_of(foreground.pid)
+        assert b"AWS_ACCESS_KEY_ID=" in held
+        assert not [s for s in secrets if s in held]
+    finally:
+        volume.umount()
+        assert foreground.wait(timeout=60) == 0
