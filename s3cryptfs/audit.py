@@ -13,6 +13,8 @@ import os
 import threading
 from typing import Any
 
+from s3cryptfs.hardening import open_append_private
+
 
 class AuditLog:
     def __init__(self, path: str | None) -> None:
@@ -20,7 +22,7 @@ class AuditLog:
         self._lock = threading.Lock()
         self._fd: int | None = None
         if path:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._fd = open_append_private(path, "audit log")
 
     @property
     def enabled(self) -> bool:

@@ -10,7 +10,7 @@ import sys
 import time
 from signal import SIGTERM
 
-from s3cryptfs import __version__, config, settings
+from s3cryptfs import __version__, config, hardening, mountcheck, settings
 from s3cryptfs.errors import (
     AccessDenied,
     ConfigError,
@@ -185,6 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gid", type=int, help="group of files that carry no group (default: yours)")
     p.add_argument(
         "--sync-close", action="store_true", help="close() returns only once the file is in S3"
+    )
+    p.add_argument(
+        "--trust-attributes",
+        action="store_true",
+        help="show the setuid, setgid and sticky bits of modes stored in S3 (default: masked, "
+        "since anyone who can write to the bucket can set them)",
+    )
+    p.add_argument(
+        "--max-whole-object",
+        default="256M",
+        metavar="SIZE",
+        help="largest gateway single-AEAD object to download whole to decrypt it (default 256M)",
     )
     p.add_argument(
         "--dir-cache-ttl",
@@ -469,8 +481,8 @@ def _setup_logging(level: str, stream: object = None, path: str | None = None) -
     root.handlers.clear()
     handler: logging.Handler
     if path:
-        handler = logging.FileHandler(path)
-        os.chmod(path, 0o600)
+        fd = hardening.open_append_private(path, "log file")
+        handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
     else:
         handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -663,6 +675,8 @@ def _mount_spec(args: argparse.Namespace, password: bytes | None) -> object:
             memory_cache=config.parse_size(args.memory_cache),
             journal_limit=config.parse_size(args.cache_size),
             disk_cache=config.parse_size(args.disk_cache),
+            trust_attributes=args.trust_attributes,
+            max_whole_object=config.parse_size(args.max_whole_object),
         ),
         fuse_options=fuse_options,
         allow_other=args.allow_other,
@@ -692,6 +706,8 @@ def resolve_mount_settings(args: argparse.Namespace) -> settings.FileConfig | No
         raise ConfigError(
             "usage: s3cryptfs mount s3://BUCKET[/PREFIX] MOUNTPOINT (or url in --config)"
         )
+    # before a password is asked for; `config check` reports it too
+    mountcheck.check_fuse_options([o for group in args.fuse_opts for o in group.split(",")])
     if cfg is not None and cfg.key_manager_enabled and not args.kms_config:
         raise ConfigError(
             f"{cfg.path}: encryption.key_manager.enabled is true but no [key_manager] table or "
@@ -717,6 +733,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     else:
         password = None
     spec = _mount_spec(args, password)
+    # Read: out of the environment of what may run for months (the daemon inherits this).
+    hardening.scrub_secret_environment()
     mount = Mount(spec)  # type: ignore[arg-type]
     if args.foreground:
         _setup_logging(args.log_level, path=args.log_file)
@@ -842,6 +860,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     try:
         raw = os.getxattr(args.mountpoint, "user.s3cryptfs.status")
+    except PermissionError:
+        raise ConfigError(
+            f"{args.mountpoint}: only root and the user who mounted it may read its status"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{args.mountpoint} is not an s3cryptfs mount ({exc.strerror})") from None
     status = json.loads(raw)

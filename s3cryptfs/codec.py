@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from s3cryptfs import limits
 from s3cryptfs.audit import NO_AUDIT, AuditLog
 from s3cryptfs.errors import (
     FormatError,
@@ -96,6 +97,8 @@ class ObjectCodec:
         # (key) -> (metadata, body) of a companion object (a gateway multipart manifest);
         # given by whoever reads the store, so that this class stays free of S3.
         self.companion: Callable[[str], tuple[Mapping[str, str], bytes]] | None = None
+        # Bytes of a gateway single-AEAD body we agree to download whole (--max-whole-object).
+        self.max_whole_object = limits.WHOLE_OBJECT_DEFAULT
         self._gateway_lock = threading.Lock()
         self.ring = ring
         self.chunk_size = descriptor.chunk_size
@@ -452,7 +455,9 @@ class ObjectCodec:
 
     def _gateway_cipher(self, meta: Mapping[str, str], name: str) -> BodyCipher:
         try:
-            return gw.body_cipher(meta, key=self._gateway_key(meta, name))
+            return gw.body_cipher(
+                meta, key=self._gateway_key(meta, name), max_body=self.max_whole_object, name=name
+            )
         except FormatError as exc:
             raise FormatError(f"{name}: {exc}" if name else str(exc)) from None
 

@@ -76,6 +76,11 @@ class DescriptorAuthError(IntegrityError):
     machine trusts: someone without the volume's keys changed it."""
 
 
+class ObjectTooLarge(IntegrityError):
+    """An object read whole is larger than anything we write of its kind (s3cryptfs.limits):
+    planted to exhaust memory, so refused before its body is downloaded."""
+
+
 class KeyManagerError(S3CryptFSError):
     """A key manager failed."""
 

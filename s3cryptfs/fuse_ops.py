@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -27,8 +28,10 @@ T = TypeVar("T")
 
 XATTR_STATE = b"user.s3cryptfs.state"
 XATTR_PID = b"user.s3cryptfs.pid"
-XATTR_STATUS = b"user.s3cryptfs.status"  # root only: stats plus key manager health (slower)
-XATTR_STATS = b"user.s3cryptfs.stats"  # root only: request counters as JSON (for scripts, tests)
+# Root and the user who mounted only (others get EACCES): stats plus key manager health.
+XATTR_STATUS = b"user.s3cryptfs.status"
+# Root and the user who mounted only: request counters as JSON (for scripts, tests).
+XATTR_STATS = b"user.s3cryptfs.stats"
 # The unmount protocol of `s3cryptfs umount` (root and the mount's owner only): set DRAIN to
 # the seconds uploads may stall; it returns once everything is in S3, or fails with EBUSY and
 # PENDING lists what is not. Setting STOP ("force") stops the mount whatever is left.
@@ -36,6 +39,9 @@ XATTR_DRAIN = b"user.s3cryptfs.drain"
 XATTR_PENDING = b"user.s3cryptfs.pending"
 XATTR_STOP = b"user.s3cryptfs.stop"
 ATTR_TIMEOUT = 1.0
+# Key manager health is asked for at most this often, however often status is read: each
+# check is a request to every KMS.
+HEALTH_TTL = 10.0
 
 
 def _guard(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -113,6 +119,8 @@ class FuseOperations(pyfuse3.Operations):
         self.fs = fs
         self._dirs: dict[int, _DirHandle] = {}
         self._next_dir_fh = 1
+        self._health: tuple[float, dict[str, str]] | None = None  # (when, result)
+        self._health_lock = trio.Lock()
 
     def _reply(self, node: Node) -> pyfuse3.EntryAttributes:
         node.lookups += 1
@@ -296,20 +304,30 @@ class FuseOperations(pyfuse3.Operations):
             return self.fs.state_of(node).encode()
         if name == XATTR_PID and inode == pyfuse3.ROOT_INODE:
             return str(os.getpid()).encode()
-        if name == XATTR_STATS and inode == pyfuse3.ROOT_INODE:
-            return json.dumps(self.fs.stats(), sort_keys=True).encode()
         if name == XATTR_PENDING and inode == pyfuse3.ROOT_INODE:
             _control_allowed(ctx)
             pending = [
                 {"key": key, "kind": kind, "why": why} for key, kind, why in self.fs.not_in_s3()
             ]
             return json.dumps(pending, sort_keys=True).encode()
-        if name == XATTR_STATUS and inode == pyfuse3.ROOT_INODE:
+        if name in (XATTR_STATS, XATTR_STATUS) and inode == pyfuse3.ROOT_INODE:
+            # What the mount does and which key managers fail is for its owner (and root),
+            # not for every user --allow-other lets in.
+            _control_allowed(ctx)
             status = self.fs.stats()
-            # Bounded by the managers' own timeouts (a KMS that does not answer is reported).
-            status["key_managers"] = await trio.to_thread.run_sync(self.fs.key_health)
+            if name == XATTR_STATUS:
+                status["key_managers"] = await self._key_health()
             return json.dumps(status, sort_keys=True).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def _key_health(self) -> dict[str, str]:
+        async with self._health_lock:  # readers at the same time share one round of checks
+            now = time.monotonic()
+            if self._health is None or now - self._health[0] >= HEALTH_TTL:
+                # Bounded by the managers' own timeouts (one that does not answer is reported).
+                health = await trio.to_thread.run_sync(self.fs.key_health)
+                self._health = (time.monotonic(), health)
+            return self._health[1]
 
     @_guard
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from s3cryptfs import config
+from s3cryptfs import config, limits
 from s3cryptfs.codec import OWN, PLAIN, ObjectCodec, object_kind
 from s3cryptfs.errors import (
     ConfigError,
@@ -135,7 +135,9 @@ def cmd_get(args: argparse.Namespace) -> int:
             for piece in decrypt_object(admin.store, codec, info):
                 f.write(piece)
         if attrs.mode is not None and stat.S_ISREG(attrs.mode):
-            os.chmod(tmp, stat.S_IMODE(attrs.mode))
+            # Permission bits only: setuid, setgid and sticky bits (and the owner) come from
+            # whoever could write to the bucket, and `get` may well run as root.
+            os.chmod(tmp, attrs.mode & 0o777)
         if attrs.mtime_ns is not None:
             os.utime(tmp, ns=(attrs.mtime_ns, attrs.mtime_ns))
         os.replace(tmp, target)
@@ -218,9 +220,8 @@ def _companion(store: S3Store) -> Callable[[str], tuple[dict[str, str], bytes]]:
     """Reads a gateway multipart object's manifest for the codec."""
 
     def read(key: str) -> tuple[dict[str, str], bytes]:
-        head = store.head(key)
-        body = store.get(key, 0, head.size - 1, if_match=head.etag) if head.size else b""
-        return head.metadata or {}, body
+        body, info = store.get_bounded(key, limits.MPU_MANIFEST_MAX, "multipart manifest")
+        return info.metadata or {}, body
 
     return read
 

@@ -37,6 +37,8 @@ KEYS: dict[str, tuple[type, bool]] = {
     "uid": (int, False),
     "gid": (int, False),
     "sync_close": (bool, False),
+    "trust_attributes": (bool, False),
+    "max_whole_object": (str, False),
     "dir_cache_ttl": (float, False),
     "s3_timeout": (float, False),
     "stop_timeout": (float, False),

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 
+from s3cryptfs import mountcheck
 from s3cryptfs.errors import ConfigError, S3CryptFSError
 from s3cryptfs.exitcodes import EXIT_INCOMPLETE, EXIT_KEYS, EXIT_OK, EXIT_S3, EXIT_VOLUME
 
@@ -119,6 +120,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     if not is_mounted(mountpoint):
         raise ConfigError(f"{mountpoint} is not mounted")
+    owner = mountcheck.mount_owner(mountpoint, os.getuid())
     try:
         pid = mount_pid(mountpoint)
     except OSError as exc:
@@ -134,6 +136,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
         fusermount = shutil.which("fusermount3") or "fusermount"
         subprocess.run([fusermount, "-u", "-z", mountpoint], check=False)
         return EXIT_OK
+    # Whatever we signal or ask must be the mount's own process, not one a fake mount names.
+    mountcheck.check_mount_process(mountpoint, pid, owner)
     failed = _drain(mountpoint, args.timeout)
     if failed is not None and failed.errno != errno.EBUSY:
         raise ConfigError(

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from s3cryptfs import limits
 from s3cryptfs.config import VolumeURL
 from s3cryptfs.errors import (
     ConfigError,
@@ -54,7 +55,8 @@ def read_raw(store: S3Store, url: VolumeURL) -> tuple[bytes, str]:
     """The descriptor's bytes and ETag (to make a conditional write of it against)."""
     key = descriptor_key(url.prefix)
     try:
-        return store.get_with_etag(key)
+        raw, info = store.get_bounded(key, limits.DESCRIPTOR_MAX, "volume descriptor")
+        return raw, info.etag
     except ObjectNotFound:
         raise VolumeError(
             f"{url} is not an s3cryptfs volume (no descriptor at {key}); create one with: "

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from s3cryptfs.errors import PreconditionFailed
+from s3cryptfs.errors import ObjectTooLarge, PreconditionFailed
 from s3cryptfs.store.s3 import S3Store, StoreSettings
 
 MIB = 1024 * 1024
@@ -35,7 +35,7 @@ def test_multipart_copy_keeps_bytes_and_metadata(store):
     body = os.urandom(12 * MIB + 12345)
     etag = store.put("src", body, {"a": "1", "b": "two"})
     new = store.copy("src", "dst", src_etag=etag, size=len(body))
-    data, info = store.get_whole("dst")
+    data, info = store.get_bounded("dst", 64 * MIB, "test object")
     assert hashlib.sha256(data).digest() == hashlib.sha256(body).digest()
     assert info.metadata == {"a": "1", "b": "two"}
     assert info.etag == new
@@ -45,7 +45,7 @@ def test_multipart_copy_replaces_metadata(store):
     body = os.urandom(6 * MIB)
     etag = store.put("src", body, {"a": "1"})
     store.copy("src", "src", {"a": "2"}, src_etag=etag, size=len(body))
-    data, info = store.get_whole("src")
+    data, info = store.get_bounded("src", 64 * MIB, "test object")
     assert data == body
     assert info.metadata == {"a": "2"}
 
@@ -55,6 +55,36 @@ def test_multipart_copy_refuses_a_changed_source(store):
     store.put("src", body, {})
     with pytest.raises(PreconditionFailed):
         store.copy("src", "dst", src_etag='"0123456789abcdef0123456789abcdef"', size=len(body))
+
+
+def test_get_bounded_refuses_a_larger_object_without_reading_its_body(store, monkeypatch):
+    """One request: the size comes from the GET's own Content-Length, and the body of a
+    larger object is never read."""
+    from botocore.response import StreamingBody
+
+    read: list[int] = []
+    original = StreamingBody.read
+
+    def counted(self, amt=None):
+        data = original(self, amt)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(StreamingBody, "read", counted)
+    store.put("small", b"s" * 1000, {"k": "v"})
+    store.put("large", os.urandom(3 * MIB), {})
+    data, info = store.get_bounded("small", 1000, "test object")
+    assert (data, info.metadata, info.size) == (b"s" * 1000, {"k": "v"}, 1000)
+    read.clear()
+    before = dict(store.requests)
+    with pytest.raises(ObjectTooLarge) as exc:
+        store.get_bounded("large", MIB, "directory index")
+    assert str(exc.value) == (
+        f"directory index large is {3 * MIB} bytes, more than the 1 MiB allowed: not read"
+    )
+    assert sum(read) == 0
+    assert store.requests.get("get", 0) == before.get("get", 0) + 1
+    assert store.requests.get("head", 0) == before.get("head", 0)
 
 
 def test_rename_of_a_large_file_through_the_mount(make_volume, bucket):

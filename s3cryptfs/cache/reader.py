@@ -98,8 +98,11 @@ class Reader:
                 version, 0, version.header_len - 1, lambda data: version.make_cipher(data)
             )
 
-        version.cipher = await trio.to_thread.run_sync(load, limiter=self.limiter)
-        expected = version.cipher.plain_size_of(version.body_size)
+        cipher = await trio.to_thread.run_sync(load, limiter=self.limiter)
+        # Kept only once the size is accepted: a cipher refusing the body (too short, too
+        # large to fetch) must refuse the next read too, not be found ready.
+        expected = cipher.plain_size_of(version.body_size)
+        version.cipher = cipher
         if expected != version.plain_size:
             version.plain_size = expected
 

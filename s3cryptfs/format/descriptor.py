@@ -29,7 +29,8 @@ DESCRIPTOR_VERSION = 2
 LEGACY_VERSION = 1  # unauthenticated; read only by `s3cryptfs upgrade`
 META_DIR = ".s3cryptfs"
 DESCRIPTOR_NAME = "volume.json"
-# A descriptor is a few KiB; anything near this is not one (and is never read whole).
+# A descriptor is a few KiB; anything near this is not one (store reads stop before it too:
+# limits.DESCRIPTOR_MAX).
 MAX_DESCRIPTOR_BYTES = 1 << 20
 
 GATEWAY_FORMAT = "gateway"

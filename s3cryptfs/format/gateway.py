@@ -34,6 +34,7 @@ from s3cryptfs.errors import (
     WrongPasswordError,
 )
 from s3cryptfs.format.v1 import read_full
+from s3cryptfs.limits import check_size
 
 TAG = 16
 NONCE = 12
@@ -42,7 +43,9 @@ SALT = 32
 LEGACY_ITERATIONS = 100_000
 MIN_CHUNK = 16_384
 MAX_CHUNK = 1_048_576
-MAX_ITERATIONS = 10_000_000  # our own bound: refuse absurd work factors from metadata
+# Work factors read from metadata (anyone who can write to the bucket sets them) are refused
+# above this: the gateway's own bound on wrapped keys, so every object it can read passes.
+MAX_ITERATIONS = 2_000_000
 
 ALG_AES = "AES256-GCM"
 ALG_CHACHA = "ChaCha20-Poly1305"
@@ -160,7 +163,7 @@ def parse_kdf_params(value: str | None) -> int:
     except ValueError as e:
         raise FormatError(f"gateway: bad kdf iterations {value!r}") from e
     if not LEGACY_ITERATIONS <= n <= MAX_ITERATIONS:
-        raise FormatError(f"gateway: kdf iterations {n} out of range")
+        raise FormatError(f"gateway: kdf iterations {n} out of range (100000..2000000)")
     return n
 
 
@@ -195,7 +198,7 @@ def unwrap_password_dek(blob: bytes, password: str | bytes) -> bytes:
         raise InvalidEnvelope("gateway: password-wrapped key too short")
     if len(blob) >= 64:
         (it,) = struct.unpack(">I", blob[:4])
-        if LEGACY_ITERATIONS <= it <= 2_000_000:
+        if LEGACY_ITERATIONS <= it <= MAX_ITERATIONS:
             salt, nonce, ct = blob[4:36], blob[36:48], blob[48:]
             dek = _gcm_open_dek(pbkdf2(password, salt, it), nonce, ct)
             if dek is not None:
@@ -427,11 +430,20 @@ def single_aads(md: Mapping[str, str], alg: str, salt: bytes, iv: bytes) -> list
 class SingleCipher:
     """A single-AEAD gateway object: one chunk that is the whole body (maybe gzipped inside).
 
-    Its plaintext size is authenticated (it is in the AAD) when recorded."""
+    Its plaintext size is authenticated (it is in the AAD) when recorded. Its one tag covers
+    the whole body, so the whole body is downloaded before a byte of it can be checked:
+    *max_body* bounds that download (a body of more bytes is refused before it is fetched).
+    *name* is the object's key, for that refusal."""
 
     header_len = 0
 
-    def __init__(self, metadata: Mapping[str, str], key: bytes) -> None:
+    def __init__(
+        self,
+        metadata: Mapping[str, str],
+        key: bytes,
+        max_body: int | None = None,
+        name: str = "",
+    ) -> None:
         md = normalize_metadata(metadata)
         if md.get("encryption-fallback"):
             raise FormatError("gateway: metadata-fallback objects are not supported")
@@ -450,13 +462,20 @@ class SingleCipher:
             raise FormatError("gateway: unknown compression algorithm")
         self.recorded = recorded_size(md)
         self._size = self.recorded
+        self.max_body = max_body
+        self.name = name
 
     @property
     def chunk_size(self) -> int:
         return max(1, self._size or 1)
 
     def span(self, first: int, last: int, body_size: int) -> tuple[int, int]:
+        self._check_body(body_size)  # (the whole body is fetched)
         return 0, body_size - 1
+
+    def _check_body(self, body_size: int) -> None:
+        if self.max_body is not None:
+            check_size("gateway single-AEAD object", self.name, body_size, self.max_body)
 
     def open_range(self, first_index: int, data: bytes, total_chunks: int) -> list[bytes]:
         aead = AESGCM(self.key) if self.alg == ALG_AES else ChaCha20Poly1305(self.key)
@@ -479,6 +498,7 @@ class SingleCipher:
     def plain_size_of(self, body_size: int) -> int:
         if body_size < TAG:
             raise IntegrityError(f"gateway: object length {body_size} is too short")
+        self._check_body(body_size)  # every reader asks for the size before it fetches
         if self._size is None:
             if self.compressed:
                 raise FormatError("gateway: compressed object records no size")
@@ -515,8 +535,11 @@ def body_cipher(
     password: str | bytes | None = None,
     master_key: bytes | str | None = None,
     key: bytes | None = None,
+    max_body: int | None = None,
+    name: str = "",
 ) -> ChunkedCipher | SingleCipher:
-    """The reader of a single-PUT gateway object (chunked or single AEAD)."""
+    """The reader of a single-PUT gateway object (chunked or single AEAD); *max_body* and
+    *name*: see SingleCipher."""
     md = normalize_metadata(metadata)
     if md.get("encrypted-mpu") == "true" and md.get("encrypted") != "true":
         raise FormatError("gateway: an encrypted multipart object needs its manifest")
@@ -524,7 +547,7 @@ def body_cipher(
         key = data_key(md, password=password, master_key=master_key)
     if md.get("encryption-chunked") == "true":
         return ChunkedCipher(chunked_layout(md), key)
-    return SingleCipher(md, key)
+    return SingleCipher(md, key, max_body, name)
 
 
 # --- encrypted multipart uploads (§5) ---------------------------------------------------------
@@ -893,7 +916,7 @@ class WriteSettings:
         )
         if s.wrap not in ("password", "memory", "cosmian-kmip"):
             raise FormatError(f"gateway: cannot write with key wrap {s.wrap!r}")
-        if not LEGACY_ITERATIONS <= s.iterations <= 2_000_000:
+        if not LEGACY_ITERATIONS <= s.iterations <= MAX_ITERATIONS:
             raise FormatError("gateway: iterations must be within 100000..2000000")
         if s.algorithm not in (ALG_AES, ALG_CHACHA):
             raise FormatError(f"gateway: unknown algorithm {s.algorithm!r}")

@@ -30,6 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from s3cryptfs import limits
 from s3cryptfs.errors import (
     ConfigError,
     InvalidEnvelope,
@@ -79,6 +80,8 @@ _derived_lock = threading.Lock()
 def _derive(passphrase: bytes, kdf: Mapping[str, Any]) -> bytes:
     salt = bytes.fromhex(kdf["salt"])
     n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
+    # Read from the database: bounded before scrypt takes the memory.
+    limits.check_scrypt(n, r, p, "key store", KeyManagerError)
     tag = hashlib.sha256(b"%d:%d:%d:" % (n, r, p) + salt + b"\0" + passphrase).digest()
     with _derived_lock:
         key = _derived.get(tag)

@@ -23,6 +23,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from s3cryptfs import limits
 from s3cryptfs.errors import (
     ConfigError,
     DescriptorAuthError,
@@ -76,6 +77,8 @@ def derive_muk(password: bytes, kdf: Mapping[str, Any]) -> bytes:
     n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
     if n < 2**14 or n & (n - 1) or r < 1 or p < 1:
         raise VolumeError("volume descriptor: scrypt parameters are out of range")
+    # Whoever can write to the bucket can set these: bounded before scrypt takes the memory.
+    limits.check_scrypt(n, r, p, "volume descriptor", VolumeError)
     return Scrypt(salt=salt, length=KEY_LEN, n=n, r=r, p=p).derive(password)
 
 

@@ -20,6 +20,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from s3cryptfs import limits
 from s3cryptfs.errors import ConfigError, WrongPasswordError
 from s3cryptfs.format.descriptor import Descriptor
 
@@ -63,6 +64,7 @@ def open_bundle(blob: bytes, passphrase: bytes) -> tuple[Descriptor, dict[str, A
         raise ConfigError(f"key export version {version} is not supported by this s3cryptfs")
     if not (14 <= log_n <= 22 and 1 <= r <= 32 and 1 <= p <= 16):
         raise ConfigError("key export: scrypt parameters out of range")
+    limits.check_scrypt(1 << log_n, r, p, "key export", ConfigError)
     head = blob[: _HEAD.size]
     try:
         plain = AESGCM(_kek(passphrase, salt, log_n, r, p)).decrypt(nonce, blob[_HEAD.size :], head)

@@ -26,6 +26,7 @@ import botocore.session
 import botocore.utils
 from botocore.config import Config
 
+from s3cryptfs import limits
 from s3cryptfs.errors import (
     AccessDenied,
     BucketNotFound,
@@ -352,12 +353,22 @@ class S3Store:
 
         return self._call(f"get {key}", fetch)
 
-    def get_whole(self, key: str) -> tuple[bytes, ObjectInfo]:
-        """The whole object with its metadata, in one request (small objects)."""
+    def get_bounded(self, key: str, limit: int, what: str) -> tuple[bytes, ObjectInfo]:
+        """The whole object with its metadata, in one request, if it is at most *limit* bytes.
+
+        The bucket is not trusted to keep small what we read whole: a larger object is refused
+        (ObjectTooLarge, naming *what* it was read as) from the response's Content-Length,
+        before its body is read, and a body longer than announced is cut at limit + 1 bytes."""
 
         def fetch() -> tuple[bytes, ObjectInfo]:
             r = self._client.get_object(Bucket=self.bucket, Key=key)
-            body = r["Body"].read()
+            stream = r["Body"]
+            try:
+                limits.check_size(what, key, int(r.get("ContentLength") or 0), limit)
+                body = stream.read(limit + 1)
+                limits.check_size(what, key, len(body), limit)
+            finally:
+                stream.close()  # unread bytes are not downloaded: the connection is dropped
             info = ObjectInfo(
                 key=key,
                 size=len(body),
@@ -366,15 +377,6 @@ class S3Store:
                 metadata={k.lower(): v for k, v in r.get("Metadata", {}).items()},
             )
             return body, info
-
-        return self._call(f"get {key}", fetch)
-
-    def get_with_etag(self, key: str) -> tuple[bytes, str]:
-        """The whole object and its ETag (for a later conditional write of it)."""
-
-        def fetch() -> tuple[bytes, str]:
-            r = self._client.get_object(Bucket=self.bucket, Key=key)
-            return r["Body"].read(), etag_of(r["ETag"])
 
         return self._call(f"get {key}", fetch)
 

@@ -27,10 +27,12 @@ from typing import Any
 
 import trio
 
+from s3cryptfs import limits
 from s3cryptfs.codec import ObjectCodec
 from s3cryptfs.errors import (
     KeyManagerError,
     ObjectNotFound,
+    ObjectTooLarge,
     PreconditionFailed,
     S3CryptFSError,
     strip_subject,
@@ -137,8 +139,13 @@ class AttrIndex:
         """(ETag or None if absent, entries); entries are {} for an index we cannot trust."""
         key = index_key(self.prefix, dir_path)
         try:
-            body, info = self.store.get_whole(key)
+            body, info = self.store.get_bounded(key, limits.DIR_INDEX_MAX, "directory index")
         except ObjectNotFound:
+            return None, {}
+        except ObjectTooLarge as exc:
+            # Planted (we never write one that big): ignored like any index that does not
+            # authenticate, and replaced at the next write.
+            log.warning("%s: directory index ignored: %s", key, exc)
             return None, {}
         return info.etag, self._open(dir_path, key, info.metadata or {}, body)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from s3cryptfs import limits
 from s3cryptfs.cache.blocks import BlockCache
 from s3cryptfs.cache.disk import DiskCache
 from s3cryptfs.cache.reader import Reader, Version
@@ -64,6 +65,10 @@ MAX_KEY_BYTES = 1024
 MAX_NAME_BYTES = 255
 INLINE_WRITE = 256 * 1024
 SLOT_PLAIN = 64 * 1024  # versions up to this size are committed into a journal slot
+# Bits that hand out privileges (setuid, setgid) or decide who may delete in a directory
+# (sticky): anyone who can write to the bucket can set them, so modes read from S3 are shown
+# without them unless the user trusts the bucket's attributes (docs/SEMANTICS.md).
+PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
 
 
 @dataclass
@@ -84,6 +89,10 @@ class FsOptions:
     stream_uploads: bool = True
     # Upload journal bodies from a helper process (store/helper.py).
     upload_helper: bool = True
+    # Show setuid, setgid and sticky bits of modes read from S3 (--trust-attributes).
+    trust_attributes: bool = False
+    # Bytes of a gateway single-AEAD body downloaded whole to decrypt it (--max-whole-object).
+    max_whole_object: int = limits.WHOLE_OBJECT_DEFAULT
 
 
 @dataclass
@@ -123,6 +132,7 @@ class Filesystem:
         self.store = store
         self.codec = codec
         codec.companion = self._companion
+        codec.max_whole_object = opts.max_whole_object
         self.prefix = prefix
         self.opts = opts
         self.cache_dir = cache_dir
@@ -435,18 +445,9 @@ class Filesystem:
         return self.nodes.add(node)
 
     def _dir_node(self, path: str, mtime_ns: int = 0, attrs: IndexEntry | None = None) -> Node:
-        if attrs is not None and attrs.is_dir:
-            node = Node(
-                self.nodes.new_ino(),
-                path,
-                attrs.mode,
-                attrs.uid,
-                attrs.gid,
-                attrs.mtime_ns,
-                attrs.mtime_ns,
-            )
-            return self.nodes.add(node)
-        mtime = mtime_ns or _now_ns()
+        if attrs is not None and not attrs.is_dir:
+            attrs = None
+        mtime = attrs.mtime_ns if attrs is not None else (mtime_ns or _now_ns())
         node = Node(
             self.nodes.new_ino(),
             path,
@@ -456,6 +457,8 @@ class Filesystem:
             mtime,
             mtime,
         )
+        if attrs is not None:
+            self._apply_attrs(node, attrs.attrs())
         return self.nodes.add(node)
 
     def _apply_metadata(self, node: Node, meta: dict[str, str]) -> None:
@@ -471,7 +474,11 @@ class Filesystem:
             node.error = refusal
 
     def _apply_attrs(self, node: Node, attrs: md.PosixAttrs) -> None:
-        if attrs.mode is not None and stat.S_IFMT(attrs.mode) in (stat.S_IFREG, stat.S_IFLNK):
+        """Attributes read from S3 (object metadata, a directory index)."""
+        types = (stat.S_IFDIR,) if node.is_dir else (stat.S_IFREG, stat.S_IFLNK)
+        if attrs.mode is not None and stat.S_IFMT(attrs.mode) in types:
+            if attrs.mode != node.mode:  # (our own chmod read back stays ours)
+                node.mode_set_here = False
             node.mode = attrs.mode
         if attrs.uid is not None:
             node.uid = attrs.uid
@@ -517,17 +524,21 @@ class Filesystem:
         if node.path == "":
             own = node.index.get(SELF)
             if own is not None and own.is_dir:
-                node.mode, node.uid, node.gid = own.mode, own.uid, own.gid
-                node.mtime_ns = own.mtime_ns
+                self._apply_attrs(node, own.attrs())
         return node.index
 
     def attr(self, node: Node) -> Attr:
         size = node.size
         if node.is_link and node.link_target is not None:
             size = len(node.link_target)
+        mode = node.mode
+        if not (self.opts.trust_attributes or node.mode_set_here):
+            # The one place modes from S3 are masked: on the way to the kernel, so that what
+            # is stored is kept as it is (for a mount that trusts it, and in the index).
+            mode &= ~PRIVILEGE_BITS
         return Attr(
             ino=node.ino,
-            mode=node.mode,
+            mode=mode,
             size=size,
             uid=node.uid,
             gid=node.gid,
@@ -707,9 +718,8 @@ class Filesystem:
 
     def _companion(self, key: str) -> tuple[dict[str, str], bytes]:
         """Blocking: metadata and body of a small companion object (a multipart manifest)."""
-        head = self.store.head(key)
-        body = self.store.get(key, 0, head.size - 1, if_match=head.etag) if head.size else b""
-        return head.metadata or {}, body
+        body, info = self.store.get_bounded(key, limits.MPU_MANIFEST_MAX, "multipart manifest")
+        return info.metadata or {}, body
 
     async def _companion_size(self, node: Node) -> None:
         """A gateway multipart object's size is only in its manifest: read it for stat."""
@@ -851,6 +861,11 @@ class Filesystem:
             raise FsError(errno.EINVAL)
         if node.link_target is None:
             await self._revalidate(node)
+            assert node.remote is not None
+            # (the read below is pinned to this ETag, so the size checked is the size read)
+            limits.check_size(
+                "symlink", self.key(node.path), node.remote.body_size, limits.SYMLINK_BODY_MAX
+            )
             version = self._remote_version(node)
             node.link_target = await self.reader.read(version, 0, version.plain_size or 1 << 20)
         return node.link_target
@@ -899,6 +914,7 @@ class Filesystem:
         now = _now_ns()
         path = child_path(parent.path, name)
         node = Node(self.nodes.new_ino(), path, stat.S_IFREG | (mode & 0o7777), uid, gid, now, now)
+        node.mode_set_here = True
         self.nodes.add(node)
         node.staging = self._new_staging()
         node.staging.dirty = True
@@ -1433,6 +1449,7 @@ class Filesystem:
         meta_changed = False
         if mode is not None:
             node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
+            node.mode_set_here = True
             meta_changed = True
         if uid is not None and uid != 0xFFFFFFFF:
             node.uid = uid
@@ -1509,6 +1526,7 @@ class Filesystem:
         )
         node = self._dir_node(path, now)
         node.mode, node.uid, node.gid = stat.S_IFDIR | (mode & 0o7777), uid, gid
+        node.mode_set_here = True
         node.has_marker = True
         node.listing = Listing({})
         self._listing_add(parent, name, ChildInfo(True))

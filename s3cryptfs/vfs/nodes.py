@@ -84,6 +84,9 @@ class Node:
     gid: int
     mtime_ns: int
     ctime_ns: int = 0
+    # The mode was chosen through this mount (create, mkdir, chmod), not read from S3: shown
+    # with its setuid, setgid and sticky bits (Filesystem.attr).
+    mode_set_here: bool = False
     size: int = 0  # plaintext
     remote: Remote | None = None
     local: Entry | None = None  # newest committed version not yet in S3
