@@ -114,7 +114,6 @@ class ObjectCodec:
         # Wrapped data keys made ahead of time (keys/pool.py): mounts have one.
         self.pool = pool
         self._kms_down_until = 0.0
-        self._kms_down_why = ""
 
     # --- descriptor refresh ------------------------------------------------------------------
 
@@ -185,14 +184,13 @@ class ObjectCodec:
         """A KMS that just timed out is not asked again for a few seconds: a file closed
         meanwhile is kept as closed at once rather than after another full timeout."""
         if time.monotonic() < self._kms_down_until:
-            raise ProviderUnavailable(self._kms_down_why)
+            raise ProviderUnavailable(
+                f"the key manager did not answer less than {BREAKER_SECONDS:.0f} s ago; not "
+                "asking it again yet"
+            )
 
     def _trip_breaker(self) -> None:
         self._kms_down_until = time.monotonic() + BREAKER_SECONDS
-        self._kms_down_why = (
-            f"the key manager did not answer less than {BREAKER_SECONDS:.0f} s ago; "
-            "not asking again yet"
-        )
 
     def _wrap(self, manager: KeyManager, dek: bytes, name: str) -> KeyEnvelope:
         """Wrap *dek* with *manager*, audited, and keep it in the DEK cache."""

@@ -151,11 +151,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
     pending = json.loads(os.getxattr(mountpoint, PENDING) or b"[]")
     print(
         f"s3cryptfs: {len(pending)} closed file version(s) are not in S3 (nothing moved for "
-        f"{args.timeout:.0f} s):",
+        f"{args.timeout:.0f} s)",
         file=sys.stderr,
     )
     for item in pending:
-        print(f"  {item['key']}: {item['why']}", file=sys.stderr)
+        print(f"  not in S3: {item['key']} ({item['why']})", file=sys.stderr)
     if not args.force:
         print(
             f"s3cryptfs: {mountpoint} stays mounted; run umount again once S3 and the key "

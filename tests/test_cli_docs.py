@@ -226,6 +226,7 @@ ENV_READERS = {
     "load_kms_config": sorted(kms_config.SECRET_ENV) + [f"{kms_config.GENERIC_PREFIX}<NAME>"],
     "apply": [f"{settings.ENV_PREFIX}<SETTING>"],  # settings.apply: S3CRYPTFS_ + a mount key
     "helper_environment": [],  # passes it on to the upload helper, without secrets
+    "secret_variables": [],  # picks the secret variables to remove (hardening.py)
 }
 
 
@@ -252,6 +253,8 @@ def env_reads() -> tuple[dict[str, list[str]], list[str]]:
             where = f"s3cryptfs/{rel}:{getattr(node, 'lineno', 0)}"
             arg: ast.expr | None = None
             if isinstance(node, ast.Subscript) and _is_environ(node.value):
+                if isinstance(node.ctx, ast.Del):
+                    continue  # removing a variable (hardening: secrets once read) reads nothing
                 arg = node.slice
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
                 func = node.func

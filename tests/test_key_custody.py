@@ -135,7 +135,7 @@ def test_bad_local_paths_are_one_line_errors(volume, tmp_path):
         "mount", volume.url, volume.mountpoint, *common, "--cache-dir", volume.cache_dir,
         "--log-file", nowhere, check=False, require_detached=True,
     )  # fmt: skip
-    one_line_error(proc, 2, f"cannot use {nowhere}", "No such file")
+    one_line_error(proc, 2, f"cannot open the log file {nowhere}", "No such file")
     assert not volume.is_mounted()
 
 
