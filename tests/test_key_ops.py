@@ -307,6 +307,39 @@ def test_a_rotation_reaches_running_mounts(mounted, make_volume, s3client) -> No
     assert s3client.head_object(Bucket=a.bucket, Key=key)["Metadata"][md.KEY_VERSION] == "3"
 
 
+def test_a_retire_stops_a_running_mount_within_the_dek_cache_ttl(mounted) -> None:
+    """Issue 15 item 4: a mount re-read the descriptor only before a wrap (every 60 s) or for
+    an unknown version, so 8 s after `keys retire --force 1` with --dek-cache-ttl 5, files
+    under version 1 it had never opened still read. Now an unwrap re-reads it once the mount's
+    view is older than min(--descriptor-refresh, --dek-cache-ttl): here 5 s."""
+    vol = mounted
+    never = {f"never/n{i:02d}.txt": f"never opened {i}".encode() for i in range(30)}
+    write_files(vol.mountpoint, never)
+    vol.remount("--dek-cache-ttl", "5")  # every file under version 1, no data key cached
+    admin(vol, "keys", "rotate")
+    admin(vol, "keys", "retire", "1", "--force")
+    retired = time.monotonic()
+    names = sorted(never)
+    refused_after = None
+    while names and time.monotonic() < retired + 15:
+        name = names.pop(0)
+        try:
+            data = (vol.mountpoint / name).read_bytes()
+        except OSError as exc:
+            assert exc.errno == errno.EIO, exc
+            refused_after = time.monotonic() - retired
+            break
+        assert data == never[name]  # the mount may not have re-read the descriptor yet
+        time.sleep(0.5)
+    # The bound is 5 s after the mount's last read of the descriptor, which came before the
+    # retire; 1 s more for the GET and the test's own steps.
+    assert refused_after is not None and refused_after <= 6, refused_after
+    for name in names[:3]:  # and it stays refused
+        with pytest.raises(OSError) as info:
+            (vol.mountpoint / name).read_bytes()
+        assert info.value.errno == errno.EIO
+
+
 def test_two_admins_updating_the_descriptor_do_not_clobber(volume, seaweed) -> None:
     from s3cryptfs.keys.password import PasswordKeyManager
     from tests.conftest import PASSWORD
