@@ -201,11 +201,21 @@ def test_rewrap_skips_an_object_changed_concurrently(volume, seaweed, s3client, 
     volume.umount()
     admin(volume, "keys", "rotate")
     victim = f"{volume.prefix}dir/f1.txt"
+    indexes = sorted(index_versions(s3client, volume))
+    rewritten = []
 
     class OtherWriterFirst(S3Store):
-        """The real store; another client overwrites the victim between HEAD and copy."""
+        """The real store; another client overwrites the victim between HEAD and copy, and a
+        mount rewrites a directory index there (which it does all the time)."""
 
         def copy(self, src, dst, metadata=None, src_etag=None, **kw):
+            if src in indexes and not rewritten:
+                rewritten.append(src)
+                head = s3client.head_object(Bucket=self.bucket, Key=src)
+                body = s3client.get_object(Bucket=self.bucket, Key=src)["Body"].read()
+                s3client.put_object(
+                    Bucket=self.bucket, Key=src, Body=body + b"!", Metadata=head["Metadata"]
+                )
             if src == victim:
                 head = s3client.head_object(Bucket=self.bucket, Key=src)
                 body = s3client.get_object(Bucket=self.bucket, Key=src)["Body"].read()
@@ -228,6 +238,9 @@ def test_rewrap_skips_an_object_changed_concurrently(volume, seaweed, s3client, 
     ring.close()
     assert report.changed == [victim]
     assert report.rewrapped == len(FILES) - 1 and not report.complete
+    # The index rewritten meanwhile was HEADed again and re-wrapped, not reported as changed.
+    assert rewritten and report.indexes_rewrapped == len(indexes)
+    assert index_versions(s3client, volume) == {k: "2" for k in indexes}
     meta = s3client.head_object(Bucket=volume.bucket, Key=victim)["Metadata"]
     assert meta[md.KEY_VERSION] == "1"  # the other writer's object was not clobbered
     with pytest.raises(PreconditionFailed):

@@ -226,15 +226,21 @@ def rewrap_volume(
         except PreconditionFailed:
             if index and again:
                 try:
-                    return one(store.head(info.key), again=False)
+                    now = store.head(info.key)
                 except ObjectNotFound:
                     return True  # deleted meanwhile (its directory was removed)
+                except StoreError:
+                    now = None  # reported as changed: a rerun takes it
+                if now is not None:
+                    return one(now, again=False)
             audit.event("rewrap", "PreconditionFailed", object=info.key, provider=found[0])
             with lock:
                 versions[found] += 1
                 report.changed.append(info.key)
             return False
         except (KeyManagerError, StoreError) as exc:
+            if index and isinstance(exc, ObjectNotFound):
+                return True  # its directory was removed meanwhile
             audit.event("rewrap", type(exc).__name__, object=info.key, provider=found[0])
             why = strip_subject(exc, info.key)
             log.error("%s: not re-wrapped: %s", info.key, why)
