@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         metavar="SECONDS",
         help="re-read the volume descriptor before wrapping at most this often, so a key "
-        "rotation done elsewhere reaches new files (default 60)",
+        "rotation done elsewhere reaches new files (default 60); before unwrapping at most "
+        "every max(2, min(this, --dek-cache-ttl)) seconds, so a retire stops unwrapping",
     )
     MOUNT_DEFAULTS.update({a.dest: a.default for a in p._actions})
 

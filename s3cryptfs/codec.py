@@ -9,6 +9,8 @@ When an object names a key version (or provider) the ring does not know, the cod
 descriptor again (``refresh``) once and retries: a ``s3cryptfs keys rotate`` or a ``migrate``
 done while mounted is picked up without a remount. New objects take the new active version once
 the codec has seen the new descriptor: at such a read, or at the periodic re-read before a wrap.
+An unwrap re-reads it too when the codec's view is older than min(refresh interval, DEK cache
+TTL), so that a ``keys retire`` done elsewhere stops unwrapping within the DEK cache's lifetime.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from s3cryptfs.errors import (
     IntegrityError,
     KeyManagerError,
     KeyNotFound,
+    KeyRetired,
     ObjectNotFound,
     ProviderUnavailable,
     UnknownProvider,
@@ -108,6 +111,9 @@ class ObjectCodec:
         self._refresh_interval = refresh_interval
         self._refresh_lock = threading.Lock()
         self._refreshed_at = time.monotonic()
+        # Raised whenever cached data keys are dropped: an unwrap that began before must not
+        # put back the key of a version retired meanwhile.
+        self._forgets = 0
         # (provider, version) pairs envelopes named that the descriptor lacked at its last read
         self._missing: set[tuple[str, int]] = set()
         self._context = {"volume_id": descriptor.volume_id}
@@ -129,18 +135,36 @@ class ObjectCodec:
             if self.pool is not None and desc.generation != self.descriptor.generation:
                 self.pool.clear()  # keys wrapped under what the old descriptor said
             self.ring.update(desc)
+            before, after = self.descriptor.providers(), desc.providers()
+            for provider, settings in after.items():
+                if provider in before and before[provider] != settings:
+                    # Its keys changed (a rotate, a retire): what it unwrapped before may be
+                    # under a version it now refuses, and must not outlive the change.
+                    self._forget(provider)
             self.descriptor = desc
             self._missing.clear()
             return True
 
+    def _forget(self, provider: str, version: int | None = None) -> None:
+        self._forgets += 1
+        self.dek_cache.forget_provider(provider, version)
+
+    def _refresh_if_older(self, max_age: float) -> None:
+        if self._refresh is None or time.monotonic() - self._refreshed_at < max_age:
+            return
+        try:
+            self.refresh()
+        except Exception:  # noqa: BLE001 - S3 or a refused descriptor: go on with what we know
+            return
+
     def _maybe_periodic_refresh(self) -> None:
-        if self._refresh is not None and (
-            time.monotonic() - self._refreshed_at >= self._refresh_interval
-        ):
-            try:
-                self.refresh()
-            except Exception:  # noqa: BLE001 - keep wrapping under what we know
-                return
+        self._refresh_if_older(self._refresh_interval)
+
+    def _unwrap_max_age(self) -> float:
+        """How old the view of the descriptor may be when a data key is unwrapped: a cached key
+        would live that long anyway, so a retire stops unwrapping within the DEK cache TTL,
+        at one GET per this many seconds at most (REFRESH_MIN_INTERVAL when it is shorter)."""
+        return max(REFRESH_MIN_INTERVAL, min(self._refresh_interval, self.dek_cache.ttl))
 
     # --- wrapping ----------------------------------------------------------------------------
 
@@ -298,10 +322,13 @@ class ObjectCodec:
 
     def unwrap_envelope(self, envelope: KeyEnvelope, name: str = "") -> bytes:
         """The DEK in *envelope*; errors name the object (blocking: may call a KMS)."""
+        # Before the cache too: a key cached before a retire must not serve after it is known.
+        self._refresh_if_older(self._unwrap_max_age())
         ckey = cache_key(envelope)
         dek = self.dek_cache.get(ckey)
         if dek is not None:
             return dek
+        forgets = self._forgets
         try:
             try:
                 dek = self._unwrap_once(envelope)
@@ -319,6 +346,9 @@ class ObjectCodec:
                 self.refresh(force=first)
                 dek = self._unwrap_once(envelope)
         except KeyManagerError as exc:
+            if isinstance(exc, KeyRetired):
+                # Retired on the key server (Vault, the key store): the descriptor never says.
+                self._forget(envelope.provider, envelope.key_version)
             self.audit.event(
                 "unwrap",
                 type(exc).__name__,
@@ -338,7 +368,8 @@ class ObjectCodec:
             key_version=envelope.key_version,
             object=name or None,
         )
-        self.dek_cache.put(ckey, dek)
+        if forgets == self._forgets:
+            self.dek_cache.put(ckey, dek)
         return dek
 
     def _unwrap_once(self, envelope: KeyEnvelope) -> bytes:

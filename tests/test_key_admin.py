@@ -189,6 +189,36 @@ def test_dek_cache_bounds_and_ttl(manager) -> None:
     assert len(cache) == 0
 
 
+def test_a_codec_drops_cached_keys_of_a_version_retired_elsewhere(manager, monkeypatch) -> None:
+    """A mount's codec re-reads the descriptor before an unwrap once its view is older than
+    min(refresh interval, DEK cache TTL): the retire is learned, and the data key it cached
+    when it wrote under that version no longer serves (before: served for the whole TTL)."""
+    from s3cryptfs import codec as codec_module
+    from s3cryptfs.codec import ObjectCodec
+    from s3cryptfs.format import metadata as md
+    from s3cryptfs.format.descriptor import Descriptor
+    from s3cryptfs.keys.ring import KeyRing, LocalKeys
+
+    in_bucket = [Descriptor(VOLUME, key_settings=manager.settings())]
+    ring = KeyRing(in_bucket[0], LocalKeys(password=PASSWORD))
+    cache = DekCache(ttl=300)
+    codec = ObjectCodec(
+        in_bucket[0], ring, refresh=lambda: in_bucket[0], dek_cache=cache, refresh_interval=0
+    )
+    body, meta = codec.seal_bytes(b"written under version 1", md.PosixAttrs())
+    assert len(cache) == 1  # the wrap seeded the cache
+    admin = PasswordKeyManager(manager.settings(), {"password": PASSWORD})
+    admin.rotate()
+    in_bucket[0] = Descriptor(VOLUME, key_settings=admin.retire(1), generation=1)
+    admin.close()
+    monkeypatch.setattr(codec_module, "REFRESH_MIN_INTERVAL", 0.0)  # no waiting in a unit test
+    with pytest.raises(KeyRetired):
+        codec.decrypt_whole(meta, body, "vol/a")
+    assert len(cache) == 0
+    assert codec.ring.active().active_key_version() == 2
+    ring.close()
+
+
 def test_audit_log_lines(tmp_path) -> None:
     path = tmp_path / "audit.jsonl"
     log = AuditLog(str(path))

@@ -28,6 +28,16 @@ def assert_files(root, files) -> None:
         assert (root / name).read_bytes() == data, name
 
 
+def index_versions(s3client, vol) -> dict[str, str]:
+    """directory index key -> its key version."""
+    listed = s3client.list_objects_v2(Bucket=vol.bucket, Prefix=f"{vol.prefix}.s3cryptfs/dirs/")
+    keys = [o["Key"] for o in listed.get("Contents", [])]
+    return {
+        k: s3client.head_object(Bucket=vol.bucket, Key=k)["Metadata"][md.KEY_VERSION]
+        for k in keys
+    }
+
+
 def envelope_versions(s3client, bucket: str, prefix: str) -> dict[str, tuple[str, str]]:
     """object key -> (provider, version) of every file object."""
     out = {}
@@ -83,7 +93,12 @@ def test_rotate_rewrap_retire_through_the_mount(mounted, s3client, tmp_path) -> 
         "keys", "retire", "1", "--audit-log", audit, vol.url, *vol.common_args(), check=False
     )
     assert refused.returncode == 6, refused.stderr
-    assert f"{v1_count} object(s) still use it" in refused.stderr
+    v1_indexes = [k for k, v in index_versions(s3client, vol).items() if v == "1"]
+    assert v1_indexes  # "dir" and "more" were written before the mount saw the rotation
+    assert (
+        f"{v1_count + len(v1_indexes)} object(s) still use it ({len(v1_indexes)} of them "
+        "directory indexes)" in refused.stderr
+    )
 
     etags_before = {k: s3client.head_object(Bucket=vol.bucket, Key=k)["ETag"] for k in versions}
     rewrap = admin(vol, "rewrap", "--jobs", "3", "--audit-log", audit)
@@ -103,11 +118,11 @@ def test_rotate_rewrap_retire_through_the_mount(mounted, s3client, tmp_path) -> 
     events = [json.loads(line) for line in audit.read_text().splitlines()]
     assert [e["event"] for e in events if e["event"] != "unwrap"] == ["rotate", "retire"] + [
         "rewrap"
-    ] * v1_count + ["retire"]
+    ] * (v1_count + len(v1_indexes)) + ["retire"]
     assert [e["outcome"] for e in events if e["event"] == "retire"] == ["refused", "ok"]
     assert {e["object"] for e in events if e["event"] == "rewrap"} == {
         k for k, v in versions.items() if v[1] == "1"
-    }
+    } | set(v1_indexes)
     listing = admin(vol, "keys", "list").stdout
     assert "version 1  retired" in listing and "version 2  active" in listing
     # The live mount (its cached envelopes still say version 1) reads everything...
@@ -115,6 +130,61 @@ def test_rotate_rewrap_retire_through_the_mount(mounted, s3client, tmp_path) -> 
     # ...and so does a fresh one, which has no DEK cached at all.
     vol.remount()
     assert_files(vol.mountpoint, {**FILES, **MORE, "after-remount.txt": b"v2 file"})
+
+
+def test_rotation_keeps_directory_indexes_and_the_mtime_of_streamed_files(mounted, s3client):
+    """Issue 15 item 5: rewrap and retire skipped the directory indexes, so after the documented
+    procedure (rotate, rewrap, retire) an index under the old version was ignored: directories
+    lost their attributes, and a streamed file (no mtime in its metadata, the exact one is in
+    the index) showed the rewrap time. Now they are counted and re-wrapped like files, and a
+    file re-wrapped without an mtime gets the one the volume showed."""
+    from tests.test_crash import wait_state
+    from tests.test_stream import MIB, PART, write_in_steps
+
+    vol, m = mounted, mounted.mountpoint
+    (m / "sub" / "inner").mkdir(parents=True)
+    os.chmod(m / "sub" / "inner", 0o701)
+    os.utime(m / "sub" / "inner", ns=(1_500_000_000_000_000_000,) * 2)
+    data = os.urandom(PART + MIB)  # more than one part, written in order: streamed
+    fd = os.open(m / "sub" / "big", os.O_WRONLY | os.O_CREAT, 0o640)
+    write_in_steps(fd, data)
+    os.close(fd)
+    assert wait_state(m / "sub" / "big", {"clean"}) == "clean"
+    (m / "sub" / "small.txt").write_bytes(b"small")
+    vol.remount()
+    big = f"{vol.prefix}sub/big"
+    before = s3client.head_object(Bucket=vol.bucket, Key=big)
+    assert before["ETag"].strip('"').endswith("-2") and md.MTIME not in before["Metadata"]
+    mtime = os.stat(m / "sub" / "big").st_mtime_ns
+    vol.umount()  # no mount rewrites an index under version 1 meanwhile
+    indexes = index_versions(s3client, vol)
+    assert len(indexes) >= 2 and set(indexes.values()) == {"1"}, indexes  # "" and "sub"
+
+    admin(vol, "keys", "rotate")
+    status = admin(vol, "keys", "status", "--count").stdout
+    assert f"objects: 2, directory indexes: {len(indexes)}" in status, status
+    refused = admin(vol, "keys", "retire", "1", check=False)
+    assert refused.returncode == 6, refused.stderr
+    assert f"{len(indexes) + 2} object(s) still use it ({len(indexes)} of them" in refused.stderr
+    dry = admin(vol, "rewrap", "--dry-run").stdout
+    assert f"s3cryptfs-password version 1: 2 (+{len(indexes)} directory index(es))" in dry, dry
+    out = admin(vol, "rewrap").stdout
+    assert "2 re-wrapped" in out, out
+    assert f"and {len(indexes)} directory index(es): 0 already under the active key, " in out
+    assert index_versions(s3client, vol) == {k: "2" for k in indexes}
+    after = s3client.head_object(Bucket=vol.bucket, Key=big)
+    assert after["Metadata"][md.MTIME] == str(mtime)  # what the volume showed, now kept
+    assert after["Metadata"][md.KEY_VERSION] == "2" and after["ETag"] == before["ETag"]
+    again = admin(vol, "rewrap").stdout
+    assert f"and {len(indexes)} directory index(es): {len(indexes)} already under" in again
+    assert "version 1" not in again
+    admin(vol, "keys", "retire", "1")
+
+    vol.mount()
+    assert os.stat(m / "sub" / "big").st_mtime_ns == mtime
+    inner = os.stat(m / "sub" / "inner")  # directory attributes live only in the index
+    assert (inner.st_mode & 0o7777, inner.st_mtime_ns) == (0o701, 1_500_000_000_000_000_000)
+    assert (m / "sub" / "big").read_bytes() == data
 
 
 def test_rewrap_skips_an_object_changed_concurrently(volume, seaweed, s3client, s3env) -> None:
@@ -131,11 +201,21 @@ def test_rewrap_skips_an_object_changed_concurrently(volume, seaweed, s3client, 
     volume.umount()
     admin(volume, "keys", "rotate")
     victim = f"{volume.prefix}dir/f1.txt"
+    indexes = sorted(index_versions(s3client, volume))
+    rewritten = []
 
     class OtherWriterFirst(S3Store):
-        """The real store; another client overwrites the victim between HEAD and copy."""
+        """The real store; another client overwrites the victim between HEAD and copy, and a
+        mount rewrites a directory index there (which it does all the time)."""
 
         def copy(self, src, dst, metadata=None, src_etag=None, **kw):
+            if src in indexes and not rewritten:
+                rewritten.append(src)
+                head = s3client.head_object(Bucket=self.bucket, Key=src)
+                body = s3client.get_object(Bucket=self.bucket, Key=src)["Body"].read()
+                s3client.put_object(
+                    Bucket=self.bucket, Key=src, Body=body + b"!", Metadata=head["Metadata"]
+                )
             if src == victim:
                 head = s3client.head_object(Bucket=self.bucket, Key=src)
                 body = s3client.get_object(Bucket=self.bucket, Key=src)["Body"].read()
@@ -158,6 +238,9 @@ def test_rewrap_skips_an_object_changed_concurrently(volume, seaweed, s3client, 
     ring.close()
     assert report.changed == [victim]
     assert report.rewrapped == len(FILES) - 1 and not report.complete
+    # The index rewritten meanwhile was HEADed again and re-wrapped, not reported as changed.
+    assert rewritten and report.indexes_rewrapped == len(indexes)
+    assert index_versions(s3client, volume) == {k: "2" for k in indexes}
     meta = s3client.head_object(Bucket=volume.bucket, Key=victim)["Metadata"]
     assert meta[md.KEY_VERSION] == "1"  # the other writer's object was not clobbered
     with pytest.raises(PreconditionFailed):
@@ -305,6 +388,39 @@ def test_a_rotation_reaches_running_mounts(mounted, make_volume, s3client) -> No
     a.umount()
     key = f"{a.prefix}after.txt"
     assert s3client.head_object(Bucket=a.bucket, Key=key)["Metadata"][md.KEY_VERSION] == "3"
+
+
+def test_a_retire_stops_a_running_mount_within_the_dek_cache_ttl(mounted) -> None:
+    """Issue 15 item 4: a mount re-read the descriptor only before a wrap (every 60 s) or for
+    an unknown version, so 8 s after `keys retire --force 1` with --dek-cache-ttl 5, files
+    under version 1 it had never opened still read. Now an unwrap re-reads it once the mount's
+    view is older than min(--descriptor-refresh, --dek-cache-ttl): here 5 s."""
+    vol = mounted
+    never = {f"never/n{i:02d}.txt": f"never opened {i}".encode() for i in range(30)}
+    write_files(vol.mountpoint, never)
+    vol.remount("--dek-cache-ttl", "5")  # every file under version 1, no data key cached
+    admin(vol, "keys", "rotate")
+    admin(vol, "keys", "retire", "1", "--force")
+    retired = time.monotonic()
+    names = sorted(never)
+    refused_after = None
+    while names and time.monotonic() < retired + 15:
+        name = names.pop(0)
+        try:
+            data = (vol.mountpoint / name).read_bytes()
+        except OSError as exc:
+            assert exc.errno == errno.EIO, exc
+            refused_after = time.monotonic() - retired
+            break
+        assert data == never[name]  # the mount may not have re-read the descriptor yet
+        time.sleep(0.5)
+    # The bound is 5 s after the mount's last read of the descriptor, which came before the
+    # retire; 1 s more for the GET and the test's own steps.
+    assert refused_after is not None and refused_after <= 6, refused_after
+    for name in names[:3]:  # and it stays refused
+        with pytest.raises(OSError) as info:
+            (vol.mountpoint / name).read_bytes()
+        assert info.value.errno == errno.EIO
 
 
 def test_two_admins_updating_the_descriptor_do_not_clobber(volume, seaweed) -> None:

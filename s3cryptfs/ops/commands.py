@@ -28,7 +28,7 @@ from s3cryptfs.keys.password import PasswordKeyManager, check_new_password
 from s3cryptfs.keys.registry import create_settings
 from s3cryptfs.keys.ring import KeyRing, LocalKeys
 from s3cryptfs.mount import check_bucket, make_store
-from s3cryptfs.ops.rewrap import RewrapReport, count_versions, rewrap_volume
+from s3cryptfs.ops.rewrap import RewrapReport, VersionCounts, count_versions, rewrap_volume
 from s3cryptfs.store.s3 import S3Store
 from s3cryptfs.volume import VolumeAuthority, read_raw
 
@@ -112,8 +112,15 @@ def open_admin(
 # --- keys --------------------------------------------------------------------------------------
 
 
-def _versions_lines(desc: Descriptor, ring: KeyRing, counts: dict | None) -> list[str]:
+def _count_text(counts: VersionCounts, found: tuple[str, int]) -> str:
+    text = f"objects: {counts.files[found]}"
+    indexes = counts.indexes[found]
+    return text + (f", directory indexes: {indexes}" if indexes else "")
+
+
+def _versions_lines(desc: Descriptor, ring: KeyRing, counts: VersionCounts | None) -> list[str]:
     lines = []
+    seen = set() if counts is None else counts.versions()
     for provider in desc.providers():
         role = "active" if provider == desc.provider else "previous (read only)"
         manager = ring.manager(provider)
@@ -124,18 +131,19 @@ def _versions_lines(desc: Descriptor, ring: KeyRing, counts: dict | None) -> lis
             infos = []
             lines.append(f"  active version {manager.active_key_version()}")
         for info in infos:
-            n = None if counts is None else counts.get((provider, info.version), 0)
-            count = "" if n is None else f"  objects: {n}"
+            count = "" if counts is None else "  " + _count_text(counts, (provider, info.version))
             lines.append(f"  version {info.version}  {info.state}  key {info.key_id}{count}")
         if counts is not None:
             known = {i.version for i in infos}
-            for (p, v), n in sorted(counts.items()):
+            for p, v in sorted(seen):
                 if p == provider and v not in known:
-                    lines.append(f"  version {v}  unknown to the manager  objects: {n}")
+                    text = _count_text(counts, (p, v))
+                    lines.append(f"  version {v}  unknown to the manager  {text}")
     if counts is not None:
-        for (p, v), n in sorted(counts.items()):
+        for p, v in sorted(seen):
             if p not in desc.providers():
-                lines.append(f"provider {p} [NOT IN THE DESCRIPTOR] version {v} objects: {n}")
+                text = _count_text(counts, (p, v))
+                lines.append(f"provider {p} [NOT IN THE DESCRIPTOR] version {v} {text}")
     return lines
 
 
@@ -359,12 +367,15 @@ def _retire(admin: Admin, ring: KeyRing, args: argparse.Namespace) -> int:
 def _retire_version(
     admin: Admin, ring: KeyRing, provider: str, version: int, force: bool
 ) -> int:
-    in_use = count_versions(admin.store, admin.url.prefix, admin.jobs).get((provider, version), 0)
+    counts = count_versions(admin.store, admin.url.prefix, admin.jobs)
+    in_use = counts.in_use((provider, version))
     if in_use and not force:
+        indexes = counts.indexes[(provider, version)]
         print(
             f"s3cryptfs: refusing to retire {provider} version {version}: {in_use} object(s) "
-            f"still use it. Run `s3cryptfs rewrap {admin.url}` first (or --force to make "
-            "them unreadable)",
+            "still use it"
+            + (f" ({indexes} of them directory indexes)" if indexes else "")
+            + f". Run `s3cryptfs rewrap {admin.url}` first (or --force to make them unreadable)",
             file=sys.stderr,
         )
         admin.audit.event("retire", "refused", provider=provider, key_version=version)
@@ -518,8 +529,7 @@ def _switch_provider(admin: Admin, target: str) -> Descriptor:
 def _drop_previous(admin: Admin) -> int:
     # A mount that has not seen the new descriptor yet may have written under an old provider
     # since the walk: check again, and keep every provider still in use.
-    counts = count_versions(admin.store, admin.url.prefix, admin.jobs)
-    in_use = {p for p, _ in counts}
+    in_use = {p for p, _ in count_versions(admin.store, admin.url.prefix, admin.jobs).versions()}
 
     def change(desc: Descriptor) -> Descriptor | None:
         kept = [e for e in desc.previous if e["provider"] in in_use]

@@ -9,6 +9,7 @@ from typing import Protocol
 from s3cryptfs.errors import ObjectNotFound
 from s3cryptfs.format.descriptor import META_DIR
 from s3cryptfs.store.s3 import ObjectInfo, S3Store
+from s3cryptfs.vfs.attrindex import is_index_key
 
 
 class Tracker(Protocol):
@@ -19,12 +20,17 @@ class Tracker(Protocol):
     def finished(self, key: str, ok: bool) -> None: ...
 
 
-def object_keys(store: S3Store, prefix: str, start_after: str | None = None) -> Iterator[str]:
-    """Every file object under *prefix*: no directory markers, nothing under ``.s3cryptfs/``."""
+def object_keys(
+    store: S3Store, prefix: str, start_after: str | None = None, indexes: bool = False
+) -> Iterator[str]:
+    """Every file object under *prefix*: no directory markers, nothing under ``.s3cryptfs/``
+    but, with *indexes*, the directory indexes (sealed like files; never the descriptor)."""
     skip = f"{prefix}{META_DIR}/"
     for page in store.list_all(prefix, delimiter=None, start_after=start_after):
         for obj in page.objects:
-            if obj.key.startswith(skip) or obj.key.endswith("/"):
+            if obj.key.endswith("/"):
+                continue
+            if obj.key.startswith(skip) and not (indexes and is_index_key(prefix, obj.key)):
                 continue
             yield obj.key
 
@@ -36,10 +42,12 @@ def walk_heads(
     work: Callable[[ObjectInfo], bool | None],
     start_after: str | None = None,
     tracker: Tracker | None = None,
+    indexes: bool = False,
 ) -> None:
-    """HEAD every object and call *work* on it, *jobs* at a time; keys deleted meanwhile are
-    passed over. *work* returns False for an object it could not finish. Exceptions from
-    *work* propagate (callers catch what they expect)."""
+    """HEAD every object (and with *indexes* every directory index) and call *work* on it,
+    *jobs* at a time; keys deleted meanwhile are passed over. *work* returns False for an
+    object it could not finish. Exceptions from *work* propagate (callers catch what they
+    expect)."""
     window = max(1, jobs) * 4  # bounded queue: a huge bucket never sits in memory
 
     def one(key: str) -> None:
@@ -60,7 +68,7 @@ def walk_heads(
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         pending: list[Future[None]] = []
         try:
-            for key in object_keys(store, prefix, start_after):
+            for key in object_keys(store, prefix, start_after, indexes):
                 if tracker is not None:
                     tracker.submitted(key)
                 pending.append(pool.submit(one, key))

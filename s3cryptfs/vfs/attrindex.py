@@ -20,6 +20,7 @@ import collections
 import hashlib
 import json
 import logging
+import re
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -51,6 +52,16 @@ SELF = "."  # the directory's own attributes, for the root (other directories: i
 def index_key(prefix: str, dir_path: str) -> str:
     digest = hashlib.sha256(b"s3cryptfs dir\x00" + dir_path.encode()).hexdigest()[:40]
     return f"{prefix}{META_DIR}/dirs/{digest}"
+
+
+_INDEX_NAME = re.compile(r"[0-9a-f]{40}")
+
+
+def is_index_key(prefix: str, key: str) -> bool:
+    """*key* has the form of a directory index of the volume at *prefix* (nothing else under
+    ``.s3cryptfs/``: not the descriptor, not what a newer version may put there)."""
+    head = f"{prefix}{META_DIR}/dirs/"
+    return key.startswith(head) and _INDEX_NAME.fullmatch(key[len(head) :]) is not None
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,41 @@ def decode(dir_path: str, raw: bytes) -> dict[str, IndexEntry]:
     return out
 
 
+def open_index(
+    codec: ObjectCodec, dir_path: str, key: str, meta: dict[str, str], body: bytes
+) -> dict[str, IndexEntry]:
+    """The entries of a stored index, or {} for one that cannot be trusted (blocking)."""
+    try:
+        raw = codec.decrypt_whole(meta, body, key)
+        return decode(dir_path, raw)
+    except KeyManagerError as exc:
+        # A cache: one whose key version was retired before `rewrap` reached it (or a forced
+        # retire) is rebuilt under the active version.
+        log.info("%s: directory index ignored: %s", key, strip_subject(exc, key))
+        return {}
+    except (S3CryptFSError, ValueError, KeyError, TypeError) as exc:
+        # A cache that fails to authenticate is ignored (and rewritten), never trusted.
+        log.warning("%s: directory index ignored: %s", key, strip_subject(exc, key))
+        return {}
+
+
+def read_index(
+    store: S3Store, codec: ObjectCodec, prefix: str, dir_path: str
+) -> tuple[str | None, dict[str, IndexEntry]]:
+    """(ETag or None if absent, entries) of *dir_path*'s stored index (blocking)."""
+    key = index_key(prefix, dir_path)
+    try:
+        body, info = store.get_bounded(key, limits.DIR_INDEX_MAX, "directory index")
+    except ObjectNotFound:
+        return None, {}
+    except ObjectTooLarge as exc:
+        # Planted (we never write one that big): ignored like any index that does not
+        # authenticate, and replaced at the next write.
+        log.warning("%s: directory index ignored: %s", key, exc)
+        return None, {}
+    return info.etag, open_index(codec, dir_path, key, info.metadata or {}, body)
+
+
 Thread = Callable[..., Awaitable[Any]]
 
 
@@ -137,33 +183,7 @@ class AttrIndex:
 
     def _fetch_tagged(self, dir_path: str) -> tuple[str | None, dict[str, IndexEntry]]:
         """(ETag or None if absent, entries); entries are {} for an index we cannot trust."""
-        key = index_key(self.prefix, dir_path)
-        try:
-            body, info = self.store.get_bounded(key, limits.DIR_INDEX_MAX, "directory index")
-        except ObjectNotFound:
-            return None, {}
-        except ObjectTooLarge as exc:
-            # Planted (we never write one that big): ignored like any index that does not
-            # authenticate, and replaced at the next write.
-            log.warning("%s: directory index ignored: %s", key, exc)
-            return None, {}
-        return info.etag, self._open(dir_path, key, info.metadata or {}, body)
-
-    def _open(
-        self, dir_path: str, key: str, meta: dict[str, str], body: bytes
-    ) -> dict[str, IndexEntry]:
-        try:
-            raw = self.codec.decrypt_whole(meta, body, key)
-            return decode(dir_path, raw)
-        except KeyManagerError as exc:
-            # Indexes are caches, left out of rewrap: one sealed under a retired key version
-            # is simply rebuilt under the active one.
-            log.info("%s: directory index ignored: %s", key, strip_subject(exc, key))
-            return {}
-        except (S3CryptFSError, ValueError, KeyError, TypeError) as exc:
-            # A cache that fails to authenticate is ignored (and rewritten), never trusted.
-            log.warning("%s: directory index ignored: %s", key, strip_subject(exc, key))
-            return {}
+        return read_index(self.store, self.codec, self.prefix, dir_path)
 
     async def load(self, dir_path: str) -> dict[str, IndexEntry]:
         """The index of *dir_path* as stored, with our unwritten changes applied."""
