@@ -380,6 +380,14 @@ def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--provider", help="retire: a previous provider's version (default: active)")
     p.add_argument(
+        "--wait",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="retire: how long to wait for running mounts to stop using the version "
+        "(default 120)",
+    )
+    p.add_argument(
         "--new-password-file",
         metavar="FILE",
         help="passwd: the new password (0600 file); else a prompt (asked twice)",
@@ -423,6 +431,14 @@ def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
     p = volume_parser("migrate", "move the volume to another key manager (e.g. password -> KMS)")
     resumable(p)
     p.add_argument("--to", required=True, metavar="PROVIDER", help="the new key manager")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long to wait for running mounts to stop using the old key manager before "
+        "it is dropped (default 120)",
+    )
     p.add_argument(
         "--keep-old", action="store_true", help="keep the old key manager in the descriptor"
     )

@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from s3cryptfs import config
+from s3cryptfs import config, registry
 from s3cryptfs.audit import NO_AUDIT, AuditLog
 from s3cryptfs.codec import GatewaySecrets, ObjectCodec
 from s3cryptfs.errors import (
@@ -25,6 +25,7 @@ from s3cryptfs.errors import (
     KeyAccessDenied,
     ObjectNotFound,
     ProviderUnavailable,
+    S3CryptFSError,
 )
 from s3cryptfs.exitcodes import EXIT_INCOMPLETE, EXIT_OK
 from s3cryptfs.format.descriptor import GATEWAY_FORMAT
@@ -181,6 +182,13 @@ class Mount:
         self.audit = NO_AUDIT
         self.warnings: list[str] = []  # for whoever started the mount (printed by the CLI)
         self.left_behind: list[tuple[str, str, str]] = []
+        self.record = registry.MountRecord(
+            registry.new_mount_id(),
+            registry.this_host(),
+            os.getpid(),
+            generation=0,
+            heartbeat=min(30.0, max(1.0, spec.descriptor_refresh)),
+        )
 
     def prepare(self) -> None:
         """All the checks that can fail, before anything is mounted."""
@@ -251,6 +259,7 @@ class Mount:
         from s3cryptfs.fuse_ops import FuseOperations
 
         assert self.fs is not None
+        self.record.pid = os.getpid()  # the mount process (after the CLI's fork)
         # Worker threads (boto3, crypto) hold the GIL for up to the switch interval before the
         # FUSE loop gets it back; at the default 5 ms that wait dominates small-file latency.
         sys.setswitchinterval(0.0005)
@@ -291,6 +300,8 @@ class Mount:
             await fs.run_background(nursery)
             nursery.start_soon(self._signals)
             nursery.start_soon(self._stop_requests)
+            if not self.spec.fs_options.read_only:
+                nursery.start_soon(self._heartbeat)
             if on_ready is not None:
                 on_ready()
             sd_notify("READY=1\nSTATUS=mounted")
@@ -300,6 +311,7 @@ class Mount:
             # drain that a signal or umount asked for, this only catches the last moment.)
             forced = fs.stop_requested.is_set()
             await self._drain(fs, 0.0 if forced else self.spec.stop_timeout)
+            await self._withdraw(fs)
             nursery.cancel_scope.cancel()
 
     async def _drain(self, fs: Filesystem, stall: float | None) -> None:
@@ -318,6 +330,41 @@ class Mount:
                 fs.cache_dir,
                 "; ".join(f"{key} ({why})" for key, _, why in left),
             )
+
+    async def _heartbeat(self) -> None:
+        """Re-read the descriptor and publish which key versions this mount still holds
+        (registry.py), so that `keys retire` erases nothing a running mount needs."""
+        fs = self.fs
+        assert fs is not None
+        while True:
+            with contextlib.suppress(Exception):
+                await trio.to_thread.run_sync(fs.codec.refresh)  # refusals are logged there
+            await self._publish(fs)
+            await trio.sleep(self.record.heartbeat)
+
+    async def _publish(self, fs: Filesystem) -> None:
+        held = fs.queued_versions() | await trio.to_thread.run_sync(fs.wrapping_versions)
+        self.record.generation = fs.codec.descriptor.generation
+        self.record.holds = sorted(held)
+        try:
+            await trio.to_thread.run_sync(
+                registry.publish, fs.store, self.spec.url.prefix, self.record
+            )
+        except S3CryptFSError as exc:
+            log.debug("mount record not written: %s", exc)
+
+    async def _withdraw(self, fs: Filesystem) -> None:
+        """A clean stop withdraws the record; one that leaves versions behind keeps it, with
+        what it holds, so a retire waits for the next mount to upload them."""
+        if self.spec.fs_options.read_only:
+            return
+        with contextlib.suppress(S3CryptFSError):
+            if self.left_behind:
+                await self._publish(fs)
+            else:
+                await trio.to_thread.run_sync(
+                    registry.withdraw, fs.store, self.spec.url.prefix, self.record.mount_id
+                )
 
     async def _stop_requests(self) -> None:
         """`s3cryptfs umount --force` asks through the mount itself (fuse_ops, the stop

@@ -197,3 +197,80 @@ def test_a_file_open_at_the_crash_is_discarded_with_a_warning(mounted):
     again = vol.mount()
     assert not (vol.mountpoint / "open.txt").exists()
     assert "still open when the mount stopped" in again.stderr
+
+
+def test_rotate_rewrap_retire_in_a_loop_while_a_mount_writes(mounted, s3client):
+    """Retire erases a key version: it must wait until the running mount has stopped using
+    it (its record in .s3cryptfs/mounts/), and count what it uploaded meanwhile."""
+    import threading
+
+    vol = mounted
+    vol.remount("--descriptor-refresh", "1")
+    written: dict[str, bytes] = {}
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        i = 0
+        try:
+            while not stop.is_set():
+                name = f"w{i:04d}.txt"
+                data = body(i)
+                (vol.mountpoint / name).write_bytes(data)
+                written[name] = data
+                i += 1
+                time.sleep(0.05)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for version in (1, 2, 3):
+            vol.run("keys", "rotate", vol.url, *vol.common_args())
+            for _ in range(5):
+                vol.run("rewrap", vol.url, *vol.common_args(), check=False)
+                retire = vol.run(
+                    "keys", "retire", str(version), vol.url, *vol.common_args(), check=False
+                )
+                if retire.returncode == 0:
+                    break
+                # Refused (exit 6) while the mount still used it, or objects it uploaded
+                # meanwhile still do: rewrap again, as the message says.
+                assert retire.returncode == 6, retire.stderr
+            else:
+                raise AssertionError(f"version {version} never retired: {retire.stderr}")
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    assert len(written) > 20
+    vol.umount()
+    status = vol.run("keys", "list", vol.url, *vol.common_args()).stdout
+    assert "version 3  retired" in status and "version 4  active" in status, status
+    vol.mount()
+    for name, data in written.items():
+        assert (vol.mountpoint / name).read_bytes() == data, name
+
+
+def test_retire_waits_for_a_running_mount(mounted, s3client):
+    """The issue's case: rotate, rewrap and retire within seconds; the running mount has not
+    re-read the descriptor yet. Retire waits (here: refuses after --wait) instead of erasing
+    the version the mount still wraps new files under."""
+    vol = mounted
+    vol.remount("--descriptor-refresh", "600")  # a heartbeat of 30 s: slower than --wait
+    (vol.mountpoint / "a.txt").write_bytes(b"before")
+    vol.run("keys", "rotate", vol.url, *vol.common_args())
+    vol.run("rewrap", vol.url, *vol.common_args())
+    refused = vol.run(
+        "keys", "retire", "1", vol.url, *vol.common_args(), "--wait", "2", check=False
+    )
+    assert refused.returncode == 6, refused.stderr
+    assert "still uses it" in refused.stderr
+    (vol.mountpoint / "b.txt").write_bytes(b"after the rotation")
+    vol.umount()  # a clean unmount withdraws its record: nothing holds version 1 any more
+    vol.run("rewrap", vol.url, *vol.common_args())
+    vol.run("keys", "retire", "1", vol.url, *vol.common_args())
+    vol.mount()
+    assert (vol.mountpoint / "a.txt").read_bytes() == b"before"
+    assert (vol.mountpoint / "b.txt").read_bytes() == b"after the rotation"

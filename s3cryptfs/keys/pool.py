@@ -55,6 +55,11 @@ class KeyPool:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def versions(self) -> set[tuple[str, int]]:
+        """(provider, key version) of the keys it holds."""
+        with self._lock:
+            return {(e.provider, e.key_version) for _, _, _, e in self._keys}
+
     def refill(self, wrap: Callable[[bytes], KeyEnvelope]) -> int:
         """Wrap fresh keys until the pool is full (blocking). A failure of the key manager
         propagates; the keys made before it stay. Returns how many were added."""

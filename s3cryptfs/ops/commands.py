@@ -28,6 +28,7 @@ from s3cryptfs.keys.password import PasswordKeyManager, check_new_password
 from s3cryptfs.keys.registry import create_settings
 from s3cryptfs.keys.ring import KeyRing, LocalKeys
 from s3cryptfs.mount import check_bucket, make_store
+from s3cryptfs.ops.mountwait import wait_for_mounts
 from s3cryptfs.ops.rewrap import RewrapReport, VersionCounts, count_versions, rewrap_volume
 from s3cryptfs.store.s3 import S3Store
 from s3cryptfs.volume import VolumeAuthority, read_raw
@@ -341,7 +342,10 @@ def _passwd(admin: Admin, ring: KeyRing, args: argparse.Namespace) -> int:
     code = 0
     for info in manager.versions():
         if info.state == "decrypt-only":
-            code = max(code, _retire_version(admin, ring, PASSWORD_PROVIDER, info.version, False))
+            code = max(
+                code,
+                _retire_version(admin, ring, PASSWORD_PROVIDER, info.version, False, args.wait),
+            )
     return code
 
 
@@ -361,12 +365,26 @@ def _retire(admin: Admin, ring: KeyRing, args: argparse.Namespace) -> int:
             f"keeps for reading; finish the migration instead: `s3cryptfs migrate {admin.url} "
             f"--to {desc.provider} --kms-config FILE` drops it once no object uses it"
         )
-    return _retire_version(admin, ring, provider, version, args.force)
+    return _retire_version(admin, ring, provider, version, args.force, args.wait)
 
 
 def _retire_version(
-    admin: Admin, ring: KeyRing, provider: str, version: int, force: bool
+    admin: Admin, ring: KeyRing, provider: str, version: int, force: bool, wait: float = 120.0
 ) -> int:
+    current = admin.authority.descriptor
+    assert current is not None
+    if not force and not wait_for_mounts(
+        admin.store,
+        admin.url.prefix,
+        provider,
+        version,
+        current.generation,
+        wait,
+        f"{provider} version {version}",
+    ):
+        admin.audit.event("retire", "refused", provider=provider, key_version=version)
+        return EXIT_INCOMPLETE
+    # Only now: what the mounts uploaded under it while they caught up is counted too.
     counts = count_versions(admin.store, admin.url.prefix, admin.jobs)
     in_use = counts.in_use((provider, version))
     if in_use and not force:
@@ -496,7 +514,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             return code
         if args.keep_old or not desc.previous:
             return 0
-        return _drop_previous(admin)
+        return _drop_previous(admin, getattr(args, "wait", 120.0))
     finally:
         admin.close()
 
@@ -526,10 +544,26 @@ def _switch_provider(admin: Admin, target: str) -> Descriptor:
     return desc
 
 
-def _drop_previous(admin: Admin) -> int:
-    # A mount that has not seen the new descriptor yet may have written under an old provider
-    # since the walk: check again, and keep every provider still in use.
+def _drop_previous(admin: Admin, wait: float = 120.0) -> int:
+    # A mount that has not seen the new descriptor yet may still wrap under an old provider:
+    # wait for the mounts, then count again, and keep every provider still in use.
+    current = admin.authority.descriptor
+    assert current is not None
+    held = {
+        e["provider"]
+        for e in current.previous
+        if not wait_for_mounts(
+            admin.store,
+            admin.url.prefix,
+            e["provider"],
+            None,
+            current.generation,
+            wait,
+            f"key manager {e['provider']}",
+        )
+    }
     in_use = {p for p, _ in count_versions(admin.store, admin.url.prefix, admin.jobs).versions()}
+    in_use |= held
 
     def change(desc: Descriptor) -> Descriptor | None:
         kept = [e for e in desc.previous if e["provider"] in in_use]

@@ -7,6 +7,7 @@ reported as "not found".
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import email.utils
 import json
@@ -89,6 +90,9 @@ class ListPage:
     objects: list[ObjectInfo] = field(default_factory=list)
     prefixes: list[str] = field(default_factory=list)
     token: str | None = None
+    # The server's clock when it answered (its Date header), in ns: ages of objects are
+    # measured against it, never against this machine's clock.
+    server_time_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -407,6 +411,12 @@ class S3Store:
             )
         page.prefixes = [p["Prefix"] for p in r.get("CommonPrefixes", [])]
         page.token = r.get("NextContinuationToken") if r.get("IsTruncated") else None
+        date = r.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if date:
+            with contextlib.suppress(TypeError, ValueError):
+                page.server_time_ns = int(
+                    email.utils.parsedate_to_datetime(date).timestamp() * 1e9
+                )
         return page
 
     def list_all(

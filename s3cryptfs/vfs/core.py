@@ -1897,6 +1897,24 @@ class Filesystem:
             }
         return out
 
+    def queued_versions(self) -> set[tuple[str, int]]:
+        """(provider, key version) of the sealed versions not in S3 yet."""
+        out = set()
+        for entry in self.uploader.waiting():
+            with contextlib.suppress(S3CryptFSError):
+                envelope = md.decode_envelope(entry.metadata)
+                out.add((envelope.provider, envelope.key_version))
+        return out
+
+    def wrapping_versions(self) -> set[tuple[str, int]]:
+        """Blocking: (provider, key version) of the keys wrapped ahead of time, and the one new
+        files are wrapped under now (it may ask the key manager)."""
+        out = self.codec.pool.versions() if self.codec.pool is not None else set()
+        with contextlib.suppress(S3CryptFSError):
+            manager = self.codec.ring.active()
+            out.add((manager.provider, manager.active_key_version()))
+        return out
+
     def key_problems(self) -> dict[str, S3CryptFSError | None]:
         """Blocking: each key manager's health_check, None when it passed."""
         out: dict[str, S3CryptFSError | None] = {}

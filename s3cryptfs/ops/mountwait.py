@@ -1,0 +1,61 @@
+"""Before a key version (or a whole previous key manager) stops unwrapping: wait for the running
+mounts of the volume to let go of it (registry.py)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from s3cryptfs import registry
+from s3cryptfs.store.s3 import S3Store
+
+POLL = 2.0
+
+
+def wait_for_mounts(
+    store: S3Store,
+    prefix: str,
+    provider: str,
+    version: int | None,
+    generation: int,
+    wait: float,
+    what: str,
+) -> bool:
+    """True once no mount of the volume holds *provider* *version* (None: any version) and
+    every live one has descriptor *generation* in force; False (with the reason on stderr)
+    when *wait* seconds pass first, or a mount that stopped without unmounting holds some."""
+    deadline = time.monotonic() + wait
+    announced = False
+    while True:
+        waiting, lost = registry.blockers(
+            registry.read_all(store, prefix), provider, version, generation
+        )
+        if lost:
+            for record in lost:
+                print(
+                    f"s3cryptfs: refusing to retire {what}: {record.describe()} stopped "
+                    f"{record.age / 60:.0f} min ago without unmounting, holding file versions "
+                    "under it that are not in S3 yet; mount the volume there again (it uploads "
+                    "them), or use --force to make them unreadable",
+                    file=sys.stderr,
+                )
+            return False
+        if not waiting:
+            return True
+        if time.monotonic() >= deadline:
+            for record in waiting:
+                print(
+                    f"s3cryptfs: refusing to retire {what}: {record.describe()} still uses it "
+                    f"(it runs descriptor generation {record.generation}, this change needs "
+                    f"{generation}); wait until it has re-read the descriptor (its heartbeat "
+                    f"is {record.heartbeat:.0f} s) and uploaded what it holds, or unmount it",
+                    file=sys.stderr,
+                )
+            return False
+        if not announced:
+            print(
+                f"waiting for {len(waiting)} running mount(s) to stop using {what}...",
+                file=sys.stderr,
+            )
+            announced = True
+        time.sleep(POLL)
