@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from s3cryptfs import config, registry
+from s3cryptfs.asyncutil import run_abandonable
 from s3cryptfs.audit import NO_AUDIT, AuditLog
 from s3cryptfs.codec import GatewaySecrets, ObjectCodec
 from s3cryptfs.errors import (
@@ -37,6 +38,8 @@ from s3cryptfs.vfs.core import Filesystem, FsOptions
 from s3cryptfs.volume import VolumeAuthority
 
 log = logging.getLogger(__name__)
+
+RECORD_TIMEOUT = 5.0  # how long a stopping mount tries to update its record in the bucket
 
 
 @dataclass
@@ -309,8 +312,9 @@ class Mount:
             # Unmounted (by a signal, by fusermount or umount(8)): nothing may stay only on
             # this disk, or, when S3 or the key manager is away, we say what did. (After a
             # drain that a signal or umount asked for, this only catches the last moment.)
-            forced = fs.stop_requested.is_set()
-            await self._drain(fs, 0.0 if forced else self.spec.stop_timeout)
+            # Once given up (forced, or by a drain that ran out of time), one more look only.
+            given_up = fs.stop_requested.is_set() or bool(self.left_behind)
+            await self._drain(fs, 0.0 if given_up else self.spec.stop_timeout)
             await self._withdraw(fs)
             nursery.cancel_scope.cancel()
 
@@ -319,9 +323,10 @@ class Mount:
         if pending:
             log.info("uploading %d pending file version(s) before exit", pending)
         sd_notify(f"STOPPING=1\nSTATUS=uploading {pending} pending file version(s)")
+        said = {key for key, _, _ in self.left_behind}
         left = await fs.drain(stall)
-        if left:
-            self.left_behind = left
+        self.left_behind = left
+        if left and {key for key, _, _ in left} != said:
             log.error(
                 "%d closed file version(s) are not in S3 (nothing uploaded for %.0f s); they "
                 "are kept in %s and the next mount of this volume uploads them: %s",
@@ -338,18 +343,16 @@ class Mount:
         assert fs is not None
         while True:
             with contextlib.suppress(Exception):
-                await trio.to_thread.run_sync(fs.codec.refresh)  # refusals are logged there
+                await run_abandonable(fs.codec.refresh)  # refusals are logged there
             await self._publish(fs)
             await trio.sleep(self.record.heartbeat)
 
     async def _publish(self, fs: Filesystem) -> None:
-        held = fs.queued_versions() | await trio.to_thread.run_sync(fs.wrapping_versions)
+        held = fs.queued_versions() | await run_abandonable(fs.wrapping_versions)
         self.record.generation = fs.codec.descriptor.generation
         self.record.holds = sorted(held)
         try:
-            await trio.to_thread.run_sync(
-                registry.publish, fs.store, self.spec.url.prefix, self.record
-            )
+            await run_abandonable(registry.publish, fs.store, self.spec.url.prefix, self.record)
         except S3CryptFSError as exc:
             log.debug("mount record not written: %s", exc)
 
@@ -358,11 +361,12 @@ class Mount:
         what it holds, so a retire waits for the next mount to upload them."""
         if self.spec.fs_options.read_only:
             return
-        with contextlib.suppress(S3CryptFSError):
+        # Bounded: S3 may be what stopped the uploads.
+        with contextlib.suppress(S3CryptFSError), trio.move_on_after(RECORD_TIMEOUT):
             if self.left_behind:
                 await self._publish(fs)
             else:
-                await trio.to_thread.run_sync(
+                await run_abandonable(
                     registry.withdraw, fs.store, self.spec.url.prefix, self.record.mount_id
                 )
 

@@ -274,3 +274,29 @@ def test_retire_waits_for_a_running_mount(mounted, s3client):
     vol.mount()
     assert (vol.mountpoint / "a.txt").read_bytes() == b"before"
     assert (vol.mountpoint / "b.txt").read_bytes() == b"after the rotation"
+
+
+def test_sigterm_with_s3_away_gives_up_and_says_what_it_left(make_volume, seaweed):
+    """What systemd's stop does: SIGTERM. With S3 hanging the mount cannot upload; it waits
+    --stop-timeout without progress, logs the files it leaves for the next mount, and exits."""
+    proxy = TcpProxy("127.0.0.1", seaweed.s3_port)
+    try:
+        vol = make_volume(endpoint_url=proxy.endpoint_url)
+        vol.init()
+        vol.mount("--s3-timeout", "5", "--dir-cache-ttl", "600", "--stop-timeout", "2")
+        m = vol.mountpoint
+        assert os.listdir(m) == []
+        proxy.set_mode("blackhole")
+        (m / "left.txt").write_bytes(b"closed, then the stop")
+        pids = vol.pids()
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not vol.pids() and not vol.is_mounted(), 60, "the mount to stop")
+        log = "".join(p.read_text() for p in vol.cache_dir.glob("*/mount.log"))
+        assert "closed file version(s) are not in S3" in log and "left.txt" in log
+        proxy.set_mode("pass")
+        vol.mount()
+        assert (m / "left.txt").read_bytes() == b"closed, then the stop"
+        vol.umount()
+    finally:
+        proxy.stop()

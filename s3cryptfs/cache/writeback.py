@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from s3cryptfs.asyncutil import run_abandonable
 from s3cryptfs.cache.slots import SlotPool, SlotRecord
 from s3cryptfs.errors import ObjectNotFound, PreconditionFailed, StoreError, UploadConflict
 from s3cryptfs.store.helper import HelperUnavailable, UploadHelper
@@ -516,7 +517,7 @@ class Uploader:
     async def _send(self, entry: Entry, if_match: str | None, if_none_match: bool) -> str:
         if entry.stale_upload:
             # begun by a mount that crashed before completing it
-            await trio.to_thread.run_sync(self.store.abort_multipart, entry.key, entry.stale_upload)
+            await run_abandonable(self.store.abort_multipart, entry.key, entry.stale_upload)
             entry.stale_upload = None
         stream, entry.stream = entry.stream, None  # one try; a retry uploads the body whole
         if stream is not None:
@@ -545,7 +546,9 @@ class Uploader:
         def upload() -> str:
             return self.store.upload_file(*args, **sizes)
 
-        return await trio.to_thread.run_sync(upload, limiter=self.limiter)
+        # A stop does not wait for a PUT that hangs: the journal keeps the entry either way,
+        # and a retry recognises its own earlier write (_landed).
+        return await run_abandonable(upload, limiter=self.limiter)
 
     async def _landed(self, entry: Entry) -> str | None:
         """After a refused conditional write: is the object there our own version anyway?
@@ -553,7 +556,7 @@ class Uploader:
         A PUT whose reply was lost (timeout) may have been applied; its retry then fails the
         precondition against our own write. The wrapped data key is unique per version."""
         try:
-            head = await trio.to_thread.run_sync(self.store.head, entry.key, limiter=self.limiter)
+            head = await run_abandonable(self.store.head, entry.key, limiter=self.limiter)
         except StoreError:
             return None
         mine = entry.metadata.get("encryption-wrapped-key")

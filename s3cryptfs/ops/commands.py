@@ -373,7 +373,7 @@ def _retire_version(
 ) -> int:
     current = admin.authority.descriptor
     assert current is not None
-    if not force and not wait_for_mounts(
+    if not wait_for_mounts(
         admin.store,
         admin.url.prefix,
         provider,
@@ -381,6 +381,7 @@ def _retire_version(
         current.generation,
         wait,
         f"{provider} version {version}",
+        force=force,
     ):
         admin.audit.event("retire", "refused", provider=provider, key_version=version)
         return EXIT_INCOMPLETE

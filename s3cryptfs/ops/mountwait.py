@@ -20,17 +20,20 @@ def wait_for_mounts(
     generation: int,
     wait: float,
     what: str,
+    force: bool = False,
 ) -> bool:
     """True once no mount of the volume holds *provider* *version* (None: any version) and
     every live one has descriptor *generation* in force; False (with the reason on stderr)
-    when *wait* seconds pass first, or a mount that stopped without unmounting holds some."""
+    when *wait* seconds pass first, or a mount that stopped without unmounting holds some
+    (unless *force*: what such a mount left behind is given up, as --force gives up objects;
+    a running mount that would go on wrapping new files under it never is)."""
     deadline = time.monotonic() + wait
     announced = False
     while True:
         waiting, lost = registry.blockers(
             registry.read_all(store, prefix), provider, version, generation
         )
-        if lost:
+        if lost and not force:
             for record in lost:
                 print(
                     f"s3cryptfs: refusing to retire {what}: {record.describe()} stopped "
