@@ -200,3 +200,19 @@ def test_gateway_key_manager_switch_is_never_ignored(volume, value):
     proc = volume.init(check=False)
     assert proc.returncode != 0
     assert "KEY_MANAGER_ENABLED" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_export_checks_the_password_it_claims_to_seal_under(volume, tmp_path):
+    """An export says it holds keys sealed under the volume password: it is made only once the
+    password given has opened them (and the descriptor has authenticated)."""
+    volume.init()
+    export_pw = secret_file(tmp_path, "export-pw", "a long export passphrase, kept offline")
+    wrong = secret_file(tmp_path, "wrong", "not the volume password at all")
+    out = tmp_path / "keys.export"
+    refused = volume.run(
+        "keys", "export", volume.url, "--endpoint-url", volume.endpoint_url,
+        "--password-file", wrong, "--output", out, "--export-password-file", export_pw,
+        check=False,
+    )  # fmt: skip
+    assert refused.returncode == 3, refused.stderr
+    assert "wrong password" in refused.stderr and not out.exists()

@@ -97,6 +97,14 @@ def open_admin(
         local.fingerprint = normalize_fingerprint(fingerprint)
     authority = VolumeAuthority(store, url, args.endpoint_url, local)
     desc = authority.open(retrust=retrust)
+    assert authority.ring is not None
+    try:
+        # Every key manager now: a wrong password or a missing token fails here, whatever the
+        # command (a descriptor this machine checked before needs no key to be trusted).
+        authority.ring.open_all()
+    except BaseException:
+        authority.ring.close()
+        raise
     for warning in authority.warnings:
         print(f"s3cryptfs: warning: {warning}", file=sys.stderr)
     admin = Admin(

@@ -1444,7 +1444,8 @@ class Filesystem:
             node.size = size
             node.mtime_ns = now
             if fh is None and node.writers == 0:
-                await self._commit(node)
+                # truncate(2) by name: like a close, kept as closed if it cannot be sealed now
+                await self._seal_closed(node)
                 self._release_staging_if_idle(node)
         meta_changed = False
         if mode is not None:
