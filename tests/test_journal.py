@@ -1,4 +1,4 @@
-"""The journal's slot pool (cache/slots.py): small versions committed with one flush survive a
+"""The journal's slot pool (upload/slots.py): small versions committed with one flush survive a
 crash, torn or freed slots do not come back, and a rewritten record wins over the old one."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from s3cryptfs.cache.slots import HEAD_LEN, SlotPool
-from s3cryptfs.cache.writeback import ABSENT, Entry, Journal
+from s3cryptfs.upload.journal import ABSENT, Entry, Journal
+from s3cryptfs.upload.slots import HEAD_LEN, SlotPool
 
 
 def small_entry(journal: Journal, body: bytes, key: str = "vol/a") -> Entry:

@@ -1,5 +1,5 @@
 """Streamed uploads: a large file written from start to end is sealed and sent in parts while it
-is written (cache/stream.py). Whatever happens to the file meanwhile (a write behind the sent
+is written (upload/stream.py). Whatever happens to the file meanwhile (a write behind the sent
 part, truncate, rename, chmod, unlink, another writer, a crash), the object that lands is the
 file as it was closed, encrypted, and no multipart upload is left behind."""
 

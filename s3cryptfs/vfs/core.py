@@ -6,11 +6,9 @@ kernel. It raises errors from s3cryptfs.errors; fuse_ops turns them into errnos.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import errno
-import io
 import logging
 import os
 import stat
@@ -25,9 +23,7 @@ from s3cryptfs import limits
 from s3cryptfs.cache.blocks import BlockCache
 from s3cryptfs.cache.disk import DiskCache
 from s3cryptfs.cache.reader import Reader, Version
-from s3cryptfs.cache.stream import Stream, part_plain_size
-from s3cryptfs.cache.writeback import ABSENT, CHAIN, Entry, Journal, Uploader
-from s3cryptfs.codec import OWN, ObjectCodec, SealedObject, object_kind
+from s3cryptfs.codec import OWN, ObjectCodec, object_kind
 from s3cryptfs.errors import (
     FsError,
     IntegrityError,
@@ -43,9 +39,11 @@ from s3cryptfs.errors import (
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format.descriptor import META_DIR
-from s3cryptfs.store.helper import UploadHelper
 from s3cryptfs.store.s3 import ObjectInfo, S3Store
-from s3cryptfs.vfs import closed as closed_files
+from s3cryptfs.upload import closed as closed_files
+from s3cryptfs.upload.closed import ClosedRecord
+from s3cryptfs.upload.files import WriteCallbacks, WritePath, WriteSettings
+from s3cryptfs.upload.journal import Entry
 from s3cryptfs.vfs.attrindex import SELF, AttrIndex, IndexEntry
 from s3cryptfs.vfs.nodes import (
     ROOT_INODE,
@@ -55,7 +53,6 @@ from s3cryptfs.vfs.nodes import (
     Node,
     NodeTable,
     Remote,
-    Staging,
     child_path,
 )
 
@@ -63,8 +60,6 @@ log = logging.getLogger(__name__)
 
 MAX_KEY_BYTES = 1024
 MAX_NAME_BYTES = 255
-INLINE_WRITE = 256 * 1024
-SLOT_PLAIN = 64 * 1024  # versions up to this size are committed into a journal slot
 # Bits that hand out privileges (setuid, setgid) or decide who may delete in a directory
 # (sticky): anyone who can write to the bucket can set them, so modes read from S3 are shown
 # without them unless the user trusts the bucket's attributes (docs/SEMANTICS.md).
@@ -85,7 +80,7 @@ class FsOptions:
     upload_concurrency: int = 16
     disk_cache: int = 0  # bytes of ciphertext kept on disk; 0: no disk cache
     io_threads: int = 16
-    # Seal and send a large file while it is written sequentially (cache/stream.py).
+    # Seal and send a large file while it is written sequentially (upload/stream.py).
     stream_uploads: bool = True
     # Upload journal bodies from a helper process (store/helper.py).
     upload_helper: bool = True
@@ -113,18 +108,6 @@ def _now_ns() -> int:
     return time.time_ns()
 
 
-def _trouble_kind(why: str) -> str:
-    """What kind of trouble keeps a closed file from being sealed (for umount's report)."""
-    name = why.split(":", 1)[0]
-    if name in ("ProviderUnavailable", "KeyAccessDenied", "KeyNotFound", "KeyRetired"):
-        return "key manager"
-    if name in ("UnknownProvider", "InvalidEnvelope", "UnwrapFailed", "KeyManagerError"):
-        return "key manager"
-    if name in ("ConfigError", "VolumeError", "DescriptorAuthError"):
-        return "volume"
-    return "local"
-
-
 class Filesystem:
     def __init__(
         self, store: S3Store, codec: ObjectCodec, prefix: str, cache_dir: str, opts: FsOptions
@@ -137,11 +120,6 @@ class Filesystem:
         self.opts = opts
         self.cache_dir = cache_dir
         self.limiter = trio.CapacityLimiter(opts.io_threads)
-        self.upload_limiter = trio.CapacityLimiter(max(2, opts.upload_concurrency))
-        self.journal = Journal(os.path.join(cache_dir, "journal"))
-        self.staging_dir = os.path.join(cache_dir, "staging")
-        os.makedirs(self.staging_dir, mode=0o700, exist_ok=True)
-        os.chmod(self.staging_dir, 0o700)
         self.blocks = BlockCache(opts.memory_cache)
         self.disk = (
             DiskCache(os.path.join(cache_dir, "ciphertext"), opts.disk_cache)
@@ -149,21 +127,28 @@ class Filesystem:
             else None
         )
         self.reader = Reader(self.blocks, self.limiter)
-        self.streams: set[Stream] = set()
-        self.stream_limiter = trio.CapacityLimiter(store.settings.part_concurrency)
-        self.uploader = Uploader(
+        self.writes = WritePath(
             store,
-            self.journal,
-            self.upload_limiter,
-            concurrency=opts.upload_concurrency,
-            large_size=store.settings.multipart_threshold,
-            on_uploaded=self._uploaded,
-            on_conflict=self._conflicted,
+            codec,
+            self.reader,
+            self.limiter,
+            WriteSettings(
+                prefix=prefix,
+                cache_dir=cache_dir,
+                journal_limit=opts.journal_limit,
+                upload_concurrency=opts.upload_concurrency,
+                stream_uploads=opts.stream_uploads,
+                upload_helper=opts.upload_helper,
+                read_only=opts.read_only,
+            ),
+            WriteCallbacks(
+                find=self._node_for_key,
+                uploaded=self._on_uploaded,
+                conflicted=self._on_conflicted,
+            ),
         )
-        self.helper = (
-            UploadHelper(store, opts.upload_concurrency + 4) if opts.upload_helper else None
-        )
-        self.uploader.helper = self.helper
+        self.journal = self.writes.journal
+        self.uploader = self.writes.uploader
         self.nodes = NodeTable()
         now = _now_ns()
         root = Node(ROOT_INODE, "", stat.S_IFDIR | opts.dir_mode, opts.uid, opts.gid, now, now)
@@ -172,33 +157,20 @@ class Filesystem:
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.unsynced: set[Node] = set()  # created here, not in S3 yet
-        # Files closed but not sealed into the journal yet, and why (vfs/closed.py); a
-        # background task keeps trying.
-        self.closed_pending: dict[Node, str] = {}
-        self._closed_kick = trio.Event()
-        self._closed_at_start: list[tuple[str, closed_files.ClosedRecord]] = []
+        self._closed_at_start: list[tuple[str, ClosedRecord]] = []
         # Set by `s3cryptfs umount --force` (through fuse_ops): the mount stops at once.
         self.stop_requested = trio.Event()
-        self.nursery: trio.Nursery | None = None
         self.index = AttrIndex(store, codec, prefix, self._thread)
-        self.counters: collections.Counter[str] = collections.Counter()
 
     # --- lifecycle -------------------------------------------------------------------------
 
+    @property
+    def closed_pending(self) -> dict[Any, str]:
+        return self.writes.closed_pending
+
     def clear_staging(self) -> None:
-        """Sort what an earlier mount left in the write-back area: files it had closed (a
-        marker says so) are kept for recover(); files that were still open were never
-        acknowledged, and go."""
-        closed, never_closed = closed_files.scan(self.staging_dir)
-        for path in never_closed:
-            log.warning(
-                "discarding the write-back file %s of a file that was still open when the "
-                "mount stopped (never closed, so never acknowledged)",
-                os.path.basename(path),
-            )
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        self._closed_at_start = closed
+        """Sort what an earlier mount left in the write-back area (before recover())."""
+        self._closed_at_start = self.writes.sort_leftovers()
 
     async def recover(self) -> int:
         """Upload every version committed before a crash, and seal the files that were closed
@@ -221,21 +193,11 @@ class Filesystem:
             log.info("recovering %d file version(s) from the journal", len(entries))
         if adopted:
             log.info("sealing %d file(s) closed before the mount stopped", len(adopted))
-        for entry in entries:
-            self.uploader.submit(entry)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.uploader.run)
-            for node in adopted:
-                await self._seal_closed(node)
-            await self.uploader.drain()
-            nursery.cancel_scope.cancel()
-        return len(entries) + len(adopted) - len(self.closed_pending)
+        return await self.writes.recover(adopted, entries)
 
-    def _adopt_closed(self, path: str, record: closed_files.ClosedRecord) -> Node:
-        """A file an earlier mount closed but could not seal: it becomes a node again, whose
-        write-back file is that content, dirty, so it is sealed like any closed file."""
-        fd = os.open(path, os.O_RDWR)
-        staging = Staging(path, fd, dirty=True, closed=True)
+    def _adopt_closed(self, path: str, record: ClosedRecord) -> Node:
+        """A file an earlier mount closed but could not seal becomes a node again; its
+        write-back file is sealed like any closed file."""
         node = Node(
             self.nodes.new_ino(),
             record.path,
@@ -245,8 +207,6 @@ class Filesystem:
             record.mtime_ns,
             record.mtime_ns,
         )
-        node.size = os.fstat(fd).st_size
-        node.staging = staging
         old = self.nodes.at(record.path)
         if old is not None:
             self.nodes.detach(old)
@@ -258,138 +218,31 @@ class Filesystem:
             # A new file, or one whose base is no longer known: if the name exists in S3 now,
             # the upload keeps both (a conflict copy), never overwrites.
             self.unsynced.add(node)
-        self.closed_pending[node] = "closed before the mount stopped"
+        self.writes.adopt(node, path)
         return node
 
     async def run_background(self, nursery: trio.Nursery) -> None:
-        self.nursery = nursery
         self.reader.nursery = nursery
-        nursery.start_soon(self.uploader.run)
-        nursery.start_soon(self._retry_closed)
-        nursery.start_soon(self._refill_keys)
-        nursery.start_soon(self._empty_trash)
-        if self.helper is not None:
-            nursery.start_soon(self.helper.run)
+        await self.writes.run(nursery)
         if not self.opts.read_only:
             nursery.start_soon(self.index.run)
 
-    async def _empty_trash(self) -> None:
-        """Delete uploaded bodies a little after they were moved to the journal's trash (and
-        what a previous mount left there); what is left at unmount goes in the background."""
-        while True:
-            self.uploader.trashed = trio.Event()
-            await trio.to_thread.run_sync(self.journal.empty_trash)
-            await self.uploader.trashed.wait()
-            await trio.sleep(2.0)  # after a burst: the unmount may come first
+    def _files(self) -> list[Node]:
+        return list(self.nodes.by_ino.values())
 
     async def commit_all(self) -> None:
-        """Seal every dirty file (before unmounting). One that cannot be sealed now is kept
-        as closed (and listed by not_in_s3), never dropped."""
-        for node in list(self.nodes.by_ino.values()):
-            if node.staging is not None and node.staging.dirty and not node.unlinked:
-                await self._seal_closed(node)
+        await self.writes.commit_all(self._files())
 
     async def drain(self, stall: float | None = None) -> list[tuple[str, str, str]]:
-        """Seal every dirty file and wait until every version is in S3. With *stall*, give up
-        once that many seconds passed without any progress. Returns what is not in S3 yet
-        (see not_in_s3): empty when everything is."""
-        quiet_since = time.monotonic()
-        while True:
-            before = (self.uploader.uploaded_count, len(self.closed_pending))
-            await self.commit_all()
-            if not self.uploader.pending and not self.closed_pending:
-                break
-            if stall is not None and time.monotonic() - quiet_since >= stall:
-                return self.not_in_s3()
-            with trio.move_on_after(1.0 if stall is None else min(1.0, stall)):
-                await self.uploader.progress.wait()
-            after = (self.uploader.uploaded_count, len(self.closed_pending))
-            if after[0] > before[0] or after[1] < before[1]:
-                quiet_since = time.monotonic()
-        for stream in list(self.streams):
-            await stream.finished.wait()  # dropped ones abort their multipart uploads
-        if not self.opts.read_only:
+        """Seal every file and wait until every version is in S3 (see WritePath.drain), then
+        write the directory indexes. Returns what is not in S3 yet."""
+        left = await self.writes.drain(self._files, stall)
+        if not left and not self.opts.read_only:
             await self.index.flush()
-        return []
+        return left
 
     def not_in_s3(self) -> list[tuple[str, str, str]]:
-        """(key, kind of trouble, why) of every closed version not in S3 yet: files closed but
-        not sealed (kind "key manager", "volume" or "local"), and sealed versions waiting
-        for their upload (kind "S3")."""
-        out = []
-        for node, why in self.closed_pending.items():
-            out.append((self.key(node.path), _trouble_kind(why), why))
-        for entry in self.uploader.waiting():
-            why = str(entry.error) if entry.error is not None else "waiting for its upload"
-            out.append((entry.key, "S3", why))
-        return out
-
-    async def _seal_closed(self, node: Node) -> bool:
-        """Seal a closed file into the journal now; on failure keep it as closed (durably)
-        and let the retry task try again. True when it was sealed."""
-        try:
-            await self._commit(node)
-        except Exception as exc:  # noqa: BLE001 - whatever stops the seal, the content stays
-            await self._keep_closed(node, exc)
-            return False
-        return True
-
-    async def _keep_closed(self, node: Node, exc: BaseException) -> None:
-        staging = node.staging
-        if staging is None or node.unlinked or not staging.dirty:
-            return
-        key = self.key(node.path)
-        why = f"{type(exc).__name__}: {strip_subject(exc, key)}"
-        first = node not in self.closed_pending
-        self.closed_pending[node] = why
-        kind, etag = self._base(node, key)
-        base = [kind, etag] if kind in ("etag", "absent") else ["unknown", ""]
-        record = closed_files.ClosedRecord(
-            node.path, base, node.mode, node.uid, node.gid, node.mtime_ns, node.size
-        )
-        await self._thread(closed_files.write, staging.fd, staging.path, record)
-        staging.closed = True
-        if first:
-            log.error(
-                "%s: closed, but it cannot be sealed for upload now (%s); its content is kept "
-                "on this disk and sealed as soon as that works",
-                key,
-                why,
-            )
-            self._closed_kick.set()
-
-    async def _refill_keys(self) -> None:
-        """Keep the pool of wrapped data keys full (keys/pool.py), so closing a file needs no
-        key manager round trip. Failures are the key manager's outages: the codec's breaker
-        spaces the attempts out, and closes fall back to wrapping (or keeping) as before."""
-        pool = self.codec.pool
-        if pool is None or self.opts.read_only:
-            return
-        while True:
-            if pool.wanted():
-                try:
-                    await trio.to_thread.run_sync(self.codec.refill_pool, limiter=self.limiter)
-                except S3CryptFSError as exc:
-                    log.debug("wrapped key pool not refilled: %s", exc)
-            await trio.sleep(0.5)
-
-    async def _retry_closed(self) -> None:
-        """Seal the files kept as closed, with a bounded backoff (1 s doubling to 60 s)."""
-        delay = 1.0
-        while True:
-            wait = delay if self.closed_pending else float("inf")
-            with trio.move_on_after(wait):
-                await self._closed_kick.wait()
-            self._closed_kick = trio.Event()
-            failed = False
-            for node in list(self.closed_pending):
-                if node.unlinked or node.staging is None or not node.staging.dirty:
-                    self.closed_pending.pop(node, None)
-                    continue
-                if node.writers:
-                    continue  # open for writing again: its next close seals it
-                failed |= not await self._seal_closed(node)
-            delay = min(60.0, delay * 2) if failed else 1.0
+        return self.writes.not_in_s3()
 
     # --- keys and names ----------------------------------------------------------------
 
@@ -466,7 +319,7 @@ class Filesystem:
         node.remote.metadata = meta
         node.remote.attrs_known = True
         self._apply_attrs(node, md.PosixAttrs.decode(meta))
-        if node.local is None and node.staging is None and object_kind(meta) != OWN:
+        if node.w.local is None and node.w.staging is None and object_kind(meta) != OWN:
             # Foreign formats: the listed length alone does not give the plaintext size.
             node.size = self.codec.plain_size_or_none(node.remote.body_size, meta) or 0
         refusal = self.codec.refusal(meta)
@@ -493,7 +346,7 @@ class Filesystem:
         if node.is_dir:
             return IndexEntry("", node.mode, node.uid, node.gid, node.mtime_ns)
         remote = node.remote
-        if remote is None or not remote.attrs_known or node.local is not None:
+        if remote is None or not remote.attrs_known or node.w.local is not None:
             return None  # not in S3 yet: noted again once uploaded
         if remote.metadata is not None and object_kind(remote.metadata) != OWN:
             return None  # a foreign object's size needs its metadata: always HEADed
@@ -729,7 +582,7 @@ class Filesystem:
         # (every getattr passes here: our own objects are told apart without normalizing)
         if md.FORMAT in remote.metadata or not gw.is_mpu_object(remote.metadata):
             return
-        if node.local is not None or node.staging is not None:
+        if node.w.local is not None or node.w.staging is not None:
             return
         key = self.key(node.path)
         remote.companion_read = True
@@ -814,7 +667,7 @@ class Filesystem:
 
     async def _revalidate(self, node: Node) -> bool:
         """Before opening: is the object still what we cached? Returns True if unchanged."""
-        if node.local is not None or node.staging is not None or node.remote is None:
+        if node.w.local is not None or node.w.staging is not None or node.remote is None:
             return True
         key = self.key(node.path)
         try:
@@ -834,9 +687,9 @@ class Filesystem:
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self.handles[fh]
         node = handle.node
-        if node.staging is not None:
-            return await self._read_staging(node, offset, size)
-        version = node.local_version
+        if node.w.staging is not None:
+            return await self.writes.read(node, offset, size)
+        version = node.w.local_version
         if version is None:
             if node.remote is None:
                 return b""
@@ -881,7 +734,7 @@ class Filesystem:
         if writable:
             self._writable()
         keep = await self._revalidate(node)
-        if node.error and node.local is None and node.staging is None and not writable:
+        if node.error and node.w.local is None and node.w.staging is None and not writable:
             raise IntegrityError(f"{self.key(node.path)}: {node.error}")
         handle = self._new_handle(node, writable)
         if writable and flags & os.O_TRUNC:
@@ -916,448 +769,50 @@ class Filesystem:
         node = Node(self.nodes.new_ino(), path, stat.S_IFREG | (mode & 0o7777), uid, gid, now, now)
         node.mode_set_here = True
         self.nodes.add(node)
-        node.staging = self._new_staging()
-        node.staging.dirty = True
+        node.w.attach(self.writes.new_staging(), dirty=True)
         self.unsynced.add(node)
         self._listing_add(parent, name, ChildInfo(False))
         parent.mtime_ns = now
         return self._new_handle(node, True)
 
-    def _new_staging(self) -> Staging:
-        seq = self.journal.next_seq()
-        path = os.path.join(self.staging_dir, f"{seq:012d}.plain")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        return Staging(path, fd)
-
-    async def _materialize(self, node: Node) -> Staging:
-        """Give *node* a plaintext write-back file holding its current content."""
-        if node.staging is not None:
-            return node.staging
+    async def _materialize(self, node: Node) -> None:
+        """Give *node* a write-back file holding its current content (upload/files.py)."""
+        if node.w.staging is not None:
+            return
         async with node.lock:
-            if node.staging is not None:
-                return node.staging
-            staging = self._new_staging()
-            version = node.local_version
-            if version is None and node.remote is not None:
+            if node.w.staging is not None:
+                return
+            version = None
+            if node.w.local_version is None and node.remote is not None:
                 if node.remote.metadata is None:
                     await self._head_metadata(node)  # the format is told by the metadata
                 if node.error:
-                    staging.close()
                     raise IntegrityError(f"{self.key(node.path)}: {node.error}")
                 version = self._remote_version(node)
-            try:
-                if version is not None:
-                    offset = 0
-                    step = 8 * 1024 * 1024
-                    while True:
-                        data = await self.reader.read(version, offset, step)
-                        if not data:
-                            break
-                        await self._thread(os.pwrite, staging.fd, data, offset)
-                        offset += len(data)
-            except BaseException:
-                staging.close()
-                raise
-            node.staging = staging
-            return staging
+            await self.writes.materialize(node, version)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.handles[fh]
         if not handle.writable:
             raise FsError(errno.EBADF)
         node = handle.node
-        staging = node.staging or await self._materialize(node)
-        self.counters["write_calls"] += 1
-        self.counters["write_bytes"] += len(data)
-        if node.stream is not None and offset < node.stream.frozen:
-            await self._drop_stream(node, "a write behind the sealed part")
-        if offset < staging.cut:
-            async with node.lock:
-                await self._uncut(node)
-        old_size = node.size
-        stream = node.stream
-        if stream is not None:
-            await stream.make_room(offset, len(data))
-        if stream is not None and stream.absorb(offset, data):
-            written = len(data)  # held by the stream until sealed (cache/stream.py)
-        else:
-            if stream is not None and stream.holding():
-                stream.stop_absorbing()
-                await self._thread(stream.spill)
-            written = await self._write_staging(staging, offset, data)
-        staging.dirty = True
-        node.size = max(node.size, offset + written)
+        await self._materialize(node)
+        written = await self.writes.write(node, offset, data)
         node.mtime_ns = node.ctime_ns = _now_ns()
-        if node.stream is not None:
-            node.stream.wake()
-        elif offset == old_size:
-            self._maybe_stream(node)
         return written
-
-    async def _write_staging(self, staging: Staging, offset: int, data: bytes) -> int:
-        if len(data) <= INLINE_WRITE:
-            # A small write to a local file lands in the page cache in microseconds: cheaper
-            # than the hop to a worker thread and back, which dominates small-file copies.
-            return os.pwrite(staging.fd, data, offset)
-        written: int = await self._thread(os.pwrite, staging.fd, data, offset)
-        return written
-
-    # --- streamed uploads ------------------------------------------------------------------
-
-    def _maybe_stream(self, node: Node) -> None:
-        """A file that grows by appending past one part starts its upload (cache/stream.py)."""
-        staging = node.staging
-        if (
-            not self.opts.stream_uploads
-            or not node.stream_ok
-            or self.nursery is None
-            or staging is None
-            or staging.cut  # a stream seals the file from its start
-            or node.unlinked
-            or self.codec.writes_gateway
-            or node.size <= part_plain_size(self.codec.chunk_size, self.store.settings.part_size)
-        ):
-            return
-        seq = self.journal.next_seq()
-        stream = Stream(
-            key=self.key(node.path),
-            seq=seq,
-            body_path=self.journal.body_path(seq),
-            staging_fd=staging.fd,
-            written=lambda: node.size,
-            codec=self.codec,
-            store=self.store,
-            attrs=self._posix_attrs(node),
-            part_size=self.store.settings.part_size,
-            concurrency=self.store.settings.part_concurrency,
-            limiter=self.stream_limiter,
-        )
-        node.stream = stream
-        self.streams.add(stream)
-        self.counters["streams"] += 1
-
-        async def run() -> None:
-            try:
-                await stream.run()
-            finally:
-                self.streams.discard(stream)
-
-        self.nursery.start_soon(run)
-
-    async def _drop_stream(self, node: Node, why: str) -> None:
-        """Abandon the node's stream; returns once its write-back file is whole again."""
-        stream = node.stream
-        if stream is not None:
-            stream.drop(why)
-            await stream.give_back()  # until then, reads go through the stream
-            if node.stream is stream:
-                node.stream = None
-            node.stream_ok = False
-
-    async def _drop_streams_under(self, path: str) -> None:
-        for n in list(self.nodes.by_path.values()):
-            if n.stream is not None and (n.path == path or n.path.startswith(path + "/")):
-                await self._drop_stream(n, "renamed")
-
-    async def _read_staging(self, node: Node, offset: int, size: int) -> bytes:
-        """Read a file that has a write-back file, some of which may be cut out."""
-        staging = node.staging
-        assert staging is not None
-        stream = node.stream
-        if stream is not None:  # under its lock: the next part may be cut meanwhile
-            data: bytes = await self._thread(stream.read_through, offset, size)
-            return data
-        cut, cut_read = staging.cut, staging.cut_read
-        if offset >= cut or cut_read is None:
-            data = await self._thread(os.pread, staging.fd, size, offset)
-            return data
-        low = await cut_read(offset, min(size, cut - offset))
-        if offset + size <= cut:
-            return low
-        high = await self._thread(os.pread, staging.fd, offset + size - cut, cut)
-        return low + high
-
-    async def _uncut(self, node: Node) -> None:
-        """Put the plaintext a streamed commit cut out back into the write-back file, before
-        anything writes, truncates or seals it. The caller holds node.lock."""
-        staging = node.staging
-        if staging is None or not staging.cut or staging.cut_read is None:
-            return
-        cut, step, offset = staging.cut, 8 * 1024 * 1024, 0
-        while offset < cut:
-            data = await staging.cut_read(offset, min(step, cut - offset))
-            if not data:
-                raise IntegrityError(f"{self.key(node.path)}: committed version ends early")
-            await self._thread(os.pwrite, staging.fd, data, offset)
-            offset += len(data)
-        staging.cut, staging.cut_read = 0, None
-
-    async def _commit(self, node: Node) -> Entry | None:
-        """Seal the node's write-back file into the journal and queue the upload."""
-        async with node.lock:
-            staging = node.staging
-            if staging is None or not staging.dirty or node.unlinked:
-                return node.local
-            stream = node.stream
-            await self.uploader.wait_for_space(self.opts.journal_limit)
-            attrs = self._posix_attrs(node)
-            # node.stream stays set while the stream stops: a write behind its frozen part
-            # meanwhile drops it (and gets the cut plaintext back) as at any other time.
-            if stream is not None and (node.stream is not stream or not await stream.stop()):
-                stream.drop("not usable")  # its own task cleans up the upload
-                await stream.give_back()
-                stream = None
-            node.stream = None
-            node.stream_ok = True
-            if stream is not None and stream.released:
-                staging.cut = stream.released
-
-                async def read_sealed(offset: int, size: int, stream: Stream = stream) -> bytes:
-                    data: bytes = await self._thread(stream.read_sealed, offset, size)
-                    return data
-
-                staging.cut_read = read_sealed
-            elif stream is None:
-                await self._uncut(node)  # sealing reads all of it
-            staging.dirty = False
-            key = self.key(node.path)
-            base = self._base(node, key)
-
-            staging_name = os.path.basename(staging.path) if staging.closed else None
-
-            def new_entry(seq: int, sealed: SealedObject, path: str, offset: int) -> Entry:
-                return Entry(
-                    seq=seq,
-                    key=key,
-                    body_path=path,
-                    metadata=sealed.metadata,
-                    base=base,
-                    plain_size=sealed.plain_size,
-                    body_size=sealed.body_size,
-                    stream=stream,
-                    body_offset=offset,
-                    staging_name=staging_name,
-                )
-
-            slot = None
-            try:
-                if stream is not None:
-                    self.counters["stream_bytes_sent_before_close"] += stream.sent_bytes
-                    self.counters["stream_bytes_absorbed"] += stream.absorbed
-                    sealed, entry = await self._thread(
-                        self._commit_streamed, stream, node.size, attrs, new_entry
-                    )
-                else:
-                    seq = self.journal.next_seq()
-                    slot = self.journal.slots.take() if node.size <= SLOT_PLAIN else None
-                    sealed, entry = await self._thread(
-                        self._commit_sealed, staging, seq, slot, attrs, key, new_entry
-                    )
-            except BaseException:
-                staging.dirty = True
-                if stream is not None:
-                    stream.drop("sealing failed")
-                    with trio.CancelScope(shield=True):
-                        await self._abandon(stream, staging)
-                if slot is not None:
-                    self.journal.slots.give_back(slot)
-                raise
-            if entry.base == CHAIN and not self.uploader.pending_for(key):
-                # The previous version landed while this one was sealed: base it on that.
-                entry.base = self._base(node, key)
-                await self._thread(self.journal.rewrite, entry)
-            if staging.closed:
-                # The journal holds it now (its record names this file, should we stop here).
-                await self._thread(closed_files.remove, staging.path)
-                staging.closed = False
-                if self.closed_pending.pop(node, None) is not None:
-                    log.info("%s: sealed for upload after all", key)
-            seq = entry.seq
-
-            def fetch_local(start: int, end: int) -> bytes:
-                while not entry.released:
-                    moves = entry.moves
-                    try:
-                        with open(entry.body_path, "rb") as f:
-                            data = os.pread(f.fileno(), end - start + 1, entry.body_offset + start)
-                    except FileNotFoundError:
-                        if not entry.released and entry.moves == moves:
-                            raise
-                        continue
-                    if entry.moves == moves and not entry.released:
-                        return data
-                # Uploaded and dropped from the journal while a reader still held this
-                # version: the same bytes are in S3 now (and they authenticate under our key).
-                return self.store.get(key, start, end)
-
-            if node.local_version is not None:
-                self.reader.forget(node.local_version)
-            node.local = entry
-            node.local_version = Version(
-                vid=("j", seq),
-                name=key,
-                plain_size=sealed.plain_size,
-                body_size=sealed.body_size,
-                fetch=fetch_local,
-                make_cipher=lambda header: sealed.cipher,
-                cipher=sealed.cipher,
-                header_len=sealed.cipher.header_len,
-            )
-            node.error = None
-            if staging.cut:
-                # The body moves on (uploaded, then dropped from the journal): read what was
-                # cut from the committed version, which falls back to S3.
-                version = node.local_version
-
-                async def read_committed(offset: int, size: int) -> bytes:
-                    return await self.reader.read(version, offset, size)
-
-                staging.cut_read = read_committed
-            self.uploader.submit(entry)
-            return entry
-
-    async def _abandon(self, stream: Stream, staging: Staging) -> None:
-        """A streamed commit failed: the write-back file gets its plaintext back and stays
-        dirty (the next commit seals it whole); the stream's upload and body go."""
-        try:
-            await stream.give_back()
-        except Exception as exc:  # noqa: BLE001 - the body still holds it: reads go there
-            log.error("%s: cannot restore its write-back file yet: %s", stream.key, exc)
-            return
-        staging.cut, staging.cut_read = 0, None
-        await stream.discard()
-
-    def _base(self, node: Node, key: str) -> Any:
-        if self.uploader.pending_for(key):
-            return CHAIN
-        if node.remote is not None:
-            return ("etag", node.remote.etag)
-        return ABSENT
-
-    def _commit_sealed(
-        self,
-        staging: Staging,
-        seq: int,
-        slot: int | None,
-        attrs: md.PosixAttrs,
-        key: str,
-        new_entry: Any,
-    ) -> tuple[SealedObject, Entry]:
-        """Seal the write-back file and commit it to the journal, in one trip to a worker
-        thread: into a slot (one flush) when it is small, else as a body file and record."""
-        with os.fdopen(os.dup(staging.fd), "rb") as src:
-            src.seek(0)
-            if slot is not None:
-                out = io.BytesIO()
-                sealed = self.codec.seal_stream(src, out, attrs, key)
-                body = out.getvalue()
-                pool = self.journal.slots
-                entry = new_entry(seq, sealed, pool.path, pool.offset(slot))
-                entry.slot = slot
-                if self.journal.write_slot(entry, body):
-                    return sealed, entry
-                entry.body_path, entry.body_offset = self.journal.body_path(seq), 0
-                with open(entry.body_path, "wb") as f:
-                    f.write(body)
-            else:
-                with self.journal.open_body(seq) as dst:
-                    sealed = self.codec.seal_stream(src, dst, attrs, key)
-                entry = new_entry(seq, sealed, self.journal.body_path(seq), 0)
-        self.journal.write_record(entry)
-        return sealed, entry
-
-    def _commit_streamed(
-        self, stream: Stream, size: int, attrs: md.PosixAttrs, new_entry: Any
-    ) -> tuple[SealedObject, Entry]:
-        sealed = self._seal_streamed(stream, size, attrs)
-        entry = new_entry(stream.seq, sealed, stream.body_path, 0)
-        self.journal.write_record(entry)
-        return sealed, entry
-
-    def _seal_streamed(self, stream: Stream, size: int, attrs: md.PosixAttrs) -> Any:
-        """Finish a streamed body. Mode or owner changed since it began: the metadata is
-        the current one, and the uploader sends the body whole instead."""
-        try:
-            plain_size, body_size = stream.seal_rest(size)
-        finally:
-            stream.close_body()
-        assert stream.metadata is not None and stream.cipher is not None
-        metadata = dict(stream.metadata)
-        if (attrs.mode, attrs.uid, attrs.gid) != (
-            stream.attrs.mode,
-            stream.attrs.uid,
-            stream.attrs.gid,
-        ):
-            metadata.update(attrs.encode())
-        return SealedObject(metadata, plain_size, body_size, stream.cipher)
-
-    async def _uploaded(self, entry: Entry) -> None:
-        """The uploader finished *entry*: the node's content now lives in S3."""
-        node = self._node_for_key(entry.key)
-        if node is None or node.local is not entry:
-            return
-        node.remote = Remote(entry.etag or "", entry.body_size, dict(entry.metadata))
-        node.remote.attrs_known = True
-        # Keep reading the local body until it is gone: the chunks are cached under its vid.
-        node.remote.version = None
-        node.local = None
-        if node.local_version is not None:
-            self.reader.forget(node.local_version)
-        node.local_version = None
-        self.unsynced.discard(node)
-        self._note(node)
-        parent = self.nodes.at(node.parent_path)
-        if parent is not None:
-            self._listing_add(
-                parent, node.name, ChildInfo(False, entry.body_size, entry.etag or "", 0)
-            )
-        self._release_staging_if_idle(node)
-
-    async def _conflicted(self, entry: Entry) -> None:
-        node = self._node_for_key(entry.key)
-        if node is None or node.local is not entry:
-            return
-        node.error = str(entry.error)
-        node.local = None
-        if node.local_version is not None:
-            self.reader.forget(node.local_version)
-        node.local_version = None
-        self.unsynced.discard(node)
-        with contextlib.suppress(S3CryptFSError):
-            head = await self._thread(self.store.head, entry.key)
-            self._replace_remote(node, head)
-            node.error = None
-
-    def _node_for_key(self, key: str) -> Node | None:
-        if not key.startswith(self.prefix):
-            return None
-        return self.nodes.at(key[len(self.prefix) :])
-
-    def _release_staging_if_idle(self, node: Node) -> None:
-        # Not while node.lock is held: _commit marks the file clean before it seals it (to
-        # notice writes made meanwhile), and an upload landing then would close it under it.
-        if (
-            node.staging is not None
-            and not node.staging.dirty
-            and node.writers == 0
-            and not node.lock.locked()
-            and not node.keep_staging
-        ):
-            node.staging.close()
-            node.staging = None
 
     async def flush(self, fh: int) -> None:
         """close(): seal the file into the journal. When that cannot be done now (its key
         manager does not answer...), the content is kept as closed and sealed later: close
-        still succeeds, the file is durable on this disk (vfs/closed.py)."""
+        still succeeds, the file is durable on this disk (upload/closed.py)."""
         handle = self.handles.get(fh)
         if handle is None or not handle.writable:
             return
         node = handle.node
         try:
-            entry = await self._commit(node)
-        except Exception as exc:  # noqa: BLE001 - kept, not dropped: see _keep_closed
-            await self._keep_closed(node, exc)
+            entry = await self.writes.commit(node)
+        except Exception as exc:  # noqa: BLE001 - kept, not dropped: see keep_closed
+            await self.writes.keep_closed(node, exc)
             if self.opts.sync_close:
                 raise  # close() was asked to mean "in S3": it is not
             return
@@ -1369,9 +824,9 @@ class Filesystem:
         handle = self.handles[fh]
         node = handle.node
         try:
-            entry = await self._commit(node)
+            entry = await self.writes.commit(node)
         except Exception as exc:  # noqa: BLE001 - kept, and fsync says it is not in S3
-            await self._keep_closed(node, exc)
+            await self.writes.keep_closed(node, exc)
             raise
         if entry is not None:
             await self.uploader.wait(entry)
@@ -1388,22 +843,51 @@ class Filesystem:
             node.writers -= 1
             if (
                 node.writers == 0
-                and node.staging is not None
-                and node.staging.dirty
+                and node.w.unsealed
                 and node not in self.closed_pending  # the retry task has it
             ):
-                await self._seal_closed(node)
+                await self.writes.seal_closed(node)
         if node.unlinked and node.opens == 0:
-            if node.staging is not None:
-                node.staging.close()
-                node.staging = None
+            self.writes.discard(node)
             self.unsynced.discard(node)
         else:
-            self._release_staging_if_idle(node)
+            self.writes.release_if_idle(node)
         self.nodes.maybe_drop(node)
 
-    # --- attributes ----------------------------------------------------------------------
+    async def _on_uploaded(self, node: Node, entry: Entry) -> None:
+        """A version of *node* reached S3: it is the remote version now."""
+        node.remote = Remote(entry.etag or "", entry.body_size, dict(entry.metadata))
+        node.remote.attrs_known = True
+        # Keep reading the local body until it is gone: the chunks are cached under its vid.
+        node.remote.version = None
+        self.unsynced.discard(node)
+        self._note(node)
+        parent = self.nodes.at(node.parent_path)
+        if parent is not None:
+            self._listing_add(
+                parent, node.name, ChildInfo(False, entry.body_size, entry.etag or "", 0)
+            )
 
+    async def _on_conflicted(self, node: Node, entry: Entry) -> None:
+        node.error = str(entry.error)
+        self.unsynced.discard(node)
+        with contextlib.suppress(S3CryptFSError):
+            head = await self._thread(self.store.head, entry.key)
+            self._replace_remote(node, head)
+            node.error = None
+
+    # --- streamed uploads ------------------------------------------------------------------
+    async def _drop_streams_under(self, path: str) -> None:
+        for n in list(self.nodes.by_path.values()):
+            if n.w.stream is not None and (n.path == path or n.path.startswith(path + "/")):
+                await self.writes.drop_stream(n, "renamed")
+
+    def _node_for_key(self, key: str) -> Node | None:
+        if not key.startswith(self.prefix):
+            return None
+        return self.nodes.at(key[len(self.prefix) :])
+
+    # --- attributes ----------------------------------------------------------------------
     async def getattr(self, ino: int) -> Attr:
         node = self.node(ino)
         if ino == ROOT_INODE and node.index is None:
@@ -1428,25 +912,16 @@ class Filesystem:
         if size is not None:
             if node.is_dir:
                 raise FsError(errno.EISDIR)
-            if size == 0 and node.staging is None:
-                node.staging = self._new_staging()
-            if node.stream is not None and size < node.stream.frozen:
-                await self._drop_stream(node, "truncated")
-            staging = node.staging or await self._materialize(node)
-            # Dirty before the first await: without a writer, a clean write-back file is
-            # released when the previous version's upload lands (_uploaded), and this
-            # truncate would go to a closed fd (EBADF) or be lost, never committed.
-            staging.dirty = True
-            if staging.cut:
-                async with node.lock:
-                    await self._uncut(node)
-            await self._thread(os.ftruncate, staging.fd, size)
-            node.size = size
+            if size == 0 and node.w.staging is None:
+                node.w.attach(self.writes.new_staging(), dirty=True)
+            else:
+                await self._materialize(node)
+            await self.writes.truncate(node, size)
             node.mtime_ns = now
             if fh is None and node.writers == 0:
                 # truncate(2) by name: like a close, kept as closed if it cannot be sealed now
-                await self._seal_closed(node)
-                self._release_staging_if_idle(node)
+                await self.writes.seal_closed(node)
+                self.writes.release_if_idle(node)
         meta_changed = False
         if mode is not None:
             node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
@@ -1470,15 +945,16 @@ class Filesystem:
 
     async def _persist_attrs(self, node: Node) -> None:
         """Store mode/owner/mtime in the object's metadata, without re-uploading data."""
-        if node.staging is not None and node.staging.dirty:
+        if node.w.unsealed:
             return  # the next commit carries them
         key = self.key(node.path)
-        if node.local is not None:
-            meta = {**node.local.metadata, **self._posix_attrs(node).encode()}
+        local = node.w.local
+        if local is not None:
+            meta = {**local.metadata, **self._posix_attrs(node).encode()}
             if self.uploader.update_metadata(key, meta):
-                node.local.metadata = meta
+                local.metadata = meta
                 return
-            await self.uploader.wait(node.local, raise_errors=False)
+            await self.uploader.wait(local, raise_errors=False)
         if node.remote is None:
             return
         if node.remote.metadata is None:
@@ -1598,25 +1074,20 @@ class Filesystem:
         if node.is_dir:
             raise FsError(errno.EISDIR)
         key = self.key(node.path)
-        await self._drop_stream(node, "unlinked")
+        await self.writes.drop_stream(node, "unlinked")
         if node.opens > 0:
             # Still open: keep its content readable after the object is gone (an upload
             # landing meanwhile must not release the copy).
-            node.keep_staging = True
-            if node.staging is None:
-                await self._materialize(node)
+            node.w.keep = True
+            await self._materialize(node)
             async with node.lock:
-                await self._uncut(node)  # what was cut is read from the object, going now
+                await self.writes.uncut(node)  # what was cut is read from the object, going now
         self.uploader.cancel(key)
-        if node.staging is not None and node.staging.closed:
-            # Deleted by its user: a crash must not bring it back.
-            await self._thread(closed_files.remove, node.staging.path)
-            node.staging.closed = False
-        self.closed_pending.pop(node, None)
+        await self.writes.forget_closed(node)
         await self.uploader.wait_all(self.uploader.pending_for(key))
         node.unlinked = True
-        node.local = None
-        node.local_version = None
+        node.w.local = None
+        node.w.local_version = None
         self.unsynced.discard(node)
         self.nodes.detach(node)
         self._listing_remove(parent.path, name)
@@ -1631,10 +1102,10 @@ class Filesystem:
 
     async def _settle(self, node: Node) -> None:
         """Make sure a file's newest content is in S3 (rename copies what S3 has)."""
-        if node.staging is not None and node.staging.dirty and node.writers == 0:
-            await self._commit(node)
-        if node.local is not None:
-            await self.uploader.wait(node.local)
+        if node.w.unsealed and node.writers == 0:
+            await self.writes.commit(node)
+        if node.w.local is not None:
+            await self.uploader.wait(node.w.local)
 
     async def rename(
         self, old_parent: int, old_name: str, new_parent: int, new_name: str, flags: int
@@ -1667,7 +1138,7 @@ class Filesystem:
         # A streamed upload goes to the old name: it is sent whole at close instead.
         await self._drop_streams_under(node.path)
         if target is not None:
-            await self._drop_stream(target, "replaced")
+            await self.writes.drop_stream(target, "replaced")
         if node.is_dir:
             await self._rename_dir(node, new_path, target)
         else:
@@ -1700,9 +1171,9 @@ class Filesystem:
             self.uploader.cancel(new_key)
         if node.remote is None:
             return  # only local (still open, never committed): nothing in S3 to move
-        if node.staging is not None:
+        if node.w.staging is not None:
             async with node.lock:
-                await self._uncut(node)  # what was cut is read from the old name
+                await self.writes.uncut(node)  # what was cut is read from the old name
         new_meta = None
         mpu = gw.is_mpu_object(node.remote.metadata or {})
         if mpu:
@@ -1845,14 +1316,10 @@ class Filesystem:
             self.nodes.maybe_drop(node)
 
     def state_of(self, node: Node) -> str:
-        if node.error:
-            return "error"
-        if node.staging is not None and node.staging.dirty:
-            return "dirty"
-        if node.local is not None:
-            entry = self.uploader.in_flight.get(self.key(node.path))
-            return "uploading" if entry is node.local else "dirty"
-        return "clean"
+        return "error" if node.error else self.writes.state_of(node)
+
+    def queued_versions(self) -> set[tuple[str, int]]:
+        return self.writes.queued_versions()
 
     def stats(self) -> dict[str, Any]:
         with self.store.stats_lock:
@@ -1862,23 +1329,24 @@ class Filesystem:
             "requests": requests,
             "errors": errors,
             "index_writes": self.index.writes,
-            "fuse": dict(self.counters),
+            "fuse": dict(self.writes.counters),
         }
         out["uploads"] = {
             "queued": len(self.uploader.queue),
             "in_flight": len(self.uploader.in_flight),
             "queued_bytes": self.uploader.queued_bytes,
         }
-        if self.helper is not None:
+        helper = self.writes.helper
+        if helper is not None:
             out["upload_helper"] = {
-                "pid": self.helper.pid,
-                "calls": self.helper.calls,
-                "restarts": self.helper.restarts,
-                "disabled": self.helper.disabled,
+                "pid": helper.pid,
+                "calls": helper.calls,
+                "restarts": helper.restarts,
+                "disabled": helper.disabled,
             }
         out["streaming"] = {
-            "active": len(self.streams),
-            "sent_bytes": sum(s.sent_bytes for s in self.streams),
+            "active": len(self.writes.streams),
+            "sent_bytes": sum(s.sent_bytes for s in self.writes.streams),
         }
         dirty = [n for n in self.nodes.by_ino.values() if n.dirty()]
         out["dirty_files"] = len(dirty)
@@ -1896,15 +1364,6 @@ class Filesystem:
                 "hits": self.disk.hits,
                 "misses": self.disk.misses,
             }
-        return out
-
-    def queued_versions(self) -> set[tuple[str, int]]:
-        """(provider, key version) of the sealed versions not in S3 yet."""
-        out = set()
-        for entry in self.uploader.waiting():
-            with contextlib.suppress(S3CryptFSError):
-                envelope = md.decode_envelope(entry.metadata)
-                out.add((envelope.provider, envelope.key_version))
         return out
 
     def wrapping_versions(self) -> set[tuple[str, int]]:

@@ -6,17 +6,14 @@ kernel forgets it (lookup count 0) and nothing holds it open or dirty.
 
 from __future__ import annotations
 
-import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
 from s3cryptfs.cache.reader import ReadState, Version
-from s3cryptfs.cache.writeback import Entry
+from s3cryptfs.upload.state import FileWrite
 from s3cryptfs.vfs.attrindex import IndexEntry
 
 ROOT_INODE = 1
@@ -32,30 +29,6 @@ class Remote:
     version: Version | None = None
     attrs_known: bool = False  # mode/owner/mtime known (from metadata or the directory index)
     companion_read: bool = False  # a gateway multipart object's size was read from its manifest
-
-
-@dataclass(eq=False)
-class Staging:
-    """Plaintext write-back file of a node open for writing (0600, in a 0700 directory)."""
-
-    path: str
-    fd: int
-    dirty: bool = False
-    # After a streamed commit, plaintext [0, cut) is not in the file (cache/stream.py cut it
-    # out); cut_read(offset, size) reads it from the committed version until it is put back.
-    cut: int = 0
-    cut_read: Callable[[int, int], Awaitable[bytes]] | None = None
-    # Closed without being sealed: a durable marker names it (vfs/closed.py).
-    closed: bool = False
-
-    def close(self) -> None:
-        try:
-            os.close(self.fd)
-        finally:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
 
 
 @dataclass(eq=False)
@@ -89,15 +62,12 @@ class Node:
     mode_set_here: bool = False
     size: int = 0  # plaintext
     remote: Remote | None = None
-    local: Entry | None = None  # newest committed version not yet in S3
-    local_version: Version | None = None
-    staging: Staging | None = None
+    # What it holds locally: write-back file, sealed version not in S3 yet (upload/files.py).
+    w: FileWrite = field(default_factory=FileWrite)
     lookups: int = 0
     opens: int = 0
     writers: int = 0
     unlinked: bool = False
-    # unlinked while open: the write-back file is the only copy left for its readers
-    keep_staging: bool = False
     has_marker: bool = False  # directories: a "dir/" marker object exists
     listing: Listing | None = None
     # Changes made while a LIST of this directory is in flight: the LIST may predate them, so
@@ -109,10 +79,6 @@ class Node:
     link_target: bytes | None = None
     lock: trio.Lock = field(default_factory=trio.Lock)
     error: str | None = None  # last upload failure, for the state attribute
-    # A streamed upload of the version being written (cache/stream.py), and whether one may
-    # start (not after one was dropped, until the next commit).
-    stream: Any = None
-    stream_ok: bool = True
 
     @property
     def is_dir(self) -> bool:
@@ -131,7 +97,11 @@ class Node:
         return self.path.rsplit("/", 1)[0] if "/" in self.path else ""
 
     def dirty(self) -> bool:
-        return (self.staging is not None and self.staging.dirty) or self.local is not None
+        return self.w.busy
+
+    @property
+    def remote_etag(self) -> str | None:
+        return self.remote.etag if self.remote is not None else None
 
 
 @dataclass(eq=False)

@@ -1,9 +1,5 @@
-"""Write-back: a crash-safe local journal of encrypted file versions, and the uploader.
-
-A version enters the journal when a file is closed (or fsync'ed): its encrypted body is written
-and fsync'ed first, then a small JSON record is written and renamed into place. Only a renamed
-record counts; after a crash, the next mount uploads every record it finds, in order, before it
-serves anything. Bodies are ciphertext, so the journal never holds plaintext.
+"""The uploader: sends journal entries to S3 in the background, in parallel, in order per key,
+with bounded retries.
 
 Uploads replace objects with conditional writes (If-Match on the ETag the version was based on,
 If-None-Match for new files), so a concurrent change by another client is detected. The losing
@@ -12,277 +8,19 @@ version is stored next to the original as ``<name>.conflict-<time>``, never drop
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
 from s3cryptfs.asyncutil import run_abandonable
-from s3cryptfs.cache.slots import SlotPool, SlotRecord
 from s3cryptfs.errors import ObjectNotFound, PreconditionFailed, StoreError, UploadConflict
 from s3cryptfs.store.helper import HelperUnavailable, UploadHelper
 from s3cryptfs.store.s3 import S3Store
+from s3cryptfs.upload.journal import CHAIN, Entry, Journal, Upload
 
 log = logging.getLogger(__name__)
-
-# base of a version: the ETag it replaces, "absent" (a new file), or "chain" (the previous
-# journal entry of the same key, whose ETag is only known once it is uploaded)
-Base = tuple[str, str]
-ABSENT: Base = ("absent", "")
-CHAIN: Base = ("chain", "")
-
-
-@dataclass(eq=False)
-class Entry:
-    seq: int
-    key: str
-    body_path: str
-    metadata: dict[str, str]
-    base: Base
-    plain_size: int
-    body_size: int
-    state: str = "queued"  # queued | uploading | done | conflict
-    etag: str | None = None
-    error: BaseException | None = None
-    superseded_by: Entry | None = None
-    attempts: int = 0
-    not_before: float = 0.0
-    changed: trio.Event = field(default_factory=trio.Event)
-    # A multipart upload of this body begun while the file was written (cache/stream.py);
-    # in memory only. After a crash only its id is known (stale_upload), and it is aborted.
-    stream: Any = None
-    stale_upload: str | None = None
-    # Small versions live in a slot of the pool file (cache/slots.py); the body starts at
-    # body_offset of body_path. moves counts relocations (a reader that raced one reads
-    # again); released: the journal no longer holds the body (it is in S3).
-    slot: int | None = None
-    generation: int = 0
-    body_offset: int = 0
-    moves: int = 0
-    released: bool = False
-    # The write-back file this version was sealed from, when it had been kept as closed
-    # (vfs/closed.py): after a crash, its marker is stale once this record exists.
-    staging_name: str | None = None
-
-    def record(self) -> dict[str, Any]:
-        rec = {
-            "seq": self.seq,
-            "key": self.key,
-            "metadata": self.metadata,
-            "base": list(self.base),
-            "plain_size": self.plain_size,
-            "body_size": self.body_size,
-        }
-        upload_id = self.stream.upload_id if self.stream is not None else self.stale_upload
-        if upload_id:
-            rec["upload_id"] = upload_id
-        if self.staging_name:
-            rec["staging"] = self.staging_name
-        return rec
-
-    def _notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
-
-def replace_location(entry: Entry, path: str, offset: int) -> None:
-    entry.body_path = path
-    entry.body_offset = offset
-
-
-class Journal:
-    """The on-disk part. Directory mode 0700, files 0600."""
-
-    def __init__(self, directory: str) -> None:
-        self.dir = directory
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        os.chmod(directory, 0o700)
-        self._seq = 0
-        for name in os.listdir(directory):
-            stem = name.split(".", 1)[0]
-            if stem.isdigit():
-                self._seq = max(self._seq, int(stem))
-        # Bodies of uploaded versions are moved here and deleted later: deleting a large
-        # file is slow on some file systems (0.7 s per GiB on ext4 mounted with `discard`),
-        # and nobody should wait for it (an fsync, the unmount).
-        self.trash = directory.rstrip("/") + ".trash"
-        os.makedirs(self.trash, mode=0o700, exist_ok=True)
-        self.slots = SlotPool(directory.rstrip("/") + ".slots")
-        self._slot_records = self.slots.scan()
-        for rec in self._slot_records:
-            self._seq = max(self._seq, rec.seq)
-
-    def next_seq(self) -> int:
-        self._seq += 1
-        return self._seq
-
-    def body_path(self, seq: int) -> str:
-        return os.path.join(self.dir, f"{seq:012d}.body")
-
-    def record_path(self, seq: int) -> str:
-        return os.path.join(self.dir, f"{seq:012d}.json")
-
-    def open_body(self, seq: int) -> Any:
-        fd = os.open(self.body_path(seq), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        return os.fdopen(fd, "w+b")
-
-    def write_record(self, entry: Entry) -> None:
-        """Make *entry* durable (blocking). The body must already be complete."""
-        with open(entry.body_path, "rb+") as f:
-            os.fsync(f.fileno())
-        final = self.record_path(entry.seq)
-        tmp = final + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(entry.record(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        dfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-    # --- small versions: slots --------------------------------------------------------------
-
-    def write_slot(self, entry: Entry, body: bytes) -> bool:
-        """Commit *entry* (its slot taken, body_offset set) with one flush. False (slot given
-        back) if it does not fit: commit it as files instead."""
-        assert entry.slot is not None
-        record = json.dumps(entry.record()).encode()
-        if len(body) + len(record) > self.slots.capacity:
-            self.slots.give_back(entry.slot)
-            entry.slot = None
-            return False
-        self.slots.write(entry.slot, entry.seq, entry.generation, body, record)
-        return True
-
-    def rewrite(self, entry: Entry) -> None:
-        """Make a changed record durable (blocking). A version in a slot moves to another slot
-        (or to files): its old place is freed only once the new one is durable."""
-        if entry.slot is None:
-            self.write_record(entry)
-            return
-        old = entry.slot
-        body = os.pread(self.slots.fd, entry.body_size, self.slots.offset(old))
-        entry.generation += 1
-        record = json.dumps(entry.record()).encode()
-        new = self.slots.take()
-        if new is not None and len(body) + len(record) <= self.slots.capacity:
-            self.slots.write(new, entry.seq, entry.generation, body, record)
-            entry.slot = new
-            replace_location(entry, self.slots.path, self.slots.offset(new))
-            self._moved(entry, old)
-            return
-        if new is not None:
-            self.slots.give_back(new)
-        path = self.body_path(entry.seq)  # no room in the slots: a pair of files
-        with open(path, "wb") as f:
-            f.write(body)
-        entry.slot = None
-        replace_location(entry, path, 0)
-        self.write_record(entry)
-        self._moved(entry, old)
-
-    def _moved(self, entry: Entry, old_slot: int) -> None:
-        entry.moves += 1
-        self.slots.clear(old_slot)
-
-    def remove(self, entry: Entry) -> None:
-        """Drop *entry* from the journal: the record goes now, the body to the trash."""
-        entry.released = True
-        if entry.slot is not None:
-            self.slots.clear(entry.slot)  # a slot entry has no files (rewrite moves it whole)
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.record_path(entry.seq))
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(entry.body_path, os.path.join(self.trash, os.path.basename(entry.body_path)))
-
-    def trash_paths(self) -> list[str]:
-        return [os.path.join(self.trash, name) for name in os.listdir(self.trash)]
-
-    def empty_trash(self) -> None:
-        for path in self.trash_paths():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-
-    def load(self) -> list[Entry]:
-        """Committed entries, oldest first. Leftovers without a record are deleted."""
-        entries: list[Entry] = []
-        recorded: set[int] = set()
-        for name in sorted(os.listdir(self.dir)):
-            path = os.path.join(self.dir, name)
-            if name.endswith(".json"):
-                with open(path) as f:
-                    rec = json.load(f)
-                seq = int(rec["seq"])
-                recorded.add(seq)
-                entries.append(
-                    Entry(
-                        seq=seq,
-                        key=rec["key"],
-                        body_path=self.body_path(seq),
-                        metadata=dict(rec["metadata"]),
-                        base=(rec["base"][0], rec["base"][1]),
-                        plain_size=int(rec["plain_size"]),
-                        body_size=int(rec["body_size"]),
-                        stale_upload=rec.get("upload_id"),
-                        staging_name=rec.get("staging"),
-                    )
-                )
-        for name in os.listdir(self.dir):
-            stem = name.split(".", 1)[0]
-            if stem.isdigit() and int(stem) not in recorded:
-                log.info("journal: removing uncommitted leftover %s", name)
-                os.unlink(os.path.join(self.dir, name))
-        newest: dict[int, SlotRecord] = {}
-        for rec in self._slot_records:
-            other = newest.get(rec.seq)
-            if other is not None and other.generation > rec.generation:
-                self.slots.clear(rec.slot)  # moved by a rewrite that completed
-                continue
-            if other is not None:
-                self.slots.clear(other.slot)
-            newest[rec.seq] = rec
-        self._slot_records = []
-        for rec in newest.values():
-            if rec.seq in recorded:  # rewritten into files after it was in a slot
-                self.slots.clear(rec.slot)
-                continue
-            r = rec.record
-            entries.append(
-                Entry(
-                    seq=rec.seq,
-                    key=r["key"],
-                    body_path=self.slots.path,
-                    metadata=dict(r["metadata"]),
-                    base=(r["base"][0], r["base"][1]),
-                    plain_size=int(r["plain_size"]),
-                    body_size=int(r["body_size"]),
-                    slot=rec.slot,
-                    generation=rec.generation,
-                    body_offset=self.slots.offset(rec.slot),
-                    staging_name=r.get("staging"),
-                )
-            )
-        entries.sort(key=lambda e: e.seq)
-        return entries
-
-    def pending_bytes(self) -> int:
-        total = self.slots.used_bytes()
-        for name in os.listdir(self.dir):
-            with contextlib.suppress(FileNotFoundError):
-                total += os.stat(os.path.join(self.dir, name)).st_size
-        return total
-
 
 Uploaded = Callable[[Entry], Awaitable[None]]
 
@@ -300,6 +38,7 @@ class Uploader:
         large_size: int = 32 * 1024 * 1024,
         on_uploaded: Uploaded | None = None,
         on_conflict: Uploaded | None = None,
+        helper: UploadHelper | None = None,
     ) -> None:
         self.store = store
         self.journal = journal
@@ -311,7 +50,7 @@ class Uploader:
         self.large_size = large_size
         self.on_uploaded = on_uploaded
         self.on_conflict = on_conflict
-        self.helper: UploadHelper | None = None  # set by the mount: uploads off the FUSE loop
+        self.helper = helper  # uploads off the FUSE loop's process (store/helper.py)
         self.queue: list[Entry] = []
         self.in_flight: dict[str, Entry] = {}
         self.last_etag: dict[str, str] = {}
@@ -328,7 +67,7 @@ class Uploader:
 
     def submit(self, entry: Entry) -> None:
         for older in self.queue:
-            if older.key == entry.key and older.state == "queued":
+            if older.key == entry.key and older.state is Upload.QUEUED:
                 # Coalesce: the older version never needs to reach S3.
                 self.queue.remove(older)
                 self.queued_bytes -= older.body_size
@@ -356,7 +95,7 @@ class Uploader:
     def update_metadata(self, key: str, metadata: dict[str, str]) -> bool:
         """Change the metadata of a queued version of *key*; False if none is queued."""
         for entry in reversed(self.queue):
-            if entry.key == key and entry.state == "queued":
+            if entry.key == key and entry.state is Upload.QUEUED:
                 entry.metadata = dict(metadata)
                 self._rewrite(entry)
                 return True
@@ -383,7 +122,7 @@ class Uploader:
             self.queued_bytes -= entry.body_size
             self._discard_stream(entry)
             self.journal.remove(entry)
-            entry.state = "done"
+            entry.to(Upload.DONE)
             entry._notify()
 
     @property
@@ -399,16 +138,16 @@ class Uploader:
         while True:
             while entry.superseded_by is not None:
                 entry = entry.superseded_by
-            if entry.state == "done":
+            if entry.state is Upload.DONE:
                 return
-            if entry.state == "conflict":
+            if entry.state is Upload.CONFLICT:
                 if raise_errors:
                     raise UploadConflict(str(entry.error))
                 return
             seen_attempts = entry.attempts
             await entry.changed.wait()
             failed = entry.error is not None and entry.attempts > seen_attempts
-            if raise_errors and failed and entry.state != "done":
+            if raise_errors and failed and entry.state is not Upload.DONE:
                 err = entry.error
                 if isinstance(err, UploadConflict):
                     raise err
@@ -466,7 +205,7 @@ class Uploader:
                     continue
                 self.queue.remove(entry)
                 self.in_flight[entry.key] = entry
-                entry.state = "uploading"
+                entry.to(Upload.UPLOADING)
                 nursery.start_soon(self._upload, entry)
 
     def _conditions(self, entry: Entry) -> tuple[str | None, bool]:
@@ -493,7 +232,7 @@ class Uploader:
         except Exception as exc:  # noqa: BLE001 - any failure: keep the data, retry later
             self.failed_attempts += 1
             entry.error = exc
-            entry.state = "queued"
+            entry.to(Upload.QUEUED)
             delay = min(60.0, 2.0 ** min(entry.attempts, 6))
             entry.not_before = time.monotonic() + delay
             log.error(
@@ -512,7 +251,7 @@ class Uploader:
         self.last_etag[entry.key] = etag
         if self.on_uploaded is not None:
             await self.on_uploaded(entry)
-        await self._finish(entry, "done")
+        await self._finish(entry, Upload.DONE)
 
     async def _send(self, entry: Entry, if_match: str | None, if_none_match: bool) -> str:
         if entry.stale_upload:
@@ -573,7 +312,7 @@ class Uploader:
             await self._upload_body(entry, conflict_key, None, True)
         except Exception as exc:  # noqa: BLE001 - keep it queued, try again later
             entry.error = exc
-            entry.state = "queued"
+            entry.to(Upload.QUEUED)
             entry.not_before = time.monotonic() + 10
             log.error("conflict copy of %s could not be stored yet: %s", entry.key, exc)
             del self.in_flight[entry.key]
@@ -590,17 +329,17 @@ class Uploader:
             f"{entry.key} was changed by another writer; your version was saved as {conflict_key}"
         )
         self.last_etag.pop(entry.key, None)
-        await self._finish(entry, "conflict")
+        await self._finish(entry, Upload.CONFLICT)
         if self.on_conflict is not None:
             await self.on_conflict(entry)
 
-    async def _finish(self, entry: Entry, state: str) -> None:
+    async def _finish(self, entry: Entry, state: Upload) -> None:
         if entry.slot is not None:
             self.journal.remove(entry)  # an 8-byte write: cheaper than a trip to a thread
         else:
             await trio.to_thread.run_sync(self.journal.remove, entry)
             self.trashed.set()
-        entry.state = state
+        entry.to(state)
         self.in_flight.pop(entry.key, None)
         self.queued_bytes -= entry.body_size
         self.uploaded_count += 1

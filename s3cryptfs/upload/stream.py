@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import enum
 import logging
 import os
 import threading
@@ -109,6 +110,25 @@ def part_plain_size(chunk_size: int, part_size: int) -> int:
     return chunk_size * max(1, -(-part_size // chunk_size))
 
 
+class Phase(enum.Enum):
+    """Where a streamed upload is."""
+
+    STARTING = "starting"  # creating the multipart upload and the body file
+    RUNNING = "running"  # sealing parts the writer moved past, and sending them
+    CLOSING = "closing"  # the file is being closed: the sealer stops, the tail is sealed next
+    SEALED = "sealed"  # the whole body is sealed: the uploader completes the upload
+    DROPPED = "dropped"  # abandoned: the file is sealed and uploaded whole at close
+
+
+PHASES: dict[Phase, set[Phase]] = {
+    Phase.STARTING: {Phase.RUNNING, Phase.CLOSING, Phase.DROPPED},
+    Phase.RUNNING: {Phase.CLOSING, Phase.DROPPED},
+    Phase.CLOSING: {Phase.SEALED, Phase.DROPPED},
+    Phase.SEALED: {Phase.DROPPED},  # a journal record that could not be written
+    Phase.DROPPED: set(),
+}
+
+
 class Stream:
     """One version of one file, sealed part by part under one data key while it is written."""
 
@@ -145,7 +165,7 @@ class Stream:
         self.part_body = self.part_plain + self._chunks_per_part * v1.TAG_LEN
         self._concurrency = max(1, concurrency)
         self._limiter = limiter
-        self.state = "starting"  # starting | running | closing | sealed | dropped
+        self.state = Phase.STARTING
         self.frozen = 0  # plaintext [0, frozen) may no longer change
         self.sealed = 0  # plaintext [0, sealed) is in the body
         self.released = 0  # plaintext [0, released) is cut out of the write-back file
@@ -178,11 +198,16 @@ class Stream:
         self.finished = trio.Event()  # run() returned: nothing of the stream is in flight
         self.sent_bytes = 0
 
+    def _to(self, new: Phase) -> None:
+        if new is not self.state and new not in PHASES[self.state]:
+            raise AssertionError(f"stream of {self.key}: no transition {self.state} -> {new}")
+        self.state = new
+
     # --- driven by the file system -------------------------------------------------------
 
     @property
     def alive(self) -> bool:
-        return self.state in ("starting", "running")
+        return self.state in (Phase.STARTING, Phase.RUNNING)
 
     def wake(self) -> None:
         self._wake.set()
@@ -225,7 +250,7 @@ class Stream:
         return [k for k in range(offset // self.part_plain, last + 1) if k not in self._mem]
 
     def _needs_room(self, offset: int, size: int) -> bool:
-        if not (self._absorbing and self.state == "running" and offset == self._append_at):
+        if not (self._absorbing and self.state is Phase.RUNNING and offset == self._append_at):
             return False
         new = self._new_parts(offset, size)
         return new is not None and len(self._mem) + len(new) > ABSORB_PARTS
@@ -263,10 +288,10 @@ class Stream:
 
     def drop(self, why: str) -> None:
         """Abandon the stream; the file is sealed and uploaded at close as usual."""
-        if self.state == "dropped":
+        if self.state is Phase.DROPPED:
             return
         log.debug("streaming upload of %s dropped: %s", self.key, why)
-        self.state = "dropped"
+        self._to(Phase.DROPPED)
         self._scope.cancel()
         self.wake()
         self._roomier()
@@ -274,18 +299,18 @@ class Stream:
     async def stop(self) -> bool:
         """At close: stop sealing in the background. True if the stream can be finished."""
         if self.alive:
-            self.state = "closing"
+            self._to(Phase.CLOSING)
             if self._idle_scope is not None:
                 self._idle_scope.cancel()
             self.wake()
             self._roomier()
         await self._sealer_done.wait()
-        return self.state == "closing" and self.upload_id is not None
+        return self.state is Phase.CLOSING and self.upload_id is not None
 
     def seal_rest(self, size: int) -> tuple[int, int]:
         """Seal plaintext [sealed, size) with the last-chunk flag, and make the body durable
         (blocking). Returns (plaintext size, body size)."""
-        assert self.cipher is not None and self.state == "closing"
+        assert self.cipher is not None and self.state is Phase.CLOSING
         self.spill()  # the tail is read from the write-back file, which keeps it after close
         first = self.sealed // self.chunk_size
         count = v1.chunk_count(size, self.chunk_size)
@@ -298,7 +323,7 @@ class Stream:
             offset += len(sealed)
         os.ftruncate(self._body_fd, offset)
         os.fsync(self._body_fd)
-        self.state = "sealed"
+        self._to(Phase.SEALED)
         return size, offset
 
     def close_body(self) -> None:
@@ -320,8 +345,8 @@ class Stream:
             with self._scope:
                 try:
                     await self._start()
-                    if self.state == "starting":
-                        self.state = "running"
+                    if self.state is Phase.STARTING:
+                        self._to(Phase.RUNNING)
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._sender)
                         try:
@@ -335,12 +360,12 @@ class Stream:
             while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
                 exc = exc.exceptions[0]  # type: ignore[assignment]
             log.warning("streaming upload of %s stopped (sent at close): %s", self.key, exc)
-            if self.state != "sealed":
-                self.state = "dropped"
+            if self.state is not Phase.SEALED:
+                self._to(Phase.DROPPED)
         finally:
             self._sealer_done.set()
             self._roomier()
-            if self.state == "dropped":
+            if self.state is Phase.DROPPED:
                 with trio.CancelScope(shield=True):
                     try:
                         await self.give_back()
@@ -375,13 +400,13 @@ class Stream:
 
     async def _sealer(self) -> None:
         while True:
-            while self.state == "running" and not self._full():
+            while self.state is Phase.RUNNING and not self._full():
                 with trio.CancelScope() as idle:  # stop() ends the wait
                     self._idle_scope = idle
                     self._wake = trio.Event()
                     await self._wake.wait()
                 self._idle_scope = None
-            if self.state not in ("running", "closing") or not self._full():
+            if self.state not in (Phase.RUNNING, Phase.CLOSING) or not self._full():
                 return
             index = self.sealed // self.part_plain
             self.frozen = self.sealed + self.part_plain
@@ -582,7 +607,7 @@ class Stream:
         self, body_path: str, body_size: int, if_match: str | None, if_none_match: bool
     ) -> str:
         """Send what is missing from the body and complete the upload; aborted on failure."""
-        assert self.upload_id is not None and self.state == "sealed"
+        assert self.upload_id is not None and self.state is Phase.SEALED
         await self.finished.wait()
         count = max(1, -(-(body_size - v1.HEADER_LEN) // self.part_body))
         try:
@@ -644,4 +669,5 @@ class Stream:
 
     def usable_for(self, metadata: dict[str, str]) -> bool:
         """The entry may be finished through this stream: same metadata, upload still open."""
-        return self.state == "sealed" and self.upload_id is not None and metadata == self.metadata
+        sealed = self.state is Phase.SEALED and self.upload_id is not None
+        return sealed and metadata == self.metadata
