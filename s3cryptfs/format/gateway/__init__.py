@@ -6,7 +6,7 @@ Pure: imports nothing from FUSE, trio or boto3, and nothing from s3cryptfs.keys 
 managers of the gateway's ``password`` and ``memory`` modes, s3cryptfs/keys/gateway.py, build
 on keywrap here). One module per concern:
 
-- ``metadata``: names and compact aliases, dispatch, the checked fields;
+- ``metadata``: names and compact aliases, dispatch, the checked fields, the key envelope;
 - ``keywrap``: PBKDF2, the provider-``password`` blobs, the ``memory`` RFC 3394 wrap;
 - ``chunked``: the chunked format; ``single``: the single-AEAD format;
 - ``multipart``: encrypted multipart objects and their manifests;
@@ -22,25 +22,33 @@ from s3cryptfs.format.gateway.chunked import (
     chunked_layout,
 )
 from s3cryptfs.format.gateway.keywrap import (
+    PasswordKek,
     data_key,
     parse_master_key,
+    password_data_key,
     pbkdf2,
     unwrap_memory_dek,
     unwrap_password_dek,
+    wrap_memory_dek,
     wrap_password_dek,
 )
 from s3cryptfs.format.gateway.metadata import (
     ALG_AES,
     ALG_CHACHA,
+    DEFAULT_ITERATIONS,
     KEY,
     LEGACY_ITERATIONS,
     MAX_CHUNK,
     MAX_ITERATIONS,
+    MEMORY,
     MIN_CHUNK,
     NONCE,
+    PASSWORD,
     SALT,
     TAG,
+    is_derivation,
     is_gateway_object,
+    key_envelope,
     normalize_metadata,
     parse_kdf_params,
     recorded_size,
@@ -69,13 +77,16 @@ from s3cryptfs.format.gateway.writer import (
 __all__ = [
     "ALG_AES",
     "ALG_CHACHA",
+    "DEFAULT_ITERATIONS",
     "KEY",
     "LEGACY_ITERATIONS",
     "MAX_CHUNK",
     "MAX_ITERATIONS",
+    "MEMORY",
     "MIN_CHUNK",
     "MPU_SUFFIX",
     "NONCE",
+    "PASSWORD",
     "SALT",
     "TAG",
     "ChunkedCipher",
@@ -84,6 +95,7 @@ __all__ = [
     "MpuCipher",
     "MpuManifest",
     "MpuPart",
+    "PasswordKek",
     "PasswordWrapper",
     "SingleCipher",
     "WriteSettings",
@@ -93,8 +105,10 @@ __all__ = [
     "data_key",
     "decrypt_all",
     "encrypt_chunked",
+    "is_derivation",
     "is_gateway_object",
     "is_mpu_object",
+    "key_envelope",
     "mpu_envelope",
     "mpu_iv",
     "mpu_manifest_key",
@@ -102,11 +116,13 @@ __all__ = [
     "parse_kdf_params",
     "parse_master_key",
     "parse_mpu_manifest",
+    "password_data_key",
     "pbkdf2",
     "recorded_size",
     "seal_chunked_stream",
     "single_aads",
     "unwrap_memory_dek",
     "unwrap_password_dek",
+    "wrap_memory_dek",
     "wrap_password_dek",
 ]

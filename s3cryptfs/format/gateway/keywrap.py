@@ -1,8 +1,8 @@
 """The gateway's data keys: PBKDF2, the provider-``password`` blobs, the ``memory`` key wrap.
 
-Primitives only (§2, §3.3, §3.4): which secret opens which object is the key managers' business
-(s3cryptfs/keys/gateway.py); ``data_key`` is the whole rule for callers that hold the secrets
-themselves (tests, tools).
+Primitives (§2, §3.3, §3.4) under the key managers of s3cryptfs/keys/gateway.py, through which
+a mount reaches them; ``data_key`` is the whole rule for callers that hold the secrets
+themselves (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from s3cryptfs.errors import (
     FormatError,
@@ -25,14 +25,18 @@ from s3cryptfs.errors import (
     UnwrapFailed,
     WrongPasswordError,
 )
+from s3cryptfs.format.envelope import KeyEnvelope
 from s3cryptfs.format.gateway.metadata import (
+    DEFAULT_ITERATIONS,
     KEY,
     LEGACY_ITERATIONS,
     MAX_ITERATIONS,
+    MEMORY,
     NONCE,
+    PASSWORD,
     SALT,
-    b64d,
-    normalize_metadata,
+    is_derivation,
+    key_envelope,
     parse_kdf_params,
 )
 
@@ -144,6 +148,17 @@ def unwrap_memory_dek(wrapped: bytes, master_key: bytes | str) -> bytes:
         raise InvalidEnvelope(f"gateway: bad memory-wrapped key: {e}") from e
 
 
+def password_data_key(envelope: KeyEnvelope, password: str | bytes) -> bytes:
+    """The data key of a ``password`` envelope under *password*: PBKDF2 over the salt of a
+    derivation envelope (iterations bounded before any work), else the blob unwrapped."""
+    if not is_derivation(envelope):
+        return unwrap_password_dek(envelope.ciphertext, password)
+    iterations = parse_kdf_params(envelope.key_id)
+    if len(envelope.ciphertext) != SALT:
+        raise FormatError("gateway: salt must be 32 B")
+    return pbkdf2(password, envelope.ciphertext, iterations)
+
+
 def data_key(
     metadata: Mapping[str, str],
     *,
@@ -151,41 +166,58 @@ def data_key(
     master_key: bytes | str | None = None,
 ) -> bytes:
     """The 32 B key that encrypts the chunks of this object."""
-    md = normalize_metadata(metadata)
-    wk = md.get("encryption-wrapped-key", "")
-    if wk:
-        blob = b64d(wk, "wrapped key", InvalidEnvelope)
-        provider = md.get("encryption-kms-provider", "")
-        if provider == "password":
-            if password is None:
-                raise KeyNotFound("gateway: object is password-wrapped but no password given")
-            return unwrap_password_dek(blob, password)
-        if provider == "memory":
-            if master_key is None:
-                raise KeyNotFound("gateway: object is memory-wrapped but no master key given")
-            return unwrap_memory_dek(blob, master_key)
-        raise KeyNotFound(f"gateway: unsupported key provider {provider!r}")
-    if password is None:
-        raise KeyNotFound("gateway: password-direct object but no password given")
-    salt = b64d(md.get("encryption-key-salt", ""), "salt")
-    if len(salt) != SALT:
-        raise FormatError("gateway: salt must be 32 B")
-    return pbkdf2(password, salt, parse_kdf_params(md.get("encryption-kdf-params")))
+    envelope = key_envelope(metadata)
+    if envelope.provider == PASSWORD:
+        if password is None and is_derivation(envelope):
+            raise KeyNotFound("gateway: password-direct object but no password given")
+        if password is None:
+            raise KeyNotFound("gateway: object is password-wrapped but no password given")
+        return password_data_key(envelope, password)
+    if envelope.provider == MEMORY:
+        if master_key is None:
+            raise KeyNotFound("gateway: object is memory-wrapped but no master key given")
+        return unwrap_memory_dek(envelope.ciphertext, master_key)
+    raise KeyNotFound(f"gateway: unsupported key provider {envelope.provider!r}")
 
 
 # --- wrapping ------------------------------------------------------------------------------
 
 
+def _password_blob(kek: AESGCM, iterations: int, salt: bytes, nonce: bytes, dek: bytes) -> bytes:
+    """The 0.8 provider-``password`` blob (96 B): BE32(iterations) || salt || nonce || GCM(DEK)."""
+    return struct.pack(">I", iterations) + salt + nonce + kek.encrypt(nonce, dek, None)
+
+
 def wrap_password_dek(
     dek: bytes,
     password: str | bytes,
-    iterations: int = 600_000,
+    iterations: int = DEFAULT_ITERATIONS,
     *,
     salt: bytes | None = None,
     nonce: bytes | None = None,
 ) -> bytes:
-    """The 0.8 provider-``password`` blob (96 B)."""
+    """The 0.8 provider-``password`` blob (96 B), under a salt of its own."""
     salt = os.urandom(SALT) if salt is None else salt
     nonce = os.urandom(NONCE) if nonce is None else nonce
-    ct = AESGCM(pbkdf2(password, salt, iterations)).encrypt(nonce, dek, None)
-    return struct.pack(">I", iterations) + salt + nonce + ct
+    return _password_blob(AESGCM(pbkdf2(password, salt, iterations)), iterations, salt, nonce, dek)
+
+
+class PasswordKek:
+    """Wraps data keys as provider ``password`` blobs, stretching the password once.
+
+    The gateway draws a salt per object and so runs PBKDF2 for every write; the blob format lets
+    one salt serve many objects as long as each wrap has its own random nonce, so this derives
+    the key-encryption key once per (password, salt) and every object costs one AES-GCM."""
+
+    def __init__(self, password: str | bytes, iterations: int = DEFAULT_ITERATIONS) -> None:
+        self.iterations = iterations
+        self.salt = os.urandom(SALT)
+        self._kek = AESGCM(pbkdf2(password, self.salt, iterations))
+
+    def wrap(self, dek: bytes) -> bytes:
+        return _password_blob(self._kek, self.iterations, self.salt, os.urandom(NONCE), dek)
+
+
+def wrap_memory_dek(dek: bytes, master_key: bytes) -> bytes:
+    """RFC 3394 wrap under the memory provider's master key (as parse_master_key returns it)."""
+    return aes_key_wrap(master_key, dek)

@@ -1,4 +1,5 @@
-"""The gateway's object metadata: names, compact aliases, dispatch, and the checked fields.
+"""The gateway's object metadata: names, compact aliases, dispatch, the checked fields, and the
+envelope of an object's data key.
 
 Everything here is read from metadata that anyone with write access to the bucket can set, so
 each value is validated (bounded work factors, sizes, base64) before it is used (§1, §2).
@@ -12,7 +13,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from s3cryptfs.errors import FormatError
+from s3cryptfs.errors import FormatError, InvalidEnvelope
+from s3cryptfs.format.envelope import KeyEnvelope
+from s3cryptfs.format.metadata import decode_envelope
 
 TAG = 16
 NONCE = 12
@@ -21,12 +24,20 @@ SALT = 32
 MIN_CHUNK = 16_384
 MAX_CHUNK = 1_048_576
 LEGACY_ITERATIONS = 100_000
+DEFAULT_ITERATIONS = 600_000  # what the gateway 0.8 writes, and our writer by default
 # Work factors read from metadata (anyone who can write to the bucket sets them) are refused
 # above this: the gateway's own bound on wrapped keys, so every object it can read passes.
 MAX_ITERATIONS = 2_000_000
 
 ALG_AES = "AES256-GCM"
 ALG_CHACHA = "ChaCha20-Poly1305"
+
+# The gateway's own key providers (§3.3, §3.4): their secrets are the gateway's configuration,
+# never a KMS, so no volume descriptor names them.
+PASSWORD = "password"
+MEMORY = "memory"
+# Key id of a derivation envelope (see key_envelope), followed by the iteration count.
+DERIVATION_KEY_ID = "pbkdf2-sha256:"
 
 # Compact aliases (§1) -> full key names.
 _COMPACT = {
@@ -124,3 +135,39 @@ def parse_kdf_params(value: str | None) -> int:
     if not LEGACY_ITERATIONS <= n <= MAX_ITERATIONS:
         raise FormatError(f"gateway: kdf iterations {n} out of range (100000..2000000)")
     return n
+
+
+# --- the envelope of an object's data key (§3.2) ----------------------------------------------
+
+
+def key_envelope(metadata: Mapping[str, str]) -> KeyEnvelope:
+    """The envelope of a single-PUT object's data key, in the form every key manager takes.
+
+    A wrapped key of the gateway's own providers is read as the gateway reads it (a key version
+    that is not a number is 0: they ignore it); one of another provider (cosmian-kmip) as our own
+    objects' envelopes, which use the same names. A password-direct object has no wrapped key:
+    its key is PBKDF2 of the password over its salt, so it gets a *derivation envelope* for the
+    ``password`` provider: key id ``pbkdf2-sha256:N`` (N its checked iteration count), version
+    0, and the salt as ciphertext."""
+    md = normalize_metadata(metadata)
+    wrapped = md.get("encryption-wrapped-key", "")
+    provider = md.get("encryption-kms-provider", "")
+    if wrapped and provider in (PASSWORD, MEMORY):
+        blob = b64d(wrapped, "wrapped key", InvalidEnvelope)
+        try:
+            version = int(md.get("encryption-key-version", ""), 10)
+        except ValueError:
+            version = 0
+        return KeyEnvelope(md.get("encryption-kms-id", ""), version, provider, blob)
+    if wrapped:
+        return decode_envelope(md)
+    salt = b64d(md.get("encryption-key-salt", ""), "salt")
+    if len(salt) != SALT:
+        raise FormatError("gateway: salt must be 32 B")
+    iterations = parse_kdf_params(md.get("encryption-kdf-params"))
+    return KeyEnvelope(f"{DERIVATION_KEY_ID}{iterations}", 0, PASSWORD, salt)
+
+
+def is_derivation(envelope: KeyEnvelope) -> bool:
+    """True for the envelope of a password-direct object (see key_envelope)."""
+    return envelope.provider == PASSWORD and envelope.key_id.startswith(DERIVATION_KEY_ID)

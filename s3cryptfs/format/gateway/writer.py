@@ -23,6 +23,7 @@ from s3cryptfs.format.gateway.keywrap import parse_master_key, pbkdf2, wrap_pass
 from s3cryptfs.format.gateway.metadata import (
     ALG_AES,
     ALG_CHACHA,
+    DEFAULT_ITERATIONS,
     KEY,
     LEGACY_ITERATIONS,
     MAX_CHUNK,
@@ -38,7 +39,7 @@ def encrypt_chunked(
     plaintext: bytes,
     password: str | bytes,
     *,
-    iterations: int = 600_000,
+    iterations: int = DEFAULT_ITERATIONS,
     chunk_size: int = 65536,
     algorithm: str = ALG_AES,
     wrap: bool = False,
@@ -101,7 +102,7 @@ class WriteSettings:
     # "password" (the 0.8 server's single-password mode), "memory", or "cosmian-kmip" (the
     # volume's own KMIP key manager, which wraps as the gateway's Cosmian provider does)
     wrap: str = "password"
-    iterations: int = 600_000
+    iterations: int = DEFAULT_ITERATIONS
     algorithm: str = ALG_AES
     chunk_size: int = 65536
 
@@ -109,7 +110,7 @@ class WriteSettings:
     def from_dict(doc: Mapping[str, object]) -> WriteSettings:
         s = WriteSettings(
             wrap=str(doc.get("wrap", "password")),
-            iterations=int(doc.get("iterations", 600_000)),  # type: ignore[call-overload]
+            iterations=int(doc.get("iterations", DEFAULT_ITERATIONS)),  # type: ignore[call-overload]
             algorithm=str(doc.get("algorithm", ALG_AES)),
             chunk_size=int(doc.get("chunk_size", 65536)),  # type: ignore[call-overload]
         )
