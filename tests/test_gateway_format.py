@@ -463,7 +463,12 @@ def test_streaming_writer_matches_the_reference_reader():
     pt = os.urandom(200_001)
     out = io.BytesIO()
     settings = gw.WriteSettings(iterations=100_000)
-    envelope = gw.PasswordWrapper(PW, 100_000).wrap(dek := os.urandom(32))
+    blob = gw.PasswordKek(PW, 100_000).wrap(dek := os.urandom(32))
+    envelope = {  # what the gateway's password key manager's envelope encodes to
+        "encryption-wrapped-key": base64.b64encode(blob).decode(),
+        "encryption-kms-provider": "password",
+        "encryption-key-version": "1",
+    }
     md, plain, body_len, cipher = gw.seal_chunked_stream(
         io.BytesIO(pt), out, dek, settings, envelope
     )
@@ -472,9 +477,9 @@ def test_streaming_writer_matches_the_reference_reader():
     assert b"".join(cipher.open_range(0, out.getvalue(), 4)) == pt
 
 
-def test_password_wrapper_stretches_once_and_uses_fresh_nonces():
-    w = gw.PasswordWrapper(PW, 100_000)
-    a, b = (base64.b64decode(w.wrap(bytes(32))["encryption-wrapped-key"]) for _ in range(2))
+def test_password_kek_stretches_once_and_uses_fresh_nonces():
+    w = gw.PasswordKek(PW, 100_000)
+    a, b = (w.wrap(bytes(32)) for _ in range(2))
     assert a[4:36] == b[4:36]  # one salt (one PBKDF2) per wrapper
     assert a[36:48] != b[36:48]  # a fresh nonce per object
     assert gw.unwrap_password_dek(a, PW) == bytes(32)

@@ -5,14 +5,19 @@ Pure and fast: no servers."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 from dataclasses import replace
 
 import pytest
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_wrap
 
+from s3cryptfs.audit import AuditLog
+from s3cryptfs.codec import GatewaySecrets, ObjectCodec
 from s3cryptfs.errors import FormatError, InvalidEnvelope, KeyNotFound, UnwrapFailed
 from s3cryptfs.format import gateway as gw
+from s3cryptfs.format import metadata as md
+from s3cryptfs.format.descriptor import Descriptor
 from s3cryptfs.format.gateway import keywrap
 from s3cryptfs.keys.base import KeyEnvelope
 from s3cryptfs.keys.gateway import (
@@ -20,11 +25,13 @@ from s3cryptfs.keys.gateway import (
     GatewayMemoryKeyManager,
     GatewayPasswordKeyManager,
 )
+from s3cryptfs.keys.ring import KeyRing, LocalKeys
 from tests.keymanager_conformance import CONTEXT, Conformance
-from tests.test_gateway_format import DEK_B, PW, WK_OLD, md_a, md_b
+from tests.test_gateway_format import BODY_A, BODY_B, DEK_B, HELLO, PW, WK_OLD, md_a, md_b
 
 FAST = gw.LEGACY_ITERATIONS  # the smallest count the gateway reads keeps this module fast
 MASTER_KEY = bytes(range(32))
+PW_BYTES = PW.encode()  # as a mount reads it from its password file
 
 
 @pytest.fixture
@@ -175,3 +182,64 @@ def test_key_envelope_of_gateway_objects() -> None:
         gw.key_envelope({**md_b(), **vault})
     with pytest.raises(FormatError):
         gw.key_envelope(md_a(**{"encryption-kdf-params": "pbkdf2-sha256:3000000"}))
+
+
+# --- through the codec: the one unwrap path ----------------------------------------------------
+
+
+def gateway_codec(tmp_path, wrap="password", password=PW_BYTES, master_key=None, refresh=None):
+    desc = Descriptor("0123456789abcdef0123456789abcdef", object_format="gateway")
+    desc.gateway = {"wrap": wrap, "iterations": FAST}
+    audit = AuditLog(str(tmp_path / "audit.jsonl"))
+    codec = ObjectCodec(
+        desc,
+        KeyRing(desc, LocalKeys()),
+        refresh=refresh,
+        audit=audit,
+        gateway=GatewaySecrets(password=password, master_key=master_key),
+    )
+    return codec, lambda: [json.loads(line) for line in (tmp_path / "audit.jsonl").open()]
+
+
+def test_codec_unwraps_gateway_objects_as_any_other(tmp_path) -> None:
+    """Password-direct and password-wrapped objects are opened by the gateway's manager: audited
+    once with the envelope's names, then served from the DEK cache; errors name the object."""
+    codec, lines = gateway_codec(tmp_path)
+    for _ in range(2):
+        assert codec.decrypt_whole(md_a(), BODY_A, "vol/a") == HELLO
+        assert codec.decrypt_whole(md_b(), BODY_B, "vol/b") == HELLO
+    audited = [(e["event"], e["provider"], e.get("key_id"), e["object"]) for e in lines()]
+    assert audited == [
+        ("unwrap", "password", "pbkdf2-sha256:600000", "vol/a"),
+        ("unwrap", "password", "", "vol/b"),  # the gateway writes no key id for it
+    ]
+    (tmp_path / "w").mkdir()
+    wrong, _ = gateway_codec(tmp_path / "w", password=b"not the password")
+    with pytest.raises(UnwrapFailed, match="^vol/b: gateway: password does not unwrap"):
+        wrong.decrypt_whole(md_b(), BODY_B, "vol/b")
+
+
+def test_codec_never_rereads_the_descriptor_for_a_missing_gateway_secret(tmp_path) -> None:
+    """A descriptor cannot bring the gateway's password: no re-read, the object is named."""
+
+    def refresh() -> Descriptor:
+        raise AssertionError("the descriptor was re-read")
+
+    codec, lines = gateway_codec(tmp_path, password=None, refresh=refresh)
+    with pytest.raises(KeyNotFound, match="^vol/a: gateway: password-direct object but no"):
+        codec.decrypt_whole(md_a(), BODY_A, "vol/a")
+    assert [e["outcome"] for e in lines()] == ["KeyNotFound"]
+
+
+@pytest.mark.parametrize("wrap", ["password", "memory"])
+def test_codec_writes_with_the_gateways_managers(tmp_path, wrap) -> None:
+    """What a gateway-format volume writes: the gateway's envelope names, audited as a wrap,
+    and the key cached, so reading the file back unwraps nothing."""
+    codec, lines = gateway_codec(tmp_path, wrap=wrap, master_key=MASTER_KEY.hex().encode())
+    codec._trip_breaker("awskms")  # the volume's KMS just timed out: not the gateway's modes
+    body, meta = codec.seal_bytes(b"new file", md.PosixAttrs(), "vol/new", content=True)
+    assert meta["encryption-kms-provider"] == wrap
+    assert meta["encryption-key-version"] == "1"
+    assert meta.get("encryption-kms-id") == ("memory-v1" if wrap == "memory" else None)
+    assert codec.decrypt_whole(meta, body, "vol/new") == b"new file"
+    assert [(e["event"], e["provider"]) for e in lines()] == [("wrap", wrap)]

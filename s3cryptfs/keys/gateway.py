@@ -27,7 +27,6 @@ from s3cryptfs.errors import (
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.keys.base import KeyEnvelope, KeyManager
 
-PROVIDERS = (gw.PASSWORD, gw.MEMORY)
 VERSION = 1  # the only key version of either mode
 MEMORY_KEY_ID = "memory-v1"
 

@@ -67,8 +67,6 @@ from s3cryptfs.format.gateway.multipart import (
 from s3cryptfs.format.gateway.reader import body_cipher, decrypt_all
 from s3cryptfs.format.gateway.single import SingleCipher, single_aads
 from s3cryptfs.format.gateway.writer import (
-    MemoryWrapper,
-    PasswordWrapper,
     WriteSettings,
     encrypt_chunked,
     seal_chunked_stream,
@@ -91,12 +89,10 @@ __all__ = [
     "TAG",
     "ChunkedCipher",
     "ChunkedLayout",
-    "MemoryWrapper",
     "MpuCipher",
     "MpuManifest",
     "MpuPart",
     "PasswordKek",
-    "PasswordWrapper",
     "SingleCipher",
     "WriteSettings",
     "body_cipher",

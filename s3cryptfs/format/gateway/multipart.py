@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from s3cryptfs.errors import FormatError, IntegrityError, InvalidEnvelope
+from s3cryptfs.format.envelope import KeyEnvelope
 from s3cryptfs.format.gateway.metadata import (
     ALG_AES,
     ALG_CHACHA,
@@ -136,18 +137,18 @@ def parse_mpu_manifest(raw: bytes) -> MpuManifest:
     return MpuManifest(alg, cs, iv_prefix, uid_hash, envelope, tuple(parts), total)
 
 
-def mpu_envelope(manifest: MpuManifest) -> tuple[str, str, int, bytes]:
-    """(provider, key id, key version, wrapped bytes) of the manifest's data key."""
+def mpu_envelope(manifest: MpuManifest) -> KeyEnvelope:
+    """The envelope of the manifest's data key (the gateway's KeyEnvelope JSON, §5)."""
     env = manifest.envelope
     try:
         blob = base64.b64decode(str(env.get("Ciphertext", "")), validate=True)
     except (binascii.Error, ValueError) as e:
         raise InvalidEnvelope("gateway: multipart wrapped key is not base64") from e
     version = env.get("KeyVersion", 0)
-    return (
-        str(env.get("Provider", "")),
+    return KeyEnvelope(
         str(env.get("KeyID", "")),
         version if isinstance(version, int) else 0,
+        str(env.get("Provider", "")),
         blob,
     )
 

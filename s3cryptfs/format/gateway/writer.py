@@ -9,17 +9,15 @@ from __future__ import annotations
 import base64
 import json
 import os
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 from s3cryptfs.errors import FormatError
 from s3cryptfs.format.gateway.chunked import ChunkedCipher, ChunkedLayout, chunk_nonce
-from s3cryptfs.format.gateway.keywrap import parse_master_key, pbkdf2, wrap_password_dek
+from s3cryptfs.format.gateway.keywrap import pbkdf2, wrap_password_dek
 from s3cryptfs.format.gateway.metadata import (
     ALG_AES,
     ALG_CHACHA,
@@ -125,45 +123,6 @@ class WriteSettings:
         return s
 
 
-class PasswordWrapper:
-    """Wraps data keys as provider ``password`` blobs, stretching the password once.
-
-    The gateway draws a salt per object and so runs PBKDF2 for every write; the blob format lets
-    one salt serve many objects as long as each wrap has its own random nonce, so this writer
-    derives the key-encryption key once per (password, salt) and every object costs one AES-GCM.
-    The salt is fresh for each wrapper (each mount)."""
-
-    def __init__(self, password: str | bytes, iterations: int) -> None:
-        self.iterations = iterations
-        self.salt = os.urandom(SALT)
-        self._kek = AESGCM(pbkdf2(password, self.salt, iterations))
-
-    def wrap(self, dek: bytes) -> dict[str, str]:
-        nonce = os.urandom(NONCE)
-        blob = struct.pack(">I", self.iterations) + self.salt + nonce
-        blob += self._kek.encrypt(nonce, dek, None)
-        return {
-            "encryption-wrapped-key": base64.b64encode(blob).decode(),
-            "encryption-kms-provider": "password",
-            "encryption-key-version": "1",
-        }
-
-
-class MemoryWrapper:
-    """Wraps data keys with RFC 3394 under the gateway's ``memory`` master key (§3.4)."""
-
-    def __init__(self, master_key: bytes | str) -> None:
-        self._kek = parse_master_key(master_key)
-
-    def wrap(self, dek: bytes) -> dict[str, str]:
-        return {
-            "encryption-wrapped-key": base64.b64encode(aes_key_wrap(self._kek, dek)).decode(),
-            "encryption-kms-provider": "memory",
-            "encryption-kms-id": "memory-v1",
-            "encryption-key-version": "1",
-        }
-
-
 def seal_chunked_stream(
     src: BinaryIO,
     dst: BinaryIO,
@@ -172,6 +131,8 @@ def seal_chunked_stream(
     envelope: Mapping[str, str],
 ) -> tuple[dict[str, str], int, int, ChunkedCipher]:
     """Encrypt *src* into *dst* as a chunked gateway object (§12 writer recipe, HKDF nonces).
+    *envelope*: the metadata of *dek* wrapped by a key manager (format/metadata.py
+    ``encode_envelope``: the gateway's names).
 
     Returns (user metadata, plaintext bytes, body bytes, a cipher to read the body back)."""
     base_iv = os.urandom(NONCE)
