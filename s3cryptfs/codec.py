@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from s3cryptfs import limits
@@ -68,10 +68,13 @@ class SealedObject:
 
 @dataclass
 class GatewaySecrets:
-    """What this machine holds for objects of the S3 Encryption Gateway (never stored)."""
+    """What this machine holds for objects of the S3 Encryption Gateway (never stored, never
+    printed): the secrets of its key managers (keys/gateway.py)."""
 
-    password: bytes | None = None  # the gateway's password (a password volume's own one)
-    master_key: bytes | None = None  # the gateway's `memory` provider master key
+    # the gateway's password (a password volume's own one)
+    password: bytes | None = field(default=None, repr=False)
+    # the gateway's `memory` provider master key
+    master_key: bytes | None = field(default=None, repr=False)
 
 
 OWN, GATEWAY, PLAIN = "s3cryptfs", "gateway", "plain"
