@@ -5,6 +5,12 @@ format is chosen per object from its metadata (never from configuration), so a v
 objects of several formats, providers and key versions at once: the key ring has a manager for
 every provider the descriptor names.
 
+Every data key is wrapped and unwrapped by a KeyManager, through one path (the DEK cache, the
+audit log, errors that name the object): the key ring's managers for the providers the
+descriptor names, and for the S3 Encryption Gateway's own modes (``password``, ``memory``),
+which objects name but no descriptor does, the managers of keys/gateway.py built from this
+machine's secrets (GatewaySecrets).
+
 When an object names a key version (or provider) the ring does not know, the codec asks for the
 descriptor again (``refresh``) once and retries: a ``s3cryptfs keys rotate`` or a ``migrate``
 done while mounted is picked up without a remount. New objects take the new active version once
@@ -19,7 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from s3cryptfs import limits
@@ -27,14 +33,13 @@ from s3cryptfs.audit import NO_AUDIT, AuditLog
 from s3cryptfs.errors import (
     FormatError,
     IntegrityError,
+    InvalidEnvelope,
     KeyManagerError,
     KeyNotFound,
     KeyRetired,
     ObjectNotFound,
     ProviderUnavailable,
     UnknownProvider,
-    UnwrapFailed,
-    WrongPasswordError,
 )
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
@@ -43,6 +48,7 @@ from s3cryptfs.format.descriptor import GATEWAY_FORMAT, Descriptor
 from s3cryptfs.format.layout import BodyCipher, PlainCipher
 from s3cryptfs.keys.base import KeyEnvelope, KeyManager
 from s3cryptfs.keys.dekcache import DekCache, cache_key
+from s3cryptfs.keys.gateway import GatewayKeys
 from s3cryptfs.keys.pool import KeyPool
 from s3cryptfs.keys.ring import KeyRing
 
@@ -62,10 +68,13 @@ class SealedObject:
 
 @dataclass
 class GatewaySecrets:
-    """What this machine holds for objects of the S3 Encryption Gateway (never stored)."""
+    """What this machine holds for objects of the S3 Encryption Gateway (never stored, never
+    printed): the secrets of its key managers (keys/gateway.py)."""
 
-    password: bytes | None = None  # the gateway's password (a password volume's own one)
-    master_key: bytes | None = None  # the gateway's `memory` provider master key
+    # the gateway's password (a password volume's own one)
+    password: bytes | None = field(default=None, repr=False)
+    # the gateway's `memory` provider master key
+    master_key: bytes | None = field(default=None, repr=False)
 
 
 OWN, GATEWAY, PLAIN = "s3cryptfs", "gateway", "plain"
@@ -95,14 +104,13 @@ class ObjectCodec:
         pool: KeyPool | None = None,
     ) -> None:
         self.descriptor = descriptor
-        self.gateway = gateway or GatewaySecrets()
-        self._gateway_wrapper: gw.PasswordWrapper | gw.MemoryWrapper | None = None
+        secrets = gateway or GatewaySecrets()
+        self.gateway_keys = GatewayKeys(secrets.password, secrets.master_key)
         # (key) -> (metadata, body) of a companion object (a gateway multipart manifest);
         # given by whoever reads the store, so that this class stays free of S3.
         self.companion: Callable[[str], tuple[Mapping[str, str], bytes]] | None = None
         # Bytes of a gateway single-AEAD body we agree to download whole (--max-whole-object).
         self.max_whole_object = limits.WHOLE_OBJECT_DEFAULT
-        self._gateway_lock = threading.Lock()
         self.ring = ring
         self.chunk_size = descriptor.chunk_size
         self.dek_cache = dek_cache if dek_cache is not None else DekCache()
@@ -119,7 +127,8 @@ class ObjectCodec:
         self._context = {"volume_id": descriptor.volume_id}
         # Wrapped data keys made ahead of time (keys/pool.py): mounts have one.
         self.pool = pool
-        self._kms_down_until = 0.0
+        # provider -> until when it is not asked to wrap again (see _check_breaker)
+        self._down_until: dict[str, float] = {}
 
     # --- descriptor refresh ------------------------------------------------------------------
 
@@ -197,33 +206,34 @@ class ObjectCodec:
 
     def _wrap_now(self, manager: KeyManager, dek: bytes) -> KeyEnvelope:
         """A wrap outside of any object (the pool): its audit line comes when it is used."""
-        self._check_breaker()
+        self._check_breaker(manager.provider)
         try:
             return manager.wrap_key(dek, self._context)
         except ProviderUnavailable:
-            self._trip_breaker()
+            self._trip_breaker(manager.provider)
             raise
 
-    def _check_breaker(self) -> None:
+    def _check_breaker(self, provider: str) -> None:
         """A KMS that just timed out is not asked again for a few seconds: a file closed
-        meanwhile is kept as closed at once rather than after another full timeout."""
-        if time.monotonic() < self._kms_down_until:
+        meanwhile is kept as closed at once rather than after another full timeout. Per
+        provider: a gateway volume's own wraps do not wait for its KMS."""
+        if time.monotonic() < self._down_until.get(provider, 0.0):
             raise ProviderUnavailable(
                 f"the key manager did not answer less than {BREAKER_SECONDS:.0f} s ago; not "
                 "asking it again yet"
             )
 
-    def _trip_breaker(self) -> None:
-        self._kms_down_until = time.monotonic() + BREAKER_SECONDS
+    def _trip_breaker(self, provider: str) -> None:
+        self._down_until[provider] = time.monotonic() + BREAKER_SECONDS
 
     def _wrap(self, manager: KeyManager, dek: bytes, name: str) -> KeyEnvelope:
         """Wrap *dek* with *manager*, audited, and keep it in the DEK cache."""
         try:
-            self._check_breaker()
+            self._check_breaker(manager.provider)
             try:
                 envelope = manager.wrap_key(dek, self._context)
             except ProviderUnavailable:
-                self._trip_breaker()
+                self._trip_breaker(manager.provider)
                 raise
         except KeyManagerError as exc:
             self.audit.event("wrap", type(exc).__name__, provider=manager.provider, object=name)
@@ -242,46 +252,25 @@ class ObjectCodec:
     def writes_gateway(self) -> bool:
         return self.descriptor.object_format == GATEWAY_FORMAT
 
-    def _wrapper(self) -> gw.PasswordWrapper | gw.MemoryWrapper:
-        with self._gateway_lock:
-            if self._gateway_wrapper is None:
-                settings = gw.WriteSettings.from_dict(self.descriptor.gateway)
-                if settings.wrap == "memory":
-                    if self.gateway.master_key is None:
-                        raise KeyNotFound(
-                            "this gateway-format volume wraps keys with the gateway's memory "
-                            "master key: give it with --gateway-master-key-file"
-                        )
-                    self._gateway_wrapper = gw.MemoryWrapper(self.gateway.master_key)
-                else:
-                    if self.gateway.password is None:
-                        raise KeyNotFound("this gateway-format volume needs its password")
-                    self._gateway_wrapper = gw.PasswordWrapper(
-                        self.gateway.password, settings.iterations
-                    )
-            return self._gateway_wrapper
-
-    def _wrap_with_ring(self, dek: bytes, name: str) -> dict[str, str]:
-        """The gateway's KMS mode: the volume's active manager must be cosmian-kmip."""
+    def _gateway_writer(self, settings: gw.WriteSettings) -> KeyManager:
+        """The manager that wraps new keys of a gateway-format volume: one of the gateway's own
+        modes, or for its KMS mode the volume's active manager, which must be cosmian-kmip."""
+        if settings.wrap != "cosmian-kmip":
+            return self.gateway_keys.writer(settings.wrap, settings.iterations)
         manager = self.ring.active()
         if manager.provider != "cosmian-kmip":
             raise KeyNotFound(
                 f"gateway wrap cosmian-kmip needs the volume's key manager to be cosmian-kmip, "
                 f"not {manager.provider}"
             )
-        return md.encode_envelope(self._wrap(manager, dek, name))
+        return manager
 
     def _seal_gateway(
         self, src: BinaryIO, dst: BinaryIO, attrs: md.PosixAttrs, name: str
     ) -> SealedObject:
         settings = gw.WriteSettings.from_dict(self.descriptor.gateway)
         dek = os.urandom(gw.KEY)
-        if settings.wrap == "cosmian-kmip":
-            envelope = self._wrap_with_ring(dek, name)
-        else:
-            envelope = self._wrapper().wrap(dek)
-            provider = envelope["encryption-kms-provider"]
-            self.audit.event("wrap", provider=provider, object=name or None)
+        envelope = md.encode_envelope(self._wrap(self._gateway_writer(settings), dek, name))
         meta, plain, body, cipher = gw.seal_chunked_stream(src, dst, dek, settings, envelope)
         meta.update(attrs.encode())
         dst.flush()
@@ -322,8 +311,10 @@ class ObjectCodec:
 
     def unwrap_envelope(self, envelope: KeyEnvelope, name: str = "") -> bytes:
         """The DEK in *envelope*; errors name the object (blocking: may call a KMS)."""
-        # Before the cache too: a key cached before a retire must not serve after it is known.
-        self._refresh_if_older(self._unwrap_max_age())
+        governed = self._in_descriptor(envelope.provider)
+        if governed:
+            # Before the cache too: a key cached before a retire must not serve after it is known.
+            self._refresh_if_older(self._unwrap_max_age())
         ckey = cache_key(envelope)
         dek = self.dek_cache.get(ckey)
         if dek is not None:
@@ -335,7 +326,7 @@ class ObjectCodec:
             except (KeyNotFound, UnknownProvider):
                 # Maybe a rotate or migrate by another process: re-read the descriptor once
                 # (or another thread just did) and retry.
-                if self._refresh is None:
+                if self._refresh is None or not governed:
                     raise
                 # The rate limit must not hide a change made since the last read: the first
                 # time a provider/version is missing, re-read even within the interval.
@@ -372,8 +363,15 @@ class ObjectCodec:
             self.dek_cache.put(ckey, dek)
         return dek
 
+    def _in_descriptor(self, provider: str) -> bool:
+        """Whether the descriptor governs *provider*'s keys (a re-read can add or retire them):
+        all but the gateway's own modes, whose keys are this machine's secrets."""
+        return self.gateway_keys.manager(provider) is None
+
     def _unwrap_once(self, envelope: KeyEnvelope) -> bytes:
-        manager = self.ring.manager(envelope.provider)
+        manager = self.gateway_keys.manager(envelope.provider) or self.ring.manager(
+            envelope.provider
+        )
         return manager.unwrap_key(envelope, self._context)
 
     def unwrap(self, meta: Mapping[str, str], name: str = "") -> bytes:
@@ -403,7 +401,7 @@ class ObjectCodec:
         kind = object_kind(meta)
         if kind == GATEWAY and gw.is_mpu_object(meta):
             manifest = self.mpu_manifest(meta, name)
-            return gw.MpuCipher(manifest, self._mpu_key(manifest, name))
+            return gw.MpuCipher(manifest, self.unwrap_envelope(gw.mpu_envelope(manifest), name))
         if kind == GATEWAY:
             return self._gateway_cipher(meta, name)
         if kind == PLAIN:
@@ -412,31 +410,6 @@ class ObjectCodec:
                 raise FormatError(f"{name}: {reason}" if name else reason)
             return PlainCipher()
         return v1.ChunkCipher(self.unwrap(meta, name), v1.Header.decode(header_raw))
-
-    def _gateway_key(self, meta: Mapping[str, str], name: str) -> bytes:
-        norm = gw.normalize_metadata(meta)
-        provider = norm.get("encryption-kms-provider", "")
-        if norm.get("encryption-wrapped-key") and provider not in ("password", "memory"):
-            # e.g. cosmian-kmip: the same envelope names as ours; the ring's manager unwraps it
-            return self.unwrap_envelope(md.decode_envelope(norm), name)
-        wrapped = norm.get("encryption-wrapped-key", "")
-        ckey = ("gateway:" + provider, "", 0, wrapped.encode()) if wrapped else None
-        if ckey is not None:
-            cached = self.dek_cache.get(ckey)
-            if cached is not None:
-                return cached
-        try:
-            key = gw.data_key(
-                norm, password=self.gateway.password, master_key=self.gateway.master_key
-            )
-        except (KeyManagerError, WrongPasswordError) as exc:
-            self.audit.event("unwrap", type(exc).__name__, provider=provider or "gateway-pbkdf2")
-            kind = UnwrapFailed if isinstance(exc, WrongPasswordError) else type(exc)
-            raise kind(f"{name}: {exc}" if name else str(exc)) from None
-        self.audit.event("unwrap", provider=provider or "gateway-pbkdf2", object=name or None)
-        if ckey is not None:
-            self.dek_cache.put(ckey, key)
-        return key
 
     def mpu_manifest(self, meta: Mapping[str, str], name: str) -> gw.MpuManifest:
         """The manifest of a gateway multipart object (blocking: reads the companion)."""
@@ -457,36 +430,15 @@ class ObjectCodec:
     def mpu_size(self, meta: Mapping[str, str], name: str) -> int:
         return self.mpu_manifest(meta, name).total_plain
 
-    def _mpu_key(self, manifest: gw.MpuManifest, name: str) -> bytes:
-        provider, key_id, version, blob = gw.mpu_envelope(manifest)
-        if provider not in ("password", "memory"):
-            return self.unwrap_envelope(KeyEnvelope(key_id, version, provider, blob), name)
-        ckey = ("gateway:" + provider, key_id, version, blob)
-        cached = self.dek_cache.get(ckey)
-        if cached is not None:
-            return cached
-        try:
-            if provider == "password":
-                if self.gateway.password is None:
-                    raise KeyNotFound("gateway: object is password-wrapped but no password given")
-                dek = gw.unwrap_password_dek(blob, self.gateway.password)
-            else:
-                if self.gateway.master_key is None:
-                    raise KeyNotFound("gateway: memory-wrapped object but no master key given")
-                dek = gw.unwrap_memory_dek(blob, self.gateway.master_key)
-        except (KeyManagerError, WrongPasswordError) as exc:
-            self.audit.event("unwrap", type(exc).__name__, provider=provider, object=name or None)
-            kind = UnwrapFailed if isinstance(exc, WrongPasswordError) else type(exc)
-            raise kind(f"{name}: {exc}" if name else str(exc)) from None
-        self.audit.event("unwrap", provider=provider, object=name or None)
-        self.dek_cache.put(ckey, dek)
-        return dek
-
     def _gateway_cipher(self, meta: Mapping[str, str], name: str) -> BodyCipher:
+        norm = gw.normalize_metadata(meta)
         try:
-            return gw.body_cipher(
-                meta, key=self._gateway_key(meta, name), max_body=self.max_whole_object, name=name
-            )
+            envelope = gw.key_envelope(norm)
+        except (FormatError, InvalidEnvelope) as exc:
+            raise type(exc)(f"{name}: {exc}" if name else str(exc)) from None
+        key = self.unwrap_envelope(envelope, name)  # its errors name the object already
+        try:
+            return gw.body_cipher(norm, key=key, max_body=self.max_whole_object, name=name)
         except FormatError as exc:
             raise FormatError(f"{name}: {exc}" if name else str(exc)) from None
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from s3cryptfs.errors import FormatError
-from s3cryptfs.keys.base import KeyEnvelope
+from s3cryptfs.format.envelope import KeyEnvelope
 
 FORMAT = "s3cryptfs-format"
 WRAPPED_KEY = "encryption-wrapped-key"

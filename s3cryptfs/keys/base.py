@@ -15,21 +15,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+# Defined with the format (it is on-bucket data); re-exported here for key manager plugins.
+from s3cryptfs.format.envelope import KeyEnvelope
 
-@dataclass(frozen=True)
-class KeyEnvelope:
-    """A wrapped data key and what is needed to find the key that unwraps it."""
-
-    key_id: str
-    key_version: int
-    provider: str
-    ciphertext: bytes
-
-    def __repr__(self) -> str:  # never print the wrapped bytes whole
-        return (
-            f"KeyEnvelope(provider={self.provider!r}, key_id={self.key_id!r}, "
-            f"key_version={self.key_version}, ciphertext=<{len(self.ciphertext)} bytes>)"
-        )
+__all__ = [
+    "KeyAdmin",
+    "KeyEnvelope",
+    "KeyManager",
+    "KeyManagerFactory",
+    "KeyVersionInfo",
+]
 
 
 @runtime_checkable

@@ -7,6 +7,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from s3cryptfs.errors import UnknownProvider
+from s3cryptfs.format import gateway as gw
 from s3cryptfs.keys.base import KeyManager
 
 GROUP = "s3cryptfs.key_managers"
@@ -22,10 +23,16 @@ _BUILTIN = {
 }
 
 
+# The S3 Encryption Gateway's own modes (keys/gateway.py): objects name them, the codec routes
+# them to their managers, so a plugin of the same name could never be reached. Not taken.
+RESERVED = (gw.PASSWORD, gw.MEMORY)
+
+
 def _targets() -> dict[str, str]:
     found = dict(_BUILTIN)
     for ep in entry_points(group=GROUP):
-        found[ep.name] = ep.value
+        if ep.name not in RESERVED:
+            found[ep.name] = ep.value
     return found
 
 
