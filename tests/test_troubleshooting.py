@@ -79,13 +79,13 @@ MIN_LETTERS = 5
 _NODE_ERROR = (
     "node.error holds the text of an earlier error, each extracted where it is made: "
     "codec.refusal() (vfs/core.py, _apply_metadata), a failed mpu_size (_companion_size) or an "
-    "upload conflict (UploadConflict in upload/journal.py)"
+    "upload conflict (UploadConflict in upload/uploader.py)"
 )
 EXPLAINED_WRAPPERS: dict[tuple[str, str, str], str] = {
     ("cli.py", "_daemonize", "{}"): "the parent prints the text its child sent with _report()",
     ("offline.py", "cmd_get", "{} -> {}"): "get: success line (source -> target)",
     ("store/s3.py", "classify", "{}"): "botocore's own text for an error of no known kind",
-    ("upload/journal.py", "wait", "{}"): "re-raises the UploadConflict made in _divert()",
+    ("upload/uploader.py", "wait", "{}"): "re-raises the UploadConflict made in _divert()",
     ("store/helper.py", "_error_from", "{}"): "an error the helper raised, passed on",
     ("store/helper.py", "_fail_pending", "{}"): "'the upload helper exited' (run())",
     ("vfs/core.py", "read", "{}"): _NODE_ERROR,
