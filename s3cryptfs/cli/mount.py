@@ -1,0 +1,187 @@
+"""`s3cryptfs mount`: settings from flags, environment and file, then the mount, in the
+foreground or in a daemon that reports back once the mount is ready."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from s3cryptfs import config, hardening, mountcheck, settings
+from s3cryptfs.cli.exits import exit_code
+from s3cryptfs.cli.kms_mode import check_seed_key_manager_setting
+from s3cryptfs.cli.logs import setup_logging
+from s3cryptfs.cli.parser import MOUNT_DEFAULTS
+from s3cryptfs.errors import ConfigError, S3CryptFSError
+from s3cryptfs.exitcodes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
+
+log = logging.getLogger("s3cryptfs")
+
+
+def _mount_spec(args: argparse.Namespace, password: bytes | None) -> object:
+    from s3cryptfs.keys.config import load_kms_config
+    from s3cryptfs.keys.ring import LocalKeys
+    from s3cryptfs.mount import MountSpec
+
+    local = LocalKeys()
+    provider, options, secrets = load_kms_config(args.kms_config, os.environ)
+    if provider is not None:
+        local.add(provider, options, secrets)
+    from s3cryptfs.vfs.core import FsOptions
+
+    fuse_options: list[str] = []
+    for group in args.fuse_opts:
+        fuse_options += [o for o in group.split(",") if o]
+    return MountSpec(
+        url=config.parse_url(args.url),
+        mountpoint=os.path.abspath(args.mountpoint),
+        endpoint_url=args.endpoint_url,
+        region=args.region,
+        password=password,
+        cache_root=os.path.abspath(args.cache_dir or config.default_cache_root()),
+        fs_options=FsOptions(
+            uid=os.getuid() if args.uid is None else args.uid,
+            gid=os.getgid() if args.gid is None else args.gid,
+            dir_ttl=args.dir_cache_ttl,
+            read_only=args.read_only,
+            sync_close=args.sync_close,
+            memory_cache=config.parse_size(args.memory_cache),
+            journal_limit=config.parse_size(args.cache_size),
+            disk_cache=config.parse_size(args.disk_cache),
+            trust_attributes=args.trust_attributes,
+            max_whole_object=config.parse_size(args.max_whole_object),
+        ),
+        fuse_options=fuse_options,
+        allow_other=args.allow_other,
+        retry_deadline=args.s3_timeout,
+        local_keys=local,
+        gateway_master_key=(
+            config.read_password_file(args.gateway_master_key_file)
+            if args.gateway_master_key_file
+            else None
+        ),
+        audit_log=os.path.abspath(args.audit_log) if args.audit_log else None,
+        dek_cache_entries=4096 if args.dek_cache_ttl > 0 else 0,
+        dek_cache_ttl=args.dek_cache_ttl,
+        descriptor_refresh=args.descriptor_refresh,
+        stop_timeout=args.stop_timeout,
+    )
+
+
+def resolve_mount_settings(args: argparse.Namespace) -> settings.FileConfig | None:
+    """Merge --config FILE and S3CRYPTFS_* variables into *args* (flags win)."""
+    cfg = settings.load_file(args.config) if args.config else None
+    if args.mountpoint is None and args.url is not None and not args.url.startswith("s3://"):
+        args.url, args.mountpoint = None, args.url  # `mount --config FILE MOUNTPOINT`
+    origin = settings.apply(args, MOUNT_DEFAULTS, cfg, dict(os.environ))
+    args.config_origin = origin
+    if args.url is None or args.mountpoint is None:
+        raise ConfigError(
+            "usage: s3cryptfs mount s3://BUCKET[/PREFIX] MOUNTPOINT (or url in --config)"
+        )
+    # before a password is asked for; `config check` reports it too
+    mountcheck.check_fuse_options([o for group in args.fuse_opts for o in group.split(",")])
+    if cfg is not None and cfg.key_manager_enabled and not args.kms_config:
+        raise ConfigError(
+            f"{cfg.path}: encryption.key_manager.enabled is true but no [key_manager] table or "
+            "kms_config says which key manager to use"
+        )
+    return cfg
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from s3cryptfs.mount import Mount
+
+    cfg = resolve_mount_settings(args)
+    check_seed_key_manager_setting(args)  # after --config, which may name the kms_config
+    # In KMS mode a password is only needed (and asked for) when the volume still holds
+    # password-wrapped objects; it is taken when one is offered.
+    from_elsewhere = config.password_offered(args.password_file)
+    offered = from_elsewhere or (cfg is not None and cfg.password is not None)
+    if cfg is not None and cfg.password is not None and not from_elsewhere:
+        # the file's [encryption] password comes last (docs/CONFIGURATION.md)
+        password: bytes | None = cfg.password
+    elif offered or not args.kms_config:
+        password = config.get_password(args.password_file)
+    else:
+        password = None
+    spec = _mount_spec(args, password)
+    # Read: out of the environment of what may run for months (the daemon inherits this).
+    hardening.scrub_secret_environment()
+    mount = Mount(spec)  # type: ignore[arg-type]
+    if args.foreground:
+        setup_logging(args.log_level, path=args.log_file)
+        mount.prepare()
+        return mount.run()
+    return _daemonize(mount, args)
+
+
+def _daemonize(mount: object, args: argparse.Namespace) -> int:
+    """Fork; the child mounts and reports READY or the error through a pipe."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        if message.startswith("READY"):
+            for line in message.splitlines()[1:]:
+                print(f"s3cryptfs: warning: {line}", file=sys.stderr)
+            return EXIT_OK
+        if not message:
+            _, status = os.waitpid(pid, 0)
+            print("s3cryptfs: the mount process died before the mount was ready", file=sys.stderr)
+            return EXIT_ERROR
+        code, _, text = message.partition(" ")
+        print(f"s3cryptfs: {text}", file=sys.stderr)
+        os.waitpid(pid, 0)
+        return int(code) if code.isdigit() else EXIT_ERROR
+
+    # child
+    os.close(read_fd)
+    os.setsid()
+    code = EXIT_OK
+    try:
+        from s3cryptfs.mount import Mount
+
+        assert isinstance(mount, Mount)
+        setup_logging(args.log_level, stream=sys.stderr)
+        mount.prepare()
+        assert mount.fs is not None
+        log_path = args.log_file or os.path.join(mount.fs.cache_dir, "mount.log")
+        setup_logging(args.log_level, path=log_path)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+
+        def ready() -> None:
+            os.write(write_fd, "\n".join(["READY", *mount.warnings]).encode())
+            os.close(write_fd)
+
+        code = mount.run(ready)
+    except S3CryptFSError as exc:
+        code = exit_code(exc)
+        _report(write_fd, code, str(exc))
+    except OSError as exc:
+        if exc.filename is None:
+            code = EXIT_ERROR
+            log.exception("mount failed")
+            _report(write_fd, code, f"mount failed: {exc}")
+        else:  # a path the user gave (--log-file...): a usage error, as in main()
+            code = EXIT_USAGE
+            _report(write_fd, code, f"cannot use {exc.filename}: {exc.strerror}")
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, then logged
+        code = EXIT_ERROR
+        log.exception("mount failed")
+        _report(write_fd, code, f"mount failed: {exc}")
+    os._exit(code)
+
+
+def _report(fd: int, code: int, text: str) -> None:
+    try:
+        os.write(fd, f"{code} {text}".encode())
+        os.close(fd)
+    except OSError:
+        pass
+
