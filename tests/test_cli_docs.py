@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from s3cryptfs import errors, settings
+from s3cryptfs import errors, options
 from s3cryptfs.cli import build_parser, exits
 from s3cryptfs.exitcodes import EXIT_ERROR
 from s3cryptfs.keys import config as kms_config
@@ -226,7 +226,7 @@ def _is_environ(node: ast.expr) -> bool:
 # Functions the whole environment is handed to, and the names they read from it.
 ENV_READERS = {
     "load_kms_config": sorted(kms_config.SECRET_ENV) + [f"{kms_config.GENERIC_PREFIX}<NAME>"],
-    "apply": [f"{settings.ENV_PREFIX}<SETTING>"],  # settings.apply: S3CRYPTFS_ + a mount key
+    "apply": [f"{options.ENV_PREFIX}<SETTING>"],  # settings.apply: S3CRYPTFS_ + a mount key
     "helper_environment": [],  # passes it on to the upload helper, without secrets
     "secret_variables": [],  # picks the secret variables to remove (hardening.py)
 }

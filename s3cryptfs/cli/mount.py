@@ -7,32 +7,34 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING, Any
 
 from s3cryptfs import config, hardening, mountcheck, settings
 from s3cryptfs.cli.exits import exit_code
 from s3cryptfs.cli.kms_mode import check_seed_key_manager_setting
 from s3cryptfs.cli.logs import setup_logging
-from s3cryptfs.cli.parser import MOUNT_DEFAULTS
 from s3cryptfs.errors import ConfigError, S3CryptFSError
 from s3cryptfs.exitcodes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
+from s3cryptfs.options import Layer, layer_values
+
+if TYPE_CHECKING:
+    from s3cryptfs.mount import Mount, MountSpec
+    from s3cryptfs.vfs.core import FsOptions
 
 log = logging.getLogger("s3cryptfs")
 
 
-def _mount_spec(args: argparse.Namespace, password: bytes | None) -> object:
+def mount_spec(args: argparse.Namespace, password: bytes | None) -> MountSpec:
+    """What the mount needs, from the settings resolve_mount_settings() merged into *args*:
+    FsOptions straight from the table's FS layer, the rest one by one."""
     from s3cryptfs.keys.config import load_kms_config
     from s3cryptfs.keys.ring import LocalKeys
     from s3cryptfs.mount import MountSpec
 
     local = LocalKeys()
-    provider, options, secrets = load_kms_config(args.kms_config, os.environ)
+    provider, kms_options, secrets = load_kms_config(args.kms_config, os.environ)
     if provider is not None:
-        local.add(provider, options, secrets)
-    from s3cryptfs.vfs.core import FsOptions
-
-    fuse_options: list[str] = []
-    for group in args.fuse_opts:
-        fuse_options += [o for o in group.split(",") if o]
+        local.add(provider, kms_options, secrets)
     return MountSpec(
         url=config.parse_url(args.url),
         mountpoint=os.path.abspath(args.mountpoint),
@@ -40,19 +42,8 @@ def _mount_spec(args: argparse.Namespace, password: bytes | None) -> object:
         region=args.region,
         password=password,
         cache_root=os.path.abspath(args.cache_dir or config.default_cache_root()),
-        fs_options=FsOptions(
-            uid=os.getuid() if args.uid is None else args.uid,
-            gid=os.getgid() if args.gid is None else args.gid,
-            dir_ttl=args.dir_cache_ttl,
-            read_only=args.read_only,
-            sync_close=args.sync_close,
-            memory_cache=config.parse_size(args.memory_cache),
-            journal_limit=config.parse_size(args.cache_size),
-            disk_cache=config.parse_size(args.disk_cache),
-            trust_attributes=args.trust_attributes,
-            max_whole_object=config.parse_size(args.max_whole_object),
-        ),
-        fuse_options=fuse_options,
+        fs_options=fs_options(args),
+        fuse_options=fuse_options(args),
         allow_other=args.allow_other,
         retry_deadline=args.s3_timeout,
         local_keys=local,
@@ -69,19 +60,37 @@ def _mount_spec(args: argparse.Namespace, password: bytes | None) -> object:
     )
 
 
+def fs_options(args: argparse.Namespace) -> FsOptions:
+    from s3cryptfs.vfs.core import FsOptions
+
+    return FsOptions(**_fs_values(args))
+
+
+def _fs_values(args: argparse.Namespace) -> dict[str, Any]:
+    # sizes and modes are parsed here: an error names the flag, variable or file line
+    return layer_values(Layer.FS, vars(args), getattr(args, "config_origin", {}))
+
+
+def fuse_options(args: argparse.Namespace) -> list[str]:
+    return [o for group in args.fuse_opts for o in group.split(",") if o]
+
+
+def check_values(args: argparse.Namespace) -> None:
+    """What can be checked before a password is asked for; `config check` reports it too."""
+    mountcheck.check_fuse_options(fuse_options(args))
+
+
 def resolve_mount_settings(args: argparse.Namespace) -> settings.FileConfig | None:
     """Merge --config FILE and S3CRYPTFS_* variables into *args* (flags win)."""
     cfg = settings.load_file(args.config) if args.config else None
     if args.mountpoint is None and args.url is not None and not args.url.startswith("s3://"):
         args.url, args.mountpoint = None, args.url  # `mount --config FILE MOUNTPOINT`
-    origin = settings.apply(args, MOUNT_DEFAULTS, cfg, dict(os.environ))
-    args.config_origin = origin
+    args.config_origin = settings.apply(args, cfg, dict(os.environ))
     if args.url is None or args.mountpoint is None:
         raise ConfigError(
             "usage: s3cryptfs mount s3://BUCKET[/PREFIX] MOUNTPOINT (or url in --config)"
         )
-    # before a password is asked for; `config check` reports it too
-    mountcheck.check_fuse_options([o for group in args.fuse_opts for o in group.split(",")])
+    check_values(args)
     if cfg is not None and cfg.key_manager_enabled and not args.kms_config:
         raise ConfigError(
             f"{cfg.path}: encryption.key_manager.enabled is true but no [key_manager] table or "
@@ -106,10 +115,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         password = config.get_password(args.password_file)
     else:
         password = None
-    spec = _mount_spec(args, password)
+    spec = mount_spec(args, password)
     # Read: out of the environment of what may run for months (the daemon inherits this).
     hardening.scrub_secret_environment()
-    mount = Mount(spec)  # type: ignore[arg-type]
+    mount = Mount(spec)
     if args.foreground:
         setup_logging(args.log_level, path=args.log_file)
         mount.prepare()
@@ -117,7 +126,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return _daemonize(mount, args)
 
 
-def _daemonize(mount: object, args: argparse.Namespace) -> int:
+def _daemonize(mount: Mount, args: argparse.Namespace) -> int:
     """Fork; the child mounts and reports READY or the error through a pipe."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -130,22 +139,19 @@ def _daemonize(mount: object, args: argparse.Namespace) -> int:
                 print(f"s3cryptfs: warning: {line}", file=sys.stderr)
             return EXIT_OK
         if not message:
-            _, status = os.waitpid(pid, 0)
+            os.waitpid(pid, 0)
             print("s3cryptfs: the mount process died before the mount was ready", file=sys.stderr)
             return EXIT_ERROR
-        code, _, text = message.partition(" ")
+        sent, _, text = message.partition(" ")
         print(f"s3cryptfs: {text}", file=sys.stderr)
         os.waitpid(pid, 0)
-        return int(code) if code.isdigit() else EXIT_ERROR
+        return int(sent) if sent.isdigit() else EXIT_ERROR
 
     # child
     os.close(read_fd)
     os.setsid()
     code = EXIT_OK
     try:
-        from s3cryptfs.mount import Mount
-
-        assert isinstance(mount, Mount)
         setup_logging(args.log_level, stream=sys.stderr)
         mount.prepare()
         assert mount.fs is not None

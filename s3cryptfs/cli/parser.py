@@ -3,32 +3,45 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
 
 from s3cryptfs import __version__, config
+from s3cryptfs.options import BY_NAME, OPTIONS, Kind, Option, default_words
+
+_TYPES: dict[Kind, Callable[[str], Any]] = {Kind.INT: int, Kind.FLOAT: float}
+
+
+def add_option(p: argparse.ArgumentParser, option: Option, default: str | None = None) -> None:
+    """The flag (or positional argument) of *option*, as s3cryptfs/options.py declares it;
+    *default* replaces the declared one for another command (status logs warnings only)."""
+    value = option.default if default is None else default
+    words = default_words(option, value)
+    help_text = option.help.replace("`", "") + (f" (default: {words})" if words else "")
+    if not option.option_strings:
+        # optional: `mount --config FILE` may leave the URL and the mount point to the file
+        p.add_argument(option.attr, metavar=option.metavar, nargs="?", help=help_text)
+        return
+    kwargs: dict[str, Any] = {"dest": option.attr, "help": help_text}
+    if option.kind is Kind.BOOL:
+        kwargs["action"] = "store_true"
+    elif option.kind is Kind.LIST:
+        kwargs.update(action="append", default=[], metavar=option.metavar)
+    else:
+        kwargs.update(default=value, metavar=option.metavar, type=_TYPES.get(option.kind, str))
+        if option.choices:
+            kwargs["choices"] = list(option.choices)
+    p.add_argument(*option.option_strings, **kwargs)
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: AWS)")
-    p.add_argument("--region", help="S3 region (default: from the AWS configuration)")
-    p.add_argument(
-        "--password-file",
-        metavar="FILE",
-        help="file holding the password (must not be readable by group or others); "
-        "else $S3CRYPTFS_PASSWORD, else a prompt",
-    )
+    for name in ("endpoint_url", "region", "password_file"):
+        add_option(p, BY_NAME[name])
     add_log_level(p)
 
 
 def add_log_level(p: argparse.ArgumentParser, default: str = "info") -> None:
-    p.add_argument(
-        "--log-level",
-        default=default,
-        choices=["debug", "info", "warning", "error"],
-        help=f"default: {default}",
-    )
-
-
-MOUNT_DEFAULTS: dict[str, object] = {}
+    add_option(p, BY_NAME["log_level"], default)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,118 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mount a volume. Runs in the background once the mount is "
         "ready, unless --foreground is given.",
     )
-    # URL may come from --config instead: `mount --config FILE MOUNTPOINT`.
-    p.add_argument("url", metavar="s3://BUCKET[/PREFIX]", nargs="?")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
-    add_common(p)
-    p.add_argument(
-        "--config",
-        metavar="FILE",
-        help="TOML file with mount settings (docs/CONFIGURATION.md); flags and S3CRYPTFS_* "
-        "environment variables override it",
-    )
-    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
-    p.add_argument(
-        "--cache-dir",
-        metavar="DIR",
-        help=f"write-back journal and cache (default {config.default_cache_root()})",
-    )
-    p.add_argument(
-        "--cache-size",
-        default="2G",
-        metavar="SIZE",
-        help="bound on encrypted data waiting for upload under --cache-dir; writers "
-        "wait when it is full (default 2G)",
-    )
-    p.add_argument(
-        "--memory-cache",
-        default="64M",
-        metavar="SIZE",
-        help="decrypted blocks kept in memory (default 64M)",
-    )
-    p.add_argument(
-        "--disk-cache",
-        default="0",
-        metavar="SIZE",
-        help="keep fetched ciphertext on disk under the cache dir, up to SIZE (default 0: off)",
-    )
-    p.add_argument(
-        "-o",
-        dest="fuse_opts",
-        action="append",
-        default=[],
-        metavar="OPTS",
-        help="extra FUSE mount options, comma separated",
-    )
-    p.add_argument("--read-only", action="store_true", help="mount read-only")
-    p.add_argument(
-        "--allow-other",
-        action="store_true",
-        help="let other users access the mount (needs user_allow_other for non-root)",
-    )
-    p.add_argument("--uid", type=int, help="owner of files that carry no owner (default: you)")
-    p.add_argument("--gid", type=int, help="group of files that carry no group (default: yours)")
-    p.add_argument(
-        "--sync-close", action="store_true", help="close() returns only once the file is in S3"
-    )
-    p.add_argument(
-        "--trust-attributes",
-        action="store_true",
-        help="show the setuid, setgid and sticky bits of modes stored in S3 (default: masked, "
-        "since anyone who can write to the bucket can set them)",
-    )
-    p.add_argument(
-        "--max-whole-object",
-        default="256M",
-        metavar="SIZE",
-        help="largest gateway single-AEAD object to download whole to decrypt it (default 256M)",
-    )
-    p.add_argument(
-        "--dir-cache-ttl",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="how long a directory listing is trusted (default 5)",
-    )
-    p.add_argument(
-        "--s3-timeout",
-        type=float,
-        default=45.0,
-        metavar="SECONDS",
-        help="how long one S3 operation is retried before it fails with EIO (default 45)",
-    )
-    p.add_argument(
-        "--log-file",
-        metavar="FILE",
-        help="log file in the background (default: mount.log in the cache dir)",
-    )
-    add_kms(p)
-    p.add_argument(
-        "--dek-cache-ttl",
-        type=float,
-        default=300.0,
-        metavar="SECONDS",
-        help="how long an unwrapped data key stays in memory (default 300; 0 disables)",
-    )
-    p.add_argument(
-        "--stop-timeout",
-        type=float,
-        default=120.0,
-        metavar="SECONDS",
-        help="on a stop (SIGTERM, umount(8)), how long uploads may make no progress before the "
-        "mount gives up waiting: what is left stays for the next mount, named in the log "
-        "(default 120)",
-    )
-    p.add_argument(
-        "--descriptor-refresh",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="re-read the volume descriptor before wrapping at most this often, so a key "
-        "rotation done elsewhere reaches new files (default 60); before unwrapping at most "
-        "every max(2, min(this, --dek-cache-ttl)) seconds, so a retire stops unwrapping",
-    )
-    MOUNT_DEFAULTS.update({a.dest: a.default for a in p._actions})
+    for option in OPTIONS:
+        add_option(p, option)
 
     p = sub.add_parser(
         "status",
@@ -261,22 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_kms(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--kms-config",
-        metavar="FILE",
-        help="TOML file with a [key_manager] table: this machine's KMS connection settings",
-    )
-    p.add_argument(
-        "--audit-log",
-        metavar="PATH",
-        help="append JSON lines of key operations (wrap, unwrap, rotate...) to PATH",
-    )
-    p.add_argument(
-        "--gateway-master-key-file",
-        metavar="FILE",
-        help="the S3 Encryption Gateway's memory-provider master key (hex, base64 or raw), for "
-        "its objects wrapped with provider memory (must not be readable by group or others)",
-    )
+    for name in ("kms_config", "audit_log", "gateway_master_key_file"):
+        add_option(p, BY_NAME[name])
 
 
 # `s3cryptfs keys ACTION`: every action with its one-line description, for --help.
