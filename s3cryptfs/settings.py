@@ -68,6 +68,13 @@ def _check_type(path: str, text: str, key: str, value: Any, option: Option) -> A
         raise ConfigError(f"{where}: {key} must be a {want.__name__}, not {value!r}")
     if kind is Kind.LIST and not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{where}: {key} must be a list of strings")
+    if option.choices:
+        # logging took "DEBUG" before the choices were checked here: still take it
+        if value.lower() not in option.choices:
+            raise ConfigError(
+                f"{where}: {key} must be one of {', '.join(option.choices)}, not {value!r}"
+            )
+        value = value.lower()
     return value
 
 
@@ -138,6 +145,10 @@ def _env_value(option: Option, env: dict[str, str]) -> Any:
         if raw.lower() in ("0", "false", "no", ""):
             return False
         raise ConfigError(f"{name}={raw!r}: expected true or false")
+    if option.choices:
+        if raw.lower() not in option.choices:  # any case, as in the file
+            raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(option.choices)}")
+        return raw.lower()
     want = _TOML_TYPES[option.kind]
     try:
         return want(raw)

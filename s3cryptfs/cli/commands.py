@@ -8,7 +8,7 @@ import os
 
 from s3cryptfs import settings
 from s3cryptfs.cli.kms_mode import check_seed_key_manager_setting
-from s3cryptfs.cli.mount import resolve_mount_settings
+from s3cryptfs.cli.mount import check_values, resolve_mount_settings
 from s3cryptfs.cli.parser import build_parser
 from s3cryptfs.errors import ConfigError
 from s3cryptfs.exitcodes import EXIT_OK
@@ -65,6 +65,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     if cfg is None:  # no url in the file: still validate and show it
         cfg = settings.load_file(args.file)
         mount_args.config_origin = settings.apply(mount_args, cfg, dict(os.environ))
+        check_values(mount_args)
     print(f"# {args.file}: valid")
     print(settings.effective(mount_args, mount_args.config_origin, cfg))
     return EXIT_OK

@@ -78,6 +78,7 @@ def fuse_options(args: argparse.Namespace) -> list[str]:
 def check_values(args: argparse.Namespace) -> None:
     """What can be checked before a password is asked for; `config check` reports it too."""
     mountcheck.check_fuse_options(fuse_options(args))
+    _fs_values(args)
 
 
 def resolve_mount_settings(args: argparse.Namespace) -> settings.FileConfig | None:
