@@ -24,6 +24,7 @@ _TOML_TYPES: dict[Kind, type[Any]] = {
     Kind.STRING: str,
     Kind.PATH: str,
     Kind.SIZE: str,
+    Kind.MODE: str,
     Kind.BOOL: bool,
     Kind.INT: int,
     Kind.FLOAT: float,
@@ -61,11 +62,14 @@ def _check_type(path: str, text: str, key: str, value: Any, option: Option) -> A
     number = isinstance(value, int) and not isinstance(value, bool)
     if kind is Kind.FLOAT and number:
         value = float(value)
+    elif kind is Kind.MODE and number:
+        value = _mode_text(where, key, value)
     elif kind in _TEXT and number:
         value = str(value)  # sizes like cache_size = 1024
     want = _TOML_TYPES[kind]
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: {key} must be a {want.__name__}, not {value!r}")
+        name = "str or int" if kind is Kind.MODE else want.__name__
+        raise ConfigError(f"{where}: {key} must be a {name}, not {value!r}")
     if kind is Kind.LIST and not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{where}: {key} must be a list of strings")
     if option.choices:
@@ -76,6 +80,14 @@ def _check_type(path: str, text: str, key: str, value: Any, option: Option) -> A
             )
         value = value.lower()
     return value
+
+
+def _mode_text(where: str, key: str, number: int) -> str:
+    """A mode the TOML file gives as an integer, as the flag takes it: octal text."""
+    # TOML's 0o644 is an integer; 644 is one too, in decimal, and means 0o1204
+    if not 0 <= number <= 0o777:
+        raise ConfigError(f"{where}: {key} = {number} is not a mode: write 0o644 or \"0644\"")
+    return f"0{number:o}"
 
 
 def load_file(path: str) -> FileConfig:
