@@ -9,7 +9,9 @@ this table come:
   (s3cryptfs/settings.py), and the options ``mount.s3cryptfs`` turns into flags
   (s3cryptfs/mounthelper.py);
 * the values handed to each layer: `FsOptions` (vfs/core.py) is filled from the options of
-  layer FS alone; the command builds `MountSpec` (mount.py) from the others.
+  layer FS alone; the command builds `MountSpec` (mount.py) from the others;
+* the option tables of docs/CONFIGURATION.md and docs/CLI.md (s3cryptfs/options_doc.py;
+  tests/test_options.py fails when they are not current).
 
 The names are a stable, documented surface: a flag, key or variable renamed here breaks fstab
 lines, unit files and configuration files in the field.
@@ -60,7 +62,8 @@ class Option:
     layer: Layer
     help: str  # one sentence for --help and the docs; `code spans` are shown without backticks
     default: Value = None
-    # The default in words, when it is computed or None means something: "AWS", "off".
+    # The default in words, when it is computed or None means something: "AWS", "off"
+    # (Markdown: values in `code`).
     default_doc: str | None = None
     doc: str = ""  # more for the docs only (Markdown)
     flags: tuple[str, ...] | None = None  # None: (--name-with-dashes,); (): positional
@@ -121,7 +124,7 @@ OPTIONS: tuple[Option, ...] = (
         "url",
         Kind.STRING,
         Layer.MOUNT,
-        "the volume",
+        "the volume: `s3://BUCKET[/PREFIX]`",
         flags=(),
         metavar="s3://BUCKET[/PREFIX]",
         env=False,
@@ -141,7 +144,7 @@ OPTIONS: tuple[Option, ...] = (
         "config",
         Kind.PATH,
         Layer.COMMAND,
-        "TOML file with mount settings (docs/CONFIGURATION.md); flags and S3CRYPTFS_* "
+        "TOML file with mount settings (docs/CONFIGURATION.md); flags and `S3CRYPTFS_*` "
         "environment variables override it",
         metavar="FILE",
         in_file=False,
@@ -177,8 +180,9 @@ OPTIONS: tuple[Option, ...] = (
         Kind.PATH,
         Layer.COMMAND,
         "file holding the password (must not be readable by group or others); else "
-        "$S3CRYPTFS_PASSWORD, else a prompt",
-        doc="One trailing newline is ignored. The whole order of password sources is below.",
+        "`$S3CRYPTFS_PASSWORD`, else a prompt",
+        doc="One trailing newline is ignored. docs/CONFIGURATION.md lists every source of the "
+        "password, in order.",
         metavar="FILE",
         secret_file=True,
     ),
@@ -186,9 +190,9 @@ OPTIONS: tuple[Option, ...] = (
         "kms_config",
         Kind.PATH,
         Layer.MOUNT,
-        "TOML file with a [key_manager] table: this machine's KMS connection settings",
-        doc="(docs/KMS.md). With it and no password offered, no password is asked unless the "
-        "volume still holds password-wrapped objects. In a configuration file, a "
+        "TOML file with a `[key_manager]` table: this machine's KMS connection settings",
+        doc="See docs/KMS.md. With it and no password offered, no password is asked unless "
+        "the volume still holds password-wrapped objects. In a configuration file, a "
         "`[key_manager]` table of the file itself is used when this is not set.",
         metavar="FILE",
     ),
@@ -198,7 +202,8 @@ OPTIONS: tuple[Option, ...] = (
         Layer.MOUNT,
         "append JSON lines of key operations (wrap, unwrap, rotate...) to PATH",
         default_doc="off",
-        doc='(docs/KMS.md, "Audit log"); must not be a symbolic link; created 0600.',
+        doc='See docs/KMS.md, "Audit log". It must not be a symbolic link (exit 2); it is '
+        "created 0600.",
         metavar="PATH",
     ),
     Option(
@@ -226,9 +231,9 @@ OPTIONS: tuple[Option, ...] = (
         Layer.MOUNT,
         "re-read the volume descriptor before wrapping at most this often, so a key rotation "
         "done elsewhere reaches new files; before unwrapping at most every "
-        "max(2, min(this, --dek-cache-ttl)) seconds, so a retire stops unwrapping",
+        "max(2, min(this, `--dek-cache-ttl`)) seconds, so a retire stops unwrapping",
         default=60.0,
-        doc='(docs/KMS.md, "DEK cache").',
+        doc='See docs/KMS.md, "DEK cache".',
         metavar="SECONDS",
     ),
     # --- the kernel mount and the process -------------------------------------------------------
@@ -248,7 +253,8 @@ OPTIONS: tuple[Option, ...] = (
         "allow_other",
         Kind.BOOL,
         Layer.MOUNT,
-        "let other users access the mount (needs user_allow_other for non-root)",
+        "let other users access the mount (needs `user_allow_other` in /etc/fuse.conf for "
+        "non-root)",
         default=False,
     ),
     Option(
@@ -269,7 +275,7 @@ OPTIONS: tuple[Option, ...] = (
         Kind.PATH,
         Layer.MOUNT,
         "write-back journal and caches, one subdirectory per volume",
-        default_doc="/var/cache/s3cryptfs for root, else ~/.cache/s3cryptfs",
+        default_doc="`/var/cache/s3cryptfs` for root, else `~/.cache/s3cryptfs`",
         doc="Directories 0700, files 0600.",
         metavar="DIR",
     ),
@@ -277,7 +283,7 @@ OPTIONS: tuple[Option, ...] = (
         "stop_timeout",
         Kind.FLOAT,
         Layer.MOUNT,
-        "on a stop (SIGTERM, umount(8)), how long uploads may make no progress before the "
+        "on a stop (SIGTERM, `umount(8)`), how long uploads may make no progress before the "
         "mount gives up waiting: what is left stays for the next mount, named in the log",
         default=120.0,
         metavar="SECONDS",
@@ -286,8 +292,9 @@ OPTIONS: tuple[Option, ...] = (
         "log_level",
         Kind.STRING,
         Layer.COMMAND,
-        "how much to log",
+        "how much to log: debug, info, warning or error",
         default="info",
+        metavar="LEVEL",
         choices=("debug", "info", "warning", "error"),
     ),
     Option(
@@ -295,8 +302,8 @@ OPTIONS: tuple[Option, ...] = (
         Kind.PATH,
         Layer.COMMAND,
         "log file of a mount in the background",
-        default_doc="mount.log in the volume's cache directory",
-        doc="Must not be a symbolic link (exit 2); created 0600.",
+        default_doc="`mount.log` in the volume's cache directory",
+        doc="It must not be a symbolic link (exit 2); it is created 0600.",
         metavar="FILE",
     ),
     # --- files and caches (FsOptions) ------------------------------------------------------------
@@ -350,7 +357,7 @@ OPTIONS: tuple[Option, ...] = (
         Layer.FS,
         "show the setuid, setgid and sticky bits of modes stored in S3 (default: masked, "
         "since anyone who can write to the bucket can set them)",
-        doc="(docs/SEMANTICS.md)",
+        doc="See docs/SEMANTICS.md.",
         default=False,
         field="trust_attributes",
     ),
@@ -358,7 +365,7 @@ OPTIONS: tuple[Option, ...] = (
         "sync_close",
         Kind.BOOL,
         Layer.FS,
-        "close() returns only once the file is in S3",
+        "`close()` returns only once the file is in S3",
         default=False,
         field="sync_close",
     ),
@@ -375,7 +382,7 @@ OPTIONS: tuple[Option, ...] = (
         "cache_size",
         Kind.SIZE,
         Layer.FS,
-        "bound on encrypted data waiting for upload under --cache-dir; writers wait when it "
+        "bound on encrypted data waiting for upload under `--cache-dir`; writers wait when it "
         "is full",
         default="2G",
         metavar="SIZE",
@@ -396,7 +403,7 @@ OPTIONS: tuple[Option, ...] = (
         Layer.FS,
         "keep fetched ciphertext on disk under the cache dir, up to SIZE",
         default="0",
-        default_doc="0: off",
+        default_doc="`0`: off",
         doc="Least recently used first out, kept across mounts; holds no plaintext.",
         metavar="SIZE",
         field="disk_cache",
@@ -442,14 +449,13 @@ FS_INTERNAL: dict[str, str] = {
 
 
 def default_words(option: Option, value: Value) -> str | None:
-    """The default as --help and the docs show it; None: nothing to show (a switch, off)."""
+    """The default as the docs show it (--help without the backticks); None: nothing to show
+    (a switch is off, a list empty)."""
     if option.default_doc is not None and value == option.default:
         return option.default_doc
     if value is None or isinstance(value, bool) or value == []:
         return None
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
+    return f"`{value:g}`" if isinstance(value, float) else f"`{value}`"
 
 
 def source_of(option: Option, origin: dict[str, str]) -> str:

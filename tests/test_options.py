@@ -1,6 +1,7 @@
 """The mount's settings, declared once in s3cryptfs/options.py, and everything made from them:
-the flags, the TOML keys, the S3CRYPTFS_* variables, the fstab options, FsOptions. Pure but
-for the last test, which mounts (SeaweedFS, FUSE)."""
+the flags, the TOML keys, the S3CRYPTFS_* variables, the fstab options, FsOptions, and the
+option tables of docs/CONFIGURATION.md and docs/CLI.md. Pure but for the last test, which
+mounts (SeaweedFS, FUSE)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from s3cryptfs import config, mounthelper, options, settings
+from s3cryptfs import config, mounthelper, options, options_doc, settings
 from s3cryptfs.cli import build_parser
 from s3cryptfs.cli.mount import mount_spec, resolve_mount_settings
 from s3cryptfs.errors import ConfigError
@@ -83,6 +84,19 @@ def test_the_mount_parser_is_the_table():
         if option.kind is not options.Kind.LIST:
             assert action.default == option.default, option.name
         assert "`" not in (action.help or "")
+
+
+def test_the_option_tables_of_the_docs_are_current():
+    stale = [str(p) for p, (text, wanted) in options_doc.documents().items() if text != wanted]
+    assert not stale, f"run python3 -m s3cryptfs.options_doc to rewrite: {stale}"
+
+
+def test_every_documented_key_is_a_key():
+    """Outside the generated table too: no key of CONFIGURATION.md's example is unknown."""
+    text = (options_doc.DOCS / "CONFIGURATION.md").read_text()
+    example = text.split("## Example", 1)[1].split("```toml", 1)[1].split("```", 1)[0]
+    keys = [line.split("=")[0].strip() for line in example.splitlines() if "=" in line]
+    assert keys and set(keys) <= set(options.IN_FILE)
 
 
 def test_every_option_missing_from_a_surface_says_why():

@@ -17,7 +17,7 @@ def add_option(p: argparse.ArgumentParser, option: Option, default: str | None =
     *default* replaces the declared one for another command (status logs warnings only)."""
     value = option.default if default is None else default
     words = default_words(option, value)
-    help_text = option.help.replace("`", "") + (f" (default: {words})" if words else "")
+    help_text = (option.help + (f" (default: {words})" if words else "")).replace("`", "")
     if not option.option_strings:
         # optional: `mount --config FILE` may leave the URL and the mount point to the file
         p.add_argument(option.attr, metavar=option.metavar, nargs="?", help=help_text)
