@@ -29,7 +29,6 @@ def cmd_offline(args: argparse.Namespace) -> int:
     return run[args.command](args)
 
 
-
 def cmd_admin(args: argparse.Namespace) -> int:
     from s3cryptfs.ops import commands, upgrade
 

@@ -67,7 +67,7 @@ def fs_options(args: argparse.Namespace) -> FsOptions:
 
 
 def _fs_values(args: argparse.Namespace) -> dict[str, Any]:
-    # sizes and modes are parsed here: an error names the flag, variable or file line
+    # sizes and modes are parsed here: an error names the flag, the variable or the file and key
     return layer_values(Layer.FS, vars(args), getattr(args, "config_origin", {}))
 
 
