@@ -52,6 +52,16 @@ def parse_size(text: str) -> int:
     return int(number * 1024 ** " kmgt".index(unit or " "))
 
 
+def parse_mode(text: str) -> int:
+    """'0644', '644', '0o644' -> 0o644. Permission bits only: it is the mode of every object that
+    carries none, and --trust-attributes is what decides whether setuid, setgid and sticky bits
+    from the bucket are shown."""
+    digits = text.strip().lower().removeprefix("0o")
+    if not digits or any(c not in "01234567" for c in digits) or int(digits, 8) > 0o777:
+        raise ConfigError(f"{text!r} is not a permission mode (octal, 0 to 0777: 0644, 0750...)")
+    return int(digits, 8)
+
+
 def read_password_file(path: str) -> bytes:
     try:
         st = os.stat(path)

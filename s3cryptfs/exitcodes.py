@@ -1,6 +1,6 @@
 """Exit codes: documented API (docs/CLI.md, "Exit codes"); scripts and systemd depend on them.
 
-The one place they are defined; cli.py maps error kinds to them.
+The one place they are defined; cli/exits.py maps error kinds to them.
 """
 
 from __future__ import annotations

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import sys
 
-from s3cryptfs.settings import KEYS
+from s3cryptfs.options import BY_NAME, IN_FILE, Kind
 
 # Understood by mount(8), systemd's fstab generator or the fstab format itself, not by us.
 _DROP_EXACT = {"_netdev", "nofail", "auto", "noauto", "user", "users", "nouser", "defaults", "rw"}
 _DROP_PREFIX = ("x-systemd.", "x-", "comment=")
-_FLAG_NAMES = {k for k in KEYS if k not in ("url", "mountpoint", "options")} | {"config"}
+# Every key of the configuration file that is a flag (not the two positional arguments nor -o,
+# which mount(8) gives in their own way), and config=FILE.
+_FLAGS = {
+    o.name: o for o in IN_FILE.values() if o.option_strings and o.kind is not Kind.LIST
+} | {"config": BY_NAME["config"]}
 
 
 def translate(source: str, mountpoint: str, options: list[str]) -> list[str]:
@@ -32,9 +36,10 @@ def translate(source: str, mountpoint: str, options: list[str]) -> list[str]:
             continue
         name, eq, value = opt.partition("=")
         key = name.replace("-", "_")
-        if key in _FLAG_NAMES:
-            flag = "--" + key.replace("_", "-")
-            if KEYS.get(key, (str,))[0] is bool:
+        option = _FLAGS.get(key)
+        if option is not None:
+            flag = option.flag
+            if option.kind is Kind.BOOL:
                 if eq and value.lower() not in ("1", "true", "yes"):
                     continue
                 args.append(flag)

@@ -1,7 +1,7 @@
 """Mount configuration from a TOML file and ``S3CRYPTFS_*`` environment variables.
 
-Precedence, highest first: command-line flags, environment variables, the file, defaults. Keys
-are the mount flags' long names with ``_`` for ``-`` (docs/CONFIGURATION.md lists them all).
+Precedence, highest first: command-line flags, environment variables, the file, defaults. The
+keys and variables are those of s3cryptfs/options.py (docs/CONFIGURATION.md lists them all).
 The Go gateway's ``[encryption]`` section is understood too (``password``,
 ``key_manager.enabled``), so its users' files are never silently misread.
 """
@@ -17,38 +17,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from s3cryptfs.errors import ConfigError
+from s3cryptfs.options import IN_FILE, Kind, Option
 
-# key -> (type, secret?)
-KEYS: dict[str, tuple[type, bool]] = {
-    "url": (str, False),
-    "mountpoint": (str, False),
-    "endpoint_url": (str, False),
-    "region": (str, False),
-    "password_file": (str, False),
-    "kms_config": (str, False),
-    "audit_log": (str, False),
-    "gateway_master_key_file": (str, False),
-    "cache_dir": (str, False),
-    "cache_size": (str, False),
-    "memory_cache": (str, False),
-    "disk_cache": (str, False),
-    "read_only": (bool, False),
-    "allow_other": (bool, False),
-    "uid": (int, False),
-    "gid": (int, False),
-    "sync_close": (bool, False),
-    "trust_attributes": (bool, False),
-    "max_whole_object": (str, False),
-    "dir_cache_ttl": (float, False),
-    "s3_timeout": (float, False),
-    "stop_timeout": (float, False),
-    "log_level": (str, False),
-    "log_file": (str, False),
-    "options": (list, False),
+# How a value of each kind looks in the TOML file (and is read from the environment).
+_TOML_TYPES: dict[Kind, type[Any]] = {
+    Kind.STRING: str,
+    Kind.PATH: str,
+    Kind.SIZE: str,
+    Kind.MODE: str,
+    Kind.BOOL: bool,
+    Kind.INT: int,
+    Kind.FLOAT: float,
+    Kind.LIST: list,
 }
+_TEXT = {Kind.STRING, Kind.PATH, Kind.SIZE}
+
 ENCRYPTION_KEYS = {"password", "key_manager"}
-ENV_PREFIX = "S3CRYPTFS_"
-_NOT_FROM_ENV = {"url", "mountpoint", "options"}  # too easy to leak into other mounts from a shell
 
 
 @dataclass
@@ -71,18 +55,39 @@ def _where(path: str, text: str, key: str) -> str:
     return f"{path}:{line}" if line else path
 
 
-def _check_type(path: str, text: str, key: str, value: Any, want: type) -> Any:
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
+def _check_type(path: str, text: str, key: str, value: Any, option: Option) -> Any:
+    """The value of *key* as the flag would give it, or a ConfigError naming the line."""
+    where = _where(path, text, key)
+    kind = option.kind
+    number = isinstance(value, int) and not isinstance(value, bool)
+    if kind is Kind.FLOAT and number:
         value = float(value)
-    if want is str and isinstance(value, int) and not isinstance(value, bool):
+    elif kind is Kind.MODE and number:
+        value = _mode_text(where, key, value)
+    elif kind in _TEXT and number:
         value = str(value)  # sizes like cache_size = 1024
+    want = _TOML_TYPES[kind]
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-        raise ConfigError(
-            f"{_where(path, text, key)}: {key} must be a {want.__name__}, not {value!r}"
-        )
-    if want is list and not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{_where(path, text, key)}: {key} must be a list of strings")
+        name = "str or int" if kind is Kind.MODE else want.__name__
+        raise ConfigError(f"{where}: {key} must be a {name}, not {value!r}")
+    if kind is Kind.LIST and not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: {key} must be a list of strings")
+    if option.choices:
+        # logging took "DEBUG" before the choices were checked here: still take it
+        if value.lower() not in option.choices:
+            raise ConfigError(
+                f"{where}: {key} must be one of {', '.join(option.choices)}, not {value!r}"
+            )
+        value = value.lower()
     return value
+
+
+def _mode_text(where: str, key: str, number: int) -> str:
+    """A mode the TOML file gives as an integer, as the flag takes it: octal text."""
+    # TOML's 0o644 is an integer; 644 is one too, in decimal, and means 0o1204
+    if not 0 <= number <= 0o777:
+        raise ConfigError(f"{where}: {key} = {number} is not a mode: write 0o644 or \"0644\"")
+    return f"0{number:o}"
 
 
 def load_file(path: str) -> FileConfig:
@@ -106,10 +111,10 @@ def load_file(path: str) -> FileConfig:
             continue
         if key == "key_manager":
             continue  # the KMS connection table, read by the key managers' own loader
-        if key not in KEYS:
-            known = ", ".join(sorted(KEYS))
+        if key not in IN_FILE:
+            known = ", ".join(sorted(IN_FILE))
             raise ConfigError(f"{_where(path, text, key)}: unknown key {key!r} (known: {known})")
-        cfg.values[key] = _check_type(path, text, key, value, KEYS[key][0])
+        cfg.values[key] = _check_type(path, text, key, value, IN_FILE[key])
     if "key_manager" in doc and "kms_config" not in cfg.values:
         cfg.values["kms_config"] = path  # the file carries its own [key_manager] table
     return cfg
@@ -141,45 +146,44 @@ def _encryption(cfg: FileConfig, text: str, section: Any, mode: int) -> None:
         cfg.key_manager_enabled = km.get("enabled")
 
 
-def _env_value(key: str, want: type, env: dict[str, str]) -> Any:
-    raw = env.get(ENV_PREFIX + key.upper())
-    if raw is None or key in _NOT_FROM_ENV:
+def _env_value(option: Option, env: dict[str, str]) -> Any:
+    name = option.env_name
+    raw = env.get(name)
+    if raw is None or not option.env:
         return None
-    name = ENV_PREFIX + key.upper()
-    if want is bool:
+    if option.kind is Kind.BOOL:
         if raw.lower() in ("1", "true", "yes"):
             return True
         if raw.lower() in ("0", "false", "no", ""):
             return False
         raise ConfigError(f"{name}={raw!r}: expected true or false")
+    if option.choices:
+        if raw.lower() not in option.choices:  # any case, as in the file
+            raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(option.choices)}")
+        return raw.lower()
+    want = _TOML_TYPES[option.kind]
     try:
         return want(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r}: expected a {want.__name__}") from None
 
 
-def apply(
-    args: argparse.Namespace,
-    defaults: dict[str, Any],
-    cfg: FileConfig | None,
-    env: dict[str, str],
-) -> dict[str, str]:
+def apply(args: argparse.Namespace, cfg: FileConfig | None, env: dict[str, str]) -> dict[str, str]:
     """Fill *args* (what the flags gave) from env and file; returns key -> where it came from."""
     origin: dict[str, str] = {}
-    for key, (want, _) in KEYS.items():
-        attr = "fuse_opts" if key == "options" else key
+    for key, option in IN_FILE.items():
+        attr = option.attr
         current = getattr(args, attr, None)
-        default = defaults.get(attr)
-        if current not in (None, default, []):
+        if current not in (None, option.default, []):
             origin[key] = "flag"
             continue
-        from_env = _env_value(key, want, env)
+        from_env = _env_value(option, env)
         if from_env is not None:
             setattr(args, attr, from_env)
             origin[key] = "environment"
         elif cfg is not None and key in cfg.values:
             value = cfg.values[key]
-            setattr(args, attr, [",".join(value)] if key == "options" else value)
+            setattr(args, attr, [",".join(value)] if option.kind is Kind.LIST else value)
             origin[key] = cfg.path
         elif current is not None:
             origin[key] = "default"
@@ -189,9 +193,8 @@ def apply(
 def effective(args: argparse.Namespace, origin: dict[str, str], cfg: FileConfig | None) -> str:
     """The effective configuration as text, secrets masked (``config check``)."""
     lines = []
-    for key in KEYS:
-        attr = "fuse_opts" if key == "options" else key
-        value = getattr(args, attr, None)
+    for key, option in IN_FILE.items():
+        value = getattr(args, option.attr, None)
         if value is None or value == []:
             continue
         lines.append(f"{key} = {value!r}  # {origin.get(key, 'default')}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from s3cryptfs import cli
+from s3cryptfs import cli, exitcodes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ def test_an_unexpected_error_is_one_line(monkeypatch, capsys, restore_logging, l
     monkeypatch.setitem(cli.COMMANDS, "status", _failing(RuntimeError("it broke")))
     code = cli.main(["status", "/nowhere", "--log-level", level])
     err = capsys.readouterr().err
-    assert code == cli.EXIT_ERROR
+    assert code == exitcodes.EXIT_ERROR
     message = (
         "s3cryptfs: unexpected error (RuntimeError): it broke; --log-level debug shows the "
         "traceback\n"
@@ -52,7 +52,7 @@ def test_an_unexpected_error_is_one_line(monkeypatch, capsys, restore_logging, l
 def test_an_os_error_on_a_path_is_a_usage_error(monkeypatch, capsys, restore_logging):
     missing = FileNotFoundError(2, os.strerror(2), "/srv/no/such/file")
     monkeypatch.setitem(cli.COMMANDS, "status", _failing(missing))
-    assert cli.main(["status", "/nowhere"]) == cli.EXIT_USAGE
+    assert cli.main(["status", "/nowhere"]) == exitcodes.EXIT_USAGE
     err = capsys.readouterr().err
     assert err == "s3cryptfs: cannot use /srv/no/such/file: No such file or directory\n"
 
@@ -80,7 +80,7 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
     cfg.write_text('cache_size = "1G"\nmemory_cache = "32M"\n')
     proc = _into_closed_pipe("config", "check", str(cfg))
     assert proc.stderr == ""  # it was a BrokenPipeError, "Exception ignored" at exit
-    assert proc.returncode == cli.EXIT_BROKEN_PIPE == 141
+    assert proc.returncode == exitcodes.EXIT_BROKEN_PIPE == 141
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -133,7 +133,7 @@ def test_key_manager_enabled_is_true_or_false_for_every_command(value, args, exp
     """The gateway's KEY_MANAGER_ENABLED: only true/false (any case), echoed as given, and
     honoured by every command that takes --kms-config (it was read by init alone)."""
     proc = _cli(*args, env={"KEY_MANAGER_ENABLED": value})
-    assert proc.returncode == cli.EXIT_USAGE, proc.stderr
+    assert proc.returncode == exitcodes.EXIT_USAGE, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert expected in line, line
 
@@ -144,5 +144,5 @@ def test_key_manager_enabled_true_lets_a_kms_init_through(tmp_path):
         "init", "s3://bkt/p", *NO_S3, "--key-manager", "vault", "--kms-config", str(missing),
         env={"KEY_MANAGER_ENABLED": "True"},
     )  # fmt: skip
-    assert proc.returncode == cli.EXIT_USAGE
+    assert proc.returncode == exitcodes.EXIT_USAGE
     assert f"cannot read key manager config {missing}" in proc.stderr, proc.stderr

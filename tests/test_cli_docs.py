@@ -3,7 +3,7 @@
 * Exit codes: every ``EXIT_*`` constant of the package is a row of CLI.md's exit-code table
   whose meaning carries the constant's words, and every row is a constant. The kinds table of
   TROUBLESHOOTING.md ("Exit codes by kind of error") gives each error class the code
-  ``cli._exit_code`` returns for it, and every message documented with "**Means:** exit N" is
+  ``cli.exits.exit_code`` returns for it, and every message documented with "**Means:** exit N" is
   raised (where it is raised as an s3cryptfs error) by a class that exits N.
 * Environment: every variable the code reads (``os.environ[...]``, ``os.environ.get(...)``,
   ``os.getenv(...)``, and the names read by the functions the environment is handed to) is a
@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from s3cryptfs import cli, errors, settings
+from s3cryptfs import errors, options
+from s3cryptfs.cli import build_parser, exits
+from s3cryptfs.exitcodes import EXIT_ERROR
 from s3cryptfs.keys import config as kms_config
 from tests.test_troubleshooting import (
     DOC as TROUBLESHOOTING,
@@ -107,7 +109,7 @@ def _error_classes() -> dict[str, type[errors.S3CryptFSError]]:
 
 
 def _exit_of(cls: type[BaseException]) -> int:
-    return cli._exit_code(cls.__new__(cls))  # only its class matters
+    return exits.exit_code(cls.__new__(cls))  # only its class matters
 
 
 def kinds_table() -> dict[str, int]:
@@ -128,7 +130,7 @@ def test_the_exit_codes_by_kind_of_error_are_the_cli_s():
     for name, cls in sorted(classes.items()):
         # the row of the class itself or of its nearest listed ancestor; none: "everything else"
         listed = next((c.__name__ for c in cls.__mro__ if c.__name__ in table), None)
-        documented = table[listed] if listed else cli.EXIT_ERROR
+        documented = table[listed] if listed else EXIT_ERROR
         if _exit_of(cls) != documented:
             wrong.append(
                 f"{name}: exits {_exit_of(cls)}, TROUBLESHOOTING.md says {documented} "
@@ -140,11 +142,11 @@ def test_the_exit_codes_by_kind_of_error_are_the_cli_s():
 # A message whose documented exit code differs from the class it is raised as, because a
 # caller turns it into another kind before a command can end with it.
 CONVERTED = {
-    # cmd_init turns the gateway-settings checks into ConfigError (exit 2); elsewhere the same
-    # FormatError makes a file fail with EIO.
-    "gateway: cannot write with key wrap {}": "cli.cmd_init re-raises as ConfigError",
-    "gateway: iterations must be within 100000..2000000": "cli.cmd_init re-raises as ConfigError",
-    "gateway: chunk size must be within 16384..1048576": "cli.cmd_init re-raises as ConfigError",
+    # cmd_init (cli/init.py) turns the gateway-settings checks into ConfigError (exit 2);
+    # elsewhere the same FormatError makes a file fail with EIO.
+    "gateway: cannot write with key wrap {}": "cmd_init re-raises as ConfigError",
+    "gateway: iterations must be within 100000..2000000": "cmd_init re-raises as ConfigError",
+    "gateway: chunk size must be within 16384..1048576": "cmd_init re-raises as ConfigError",
 }
 
 
@@ -224,7 +226,7 @@ def _is_environ(node: ast.expr) -> bool:
 # Functions the whole environment is handed to, and the names they read from it.
 ENV_READERS = {
     "load_kms_config": sorted(kms_config.SECRET_ENV) + [f"{kms_config.GENERIC_PREFIX}<NAME>"],
-    "apply": [f"{settings.ENV_PREFIX}<SETTING>"],  # settings.apply: S3CRYPTFS_ + a mount key
+    "apply": [f"{options.ENV_PREFIX}<SETTING>"],  # settings.apply: S3CRYPTFS_ + a mount key
     "helper_environment": [],  # passes it on to the upload helper, without secrets
     "secret_variables": [],  # picks the secret variables to remove (hardening.py)
 }
@@ -310,7 +312,7 @@ def test_every_environment_variable_read_is_in_the_cli_doc():
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:
-    parser = cli.build_parser()
+    parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[name]
 

@@ -190,10 +190,10 @@ def test_mount_unit_verifies(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "Type=notify" in text and "LoadCredential=password:" in text
-    from s3cryptfs import cli
+    from s3cryptfs.exitcodes import EXIT_INTEGRITY, EXIT_USAGE, EXIT_VOLUME, EXIT_WRONG_PASSWORD
 
     # a wrong password, a bad configuration or a tampered descriptor is not retried every 10 s
-    prevented = {cli.EXIT_USAGE, cli.EXIT_WRONG_PASSWORD, cli.EXIT_VOLUME, cli.EXIT_INTEGRITY}
+    prevented = {EXIT_USAGE, EXIT_WRONG_PASSWORD, EXIT_VOLUME, EXIT_INTEGRITY}
     line = next(x for x in text.splitlines() if x.startswith("RestartPreventExitStatus="))
     assert {int(v) for v in line.split("=", 1)[1].split()} == prevented
     for namespaced in ("PrivateTmp=", "ProtectSystem=", "ProtectHome="):

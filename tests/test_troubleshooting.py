@@ -63,7 +63,7 @@ LOG_METHODS = {"error", "warning", "exception", "critical"}
 LOGGERS = {"log", "logger", "logging"}
 # Functions whose argument at this index is text shown to the user.
 MESSAGE_SINKS = {
-    # cli._daemonize: the child sends "CODE TEXT" through a pipe; the parent prints
+    # cli/mount.py, _daemonize: the child sends "CODE TEXT" through a pipe; the parent prints
     # "s3cryptfs: TEXT" on stderr.
     "_report": 2,
 }
@@ -82,7 +82,9 @@ _NODE_ERROR = (
     "upload conflict (UploadConflict in upload/uploader.py)"
 )
 EXPLAINED_WRAPPERS: dict[tuple[str, str, str], str] = {
-    ("cli.py", "_daemonize", "{}"): "the parent prints the text its child sent with _report()",
+    ("cli/mount.py", "_daemonize", "{}"): (
+        "the parent prints the text its child sent with _report()"
+    ),
     ("offline.py", "cmd_get", "{} -> {}"): "get: success line (source -> target)",
     ("store/s3.py", "classify", "{}"): "botocore's own text for an error of no known kind",
     ("upload/uploader.py", "wait", "{}"): "re-raises the UploadConflict made in _divert()",

@@ -68,6 +68,8 @@ PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
 
 @dataclass
 class FsOptions:
+    # The mount fills these from the options of layer FS (s3cryptfs/options.py); the fields no
+    # option sets are in options.FS_INTERNAL, with the reason.
     uid: int
     gid: int
     file_mode: int = 0o644
