@@ -7,7 +7,6 @@ kernel. It raises errors from s3cryptfs.errors; fuse_ops turns them into errnos.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import logging
 import os
@@ -45,6 +44,7 @@ from s3cryptfs.upload.closed import ClosedRecord
 from s3cryptfs.upload.files import WriteCallbacks, WritePath, WriteSettings
 from s3cryptfs.upload.journal import Entry
 from s3cryptfs.vfs.attrindex import SELF, AttrIndex, IndexEntry
+from s3cryptfs.vfs.namespace import Namespace
 from s3cryptfs.vfs.nodes import (
     ROOT_INODE,
     ChildInfo,
@@ -54,6 +54,7 @@ from s3cryptfs.vfs.nodes import (
     NodeTable,
     Remote,
     child_path,
+    now_ns,
 )
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,6 @@ class Attr:
     nlink: int
 
 
-def _now_ns() -> int:
-    return time.time_ns()
 
 
 class Filesystem:
@@ -152,7 +151,7 @@ class Filesystem:
         self.journal = self.writes.journal
         self.uploader = self.writes.uploader
         self.nodes = NodeTable()
-        now = _now_ns()
+        now = now_ns()
         root = Node(ROOT_INODE, "", stat.S_IFDIR | opts.dir_mode, opts.uid, opts.gid, now, now)
         root.lookups = 1
         self.nodes.add(root)
@@ -163,6 +162,7 @@ class Filesystem:
         # Set by `s3cryptfs umount --force` (through fuse_ops): the mount stops at once.
         self.stop_requested = trio.Event()
         self.index = AttrIndex(store, codec, prefix, self._thread)
+        self.namespace = Namespace(self)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -302,7 +302,7 @@ class Filesystem:
     def _dir_node(self, path: str, mtime_ns: int = 0, attrs: IndexEntry | None = None) -> Node:
         if attrs is not None and not attrs.is_dir:
             attrs = None
-        mtime = attrs.mtime_ns if attrs is not None else (mtime_ns or _now_ns())
+        mtime = attrs.mtime_ns if attrs is not None else (mtime_ns or now_ns())
         node = Node(
             self.nodes.new_ino(),
             path,
@@ -491,7 +491,12 @@ class Filesystem:
         if parent.listing_fetches:
             parent.listing_log.append((name, None))
 
-    async def _child(self, parent: Node, name: str, listing: Listing | None = None) -> Node | None:
+    async def _child(
+        self,
+        parent: Node,
+        name: str,
+        listing: Listing | None = None,
+    ) -> Node | None:
         """The node of *name* in *parent*, asking S3 when needed; None if it does not exist.
 
         *listing*: one just taken (readdir), used as it is: re-validating it for every name
@@ -766,7 +771,7 @@ class Filesystem:
         existing = await self._child(parent, name)
         if existing is not None and not existing.unlinked:
             raise FsError(errno.EEXIST)
-        now = _now_ns()
+        now = now_ns()
         path = child_path(parent.path, name)
         node = Node(self.nodes.new_ino(), path, stat.S_IFREG | (mode & 0o7777), uid, gid, now, now)
         node.mode_set_here = True
@@ -800,7 +805,7 @@ class Filesystem:
         node = handle.node
         await self._materialize(node)
         written = await self.writes.write(node, offset, data)
-        node.mtime_ns = node.ctime_ns = _now_ns()
+        node.mtime_ns = node.ctime_ns = now_ns()
         return written
 
     async def flush(self, fh: int) -> None:
@@ -910,7 +915,7 @@ class Filesystem:
     ) -> Attr:
         node = self.node(ino)
         self._writable()
-        now = _now_ns()
+        now = now_ns()
         if size is not None:
             if node.is_dir:
                 raise FsError(errno.EISDIR)
@@ -985,327 +990,27 @@ class Filesystem:
 
         return fetch if self.disk is None else self.disk.wrap(key, etag, fetch)
 
-    # --- namespace changes ---------------------------------------------------------------
-
-    async def _new_name(self, parent_ino: int, name: str) -> tuple[Node, str]:
-        """The parent and path of a name about to be created (EEXIST if it exists)."""
-        self._writable()
-        parent = self.node(parent_ino)
-        self._check_name(parent, name)
-        if await self._child(parent, name) is not None:
-            raise FsError(errno.EEXIST)
-        return parent, child_path(parent.path, name)
+    # --- namespace changes (vfs/namespace.py) ----------------------------------------------
 
     async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Node:
-        parent, path = await self._new_name(parent_ino, name)
-        now = _now_ns()
-        attrs = md.PosixAttrs(stat.S_IFDIR | (mode & 0o7777), uid, gid, now)
-        await self._thread(
-            lambda: self.store.put(self.key(path) + "/", b"", attrs.encode(), if_none_match=True)
-        )
-        node = self._dir_node(path, now)
-        node.mode, node.uid, node.gid = stat.S_IFDIR | (mode & 0o7777), uid, gid
-        node.mode_set_here = True
-        node.has_marker = True
-        node.listing = Listing({})
-        self._listing_add(parent, name, ChildInfo(True))
-        parent.mtime_ns = now
-        self._note(node)
-        return node
+        return await self.namespace.mkdir(parent_ino, name, mode, uid, gid)
 
     async def symlink(self, parent_ino: int, name: str, target: bytes, uid: int, gid: int) -> Node:
-        parent, path = await self._new_name(parent_ino, name)
-        now = _now_ns()
-        attrs = md.PosixAttrs(stat.S_IFLNK | 0o777, uid, gid, now)
-        body, meta = await self._thread(
-            lambda: self.codec.seal_bytes(target, attrs, self.key(path), content=True)
-        )
-        etag = await self._thread(
-            lambda: self.store.put(self.key(path), body, meta, if_none_match=True)
-        )
-        node = Node(self.nodes.new_ino(), path, stat.S_IFLNK | 0o777, uid, gid, now, now)
-        node.remote = Remote(etag, len(body), meta, attrs_known=True)
-        node.size = len(target)
-        node.link_target = target
-        self.nodes.add(node)
-        self._note(node)
-        self._listing_add(parent, name, ChildInfo(False, len(body), etag, now))
-        return node
-
-    def _has_unsynced_child(self, node: Node) -> bool:
-        return any(n.parent_path == node.path and not n.unlinked for n in self.unsynced)
-
-    async def _is_empty(self, node: Node) -> bool:
-        # Checked before the LIST too: a child whose upload completes while the LIST is in
-        # flight would otherwise be in neither.
-        if self._has_unsynced_child(node):
-            return False
-        prefix = self.dir_prefix(node.path)
-        page = await self._thread(self.store.list, prefix, "/", None)
-        others = [o for o in page.objects if o.key != prefix] + page.prefixes
-        if others:
-            return False
-        return not self._has_unsynced_child(node)
+        return await self.namespace.symlink(parent_ino, name, target, uid, gid)
 
     async def rmdir(self, parent_ino: int, name: str) -> None:
-        self._writable()
-        parent = self.node(parent_ino)
-        node = await self._child(parent, name)
-        if node is None:
-            raise FsError(errno.ENOENT)
-        if not node.is_dir:
-            raise FsError(errno.ENOTDIR)
-        if not await self._is_empty(node):
-            raise FsError(errno.ENOTEMPTY)
-        with contextlib.suppress(ObjectNotFound):
-            await self._thread(self.store.delete, self.key(node.path) + "/")
-        node.unlinked = True
-        self.nodes.detach(node)
-        self._listing_remove(parent.path, name)
-        self._note_gone(parent.path, name)
-        if not self.opts.read_only:
-            self.index.forget_dir(node.path)
-        parent.mtime_ns = _now_ns()
+        await self.namespace.rmdir(parent_ino, name)
 
     async def unlink(self, parent_ino: int, name: str) -> None:
-        self._writable()
-        parent = self.node(parent_ino)
-        node = await self._child(parent, name)
-        if node is None:
-            raise FsError(errno.ENOENT)
-        if node.is_dir:
-            raise FsError(errno.EISDIR)
-        key = self.key(node.path)
-        await self.writes.drop_stream(node, "unlinked")
-        if node.opens > 0:
-            # Still open: keep its content readable after the object is gone (an upload
-            # landing meanwhile must not release the copy).
-            node.w.keep = True
-            await self._materialize(node)
-            async with node.lock:
-                await self.writes.uncut(node)  # what was cut is read from the object, going now
-        self.uploader.cancel(key)
-        await self.writes.forget_closed(node)
-        await self.uploader.wait_all(self.uploader.pending_for(key))
-        node.unlinked = True
-        node.w.local = None
-        node.w.local_version = None
-        self.unsynced.discard(node)
-        self.nodes.detach(node)
-        self._listing_remove(parent.path, name)
-        self._note_gone(parent.path, name)
-        with contextlib.suppress(ObjectNotFound):
-            await self._thread(self.store.delete, key)
-        if node.remote is not None and gw.is_mpu_object(node.remote.metadata or {}):
-            with contextlib.suppress(ObjectNotFound):
-                await self._thread(self.store.delete, key + gw.MPU_SUFFIX)
-        parent.mtime_ns = _now_ns()
-        self.nodes.maybe_drop(node)
-
-    async def _settle(self, node: Node) -> None:
-        """Make sure a file's newest content is in S3 (rename copies what S3 has)."""
-        if node.w.unsealed and node.writers == 0:
-            await self.writes.commit(node)
-        if node.w.local is not None:
-            await self.uploader.wait(node.w.local)
+        await self.namespace.unlink(parent_ino, name)
 
     async def rename(
         self, old_parent: int, old_name: str, new_parent: int, new_name: str, flags: int
     ) -> None:
-        self._writable()
-        src_parent = self.node(old_parent)
-        dst_parent = self.node(new_parent)
-        self._check_name(dst_parent, new_name)
-        node = await self._child(src_parent, old_name)
-        if node is None:
-            raise FsError(errno.ENOENT)
-        target = await self._child(dst_parent, new_name)
-        if target is node:
-            return
-        noreplace = flags & 1  # RENAME_NOREPLACE
-        if flags & ~1:
-            raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
-        if target is not None:
-            if noreplace:
-                raise FsError(errno.EEXIST)
-            if node.is_dir and not target.is_dir:
-                raise FsError(errno.ENOTDIR)
-            if not node.is_dir and target.is_dir:
-                raise FsError(errno.EISDIR)
-            if target.is_dir and not await self._is_empty(target):
-                raise FsError(errno.ENOTEMPTY)
-        new_path = child_path(dst_parent.path, new_name)
-        if node.is_dir and new_path.startswith(node.path + "/"):
-            raise FsError(errno.EINVAL, "cannot move a directory into itself")
-        # A streamed upload goes to the old name: it is sent whole at close instead.
-        await self._drop_streams_under(node.path)
-        if target is not None:
-            await self.writes.drop_stream(target, "replaced")
-        if node.is_dir:
-            await self._rename_dir(node, new_path, target)
-        else:
-            await self._rename_file(node, new_path, target)
-        self._listing_remove(src_parent.path, old_name)
-        if target is not None:
-            target.unlinked = True
-            self.nodes.detach(target)
-        self.nodes.move(node, new_path)
-        self._listing_add(
-            dst_parent,
-            new_name,
-            ChildInfo(
-                node.is_dir,
-                node.remote.body_size if node.remote else 0,
-                node.remote.etag if node.remote else "",
-            ),
-        )
-        now = _now_ns()
-        src_parent.mtime_ns = dst_parent.mtime_ns = now
-        node.ctime_ns = now
-        self._note_gone(src_parent.path, old_name)
-        self._note(node)
-
-    async def _rename_file(self, node: Node, new_path: str, target: Node | None) -> None:
-        old_key, new_key = self.key(node.path), self.key(new_path)
-        await self._settle(node)
-        if target is not None:
-            await self._settle(target)
-            self.uploader.cancel(new_key)
-        if node.remote is None:
-            return  # only local (still open, never committed): nothing in S3 to move
-        if node.w.staging is not None:
-            async with node.lock:
-                await self.writes.uncut(node)  # what was cut is read from the old name
-        new_meta = None
-        mpu = gw.is_mpu_object(node.remote.metadata or {})
-        if mpu:
-            # The manifest moves first, and the object's pointer names its new place.
-            await self._thread(
-                lambda: self.store.copy(old_key + gw.MPU_SUFFIX, new_key + gw.MPU_SUFFIX, None)
-            )
-            new_meta = {
-                **(node.remote.metadata or {}),
-                "encryption-fallback-ptr": new_key + gw.MPU_SUFFIX,
-            }
-        etag = await self._thread(
-            lambda: self.store.copy(
-                old_key,
-                new_key,
-                new_meta,
-                src_etag=node.remote.etag,  # type: ignore[union-attr]
-                size=node.remote.body_size,  # type: ignore[union-attr]
-            )
-        )
-        with contextlib.suppress(ObjectNotFound):
-            await self._thread(self.store.delete, old_key)
-        if mpu:
-            with contextlib.suppress(ObjectNotFound):
-                await self._thread(self.store.delete, old_key + gw.MPU_SUFFIX)
-        old = node.remote
-        node.remote = Remote(etag, old.body_size, old.metadata, None, old.attrs_known)
-        if old.version is not None:
-            self.reader.forget(old.version)
-
-    async def _rename_dir(self, node: Node, new_path: str, target: Node | None) -> None:
-        """Copy every object under the directory, then delete the originals (not atomic)."""
-        old_prefix = self.dir_prefix(node.path)
-        new_prefix = self.dir_prefix(new_path)
-        for n in list(self.nodes.by_path.values()):
-            if n.path.startswith(node.path + "/") and not n.is_dir:
-                await self._settle(n)
-        await self.uploader.wait_all(self.uploader.pending_under(old_prefix))
-
-        marker_meta = self._posix_attrs(node).encode()
-
-        def move_all() -> dict[str, str]:
-            etags: dict[str, str] = {}
-            sizes = {
-                o.key: o.size
-                for page in self.store.list_all(old_prefix, None)
-                for o in page.objects
-            }
-            keys = list(sizes)
-            if node.has_marker and old_prefix not in keys:
-                keys.append(old_prefix)
-            for key in keys:
-                new_key = new_prefix + key[len(old_prefix) :]
-                try:
-                    if key.endswith("/"):
-                        # markers hold no data; some servers cannot copy them
-                        etags[key] = self.store.put(new_key, b"", marker_meta)
-                    elif key + gw.MPU_SUFFIX in sizes:
-                        # maybe a gateway multipart object: its pointer must follow it
-                        meta = self.store.head(key).metadata or {}
-                        if gw.is_mpu_object(meta):
-                            meta = {**meta, "encryption-fallback-ptr": new_key + gw.MPU_SUFFIX}
-                        else:
-                            meta = None
-                        etags[key] = self.store.copy(key, new_key, meta, size=sizes.get(key))
-                    else:
-                        etags[key] = self.store.copy(key, new_key, size=sizes.get(key))
-                except ObjectNotFound:
-                    continue
-            # the old marker goes last, whether or not the listing showed it (servers that keep
-            # folders would otherwise keep the old directory alive). Deepest keys first: such
-            # servers do not delete a subdirectory marker while it still has children.
-            for key in sorted(set(keys) | {old_prefix}, reverse=True):
-                with contextlib.suppress(ObjectNotFound):
-                    self.store.delete(key)
-            return etags
-
-        if target is not None and target.has_marker:
-            with contextlib.suppress(ObjectNotFound):
-                await self._thread(self.store.delete, self.dir_prefix(target.path))
-        etags = await self._thread(move_all)
-        await self._move_indexes(node.path, new_path, etags)
-        if not node.has_marker:
-            # An implicit directory exists only through its objects: keep an empty one alive.
-            page = await self._thread(self.store.list, new_prefix, "/", None)
-            if not page.objects and not page.prefixes:
-                attrs = self._posix_attrs(node).encode()
-                await self._thread(lambda: self.store.put(new_prefix, b"", attrs))
-                node.has_marker = True
-        for n in list(self.nodes.by_path.values()):
-            if n.path != node.path and not n.path.startswith(node.path + "/"):
-                continue
-            n.listing = None
-            if n.remote is None:
-                continue
-            if n.remote.version is not None:
-                self.reader.forget(n.remote.version)
-            n.remote.version = None
-            new_etag = etags.get(self.key(n.path))
-            if new_etag:
-                n.remote.etag = new_etag
-
-    async def _move_indexes(self, old_path: str, new_path: str, etags: dict[str, str]) -> None:
-        """Carry a renamed tree's attribute indexes to the new paths (each is sealed per path)."""
-        if self.opts.read_only:
-            return
-        dirs = {old_path}
-        for key in etags:
-            rel = key[len(self.prefix) :]
-            if rel.endswith("/"):
-                rel = rel.rstrip("/") + "/."  # a marker: its directory is itself
-            while "/" in rel:
-                rel = rel.rsplit("/", 1)[0]
-                if rel != old_path and not rel.startswith(old_path + "/"):
-                    break
-                dirs.add(rel)
-        for d in sorted(dirs):
-            entries = await self.index.load(d)
-            self.index.forget_dir(d)
-            new_d = new_path + d[len(old_path) :]
-            for name, entry in entries.items():
-                if entry.is_dir or name == SELF:
-                    self.index.note(new_d, name, entry)
-                    continue
-                new_etag = etags.get(self.key(child_path(d, name)))
-                if new_etag:
-                    self.index.note(new_d, name, dataclasses.replace(entry, etag=new_etag))
+        await self.namespace.rename(old_parent, old_name, new_parent, new_name, flags)
 
     def link(self) -> None:
-        raise FsError(errno.EPERM, "hard links are not supported on s3cryptfs")
+        self.namespace.link()
 
     # --- misc ----------------------------------------------------------------------------
 

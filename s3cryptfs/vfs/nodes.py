@@ -19,6 +19,10 @@ from s3cryptfs.vfs.attrindex import IndexEntry
 ROOT_INODE = 1
 
 
+def now_ns() -> int:
+    return time.time_ns()
+
+
 @dataclass(eq=False)
 class Remote:
     """The object version in S3 this node was last seen (or written) as."""

@@ -1,0 +1,377 @@
+"""Namespace changes of the filesystem core: mkdir, symlink, rmdir, unlink, rename.
+
+Split out of vfs/core.py by operation group: Filesystem delegates these operations here, and
+this class works on the Filesystem's nodes, listings and stores through ``self.fs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import stat
+from typing import TYPE_CHECKING
+
+from s3cryptfs.errors import FsError, ObjectNotFound
+from s3cryptfs.format import gateway as gw
+from s3cryptfs.format import metadata as md
+from s3cryptfs.vfs.attrindex import SELF
+from s3cryptfs.vfs.nodes import ChildInfo, Listing, Node, Remote, child_path, now_ns
+
+if TYPE_CHECKING:
+    from s3cryptfs.vfs.core import Filesystem
+
+log = logging.getLogger(__name__)
+
+
+class Namespace:
+    def __init__(self, fs: Filesystem) -> None:
+        self.fs = fs
+
+    async def _new_name(self, parent_ino: int, name: str) -> tuple[Node, str]:
+        """The parent and path of a name about to be created (EEXIST if it exists)."""
+        self.fs._writable()
+        parent = self.fs.node(parent_ino)
+        self.fs._check_name(parent, name)
+        if await self.fs._child(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        return parent, child_path(parent.path, name)
+
+    async def mkdir(
+        self,
+        parent_ino: int,
+        name: str,
+        mode: int,
+        uid: int,
+        gid: int,
+    ) -> Node:
+        parent, path = await self._new_name(parent_ino, name)
+        now = now_ns()
+        attrs = md.PosixAttrs(stat.S_IFDIR | (mode & 0o7777), uid, gid, now)
+        marker = self.fs.key(path) + "/"
+        await self.fs._thread(
+            lambda: self.fs.store.put(marker, b"", attrs.encode(), if_none_match=True)
+        )
+        node = self.fs._dir_node(path, now)
+        node.mode, node.uid, node.gid = stat.S_IFDIR | (mode & 0o7777), uid, gid
+        node.mode_set_here = True
+        node.has_marker = True
+        node.listing = Listing({})
+        self.fs._listing_add(parent, name, ChildInfo(True))
+        parent.mtime_ns = now
+        self.fs._note(node)
+        return node
+
+    async def symlink(
+        self,
+        parent_ino: int,
+        name: str,
+        target: bytes,
+        uid: int,
+        gid: int,
+    ) -> Node:
+        parent, path = await self._new_name(parent_ino, name)
+        now = now_ns()
+        attrs = md.PosixAttrs(stat.S_IFLNK | 0o777, uid, gid, now)
+        body, meta = await self.fs._thread(
+            lambda: self.fs.codec.seal_bytes(target, attrs, self.fs.key(path), content=True)
+        )
+        etag = await self.fs._thread(
+            lambda: self.fs.store.put(self.fs.key(path), body, meta, if_none_match=True)
+        )
+        node = Node(self.fs.nodes.new_ino(), path, stat.S_IFLNK | 0o777, uid, gid, now, now)
+        node.remote = Remote(etag, len(body), meta, attrs_known=True)
+        node.size = len(target)
+        node.link_target = target
+        self.fs.nodes.add(node)
+        self.fs._note(node)
+        self.fs._listing_add(parent, name, ChildInfo(False, len(body), etag, now))
+        return node
+
+    def _has_unsynced_child(self, node: Node) -> bool:
+        return any(n.parent_path == node.path and not n.unlinked for n in self.fs.unsynced)
+
+    async def _is_empty(self, node: Node) -> bool:
+        # Checked before the LIST too: a child whose upload completes while the LIST is in
+        # flight would otherwise be in neither.
+        if self._has_unsynced_child(node):
+            return False
+        prefix = self.fs.dir_prefix(node.path)
+        page = await self.fs._thread(self.fs.store.list, prefix, "/", None)
+        others = [o for o in page.objects if o.key != prefix] + page.prefixes
+        if others:
+            return False
+        return not self._has_unsynced_child(node)
+
+    async def rmdir(self, parent_ino: int, name: str) -> None:
+        self.fs._writable()
+        parent = self.fs.node(parent_ino)
+        node = await self.fs._child(parent, name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if not await self._is_empty(node):
+            raise FsError(errno.ENOTEMPTY)
+        with contextlib.suppress(ObjectNotFound):
+            await self.fs._thread(self.fs.store.delete, self.fs.key(node.path) + "/")
+        node.unlinked = True
+        self.fs.nodes.detach(node)
+        self.fs._listing_remove(parent.path, name)
+        self.fs._note_gone(parent.path, name)
+        if not self.fs.opts.read_only:
+            self.fs.index.forget_dir(node.path)
+        parent.mtime_ns = now_ns()
+
+    async def unlink(self, parent_ino: int, name: str) -> None:
+        self.fs._writable()
+        parent = self.fs.node(parent_ino)
+        node = await self.fs._child(parent, name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        key = self.fs.key(node.path)
+        await self.fs.writes.drop_stream(node, "unlinked")
+        if node.opens > 0:
+            # Still open: keep its content readable after the object is gone (an upload
+            # landing meanwhile must not release the copy).
+            node.w.keep = True
+            await self.fs._materialize(node)
+            async with node.lock:
+                await self.fs.writes.uncut(node)  # what was cut is read from the object, going now
+        self.fs.uploader.cancel(key)
+        await self.fs.writes.forget_closed(node)
+        await self.fs.uploader.wait_all(self.fs.uploader.pending_for(key))
+        node.unlinked = True
+        node.w.local = None
+        node.w.local_version = None
+        self.fs.unsynced.discard(node)
+        self.fs.nodes.detach(node)
+        self.fs._listing_remove(parent.path, name)
+        self.fs._note_gone(parent.path, name)
+        with contextlib.suppress(ObjectNotFound):
+            await self.fs._thread(self.fs.store.delete, key)
+        if node.remote is not None and gw.is_mpu_object(node.remote.metadata or {}):
+            with contextlib.suppress(ObjectNotFound):
+                await self.fs._thread(self.fs.store.delete, key + gw.MPU_SUFFIX)
+        parent.mtime_ns = now_ns()
+        self.fs.nodes.maybe_drop(node)
+
+    async def _settle(self, node: Node) -> None:
+        """Make sure a file's newest content is in S3 (rename copies what S3 has)."""
+        if node.w.unsealed and node.writers == 0:
+            await self.fs.writes.commit(node)
+        if node.w.local is not None:
+            await self.fs.uploader.wait(node.w.local)
+
+    async def rename(
+        self, old_parent: int, old_name: str, new_parent: int, new_name: str, flags: int
+    ) -> None:
+        self.fs._writable()
+        src_parent = self.fs.node(old_parent)
+        dst_parent = self.fs.node(new_parent)
+        self.fs._check_name(dst_parent, new_name)
+        node = await self.fs._child(src_parent, old_name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        target = await self.fs._child(dst_parent, new_name)
+        if target is node:
+            return
+        noreplace = flags & 1  # RENAME_NOREPLACE
+        if flags & ~1:
+            raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        if target is not None:
+            if noreplace:
+                raise FsError(errno.EEXIST)
+            if node.is_dir and not target.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if not node.is_dir and target.is_dir:
+                raise FsError(errno.EISDIR)
+            if target.is_dir and not await self._is_empty(target):
+                raise FsError(errno.ENOTEMPTY)
+        new_path = child_path(dst_parent.path, new_name)
+        if node.is_dir and new_path.startswith(node.path + "/"):
+            raise FsError(errno.EINVAL, "cannot move a directory into itself")
+        # A streamed upload goes to the old name: it is sent whole at close instead.
+        await self.fs._drop_streams_under(node.path)
+        if target is not None:
+            await self.fs.writes.drop_stream(target, "replaced")
+        if node.is_dir:
+            await self._rename_dir(node, new_path, target)
+        else:
+            await self._rename_file(node, new_path, target)
+        self.fs._listing_remove(src_parent.path, old_name)
+        if target is not None:
+            target.unlinked = True
+            self.fs.nodes.detach(target)
+        self.fs.nodes.move(node, new_path)
+        self.fs._listing_add(
+            dst_parent,
+            new_name,
+            ChildInfo(
+                node.is_dir,
+                node.remote.body_size if node.remote else 0,
+                node.remote.etag if node.remote else "",
+            ),
+        )
+        now = now_ns()
+        src_parent.mtime_ns = dst_parent.mtime_ns = now
+        node.ctime_ns = now
+        self.fs._note_gone(src_parent.path, old_name)
+        self.fs._note(node)
+
+    async def _rename_file(
+        self,
+        node: Node,
+        new_path: str,
+        target: Node | None,
+    ) -> None:
+        old_key, new_key = self.fs.key(node.path), self.fs.key(new_path)
+        await self._settle(node)
+        if target is not None:
+            await self._settle(target)
+            self.fs.uploader.cancel(new_key)
+        if node.remote is None:
+            return  # only local (still open, never committed): nothing in S3 to move
+        if node.w.staging is not None:
+            async with node.lock:
+                await self.fs.writes.uncut(node)  # what was cut is read from the old name
+        new_meta = None
+        mpu = gw.is_mpu_object(node.remote.metadata or {})
+        if mpu:
+            # The manifest moves first, and the object's pointer names its new place.
+            await self.fs._thread(
+                lambda: self.fs.store.copy(old_key + gw.MPU_SUFFIX, new_key + gw.MPU_SUFFIX, None)
+            )
+            new_meta = {
+                **(node.remote.metadata or {}),
+                "encryption-fallback-ptr": new_key + gw.MPU_SUFFIX,
+            }
+        etag = await self.fs._thread(
+            lambda: self.fs.store.copy(
+                old_key,
+                new_key,
+                new_meta,
+                src_etag=node.remote.etag,  # type: ignore[union-attr]
+                size=node.remote.body_size,  # type: ignore[union-attr]
+            )
+        )
+        with contextlib.suppress(ObjectNotFound):
+            await self.fs._thread(self.fs.store.delete, old_key)
+        if mpu:
+            with contextlib.suppress(ObjectNotFound):
+                await self.fs._thread(self.fs.store.delete, old_key + gw.MPU_SUFFIX)
+        old = node.remote
+        node.remote = Remote(etag, old.body_size, old.metadata, None, old.attrs_known)
+        if old.version is not None:
+            self.fs.reader.forget(old.version)
+
+    async def _rename_dir(self, node: Node, new_path: str, target: Node | None) -> None:
+        """Copy every object under the directory, then delete the originals (not atomic)."""
+        old_prefix = self.fs.dir_prefix(node.path)
+        new_prefix = self.fs.dir_prefix(new_path)
+        for n in list(self.fs.nodes.by_path.values()):
+            if n.path.startswith(node.path + "/") and not n.is_dir:
+                await self._settle(n)
+        await self.fs.uploader.wait_all(self.fs.uploader.pending_under(old_prefix))
+
+        marker_meta = self.fs._posix_attrs(node).encode()
+
+        def move_all() -> dict[str, str]:
+            etags: dict[str, str] = {}
+            sizes = {
+                o.key: o.size
+                for page in self.fs.store.list_all(old_prefix, None)
+                for o in page.objects
+            }
+            keys = list(sizes)
+            if node.has_marker and old_prefix not in keys:
+                keys.append(old_prefix)
+            for key in keys:
+                new_key = new_prefix + key[len(old_prefix) :]
+                try:
+                    if key.endswith("/"):
+                        # markers hold no data; some servers cannot copy them
+                        etags[key] = self.fs.store.put(new_key, b"", marker_meta)
+                    elif key + gw.MPU_SUFFIX in sizes:
+                        # maybe a gateway multipart object: its pointer must follow it
+                        meta = self.fs.store.head(key).metadata or {}
+                        if gw.is_mpu_object(meta):
+                            meta = {**meta, "encryption-fallback-ptr": new_key + gw.MPU_SUFFIX}
+                        else:
+                            meta = None
+                        etags[key] = self.fs.store.copy(key, new_key, meta, size=sizes.get(key))
+                    else:
+                        etags[key] = self.fs.store.copy(key, new_key, size=sizes.get(key))
+                except ObjectNotFound:
+                    continue
+            # the old marker goes last, whether or not the listing showed it (servers that keep
+            # folders would otherwise keep the old directory alive). Deepest keys first: such
+            # servers do not delete a subdirectory marker while it still has children.
+            for key in sorted(set(keys) | {old_prefix}, reverse=True):
+                with contextlib.suppress(ObjectNotFound):
+                    self.fs.store.delete(key)
+            return etags
+
+        if target is not None and target.has_marker:
+            with contextlib.suppress(ObjectNotFound):
+                await self.fs._thread(self.fs.store.delete, self.fs.dir_prefix(target.path))
+        etags = await self.fs._thread(move_all)
+        await self._move_indexes(node.path, new_path, etags)
+        if not node.has_marker:
+            # An implicit directory exists only through its objects: keep an empty one alive.
+            page = await self.fs._thread(self.fs.store.list, new_prefix, "/", None)
+            if not page.objects and not page.prefixes:
+                attrs = self.fs._posix_attrs(node).encode()
+                await self.fs._thread(lambda: self.fs.store.put(new_prefix, b"", attrs))
+                node.has_marker = True
+        for n in list(self.fs.nodes.by_path.values()):
+            if n.path != node.path and not n.path.startswith(node.path + "/"):
+                continue
+            n.listing = None
+            if n.remote is None:
+                continue
+            if n.remote.version is not None:
+                self.fs.reader.forget(n.remote.version)
+            n.remote.version = None
+            new_etag = etags.get(self.fs.key(n.path))
+            if new_etag:
+                n.remote.etag = new_etag
+
+    async def _move_indexes(
+        self,
+        old_path: str,
+        new_path: str,
+        etags: dict[str,
+        str],
+    ) -> None:
+        """Carry a renamed tree's attribute indexes to the new paths (each is sealed per path)."""
+        if self.fs.opts.read_only:
+            return
+        dirs = {old_path}
+        for key in etags:
+            rel = key[len(self.fs.prefix) :]
+            if rel.endswith("/"):
+                rel = rel.rstrip("/") + "/."  # a marker: its directory is itself
+            while "/" in rel:
+                rel = rel.rsplit("/", 1)[0]
+                if rel != old_path and not rel.startswith(old_path + "/"):
+                    break
+                dirs.add(rel)
+        for d in sorted(dirs):
+            entries = await self.fs.index.load(d)
+            self.fs.index.forget_dir(d)
+            new_d = new_path + d[len(old_path) :]
+            for name, entry in entries.items():
+                if entry.is_dir or name == SELF:
+                    self.fs.index.note(new_d, name, entry)
+                    continue
+                new_etag = etags.get(self.fs.key(child_path(d, name)))
+                if new_etag:
+                    self.fs.index.note(new_d, name, dataclasses.replace(entry, etag=new_etag))
+
+    def link(self) -> None:
+        raise FsError(errno.EPERM, "hard links are not supported on s3cryptfs")
+
