@@ -1,0 +1,83 @@
+"""A store that fails on purpose: the real S3Store (real SeaweedFS behind it), with faults
+injected into chosen operations, as mountpoint-s3's FailureClient does. Failures are raised
+inside the store's retry loop, so transient ones are retried and classified exactly as S3's
+own would be. The upload helper process has a client of its own: file systems under test use
+`upload_helper=False` so that every upload goes through this store."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from s3cryptfs.errors import StoreError, TransientStoreError
+from s3cryptfs.store.s3 import S3Store
+
+T = TypeVar("T")
+
+
+@dataclass
+class Fault:
+    op: str  # "put", "get", "head", "list", "copy", "delete", "upload" ... ("" = any)
+    key_part: str = ""  # only operations whose key contains this
+    times: int | None = 1  # how many calls fail; None = until healed
+    error: Callable[[str], BaseException] = field(
+        default=lambda what: TransientStoreError(f"{what}: injected S3 failure")
+    )
+    hang: float = 0.0  # seconds each failing call waits first (a server that does not answer)
+    hits: int = 0
+
+
+class FaultyStore(S3Store):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._faults: list[Fault] = []
+        self._fault_lock = threading.Lock()
+        self.calls: list[str] = []  # every operation attempted ("put vol/a.txt", ...)
+
+    def fail(self, op: str = "", key_part: str = "", times: int | None = 1, **kw: Any) -> Fault:
+        fault = Fault(op, key_part, times, **kw)
+        with self._fault_lock:
+            self._faults.append(fault)
+        return fault
+
+    def conflict_on(self, key_part: str) -> Fault:
+        """The next conditional write of that key loses, as if another writer got in first."""
+        from s3cryptfs.errors import PreconditionFailed
+
+        return self.fail("put", key_part, 1, error=lambda w: PreconditionFailed(f"{w}: injected"))
+
+    def heal(self) -> None:
+        with self._fault_lock:
+            self._faults.clear()
+
+    def _pick(self, what: str) -> Fault | None:
+        op, _, key = what.partition(" ")
+        with self._fault_lock:
+            self.calls.append(what)
+            for fault in self._faults:
+                if fault.op and fault.op != op:
+                    continue
+                if fault.key_part and fault.key_part not in key:
+                    continue
+                if fault.times is not None and fault.hits >= fault.times:
+                    continue
+                fault.hits += 1
+                return fault
+        return None
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        def faulty() -> T:
+            fault = self._pick(what)
+            if fault is not None:
+                if fault.hang:
+                    time.sleep(fault.hang)
+                error = fault.error(what)
+                if not isinstance(error, StoreError):
+                    raise TypeError("a fault must raise a StoreError kind")
+                raise error
+            return fn()
+
+        return super()._call(what, faulty)

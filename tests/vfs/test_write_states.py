@@ -1,0 +1,160 @@
+"""The write path's states, driven without a kernel, with faults injected into the real store:
+upload failures and their retries, an S3 outage, a conflict with another writer, a key manager
+that does not answer at close, and a crash with a file kept as closed."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+
+import pytest
+
+from s3cryptfs.errors import ProviderUnavailable
+from s3cryptfs.upload.journal import Entry, Upload
+from s3cryptfs.upload.state import FileWrite, Staged
+from s3cryptfs.upload.stream import PHASES, Phase
+from tests.vfs.harness import CoreDriver
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what or predicate}")
+
+
+def in_s3(driver: CoreDriver, name: str) -> bool:
+    client = driver.core.store._client
+    try:
+        client.head_object(Bucket=driver.core.url.bucket, Key=f"vol/{name}")
+    except client.exceptions.ClientError:
+        return False
+    return True
+
+
+def keys_in_s3(driver: CoreDriver) -> list[str]:
+    client = driver.core.store._client
+    found = client.list_objects_v2(Bucket=driver.core.url.bucket, Prefix="vol/")
+    return [o["Key"] for o in found.get("Contents", []) if "/.s3cryptfs/" not in o["Key"]]
+
+
+# --- the tables ---------------------------------------------------------------------------------
+
+
+def test_a_write_back_file_moves_only_along_its_table() -> None:
+    w = FileWrite()
+    assert w.state is Staged.NONE
+    with pytest.raises(AssertionError, match="no transition"):
+        w._to(Staged.CLOSED)  # nothing to keep before there is a write-back file
+    w.state = Staged.CLOSED
+    w.dirtied()  # written again while kept: still kept until a seal works
+    assert w.state is Staged.CLOSED and w.unsealed and w.busy
+
+
+def test_uploads_and_streams_move_only_along_their_tables() -> None:
+    entry = Entry(1, "k", "/nowhere", {}, ("absent", ""), 0, 0)
+    entry.to(Upload.UPLOADING)
+    entry.to(Upload.QUEUED)  # a failed attempt: retried
+    entry.to(Upload.UPLOADING)
+    entry.to(Upload.DONE)
+    with pytest.raises(AssertionError, match="no transition"):
+        entry.to(Upload.QUEUED)  # nothing comes back from S3
+    assert Phase.RUNNING not in PHASES[Phase.CLOSING] and not PHASES[Phase.DROPPED]
+
+
+# --- a file's life ------------------------------------------------------------------------------
+
+
+def test_a_file_goes_dirty_sealed_uploaded(driver: CoreDriver) -> None:
+    fh = driver.core.call(driver.fs.create, 1, "life.txt", 0o100644, os.getuid(), 0).fh
+    node = driver._lookup("life.txt")
+    driver.write_at(fh, 0, b"first words")
+    assert node.w.state is Staged.DIRTY and driver.fs.state_of(node) == "dirty"
+    driver.core.store.fail("put", "life.txt", times=None)  # S3 refuses it for now
+    driver.close(fh)
+    assert node.w.state in (Staged.CLEAN, Staged.NONE)  # sealed into the journal
+    local = node.w.local
+    assert local is not None and local.state in (Upload.QUEUED, Upload.UPLOADING)
+    wait_for(lambda: local.attempts >= 1 and local.error is not None, what="a failed attempt")
+    assert not in_s3(driver, "life.txt")
+    assert driver.read_file("life.txt") == b"first words"  # read from the journal meanwhile
+    driver.core.store.heal()
+    wait_for(lambda: local.state is Upload.DONE, 30, "the retry to land")
+    assert in_s3(driver, "life.txt") and node.w.local is None
+    assert node.w.state is Staged.NONE  # nobody writes it: the write-back file is gone
+    assert driver.fs.state_of(node) == "clean"
+
+
+def test_a_conflict_keeps_both_versions(driver: CoreDriver) -> None:
+    driver.write_file("c.txt", b"ours")
+    node = driver._lookup("c.txt")
+    wait_for(lambda: in_s3(driver, "c.txt"), what="the first version")
+    driver.core.store.conflict_on("c.txt")  # another writer changed it meanwhile
+    fh = driver.open("c.txt", os.O_WRONLY | os.O_TRUNC)
+    driver.write_at(fh, 0, b"our second version")
+    with pytest.raises(OSError) as info:
+        driver.fsync(fh)
+    assert info.value.errno == errno.EIO
+    driver.close(fh)
+    copies = [k for k in keys_in_s3(driver) if ".conflict-" in k]
+    assert len(copies) == 1 and copies[0].startswith("vol/c.txt.conflict-")
+    assert node.w.local is None and driver.fs.state_of(node) != "dirty"
+
+
+def test_a_key_manager_away_at_close_keeps_the_file_closed(driver: CoreDriver) -> None:
+    fs = driver.fs
+    fs.codec.pool = None  # no keys wrapped ahead of time: the close needs the key manager
+    real = fs.codec._wrap
+
+    def unavailable(*args: object) -> object:
+        raise ProviderUnavailable("the key manager does not answer (injected)")
+
+    fs.codec._wrap = unavailable  # type: ignore[method-assign]
+    driver.write_file("k.txt", b"closed while the KMS is away")  # close() succeeds
+    node = driver._lookup("k.txt")
+    assert node.w.state is Staged.CLOSED
+    assert node.w.staging is not None
+    marker = node.w.staging.path.removesuffix(".plain") + ".closed"
+    assert os.path.exists(marker)
+    assert [(k, kind) for k, kind, _ in fs.not_in_s3()] == [("vol/k.txt", "key manager")]
+    fh = driver.open("k.txt", os.O_RDONLY)
+    assert driver.read_at(fh, 0, 100) == b"closed while the KMS is away"
+    driver.close(fh)
+    fs.codec._wrap = real  # type: ignore[method-assign]
+    wait_for(lambda: node.w.state is not Staged.CLOSED, 10, "the retry to seal it")
+    wait_for(lambda: in_s3(driver, "k.txt"), 30, "the upload")
+    assert not os.path.exists(marker)
+    assert fs.not_in_s3() == []
+
+
+def test_a_crash_with_a_file_kept_closed_loses_nothing(driver: CoreDriver) -> None:
+    fs = driver.fs
+    fs.codec.pool = None
+
+    def unavailable(*args: object) -> object:
+        raise ProviderUnavailable("the key manager does not answer (injected)")
+
+    fs.codec._wrap = unavailable  # type: ignore[method-assign]
+    driver.write_file("crash.txt", b"kept through a crash")
+    assert driver._lookup("crash.txt").w.state is Staged.CLOSED
+    driver.core.stop(drain=False)  # the crash: nothing more is done
+    driver.core.start()  # a new process, the key manager back: it seals, then uploads
+    assert in_s3(driver, "crash.txt")
+    assert driver.read_file("crash.txt") == b"kept through a crash"
+
+
+def test_an_outage_at_unmount_names_what_is_left(driver: CoreDriver) -> None:
+    driver.write_file("early.txt", b"in S3 before the outage")
+    wait_for(lambda: in_s3(driver, "early.txt"))
+    driver.core.store.fail("put", times=None)
+    driver.write_file("late.txt", b"closed during the outage")
+    left = driver.core.stop()  # drains, gives up after 5 s without progress
+    assert [(k, kind) for k, kind, _ in left] == [("vol/late.txt", "S3")]
+    driver.core.store.heal()
+    driver.core.start()  # the next mount uploads the journal first
+    assert in_s3(driver, "late.txt")
+    assert driver.read_file("late.txt") == b"closed during the outage"
