@@ -102,15 +102,17 @@ class ObjectCodec:
         refresh_interval: float = 60.0,
         gateway: GatewaySecrets | None = None,
         pool: KeyPool | None = None,
+        companion: Callable[[str], tuple[Mapping[str, str], bytes]] | None = None,
+        max_whole_object: int = limits.WHOLE_OBJECT_DEFAULT,
     ) -> None:
         self.descriptor = descriptor
         secrets = gateway or GatewaySecrets()
         self.gateway_keys = GatewayKeys(secrets.password, secrets.master_key)
         # (key) -> (metadata, body) of a companion object (a gateway multipart manifest);
         # given by whoever reads the store, so that this class stays free of S3.
-        self.companion: Callable[[str], tuple[Mapping[str, str], bytes]] | None = None
+        self.companion = companion
         # Bytes of a gateway single-AEAD body we agree to download whole (--max-whole-object).
-        self.max_whole_object = limits.WHOLE_OBJECT_DEFAULT
+        self.max_whole_object = max_whole_object
         self.ring = ring
         self.chunk_size = descriptor.chunk_size
         self.dek_cache = dek_cache if dek_cache is not None else DekCache()

@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from s3cryptfs import config, registry
+from s3cryptfs import config, limits, registry
 from s3cryptfs.asyncutil import run_abandonable
 from s3cryptfs.audit import NO_AUDIT, AuditLog
 from s3cryptfs.codec import GatewaySecrets, ObjectCodec
@@ -100,6 +100,7 @@ def open_codec(
     refresh_interval: float = 60.0,
     gateway_master_key: bytes | None = None,
     refresh: bool = True,
+    max_whole_object: int = limits.WHOLE_OBJECT_DEFAULT,
 ) -> ObjectCodec:
     """A codec over the authority's descriptor and key ring, every manager opened now (fail
     early); later descriptors come through the authority, so only authentic ones count."""
@@ -128,6 +129,8 @@ def open_codec(
         refresh_interval=refresh_interval,
         gateway=GatewaySecrets(password=authority.local.password, master_key=gateway_master_key),
         pool=KeyPool() if refresh else None,
+        companion=authority.store.read_companion,
+        max_whole_object=max_whole_object,
     )
 
 
@@ -184,6 +187,8 @@ class Mount:
         self.lock: CacheLock | None = None
         self.audit = NO_AUDIT
         self.warnings: list[str] = []  # for whoever started the mount (printed by the CLI)
+        # Teardown, in reverse order of what prepare() and run() opened.
+        self.exits = contextlib.ExitStack()
         self.left_behind: list[tuple[str, str, str]] = []
         self.record = registry.MountRecord(
             registry.new_mount_id(),
@@ -194,7 +199,16 @@ class Mount:
         )
 
     def prepare(self) -> None:
-        """All the checks that can fail, before anything is mounted."""
+        """All the checks that can fail, before anything is mounted. Whatever it opens is
+        closed by self.exits, in reverse order: at the end of run(), or at once if this
+        fails."""
+        try:
+            self._prepare()
+        except BaseException:
+            self.exits.close()
+            raise
+
+    def _prepare(self) -> None:
         spec = self.spec
         check_mountpoint(spec.mountpoint)
         store = make_store(spec.url, spec.endpoint_url, spec.region, spec.retry_deadline)
@@ -203,17 +217,24 @@ class Mount:
         local.password = spec.password
         authority = VolumeAuthority(store, spec.url, spec.endpoint_url, local)
         authority.open()
+        if authority.ring is not None:
+            self.exits.callback(authority.ring.close)
         self.audit = AuditLog(spec.audit_log)
+        self.exits.callback(self.audit.close)
         codec = open_codec(
             authority,
             audit=self.audit,
             dek_cache=DekCache(spec.dek_cache_entries, spec.dek_cache_ttl),
             refresh_interval=spec.descriptor_refresh,
             gateway_master_key=spec.gateway_master_key,
+            max_whole_object=spec.fs_options.max_whole_object,
         )
         cache_dir = config.volume_cache_dir(spec.cache_root, spec.endpoint_url, spec.url)
         self.lock = CacheLock(cache_dir)
+        self.exits.callback(self.lock.release)
         self.fs = Filesystem(store, codec, spec.url.prefix, cache_dir, spec.fs_options)
+        # Uploaded bodies left in the journal's trash go in the background at the very end.
+        self.exits.callback(lambda: _delete_in_background(self.fs.journal.trash_paths()))
         self.fs.clear_staging()
         self.warnings = authority.warnings + self._check_keys()
 
@@ -267,28 +288,21 @@ class Mount:
         # FUSE loop gets it back; at the default 5 ms that wait dominates small-file latency.
         sys.setswitchinterval(0.0005)
         _limit_malloc_arenas()
-        trio.run(self._recover)
-        ops = FuseOperations(self.fs)
-        options = set(pyfuse3.default_options)
-        options.add("fsname=s3cryptfs")
-        options.add("subtype=s3cryptfs")
-        if self.spec.fs_options.read_only:
-            options.add("ro")
-        if self.spec.allow_other:
-            options.add("allow_other")
-        options.update(self.spec.fuse_options)
-        pyfuse3.init(ops, self.spec.mountpoint, options)
-        log.info("mounted %s at %s", self.spec.url, self.spec.mountpoint)
-        try:
+        with self.exits:
+            trio.run(self._recover)
+            ops = FuseOperations(self.fs)
+            options = set(pyfuse3.default_options)
+            options.add("fsname=s3cryptfs")
+            options.add("subtype=s3cryptfs")
+            if self.spec.fs_options.read_only:
+                options.add("ro")
+            if self.spec.allow_other:
+                options.add("allow_other")
+            options.update(self.spec.fuse_options)
+            pyfuse3.init(ops, self.spec.mountpoint, options)
+            self.exits.callback(pyfuse3.close, unmount=True)
+            log.info("mounted %s at %s", self.spec.url, self.spec.mountpoint)
             trio.run(self._main, on_ready)
-        finally:
-            pyfuse3.close(unmount=True)
-            if self.lock is not None:
-                self.lock.release()
-            if self.fs is not None:
-                _delete_in_background(self.fs.journal.trash_paths())
-            self.fs.codec.ring.close()
-            self.audit.close()
         if self.left_behind:
             return EXIT_INCOMPLETE
         log.info("unmounted %s; every file is in S3", self.spec.mountpoint)

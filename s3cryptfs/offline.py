@@ -15,10 +15,10 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from s3cryptfs import config, limits
+from s3cryptfs import config
 from s3cryptfs.codec import OWN, PLAIN, ObjectCodec, object_kind
 from s3cryptfs.errors import (
     ConfigError,
@@ -86,7 +86,6 @@ def _open(args: argparse.Namespace, object_url: str) -> tuple[Admin, ObjectCodec
     if admin.url.bucket != bucket or not key.startswith(admin.url.prefix):
         raise ConfigError(f"{object_url} is not inside the volume {admin.url}")
     codec = admin.codec()
-    codec.companion = _companion(admin.store)
     return admin, codec, key
 
 
@@ -216,20 +215,9 @@ def _check(store: S3Store, codec: ObjectCodec, info: ObjectInfo, full: bool) -> 
     return f"gateway {provider}", version
 
 
-def _companion(store: S3Store) -> Callable[[str], tuple[dict[str, str], bytes]]:
-    """Reads a gateway multipart object's manifest for the codec."""
-
-    def read(key: str) -> tuple[dict[str, str], bytes]:
-        body, info = store.get_bounded(key, limits.MPU_MANIFEST_MAX, "multipart manifest")
-        return info.metadata or {}, body
-
-    return read
-
-
 def cmd_fsck(args: argparse.Namespace) -> int:
     admin, desc = open_admin(args)
     codec = admin.codec()
-    codec.companion = _companion(admin.store)
     report = FsckReport()
     tty = sys.stderr.isatty()
     started = time.monotonic()

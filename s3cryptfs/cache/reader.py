@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -82,7 +82,18 @@ class Reader:
         self.readahead_max = readahead_max
         self.span_bytes = span_bytes
         self._flights: dict[tuple[Hashable, int], _Flight] = {}
-        self.nursery: trio.Nursery | None = None
+        self.nursery: trio.Nursery | None = None  # prefetches run here while run() runs
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the nursery read-ahead tasks run in, until cancelled (the mount's lifetime).
+        Without it (offline tools), reads simply do not prefetch."""
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.nursery = None
 
     def _group_len(self, version: Version) -> int:
         return max(1, self.group_bytes // version.chunk_size)

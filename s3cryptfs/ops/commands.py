@@ -58,7 +58,13 @@ class Admin:
         assert desc is not None
         # The password also opens the S3 Encryption Gateway's objects (docs/INTEROP.md).
         secrets = GatewaySecrets(password=self.local.password)
-        return ObjectCodec(desc, self.ring(), audit=self.audit, gateway=secrets)
+        return ObjectCodec(
+            desc,
+            self.ring(),
+            audit=self.audit,
+            gateway=secrets,
+            companion=self.store.read_companion,
+        )
 
     def close(self) -> None:
         if self.authority.ring is not None:

@@ -384,6 +384,11 @@ class S3Store:
 
         return self._call(f"get {key}", fetch)
 
+    def read_companion(self, key: str) -> tuple[dict[str, str], bytes]:
+        """Metadata and body of a gateway multipart object's manifest (bounded; blocking)."""
+        body, info = self.get_bounded(key, limits.MPU_MANIFEST_MAX, "multipart manifest")
+        return info.metadata or {}, body
+
     def list(
         self,
         prefix: str,

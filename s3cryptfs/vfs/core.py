@@ -115,8 +115,6 @@ class Filesystem:
     ) -> None:
         self.store = store
         self.codec = codec
-        codec.companion = self._companion
-        codec.max_whole_object = opts.max_whole_object
         self.prefix = prefix
         self.opts = opts
         self.cache_dir = cache_dir
@@ -224,7 +222,7 @@ class Filesystem:
         return node
 
     async def run_background(self, nursery: trio.Nursery) -> None:
-        self.reader.nursery = nursery
+        await nursery.start(self.reader.run)
         await self.writes.run(nursery)
         if not self.opts.read_only:
             nursery.start_soon(self.index.run)
@@ -575,11 +573,6 @@ class Filesystem:
         self._apply_metadata(node, head.metadata or {})
         await self._companion_size(node)
         self._note(node)
-
-    def _companion(self, key: str) -> tuple[dict[str, str], bytes]:
-        """Blocking: metadata and body of a small companion object (a multipart manifest)."""
-        body, info = self.store.get_bounded(key, limits.MPU_MANIFEST_MAX, "multipart manifest")
-        return info.metadata or {}, body
 
     async def _companion_size(self, node: Node) -> None:
         """A gateway multipart object's size is only in its manifest: read it for stat."""
