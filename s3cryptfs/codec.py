@@ -39,6 +39,7 @@ from s3cryptfs.errors import (
     KeyRetired,
     ObjectNotFound,
     ProviderUnavailable,
+    S3CryptFSError,
     UnknownProvider,
 )
 from s3cryptfs.format import gateway as gw
@@ -476,3 +477,22 @@ class ObjectCodec:
         size = cipher.plain_size_of(len(body))
         parts = cipher.open_range(0, body, cipher.chunk_count(size))
         return b"".join(parts)
+
+    def key_problems(self) -> dict[str, S3CryptFSError | None]:
+        """Blocking: each key manager's health_check, None when it passed."""
+        out: dict[str, S3CryptFSError | None] = {}
+        ring = self.ring
+        for provider in self.descriptor.providers():
+            try:
+                ring.manager(provider).health_check()
+                out[provider] = None
+            except S3CryptFSError as exc:
+                out[provider] = exc
+        return out
+
+    def key_health(self) -> dict[str, str]:
+        """Blocking: each key manager's health, as "ok" or the error (for status)."""
+        return {
+            provider: "ok" if exc is None else f"{type(exc).__name__}: {exc}"
+            for provider, exc in self.key_problems().items()
+        }

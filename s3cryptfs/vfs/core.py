@@ -44,18 +44,19 @@ from s3cryptfs.upload.closed import ClosedRecord
 from s3cryptfs.upload.files import WriteCallbacks, WritePath, WriteSettings
 from s3cryptfs.upload.journal import Entry
 from s3cryptfs.vfs.attrindex import SELF, AttrIndex, IndexEntry
+from s3cryptfs.vfs.listing import Listings
 from s3cryptfs.vfs.namespace import Namespace
 from s3cryptfs.vfs.nodes import (
     ROOT_INODE,
     ChildInfo,
     Handle,
-    Listing,
     Node,
     NodeTable,
     Remote,
     child_path,
     now_ns,
 )
+from s3cryptfs.vfs.status import status_of
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ class Filesystem:
         self.stop_requested = trio.Event()
         self.index = AttrIndex(store, codec, prefix, self._thread)
         self.namespace = Namespace(self)
+        self.listing = Listings(self)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -406,215 +408,16 @@ class Filesystem:
     async def _thread(self, fn: Any, *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
-    # --- listing -------------------------------------------------------------------------
-
-    async def _list(self, node: Node) -> Listing:
-        """The children of a directory, from S3 (cached for dir_ttl) plus local pending ones."""
-        listing = node.listing
-        if listing is not None and time.monotonic() - listing.fetched_at < self.opts.dir_ttl:
-            return listing
-        prefix = self.dir_prefix(node.path)
-
-        def fetch() -> dict[str, ChildInfo]:
-            children: dict[str, ChildInfo] = {}
-            for page in self.store.list_all(prefix):
-                for p in page.prefixes:
-                    name = p[len(prefix) :].rstrip("/")
-                    if name and name not in (".", "..") and "/" not in name:
-                        children[name] = ChildInfo(is_dir=True)
-                for o in page.objects:
-                    name = o.key[len(prefix) :]
-                    if not name or name in (".", "..") or "/" in name:
-                        continue
-                    if name in children:  # a directory of the same name wins
-                        continue
-                    children[name] = ChildInfo(False, o.size, o.etag, o.mtime_ns)
-            return children
-
-        children: dict[str, ChildInfo] = {}
-
-        async def fetch_listing() -> None:
-            children.update(await self._thread(fetch))
-
-        log_start = len(node.listing_log)
-        node.listing_fetches += 1
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(fetch_listing)
-                nursery.start_soon(self._dir_index, node)
-            # Creates, uploads and removals that happened during the LIST may be missing
-            # from it (or it may still show them): what the mount did itself wins.
-            for name, change in node.listing_log[log_start:]:
-                if change is None:
-                    children.pop(name, None)
-                else:
-                    children[name] = change
-        finally:
-            node.listing_fetches -= 1
-            if node.listing_fetches == 0:
-                node.listing_log.clear()
-        index = node.index or {}
-        for name, info in children.items():
-            entry = index.get(name)
-            if entry is None or entry.is_dir != info.is_dir:
-                continue
-            if info.is_dir or entry.etag == info.etag:
-                info.attrs = entry
-        if node.path == "":
-            children.pop(META_DIR, None)
-        for name in [n for n in children if n.endswith(gw.MPU_SUFFIX)]:
-            if name[: -len(gw.MPU_SUFFIX)] in children:
-                # the gateway's multipart manifest: part of its object, not a file of its own
-                del children[name]
-        if not self.opts.read_only:
-            self.index.note_names(node.path, set(children) | {SELF})
-        for pending in self.unsynced:
-            if pending.parent_path == node.path and not pending.unlinked:
-                children.setdefault(pending.name, ChildInfo(pending.is_dir))
-        node.listing = Listing(children)
-        return node.listing
-
-    def _listing_add(self, parent: Node, name: str, info: ChildInfo) -> None:
-        if parent.listing is not None:
-            parent.listing.children[name] = info
-        if parent.listing_fetches:
-            parent.listing_log.append((name, info))
-
-    def _listing_remove(self, parent_path: str, name: str) -> None:
-        parent = self.nodes.at(parent_path)
-        if parent is None:
-            return
-        if parent.listing is not None:
-            parent.listing.children.pop(name, None)
-        if parent.listing_fetches:
-            parent.listing_log.append((name, None))
-
-    async def _child(
-        self,
-        parent: Node,
-        name: str,
-        listing: Listing | None = None,
-    ) -> Node | None:
-        """The node of *name* in *parent*, asking S3 when needed; None if it does not exist.
-
-        *listing*: one just taken (readdir), used as it is: re-validating it for every name
-        would LIST the directory once per entry when the listing lifetime is 0."""
-        path = child_path(parent.path, name)
-        known = self.nodes.at(path)
-        if known is not None:
-            return known
-        if parent.path == "" and name == META_DIR:
-            return None
-        if listing is None:
-            listing = parent.listing
-            if listing is not None and time.monotonic() - listing.fetched_at >= self.opts.dir_ttl:
-                listing = await self._list(parent)
-        if listing is not None:
-            info = listing.children.get(name)
-            if info is None:
-                return None
-            if info.is_dir:
-                return self._dir_node(path, attrs=info.attrs)
-            node = self._file_node(path, info)
-            return node
-        # No listing of the parent: ask for this one name.
-        key = self.key(path)
-        try:
-            head = await self._thread(self.store.head, key)
-        except ObjectNotFound:
-            pass
-        else:
-            node = self._file_node(path, head)
-            if head.metadata is not None and md.MTIME not in head.metadata:
-                # Streamed uploads fix their metadata before the last write: the exact mtime
-                # is in the directory index (if it still describes this version).
-                entry = (await self._dir_index(parent)).get(name)
-                if entry is not None and entry.etag == head.etag:
-                    node.mtime_ns = entry.mtime_ns
-            return node
-        page = await self._thread(self.store.list, key + "/", "/", None)
-        if page.objects or page.prefixes:
-            node = self._dir_node(path, attrs=(await self._dir_index(parent)).get(name))
-            node.has_marker = any(o.key == key + "/" for o in page.objects)
-            return node
-        return None
+    # --- listing (vfs/listing.py) ----------------------------------------------------------
 
     async def lookup(self, parent_ino: int, name: str) -> Node:
-        parent = self.node(parent_ino)
-        if not parent.is_dir:
-            raise FsError(errno.ENOTDIR)
-        if name == ".":
-            return parent
-        if name == "..":
-            return self.nodes.at(parent.parent_path) or parent
-        node = await self._child(parent, name)
-        if node is None:
-            raise FsError(errno.ENOENT)
-        await self._load_metadata(node)
-        return node
-
-    async def _load_metadata(self, node: Node) -> None:
-        """HEAD a listed file once, for its mode, owner and mtime."""
-        if node.is_dir or node.remote is None:
-            return
-        if node.remote.attrs_known:
-            await self._companion_size(node)  # (returns at once but for multipart objects)
-            return
-        await self._head_metadata(node)
-
-    async def _head_metadata(self, node: Node) -> None:
-        assert node.remote is not None
-        try:
-            head = await self._thread(self.store.head, self.key(node.path))
-        except ObjectNotFound:
-            return
-        if head.etag != node.remote.etag:
-            self._replace_remote(node, head)
-        self._apply_metadata(node, head.metadata or {})
-        await self._companion_size(node)
-        self._note(node)
-
-    async def _companion_size(self, node: Node) -> None:
-        """A gateway multipart object's size is only in its manifest: read it for stat."""
-        remote = node.remote
-        if remote is None or remote.companion_read or not remote.metadata:
-            return
-        # (every getattr passes here: our own objects are told apart without normalizing)
-        if md.FORMAT in remote.metadata or not gw.is_mpu_object(remote.metadata):
-            return
-        if node.w.local is not None or node.w.staging is not None:
-            return
-        key = self.key(node.path)
-        remote.companion_read = True
-        try:
-            node.size = await self._thread(self.codec.mpu_size, remote.metadata, key)
-        except S3CryptFSError as exc:
-            log.error("%s: %s", key, strip_subject(exc, key))
-            node.error = str(exc)
-
-    async def load_attrs_many(self, nodes: list[Node]) -> None:
-        """Load metadata for many listed files at once (readdir)."""
-        todo = [
-            n for n in nodes if not n.is_dir and n.remote is not None and not n.remote.attrs_known
-        ]
-        if not todo:
-            return
-        async with trio.open_nursery() as nursery:
-            for n in todo:
-                nursery.start_soon(self._load_metadata, n)
+        return await self.listing.lookup(parent_ino, name)
 
     async def readdir(self, ino: int) -> list[tuple[str, Node]]:
-        node = self.node(ino)
-        if not node.is_dir:
-            raise FsError(errno.ENOTDIR)
-        listing = await self._list(node)
-        out: list[tuple[str, Node]] = []
-        for name in sorted(listing.children):
-            child = await self._child(node, name, listing)
-            if child is not None and not child.unlinked:
-                out.append((name, child))
-        await self.load_attrs_many([c for _, c in out])
-        return out
+        return await self.listing.readdir(ino)
+
+    async def load_attrs_many(self, nodes: list[Node]) -> None:
+        await self.listing.load_attrs_many(nodes)
 
     # --- reading -------------------------------------------------------------------------
 
@@ -675,13 +478,13 @@ class Filesystem:
         except ObjectNotFound:
             self.nodes.detach(node)
             node.unlinked = True
-            self._listing_remove(node.parent_path, node.name)
+            self.listing.remove(node.parent_path, node.name)
             raise FsError(errno.ENOENT, f"{key} was deleted by another client") from None
         if head.etag == node.remote.etag and node.remote.metadata is not None:
             return True
         changed = head.etag != node.remote.etag
         self._replace_remote(node, head)
-        await self._companion_size(node)
+        await self.listing.companion_size(node)
         return not changed
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -761,7 +564,7 @@ class Filesystem:
         self._writable()
         parent = self.node(parent_ino)
         self._check_name(parent, name)
-        existing = await self._child(parent, name)
+        existing = await self.listing.child(parent, name)
         if existing is not None and not existing.unlinked:
             raise FsError(errno.EEXIST)
         now = now_ns()
@@ -771,7 +574,7 @@ class Filesystem:
         self.nodes.add(node)
         node.w.attach(self.writes.new_staging(), dirty=True)
         self.unsynced.add(node)
-        self._listing_add(parent, name, ChildInfo(False))
+        self.listing.add(parent, name, ChildInfo(False))
         parent.mtime_ns = now
         return self._new_handle(node, True)
 
@@ -785,7 +588,7 @@ class Filesystem:
             version = None
             if node.w.local_version is None and node.remote is not None:
                 if node.remote.metadata is None:
-                    await self._head_metadata(node)  # the format is told by the metadata
+                    await self.listing.head_metadata(node)  # the format is told by the metadata
                 if node.error:
                     raise IntegrityError(f"{self.key(node.path)}: {node.error}")
                 version = self._remote_version(node)
@@ -864,7 +667,7 @@ class Filesystem:
         self._note(node)
         parent = self.nodes.at(node.parent_path)
         if parent is not None:
-            self._listing_add(
+            self.listing.add(
                 parent, node.name, ChildInfo(False, entry.body_size, entry.etag or "", 0)
             )
 
@@ -892,7 +695,7 @@ class Filesystem:
         node = self.node(ino)
         if ino == ROOT_INODE and node.index is None:
             await self._dir_index(node)  # the root's own attributes live in its index
-        await self._load_metadata(node)
+        await self.listing.load_metadata(node)
         return self.attr(node)
 
     async def setattr(
@@ -958,7 +761,7 @@ class Filesystem:
         if node.remote is None:
             return
         if node.remote.metadata is None:
-            await self._head_metadata(node)
+            await self.listing.head_metadata(node)
         assert node.remote is not None
         meta = {**(node.remote.metadata or {}), **self._posix_attrs(node).encode()}
         etag = await self._thread(
@@ -1022,49 +825,7 @@ class Filesystem:
         return self.writes.queued_versions()
 
     def stats(self) -> dict[str, Any]:
-        with self.store.stats_lock:
-            requests = dict(self.store.requests)
-            errors = dict(self.store.errors)
-        out: dict[str, Any] = {
-            "requests": requests,
-            "errors": errors,
-            "index_writes": self.index.writes,
-            "fuse": dict(self.writes.counters),
-        }
-        out["uploads"] = {
-            "queued": len(self.uploader.queue),
-            "in_flight": len(self.uploader.in_flight),
-            "queued_bytes": self.uploader.queued_bytes,
-        }
-        helper = self.writes.helper
-        if helper is not None:
-            out["upload_helper"] = {
-                "pid": helper.pid,
-                "calls": helper.calls,
-                "restarts": helper.restarts,
-                "disabled": helper.disabled,
-            }
-        out["streaming"] = {
-            "active": len(self.writes.streams),
-            "sent_bytes": sum(s.sent_bytes for s in self.writes.streams),
-        }
-        dirty = [n for n in self.nodes.by_ino.values() if n.dirty()]
-        out["dirty_files"] = len(dirty)
-        out["closed_not_sealed"] = len(self.closed_pending)
-        out["cache_dir"] = self.cache_dir
-        out["block_cache"] = {
-            "bytes": self.blocks.used,
-            "budget": self.blocks.budget,
-            "hits": self.blocks.hits,
-            "misses": self.blocks.misses,
-        }
-        if self.disk is not None:
-            out["disk_cache"] = {
-                "bytes": self.disk.size,
-                "hits": self.disk.hits,
-                "misses": self.disk.misses,
-            }
-        return out
+        return status_of(self)
 
     def wrapping_versions(self) -> set[tuple[str, int]]:
         """Blocking: (provider, key version) of the keys wrapped ahead of time, and the one new
@@ -1076,25 +837,10 @@ class Filesystem:
         return out
 
     def key_problems(self) -> dict[str, S3CryptFSError | None]:
-        """Blocking: each key manager's health_check, None when it passed."""
-        out: dict[str, S3CryptFSError | None] = {}
-        ring = getattr(self.codec, "ring", None)
-        if ring is None:
-            return out
-        for provider in self.codec.descriptor.providers():
-            try:
-                ring.manager(provider).health_check()
-                out[provider] = None
-            except S3CryptFSError as exc:
-                out[provider] = exc
-        return out
+        return self.codec.key_problems()
 
     def key_health(self) -> dict[str, str]:
-        """Blocking: each key manager's health, as "ok" or the error (for status)."""
-        return {
-            provider: "ok" if exc is None else f"{type(exc).__name__}: {exc}"
-            for provider, exc in self.key_problems().items()
-        }
+        return self.codec.key_health()
 
     def iter_nodes(self) -> Iterator[Node]:
         return iter(list(self.nodes.by_ino.values()))

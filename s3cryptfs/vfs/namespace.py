@@ -34,7 +34,7 @@ class Namespace:
         self.fs._writable()
         parent = self.fs.node(parent_ino)
         self.fs._check_name(parent, name)
-        if await self.fs._child(parent, name) is not None:
+        if await self.fs.listing.child(parent, name) is not None:
             raise FsError(errno.EEXIST)
         return parent, child_path(parent.path, name)
 
@@ -58,7 +58,7 @@ class Namespace:
         node.mode_set_here = True
         node.has_marker = True
         node.listing = Listing({})
-        self.fs._listing_add(parent, name, ChildInfo(True))
+        self.fs.listing.add(parent, name, ChildInfo(True))
         parent.mtime_ns = now
         self.fs._note(node)
         return node
@@ -86,7 +86,7 @@ class Namespace:
         node.link_target = target
         self.fs.nodes.add(node)
         self.fs._note(node)
-        self.fs._listing_add(parent, name, ChildInfo(False, len(body), etag, now))
+        self.fs.listing.add(parent, name, ChildInfo(False, len(body), etag, now))
         return node
 
     def _has_unsynced_child(self, node: Node) -> bool:
@@ -107,7 +107,7 @@ class Namespace:
     async def rmdir(self, parent_ino: int, name: str) -> None:
         self.fs._writable()
         parent = self.fs.node(parent_ino)
-        node = await self.fs._child(parent, name)
+        node = await self.fs.listing.child(parent, name)
         if node is None:
             raise FsError(errno.ENOENT)
         if not node.is_dir:
@@ -118,7 +118,7 @@ class Namespace:
             await self.fs._thread(self.fs.store.delete, self.fs.key(node.path) + "/")
         node.unlinked = True
         self.fs.nodes.detach(node)
-        self.fs._listing_remove(parent.path, name)
+        self.fs.listing.remove(parent.path, name)
         self.fs._note_gone(parent.path, name)
         if not self.fs.opts.read_only:
             self.fs.index.forget_dir(node.path)
@@ -127,7 +127,7 @@ class Namespace:
     async def unlink(self, parent_ino: int, name: str) -> None:
         self.fs._writable()
         parent = self.fs.node(parent_ino)
-        node = await self.fs._child(parent, name)
+        node = await self.fs.listing.child(parent, name)
         if node is None:
             raise FsError(errno.ENOENT)
         if node.is_dir:
@@ -149,7 +149,7 @@ class Namespace:
         node.w.local_version = None
         self.fs.unsynced.discard(node)
         self.fs.nodes.detach(node)
-        self.fs._listing_remove(parent.path, name)
+        self.fs.listing.remove(parent.path, name)
         self.fs._note_gone(parent.path, name)
         with contextlib.suppress(ObjectNotFound):
             await self.fs._thread(self.fs.store.delete, key)
@@ -173,10 +173,10 @@ class Namespace:
         src_parent = self.fs.node(old_parent)
         dst_parent = self.fs.node(new_parent)
         self.fs._check_name(dst_parent, new_name)
-        node = await self.fs._child(src_parent, old_name)
+        node = await self.fs.listing.child(src_parent, old_name)
         if node is None:
             raise FsError(errno.ENOENT)
-        target = await self.fs._child(dst_parent, new_name)
+        target = await self.fs.listing.child(dst_parent, new_name)
         if target is node:
             return
         noreplace = flags & 1  # RENAME_NOREPLACE
@@ -202,12 +202,12 @@ class Namespace:
             await self._rename_dir(node, new_path, target)
         else:
             await self._rename_file(node, new_path, target)
-        self.fs._listing_remove(src_parent.path, old_name)
+        self.fs.listing.remove(src_parent.path, old_name)
         if target is not None:
             target.unlinked = True
             self.fs.nodes.detach(target)
         self.fs.nodes.move(node, new_path)
-        self.fs._listing_add(
+        self.fs.listing.add(
             dst_parent,
             new_name,
             ChildInfo(

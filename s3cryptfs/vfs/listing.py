@@ -1,0 +1,242 @@
+"""Listings and lookups of the filesystem core: what a directory holds, from S3 LISTs
+(trusted for --dir-cache-ttl), with the attributes of its index and what this mount changed
+itself; HEADs for single names and for attributes an index does not have.
+
+Split out of vfs/core.py by operation group; works on the Filesystem through ``self.fs``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from s3cryptfs.errors import FsError, ObjectNotFound, S3CryptFSError, strip_subject
+from s3cryptfs.format import gateway as gw
+from s3cryptfs.format import metadata as md
+from s3cryptfs.format.descriptor import META_DIR
+from s3cryptfs.vfs.attrindex import SELF
+from s3cryptfs.vfs.nodes import ChildInfo, Listing, Node, child_path
+
+if TYPE_CHECKING:
+    from s3cryptfs.vfs.core import Filesystem
+
+log = logging.getLogger(__name__)
+
+
+class Listings:
+    def __init__(self, fs: Filesystem) -> None:
+        self.fs = fs
+
+
+    async def listing_of(self, node: Node) -> Listing:
+        """The children of a directory, from S3 (cached for dir_ttl) plus local pending ones."""
+        listing = node.listing
+        if listing is not None and time.monotonic() - listing.fetched_at < self.fs.opts.dir_ttl:
+            return listing
+        prefix = self.fs.dir_prefix(node.path)
+
+        def fetch() -> dict[str, ChildInfo]:
+            children: dict[str, ChildInfo] = {}
+            for page in self.fs.store.list_all(prefix):
+                for p in page.prefixes:
+                    name = p[len(prefix) :].rstrip("/")
+                    if name and name not in (".", "..") and "/" not in name:
+                        children[name] = ChildInfo(is_dir=True)
+                for o in page.objects:
+                    name = o.key[len(prefix) :]
+                    if not name or name in (".", "..") or "/" in name:
+                        continue
+                    if name in children:  # a directory of the same name wins
+                        continue
+                    children[name] = ChildInfo(False, o.size, o.etag, o.mtime_ns)
+            return children
+
+        children: dict[str, ChildInfo] = {}
+
+        async def fetch_listing() -> None:
+            children.update(await self.fs._thread(fetch))
+
+        log_start = len(node.listing_log)
+        node.listing_fetches += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetch_listing)
+                nursery.start_soon(self.fs._dir_index, node)
+            # Creates, uploads and removals that happened during the LIST may be missing
+            # from it (or it may still show them): what the mount did itself wins.
+            for name, change in node.listing_log[log_start:]:
+                if change is None:
+                    children.pop(name, None)
+                else:
+                    children[name] = change
+        finally:
+            node.listing_fetches -= 1
+            if node.listing_fetches == 0:
+                node.listing_log.clear()
+        index = node.index or {}
+        for name, info in children.items():
+            entry = index.get(name)
+            if entry is None or entry.is_dir != info.is_dir:
+                continue
+            if info.is_dir or entry.etag == info.etag:
+                info.attrs = entry
+        if node.path == "":
+            children.pop(META_DIR, None)
+        for name in [n for n in children if n.endswith(gw.MPU_SUFFIX)]:
+            if name[: -len(gw.MPU_SUFFIX)] in children:
+                # the gateway's multipart manifest: part of its object, not a file of its own
+                del children[name]
+        if not self.fs.opts.read_only:
+            self.fs.index.note_names(node.path, set(children) | {SELF})
+        for pending in self.fs.unsynced:
+            if pending.parent_path == node.path and not pending.unlinked:
+                children.setdefault(pending.name, ChildInfo(pending.is_dir))
+        node.listing = Listing(children)
+        return node.listing
+
+    def add(self, parent: Node, name: str, info: ChildInfo) -> None:
+        if parent.listing is not None:
+            parent.listing.children[name] = info
+        if parent.listing_fetches:
+            parent.listing_log.append((name, info))
+
+    def remove(self, parent_path: str, name: str) -> None:
+        parent = self.fs.nodes.at(parent_path)
+        if parent is None:
+            return
+        if parent.listing is not None:
+            parent.listing.children.pop(name, None)
+        if parent.listing_fetches:
+            parent.listing_log.append((name, None))
+
+    async def child(
+        self,
+        parent: Node,
+        name: str,
+        listing: Listing | None = None,
+    ) -> Node | None:
+        """The node of *name* in *parent*, asking S3 when needed; None if it does not exist.
+
+        *listing*: one just taken (readdir), used as it is: re-validating it for every name
+        would LIST the directory once per entry when the listing lifetime is 0."""
+        path = child_path(parent.path, name)
+        known = self.fs.nodes.at(path)
+        if known is not None:
+            return known
+        if parent.path == "" and name == META_DIR:
+            return None
+        if listing is None:
+            listing = parent.listing
+            ttl = self.fs.opts.dir_ttl
+            if listing is not None and time.monotonic() - listing.fetched_at >= ttl:
+                listing = await self.listing_of(parent)
+        if listing is not None:
+            info = listing.children.get(name)
+            if info is None:
+                return None
+            if info.is_dir:
+                return self.fs._dir_node(path, attrs=info.attrs)
+            node = self.fs._file_node(path, info)
+            return node
+        # No listing of the parent: ask for this one name.
+        key = self.fs.key(path)
+        try:
+            head = await self.fs._thread(self.fs.store.head, key)
+        except ObjectNotFound:
+            pass
+        else:
+            node = self.fs._file_node(path, head)
+            if head.metadata is not None and md.MTIME not in head.metadata:
+                # Streamed uploads fix their metadata before the last write: the exact mtime
+                # is in the directory index (if it still describes this version).
+                entry = (await self.fs._dir_index(parent)).get(name)
+                if entry is not None and entry.etag == head.etag:
+                    node.mtime_ns = entry.mtime_ns
+            return node
+        page = await self.fs._thread(self.fs.store.list, key + "/", "/", None)
+        if page.objects or page.prefixes:
+            node = self.fs._dir_node(path, attrs=(await self.fs._dir_index(parent)).get(name))
+            node.has_marker = any(o.key == key + "/" for o in page.objects)
+            return node
+        return None
+
+    async def lookup(self, parent_ino: int, name: str) -> Node:
+        parent = self.fs.node(parent_ino)
+        if not parent.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if name == ".":
+            return parent
+        if name == "..":
+            return self.fs.nodes.at(parent.parent_path) or parent
+        node = await self.child(parent, name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        await self.load_metadata(node)
+        return node
+
+    async def load_metadata(self, node: Node) -> None:
+        """HEAD a listed file once, for its mode, owner and mtime."""
+        if node.is_dir or node.remote is None:
+            return
+        if node.remote.attrs_known:
+            await self.companion_size(node)  # (returns at once but for multipart objects)
+            return
+        await self.head_metadata(node)
+
+    async def head_metadata(self, node: Node) -> None:
+        assert node.remote is not None
+        try:
+            head = await self.fs._thread(self.fs.store.head, self.fs.key(node.path))
+        except ObjectNotFound:
+            return
+        if head.etag != node.remote.etag:
+            self.fs._replace_remote(node, head)
+        self.fs._apply_metadata(node, head.metadata or {})
+        await self.companion_size(node)
+        self.fs._note(node)
+
+    async def companion_size(self, node: Node) -> None:
+        """A gateway multipart object's size is only in its manifest: read it for stat."""
+        remote = node.remote
+        if remote is None or remote.companion_read or not remote.metadata:
+            return
+        # (every getattr passes here: our own objects are told apart without normalizing)
+        if md.FORMAT in remote.metadata or not gw.is_mpu_object(remote.metadata):
+            return
+        if node.w.local is not None or node.w.staging is not None:
+            return
+        key = self.fs.key(node.path)
+        remote.companion_read = True
+        try:
+            node.size = await self.fs._thread(self.fs.codec.mpu_size, remote.metadata, key)
+        except S3CryptFSError as exc:
+            log.error("%s: %s", key, strip_subject(exc, key))
+            node.error = str(exc)
+
+    async def load_attrs_many(self, nodes: list[Node]) -> None:
+        """Load metadata for many listed files at once (readdir)."""
+        todo = [
+            n for n in nodes if not n.is_dir and n.remote is not None and not n.remote.attrs_known
+        ]
+        if not todo:
+            return
+        async with trio.open_nursery() as nursery:
+            for n in todo:
+                nursery.start_soon(self.load_metadata, n)
+
+    async def readdir(self, ino: int) -> list[tuple[str, Node]]:
+        node = self.fs.node(ino)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        listing = await self.listing_of(node)
+        out: list[tuple[str, Node]] = []
+        for name in sorted(listing.children):
+            child = await self.child(node, name, listing)
+            if child is not None and not child.unlinked:
+                out.append((name, child))
+        await self.load_attrs_many([c for _, c in out])
+        return out

@@ -1,0 +1,56 @@
+"""The mount's status in numbers (`s3cryptfs status`, the stats attribute)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from s3cryptfs.vfs.core import Filesystem
+
+
+def status_of(fs: Filesystem) -> dict[str, Any]:
+    """What `s3cryptfs status` shows: requests, errors, uploads, caches (no key managers:
+    asking them is slow, and the status attribute adds them itself)."""
+    with fs.store.stats_lock:
+        requests = dict(fs.store.requests)
+        errors = dict(fs.store.errors)
+    out: dict[str, Any] = {
+        "requests": requests,
+        "errors": errors,
+        "index_writes": fs.index.writes,
+        "fuse": dict(fs.writes.counters),
+    }
+    out["uploads"] = {
+        "queued": len(fs.uploader.queue),
+        "in_flight": len(fs.uploader.in_flight),
+        "queued_bytes": fs.uploader.queued_bytes,
+    }
+    helper = fs.writes.helper
+    if helper is not None:
+        out["upload_helper"] = {
+            "pid": helper.pid,
+            "calls": helper.calls,
+            "restarts": helper.restarts,
+            "disabled": helper.disabled,
+        }
+    out["streaming"] = {
+        "active": len(fs.writes.streams),
+        "sent_bytes": sum(s.sent_bytes for s in fs.writes.streams),
+    }
+    dirty = [n for n in fs.nodes.by_ino.values() if n.dirty()]
+    out["dirty_files"] = len(dirty)
+    out["closed_not_sealed"] = len(fs.closed_pending)
+    out["cache_dir"] = fs.cache_dir
+    out["block_cache"] = {
+        "bytes": fs.blocks.used,
+        "budget": fs.blocks.budget,
+        "hits": fs.blocks.hits,
+        "misses": fs.blocks.misses,
+    }
+    if fs.disk is not None:
+        out["disk_cache"] = {
+            "bytes": fs.disk.size,
+            "hits": fs.disk.hits,
+            "misses": fs.disk.misses,
+        }
+    return out
