@@ -11,7 +11,6 @@ import errno
 import logging
 import os
 import stat
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +42,7 @@ from s3cryptfs.upload import closed as closed_files
 from s3cryptfs.upload.closed import ClosedRecord
 from s3cryptfs.upload.files import WriteCallbacks, WritePath, WriteSettings
 from s3cryptfs.upload.journal import Entry
-from s3cryptfs.vfs.attrindex import SELF, AttrIndex, IndexEntry
+from s3cryptfs.vfs.attrindex import AttrIndex, IndexEntry
 from s3cryptfs.vfs.listing import Listings
 from s3cryptfs.vfs.namespace import Namespace
 from s3cryptfs.vfs.nodes import (
@@ -344,44 +343,6 @@ class Filesystem:
 
     # --- the directory attribute index ---------------------------------------------------
 
-    def _index_entry(self, node: Node) -> IndexEntry | None:
-        if node.is_dir:
-            return IndexEntry("", node.mode, node.uid, node.gid, node.mtime_ns)
-        remote = node.remote
-        if remote is None or not remote.attrs_known or node.w.local is not None:
-            return None  # not in S3 yet: noted again once uploaded
-        if remote.metadata is not None and object_kind(remote.metadata) != OWN:
-            return None  # a foreign object's size needs its metadata: always HEADed
-        return IndexEntry(remote.etag, node.mode, node.uid, node.gid, node.mtime_ns)
-
-    def _note(self, node: Node) -> None:
-        """Record *node*'s attributes in its directory's index (written in the background)."""
-        if self.opts.read_only:
-            return
-        entry = self._index_entry(node)
-        if entry is None:
-            return
-        if node.path == "":
-            self.index.note("", SELF, entry)
-        else:
-            self.index.note(node.parent_path, node.name, entry)
-
-    def _note_gone(self, parent_path: str, name: str) -> None:
-        if not self.opts.read_only:
-            self.index.note(parent_path, name, None)
-
-    async def _dir_index(self, node: Node) -> dict[str, IndexEntry]:
-        """The attribute index of directory *node* (cached as long as its listing)."""
-        if node.index is not None and time.monotonic() - node.index_at < self.opts.dir_ttl:
-            return node.index
-        node.index = await self.index.load(node.path)
-        node.index_at = time.monotonic()
-        if node.path == "":
-            own = node.index.get(SELF)
-            if own is not None and own.is_dir:
-                self._apply_attrs(node, own.attrs())
-        return node.index
-
     def attr(self, node: Node) -> Attr:
         size = node.size
         if node.is_link and node.link_target is not None:
@@ -664,7 +625,7 @@ class Filesystem:
         # Keep reading the local body until it is gone: the chunks are cached under its vid.
         node.remote.version = None
         self.unsynced.discard(node)
-        self._note(node)
+        self.listing.note(node)
         parent = self.nodes.at(node.parent_path)
         if parent is not None:
             self.listing.add(
@@ -694,7 +655,7 @@ class Filesystem:
     async def getattr(self, ino: int) -> Attr:
         node = self.node(ino)
         if ino == ROOT_INODE and node.index is None:
-            await self._dir_index(node)  # the root's own attributes live in its index
+            await self.listing.dir_index(node)  # the root's own attributes live in its index
         await self.listing.load_metadata(node)
         return self.attr(node)
 
@@ -743,7 +704,7 @@ class Filesystem:
         if meta_changed and not node.is_dir:
             await self._persist_attrs(node)
         elif meta_changed:
-            self._note(node)
+            self.listing.note(node)
         return self.attr(node)
 
     async def _persist_attrs(self, node: Node) -> None:
@@ -775,7 +736,7 @@ class Filesystem:
         )
         old_version = node.remote.version
         node.remote = Remote(etag, node.remote.body_size, meta, old_version, attrs_known=True)
-        self._note(node)
+        self.listing.note(node)
         if old_version is not None:
             # Same bytes, new ETag: keep the cached chunks, fetch by the new ETag.
             old_version.fetch = self._fetcher(key, etag)

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from s3cryptfs.codec import OWN, object_kind
 from s3cryptfs.errors import FsError, ObjectNotFound, S3CryptFSError, strip_subject
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format.descriptor import META_DIR
-from s3cryptfs.vfs.attrindex import SELF
+from s3cryptfs.vfs.attrindex import SELF, IndexEntry
 from s3cryptfs.vfs.nodes import ChildInfo, Listing, Node, child_path
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class Listings:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(fetch_listing)
-                nursery.start_soon(self.fs._dir_index, node)
+                nursery.start_soon(self.dir_index, node)
             # Creates, uploads and removals that happened during the LIST may be missing
             # from it (or it may still show them): what the mount did itself wins.
             for name, change in node.listing_log[log_start:]:
@@ -153,13 +154,13 @@ class Listings:
             if head.metadata is not None and md.MTIME not in head.metadata:
                 # Streamed uploads fix their metadata before the last write: the exact mtime
                 # is in the directory index (if it still describes this version).
-                entry = (await self.fs._dir_index(parent)).get(name)
+                entry = (await self.dir_index(parent)).get(name)
                 if entry is not None and entry.etag == head.etag:
                     node.mtime_ns = entry.mtime_ns
             return node
         page = await self.fs._thread(self.fs.store.list, key + "/", "/", None)
         if page.objects or page.prefixes:
-            node = self.fs._dir_node(path, attrs=(await self.fs._dir_index(parent)).get(name))
+            node = self.fs._dir_node(path, attrs=(await self.dir_index(parent)).get(name))
             node.has_marker = any(o.key == key + "/" for o in page.objects)
             return node
         return None
@@ -197,7 +198,7 @@ class Listings:
             self.fs._replace_remote(node, head)
         self.fs._apply_metadata(node, head.metadata or {})
         await self.companion_size(node)
-        self.fs._note(node)
+        self.note(node)
 
     async def companion_size(self, node: Node) -> None:
         """A gateway multipart object's size is only in its manifest: read it for stat."""
@@ -240,3 +241,43 @@ class Listings:
                 out.append((name, child))
         await self.load_attrs_many([c for _, c in out])
         return out
+
+    # --- the directory attribute index ------------------------------------------------
+
+    def index_entry(self, node: Node) -> IndexEntry | None:
+        if node.is_dir:
+            return IndexEntry("", node.mode, node.uid, node.gid, node.mtime_ns)
+        remote = node.remote
+        if remote is None or not remote.attrs_known or node.w.local is not None:
+            return None  # not in S3 yet: noted again once uploaded
+        if remote.metadata is not None and object_kind(remote.metadata) != OWN:
+            return None  # a foreign object's size needs its metadata: always HEADed
+        return IndexEntry(remote.etag, node.mode, node.uid, node.gid, node.mtime_ns)
+
+    def note(self, node: Node) -> None:
+        """Record *node*'s attributes in its directory's index (written in the background)."""
+        if self.fs.opts.read_only:
+            return
+        entry = self.index_entry(node)
+        if entry is None:
+            return
+        if node.path == "":
+            self.fs.index.note("", SELF, entry)
+        else:
+            self.fs.index.note(node.parent_path, node.name, entry)
+
+    def note_gone(self, parent_path: str, name: str) -> None:
+        if not self.fs.opts.read_only:
+            self.fs.index.note(parent_path, name, None)
+
+    async def dir_index(self, node: Node) -> dict[str, IndexEntry]:
+        """The attribute index of directory *node* (cached as long as its listing)."""
+        if node.index is not None and time.monotonic() - node.index_at < self.fs.opts.dir_ttl:
+            return node.index
+        node.index = await self.fs.index.load(node.path)
+        node.index_at = time.monotonic()
+        if node.path == "":
+            own = node.index.get(SELF)
+            if own is not None and own.is_dir:
+                self.fs._apply_attrs(node, own.attrs())
+        return node.index

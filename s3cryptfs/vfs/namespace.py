@@ -60,7 +60,7 @@ class Namespace:
         node.listing = Listing({})
         self.fs.listing.add(parent, name, ChildInfo(True))
         parent.mtime_ns = now
-        self.fs._note(node)
+        self.fs.listing.note(node)
         return node
 
     async def symlink(
@@ -85,7 +85,7 @@ class Namespace:
         node.size = len(target)
         node.link_target = target
         self.fs.nodes.add(node)
-        self.fs._note(node)
+        self.fs.listing.note(node)
         self.fs.listing.add(parent, name, ChildInfo(False, len(body), etag, now))
         return node
 
@@ -119,7 +119,7 @@ class Namespace:
         node.unlinked = True
         self.fs.nodes.detach(node)
         self.fs.listing.remove(parent.path, name)
-        self.fs._note_gone(parent.path, name)
+        self.fs.listing.note_gone(parent.path, name)
         if not self.fs.opts.read_only:
             self.fs.index.forget_dir(node.path)
         parent.mtime_ns = now_ns()
@@ -150,7 +150,7 @@ class Namespace:
         self.fs.unsynced.discard(node)
         self.fs.nodes.detach(node)
         self.fs.listing.remove(parent.path, name)
-        self.fs._note_gone(parent.path, name)
+        self.fs.listing.note_gone(parent.path, name)
         with contextlib.suppress(ObjectNotFound):
             await self.fs._thread(self.fs.store.delete, key)
         if node.remote is not None and gw.is_mpu_object(node.remote.metadata or {}):
@@ -219,8 +219,8 @@ class Namespace:
         now = now_ns()
         src_parent.mtime_ns = dst_parent.mtime_ns = now
         node.ctime_ns = now
-        self.fs._note_gone(src_parent.path, old_name)
-        self.fs._note(node)
+        self.fs.listing.note_gone(src_parent.path, old_name)
+        self.fs.listing.note(node)
 
     async def _rename_file(
         self,
