@@ -78,7 +78,8 @@ MIN_LETTERS = 5
 # A wrapper around anything else must be explained here, by (file, function, template).
 _NODE_ERROR = (
     "node.error holds the text of an earlier error, each extracted where it is made: "
-    "codec.refusal() (vfs/core.py, _apply_metadata), a failed mpu_size (companion_size, vfs/listing.py) or an "
+    "codec.refusal() (vfs/core.py, _apply_metadata), "
+    "a failed mpu_size (companion_size, vfs/listing.py) or an "
     "upload conflict (UploadConflict in upload/uploader.py)"
 )
 EXPLAINED_WRAPPERS: dict[tuple[str, str, str], str] = {
