@@ -51,7 +51,7 @@ def _guard(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the one place errors become errnos
+        except Exception as exc:  # the one place errors become errnos
             err = to_errno(exc)
             if is_expected(exc):
                 log.debug("%s: %s", fn.__name__, exc)
@@ -133,7 +133,7 @@ class FuseOperations(pyfuse3.Operations):
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         try:
             self.fs.forget(inode_list)
-        except Exception:  # noqa: BLE001 - forget cannot report errors
+        except Exception:  # forget cannot report errors
             log.exception("forget failed")
 
     @_guard
@@ -271,7 +271,7 @@ class FuseOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         try:
             await self.fs.release(fh)
-        except Exception:  # noqa: BLE001 - release cannot report errors to anyone
+        except Exception:  # release cannot report errors to anyone
             log.exception("release failed")
 
     @_guard

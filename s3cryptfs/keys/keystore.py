@@ -162,7 +162,7 @@ class _Database:
                 raise
             except KeyManagerError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - translated by kind below
+            except Exception as exc:  # translated by kind below
                 if _is_connection_error(exc):
                     self._drop()
                     raise ProviderUnavailable(

@@ -104,7 +104,7 @@ def open_client(
     client.kmip_version = enums.KMIPVersion.KMIP_1_2
     try:
         client.open()
-    except BaseException as exc:
+    except Exception as exc:  # noqa: BLE001 - PyKMIP fails with any kind: translate sorts them
         with contextlib.suppress(Exception):
             client.proxy.close()
         raise translate_transport(exc, host, port) from None

@@ -585,7 +585,7 @@ class S3Store:
         """Best effort (the caller's own error matters more): discard an unfinished upload."""
         try:
             self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - best effort: the caller's error is the one to report
             log.warning("could not abort the multipart upload of %s", key)
 
     def copy(

@@ -818,7 +818,7 @@ class Filesystem:
         node = handle.node
         try:
             entry = await self.writes.commit(node)
-        except Exception as exc:  # noqa: BLE001 - kept, not dropped: see keep_closed
+        except Exception as exc:  # kept, not dropped: see keep_closed
             await self.writes.keep_closed(node, exc)
             if self.opts.sync_close:
                 raise  # close() was asked to mean "in S3": it is not
@@ -832,7 +832,7 @@ class Filesystem:
         node = handle.node
         try:
             entry = await self.writes.commit(node)
-        except Exception as exc:  # noqa: BLE001 - kept, and fsync says it is not in S3
+        except Exception as exc:  # kept, and fsync says it is not in S3
             await self.writes.keep_closed(node, exc)
             raise
         if entry is not None:
