@@ -13,8 +13,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -25,6 +25,7 @@ from s3cryptfs.vfs.nodes import Node
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+P = ParamSpec("P")
 
 XATTR_STATE = b"user.s3cryptfs.state"
 XATTR_PID = b"user.s3cryptfs.pid"
@@ -44,9 +45,9 @@ ATTR_TIMEOUT = 1.0
 HEALTH_TTL = 10.0
 
 
-def _guard(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def _guard(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -130,7 +131,7 @@ class FuseOperations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
         return self._reply(await self.fs.lookup(parent_inode, os.fsdecode(name)))
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
             self.fs.forget(inode_list)
         except Exception:  # forget cannot report errors
@@ -183,11 +184,10 @@ class FuseOperations(pyfuse3.Operations):
             handle.entries += await self.fs.readdir(handle.inode)
         listing = handle.entries
         for index in range(start_id, len(listing)):
-            name, node = listing[index]
-            if index >= 2:
-                node = self.fs.nodes.current(node)
-                if node is None:
-                    continue  # removed since the listing was taken
+            name, listed = listing[index]
+            node = listed if index < 2 else self.fs.nodes.current(listed)
+            if node is None:
+                continue  # removed since the listing was taken
             attrs = _entry(self.fs.attr(node))
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
                 return

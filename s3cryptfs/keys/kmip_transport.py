@@ -76,7 +76,7 @@ def tls_context(
     return ctx
 
 
-class _Proxy(KMIPProxy):
+class _Proxy(KMIPProxy):  # type: ignore[misc]  # PyKMIP has no types: its classes are Any
     """KMIPProxy whose sockets come from our TLS context."""
 
     def __init__(

@@ -52,7 +52,9 @@ class LocalKeys:
             return {"password": self.password}
         return dict(self.secrets.get(provider, {}))
 
-    def settings_for(self, provider: str, descriptor_settings: Mapping[str, Any]) -> dict:
+    def settings_for(
+        self, provider: str, descriptor_settings: Mapping[str, Any]
+    ) -> dict[str, Any]:
         return merge_settings(provider, descriptor_settings, self.options.get(provider, {}))
 
 

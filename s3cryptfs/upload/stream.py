@@ -357,9 +357,10 @@ class Stream:
                 finally:
                     self._sealer_done.set()
         except Exception as exc:  # noqa: BLE001 - the upload at close does it the usual way
-            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-                exc = exc.exceptions[0]  # type: ignore[assignment]
-            log.warning("streaming upload of %s stopped (sent at close): %s", self.key, exc)
+            cause: BaseException = exc
+            while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+                cause = cause.exceptions[0]
+            log.warning("streaming upload of %s stopped (sent at close): %s", self.key, cause)
             if self.state is not Phase.SEALED:
                 self._to(Phase.DROPPED)
         finally:

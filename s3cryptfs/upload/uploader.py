@@ -147,7 +147,9 @@ class Uploader:
             seen_attempts = entry.attempts
             await entry.changed.wait()
             failed = entry.error is not None and entry.attempts > seen_attempts
-            if raise_errors and failed and entry.state is not Upload.DONE:
+            # mypy keeps entry.state narrowed from before the await, during which it changed.
+            landed = entry.state is Upload.DONE  # type: ignore[comparison-overlap]
+            if raise_errors and failed and not landed:
                 err = entry.error
                 if isinstance(err, UploadConflict):
                     raise err
@@ -274,16 +276,18 @@ class Uploader:
         # Only queued entries are rewritten (moved), never one being uploaded: the body stays
         # where it is while the helper or a thread reads it.
         args = (key, entry.body_path, entry.metadata, if_match, if_none_match)
-        sizes = {"offset": entry.body_offset, "size": entry.body_size}
+        offset, size = entry.body_offset, entry.body_size
         if self.helper is not None:
             try:
-                etag: str = await self.helper.call("upload_file", *args, **sizes)
+                etag: str = await self.helper.call(
+                    "upload_file", *args, offset=offset, size=size
+                )
                 return etag
             except HelperUnavailable:
                 pass
 
         def upload() -> str:
-            return self.store.upload_file(*args, **sizes)
+            return self.store.upload_file(*args, offset=offset, size=size)
 
         # A stop does not wait for a PUT that hangs: the journal keeps the entry either way,
         # and a retry recognises its own earlier write (_landed).

@@ -12,9 +12,9 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -58,6 +58,7 @@ from s3cryptfs.vfs.nodes import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_KEY_BYTES = 1024
 MAX_NAME_BYTES = 255
@@ -405,8 +406,9 @@ class Filesystem:
     def _posix_attrs(self, node: Node) -> md.PosixAttrs:
         return md.PosixAttrs(node.mode, node.uid, node.gid, node.mtime_ns)
 
-    async def _thread(self, fn: Any, *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+    async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
+        result: T = await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        return result
 
     # --- listing -------------------------------------------------------------------------
 
@@ -966,16 +968,11 @@ class Filesystem:
             return
         if node.remote.metadata is None:
             await self._head_metadata(node)
-        assert node.remote is not None
-        meta = {**(node.remote.metadata or {}), **self._posix_attrs(node).encode()}
+        remote = node.remote
+        assert remote is not None
+        meta = {**(remote.metadata or {}), **self._posix_attrs(node).encode()}
         etag = await self._thread(
-            lambda: self.store.copy(
-                key,
-                key,
-                meta,
-                src_etag=node.remote.etag,  # type: ignore[union-attr]
-                size=node.remote.body_size,  # type: ignore[union-attr]
-            )
+            lambda: self.store.copy(key, key, meta, src_etag=remote.etag, size=remote.body_size)
         )
         old_version = node.remote.version
         node.remote = Remote(etag, node.remote.body_size, meta, old_version, attrs_known=True)
@@ -1014,7 +1011,7 @@ class Filesystem:
 
     # --- misc ----------------------------------------------------------------------------
 
-    def forget(self, items: list[tuple[int, int]]) -> None:
+    def forget(self, items: Sequence[tuple[int, int]]) -> None:
         for ino, count in items:
             node = self.nodes.get(ino)
             if node is None:

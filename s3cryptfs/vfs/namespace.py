@@ -238,15 +238,17 @@ class Namespace:
         if node.w.staging is not None:
             async with node.lock:
                 await self.fs.writes.uncut(node)  # what was cut is read from the old name
+        remote = node.remote
+        assert remote is not None
         new_meta = None
-        mpu = gw.is_mpu_object(node.remote.metadata or {})
+        mpu = gw.is_mpu_object(remote.metadata or {})
         if mpu:
             # The manifest moves first, and the object's pointer names its new place.
             await self.fs._thread(
                 lambda: self.fs.store.copy(old_key + gw.MPU_SUFFIX, new_key + gw.MPU_SUFFIX, None)
             )
             new_meta = {
-                **(node.remote.metadata or {}),
+                **(remote.metadata or {}),
                 "encryption-fallback-ptr": new_key + gw.MPU_SUFFIX,
             }
         etag = await self.fs._thread(
@@ -254,8 +256,8 @@ class Namespace:
                 old_key,
                 new_key,
                 new_meta,
-                src_etag=node.remote.etag,  # type: ignore[union-attr]
-                size=node.remote.body_size,  # type: ignore[union-attr]
+                src_etag=remote.etag,
+                size=remote.body_size,
             )
         )
         with contextlib.suppress(ObjectNotFound):
@@ -297,11 +299,10 @@ class Namespace:
                         etags[key] = self.fs.store.put(new_key, b"", marker_meta)
                     elif key + gw.MPU_SUFFIX in sizes:
                         # maybe a gateway multipart object: its pointer must follow it
-                        meta = self.fs.store.head(key).metadata or {}
-                        if gw.is_mpu_object(meta):
-                            meta = {**meta, "encryption-fallback-ptr": new_key + gw.MPU_SUFFIX}
-                        else:
-                            meta = None
+                        head = self.fs.store.head(key).metadata or {}
+                        meta = None  # None: the copy keeps the object's metadata
+                        if gw.is_mpu_object(head):
+                            meta = {**head, "encryption-fallback-ptr": new_key + gw.MPU_SUFFIX}
                         etags[key] = self.fs.store.copy(key, new_key, meta, size=sizes.get(key))
                     else:
                         etags[key] = self.fs.store.copy(key, new_key, size=sizes.get(key))

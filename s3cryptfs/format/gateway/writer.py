@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
@@ -105,12 +105,12 @@ class WriteSettings:
     chunk_size: int = 65536
 
     @staticmethod
-    def from_dict(doc: Mapping[str, object]) -> WriteSettings:
+    def from_dict(doc: Mapping[str, Any]) -> WriteSettings:
         s = WriteSettings(
             wrap=str(doc.get("wrap", "password")),
-            iterations=int(doc.get("iterations", DEFAULT_ITERATIONS)),  # type: ignore[call-overload]
+            iterations=int(doc.get("iterations", DEFAULT_ITERATIONS)),
             algorithm=str(doc.get("algorithm", ALG_AES)),
-            chunk_size=int(doc.get("chunk_size", 65536)),  # type: ignore[call-overload]
+            chunk_size=int(doc.get("chunk_size", 65536)),
         )
         if s.wrap not in ("password", "memory", "cosmian-kmip"):
             raise FormatError(f"gateway: cannot write with key wrap {s.wrap!r}")
