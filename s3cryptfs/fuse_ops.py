@@ -1,7 +1,8 @@
 """The thin pyfuse3 adapter: translate requests to the core, and errors to errnos.
 
 pyfuse3 only survives FUSEError; any other exception ends pyfuse3.main() and takes the mount
-down. So every handler converts at this boundary, through errors.to_errno, and nowhere else.
+down. So every handler converts at this boundary, through errors.to_errno, and nowhere else:
+the handlers here refuse with the named kinds of errors.FsError too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,17 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from s3cryptfs.errors import is_expected, to_errno
+from s3cryptfs.errors import (
+    Busy,
+    InvalidRequest,
+    NoAttribute,
+    NotAllowed,
+    NotDirectory,
+    NotPermitted,
+    NotSupported,
+    is_expected,
+    to_errno,
+)
 from s3cryptfs.vfs.core import Attr, Filesystem
 from s3cryptfs.vfs.nodes import Node
 
@@ -68,7 +79,7 @@ def _guard(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any
 def _control_allowed(ctx: Any) -> None:
     """Only root and whoever runs the mount may drain it, stop it or see what is pending."""
     if ctx.uid not in (0, os.getuid()):
-        raise pyfuse3.FUSEError(errno.EACCES)
+        raise NotAllowed()
 
 
 def _ours(exc: BaseException) -> bool:
@@ -165,7 +176,7 @@ class FuseOperations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: Any) -> int:
         node = self.fs.node(inode)
         if not node.is_dir:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise NotDirectory()
         fh = self._next_dir_fh
         self._next_dir_fh += 1
         self._dirs[fh] = _DirHandle(inode)
@@ -239,7 +250,7 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
-        raise pyfuse3.FUSEError(errno.EPERM)
+        raise NotPermitted()
 
     @_guard
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
@@ -298,7 +309,7 @@ class FuseOperations(pyfuse3.Operations):
             # security.*, system.posix_acl_*, trusted.*: not supported here, and saying so
             # (rather than "no such attribute") lets `ls -l` stop asking for every file: it
             # remembers per device that contexts and ACLs are unsupported.
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+            raise NotSupported()
         node = self.fs.node(inode)
         if name == XATTR_STATE and not node.is_dir:
             return self.fs.state_of(node).encode()
@@ -318,7 +329,7 @@ class FuseOperations(pyfuse3.Operations):
             if name == XATTR_STATUS:
                 status["key_managers"] = await self._key_health()
             return json.dumps(status, sort_keys=True).encode()
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        raise NoAttribute()
 
     async def _key_health(self) -> dict[str, str]:
         async with self._health_lock:  # readers at the same time share one round of checks
@@ -344,12 +355,12 @@ class FuseOperations(pyfuse3.Operations):
             try:
                 stall = float(value.decode() or "60")
             except ValueError:
-                raise pyfuse3.FUSEError(errno.EINVAL) from None
+                raise InvalidRequest() from None
             if await self.fs.drain(stall):
-                raise pyfuse3.FUSEError(errno.EBUSY)
+                raise Busy()
             return
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
+        raise NotSupported()
 
     @_guard
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
+        raise NotSupported()

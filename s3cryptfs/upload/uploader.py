@@ -279,9 +279,7 @@ class Uploader:
         offset, size = entry.body_offset, entry.body_size
         if self.helper is not None:
             try:
-                etag: str = await self.helper.call(
-                    "upload_file", *args, offset=offset, size=size
-                )
+                etag: str = await self.helper.call("upload_file", *args, offset=offset, size=size)
                 return etag
             except HelperUnavailable:
                 pass

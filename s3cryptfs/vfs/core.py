@@ -7,7 +7,6 @@ kernel. It raises errors from s3cryptfs.errors; fuse_ops turns them into errnos.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import stat
@@ -24,12 +23,20 @@ from s3cryptfs.cache.disk import DiskCache
 from s3cryptfs.cache.reader import Reader, Version
 from s3cryptfs.codec import OWN, ObjectCodec, object_kind
 from s3cryptfs.errors import (
-    FsError,
+    AlreadyExists,
+    BadHandle,
     IntegrityError,
+    InvalidRequest,
+    IsDirectory,
     KeyManagerError,
     KeyNotFound,
     KeyRetired,
+    NameTooLong,
+    NoSuchEntry,
+    NotDirectory,
+    NotPermitted,
     ObjectNotFound,
+    ReadOnlyMount,
     S3CryptFSError,
     UnknownProvider,
     UploadConflict,
@@ -257,25 +264,23 @@ class Filesystem:
 
     def _check_name(self, parent: Node, name: str) -> None:
         if parent.path == "" and name == META_DIR:
-            raise FsError(errno.EPERM, f"{META_DIR} is reserved for the volume's metadata")
+            raise NotPermitted(f"{META_DIR} is reserved for the volume's metadata")
         if len(name.encode()) > MAX_NAME_BYTES:
-            raise FsError(errno.ENAMETOOLONG)
+            raise NameTooLong()
         if len(self.key(child_path(parent.path, name)).encode()) + 1 > MAX_KEY_BYTES:
             # +1: the same name may become a directory, whose marker key ends in "/"
-            raise FsError(
-                errno.ENAMETOOLONG, "the S3 key (with a trailing /) would exceed 1024 bytes"
-            )
+            raise NameTooLong("the S3 key (with a trailing /) would exceed 1024 bytes")
 
     def _writable(self) -> None:
         if self.opts.read_only:
-            raise FsError(errno.EROFS)
+            raise ReadOnlyMount()
 
     # --- nodes ---------------------------------------------------------------------------
 
     def node(self, ino: int) -> Node:
         node = self.nodes.get(ino)
         if node is None:
-            raise FsError(errno.ENOENT, f"unknown inode {ino}")
+            raise NoSuchEntry(f"unknown inode {ino}")
         return node
 
     def _file_node(self, path: str, info: ObjectInfo | ChildInfo) -> Node:
@@ -546,14 +551,14 @@ class Filesystem:
     async def lookup(self, parent_ino: int, name: str) -> Node:
         parent = self.node(parent_ino)
         if not parent.is_dir:
-            raise FsError(errno.ENOTDIR)
+            raise NotDirectory()
         if name == ".":
             return parent
         if name == "..":
             return self.nodes.at(parent.parent_path) or parent
         node = await self._child(parent, name)
         if node is None:
-            raise FsError(errno.ENOENT)
+            raise NoSuchEntry()
         await self._load_metadata(node)
         return node
 
@@ -615,7 +620,7 @@ class Filesystem:
     async def readdir(self, ino: int) -> list[tuple[str, Node]]:
         node = self.node(ino)
         if not node.is_dir:
-            raise FsError(errno.ENOTDIR)
+            raise NotDirectory()
         listing = await self._list(node)
         out: list[tuple[str, Node]] = []
         for name in sorted(listing.children):
@@ -685,7 +690,7 @@ class Filesystem:
             self.nodes.detach(node)
             node.unlinked = True
             self._listing_remove(node.parent_path, node.name)
-            raise FsError(errno.ENOENT, f"{key} was deleted by another client") from None
+            raise NoSuchEntry(f"{key} was deleted by another client") from None
         if head.etag == node.remote.etag and node.remote.metadata is not None:
             return True
         changed = head.etag != node.remote.etag
@@ -720,7 +725,7 @@ class Filesystem:
     async def readlink(self, ino: int) -> bytes:
         node = self.node(ino)
         if not node.is_link:
-            raise FsError(errno.EINVAL)
+            raise InvalidRequest()
         if node.link_target is None:
             await self._revalidate(node)
             assert node.remote is not None
@@ -738,7 +743,7 @@ class Filesystem:
         """Returns the handle and whether the kernel may keep its page cache."""
         node = self.node(ino)
         if node.is_dir:
-            raise FsError(errno.EISDIR)
+            raise IsDirectory()
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable:
             self._writable()
@@ -772,7 +777,7 @@ class Filesystem:
         self._check_name(parent, name)
         existing = await self._child(parent, name)
         if existing is not None and not existing.unlinked:
-            raise FsError(errno.EEXIST)
+            raise AlreadyExists()
         now = now_ns()
         path = child_path(parent.path, name)
         node = Node(self.nodes.new_ino(), path, stat.S_IFREG | (mode & 0o7777), uid, gid, now, now)
@@ -803,7 +808,7 @@ class Filesystem:
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.handles[fh]
         if not handle.writable:
-            raise FsError(errno.EBADF)
+            raise BadHandle()
         node = handle.node
         await self._materialize(node)
         written = await self.writes.write(node, offset, data)
@@ -920,7 +925,7 @@ class Filesystem:
         now = now_ns()
         if size is not None:
             if node.is_dir:
-                raise FsError(errno.EISDIR)
+                raise IsDirectory()
             if size == 0 and node.w.staging is None:
                 node.w.attach(self.writes.new_staging(), dirty=True)
             else:

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import logging
 import stat
 from typing import TYPE_CHECKING
 
-from s3cryptfs.errors import FsError, ObjectNotFound
+from s3cryptfs.errors import (
+    AlreadyExists,
+    DirectoryNotEmpty,
+    InvalidRequest,
+    IsDirectory,
+    NoSuchEntry,
+    NotDirectory,
+    NotPermitted,
+    ObjectNotFound,
+)
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
 from s3cryptfs.vfs.attrindex import SELF
@@ -35,7 +43,7 @@ class Namespace:
         parent = self.fs.node(parent_ino)
         self.fs._check_name(parent, name)
         if await self.fs._child(parent, name) is not None:
-            raise FsError(errno.EEXIST)
+            raise AlreadyExists()
         return parent, child_path(parent.path, name)
 
     async def mkdir(
@@ -109,11 +117,11 @@ class Namespace:
         parent = self.fs.node(parent_ino)
         node = await self.fs._child(parent, name)
         if node is None:
-            raise FsError(errno.ENOENT)
+            raise NoSuchEntry()
         if not node.is_dir:
-            raise FsError(errno.ENOTDIR)
+            raise NotDirectory()
         if not await self._is_empty(node):
-            raise FsError(errno.ENOTEMPTY)
+            raise DirectoryNotEmpty()
         with contextlib.suppress(ObjectNotFound):
             await self.fs._thread(self.fs.store.delete, self.fs.key(node.path) + "/")
         node.unlinked = True
@@ -129,9 +137,9 @@ class Namespace:
         parent = self.fs.node(parent_ino)
         node = await self.fs._child(parent, name)
         if node is None:
-            raise FsError(errno.ENOENT)
+            raise NoSuchEntry()
         if node.is_dir:
-            raise FsError(errno.EISDIR)
+            raise IsDirectory()
         key = self.fs.key(node.path)
         await self.fs.writes.drop_stream(node, "unlinked")
         if node.opens > 0:
@@ -175,25 +183,25 @@ class Namespace:
         self.fs._check_name(dst_parent, new_name)
         node = await self.fs._child(src_parent, old_name)
         if node is None:
-            raise FsError(errno.ENOENT)
+            raise NoSuchEntry()
         target = await self.fs._child(dst_parent, new_name)
         if target is node:
             return
         noreplace = flags & 1  # RENAME_NOREPLACE
         if flags & ~1:
-            raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+            raise InvalidRequest("RENAME_EXCHANGE is not supported")
         if target is not None:
             if noreplace:
-                raise FsError(errno.EEXIST)
+                raise AlreadyExists()
             if node.is_dir and not target.is_dir:
-                raise FsError(errno.ENOTDIR)
+                raise NotDirectory()
             if not node.is_dir and target.is_dir:
-                raise FsError(errno.EISDIR)
+                raise IsDirectory()
             if target.is_dir and not await self._is_empty(target):
-                raise FsError(errno.ENOTEMPTY)
+                raise DirectoryNotEmpty()
         new_path = child_path(dst_parent.path, new_name)
         if node.is_dir and new_path.startswith(node.path + "/"):
-            raise FsError(errno.EINVAL, "cannot move a directory into itself")
+            raise InvalidRequest("cannot move a directory into itself")
         # A streamed upload goes to the old name: it is sent whole at close instead.
         await self.fs._drop_streams_under(node.path)
         if target is not None:
@@ -374,5 +382,5 @@ class Namespace:
                     self.fs.index.note(new_d, name, dataclasses.replace(entry, etag=new_etag))
 
     def link(self) -> None:
-        raise FsError(errno.EPERM, "hard links are not supported on s3cryptfs")
+        raise NotPermitted("hard links are not supported on s3cryptfs")
 
