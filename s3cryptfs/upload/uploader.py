@@ -23,6 +23,8 @@ from s3cryptfs.upload.journal import CHAIN, Entry, Journal, Upload
 log = logging.getLogger(__name__)
 
 Uploaded = Callable[[Entry], Awaitable[None]]
+# Seconds before a conflict copy that could not be stored is tried again.
+CONFLICT_RETRY = 10.0
 
 
 class Uploader:
@@ -232,11 +234,7 @@ class Uploader:
                 return
             etag = landed
         except Exception as exc:  # noqa: BLE001 - any failure: keep the data, retry later
-            self.failed_attempts += 1
-            entry.error = exc
-            entry.to(Upload.QUEUED)
             delay = min(60.0, 2.0 ** min(entry.attempts, 6))
-            entry.not_before = time.monotonic() + delay
             log.error(
                 "upload of %s failed (attempt %d, retrying in %.0fs; the data is kept): %s",
                 entry.key,
@@ -244,10 +242,7 @@ class Uploader:
                 delay,
                 exc,
             )
-            del self.in_flight[entry.key]
-            self.queue.insert(0, entry)
-            entry._notify()
-            self._kick()
+            self._retry_later(entry, exc, delay)
             return
         entry.etag = etag
         self.last_etag[entry.key] = etag
@@ -313,13 +308,8 @@ class Uploader:
         try:
             await self._upload_body(entry, conflict_key, None, True)
         except Exception as exc:  # noqa: BLE001 - keep it queued, try again later
-            entry.error = exc
-            entry.to(Upload.QUEUED)
-            entry.not_before = time.monotonic() + 10
             log.error("conflict copy of %s could not be stored yet: %s", entry.key, exc)
-            del self.in_flight[entry.key]
-            self.queue.insert(0, entry)
-            entry._notify()
+            self._retry_later(entry, exc, CONFLICT_RETRY)
             return
         log.error(
             "upload conflict: %s was changed by another writer; this mount's version was saved "
@@ -334,6 +324,18 @@ class Uploader:
         await self._finish(entry, Upload.CONFLICT)
         if self.on_conflict is not None:
             await self.on_conflict(entry)
+
+    def _retry_later(self, entry: Entry, exc: Exception, delay: float) -> None:
+        """An attempt failed: *entry* goes back to the head of the queue, to be tried again
+        after *delay* seconds; its waiters learn of *exc*, and the freed slot is used."""
+        self.failed_attempts += 1
+        entry.error = exc
+        entry.to(Upload.QUEUED)
+        entry.not_before = time.monotonic() + delay
+        del self.in_flight[entry.key]
+        self.queue.insert(0, entry)
+        entry._notify()
+        self._kick()
 
     async def _finish(self, entry: Entry, state: Upload) -> None:
         if entry.slot is not None:
