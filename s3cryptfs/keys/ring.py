@@ -67,10 +67,6 @@ class KeyRing:
         self._stale: list[KeyManager] = []
         self.descriptor = descriptor
 
-    @property
-    def active_provider(self) -> str:
-        return self.descriptor.provider
-
     def manager(self, provider: str) -> KeyManager:
         with self._lock:
             found = self._managers.get(provider)

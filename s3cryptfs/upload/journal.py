@@ -289,10 +289,3 @@ class Journal:
             )
         entries.sort(key=lambda e: e.seq)
         return entries
-
-    def pending_bytes(self) -> int:
-        total = self.slots.used_bytes()
-        for name in os.listdir(self.dir):
-            with contextlib.suppress(FileNotFoundError):
-                total += os.stat(os.path.join(self.dir, name)).st_size
-        return total

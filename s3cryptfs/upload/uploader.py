@@ -58,7 +58,6 @@ class Uploader:
         self.last_etag: dict[str, str] = {}
         self._wakeup = trio.Event()
         self.uploaded_count = 0
-        self.failed_attempts = 0
         self.queued_bytes = 0
         self._space = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -328,7 +327,6 @@ class Uploader:
     def _retry_later(self, entry: Entry, exc: Exception, delay: float) -> None:
         """An attempt failed: *entry* goes back to the head of the queue, to be tried again
         after *delay* seconds; its waiters learn of *exc*, and the freed slot is used."""
-        self.failed_attempts += 1
         entry.error = exc
         entry.to(Upload.QUEUED)
         entry.not_before = time.monotonic() + delay

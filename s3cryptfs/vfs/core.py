@@ -11,7 +11,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -1105,5 +1105,3 @@ class Filesystem:
             for provider, exc in self.key_problems().items()
         }
 
-    def iter_nodes(self) -> Iterator[Node]:
-        return iter(list(self.nodes.by_ino.values()))
