@@ -407,8 +407,8 @@ class Mount:
 
 def _delete_in_background(paths: list[str]) -> None:
     """Uploaded bodies still in the journal's trash: everything is in S3 and the journal is
-    consistent, so the unmount does not wait for their deletion (0.7 s per GiB on some file
-    systems). A detached `rm` deletes them; if it cannot, the next mount does."""
+    consistent, so the unmount does not wait for their deletion (seconds for a large file on
+    some file systems). A detached `rm` deletes them; if it cannot, the next mount does."""
     if not paths:
         return
     with contextlib.suppress(OSError):

@@ -70,9 +70,9 @@ class Reader:
         self,
         cache: BlockCache,
         limiter: trio.CapacityLimiter,
-        # Measured on this machine (1 GiB cold `cat`, 2 runs each): 2 MiB groups fetched in
-        # 16 MiB spans read at 168-181 MiB/s against 87-127 MiB/s for 1 MiB groups in 8 MiB
-        # spans; a cold random 4 KiB read costs ~12% more (it fetches a whole group).
+        # Few, large requests: per-request overhead (signing, parsing, a round trip) is what
+        # bounds a cold sequential read. The price is that a cold random small read fetches a
+        # whole group.
         group_bytes: int = 2 * 1024 * 1024,
         readahead_max: int = 32 * 1024 * 1024,
         span_bytes: int = 16 * 1024 * 1024,
