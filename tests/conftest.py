@@ -127,6 +127,15 @@ def password_file(tmp_path) -> Path:
 # Command line
 
 
+def wait_until(predicate, timeout: float = 30.0, what: str = "the condition") -> None:
+    """Poll *predicate* until it is true; fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
 class CliError(AssertionError):
     """An `s3cryptfs` command failed (or succeeded when it should not have)."""
 
@@ -412,6 +421,30 @@ class Volume:
 
     def is_mounted(self) -> bool:
         return is_mounted(self.mountpoint)
+
+    def wait_heartbeats(self, s3client, count: int = 2, timeout: float = 60.0) -> None:
+        """Until the running mount has rewritten its record (.s3cryptfs/mounts/) *count* times.
+        Each rewrite follows a re-read of the descriptor (mount.py, _heartbeat), so after two a
+        whole re-read has happened since the call: what a test that changed the descriptor
+        waits for (with --descriptor-refresh 1, a rewrite a second)."""
+        prefix = f"{self.prefix}.s3cryptfs/mounts/"
+
+        def stamps() -> dict[str, object]:
+            listed = s3client.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+            return {o["Key"]: o["LastModified"] for o in listed.get("Contents", [])}
+
+        # LastModified has whole seconds, and rewrites are more than a second apart: each one
+        # shows as a new value.
+        last, seen = stamps(), 0
+        deadline = time.monotonic() + timeout
+        while seen < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the mount rewrote its record {seen} times in {timeout} s")
+            time.sleep(0.1)
+            now = stamps()
+            if any(key in last and stamp != last[key] for key, stamp in now.items()):
+                seen += 1
+            last = now
 
     def pids(self) -> list[int]:
         """Live processes whose command line mentions this mountpoint (the mount daemon)."""
