@@ -24,10 +24,6 @@ class AuditLog:
         if path:
             self._fd = open_append_private(path, "audit log")
 
-    @property
-    def enabled(self) -> bool:
-        return self._fd is not None
-
     def event(self, event: str, outcome: str = "ok", **fields: Any) -> None:
         if self._fd is None:
             return

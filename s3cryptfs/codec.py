@@ -454,12 +454,14 @@ class ObjectCodec:
         """The plaintext size of a body, from its length (and metadata where the format needs
         it); None where it cannot be told."""
         try:
-            kind = OWN if meta is None else object_kind(meta)
+            if meta is None:
+                return self.plain_size(body_size)
+            kind = object_kind(meta)
             if kind == OWN:
                 return self.plain_size(body_size)
             if kind == PLAIN:
                 return body_size
-            norm = gw.normalize_metadata(meta)  # type: ignore[arg-type]
+            norm = gw.normalize_metadata(meta)
             recorded = gw.recorded_size(norm)
             if recorded is not None:
                 # What the gateway reports too; a body that disagrees fails at the first read.

@@ -1,7 +1,8 @@
 """The one error hierarchy of s3cryptfs, and the one table that maps it to errno.
 
 Every layer raises these (or lets a foreign exception escape to the FUSE adapter, which
-maps anything unknown to EIO and logs it). Nothing else in the code base chooses an errno.
+maps anything unknown to EIO and logs it). Nothing else in the code base chooses an errno: a
+refusal with its own errno is a named FsError kind, and ERRNO_TABLE gives each kind its errno.
 Pure: imports nothing from FUSE, trio or boto3.
 """
 
@@ -117,40 +118,128 @@ class KeyRetired(KeyManagerError):
 
 
 class FsError(S3CryptFSError):
-    """A POSIX-level refusal with an explicit errno (ENOTEMPTY, EEXIST, ...)."""
+    """A POSIX-level refusal of a request. Raise one of the named kinds below, never FsError
+    itself: each kind's errno is in ERRNO_TABLE. The message defaults to the errno's name."""
 
-    def __init__(self, err: int, message: str = "") -> None:
-        super().__init__(message or errno.errorcode.get(err, str(err)))
-        self.errno = err
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or errno.errorcode.get(to_errno(self), "EIO"))
+
+
+class NoSuchEntry(FsError):
+    """The name or inode is not (or no longer) there."""
+
+
+class AlreadyExists(FsError):
+    """The name is taken."""
+
+
+class DirectoryNotEmpty(FsError):
+    """Removing or replacing a directory that still has entries."""
+
+
+class IsDirectory(FsError):
+    """A file operation on a directory."""
+
+
+class NotDirectory(FsError):
+    """A directory operation on something else."""
+
+
+class NameTooLong(FsError):
+    """A name over 255 bytes, or an S3 key over 1024."""
+
+
+class ReadOnlyMount(FsError):
+    """A change to a --read-only mount."""
+
+
+class NotPermitted(FsError):
+    """Something this file system never does (hard links, device nodes, the metadata name)."""
+
+
+class NotAllowed(FsError):
+    """The caller may not do this (the mount's control attributes are for its owner)."""
+
+
+class BadHandle(FsError):
+    """The file handle does not allow the operation."""
+
+
+class InvalidRequest(FsError):
+    """The request makes no sense here (a flag we do not support, a bad value)."""
+
+
+class NotSupported(FsError):
+    """An operation this file system does not implement."""
+
+
+class NoAttribute(FsError):
+    """No extended attribute of that name."""
+
+
+class Busy(FsError):
+    """Not done in time: a drain that did not empty the upload queue."""
 
 
 class UploadConflict(S3CryptFSError):
     """Our upload lost a race against another writer; our data was kept elsewhere."""
 
 
-# The table. Order matters: the first class in the MRO that is listed wins.
+# The table: every class of the hierarchy is listed (tests/test_errors.py checks it), so a new
+# kind gets its errno chosen here, on purpose. Foreign exceptions map by their first listed
+# base class.
 ERRNO_TABLE: dict[type[BaseException], int] = {
-    ObjectNotFound: errno.ENOENT,
-    BucketNotFound: errno.EIO,
+    S3CryptFSError: errno.EIO,
+    ConfigError: errno.EINVAL,  # e.g. a password needed for old objects, met while serving
+    VolumeError: errno.EIO,
+    WrongPasswordError: errno.EIO,
+    StoreError: errno.EIO,
+    ObjectNotFound: errno.ENOENT,  # the one store error that means "no such file"
+    BucketNotFound: errno.EIO,  # not ENOENT: the file may well exist
     AccessDenied: errno.EACCES,
     PreconditionFailed: errno.EIO,
-    TransientStoreError: errno.EIO,
-    StoreError: errno.EIO,
+    TransientStoreError: errno.EIO,  # never ENOENT: a 5xx says nothing about existence
+    EndpointUnreachable: errno.EIO,
     IntegrityError: errno.EIO,
-    KeyManagerError: errno.EIO,
+    FormatError: errno.EIO,
+    DescriptorAuthError: errno.EIO,
+    ObjectTooLarge: errno.EIO,
+    KeyManagerError: errno.EIO,  # KMS refusals too: the caller's own access is not in question
+    KeyNotFound: errno.EIO,
+    UnwrapFailed: errno.EIO,
+    InvalidEnvelope: errno.EIO,
+    ProviderUnavailable: errno.EIO,
+    UnknownProvider: errno.EIO,
+    KeyAccessDenied: errno.EIO,
+    KeyRetired: errno.EIO,
+    FsError: errno.EIO,  # raised only through a named kind
+    NoSuchEntry: errno.ENOENT,
+    AlreadyExists: errno.EEXIST,
+    DirectoryNotEmpty: errno.ENOTEMPTY,
+    IsDirectory: errno.EISDIR,
+    NotDirectory: errno.ENOTDIR,
+    NameTooLong: errno.ENAMETOOLONG,
+    ReadOnlyMount: errno.EROFS,
+    NotPermitted: errno.EPERM,
+    NotAllowed: errno.EACCES,
+    BadHandle: errno.EBADF,
+    InvalidRequest: errno.EINVAL,
+    NotSupported: errno.ENOTSUP,  # the same number as EOPNOTSUPP on Linux
+    NoAttribute: errno.ENODATA,  # what pyfuse3 calls ENOATTR
+    Busy: errno.EBUSY,
     UploadConflict: errno.EIO,
-    VolumeError: errno.EIO,
-    ConfigError: errno.EINVAL,
-    S3CryptFSError: errno.EIO,
+    # Our own local files (write-back files, the journal, the block cache): their errno is
+    # about those files, not the user's (ENOENT of a journal body is not "no such file").
     OSError: errno.EIO,
 }
+
+# ...except running out of room, which is as true of the user's write as of our file.
+OS_ERRNOS_PASSED: frozenset[int] = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def to_errno(exc: BaseException) -> int:
     """The errno a FUSE request should fail with for *exc*."""
-    if isinstance(exc, FsError):
-        return exc.errno
-    if isinstance(exc, OSError) and exc.errno:
+    if isinstance(exc, OSError) and exc.errno in OS_ERRNOS_PASSED:
         return exc.errno
     for cls in type(exc).__mro__:
         if cls in ERRNO_TABLE:

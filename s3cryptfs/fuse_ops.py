@@ -1,7 +1,8 @@
 """The thin pyfuse3 adapter: translate requests to the core, and errors to errnos.
 
 pyfuse3 only survives FUSEError; any other exception ends pyfuse3.main() and takes the mount
-down. So every handler converts at this boundary, through errors.to_errno, and nowhere else.
+down. So every handler converts at this boundary, through errors.to_errno, and nowhere else:
+the handlers here refuse with the named kinds of errors.FsError too.
 """
 
 from __future__ import annotations
@@ -13,18 +14,29 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
-from s3cryptfs.errors import is_expected, to_errno
+from s3cryptfs.errors import (
+    Busy,
+    InvalidRequest,
+    NoAttribute,
+    NotAllowed,
+    NotDirectory,
+    NotPermitted,
+    NotSupported,
+    is_expected,
+    to_errno,
+)
 from s3cryptfs.vfs.core import Attr, Filesystem
 from s3cryptfs.vfs.nodes import Node
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+P = ParamSpec("P")
 
 XATTR_STATE = b"user.s3cryptfs.state"
 XATTR_PID = b"user.s3cryptfs.pid"
@@ -44,14 +56,14 @@ ATTR_TIMEOUT = 1.0
 HEALTH_TTL = 10.0
 
 
-def _guard(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def _guard(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the one place errors become errnos
+        except Exception as exc:  # the one place errors become errnos
             err = to_errno(exc)
             if is_expected(exc):
                 log.debug("%s: %s", fn.__name__, exc)
@@ -67,7 +79,7 @@ def _guard(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 def _control_allowed(ctx: Any) -> None:
     """Only root and whoever runs the mount may drain it, stop it or see what is pending."""
     if ctx.uid not in (0, os.getuid()):
-        raise pyfuse3.FUSEError(errno.EACCES)
+        raise NotAllowed()
 
 
 def _ours(exc: BaseException) -> bool:
@@ -130,10 +142,10 @@ class FuseOperations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
         return self._reply(await self.fs.lookup(parent_inode, os.fsdecode(name)))
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
             self.fs.forget(inode_list)
-        except Exception:  # noqa: BLE001 - forget cannot report errors
+        except Exception:  # forget cannot report errors
             log.exception("forget failed")
 
     @_guard
@@ -164,7 +176,7 @@ class FuseOperations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: Any) -> int:
         node = self.fs.node(inode)
         if not node.is_dir:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise NotDirectory()
         fh = self._next_dir_fh
         self._next_dir_fh += 1
         self._dirs[fh] = _DirHandle(inode)
@@ -183,11 +195,10 @@ class FuseOperations(pyfuse3.Operations):
             handle.entries += await self.fs.readdir(handle.inode)
         listing = handle.entries
         for index in range(start_id, len(listing)):
-            name, node = listing[index]
-            if index >= 2:
-                node = self.fs.nodes.current(node)
-                if node is None:
-                    continue  # removed since the listing was taken
+            name, listed = listing[index]
+            node = listed if index < 2 else self.fs.nodes.current(listed)
+            if node is None:
+                continue  # removed since the listing was taken
             attrs = _entry(self.fs.attr(node))
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
                 return
@@ -239,7 +250,7 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
-        raise pyfuse3.FUSEError(errno.EPERM)
+        raise NotPermitted()
 
     @_guard
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
@@ -271,7 +282,7 @@ class FuseOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         try:
             await self.fs.release(fh)
-        except Exception:  # noqa: BLE001 - release cannot report errors to anyone
+        except Exception:  # release cannot report errors to anyone
             log.exception("release failed")
 
     @_guard
@@ -298,7 +309,7 @@ class FuseOperations(pyfuse3.Operations):
             # security.*, system.posix_acl_*, trusted.*: not supported here, and saying so
             # (rather than "no such attribute") lets `ls -l` stop asking for every file: it
             # remembers per device that contexts and ACLs are unsupported.
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+            raise NotSupported()
         node = self.fs.node(inode)
         if name == XATTR_STATE and not node.is_dir:
             return self.fs.state_of(node).encode()
@@ -318,7 +329,7 @@ class FuseOperations(pyfuse3.Operations):
             if name == XATTR_STATUS:
                 status["key_managers"] = await self._key_health()
             return json.dumps(status, sort_keys=True).encode()
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        raise NoAttribute()
 
     async def _key_health(self) -> dict[str, str]:
         async with self._health_lock:  # readers at the same time share one round of checks
@@ -344,12 +355,12 @@ class FuseOperations(pyfuse3.Operations):
             try:
                 stall = float(value.decode() or "60")
             except ValueError:
-                raise pyfuse3.FUSEError(errno.EINVAL) from None
+                raise InvalidRequest() from None
             if await self.fs.drain(stall):
-                raise pyfuse3.FUSEError(errno.EBUSY)
+                raise Busy()
             return
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
+        raise NotSupported()
 
     @_guard
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
+        raise NotSupported()

@@ -232,10 +232,10 @@ class Mount:
         cache_dir = config.volume_cache_dir(spec.cache_root, spec.endpoint_url, spec.url)
         self.lock = CacheLock(cache_dir)
         self.exits.callback(self.lock.release)
-        self.fs = Filesystem(store, codec, spec.url.prefix, cache_dir, spec.fs_options)
+        fs = self.fs = Filesystem(store, codec, spec.url.prefix, cache_dir, spec.fs_options)
         # Uploaded bodies left in the journal's trash go in the background at the very end.
-        self.exits.callback(lambda: _delete_in_background(self.fs.journal.trash_paths()))
-        self.fs.clear_staging()
+        self.exits.callback(lambda: _delete_in_background(fs.journal.trash_paths()))
+        fs.clear_staging()
         self.warnings = authority.warnings + self._check_keys()
 
     def _check_keys(self) -> list[str]:
@@ -421,8 +421,8 @@ class Mount:
 
 def _delete_in_background(paths: list[str]) -> None:
     """Uploaded bodies still in the journal's trash: everything is in S3 and the journal is
-    consistent, so the unmount does not wait for their deletion (0.7 s per GiB on some file
-    systems). A detached `rm` deletes them; if it cannot, the next mount does."""
+    consistent, so the unmount does not wait for their deletion (seconds for a large file on
+    some file systems). A detached `rm` deletes them; if it cannot, the next mount does."""
     if not paths:
         return
     with contextlib.suppress(OSError):

@@ -210,9 +210,12 @@ OPTIONS: tuple[Option, ...] = (
         "gateway_master_key_file",
         Kind.PATH,
         Layer.MOUNT,
-        "the S3 Encryption Gateway's memory-provider master key (hex, base64 or raw), for its "
-        "objects wrapped with provider memory (must not be readable by group or others)",
-        doc="Also for volumes created with `--gateway-wrap memory` (docs/INTEROP.md).",
+        "the S3 Encryption Gateway's memory-provider master key, for its objects wrapped with "
+        "provider memory (must not be readable by group or others)",
+        doc="Read as the gateway reads it: 32, 48 or 64 hex characters are decoded, anything else "
+        "is the key's raw bytes (16, 24 or 32 of them); base64 is not decoded. One trailing "
+        "newline is ignored. Also for volumes created with `--gateway-wrap memory` "
+        "(docs/INTEROP.md).",
         metavar="FILE",
         secret_file=True,
     ),

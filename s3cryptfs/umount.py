@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 from s3cryptfs import mountcheck
 from s3cryptfs.errors import ConfigError, S3CryptFSError
@@ -54,7 +55,7 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def _stats(mountpoint: str) -> dict:
+def _stats(mountpoint: str) -> dict[str, Any]:
     try:
         found = json.loads(os.getxattr(mountpoint, STATS))
     except (OSError, ValueError):

@@ -127,6 +127,15 @@ def password_file(tmp_path) -> Path:
 # Command line
 
 
+def wait_until(predicate, timeout: float = 30.0, what: str = "the condition") -> None:
+    """Poll *predicate* until it is true; fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
 class CliError(AssertionError):
     """An `s3cryptfs` command failed (or succeeded when it should not have)."""
 
@@ -327,6 +336,11 @@ def lazy_unmount(path: str | os.PathLike) -> subprocess.CompletedProcess:
     )
 
 
+# A line of the mount's log (cli/logs.py: "%(asctime)s %(levelname)s %(name)s: %(message)s")
+# at a level that says something went wrong.
+LOG_ERROR = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (ERROR|CRITICAL) ")
+
+
 class Volume:
     """An s3cryptfs volume driven through its command line, as a user would.
 
@@ -335,6 +349,10 @@ class Volume:
     umount():   s3cryptfs umount MOUNTPOINT
     Every method returns the CompletedProcess; with check=True (default) a failure raises CliError.
     cleanup() (run at fixture teardown) unmounts whatever is left and kills leftover processes.
+
+    At teardown its mounts' logs are checked: an ERROR (or CRITICAL) line fails the test unless
+    the test declared it, with vol.expect_log_errors(PATTERN...) or the marker
+    @pytest.mark.expect_log_errors(PATTERN...) (regular expressions searched in the line).
     """
 
     def __init__(
@@ -359,6 +377,8 @@ class Volume:
         self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.mount_args: tuple[str, ...] = ()
         self.last: subprocess.CompletedProcess | None = None
+        self.expected_errors: list[re.Pattern[str]] = []
+        self.log_files: set[Path] = set()  # --log-file of its mounts (besides the cache dir's)
 
     @property
     def url(self) -> str:
@@ -369,8 +389,33 @@ class Volume:
 
     def run(self, *args, check: bool = True, input: str | None = None, **kwargs):
         """Run any s3cryptfs subcommand with this volume's environment (see run_cli)."""
+        words = [str(a) for a in args]
+        if words[:1] == ["mount"] and "--log-file" in words[:-1]:
+            self.log_files.add(Path(words[words.index("--log-file") + 1]))
         self.last = run_cli(*args, env=self.env, input=input, check=check, **kwargs)
         return self.last
+
+    def expect_log_errors(self, *patterns: str) -> None:
+        """ERROR lines this test provokes on purpose (an outage, tampering, a conflict): the
+        teardown check lets lines matching one of *patterns* (regular expressions) through."""
+        self.expected_errors += [re.compile(p) for p in patterns]
+
+    def unexpected_log_errors(self, also_expected: list[re.Pattern[str]]) -> list[str]:
+        """ERROR and CRITICAL lines of this volume's mount logs that nobody declared."""
+        expected = self.expected_errors + also_expected
+        paths = sorted(self.cache_dir.glob("*/mount.log")) + sorted(self.log_files)
+        found = []
+        for path in paths:
+            try:
+                lines = path.read_text(errors="replace").splitlines()
+            except OSError:
+                continue  # a log file the mount could not create
+            found += [
+                f"{path.name}: {line}"
+                for line in lines
+                if LOG_ERROR.match(line) and not any(p.search(line) for p in expected)
+            ]
+        return found
 
     def common_args(self) -> list[str]:
         return ["--endpoint-url", self.endpoint_url, "--password-file", str(self.password_file)]
@@ -413,6 +458,30 @@ class Volume:
     def is_mounted(self) -> bool:
         return is_mounted(self.mountpoint)
 
+    def wait_heartbeats(self, s3client, count: int = 2, timeout: float = 60.0) -> None:
+        """Until the running mount has rewritten its record (.s3cryptfs/mounts/) *count* times.
+        Each rewrite follows a re-read of the descriptor (mount.py, _heartbeat), so after two a
+        whole re-read has happened since the call: what a test that changed the descriptor
+        waits for (with --descriptor-refresh 1, a rewrite a second)."""
+        prefix = f"{self.prefix}.s3cryptfs/mounts/"
+
+        def stamps() -> dict[str, object]:
+            listed = s3client.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+            return {o["Key"]: o["LastModified"] for o in listed.get("Contents", [])}
+
+        # LastModified has whole seconds, and rewrites are more than a second apart: each one
+        # shows as a new value.
+        last, seen = stamps(), 0
+        deadline = time.monotonic() + timeout
+        while seen < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the mount rewrote its record {seen} times in {timeout} s")
+            time.sleep(0.1)
+            now = stamps()
+            if any(key in last and stamp != last[key] for key, stamp in now.items()):
+                seen += 1
+            last = now
+
     def pids(self) -> list[int]:
         """Live processes whose command line mentions this mountpoint (the mount daemon)."""
         return [p for p in processes_mentioning(str(self.mountpoint)) if _alive(p)]
@@ -438,10 +507,11 @@ class Volume:
 
 
 @pytest.fixture
-def make_volume(seaweed, s3env, password_file, tmp_path):
+def make_volume(seaweed, s3env, password_file, tmp_path, request):
     """Factory: make_volume(bucket=None, prefix="vol/", password_file=None, env=None,
     endpoint_url=None) -> Volume (not initialized). Each volume gets its own mountpoint and cache
-    dir; all are cleaned up at teardown. bucket=None creates a fresh bucket."""
+    dir; all are cleaned up at teardown, then their mount logs are checked (see Volume).
+    bucket=None creates a fresh bucket."""
     volumes: list[Volume] = []
 
     def make(bucket=None, prefix="vol/", password_file=password_file, env=None, endpoint_url=None):
@@ -459,6 +529,18 @@ def make_volume(seaweed, s3env, password_file, tmp_path):
     yield make
     for vol in reversed(volumes):
         vol.cleanup()
+    declared = [
+        re.compile(pattern)
+        for marker in request.node.iter_markers("expect_log_errors")
+        for pattern in marker.args
+    ]
+    unexpected = [line for vol in volumes for line in vol.unexpected_log_errors(declared)]
+    if unexpected:
+        pytest.fail(
+            "the mount logged errors the test did not declare (vol.expect_log_errors or "
+            "@pytest.mark.expect_log_errors):\n" + "\n".join(unexpected[:20]),
+            pytrace=False,
+        )
 
 
 @pytest.fixture

@@ -348,7 +348,7 @@ class SeaweedFS:
                 )
             try:
                 client.list_buckets()
-            except Exception as exc:  # not up yet: connection refused, 503 while starting
+            except Exception as exc:  # noqa: BLE001 - not up yet: refused, 503 while starting
                 error = exc
                 time.sleep(0.2)
                 continue
@@ -367,7 +367,7 @@ class SeaweedFS:
                 if exc.response["ResponseMetadata"]["HTTPStatusCode"] in (401, 403):
                     return  # the identity may not create buckets; S3 answered, good enough
                 error = exc
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - not ready yet: reported if it stays so
                 error = exc
             time.sleep(0.2)
         raise RuntimeError(

@@ -7,13 +7,18 @@ import json
 import os
 import stat
 import subprocess
-import time
 
+from tests.conftest import wait_until
 from tests.test_robustness import get_body, objects
 
 
 def stats(volume) -> dict:
     return json.loads(os.getxattr(volume.mountpoint, "user.s3cryptfs.stats"))
+
+
+def wait_index_write(volume, after: int) -> None:
+    """Until *volume*'s mount has written a directory index since its count was *after*."""
+    wait_until(lambda: stats(volume)["index_writes"] > after, what="a directory index write")
 
 
 def heads(volume) -> int:
@@ -170,11 +175,12 @@ def test_two_mounts_writing_one_directory_merge_their_index_entries(make_volume,
     (a.mountpoint / "shared").mkdir()
     for round_ in range(3):
         for vol, tag in ((a, "a"), (b, "b")):
+            written = stats(vol)["index_writes"]
             for i in range(5):
                 p = vol.mountpoint / "shared" / f"{tag}-{round_}-{i}"
                 p.write_bytes(tag.encode())
                 os.chmod(p, 0o600 if tag == "a" else 0o640)
-            time.sleep(2.5)  # its index write goes out (about a second after the changes)
+            wait_index_write(vol, written)  # about a second after the changes
     assert stats(a)["index_writes"] >= 3 and stats(b)["index_writes"] >= 3
     a.umount()
     b.umount()

@@ -70,7 +70,7 @@ def md_b() -> dict[str, str]:
     )
 
 
-# --- §9.1 -------------------------------------------------------------------------------
+# --- §7: the gateway's own known answers ----------------------------------------------------------
 
 
 def test_pbkdf2_kat_100k():
@@ -94,7 +94,7 @@ def test_rfc3394_kat_memory_unwrap():
     assert gw.unwrap_memory_dek(wrapped, bytes(range(32)).hex()) == data
 
 
-# --- §9.2 -------------------------------------------------------------------------------
+# --- §7: values from an independent reading -------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -398,7 +398,7 @@ BODY_C = bytes.fromhex("07511f794f24d02295624d090f8e68ba502c21c24400e3207173344a
 
 
 def md_c(**extra: str) -> dict[str, str]:
-    """Object C (§9.2): single AEAD, password-direct, length-prefixed AAD."""
+    """Object C (§7): single AEAD, password-direct, length-prefixed AAD."""
     md = {
         "encrypted": "true",
         "encryption-algorithm": "AES256-GCM",

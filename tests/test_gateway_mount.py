@@ -1,9 +1,9 @@
 """A bucket shared with the Go S3 Encryption Gateway, through a real mount.
 
-Golden objects are built from the reference's vectors (§9) and put into SeaweedFS as the gateway
-would store them; files written through a gateway-format mount are decrypted from the raw objects
-by `independent_decrypt` below, a reader written from the reference alone (it shares no code with
-s3cryptfs.format.gateway)."""
+Golden objects are built from the known-answer vectors (docs/INTEROP.md §7) and put into SeaweedFS
+as the gateway would store them; files written through a gateway-format mount are decrypted from
+the raw objects by `independent_decrypt` below, a reader written from docs/INTEROP.md §4.1 alone (it
+shares no code with s3cryptfs.format.gateway)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def b64(raw: bytes) -> str:
 
 
 def md_d() -> dict[str, str]:
-    """Object D (§9.2): single AEAD, DEK wrapped by the memory provider."""
+    """Object D (§7): single AEAD, DEK wrapped by the memory provider."""
     return md_c(
         **{
             "encryption-content-type": "application/octet-stream",
@@ -90,7 +90,7 @@ def pbkdf2(salt: bytes, iterations: int) -> bytes:
 
 
 def independent_decrypt(md: dict[str, str], body: bytes, master_key: bytes | None = None) -> bytes:
-    """The reference's §12 reader for chunked objects, written out on its own."""
+    """A reader of chunked objects (§4.1), written out on its own."""
     assert md["encrypted"] == "true" and md["encryption-chunked"] == "true"
     manifest = json.loads(base64.b64decode(md["encryption-manifest"]))
     cs, base_iv = manifest["cs"], base64.b64decode(manifest["iv"])
@@ -101,7 +101,7 @@ def independent_decrypt(md: dict[str, str], body: bytes, master_key: bytes | Non
         kek = pbkdf2(blob[4:36], iterations)
         dek = AESGCM(kek).decrypt(blob[36:48], blob[48:], None)
     elif md["encryption-kms-provider"] == "cosmian-kmip":
-        dek = aes_key_unwrap(master_key, blob)  # the KMIP key's material (RFC 3394, §3.5)
+        dek = aes_key_unwrap(master_key, blob)  # the KMIP key's material (RFC 3394, §3.4)
     else:
         assert md["encryption-kms-provider"] == "memory" and md["encryption-kms-id"] == "memory-v1"
         dek = aes_key_unwrap(master_key, blob)
@@ -291,8 +291,8 @@ def test_memory_wrapped_gateway_volume(make_volume, gw_password_file, master_key
 
 
 def mpu_object(plain_parts: list[bytes], upload_id: str) -> tuple[bytes, bytes]:
-    """An encrypted multipart object as the gateway stores it (§5), built from the spec alone:
-    returns (body, manifest JSON)."""
+    """An encrypted multipart object as the gateway stores it, built from docs/INTEROP.md §5
+    alone: returns (body, manifest JSON)."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -408,7 +408,7 @@ def test_cosmian_kmip_gateway_volume(make_volume, keywrap_server, s3client, tmp_
     desc = json.loads(get_body(s3client, vol.bucket, vol.prefix + ".s3cryptfs/volume.json"))
     key_id = desc["key_manager"]["settings"]["keys"][0]["id"]
     kek = _key_material(keywrap_server, key_id)
-    # An object the gateway wrote through the same KMS key (RFC 3394 under the key, §3.5).
+    # An object the gateway wrote through the same KMS key (RFC 3394 under the key, §3.4).
     dek = os.urandom(32)
     body, md = gw.encrypt_chunked(HELLO * 5000, PW, iterations=100_000, dek=dek, wrap=True)
     md.update(

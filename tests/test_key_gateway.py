@@ -1,5 +1,6 @@
 """The gateway's `password` and `memory` modes as key managers (s3cryptfs/keys/gateway.py): the
-shared KeyManager conformance suite, the reference's vectors through them, and their refusals.
+shared KeyManager conformance suite, the known-answer vectors (docs/INTEROP.md §7) through them,
+and their refusals.
 Pure and fast: no servers."""
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def unreachable_manager():
 
 
 class GatewayRules:
-    """What the gateway does differently from our own managers (§3.3, §3.4): the blob carries
-    everything, so an envelope opens whatever key id and version it names."""
+    """What the gateway does differently from our own managers (docs/INTEROP.md §3.2, §3.3): the
+    blob carries everything, so an envelope opens whatever key id and version it names."""
 
     def test_unknown_version(self, manager) -> None:
         dek = os.urandom(32)
@@ -136,7 +137,7 @@ class TestMemoryMode(GatewayRules, Conformance):
         dek = os.urandom(32)
         env = manager.wrap_key(dek, CONTEXT)
         assert (env.provider, env.key_id, env.key_version) == ("memory", "memory-v1", 1)
-        assert aes_key_unwrap(MASTER_KEY, env.ciphertext) == dek  # RFC 3394, §3.4
+        assert aes_key_unwrap(MASTER_KEY, env.ciphertext) == dek  # RFC 3394, §3.3
 
     def test_master_key_parsed_as_the_gateway_does(self) -> None:
         wrapped = aes_key_wrap(bytes(16), DEK_B)

@@ -171,7 +171,7 @@ def test_migration_under_a_running_mount_loses_nothing(mounted, request, s3clien
     vol.remount("--descriptor-refresh", "1")
     (vol.mountpoint / "old.txt").write_bytes(b"before the migration")
     vol.run("migrate", vol.url, *vol.common_args(), "--to", "vault", "--kms-config", cfg)
-    time.sleep(1.5)  # past the mount's descriptor refresh interval
+    vol.wait_heartbeats(s3client)  # it has re-read the descriptor since
     (vol.mountpoint / "new.txt").write_bytes(b"after the migration")
     (vol.mountpoint / "new2.txt").write_bytes(b"after the migration, again")
     refused = vol.run("umount", vol.mountpoint, "--timeout", "3", check=False)

@@ -6,7 +6,8 @@ How the messages are found (ast, over every s3cryptfs/**/*.py):
   stands (``raise X(...)``, ``return X(...)`` in a translate function, ``err = X(...)``), and
   every construction through a name that holds such a class (``kind = KeyNotFound if ...``,
   ``raise kind(...)``, ``raise type(exc)(...)``, a parameter ``exc=FormatError``). The message
-  is the first argument; for FsError, the second (``FsError(errno, message)``).
+  is the first argument; the named FsError kinds may have none (``NoSuchEntry()``: the errno's
+  name is not a message).
 * every ``raise f(<string>)`` whose callee the test cannot resolve (a factory, a variable).
 * the format string of ``log.error/warning/exception/critical(...)``.
 * what reaches stderr: ``print(..., file=sys.stderr)``, ``raise SystemExit("...")``, and the
@@ -58,6 +59,11 @@ ERROR_CLASSES = {
     name
     for name, cls in inspect.getmembers(errors, inspect.isclass)
     if issubclass(cls, errors.S3CryptFSError)
+}
+FS_KINDS = {
+    name
+    for name, cls in inspect.getmembers(errors, inspect.isclass)
+    if issubclass(cls, errors.FsError)
 }
 LOG_METHODS = {"error", "warning", "exception", "critical"}
 LOGGERS = {"log", "logger", "logging"}
@@ -461,8 +467,8 @@ class Extractor:
         return None
 
     def _construction(self, rel: str, call: ast.Call, scope: _Scope, fn: str, cls: str) -> None:
-        if cls == "FsError":
-            msg = call.args[1] if len(call.args) > 1 else None
+        if cls in FS_KINDS:
+            msg = call.args[0] if call.args else None
             msg = next((k.value for k in call.keywords if k.arg == "message"), msg)
             if msg is None:
                 return  # the errno's name, e.g. "ENOTEMPTY": not a message

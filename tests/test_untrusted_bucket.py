@@ -121,7 +121,7 @@ def test_redirected_key_wrapping_is_refused_everywhere(mounted, s3client, listen
         (vol.mountpoint / "lure.txt").read_bytes()
     assert info.value.errno == errno.EIO
     assert wait_for(lambda: "descriptor in the bucket is refused" in mount_log(vol))
-    time.sleep(1.5)  # past the periodic re-read too
+    vol.wait_heartbeats(s3client)  # the periodic re-read has refused it too
     (vol.mountpoint / "new.txt").write_bytes(b"written after the attack")
     os.sync()
     vol.umount()

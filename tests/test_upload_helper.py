@@ -140,7 +140,8 @@ def run_with_helper(store: S3Store, body) -> UploadHelper:
             with pytest.raises(HelperUnavailable):  # not started yet: the caller uses a thread
                 await helper.call("upload_file", "x", "/nonexistent", {})
             with trio.fail_after(30):
-                while helper.pid is None:
+                # The helper signals its start only by having a pid: poll it.
+                while helper.pid is None:  # noqa: ASYNC110
                     await trio.sleep(0.02)
             await body(helper)
             nursery.cancel_scope.cancel()

@@ -8,6 +8,7 @@ a bound, is topped up a span at a time, and resets on a random access.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -69,9 +70,9 @@ class Reader:
         self,
         cache: BlockCache,
         limiter: trio.CapacityLimiter,
-        # Measured on this machine (1 GiB cold `cat`, 2 runs each): 2 MiB groups fetched in
-        # 16 MiB spans read at 168-181 MiB/s against 87-127 MiB/s for 1 MiB groups in 8 MiB
-        # spans; a cold random 4 KiB read costs ~12% more (it fetches a whole group).
+        # Few, large requests: per-request overhead (signing, parsing, a round trip) is what
+        # bounds a cold sequential read. The price is that a cold random small read fetches a
+        # whole group.
         group_bytes: int = 2 * 1024 * 1024,
         readahead_max: int = 32 * 1024 * 1024,
         span_bytes: int = 16 * 1024 * 1024,
@@ -149,28 +150,32 @@ class Reader:
 
     async def _group(self, version: Version, group: int) -> dict[int, bytes]:
         key = (version.vid, group)
-        flight = self._flights.get(key)
-        if flight is None:
-            flight = _Flight()
-            self._flights[key] = flight
-            try:
-                flight.blocks = await trio.to_thread.run_sync(
-                    self._fetch_group, version, group, limiter=self.limiter
-                )
-                for index, block in flight.blocks.items():
-                    self.cache.put(version.vid, index, block)
-            except BaseException as exc:
-                flight.error = exc
-                raise
-            finally:
-                del self._flights[key]
-                flight.done.set()
-            return flight.blocks
-        await flight.done.wait()
-        if flight.error is not None:
-            raise IntegrityError(f"{version.name}: read failed: {flight.error}")
-        assert flight.blocks is not None
-        return flight.blocks
+        while (joined := self._flights.get(key)) is not None:
+            await joined.done.wait()
+            if joined.blocks is not None:
+                return joined.blocks
+            if isinstance(joined.error, Exception):
+                # The same failure for every reader that waited on it: its kind is what the
+                # application sees (a deleted object is ENOENT, an outage EIO).
+                raise _again(joined.error) from joined.error
+            # Cancelled (its reader went away, or the mount stops): not a failure of the
+            # fetch. Fetch again, or join whoever started to meanwhile.
+        flight = _Flight()
+        self._flights[key] = flight
+        try:
+            blocks: dict[int, bytes] = await trio.to_thread.run_sync(
+                self._fetch_group, version, group, limiter=self.limiter
+            )
+            for index, block in blocks.items():
+                self.cache.put(version.vid, index, block)
+            flight.blocks = blocks
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            del self._flights[key]
+            flight.done.set()
+        return blocks
 
     async def read(
         self, version: Version, offset: int, size: int, state: ReadState | None = None
@@ -276,6 +281,15 @@ class Reader:
 
     def forget(self, version: Version) -> None:
         self.cache.drop(version.vid)
+
+
+def _again(exc: Exception) -> Exception:
+    """*exc* for one more reader to raise: the same kind and message, with a traceback of its
+    own (one exception object raised by several tasks would collect all their frames)."""
+    try:
+        return copy.copy(exc)
+    except Exception:  # noqa: BLE001 - an exception that cannot be copied is raised as it is
+        return exc
 
 
 def _retry_uncached(version: Version, start: int, end: int, use: Callable[[bytes], T]) -> T:

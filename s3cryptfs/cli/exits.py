@@ -7,6 +7,7 @@ import logging
 import os
 import select
 import sys
+from typing import TextIO
 
 from s3cryptfs.errors import (
     AccessDenied,
@@ -57,10 +58,10 @@ def exit_code(exc: BaseException) -> int:
 
 
 
-def _reader_gone(stream: object) -> bool:
+def _reader_gone(stream: TextIO) -> bool:
     """True when *stream* is a pipe (or socket) whose reading end was closed."""
     try:
-        fd = stream.fileno()  # type: ignore[attr-defined]
+        fd = stream.fileno()
     except (AttributeError, OSError, ValueError):
         return False
     poller = select.poll()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TextIO
 
 from s3cryptfs import hardening
 
 
-def setup_logging(level: str, stream: object = None, path: str | None = None) -> None:
+def setup_logging(level: str, stream: TextIO | None = None, path: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers.clear()
     handler: logging.Handler
@@ -17,7 +18,7 @@ def setup_logging(level: str, stream: object = None, path: str | None = None) ->
         fd = hardening.open_append_private(path, "log file")
         handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
     else:
-        handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+        handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level.upper())

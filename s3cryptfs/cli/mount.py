@@ -178,7 +178,7 @@ def _daemonize(mount: Mount, args: argparse.Namespace) -> int:
         else:  # a path the user gave (--log-file...): a usage error, as in main()
             code = EXIT_USAGE
             _report(write_fd, code, f"cannot use {exc.filename}: {exc.strerror}")
-    except Exception as exc:  # noqa: BLE001 - reported to the parent, then logged
+    except Exception as exc:  # reported to the parent, then logged
         code = EXIT_ERROR
         log.exception("mount failed")
         _report(write_fd, code, f"mount failed: {exc}")

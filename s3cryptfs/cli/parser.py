@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 from s3cryptfs import __version__, config
 from s3cryptfs.options import BY_NAME, OPTIONS, Kind, Option, default_words
@@ -168,6 +168,9 @@ def add_kms(p: argparse.ArgumentParser) -> None:
         add_option(p, BY_NAME[name])
 
 
+# A string: argparse's class is generic only to type checkers.
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
 # `s3cryptfs keys ACTION`: every action with its one-line description, for --help.
 KEY_ACTIONS = {
     "status": "providers, versions and their states (--count: objects per version)",
@@ -188,7 +191,7 @@ def _key_actions_help() -> str:
     return "actions:\n" + "\n".join(lines)
 
 
-def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
+def _add_admin_commands(sub: SubParsers) -> None:
     def volume_parser(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "keys":
@@ -296,7 +299,7 @@ def _add_admin_commands(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _add_offline_commands(sub: argparse._SubParsersAction) -> None:
+def _add_offline_commands(sub: SubParsers) -> None:
     def object_parser(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_common(p)

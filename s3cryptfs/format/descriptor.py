@@ -22,7 +22,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from s3cryptfs.errors import DescriptorAuthError, VolumeError
+from s3cryptfs.errors import DescriptorAuthError, FormatError, VolumeError
 from s3cryptfs.format import v1
 
 DESCRIPTOR_VERSION = 2
@@ -270,7 +270,7 @@ class Descriptor:
             raise VolumeError("volume descriptor: gateway format without a valid gateway.wrap")
         try:
             v1.check_chunk_size(desc.chunk_size)
-        except Exception as exc:
+        except (FormatError, TypeError) as exc:  # TypeError: not a number
             raise VolumeError(f"volume descriptor: {exc}") from None
         known = {
             "s3cryptfs",

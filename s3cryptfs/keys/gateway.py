@@ -6,7 +6,7 @@ envelope, and their secrets are this machine's (the volume's password, the maste
 provider name as it reaches the key ring's managers, so that gateway objects share the one
 unwrap path (the DEK cache, the audit log, the errors that name the object).
 
-As the gateway does (§3.3, §3.4 of the format description docs/INTEROP.md cites), they open an
+As the gateway does (docs/INTEROP.md §3.2, §3.3), they open an
 envelope whatever key id and version it names (the blob carries what is needed) and wrap under
 version 1. A manager whose secret was not given still exists: it raises KeyNotFound, saying
 which secret is missing. The bytes are format/gateway/keywrap.py's.

@@ -53,6 +53,7 @@ _CHECK = b"s3cryptfs keystore master check"
 DESCRIPTOR_FIELDS = ("ring",)
 
 T = TypeVar("T")
+Row = tuple[Any, ...]  # one result row, as either database driver returns it
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS s3cryptfs_key_rings (
@@ -133,15 +134,14 @@ class _Database:
             return conn
         path = self.url.removeprefix("sqlite:///") if self.url.startswith("sqlite:") else self.url
         try:
-            conn = sqlite3.connect(
+            return sqlite3.connect(
                 path, timeout=self.timeout, check_same_thread=False, isolation_level=None
             )
         except sqlite3.Error as exc:
             raise ProviderUnavailable(f"cannot open key store database {path}: {exc}") from None
-        return conn
 
     @contextmanager
-    def transaction(self) -> Iterator[Callable[..., list[tuple]]]:
+    def transaction(self) -> Iterator[Callable[..., list[Row]]]:
         """Run statements (written with ? placeholders) in one transaction that locks out
         other writers (BEGIN IMMEDIATE on SQLite, row locks on PostgreSQL)."""
         with self._lock:
@@ -162,7 +162,7 @@ class _Database:
                 raise
             except KeyManagerError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - translated by kind below
+            except Exception as exc:  # translated by kind below
                 if _is_connection_error(exc):
                     self._drop()
                     raise ProviderUnavailable(
@@ -171,13 +171,13 @@ class _Database:
                 raise
 
     @contextmanager
-    def _in_transaction(self) -> Iterator[Callable[..., list[tuple]]]:
+    def _in_transaction(self) -> Iterator[Callable[..., list[Row]]]:
         conn = self._conn
         if self.postgres:
             with conn.transaction():
                 cur = conn.cursor()
 
-                def run(sql: str, *params: Any) -> list[tuple]:
+                def run(sql: str, *params: Any) -> list[Row]:
                     cur.execute(sql.replace("?", "%s"), params)
                     return list(cur.fetchall()) if cur.description else []
 
@@ -186,7 +186,7 @@ class _Database:
         conn.execute("BEGIN IMMEDIATE")
         try:
 
-            def run(sql: str, *params: Any) -> list[tuple]:
+            def run(sql: str, *params: Any) -> list[Row]:
                 return list(conn.execute(sql, params).fetchall())
 
             yield run
@@ -278,18 +278,20 @@ class KeyStore:
             self._masters[ring] = master
         return master
 
-    def _ring(self, run: Callable[..., list[tuple]], ring: str) -> AESGCM:
+    def _ring(self, run: Callable[..., list[Row]], ring: str) -> AESGCM:
         rows = run("SELECT kdf, check_value FROM s3cryptfs_key_rings WHERE name = ?", ring)
         if not rows:
             raise KeyNotFound(f"key store has no key ring {ring!r}")
         return self._master_for(ring, rows[0][0], bytes(rows[0][1]))
 
-    def _lock_ring(self, run: Callable[..., list[tuple]], ring: str) -> AESGCM:
+    def _lock_ring(self, run: Callable[..., list[Row]], ring: str) -> AESGCM:
         if self.db.postgres:  # serialize admins of one ring (SQLite: BEGIN IMMEDIATE does)
             run("SELECT name FROM s3cryptfs_key_rings WHERE name = ? FOR UPDATE", ring)
         return self._ring(run, ring)
 
-    def _new_version(self, run, master: AESGCM, ring: str, version: int) -> None:
+    def _new_version(
+        self, run: Callable[..., list[Row]], master: AESGCM, ring: str, version: int
+    ) -> None:
         nonce = os.urandom(NONCE)
         sealed = nonce + master.encrypt(nonce, os.urandom(32), _seal_aad(ring, version))
         run(

@@ -31,7 +31,6 @@ class KeyPool:
         self._lock = threading.Lock()
         self._keys: deque[tuple[float, int, bytes, KeyEnvelope]] = deque()
         self._epoch = 0  # raised by clear(): keys wrapped before it are not added
-        self.taken = 0
 
     def take(self) -> tuple[bytes, KeyEnvelope] | None:
         now = time.monotonic()
@@ -39,7 +38,6 @@ class KeyPool:
             while self._keys:
                 made, _, dek, envelope = self._keys.popleft()
                 if now - made <= self.max_age:
-                    self.taken += 1
                     return dek, envelope
         return None
 

@@ -80,7 +80,8 @@ def load_key_manager(
             f"(known: {', '.join(provider_names())})"
         )
     factory = _resolve(target)
-    return factory(settings, secrets)
+    manager: KeyManager = factory(settings, secrets)
+    return manager
 
 
 def create_settings(

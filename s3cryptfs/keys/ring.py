@@ -52,7 +52,9 @@ class LocalKeys:
             return {"password": self.password}
         return dict(self.secrets.get(provider, {}))
 
-    def settings_for(self, provider: str, descriptor_settings: Mapping[str, Any]) -> dict:
+    def settings_for(
+        self, provider: str, descriptor_settings: Mapping[str, Any]
+    ) -> dict[str, Any]:
         return merge_settings(provider, descriptor_settings, self.options.get(provider, {}))
 
 
@@ -64,10 +66,6 @@ class KeyRing:
         self._built_from: dict[str, dict[str, Any]] = {}
         self._stale: list[KeyManager] = []
         self.descriptor = descriptor
-
-    @property
-    def active_provider(self) -> str:
-        return self.descriptor.provider
 
     def manager(self, provider: str) -> KeyManager:
         with self._lock:

@@ -2,11 +2,11 @@
 
 Writing many small files is bound by one lock, not by the machine: the FUSE loop and the
 threads that upload run under one GIL, and botocore spends a few milliseconds of Python per PUT
-(building, signing, parsing). Measured on two cores with 2,000 4 KiB files: while uploads ran,
-each file took the writer about 10 ms; with uploads held back, 5 ms, and both cores were far
-from busy. The helper is a child process with its own client that uploads journal bodies (it
-reads them from the journal itself: only names, offsets and metadata cross the socket), so
-that work runs on the other core.
+(building, signing, parsing). While uploads run in the mount's process, a writer of many small
+files spends much of its time waiting for the GIL behind them, although the cores are far from
+busy. The helper is a child process with its own client that uploads journal bodies (it reads
+them from the journal itself: only names, offsets and metadata cross the socket), so that work
+runs on another core.
 
 The helper is an optimisation, never a dependency: until it has started, and whenever it
 cannot be used, uploads run in worker threads as before. A helper that dies fails the calls it

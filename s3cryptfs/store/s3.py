@@ -54,7 +54,8 @@ def _timestamp(value: str) -> datetime.datetime:
         try:
             parsed = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError):
-            return botocore.utils.parse_timestamp(value)
+            slow: datetime.datetime = botocore.utils.parse_timestamp(value)
+            return slow
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=datetime.UTC)
     return parsed
@@ -236,7 +237,7 @@ def _cache_user_agent(client: Any) -> None:
     once per such set."""
     creator = getattr(client, "_user_agent_creator", None)
     build = getattr(creator, "to_string", None)
-    if build is None or not hasattr(creator, "_client_features"):
+    if creator is None or build is None or not hasattr(creator, "_client_features"):
         return
     try:
         from botocore.context import get_context
@@ -256,6 +257,10 @@ def _cache_user_agent(client: Any) -> None:
         return value
 
     creator.to_string = to_string
+
+
+# Named outside S3Store, whose list() method hides the builtin in annotations inside it.
+PartList = list[tuple[int, str]]  # (part number, ETag)
 
 
 class S3Store:
@@ -353,7 +358,8 @@ class S3Store:
 
         def fetch() -> bytes:
             r = self._client.get_object(**args)
-            return r["Body"].read()
+            data: bytes = r["Body"].read()
+            return data
 
         return self._call(f"get {key}", fetch)
 
@@ -569,7 +575,7 @@ class S3Store:
         self,
         key: str,
         upload_id: str,
-        parts: list[tuple[int, str]],
+        parts: PartList,
         conditions: Mapping[str, str],
     ) -> str:
         """Make the parts (number, ETag), in order, the object; *conditions* as for put."""
@@ -590,7 +596,7 @@ class S3Store:
         """Best effort (the caller's own error matters more): discard an unfinished upload."""
         try:
             self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - best effort: the caller's error is the one to report
             log.warning("could not abort the multipart upload of %s", key)
 
     def copy(
@@ -655,7 +661,8 @@ class S3Store:
                     **extra,
                 ),
             )
-            return r["CopyPartResult"]["ETag"]
+            etag: str = r["CopyPartResult"]["ETag"]
+            return etag
 
         return self._multipart_session(dst, metadata, content_type, -(-size // part_size), send, {})
 

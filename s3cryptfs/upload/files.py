@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -46,6 +46,7 @@ from s3cryptfs.upload.stream import Stream, part_plain_size
 from s3cryptfs.upload.uploader import Uploader
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 INLINE_WRITE = 256 * 1024
 SLOT_PLAIN = 64 * 1024  # versions up to this size are committed into a journal slot
@@ -120,8 +121,9 @@ class WritePath:
     def key(self, f: Written) -> str:
         return self.settings.prefix + f.path
 
-    async def _thread(self, fn: Any, *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+    async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
+        result: T = await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        return result
 
     # --- lifecycle -------------------------------------------------------------------------
 

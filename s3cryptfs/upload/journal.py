@@ -123,7 +123,7 @@ class Journal:
             if stem.isdigit():
                 self._seq = max(self._seq, int(stem))
         # Bodies of uploaded versions are moved here and deleted later: deleting a large
-        # file is slow on some file systems (0.7 s per GiB on ext4 mounted with `discard`),
+        # file is slow on some file systems (ext4 mounted with `discard`, for one: seconds),
         # and nobody should wait for it (an fsync, the unmount).
         self.trash = directory.rstrip("/") + ".trash"
         os.makedirs(self.trash, mode=0o700, exist_ok=True)
@@ -289,10 +289,3 @@ class Journal:
             )
         entries.sort(key=lambda e: e.seq)
         return entries
-
-    def pending_bytes(self) -> int:
-        total = self.slots.used_bytes()
-        for name in os.listdir(self.dir):
-            with contextlib.suppress(FileNotFoundError):
-                total += os.stat(os.path.join(self.dir, name)).st_size
-        return total

@@ -102,10 +102,6 @@ class SlotPool:
                 self._used.discard(slot)
                 self._free.append(slot)
 
-    def used_bytes(self) -> int:
-        with self._lock:
-            return len(self._used) * self.size
-
     # --- reading and writing (blocking) ------------------------------------------------
 
     def write(self, slot: int, seq: int, generation: int, body: bytes, record: bytes) -> None:

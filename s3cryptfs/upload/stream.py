@@ -17,11 +17,11 @@ started to seal is frozen, and a write into the frozen part drops the stream (an
 
 Once a part is sealed, its plaintext is cut out of the write-back file (a punched hole): the
 body holds it, encrypted. Keeping a second copy would cost a gigabyte of page cache per
-gigabyte written, and on this project's kind of machine fresh page-cache pages are the most
-expensive part of a copy (each costs the VM a fault to its host), while pages freed by the
-cut are reused by the next writes at a fifth of the cost. Reads of the cut range decrypt the
-body (read_through); a dropped stream first puts the plaintext back (give_back); after a
-streamed commit the file system reads it from the committed version.
+gigabyte written, and fresh page-cache pages can be the most expensive part of a copy (each
+is allocated and zeroed, and in a virtual machine may cost a fault to its host), while pages
+freed by the cut are reused by the next writes at a fraction of that. Reads of the cut range
+decrypt the body (read_through); a dropped stream first puts the plaintext back (give_back);
+after a streamed commit the file system reads it from the committed version.
 
 Better still, once the writer appends at a part boundary, its writes skip the write-back file:
 the stream takes them into part-sized buffers in memory (absorb) and seals from there, so the
@@ -357,9 +357,10 @@ class Stream:
                 finally:
                     self._sealer_done.set()
         except Exception as exc:  # noqa: BLE001 - the upload at close does it the usual way
-            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-                exc = exc.exceptions[0]  # type: ignore[assignment]
-            log.warning("streaming upload of %s stopped (sent at close): %s", self.key, exc)
+            cause: BaseException = exc
+            while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+                cause = cause.exceptions[0]
+            log.warning("streaming upload of %s stopped (sent at close): %s", self.key, cause)
             if self.state is not Phase.SEALED:
                 self._to(Phase.DROPPED)
         finally:
@@ -585,8 +586,8 @@ class Stream:
             if isinstance(data, bytearray):
                 self._recycle(data)
             self._kick_sender()
-        # Sent: its pages can serve the next parts (fresh page-cache pages cost this machine's
-        # kind of VM a fault to the host each, more than the copy itself).
+        # Sent: its pages can serve the next parts (reused pages are cheaper than fresh ones:
+        # see the module's docstring).
         start, end = self._part_range(number, v1.HEADER_LEN + number * self.part_body)
         with contextlib.suppress(OSError):
             await trio.to_thread.run_sync(_let_go, self.body_path, start, end - start)

@@ -23,6 +23,8 @@ from s3cryptfs.upload.journal import CHAIN, Entry, Journal, Upload
 log = logging.getLogger(__name__)
 
 Uploaded = Callable[[Entry], Awaitable[None]]
+# Seconds before a conflict copy that could not be stored is tried again.
+CONFLICT_RETRY = 10.0
 
 
 class Uploader:
@@ -56,7 +58,6 @@ class Uploader:
         self.last_etag: dict[str, str] = {}
         self._wakeup = trio.Event()
         self.uploaded_count = 0
-        self.failed_attempts = 0
         self.queued_bytes = 0
         self._space = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -147,7 +148,9 @@ class Uploader:
             seen_attempts = entry.attempts
             await entry.changed.wait()
             failed = entry.error is not None and entry.attempts > seen_attempts
-            if raise_errors and failed and entry.state is not Upload.DONE:
+            # mypy keeps entry.state narrowed from before the await, during which it changed.
+            landed = entry.state is Upload.DONE  # type: ignore[comparison-overlap]
+            if raise_errors and failed and not landed:
                 err = entry.error
                 if isinstance(err, UploadConflict):
                     raise err
@@ -230,11 +233,7 @@ class Uploader:
                 return
             etag = landed
         except Exception as exc:  # noqa: BLE001 - any failure: keep the data, retry later
-            self.failed_attempts += 1
-            entry.error = exc
-            entry.to(Upload.QUEUED)
             delay = min(60.0, 2.0 ** min(entry.attempts, 6))
-            entry.not_before = time.monotonic() + delay
             log.error(
                 "upload of %s failed (attempt %d, retrying in %.0fs; the data is kept): %s",
                 entry.key,
@@ -242,10 +241,7 @@ class Uploader:
                 delay,
                 exc,
             )
-            del self.in_flight[entry.key]
-            self.queue.insert(0, entry)
-            entry._notify()
-            self._kick()
+            self._retry_later(entry, exc, delay)
             return
         entry.etag = etag
         self.last_etag[entry.key] = etag
@@ -274,16 +270,16 @@ class Uploader:
         # Only queued entries are rewritten (moved), never one being uploaded: the body stays
         # where it is while the helper or a thread reads it.
         args = (key, entry.body_path, entry.metadata, if_match, if_none_match)
-        sizes = {"offset": entry.body_offset, "size": entry.body_size}
+        offset, size = entry.body_offset, entry.body_size
         if self.helper is not None:
             try:
-                etag: str = await self.helper.call("upload_file", *args, **sizes)
+                etag: str = await self.helper.call("upload_file", *args, offset=offset, size=size)
                 return etag
             except HelperUnavailable:
                 pass
 
         def upload() -> str:
-            return self.store.upload_file(*args, **sizes)
+            return self.store.upload_file(*args, offset=offset, size=size)
 
         # A stop does not wait for a PUT that hangs: the journal keeps the entry either way,
         # and a retry recognises its own earlier write (_landed).
@@ -311,13 +307,8 @@ class Uploader:
         try:
             await self._upload_body(entry, conflict_key, None, True)
         except Exception as exc:  # noqa: BLE001 - keep it queued, try again later
-            entry.error = exc
-            entry.to(Upload.QUEUED)
-            entry.not_before = time.monotonic() + 10
             log.error("conflict copy of %s could not be stored yet: %s", entry.key, exc)
-            del self.in_flight[entry.key]
-            self.queue.insert(0, entry)
-            entry._notify()
+            self._retry_later(entry, exc, CONFLICT_RETRY)
             return
         log.error(
             "upload conflict: %s was changed by another writer; this mount's version was saved "
@@ -332,6 +323,17 @@ class Uploader:
         await self._finish(entry, Upload.CONFLICT)
         if self.on_conflict is not None:
             await self.on_conflict(entry)
+
+    def _retry_later(self, entry: Entry, exc: Exception, delay: float) -> None:
+        """An attempt failed: *entry* goes back to the head of the queue, to be tried again
+        after *delay* seconds; its waiters learn of *exc*, and the freed slot is used."""
+        entry.error = exc
+        entry.to(Upload.QUEUED)
+        entry.not_before = time.monotonic() + delay
+        del self.in_flight[entry.key]
+        self.queue.insert(0, entry)
+        entry._notify()
+        self._kick()
 
     async def _finish(self, entry: Entry, state: Upload) -> None:
         if entry.slot is not None:

@@ -7,13 +7,12 @@ kernel. It raises errors from s3cryptfs.errors; fuse_ops turns them into errnos.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -23,12 +22,19 @@ from s3cryptfs.cache.disk import DiskCache
 from s3cryptfs.cache.reader import Reader, Version
 from s3cryptfs.codec import OWN, ObjectCodec, object_kind
 from s3cryptfs.errors import (
-    FsError,
+    AlreadyExists,
+    BadHandle,
     IntegrityError,
+    InvalidRequest,
+    IsDirectory,
     KeyManagerError,
     KeyNotFound,
     KeyRetired,
+    NameTooLong,
+    NoSuchEntry,
+    NotPermitted,
     ObjectNotFound,
+    ReadOnlyMount,
     S3CryptFSError,
     UnknownProvider,
     UploadConflict,
@@ -58,6 +64,7 @@ from s3cryptfs.vfs.nodes import (
 from s3cryptfs.vfs.status import status_of
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_KEY_BYTES = 1024
 MAX_NAME_BYTES = 255
@@ -105,8 +112,6 @@ class Attr:
     mtime_ns: int
     ctime_ns: int
     nlink: int
-
-
 
 
 class Filesystem:
@@ -255,25 +260,23 @@ class Filesystem:
 
     def _check_name(self, parent: Node, name: str) -> None:
         if parent.path == "" and name == META_DIR:
-            raise FsError(errno.EPERM, f"{META_DIR} is reserved for the volume's metadata")
+            raise NotPermitted(f"{META_DIR} is reserved for the volume's metadata")
         if len(name.encode()) > MAX_NAME_BYTES:
-            raise FsError(errno.ENAMETOOLONG)
+            raise NameTooLong()
         if len(self.key(child_path(parent.path, name)).encode()) + 1 > MAX_KEY_BYTES:
             # +1: the same name may become a directory, whose marker key ends in "/"
-            raise FsError(
-                errno.ENAMETOOLONG, "the S3 key (with a trailing /) would exceed 1024 bytes"
-            )
+            raise NameTooLong("the S3 key (with a trailing /) would exceed 1024 bytes")
 
     def _writable(self) -> None:
         if self.opts.read_only:
-            raise FsError(errno.EROFS)
+            raise ReadOnlyMount()
 
     # --- nodes ---------------------------------------------------------------------------
 
     def node(self, ino: int) -> Node:
         node = self.nodes.get(ino)
         if node is None:
-            raise FsError(errno.ENOENT, f"unknown inode {ino}")
+            raise NoSuchEntry(f"unknown inode {ino}")
         return node
 
     def _file_node(self, path: str, info: ObjectInfo | ChildInfo) -> Node:
@@ -366,8 +369,9 @@ class Filesystem:
     def _posix_attrs(self, node: Node) -> md.PosixAttrs:
         return md.PosixAttrs(node.mode, node.uid, node.gid, node.mtime_ns)
 
-    async def _thread(self, fn: Any, *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+    async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
+        result: T = await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        return result
 
     # --- listing (vfs/listing.py) ----------------------------------------------------------
 
@@ -440,7 +444,7 @@ class Filesystem:
             self.nodes.detach(node)
             node.unlinked = True
             self.listing.remove(node.parent_path, node.name)
-            raise FsError(errno.ENOENT, f"{key} was deleted by another client") from None
+            raise NoSuchEntry(f"{key} was deleted by another client") from None
         if head.etag == node.remote.etag and node.remote.metadata is not None:
             return True
         changed = head.etag != node.remote.etag
@@ -475,7 +479,7 @@ class Filesystem:
     async def readlink(self, ino: int) -> bytes:
         node = self.node(ino)
         if not node.is_link:
-            raise FsError(errno.EINVAL)
+            raise InvalidRequest()
         if node.link_target is None:
             await self._revalidate(node)
             assert node.remote is not None
@@ -493,7 +497,7 @@ class Filesystem:
         """Returns the handle and whether the kernel may keep its page cache."""
         node = self.node(ino)
         if node.is_dir:
-            raise FsError(errno.EISDIR)
+            raise IsDirectory()
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable:
             self._writable()
@@ -527,7 +531,7 @@ class Filesystem:
         self._check_name(parent, name)
         existing = await self.listing.child(parent, name)
         if existing is not None and not existing.unlinked:
-            raise FsError(errno.EEXIST)
+            raise AlreadyExists()
         now = now_ns()
         path = child_path(parent.path, name)
         node = Node(self.nodes.new_ino(), path, stat.S_IFREG | (mode & 0o7777), uid, gid, now, now)
@@ -558,7 +562,7 @@ class Filesystem:
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.handles[fh]
         if not handle.writable:
-            raise FsError(errno.EBADF)
+            raise BadHandle()
         node = handle.node
         await self._materialize(node)
         written = await self.writes.write(node, offset, data)
@@ -575,7 +579,7 @@ class Filesystem:
         node = handle.node
         try:
             entry = await self.writes.commit(node)
-        except Exception as exc:  # noqa: BLE001 - kept, not dropped: see keep_closed
+        except Exception as exc:  # kept, not dropped: see keep_closed
             await self.writes.keep_closed(node, exc)
             if self.opts.sync_close:
                 raise  # close() was asked to mean "in S3": it is not
@@ -589,7 +593,7 @@ class Filesystem:
         node = handle.node
         try:
             entry = await self.writes.commit(node)
-        except Exception as exc:  # noqa: BLE001 - kept, and fsync says it is not in S3
+        except Exception as exc:  # kept, and fsync says it is not in S3
             await self.writes.keep_closed(node, exc)
             raise
         if entry is not None:
@@ -675,7 +679,7 @@ class Filesystem:
         now = now_ns()
         if size is not None:
             if node.is_dir:
-                raise FsError(errno.EISDIR)
+                raise IsDirectory()
             if size == 0 and node.w.staging is None:
                 node.w.attach(self.writes.new_staging(), dirty=True)
             else:
@@ -723,16 +727,11 @@ class Filesystem:
             return
         if node.remote.metadata is None:
             await self.listing.head_metadata(node)
-        assert node.remote is not None
-        meta = {**(node.remote.metadata or {}), **self._posix_attrs(node).encode()}
+        remote = node.remote
+        assert remote is not None
+        meta = {**(remote.metadata or {}), **self._posix_attrs(node).encode()}
         etag = await self._thread(
-            lambda: self.store.copy(
-                key,
-                key,
-                meta,
-                src_etag=node.remote.etag,  # type: ignore[union-attr]
-                size=node.remote.body_size,  # type: ignore[union-attr]
-            )
+            lambda: self.store.copy(key, key, meta, src_etag=remote.etag, size=remote.body_size)
         )
         old_version = node.remote.version
         node.remote = Remote(etag, node.remote.body_size, meta, old_version, attrs_known=True)
@@ -771,7 +770,7 @@ class Filesystem:
 
     # --- misc ----------------------------------------------------------------------------
 
-    def forget(self, items: list[tuple[int, int]]) -> None:
+    def forget(self, items: Sequence[tuple[int, int]]) -> None:
         for ino, count in items:
             node = self.nodes.get(ino)
             if node is None:
@@ -802,6 +801,3 @@ class Filesystem:
 
     def key_health(self) -> dict[str, str]:
         return self.codec.key_health()
-
-    def iter_nodes(self) -> Iterator[Node]:
-        return iter(list(self.nodes.by_ino.values()))

@@ -7,7 +7,6 @@ Split out of vfs/core.py by operation group; works on the Filesystem through ``s
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -15,7 +14,13 @@ from typing import TYPE_CHECKING
 import trio
 
 from s3cryptfs.codec import OWN, object_kind
-from s3cryptfs.errors import FsError, ObjectNotFound, S3CryptFSError, strip_subject
+from s3cryptfs.errors import (
+    NoSuchEntry,
+    NotDirectory,
+    ObjectNotFound,
+    S3CryptFSError,
+    strip_subject,
+)
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format.descriptor import META_DIR
@@ -31,7 +36,6 @@ log = logging.getLogger(__name__)
 class Listings:
     def __init__(self, fs: Filesystem) -> None:
         self.fs = fs
-
 
     async def listing_of(self, node: Node) -> Listing:
         """The children of a directory, from S3 (cached for dir_ttl) plus local pending ones."""
@@ -168,14 +172,14 @@ class Listings:
     async def lookup(self, parent_ino: int, name: str) -> Node:
         parent = self.fs.node(parent_ino)
         if not parent.is_dir:
-            raise FsError(errno.ENOTDIR)
+            raise NotDirectory()
         if name == ".":
             return parent
         if name == "..":
             return self.fs.nodes.at(parent.parent_path) or parent
         node = await self.child(parent, name)
         if node is None:
-            raise FsError(errno.ENOENT)
+            raise NoSuchEntry()
         await self.load_metadata(node)
         return node
 
@@ -232,7 +236,7 @@ class Listings:
     async def readdir(self, ino: int) -> list[tuple[str, Node]]:
         node = self.fs.node(ino)
         if not node.is_dir:
-            raise FsError(errno.ENOTDIR)
+            raise NotDirectory()
         listing = await self.listing_of(node)
         out: list[tuple[str, Node]] = []
         for name in sorted(listing.children):

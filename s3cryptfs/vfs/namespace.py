@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import logging
 import stat
 from typing import TYPE_CHECKING
 
-from s3cryptfs.errors import FsError, ObjectNotFound
+from s3cryptfs.errors import (
+    AlreadyExists,
+    DirectoryNotEmpty,
+    InvalidRequest,
+    IsDirectory,
+    NoSuchEntry,
+    NotDirectory,
+    NotPermitted,
+    ObjectNotFound,
+)
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
 from s3cryptfs.vfs.attrindex import SELF
@@ -35,7 +43,7 @@ class Namespace:
         parent = self.fs.node(parent_ino)
         self.fs._check_name(parent, name)
         if await self.fs.listing.child(parent, name) is not None:
-            raise FsError(errno.EEXIST)
+            raise AlreadyExists()
         return parent, child_path(parent.path, name)
 
     async def mkdir(
@@ -109,11 +117,11 @@ class Namespace:
         parent = self.fs.node(parent_ino)
         node = await self.fs.listing.child(parent, name)
         if node is None:
-            raise FsError(errno.ENOENT)
+            raise NoSuchEntry()
         if not node.is_dir:
-            raise FsError(errno.ENOTDIR)
+            raise NotDirectory()
         if not await self._is_empty(node):
-            raise FsError(errno.ENOTEMPTY)
+            raise DirectoryNotEmpty()
         with contextlib.suppress(ObjectNotFound):
             await self.fs._thread(self.fs.store.delete, self.fs.key(node.path) + "/")
         node.unlinked = True
@@ -129,9 +137,9 @@ class Namespace:
         parent = self.fs.node(parent_ino)
         node = await self.fs.listing.child(parent, name)
         if node is None:
-            raise FsError(errno.ENOENT)
+            raise NoSuchEntry()
         if node.is_dir:
-            raise FsError(errno.EISDIR)
+            raise IsDirectory()
         key = self.fs.key(node.path)
         await self.fs.writes.drop_stream(node, "unlinked")
         if node.opens > 0:
@@ -175,25 +183,25 @@ class Namespace:
         self.fs._check_name(dst_parent, new_name)
         node = await self.fs.listing.child(src_parent, old_name)
         if node is None:
-            raise FsError(errno.ENOENT)
+            raise NoSuchEntry()
         target = await self.fs.listing.child(dst_parent, new_name)
         if target is node:
             return
         noreplace = flags & 1  # RENAME_NOREPLACE
         if flags & ~1:
-            raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+            raise InvalidRequest("RENAME_EXCHANGE is not supported")
         if target is not None:
             if noreplace:
-                raise FsError(errno.EEXIST)
+                raise AlreadyExists()
             if node.is_dir and not target.is_dir:
-                raise FsError(errno.ENOTDIR)
+                raise NotDirectory()
             if not node.is_dir and target.is_dir:
-                raise FsError(errno.EISDIR)
+                raise IsDirectory()
             if target.is_dir and not await self._is_empty(target):
-                raise FsError(errno.ENOTEMPTY)
+                raise DirectoryNotEmpty()
         new_path = child_path(dst_parent.path, new_name)
         if node.is_dir and new_path.startswith(node.path + "/"):
-            raise FsError(errno.EINVAL, "cannot move a directory into itself")
+            raise InvalidRequest("cannot move a directory into itself")
         # A streamed upload goes to the old name: it is sent whole at close instead.
         await self.fs._drop_streams_under(node.path)
         if target is not None:
@@ -238,15 +246,17 @@ class Namespace:
         if node.w.staging is not None:
             async with node.lock:
                 await self.fs.writes.uncut(node)  # what was cut is read from the old name
+        remote = node.remote
+        assert remote is not None
         new_meta = None
-        mpu = gw.is_mpu_object(node.remote.metadata or {})
+        mpu = gw.is_mpu_object(remote.metadata or {})
         if mpu:
             # The manifest moves first, and the object's pointer names its new place.
             await self.fs._thread(
                 lambda: self.fs.store.copy(old_key + gw.MPU_SUFFIX, new_key + gw.MPU_SUFFIX, None)
             )
             new_meta = {
-                **(node.remote.metadata or {}),
+                **(remote.metadata or {}),
                 "encryption-fallback-ptr": new_key + gw.MPU_SUFFIX,
             }
         etag = await self.fs._thread(
@@ -254,8 +264,8 @@ class Namespace:
                 old_key,
                 new_key,
                 new_meta,
-                src_etag=node.remote.etag,  # type: ignore[union-attr]
-                size=node.remote.body_size,  # type: ignore[union-attr]
+                src_etag=remote.etag,
+                size=remote.body_size,
             )
         )
         with contextlib.suppress(ObjectNotFound):
@@ -297,11 +307,10 @@ class Namespace:
                         etags[key] = self.fs.store.put(new_key, b"", marker_meta)
                     elif key + gw.MPU_SUFFIX in sizes:
                         # maybe a gateway multipart object: its pointer must follow it
-                        meta = self.fs.store.head(key).metadata or {}
-                        if gw.is_mpu_object(meta):
-                            meta = {**meta, "encryption-fallback-ptr": new_key + gw.MPU_SUFFIX}
-                        else:
-                            meta = None
+                        head = self.fs.store.head(key).metadata or {}
+                        meta = None  # None: the copy keeps the object's metadata
+                        if gw.is_mpu_object(head):
+                            meta = {**head, "encryption-fallback-ptr": new_key + gw.MPU_SUFFIX}
                         etags[key] = self.fs.store.copy(key, new_key, meta, size=sizes.get(key))
                     else:
                         etags[key] = self.fs.store.copy(key, new_key, size=sizes.get(key))
@@ -344,8 +353,7 @@ class Namespace:
         self,
         old_path: str,
         new_path: str,
-        etags: dict[str,
-        str],
+        etags: dict[str, str],
     ) -> None:
         """Carry a renamed tree's attribute indexes to the new paths (each is sealed per path)."""
         if self.fs.opts.read_only:
@@ -373,5 +381,4 @@ class Namespace:
                     self.fs.index.note(new_d, name, dataclasses.replace(entry, etag=new_etag))
 
     def link(self) -> None:
-        raise FsError(errno.EPERM, "hard links are not supported on s3cryptfs")
-
+        raise NotPermitted("hard links are not supported on s3cryptfs")

@@ -177,11 +177,3 @@ class NodeTable:
         self.by_ino.pop(node.ino, None)
         if self.by_path.get(node.path) is node:
             del self.by_path[node.path]
-
-    def children_of(self, path: str) -> list[Node]:
-        prefix = path + "/" if path else ""
-        return [
-            n
-            for p, n in self.by_path.items()
-            if p.startswith(prefix) and p != path and "/" not in p[len(prefix) :]
-        ]

@@ -1,6 +1,7 @@
 """Objects of the Go "S3 Encryption Gateway": read (chunked, single-AEAD, encrypted multipart)
 and written (chunked). docs/INTEROP.md says what is supported; section numbers (§) are those of
-the gateway format description it cites. Metadata-fallback objects raise FormatError.
+its description of the format ("The gateway's format, as s3cryptfs implements it").
+Metadata-fallback objects raise FormatError.
 
 Pure: imports nothing from FUSE, trio or boto3, and nothing from s3cryptfs.keys (the key
 managers of the gateway's ``password`` and ``memory`` modes, s3cryptfs/keys/gateway.py, build

@@ -1,8 +1,8 @@
 """The gateway's data keys: PBKDF2, the provider-``password`` blobs, the ``memory`` key wrap.
 
-Primitives (§2, §3.3, §3.4) under the key managers of s3cryptfs/keys/gateway.py, through which
-a mount reaches them; ``data_key`` is the whole rule for callers that hold the secrets
-themselves (tests, benchmarks).
+Primitives (§2, §3.2, §3.3 of docs/INTEROP.md) under the key managers of
+s3cryptfs/keys/gateway.py, through which a mount reaches them; ``data_key`` is the whole rule for
+callers that hold the secrets themselves (tests, benchmarks).
 """
 
 from __future__ import annotations

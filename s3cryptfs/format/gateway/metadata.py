@@ -32,7 +32,7 @@ MAX_ITERATIONS = 2_000_000
 ALG_AES = "AES256-GCM"
 ALG_CHACHA = "ChaCha20-Poly1305"
 
-# The gateway's own key providers (§3.3, §3.4): their secrets are the gateway's configuration,
+# The gateway's own key providers (§3.2, §3.3): their secrets are the gateway's configuration,
 # never a KMS, so no volume descriptor names them.
 PASSWORD = "password"
 MEMORY = "memory"
@@ -137,7 +137,7 @@ def parse_kdf_params(value: str | None) -> int:
     return n
 
 
-# --- the envelope of an object's data key (§3.2) ----------------------------------------------
+# --- the envelope of an object's data key (§3.1) ----------------------------------------------
 
 
 def key_envelope(metadata: Mapping[str, str]) -> KeyEnvelope:

@@ -1,4 +1,4 @@
-"""Writing gateway objects (the §12 writer recipe): chunked, HKDF nonces, the 0.8 metadata set.
+"""Writing gateway objects (§6): chunked, HKDF nonces, the metadata set the gateway 0.8 reads.
 
 ``seal_chunked_stream`` is what a gateway-format volume writes, with a data key wrapped by one
 of the gateway's key managers; ``encrypt_chunked`` builds whole objects (tests, benchmarks).
@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
@@ -45,7 +45,7 @@ def encrypt_chunked(
     base_iv: bytes | None = None,
     dek: bytes | None = None,
 ) -> tuple[bytes, dict[str, str]]:
-    """Write a chunked gateway object (§12 writer recipe). Returns (body, user metadata).
+    """Write a chunked gateway object (§6). Returns (body, user metadata).
 
     wrap=False: password-direct (PBKDF2 key; any gateway engine with the password reads it).
     wrap=True: random DEK wrapped with provider ``password`` (the default 0.8 server reads it).
@@ -105,12 +105,12 @@ class WriteSettings:
     chunk_size: int = 65536
 
     @staticmethod
-    def from_dict(doc: Mapping[str, object]) -> WriteSettings:
+    def from_dict(doc: Mapping[str, Any]) -> WriteSettings:
         s = WriteSettings(
             wrap=str(doc.get("wrap", "password")),
-            iterations=int(doc.get("iterations", DEFAULT_ITERATIONS)),  # type: ignore[call-overload]
+            iterations=int(doc.get("iterations", DEFAULT_ITERATIONS)),
             algorithm=str(doc.get("algorithm", ALG_AES)),
-            chunk_size=int(doc.get("chunk_size", 65536)),  # type: ignore[call-overload]
+            chunk_size=int(doc.get("chunk_size", 65536)),
         )
         if s.wrap not in ("password", "memory", "cosmian-kmip"):
             raise FormatError(f"gateway: cannot write with key wrap {s.wrap!r}")
@@ -130,7 +130,7 @@ def seal_chunked_stream(
     settings: WriteSettings,
     envelope: Mapping[str, str],
 ) -> tuple[dict[str, str], int, int, ChunkedCipher]:
-    """Encrypt *src* into *dst* as a chunked gateway object (§12 writer recipe, HKDF nonces).
+    """Encrypt *src* into *dst* as a chunked gateway object (§6, HKDF nonces).
     *envelope*: the metadata of *dek* wrapped by a key manager (format/metadata.py
     ``encode_envelope``: the gateway's names).
 
@@ -156,7 +156,7 @@ def seal_chunked_stream(
     md = {
         "encrypted": "true",
         "encryption-algorithm": settings.algorithm,
-        # Unused by a reader of a wrapped DEK, but part of the 0.8 key set (§1.1 B).
+        # Unused by a reader of a wrapped DEK, but part of the gateway's set (§6).
         "encryption-key-salt": base64.b64encode(os.urandom(SALT)).decode(),
         "encryption-iv": iv_b64,
         "encryption-chunked": "true",

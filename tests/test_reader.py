@@ -1,0 +1,120 @@
+"""The reader's single-flight fetches (cache/reader.py), without a mount: readers of the same
+chunks share one download, and what that download ends with is what each of them gets."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import trio
+import trio.testing
+
+from s3cryptfs.cache.blocks import BlockCache
+from s3cryptfs.cache.reader import Reader, Version
+from s3cryptfs.errors import (
+    AccessDenied,
+    IntegrityError,
+    KeyRetired,
+    ObjectNotFound,
+    TransientStoreError,
+)
+from s3cryptfs.format.layout import PlainCipher
+
+BODY = bytes(range(256)) * 16
+
+
+def plain_version(fetch) -> Version:
+    return Version(
+        vid="v1",
+        name="vol/file",
+        plain_size=len(BODY),
+        body_size=len(BODY),
+        fetch=fetch,
+        make_cipher=lambda header: PlainCipher(),
+        cipher=PlainCipher(),
+        header_len=0,
+    )
+
+
+async def read_into(reader: Reader, version: Version, results: list) -> None:
+    try:
+        results.append(await reader.read(version, 0, 100))
+    except Exception as exc:  # noqa: BLE001 - the test looks at what each reader got
+        results.append(exc)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ObjectNotFound("vol/file: no such key"),
+        TransientStoreError("get vol/file: 503 SlowDown"),
+        AccessDenied("get vol/file: 403"),
+        KeyRetired("key version 3 is retired"),
+        IntegrityError("vol/file: chunk 0 does not authenticate"),
+        OSError(5, "Input/output error"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_a_reader_that_joined_a_fetch_gets_its_error(error):
+    calls = []
+    release = threading.Event()
+
+    def fetch(start: int, end: int) -> bytes:
+        calls.append((start, end))
+        release.wait(10)
+        raise error
+
+    reader = Reader(BlockCache(1 << 20), trio.CapacityLimiter(4))
+    version = plain_version(fetch)
+    results: list = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_into, reader, version, results)
+            await trio.testing.wait_all_tasks_blocked()  # the first one is fetching
+            nursery.start_soon(read_into, reader, version, results)
+            await trio.testing.wait_all_tasks_blocked()  # the second one waits on it
+            release.set()
+
+    trio.run(main)
+    assert len(calls) == 1  # one download for both
+    assert len(results) == 2
+    for got in results:
+        assert type(got) is type(error)  # not IntegrityError whatever happened
+        assert str(got) == str(error)
+    assert results[0] is not results[1]  # each reader raises its own
+
+
+def test_a_reader_whose_fetch_was_cancelled_leaves_the_others_to_fetch_again():
+    calls = []
+    limiter = trio.CapacityLimiter(1)
+
+    def fetch(start: int, end: int) -> bytes:
+        calls.append((start, end))
+        return BODY[start : end + 1]
+
+    reader = Reader(BlockCache(1 << 20), limiter)
+    version = plain_version(fetch)
+    results: list = []
+
+    async def main() -> None:
+        holder = object()
+        await limiter.acquire_on_behalf_of(holder)  # the first fetch waits for a thread
+        async with trio.open_nursery() as outer:
+            first_scope = trio.CancelScope()
+
+            async def first_reader() -> None:
+                with first_scope:
+                    await reader.read(version, 0, 100)
+
+            outer.start_soon(first_reader)
+            await trio.testing.wait_all_tasks_blocked()
+            outer.start_soon(read_into, reader, version, results)
+            await trio.testing.wait_all_tasks_blocked()
+            first_scope.cancel()  # its reader went away before the fetch began
+            await trio.testing.wait_all_tasks_blocked()
+            limiter.release_on_behalf_of(holder)
+
+    trio.run(main)
+    assert results == [BODY[:100]]
+    assert len(calls) == 1  # the cancelled one never fetched; the joiner did

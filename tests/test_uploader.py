@@ -1,0 +1,92 @@
+"""The uploader's retries (upload/uploader.py), without a mount or S3: a failed upload and a
+conflict copy that could not be stored both put the version back at the head of the queue,
+tell its waiters, and wake the uploader."""
+
+from __future__ import annotations
+
+import time
+
+import trio
+
+from s3cryptfs.errors import PreconditionFailed, StoreError, TransientStoreError
+from s3cryptfs.upload.journal import ABSENT, Entry, Journal, Upload
+from s3cryptfs.upload.uploader import CONFLICT_RETRY, Uploader
+
+
+class FailingStore:
+    """upload_file fails as told (per key); head fails, so no earlier attempt is found."""
+
+    def __init__(self, failures: dict[str, Exception]) -> None:
+        self.failures = failures
+        self.uploads: list[str] = []
+
+    def upload_file(self, key: str, *args, **kwargs) -> str:
+        self.uploads.append(key)
+        for prefix, exc in self.failures.items():
+            if key.startswith(prefix):
+                raise exc
+        return '"etag"'
+
+    def head(self, key: str):
+        raise StoreError(f"head {key}: unavailable")
+
+
+def queued_entry(journal: Journal, key: str) -> Entry:
+    seq = journal.next_seq()
+    with journal.open_body(seq) as f:
+        f.write(b"x" * 64)
+    entry = Entry(
+        seq=seq,
+        key=key,
+        body_path=journal.body_path(seq),
+        metadata={"encryption-wrapped-key": "QUJD"},
+        base=ABSENT,
+        plain_size=20,
+        body_size=64,
+    )
+    journal.write_record(entry)
+    return entry
+
+
+def attempt(tmp_path, failures: dict[str, Exception]) -> tuple[Uploader, Entry, FailingStore]:
+    """One upload attempt of a new file, as the uploader's run loop starts it."""
+    store = FailingStore(failures)
+    journal = Journal(str(tmp_path / "journal"))
+    uploader = Uploader(store, journal, trio.CapacityLimiter(2))
+    entry = queued_entry(journal, "vol/a")
+
+    async def main() -> None:
+        uploader.submit(entry)
+        uploader._wakeup = trio.Event()  # as the run loop leaves it before it sleeps
+        uploader.queue.remove(entry)
+        uploader.in_flight[entry.key] = entry
+        entry.to(Upload.UPLOADING)
+        await uploader._upload(entry)
+
+    trio.run(main)
+    return uploader, entry, store
+
+
+def assert_requeued(uploader: Uploader, entry: Entry, error: type, delay: float) -> None:
+    assert entry.state is Upload.QUEUED
+    assert isinstance(entry.error, error)
+    assert uploader.queue[0] is entry and not uploader.in_flight
+    assert entry.attempts == 1
+    assert 0 < entry.not_before - time.monotonic() <= delay
+    assert uploader._wakeup.is_set()  # the freed slot is used at once, not at the next poll
+
+
+def test_a_failed_upload_is_queued_again(tmp_path):
+    uploader, entry, store = attempt(tmp_path, {"vol/a": TransientStoreError("503")})
+    assert store.uploads == ["vol/a"]
+    assert_requeued(uploader, entry, TransientStoreError, 2.0)
+
+
+def test_a_conflict_copy_that_failed_is_queued_again(tmp_path):
+    failures: dict[str, Exception] = {
+        "vol/a.conflict-": StoreError("put: 500"),
+        "vol/a": PreconditionFailed("someone else wrote it"),
+    }
+    uploader, entry, store = attempt(tmp_path, failures)
+    assert store.uploads[0] == "vol/a" and store.uploads[1].startswith("vol/a.conflict-")
+    assert_requeued(uploader, entry, StoreError, CONFLICT_RETRY)
