@@ -181,6 +181,12 @@ class Busy(FsError):
     """Not done in time: a drain that did not empty the upload queue."""
 
 
+class StaleEntry(FsError):
+    """open() found the file deleted by another machine since the kernel looked the name up.
+    ESTALE makes the kernel look the name up again and retry, as it does for NFS: open with
+    O_CREAT then creates the file (instead of failing with ENOENT), without it says ENOENT."""
+
+
 class UploadConflict(S3CryptFSError):
     """Our upload lost a race against another writer; our data was kept elsewhere."""
 
@@ -214,6 +220,7 @@ ERRNO_TABLE: dict[type[BaseException], int] = {
     KeyRetired: errno.EIO,
     FsError: errno.EIO,  # raised only through a named kind
     NoSuchEntry: errno.ENOENT,
+    StaleEntry: errno.ESTALE,
     AlreadyExists: errno.EEXIST,
     DirectoryNotEmpty: errno.ENOTEMPTY,
     IsDirectory: errno.EISDIR,

@@ -7,6 +7,7 @@ the handlers here refuse with the named kinds of errors.FsError too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -255,12 +256,23 @@ class FuseOperations(pyfuse3.Operations):
     @_guard
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         handle, keep = await self.fs.open(inode, flags)
+        if not keep:
+            # Close-to-open: the object changed (another machine wrote it). keep_cache off
+            # drops the kernel's pages; its size may be cached too (a getattr just before the
+            # open answered from our old view), so its attributes go as well, or reads would
+            # stop at the old size. Attributes only: this takes no inode lock, safe in here.
+            with contextlib.suppress(OSError):
+                pyfuse3.invalidate_inode(inode, attr_only=True)
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep, direct_io=_write_only(flags))
 
     @_guard
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
-        handle = await self.fs.create(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid)
-        info = pyfuse3.FileInfo(fh=handle.fh, direct_io=_write_only(flags))
+        handle = await self.fs.create(
+            parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid, flags
+        )
+        info = pyfuse3.FileInfo(
+            fh=handle.fh, keep_cache=handle.keep_cache, direct_io=_write_only(flags)
+        )
         return info, self._reply(handle.node)
 
     @_guard

@@ -20,6 +20,7 @@ from s3cryptfs.errors import (
     NoSuchEntry,
     ObjectNotFound,
     S3CryptFSError,
+    StaleEntry,
     StoreError,
     TransientStoreError,
     VolumeError,
@@ -79,6 +80,7 @@ def test_only_not_found_is_enoent(cls):
 
 
 def test_specific_mappings():
+    assert to_errno(StaleEntry("gone since the lookup")) == errno.ESTALE  # the kernel retries
     assert to_errno(ObjectNotFound("k")) == errno.ENOENT
     assert to_errno(TransientStoreError("503")) == errno.EIO
     assert to_errno(EndpointUnreachable("refused")) == errno.EIO

@@ -95,6 +95,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"({up.get('queued', 0)} queued, {up.get('in_flight', 0)} uploading, "
         f"{up.get('queued_bytes', 0) / 2**20:.1f} MiB waiting)"
     )
+    conflicts = status.get("conflicts", {})
+    if conflicts.get("count"):
+        latest = ", ".join(conflicts.get("latest", [])[-3:])
+        print(f"conflicts:    {conflicts['count']} version(s) saved as copies (latest: {latest})")
     print(
         f"block cache:  {cache.get('bytes', 0) / 2**20:.1f} of "
         f"{cache.get('budget', 0) / 2**20:.0f} MiB, hit ratio {ratio}"

@@ -34,7 +34,7 @@ from s3cryptfs.format import metadata as md
 from s3cryptfs.store.helper import UploadHelper
 from s3cryptfs.store.s3 import S3Store
 from s3cryptfs.upload import closed as closed_files
-from s3cryptfs.upload.journal import ABSENT, CHAIN, Base, Entry, Journal
+from s3cryptfs.upload.journal import ABSENT, CHAIN, FOLLOW, Base, Entry, Journal
 from s3cryptfs.upload.state import (
     Staged,
     Staging,
@@ -498,6 +498,9 @@ class WritePath:
     def base(self, f: Written) -> Base:
         if self.uploader.pending_for(self.key(f)):
             return CHAIN
+        diverted = f.w.diverted
+        if diverted is not None and diverted.saved_as:
+            return (FOLLOW, diverted.saved_as)
         etag = f.remote_etag
         if etag is not None:
             return ("etag", etag)
@@ -535,6 +538,8 @@ class WritePath:
             writes = w.writes
             key = self.key(f)
             base = self.base(f)
+            pending = self.uploader.pending_for(key) if base == CHAIN else []
+            after = pending[-1] if pending else None
             staging_name = os.path.basename(staging.path) if w.state is Staged.CLOSED else None
 
             def new_entry(seq: int, sealed: SealedObject, path: str, offset: int) -> Entry:
@@ -544,6 +549,7 @@ class WritePath:
                     body_path=path,
                     metadata=sealed.metadata,
                     base=base,
+                    after=after,
                     plain_size=sealed.plain_size,
                     body_size=sealed.body_size,
                     stream=stream,
@@ -573,10 +579,6 @@ class WritePath:
                 if slot is not None:
                     self.journal.slots.give_back(slot)
                 raise
-            if entry.base == CHAIN and not self.uploader.pending_for(key):
-                # The previous version landed while this one was sealed: base it on that.
-                entry.base = self.base(f)
-                await self._thread(self.journal.rewrite, entry)
             if w.state is Staged.CLOSED:
                 # The journal holds it now (its record names this file, should we stop here).
                 await self._thread(closed_files.remove, staging.path)
@@ -719,13 +721,29 @@ class WritePath:
 
     async def _conflicted(self, entry: Entry) -> None:
         f = self.callbacks.find(entry.key)
-        if f is None or f.w.local is not entry:
+        if f is None:
             return
         w = f.w
-        w.local = None
-        if w.local_version is not None:
-            self.reader.forget(w.local_version)
-        w.local_version = None
+        if w.local is not entry:
+            if w.local is not None:
+                return  # a newer version is queued: it follows this one (uploader._next)
+        else:
+            w.local = None
+            if w.local_version is not None:
+                self.reader.forget(w.local_version)
+            w.local_version = None
+        w.diverted = entry
+        await self.end_divergence(f)
+
+    async def end_divergence(self, f: Written) -> None:
+        """Once nobody writes a file whose versions went to a conflict copy and all of them
+        are stored, the file is the other writer's version again (the core reads it anew):
+        the next open and write start a new lineage, based on that version."""
+        w = f.w
+        entry = w.diverted
+        if entry is None or f.writers or w.busy:
+            return
+        w.diverted = None
         await self.callbacks.conflicted(f, entry)
 
     # --- what the uploads hold -------------------------------------------------------------

@@ -23,11 +23,15 @@ from s3cryptfs.upload.slots import SlotPool, SlotRecord
 
 log = logging.getLogger(__name__)
 
-# base of a version: the ETag it replaces, "absent" (a new file), or "chain" (the previous
-# journal entry of the same key, whose ETag is only known once it is uploaded)
+# base of a version: the ETag it replaces, "absent" (a new file), "chain" (the previous
+# journal entry of the same key, whose ETag is only known once it is uploaded), or "follow"
+# with a conflict copy's key (an earlier version of this file lost to another writer and was
+# saved there: the versions closed after it, by the same writers, go there too, never over
+# the winner).
 Base = tuple[str, str]
 ABSENT: Base = ("absent", "")
 CHAIN: Base = ("chain", "")
+FOLLOW = "follow"
 
 
 class Upload(enum.Enum):
@@ -78,6 +82,14 @@ class Entry:
     # The write-back file this version was sealed from, when it had been kept as closed
     # (upload/closed.py): after a crash, its marker is stale once this record exists.
     staging_name: str | None = None
+    # Set when another writer won: the conflict copy this version was stored as.
+    saved_as: str | None = None
+    # The file was deleted or replaced here while this version was being sent: if another
+    # writer won meanwhile, no conflict copy is made (this mount no longer wants the version).
+    cancelled: bool = False
+    # base CHAIN: the version this one follows (in memory; Uploader._ready resolves the base
+    # from how that one ended, whenever that was).
+    after: Entry | None = None
 
     def record(self) -> dict[str, Any]:
         rec = {

@@ -77,6 +77,10 @@ class FileWrite:
     # unlinked while open: the write-back file is the only copy left for its readers
     keep: bool = False
     why: str | None = None  # CLOSED: why it could not be sealed
+    # A version lost to another writer while the file was still being written: what its
+    # writers close next goes to the same conflict copy (base "follow"), not over the winner,
+    # until nobody writes the file and all of it is in S3 (WritePath.end_divergence).
+    diverted: Entry | None = None
 
     def _to(self, new: Staged) -> None:
         if new is not self.state and new not in TRANSITIONS[self.state]:

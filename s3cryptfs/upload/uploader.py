@@ -18,7 +18,7 @@ from s3cryptfs.asyncutil import run_abandonable
 from s3cryptfs.errors import ObjectNotFound, PreconditionFailed, StoreError, UploadConflict
 from s3cryptfs.store.helper import HelperUnavailable, UploadHelper
 from s3cryptfs.store.s3 import S3Store
-from s3cryptfs.upload.journal import CHAIN, Entry, Journal, Upload
+from s3cryptfs.upload.journal import ABSENT, CHAIN, FOLLOW, Entry, Journal, Upload
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ class Uploader:
         self.queue: list[Entry] = []
         self.in_flight: dict[str, Entry] = {}
         self.last_etag: dict[str, str] = {}
+        self.diverted: dict[str, str] = {}  # key -> the conflict copy its queued versions follow
+        # Versions saved as conflict copies since the mount started, and the latest copies
+        # made (`s3cryptfs status` names them).
+        self.conflicts = 0
+        self.recent_conflicts: list[str] = []
         self._wakeup = trio.Event()
         self.uploaded_count = 0
         self.queued_bytes = 0
@@ -67,13 +72,16 @@ class Uploader:
     # --- submitting ---------------------------------------------------------------------
 
     def submit(self, entry: Entry) -> None:
+        if entry.base == CHAIN and entry.after is None:
+            pending = self.pending_for(entry.key)
+            entry.after = pending[-1] if pending else None
         for older in self.queue:
             if older.key == entry.key and older.state is Upload.QUEUED:
                 # Coalesce: the older version never needs to reach S3.
                 self.queue.remove(older)
                 self.queued_bytes -= older.body_size
                 if entry.base == CHAIN:
-                    entry.base = older.base
+                    entry.base, entry.after = older.base, older.after
                     self._rewrite(entry)
                 older.superseded_by = entry
                 self._discard_stream(older)
@@ -118,13 +126,38 @@ class Uploader:
 
     def cancel(self, key: str) -> None:
         """Drop queued versions of *key* (it is being deleted). In-flight ones must be awaited."""
+        if key in self.in_flight:
+            self.in_flight[key].cancelled = True
         for entry in [e for e in self.queue if e.key == key]:
+            copy = self._copy_followed(entry)
+            if copy is not None and self._nursery is not None:
+                # An earlier version went to this conflict copy and this one would have
+                # replaced it there: the file is deleted here now, and the copy holds a state
+                # its writer has since overwritten and deleted.
+                self._nursery.start_soon(self._delete_copy, copy)
             self.queue.remove(entry)
             self.queued_bytes -= entry.body_size
             self._discard_stream(entry)
             self.journal.remove(entry)
             entry.to(Upload.DONE)
             entry._notify()
+
+    def _copy_followed(self, entry: Entry) -> str | None:
+        """The conflict copy *entry* would replace, if it follows one."""
+        if entry.base[0] == FOLLOW:
+            return entry.base[1]
+        if entry.base == CHAIN:
+            if entry.after is not None:
+                return entry.after.saved_as
+            return self.diverted.get(entry.key)
+        return None
+
+    async def _delete_copy(self, copy: str) -> None:
+        try:
+            await run_abandonable(self.store.delete, copy, limiter=self.limiter)
+            log.info("%s: deleted (its file was deleted by this mount since)", copy)
+        except StoreError as exc:
+            log.warning("%s: could not delete this superseded conflict copy: %s", copy, exc)
 
     @property
     def pending(self) -> int:
@@ -186,7 +219,13 @@ class Uploader:
                 continue
             if entry.body_size >= self.large_size and large >= self.large_concurrency:
                 continue
-            if entry.base == CHAIN and entry.key not in self.last_etag:
+            if entry.base == CHAIN and not self._ready(entry):
+                continue
+            if entry.base == CHAIN and entry.key in self.diverted:
+                # the previous version lost to another writer: this one follows it
+                entry.base = (FOLLOW, self.diverted[entry.key])
+                self._rewrite(entry)
+            elif entry.base == CHAIN and entry.key not in self.last_etag:
                 # the previous version of this key must land first; if none exists any more
                 # (crash recovery), it was coalesced and this one is based on nothing known
                 if not any(e.key == entry.key and e.seq < entry.seq for e in self.queue):
@@ -195,6 +234,22 @@ class Uploader:
                     continue
             return entry
         return None
+
+    def _ready(self, entry: Entry) -> bool:
+        """Whether a CHAIN entry may go: the version it follows has ended, and its base is
+        now what that one became (the ETag it got, or the conflict copy it went to)."""
+        prev = entry.after
+        if prev is None:
+            return True  # read back from the journal: last_etag and diverted tell
+        if prev.state is Upload.DONE:
+            entry.base = ("etag", prev.etag) if prev.etag else ABSENT  # ABSENT: cancelled
+        elif prev.state is Upload.CONFLICT and prev.saved_as:
+            entry.base = (FOLLOW, prev.saved_as)
+        else:
+            return False
+        entry.after = None
+        self._rewrite(entry)
+        return True
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -223,6 +278,9 @@ class Uploader:
 
     async def _upload(self, entry: Entry) -> None:
         entry.attempts += 1
+        if entry.base[0] == FOLLOW:
+            await self._follow(entry, entry.base[1])
+            return
         try:
             if_match, if_none_match = self._conditions(entry)
             etag = await self._send(entry, if_match, if_none_match)
@@ -302,27 +360,71 @@ class Uploader:
 
     async def _divert(self, entry: Entry) -> None:
         """Someone else changed the object: store our version beside it, never over it."""
+        if entry.cancelled:
+            log.info("%s: changed by another writer, and deleted here since: no copy", entry.key)
+            self.last_etag.pop(entry.key, None)
+            await self._finish(entry, Upload.DONE)
+            return
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         conflict_key = f"{entry.key}.conflict-{stamp}-{entry.seq}"
         try:
-            await self._upload_body(entry, conflict_key, None, True)
+            for n in range(1, 10):
+                try:
+                    await self._upload_body(entry, conflict_key, None, True)
+                    break
+                except PreconditionFailed:
+                    # the name is taken (another machine's copy, same second, same number)
+                    conflict_key = f"{entry.key}.conflict-{stamp}-{entry.seq}.{n}"
+            else:
+                raise PreconditionFailed(f"{conflict_key}: no free name for a conflict copy")
         except Exception as exc:  # noqa: BLE001 - keep it queued, try again later
             log.error("conflict copy of %s could not be stored yet: %s", entry.key, exc)
             self._retry_later(entry, exc, CONFLICT_RETRY)
             return
+        self.conflicts += 1
         log.error(
             "upload conflict: %s was changed by another writer; this mount's version was saved "
             "as %s",
             entry.key,
             conflict_key,
         )
+        # Versions of this file queued behind this one were based on it: they follow it to
+        # the copy (an O_TRUNC's empty file there, then what was closed last), not over the
+        # other writer's version.
+        self.diverted[entry.key] = conflict_key
+        self.recent_conflicts = [*self.recent_conflicts[-9:], conflict_key]
+        await self._settle_conflict(entry, conflict_key)
+
+    async def _follow(self, entry: Entry, conflict_key: str) -> None:
+        """A later version of a file whose earlier one was saved as *conflict_key*: it
+        replaces that copy (ours alone), so the copy holds what this mount closed last."""
+        if entry.stale_upload:
+            await run_abandonable(self.store.abort_multipart, entry.key, entry.stale_upload)
+            entry.stale_upload = None
+        stream, entry.stream = entry.stream, None
+        if stream is not None:
+            await stream.abort()  # begun under the file's own name: not where this goes
+        try:
+            await self._upload_body(entry, conflict_key, None, False)
+        except Exception as exc:  # noqa: BLE001 - keep it queued, try again later
+            log.error("conflict copy of %s could not be updated yet: %s", entry.key, exc)
+            self._retry_later(entry, exc, CONFLICT_RETRY)
+            return
+        log.info("%s: a later version of this mount's also went to %s", entry.key, conflict_key)
+        if entry.cancelled:
+            await self._delete_copy(conflict_key)
+        await self._settle_conflict(entry, conflict_key)
+
+    async def _settle_conflict(self, entry: Entry, conflict_key: str) -> None:
+        entry.saved_as = conflict_key
         entry.error = UploadConflict(
             f"{entry.key} was changed by another writer; your version was saved as {conflict_key}"
         )
         self.last_etag.pop(entry.key, None)
-        await self._finish(entry, Upload.CONFLICT)
+        # Before the waiters wake (as for an upload): they find the file as it is now.
         if self.on_conflict is not None:
             await self.on_conflict(entry)
+        await self._finish(entry, Upload.CONFLICT)
 
     def _retry_later(self, entry: Entry, exc: Exception, delay: float) -> None:
         """An attempt failed: *entry* goes back to the head of the queue, to be tried again
@@ -348,6 +450,7 @@ class Uploader:
         if not any(e.key == entry.key for e in self.queue):
             # nothing chains on this key any more
             self.last_etag.pop(entry.key, None)
+            self.diverted.pop(entry.key, None)
         entry._notify()
         self._space.set()
         self._space = trio.Event()

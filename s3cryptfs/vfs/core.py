@@ -36,6 +36,7 @@ from s3cryptfs.errors import (
     ObjectNotFound,
     ReadOnlyMount,
     S3CryptFSError,
+    StaleEntry,
     UnknownProvider,
     UploadConflict,
     strip_subject,
@@ -433,14 +434,25 @@ class Filesystem:
             )
         return remote.version
 
-    async def _revalidate(self, node: Node) -> bool:
-        """Before opening: is the object still what we cached? Returns True if unchanged."""
+    async def _revalidate(self, node: Node, recreate: bool = False) -> bool:
+        """Before opening: is the object still what we cached? Returns True if unchanged.
+
+        *recreate*: if another machine deleted it, the file becomes a new one here (an open
+        that truncates needs none of the old content; its version is created with
+        If-None-Match, so a file made there meanwhile wins and this one becomes a copy)."""
         if node.w.local is not None or node.w.staging is not None or node.remote is None:
             return True
         key = self.key(node.path)
         try:
             head = await self._thread(self.store.head, key)
         except ObjectNotFound:
+            if recreate:
+                if node.remote.version is not None:
+                    self.reader.forget(node.remote.version)
+                node.remote = None
+                node.size = 0
+                self.unsynced.add(node)
+                return False
             self.nodes.detach(node)
             node.unlinked = True
             self.listing.remove(node.parent_path, node.name)
@@ -501,7 +513,11 @@ class Filesystem:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable:
             self._writable()
-        keep = await self._revalidate(node)
+        truncating = writable and bool(flags & os.O_TRUNC)
+        try:
+            keep = await self._revalidate(node, recreate=truncating)
+        except NoSuchEntry as exc:
+            raise StaleEntry(str(exc)) from None
         if node.error and node.w.local is None and node.w.staging is None and not writable:
             raise IntegrityError(f"{self.key(node.path)}: {node.error}")
         handle = self._new_handle(node, writable)
@@ -525,13 +541,23 @@ class Filesystem:
             node.writers += 1
         return handle
 
-    async def create(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Handle:
+    async def create(
+        self, parent_ino: int, name: str, mode: int, uid: int, gid: int, flags: int = os.O_EXCL
+    ) -> Handle:
         self._writable()
         parent = self.node(parent_ino)
         self._check_name(parent, name)
         existing = await self.listing.child(parent, name)
         if existing is not None and not existing.unlinked:
-            raise AlreadyExists()
+            if flags & os.O_EXCL or existing.is_dir:
+                raise AlreadyExists()
+            # The kernel thought the name free, but another machine created it meanwhile:
+            # without O_EXCL, open(O_CREAT) opens that file (truncating it with O_TRUNC), as
+            # on a local disk. Its metadata first: open() revalidates against it.
+            await self.listing.load_metadata(existing)
+            handle, keep = await self.open(existing.ino, flags)
+            handle.keep_cache = keep
+            return handle
         now = now_ns()
         path = child_path(parent.path, name)
         node = Node(self.nodes.new_ino(), path, stat.S_IFREG | (mode & 0o7777), uid, gid, now, now)
@@ -620,6 +646,8 @@ class Filesystem:
             self.unsynced.discard(node)
         else:
             self.writes.release_if_idle(node)
+            if handle.writable:
+                await self.writes.end_divergence(node)
         self.nodes.maybe_drop(node)
 
     async def _on_uploaded(self, node: Node, entry: Entry) -> None:

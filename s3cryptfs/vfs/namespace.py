@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import stat
 from typing import TYPE_CHECKING
@@ -21,6 +22,8 @@ from s3cryptfs.errors import (
     NotDirectory,
     NotPermitted,
     ObjectNotFound,
+    PreconditionFailed,
+    UploadConflict,
 )
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
@@ -31,6 +34,10 @@ if TYPE_CHECKING:
     from s3cryptfs.vfs.core import Filesystem
 
 log = logging.getLogger(__name__)
+
+# Copies of a file being renamed while other machines keep replacing it (each attempt a HEAD
+# and a conditional copy): then the rename fails with EIO.
+RENAME_ATTEMPTS = 10
 
 
 class Namespace:
@@ -172,7 +179,12 @@ class Namespace:
         if node.w.unsealed and node.writers == 0:
             await self.fs.writes.commit(node)
         if node.w.local is not None:
-            await self.fs.uploader.wait(node.w.local)
+            try:
+                await self.fs.uploader.wait(node.w.local)
+            except UploadConflict:
+                # Another machine's version won: ours is in its conflict copy (and the log),
+                # and the name holds theirs, which is what moves.
+                pass
 
     async def rename(
         self, old_parent: int, old_name: str, new_parent: int, new_name: str, flags: int
@@ -246,28 +258,48 @@ class Namespace:
         if node.w.staging is not None:
             async with node.lock:
                 await self.fs.writes.uncut(node)  # what was cut is read from the old name
-        remote = node.remote
-        assert remote is not None
-        new_meta = None
-        mpu = gw.is_mpu_object(remote.metadata or {})
-        if mpu:
-            # The manifest moves first, and the object's pointer names its new place.
-            await self.fs._thread(
-                lambda: self.fs.store.copy(old_key + gw.MPU_SUFFIX, new_key + gw.MPU_SUFFIX, None)
-            )
-            new_meta = {
-                **(remote.metadata or {}),
-                "encryption-fallback-ptr": new_key + gw.MPU_SUFFIX,
-            }
-        etag = await self.fs._thread(
-            lambda: self.fs.store.copy(
-                old_key,
-                new_key,
-                new_meta,
-                src_etag=remote.etag,
-                size=remote.body_size,
-            )
-        )
+        for attempt in range(RENAME_ATTEMPTS):
+            remote = node.remote
+            assert remote is not None
+            new_meta = None
+            mpu = gw.is_mpu_object(remote.metadata or {})
+            if mpu:
+                # The manifest moves first, and the object's pointer names its new place.
+                await self.fs._thread(
+                    lambda: self.fs.store.copy(
+                        old_key + gw.MPU_SUFFIX, new_key + gw.MPU_SUFFIX, None
+                    )
+                )
+                new_meta = {
+                    **(remote.metadata or {}),
+                    "encryption-fallback-ptr": new_key + gw.MPU_SUFFIX,
+                }
+            try:
+                etag = await self.fs._thread(
+                    functools.partial(
+                        self.fs.store.copy,
+                        old_key,
+                        new_key,
+                        new_meta,
+                        src_etag=remote.etag,
+                        size=remote.body_size,
+                    )
+                )
+                break
+            except PreconditionFailed:
+                # Another machine stored a new version under the old name since we looked:
+                # rename moves what the name holds now, as it would on a local disk. Not
+                # while this mount is writing the file or has a version of it to upload.
+                if attempt == RENAME_ATTEMPTS - 1 or node.writers or node.w.busy:
+                    raise
+                self.fs.writes.release_if_idle(node)  # its write-back file: an old version
+                if node.w.staging is not None:
+                    raise
+                try:
+                    head = await self.fs._thread(self.fs.store.head, old_key)
+                except ObjectNotFound:
+                    raise NoSuchEntry(f"{old_key} was deleted by another client") from None
+                self.fs._replace_remote(node, head)
         with contextlib.suppress(ObjectNotFound):
             await self.fs._thread(self.fs.store.delete, old_key)
         if mpu:

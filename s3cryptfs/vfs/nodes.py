@@ -114,6 +114,7 @@ class Handle:
     node: Node
     writable: bool
     state: ReadState = field(default_factory=ReadState)
+    keep_cache: bool = True  # whether the kernel's pages of the file are still its content
 
 
 def child_path(parent: str, name: str) -> str:

@@ -25,6 +25,10 @@ def status_of(fs: Filesystem) -> dict[str, Any]:
         "in_flight": len(fs.uploader.in_flight),
         "queued_bytes": fs.uploader.queued_bytes,
     }
+    out["conflicts"] = {
+        "count": fs.uploader.conflicts,
+        "latest": [k.removeprefix(fs.prefix) for k in fs.uploader.recent_conflicts],
+    }
     helper = fs.writes.helper
     if helper is not None:
         out["upload_helper"] = {
