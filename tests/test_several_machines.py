@@ -6,6 +6,7 @@ a conflict copy (docs/SEMANTICS.md, "Several machines")."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import threading
@@ -26,8 +27,6 @@ def wait_for(predicate, timeout: float = 60.0, what: str = "") -> None:
 
 def settled(vol) -> bool:
     """Nothing of this mount is still on its way to S3."""
-    import json
-
     stats = json.loads(os.getxattr(vol.mountpoint, "user.s3cryptfs.stats"))
     up = stats["uploads"]
     return up["queued"] + up["in_flight"] + stats["closed_not_sealed"] == 0
@@ -134,6 +133,13 @@ def test_concurrent_writers_both_versions_survive(pair) -> None:
         found = versions_of(a, name)
         assert sorted(found.values()) == sorted([va, vb]), (round_, found)
         assert name in found  # one of them is the file itself
+    # One conflict a round (the loser's later version follows its copy: no second one), as
+    # `s3cryptfs status` shows it.
+    counts = [
+        json.loads(os.getxattr(v.mountpoint, "user.s3cryptfs.stats"))["conflicts"] for v in pair
+    ]
+    assert sum(c["count"] for c in counts) == 6
+    assert all(".conflict-" in name for c in counts for name in c["latest"])
 
 
 @pytest.mark.expect_log_errors(CONFLICT_LOG)
@@ -150,8 +156,9 @@ def test_rename_over_a_file_the_other_mount_is_writing(pair) -> None:
     os.close(fd)  # B's close: its version must survive, as the file or as a copy
     wait_for(lambda: settled(b))
     time.sleep(1.2)
-    found = sorted(versions_of(a, "target").values())
-    assert sorted([b"A renamed this over it", b"B was writing this"]) == found
+    found = versions_of(a, "target")
+    assert found.pop("target") == b"A renamed this over it"
+    assert list(found.values()) == [b"B was writing this"]  # B's version: the conflict copy
 
 
 @pytest.mark.expect_log_errors(CONFLICT_LOG)
@@ -166,9 +173,12 @@ def test_delete_while_the_other_mount_writes(pair) -> None:
     os.close(fd)
     wait_for(lambda: settled(b))
     time.sleep(1.2)
-    # B closed a version after A's delete: it is kept (recreating the name, or as a copy).
-    found = list(versions_of(a, "doomed").values())
-    assert found == [b"B's version, written while A deletes"]
+    # B closed a version after A's delete: it is kept as a conflict copy, and the name stays
+    # deleted, on both mounts.
+    found = versions_of(a, "doomed")
+    assert list(found.values()) == [b"B's version, written while A deletes"]
+    assert "doomed" not in found
+    assert not (b.mountpoint / "doomed").exists()
 
 
 @pytest.mark.slow

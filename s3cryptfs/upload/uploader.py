@@ -27,6 +27,13 @@ Uploaded = Callable[[Entry], Awaitable[None]]
 CONFLICT_RETRY = 10.0
 
 
+def copy_names(key: str, seq: int) -> list[str]:
+    """Names for a conflict copy of *key*: KEY.conflict-TIME-N, then with .1, .2... when that
+    one is taken."""
+    stem = f"{key}.conflict-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{seq}"
+    return [stem] + [f"{stem}.{n}" for n in range(1, 10)]
+
+
 class Uploader:
     """Uploads journal entries in the background: in parallel, in order per key, with retries."""
 
@@ -365,38 +372,43 @@ class Uploader:
             self.last_etag.pop(entry.key, None)
             await self._finish(entry, Upload.DONE)
             return
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        conflict_key = f"{entry.key}.conflict-{stamp}-{entry.seq}"
         try:
-            for n in range(1, 10):
-                try:
-                    await self._upload_body(entry, conflict_key, None, True)
-                    break
-                except PreconditionFailed:
-                    # the name is taken (another machine's copy, same second, same number)
-                    conflict_key = f"{entry.key}.conflict-{stamp}-{entry.seq}.{n}"
-            else:
-                raise PreconditionFailed(f"{conflict_key}: no free name for a conflict copy")
+            copy = await self._store_copy(entry)
         except Exception as exc:  # noqa: BLE001 - keep it queued, try again later
             log.error("conflict copy of %s could not be stored yet: %s", entry.key, exc)
             self._retry_later(entry, exc, CONFLICT_RETRY)
+            return
+        if entry.cancelled:  # deleted here while the copy was being stored
+            await self._delete_copy(copy)
+            self.last_etag.pop(entry.key, None)
+            await self._finish(entry, Upload.DONE)
             return
         self.conflicts += 1
         log.error(
             "upload conflict: %s was changed by another writer; this mount's version was saved "
             "as %s",
             entry.key,
-            conflict_key,
+            copy,
         )
         # Versions of this file queued behind this one were based on it: they follow it to
         # the copy (an O_TRUNC's empty file there, then what was closed last), not over the
         # other writer's version.
-        self.diverted[entry.key] = conflict_key
-        self.recent_conflicts = [*self.recent_conflicts[-9:], conflict_key]
-        await self._settle_conflict(entry, conflict_key)
+        self.diverted[entry.key] = copy
+        self.recent_conflicts = [*self.recent_conflicts[-9:], copy]
+        await self._settle_conflict(entry, copy)
 
-    async def _follow(self, entry: Entry, conflict_key: str) -> None:
-        """A later version of a file whose earlier one was saved as *conflict_key*: it
+    async def _store_copy(self, entry: Entry) -> str:
+        """Store *entry* under a new conflict copy's name; returns that name."""
+        for name in copy_names(entry.key, entry.seq):
+            try:
+                await self._upload_body(entry, name, None, True)
+                return name
+            except PreconditionFailed:
+                continue  # taken: another machine's copy, same second, same number
+        raise PreconditionFailed(f"{entry.key}: no free name for a conflict copy")
+
+    async def _follow(self, entry: Entry, copy: str) -> None:
+        """A later version of a file whose earlier one was saved as *copy*: it
         replaces that copy (ours alone), so the copy holds what this mount closed last."""
         if entry.stale_upload:
             await run_abandonable(self.store.abort_multipart, entry.key, entry.stale_upload)
@@ -405,20 +417,20 @@ class Uploader:
         if stream is not None:
             await stream.abort()  # begun under the file's own name: not where this goes
         try:
-            await self._upload_body(entry, conflict_key, None, False)
+            await self._upload_body(entry, copy, None, False)
         except Exception as exc:  # noqa: BLE001 - keep it queued, try again later
             log.error("conflict copy of %s could not be updated yet: %s", entry.key, exc)
             self._retry_later(entry, exc, CONFLICT_RETRY)
             return
-        log.info("%s: a later version of this mount's also went to %s", entry.key, conflict_key)
+        log.info("%s: a later version of this mount's also went to %s", entry.key, copy)
         if entry.cancelled:
-            await self._delete_copy(conflict_key)
-        await self._settle_conflict(entry, conflict_key)
+            await self._delete_copy(copy)
+        await self._settle_conflict(entry, copy)
 
-    async def _settle_conflict(self, entry: Entry, conflict_key: str) -> None:
-        entry.saved_as = conflict_key
+    async def _settle_conflict(self, entry: Entry, copy: str) -> None:
+        entry.saved_as = copy
         entry.error = UploadConflict(
-            f"{entry.key} was changed by another writer; your version was saved as {conflict_key}"
+            f"{entry.key} was changed by another writer; your version was saved as {copy}"
         )
         self.last_etag.pop(entry.key, None)
         # Before the waiters wake (as for an upload): they find the file as it is now.

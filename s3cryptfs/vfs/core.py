@@ -510,6 +510,11 @@ class Filesystem:
         node = self.node(ino)
         if node.is_dir:
             raise IsDirectory()
+        if node.unlinked:
+            # Deleted (by another machine, found since the kernel looked the name up): the
+            # kernel looks the name up again, and finds what is there now. Opened as it is,
+            # what is written to it would go nowhere.
+            raise StaleEntry(f"{self.key(node.path)} was deleted by another client")
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable:
             self._writable()
@@ -665,12 +670,22 @@ class Filesystem:
             )
 
     async def _on_conflicted(self, node: Node, entry: Entry) -> None:
+        """This mount's version went to a conflict copy: the name is the other writer's."""
         node.error = str(entry.error)
         self.unsynced.discard(node)
-        with contextlib.suppress(S3CryptFSError):
+        try:
             head = await self._thread(self.store.head, entry.key)
-            self._replace_remote(node, head)
+        except ObjectNotFound:
+            # The other writer deleted it: so is it here (ours is in the copy).
+            self.nodes.detach(node)
+            node.unlinked = True
+            self.listing.remove(node.parent_path, node.name)
             node.error = None
+            return
+        except S3CryptFSError:
+            return  # node.error says why reads fail, until an open finds the new version
+        self._replace_remote(node, head)
+        node.error = None
 
     # --- streamed uploads ------------------------------------------------------------------
     async def _drop_streams_under(self, path: str) -> None:
