@@ -207,6 +207,11 @@ def test_mount_reads_golden_gateway_objects(
     assert (m / "b-wrapped.txt").read_bytes() == HELLO
 
 
+@pytest.mark.expect_log_errors(
+    r"body holds \d+ B but the object records",
+    r"failed authentication",
+    r"not encrypted \(this volume does not allow",
+)
 def test_tampered_and_plaintext_gateway_objects_are_refused(
     make_volume, gw_password_file, s3client
 ):
@@ -345,6 +350,7 @@ def put_mpu(s3client, volume, name: str, plain_parts: list[bytes]) -> None:
     put(s3client, volume, name, body, md)
 
 
+@pytest.mark.expect_log_errors(r"its multipart manifest")
 def test_encrypted_multipart_objects(make_volume, gw_password_file, s3client):
     vol = make_volume(password_file=gw_password_file)
     parts = [os.urandom(100_000), os.urandom(70_000), os.urandom(10)]  # short chunks in every part

@@ -250,6 +250,11 @@ def test_rewrap_skips_an_object_changed_concurrently(volume, seaweed, s3client, 
     assert "1 re-wrapped" in rerun.stdout
 
 
+@pytest.mark.expect_log_errors(
+    r"cannot unwrap its data key",
+    r"wrapped key is not valid base64",
+    r"read failed: ",
+)
 def test_bad_envelopes_give_eio_and_name_the_object(volume, s3client, tmp_path) -> None:
     volume.init()
     volume.mount()
@@ -390,6 +395,7 @@ def test_a_rotation_reaches_running_mounts(mounted, make_volume, s3client) -> No
     assert s3client.head_object(Bucket=a.bucket, Key=key)["Metadata"][md.KEY_VERSION] == "3"
 
 
+@pytest.mark.expect_log_errors(r"key version \d+ is retired")
 def test_a_retire_stops_a_running_mount_within_the_dek_cache_ttl(mounted) -> None:
     """Issue 15 item 4: a mount re-read the descriptor only before a wrap (every 60 s) or for
     an unknown version, so 8 s after `keys retire --force 1` with --dek-cache-ttl 5, files

@@ -108,6 +108,7 @@ def test_migrate_password_to_kmip_keeps_every_file_readable(volume, kmip, s3clie
     assert_files(volume.mountpoint, {**FILES, "new.txt": b"after the migration"})
 
 
+@pytest.mark.expect_log_errors(r"KMIP server \S+ is unreachable")
 def test_kms_volume_rotate_rewrap_retire_and_outage(volume, kmip, proxy, s3client, tmp_path):
     cfg = kms_config(tmp_path / "kms.toml", kmip, proxy.port)
     volume.init("--key-manager", "kmip", "--kms-config", cfg)

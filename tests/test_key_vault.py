@@ -292,6 +292,7 @@ def test_vault_volume_init_write_remount_rotate(volume, bao, s3client, tmp_path)
     volume.umount()
 
 
+@pytest.mark.expect_log_errors(r"vault refused decrypt")
 def test_vault_volume_without_decrypt_permission(volume, bao, tmp_path) -> None:
     import errno
 
@@ -316,6 +317,7 @@ def test_vault_volume_without_decrypt_permission(volume, bao, tmp_path) -> None:
     volume.umount()
 
 
+@pytest.mark.expect_log_errors(r"vault at \S+ did not answer")
 def test_vault_down_at_mount_warns_and_commands_exit_7(volume, bao, tmp_path) -> None:
     """A key manager that cannot be reached: the mount comes up (it may be back in a minute)
     but says so at once; files that need it fail with EIO; a command fails with exit 7, its
@@ -356,6 +358,7 @@ def test_vault_down_at_mount_warns_and_commands_exit_7(volume, bao, tmp_path) ->
     assert cat.stdout == ""
 
 
+@pytest.mark.expect_log_errors(r"vault refused decrypt")
 def test_kms_config_mistakes_and_a_refused_token_are_named(volume, bao, tmp_path) -> None:
     """A provider typo was reported as a missing 'address', a token under [key_manager] was
     ignored, and a token OpenBao refuses (403) was reported as "does not answer"."""

@@ -72,6 +72,11 @@ def kms_volume(make_volume, request, tmp_path):
     return vol, cfg, server
 
 
+@pytest.mark.expect_log_errors(
+    r"cannot be sealed for upload now",
+    r"the key manager did not answer",
+    r"cannot unwrap its data key",
+)
 def test_kms_frozen_while_files_are_written_closed_fsynced_and_unmounted(
     kms_volume, s3client
 ):
@@ -114,6 +119,10 @@ def test_kms_frozen_while_files_are_written_closed_fsynced_and_unmounted(
     assert not leftovers, leftovers
 
 
+@pytest.mark.expect_log_errors(
+    r"cannot be sealed for upload now",
+    r"the key manager did not answer",
+)
 def test_closed_files_are_sealed_when_the_kms_comes_back(kms_volume, s3client):
     vol, cfg, server = kms_volume
     mount_kms(vol, cfg)
@@ -135,6 +144,10 @@ def test_closed_files_are_sealed_when_the_kms_comes_back(kms_volume, s3client):
         assert (m / name).read_bytes() == data, name
 
 
+@pytest.mark.expect_log_errors(
+    r"closed file version\(s\) are not in S3",
+    r"upload of \S+ failed \(attempt",
+)
 def test_umount_tells_the_truth_when_s3_hangs(make_volume, seaweed, s3client):
     proxy = TcpProxy("127.0.0.1", seaweed.s3_port)
     try:
@@ -161,6 +174,10 @@ def test_umount_tells_the_truth_when_s3_hangs(make_volume, seaweed, s3client):
         proxy.stop()
 
 
+@pytest.mark.expect_log_errors(
+    r"cannot be sealed for upload now",
+    r"closed file version\(s\) are not in S3",
+)
 def test_migration_under_a_running_mount_loses_nothing(mounted, request, s3client, tmp_path):
     """`migrate --to vault` from another shell: the password mount has no Vault configuration,
     so it cannot wrap new files any more; they are kept, named by umount, and sealed by the
@@ -276,6 +293,10 @@ def test_retire_waits_for_a_running_mount(mounted, s3client):
     assert (vol.mountpoint / "b.txt").read_bytes() == b"after the rotation"
 
 
+@pytest.mark.expect_log_errors(
+    r"closed file version\(s\) are not in S3",
+    r"upload of \S+ failed \(attempt",
+)
 def test_sigterm_with_s3_away_gives_up_and_says_what_it_left(make_volume, seaweed):
     """What systemd's stop does: SIGTERM. With S3 hanging the mount cannot upload; it waits
     --stop-timeout without progress, logs the files it leaves for the next mount, and exits."""

@@ -152,6 +152,7 @@ def _check_alive(mounted) -> None:
     assert mounted.is_mounted()
 
 
+@pytest.mark.expect_log_errors(r"failed authentication")
 def test_tamper_flipped_byte(mounted, s3client):
     _setup_two_files(mounted)
     key = _key(mounted, "a.bin")
@@ -163,6 +164,7 @@ def test_tamper_flipped_byte(mounted, s3client):
     _check_alive(mounted)
 
 
+@pytest.mark.expect_log_errors(r"failed authentication")
 def test_tamper_dropped_last_chunk(mounted, s3client):
     _setup_two_files(mounted, size_a=200 * 1024)
     key = _key(mounted, "a.bin")
@@ -175,6 +177,7 @@ def test_tamper_dropped_last_chunk(mounted, s3client):
     _check_alive(mounted)
 
 
+@pytest.mark.expect_log_errors(r"failed authentication")
 def test_tamper_swapped_bodies(mounted, s3client):
     _setup_two_files(mounted)
     ka, kb = _key(mounted, "a.bin"), _key(mounted, "b.bin")
@@ -216,6 +219,7 @@ def test_256mib_file_survives_remount(mounted):
     assert digest() == expected
 
 
+@pytest.mark.expect_log_errors(r"was changed by another writer")
 def test_concurrent_external_change_not_overwritten(mounted, s3client):
     path = mounted.mountpoint / "shared.txt"
     key = _key(mounted, "shared.txt")

@@ -272,6 +272,7 @@ def test_unlink_while_streaming(mounted, s3client):
     assert listed.get("KeyCount", 0) == 0
 
 
+@pytest.mark.expect_log_errors(r"was changed by another writer")
 def test_another_writer_during_the_stream_gets_a_conflict_copy(mounted, s3client):
     m, bucket = mounted.mountpoint, mounted.bucket
     data = os.urandom(2 * PART + MIB)

@@ -103,6 +103,11 @@ def wait_for(predicate, timeout: float = 20.0) -> bool:
     return predicate()
 
 
+@pytest.mark.expect_log_errors(
+    r"volume descriptor in the bucket is refused",
+    r"volume descriptor does not authenticate",
+    r"is not one of this volume's key managers",
+)
 def test_redirected_key_wrapping_is_refused_everywhere(mounted, s3client, listener):
     vol = mounted
     vol.remount("--descriptor-refresh", "1")
@@ -142,6 +147,10 @@ def test_redirected_key_wrapping_is_refused_everywhere(mounted, s3client, listen
     assert listener.requests == []
 
 
+@pytest.mark.expect_log_errors(
+    r"volume descriptor in the bucket is refused",
+    r"not encrypted \(this volume does not allow",
+)
 def test_plaintext_and_format_downgrades_are_refused(mounted, s3client):
     vol = mounted
     vol.remount("--descriptor-refresh", "1")

@@ -231,6 +231,7 @@ def mount_log(vol) -> str:
     return next(vol.cache_dir.glob("*/mount.log")).read_text()
 
 
+@pytest.mark.expect_log_errors(r"multipart manifest \S+ is \d+ b", r"is \d+ bytes, more than the")
 def test_oversized_index_manifest_and_symlink_are_not_downloaded(volume, s3client):
     """Through a mount: a directory index (on ls), a gateway multipart manifest (on stat) and a
     symlink body (on readlink)."""
@@ -283,6 +284,7 @@ def test_oversized_index_manifest_and_symlink_are_not_downloaded(volume, s3clien
         assert line in log, line
 
 
+@pytest.mark.expect_log_errors(r"gateway single-AEAD object \S+ is \d+")
 def test_gateway_single_aead_object_beyond_max_whole_object_is_not_downloaded(volume, s3client):
     """`head -c 10` of a single-AEAD gateway object (one tag over the whole body: it can only be
     checked whole) larger than --max-whole-object."""

@@ -77,6 +77,7 @@ def test_small_files_are_uploaded_by_the_helper(mounted, s3client):
         assert (m / name).read_bytes() == data
 
 
+@pytest.mark.expect_log_errors(r"upload of \S+ failed \(attempt")
 def test_a_killed_helper_loses_nothing(mounted):
     m = mounted.mountpoint
     pid = helper_pid(mounted)
