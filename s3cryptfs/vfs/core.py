@@ -454,7 +454,7 @@ class Filesystem:
                 self.unsynced.add(node)
                 return False
             self.nodes.detach(node)
-            node.unlinked = True
+            node.unlinked = node.deleted_elsewhere = True
             self.listing.remove(node.parent_path, node.name)
             raise NoSuchEntry(f"{key} was deleted by another client") from None
         if head.etag == node.remote.etag and node.remote.metadata is not None:
@@ -510,15 +510,19 @@ class Filesystem:
         node = self.node(ino)
         if node.is_dir:
             raise IsDirectory()
-        if node.unlinked:
-            # Deleted (by another machine, found since the kernel looked the name up): the
-            # kernel looks the name up again, and finds what is there now. Opened as it is,
-            # what is written to it would go nowhere.
-            raise StaleEntry(f"{self.key(node.path)} was deleted by another client")
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable:
             self._writable()
         truncating = writable and bool(flags & os.O_TRUNC)
+        if node.unlinked:
+            if truncating and node.deleted_elsewhere and self.nodes.at(node.path) is None:
+                # Another machine deleted it; truncating needs none of its content: the file
+                # is a new one here (uploaded with If-None-Match), as after _revalidate.
+                self._reattach(node)
+            else:
+                # The kernel looks the name up again and finds what is there now. Opened as
+                # it is, what is written to it would go nowhere.
+                raise StaleEntry(f"{self.key(node.path)} was deleted by another client")
         try:
             keep = await self._revalidate(node, recreate=truncating)
         except NoSuchEntry as exc:
@@ -535,6 +539,18 @@ class Filesystem:
                 raise
             keep = False
         return handle, keep
+
+    def _reattach(self, node: Node) -> None:
+        node.unlinked = node.deleted_elsewhere = False
+        if node.remote is not None and node.remote.version is not None:
+            self.reader.forget(node.remote.version)
+        node.remote = None
+        node.size = 0
+        self.nodes.add(node)
+        self.unsynced.add(node)
+        parent = self.nodes.at(node.parent_path)
+        if parent is not None:
+            self.listing.add(parent, node.name, ChildInfo(False))
 
     def _new_handle(self, node: Node, writable: bool) -> Handle:
         fh = self._next_fh
@@ -678,7 +694,7 @@ class Filesystem:
         except ObjectNotFound:
             # The other writer deleted it: so is it here (ours is in the copy).
             self.nodes.detach(node)
-            node.unlinked = True
+            node.unlinked = node.deleted_elsewhere = True
             self.listing.remove(node.parent_path, node.name)
             node.error = None
             return

@@ -72,6 +72,8 @@ class Node:
     opens: int = 0
     writers: int = 0
     unlinked: bool = False
+    # unlinked because another machine deleted the object (not by this mount's unlink)
+    deleted_elsewhere: bool = False
     has_marker: bool = False  # directories: a "dir/" marker object exists
     listing: Listing | None = None
     # Changes made while a LIST of this directory is in flight: the LIST may predate them, so
