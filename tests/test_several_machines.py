@@ -142,14 +142,21 @@ def test_concurrent_writers_both_versions_survive(pair) -> None:
     assert all(".conflict-" in name for c in counts for name in c["latest"])
 
 
+def _b_writes(a, b, name: str, data: bytes) -> int:
+    """A creates *name* and it is in S3 and in B's listing; B opens it, truncates it and
+    writes *data*, and keeps it open (the returned descriptor)."""
+    (a.mountpoint / name).write_bytes(b"original")
+    wait_for(lambda: settled(a))
+    time.sleep(1.2)  # past B's listing lifetime
+    fd = os.open(b.mountpoint / name, os.O_WRONLY | os.O_TRUNC)
+    os.write(fd, data)
+    return fd
+
+
 @pytest.mark.expect_log_errors(CONFLICT_LOG)
 def test_rename_over_a_file_the_other_mount_is_writing(pair) -> None:
     a, b = pair
-    (a.mountpoint / "target").write_bytes(b"original")
-    wait_for(lambda: settled(a))
-    time.sleep(1.2)
-    fd = os.open(b.mountpoint / "target", os.O_WRONLY | os.O_TRUNC)
-    os.write(fd, b"B was writing this")
+    fd = _b_writes(a, b, "target", b"B was writing this")
     (a.mountpoint / "incoming").write_bytes(b"A renamed this over it")
     os.rename(a.mountpoint / "incoming", a.mountpoint / "target")
     wait_for(lambda: settled(a))
@@ -164,11 +171,7 @@ def test_rename_over_a_file_the_other_mount_is_writing(pair) -> None:
 @pytest.mark.expect_log_errors(CONFLICT_LOG)
 def test_delete_while_the_other_mount_writes(pair) -> None:
     a, b = pair
-    (a.mountpoint / "doomed").write_bytes(b"first")
-    wait_for(lambda: settled(a))
-    time.sleep(1.2)
-    fd = os.open(b.mountpoint / "doomed", os.O_WRONLY | os.O_TRUNC)
-    os.write(fd, b"B's version, written while A deletes")
+    fd = _b_writes(a, b, "doomed", b"B's version, written while A deletes")
     os.unlink(a.mountpoint / "doomed")
     os.close(fd)
     wait_for(lambda: settled(b))

@@ -33,7 +33,6 @@ from s3cryptfs.errors import (
     NameTooLong,
     NoSuchEntry,
     NotPermitted,
-    ObjectNotFound,
     ReadOnlyMount,
     S3CryptFSError,
     StaleEntry,
@@ -48,7 +47,6 @@ from s3cryptfs.store.s3 import ObjectInfo, S3Store
 from s3cryptfs.upload import closed as closed_files
 from s3cryptfs.upload.closed import ClosedRecord
 from s3cryptfs.upload.files import WriteCallbacks, WritePath, WriteSettings
-from s3cryptfs.upload.journal import Entry
 from s3cryptfs.vfs.attrindex import AttrIndex, IndexEntry
 from s3cryptfs.vfs.listing import Listings
 from s3cryptfs.vfs.namespace import Namespace
@@ -63,6 +61,7 @@ from s3cryptfs.vfs.nodes import (
     now_ns,
 )
 from s3cryptfs.vfs.status import status_of
+from s3cryptfs.vfs.versions import Versions
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -132,6 +131,7 @@ class Filesystem:
             else None
         )
         self.reader = Reader(self.blocks, self.limiter)
+        self.versions = Versions(self)
         self.writes = WritePath(
             store,
             codec,
@@ -148,8 +148,8 @@ class Filesystem:
             ),
             WriteCallbacks(
                 find=self._node_for_key,
-                uploaded=self._on_uploaded,
-                conflicted=self._on_conflicted,
+                uploaded=self.versions.uploaded,
+                conflicted=self.versions.conflicted,
             ),
         )
         self.journal = self.writes.journal
@@ -434,36 +434,6 @@ class Filesystem:
             )
         return remote.version
 
-    async def _revalidate(self, node: Node, recreate: bool = False) -> bool:
-        """Before opening: is the object still what we cached? Returns True if unchanged.
-
-        *recreate*: if another machine deleted it, the file becomes a new one here (an open
-        that truncates needs none of the old content; its version is created with
-        If-None-Match, so a file made there meanwhile wins and this one becomes a copy)."""
-        if node.w.local is not None or node.w.staging is not None or node.remote is None:
-            return True
-        key = self.key(node.path)
-        try:
-            head = await self._thread(self.store.head, key)
-        except ObjectNotFound:
-            if recreate:
-                if node.remote.version is not None:
-                    self.reader.forget(node.remote.version)
-                node.remote = None
-                node.size = 0
-                self.unsynced.add(node)
-                return False
-            self.nodes.detach(node)
-            node.unlinked = node.deleted_elsewhere = True
-            self.listing.remove(node.parent_path, node.name)
-            raise NoSuchEntry(f"{key} was deleted by another client") from None
-        if head.etag == node.remote.etag and node.remote.metadata is not None:
-            return True
-        changed = head.etag != node.remote.etag
-        self._replace_remote(node, head)
-        await self.listing.companion_size(node)
-        return not changed
-
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self.handles[fh]
         node = handle.node
@@ -493,7 +463,7 @@ class Filesystem:
         if not node.is_link:
             raise InvalidRequest()
         if node.link_target is None:
-            await self._revalidate(node)
+            await self.versions.revalidate(node)
             assert node.remote is not None
             # (the read below is pinned to this ETag, so the size checked is the size read)
             limits.check_size(
@@ -517,14 +487,14 @@ class Filesystem:
         if node.unlinked:
             if truncating and node.deleted_elsewhere and self.nodes.at(node.path) is None:
                 # Another machine deleted it; truncating needs none of its content: the file
-                # is a new one here (uploaded with If-None-Match), as after _revalidate.
-                self._reattach(node)
+                # is a new one here (uploaded with If-None-Match), as after Versions.revalidate.
+                self.versions.reattach(node)
             else:
                 # The kernel looks the name up again and finds what is there now. Opened as
                 # it is, what is written to it would go nowhere.
                 raise StaleEntry(f"{self.key(node.path)} was deleted by another client")
         try:
-            keep = await self._revalidate(node, recreate=truncating)
+            keep = await self.versions.revalidate(node, recreate=truncating)
         except NoSuchEntry as exc:
             raise StaleEntry(str(exc)) from None
         if node.error and node.w.local is None and node.w.staging is None and not writable:
@@ -539,18 +509,6 @@ class Filesystem:
                 raise
             keep = False
         return handle, keep
-
-    def _reattach(self, node: Node) -> None:
-        node.unlinked = node.deleted_elsewhere = False
-        if node.remote is not None and node.remote.version is not None:
-            self.reader.forget(node.remote.version)
-        node.remote = None
-        node.size = 0
-        self.nodes.add(node)
-        self.unsynced.add(node)
-        parent = self.nodes.at(node.parent_path)
-        if parent is not None:
-            self.listing.add(parent, node.name, ChildInfo(False))
 
     def _new_handle(self, node: Node, writable: bool) -> Handle:
         fh = self._next_fh
@@ -670,38 +628,6 @@ class Filesystem:
             if handle.writable:
                 await self.writes.end_divergence(node)
         self.nodes.maybe_drop(node)
-
-    async def _on_uploaded(self, node: Node, entry: Entry) -> None:
-        """A version of *node* reached S3: it is the remote version now."""
-        node.remote = Remote(entry.etag or "", entry.body_size, dict(entry.metadata))
-        node.remote.attrs_known = True
-        # Keep reading the local body until it is gone: the chunks are cached under its vid.
-        node.remote.version = None
-        self.unsynced.discard(node)
-        self.listing.note(node)
-        parent = self.nodes.at(node.parent_path)
-        if parent is not None:
-            self.listing.add(
-                parent, node.name, ChildInfo(False, entry.body_size, entry.etag or "", 0)
-            )
-
-    async def _on_conflicted(self, node: Node, entry: Entry) -> None:
-        """This mount's version went to a conflict copy: the name is the other writer's."""
-        node.error = str(entry.error)
-        self.unsynced.discard(node)
-        try:
-            head = await self._thread(self.store.head, entry.key)
-        except ObjectNotFound:
-            # The other writer deleted it: so is it here (ours is in the copy).
-            self.nodes.detach(node)
-            node.unlinked = node.deleted_elsewhere = True
-            self.listing.remove(node.parent_path, node.name)
-            node.error = None
-            return
-        except S3CryptFSError:
-            return  # node.error says why reads fail, until an open finds the new version
-        self._replace_remote(node, head)
-        node.error = None
 
     # --- streamed uploads ------------------------------------------------------------------
     async def _drop_streams_under(self, path: str) -> None:

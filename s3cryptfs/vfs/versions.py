@@ -1,0 +1,100 @@
+"""Which version of a file S3 holds, as this mount knows it: checked again at open (another
+machine may have replaced or deleted it since), and brought up to date when one of this
+mount's versions lands or loses to another writer's (docs/SEMANTICS.md, "Several machines on
+one volume").
+
+Split out of vfs/core.py: the Filesystem delegates these here, and they work on its nodes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from s3cryptfs.errors import NoSuchEntry, ObjectNotFound, S3CryptFSError
+from s3cryptfs.upload.journal import Entry
+from s3cryptfs.vfs.nodes import ChildInfo, Node, Remote
+
+if TYPE_CHECKING:
+    from s3cryptfs.vfs.core import Filesystem
+
+
+class Versions:
+    def __init__(self, fs: Filesystem) -> None:
+        self.fs = fs
+
+    async def revalidate(self, node: Node, recreate: bool = False) -> bool:
+        """Before opening: is the object still what we cached? Returns True if unchanged.
+
+        *recreate*: if another machine deleted it, the file becomes a new one here (an open
+        that truncates needs none of the old content; its version is created with
+        If-None-Match, so a file made there meanwhile wins and this one becomes a copy)."""
+        if node.w.local is not None or node.w.staging is not None or node.remote is None:
+            return True
+        key = self.fs.key(node.path)
+        try:
+            head = await self.fs._thread(self.fs.store.head, key)
+        except ObjectNotFound:
+            if recreate:
+                self._as_new(node)
+                return False
+            self._deleted_elsewhere(node)
+            raise NoSuchEntry(f"{key} was deleted by another client") from None
+        if head.etag == node.remote.etag and node.remote.metadata is not None:
+            return True
+        changed = head.etag != node.remote.etag
+        self.fs._replace_remote(node, head)
+        await self.fs.listing.companion_size(node)
+        return not changed
+
+    def reattach(self, node: Node) -> None:
+        """A file deleted by another machine becomes a new one here again (a truncating
+        open through the kernel's old inode)."""
+        node.unlinked = node.deleted_elsewhere = False
+        self.fs.nodes.add(node)
+        self._as_new(node)
+        parent = self.fs.nodes.at(node.parent_path)
+        if parent is not None:
+            self.fs.listing.add(parent, node.name, ChildInfo(False))
+
+    async def uploaded(self, node: Node, entry: Entry) -> None:
+        """A version of *node* reached S3: it is the remote version now."""
+        node.remote = Remote(entry.etag or "", entry.body_size, dict(entry.metadata))
+        node.remote.attrs_known = True
+        # Keep reading the local body until it is gone: the chunks are cached under its vid.
+        node.remote.version = None
+        self.fs.unsynced.discard(node)
+        self.fs.listing.note(node)
+        parent = self.fs.nodes.at(node.parent_path)
+        if parent is not None:
+            self.fs.listing.add(
+                parent, node.name, ChildInfo(False, entry.body_size, entry.etag or "", 0)
+            )
+
+    async def conflicted(self, node: Node, entry: Entry) -> None:
+        """This mount's version went to a conflict copy: the name is the other writer's."""
+        node.error = str(entry.error)
+        self.fs.unsynced.discard(node)
+        try:
+            head = await self.fs._thread(self.fs.store.head, entry.key)
+        except ObjectNotFound:
+            # The other writer deleted it: so is it here (ours is in the copy).
+            self._deleted_elsewhere(node)
+            node.error = None
+            return
+        except S3CryptFSError:
+            return  # node.error says why reads fail, until an open finds the new version
+        self.fs._replace_remote(node, head)
+        node.error = None
+
+    def _as_new(self, node: Node) -> None:
+        """No version in S3 any more: the next upload creates it (If-None-Match)."""
+        if node.remote is not None and node.remote.version is not None:
+            self.fs.reader.forget(node.remote.version)
+        node.remote = None
+        node.size = 0
+        self.fs.unsynced.add(node)
+
+    def _deleted_elsewhere(self, node: Node) -> None:
+        self.fs.nodes.detach(node)
+        node.unlinked = node.deleted_elsewhere = True
+        self.fs.listing.remove(node.parent_path, node.name)
