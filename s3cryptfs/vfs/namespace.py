@@ -149,21 +149,11 @@ class Namespace:
             raise IsDirectory()
         key = self.fs.key(node.path)
         await self.fs.writes.drop_stream(node, "unlinked")
-        if node.opens > 0:
-            # Still open: keep its content readable after the object is gone (an upload
-            # landing meanwhile must not release the copy).
-            node.w.keep = True
-            await self.fs._materialize(node)
-            async with node.lock:
-                await self.fs.writes.uncut(node)  # what was cut is read from the object, going now
+        await self._keep_open_content(node)
         self.fs.uploader.cancel(key)
-        await self.fs.writes.forget_closed(node)
+        await self.fs.writes.forget_closed(node)  # before waiting: a crash must not revive it
         await self.fs.uploader.wait_all(self.fs.uploader.pending_for(key))
-        node.unlinked = True
-        node.w.local = None
-        node.w.local_version = None
-        self.fs.unsynced.discard(node)
-        self.fs.nodes.detach(node)
+        await self._orphan(node)
         self.fs.listing.remove(parent.path, name)
         self.fs.listing.note_gone(parent.path, name)
         with contextlib.suppress(ObjectNotFound):
@@ -173,6 +163,27 @@ class Namespace:
                 await self.fs._thread(self.fs.store.delete, key + gw.MPU_SUFFIX)
         parent.mtime_ns = now_ns()
         self.fs.nodes.maybe_drop(node)
+
+    async def _keep_open_content(self, node: Node) -> None:
+        """A file about to lose its name (unlink, or a rename over it) stays readable and
+        writable through the descriptors still open on it, as on a local disk: its content
+        moves into its write-back file before the object goes or is overwritten."""
+        if node.opens == 0:
+            return
+        node.w.keep = True  # an upload landing meanwhile must not release the copy
+        await self.fs._materialize(node)
+        async with node.lock:
+            await self.fs.writes.uncut(node)  # what was cut is read from the object, going now
+
+    async def _orphan(self, node: Node) -> None:
+        """*node* has no name any more: nothing of it is sealed, uploaded or recovered after a
+        crash; what its open descriptors write goes away with the last of them."""
+        await self.fs.writes.forget_closed(node)
+        node.unlinked = True
+        node.w.local = None
+        node.w.local_version = None
+        self.fs.unsynced.discard(node)
+        self.fs.nodes.detach(node)
 
     async def _settle(self, node: Node) -> None:
         """Make sure a file's newest content is in S3 (rename copies what S3 has)."""
@@ -218,14 +229,15 @@ class Namespace:
         await self.fs._drop_streams_under(node.path)
         if target is not None:
             await self.fs.writes.drop_stream(target, "replaced")
+            if not target.is_dir:
+                await self._keep_open_content(target)
         if node.is_dir:
             await self._rename_dir(node, new_path, target)
         else:
             await self._rename_file(node, new_path, target)
         self.fs.listing.remove(src_parent.path, old_name)
         if target is not None:
-            target.unlinked = True
-            self.fs.nodes.detach(target)
+            await self._orphan(target)
         self.fs.nodes.move(node, new_path)
         self.fs.listing.add(
             dst_parent,
