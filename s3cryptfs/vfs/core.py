@@ -545,7 +545,7 @@ class Filesystem:
         node.w.attach(self.writes.new_staging(), dirty=True)
         self.unsynced.add(node)
         self.listing.add(parent, name, ChildInfo(False))
-        parent.mtime_ns = now
+        self.listing.entries_changed(parent, now)
         return self._new_handle(node, True)
 
     async def _materialize(self, node: Node) -> None:

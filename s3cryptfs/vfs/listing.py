@@ -25,7 +25,7 @@ from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format.descriptor import META_DIR
 from s3cryptfs.vfs.attrindex import SELF, IndexEntry
-from s3cryptfs.vfs.nodes import ChildInfo, Listing, Node, child_path
+from s3cryptfs.vfs.nodes import ChildInfo, Listing, Node, child_path, now_ns
 
 if TYPE_CHECKING:
     from s3cryptfs.vfs.core import Filesystem
@@ -269,6 +269,12 @@ class Listings:
             self.fs.index.note("", SELF, entry)
         else:
             self.fs.index.note(node.parent_path, node.name, entry)
+
+    def entries_changed(self, parent: Node, now: int | None = None) -> None:
+        """A name was added to or removed from *parent*: its mtime and ctime move, and the
+        new mtime goes to the index too, or a remount would show an older one."""
+        parent.mtime_ns = parent.ctime_ns = now if now is not None else now_ns()
+        self.note(parent)
 
     def note_gone(self, parent_path: str, name: str) -> None:
         if not self.fs.opts.read_only:

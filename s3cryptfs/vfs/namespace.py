@@ -74,7 +74,7 @@ class Namespace:
         node.has_marker = True
         node.listing = Listing({})
         self.fs.listing.add(parent, name, ChildInfo(True))
-        parent.mtime_ns = now
+        self.fs.listing.entries_changed(parent, now)
         self.fs.listing.note(node)
         return node
 
@@ -102,6 +102,7 @@ class Namespace:
         self.fs.nodes.add(node)
         self.fs.listing.note(node)
         self.fs.listing.add(parent, name, ChildInfo(False, len(body), etag, now))
+        self.fs.listing.entries_changed(parent, now)
         return node
 
     def _has_unsynced_child(self, node: Node) -> bool:
@@ -137,7 +138,7 @@ class Namespace:
         self.fs.listing.note_gone(parent.path, name)
         if not self.fs.opts.read_only:
             self.fs.index.forget_dir(node.path)
-        parent.mtime_ns = now_ns()
+        self.fs.listing.entries_changed(parent)
 
     async def unlink(self, parent_ino: int, name: str) -> None:
         self.fs._writable()
@@ -161,7 +162,7 @@ class Namespace:
         if node.remote is not None and gw.is_mpu_object(node.remote.metadata or {}):
             with contextlib.suppress(ObjectNotFound):
                 await self.fs._thread(self.fs.store.delete, key + gw.MPU_SUFFIX)
-        parent.mtime_ns = now_ns()
+        self.fs.listing.entries_changed(parent)
         self.fs.nodes.maybe_drop(node)
 
     async def _keep_open_content(self, node: Node) -> None:
@@ -249,7 +250,9 @@ class Namespace:
             ),
         )
         now = now_ns()
-        src_parent.mtime_ns = dst_parent.mtime_ns = now
+        self.fs.listing.entries_changed(src_parent, now)
+        if dst_parent is not src_parent:
+            self.fs.listing.entries_changed(dst_parent, now)
         node.ctime_ns = now
         self.fs.listing.note_gone(src_parent.path, old_name)
         self.fs.listing.note(node)
