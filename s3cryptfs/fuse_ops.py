@@ -247,7 +247,7 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
-        self.fs.link()
+        return self._reply(await self.fs.link(inode, new_parent_inode, os.fsdecode(new_name)))
 
     @_guard
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:

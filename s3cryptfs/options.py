@@ -365,6 +365,19 @@ OPTIONS: tuple[Option, ...] = (
         field="trust_attributes",
     ),
     Option(
+        "hard_links",
+        Kind.STRING,
+        Layer.FS,
+        "what `link()` does: `refuse` (EPERM) or `copy` (the new name gets a copy of the file)",
+        doc="With `copy`, `cp -a`, `rsync -aH` and `tar x` of trees with hard links succeed, but "
+        "the names are separate files from then on: writing one does not change the other. "
+        "See docs/SEMANTICS.md.",
+        default="refuse",
+        metavar="MODE",
+        choices=("refuse", "copy"),
+        field="hard_links",
+    ),
+    Option(
         "sync_close",
         Kind.BOOL,
         Layer.FS,

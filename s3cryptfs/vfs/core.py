@@ -98,6 +98,7 @@ class FsOptions:
     trust_attributes: bool = False
     # Bytes of a gateway single-AEAD body downloaded whole to decrypt it (--max-whole-object).
     max_whole_object: int = limits.WHOLE_OBJECT_DEFAULT
+    hard_links: str = "refuse"  # or "copy" (--hard-links)
 
 
 @dataclass
@@ -750,8 +751,8 @@ class Filesystem:
     ) -> None:
         await self.namespace.rename(old_parent, old_name, new_parent, new_name, flags)
 
-    def link(self) -> None:
-        self.namespace.link()
+    async def link(self, ino: int, new_parent: int, new_name: str) -> Node:
+        return await self.namespace.link(ino, new_parent, new_name)
 
     # --- misc ----------------------------------------------------------------------------
 

@@ -273,6 +273,21 @@ class Namespace:
         if node.w.staging is not None:
             async with node.lock:
                 await self.fs.writes.uncut(node)  # what was cut is read from the old name
+        etag, mpu = await self._copy_object(node, old_key, new_key)
+        with contextlib.suppress(ObjectNotFound):
+            await self.fs._thread(self.fs.store.delete, old_key)
+        if mpu:
+            with contextlib.suppress(ObjectNotFound):
+                await self.fs._thread(self.fs.store.delete, old_key + gw.MPU_SUFFIX)
+        old = node.remote
+        node.remote = Remote(etag, old.body_size, old.metadata, None, old.attrs_known)
+        if old.version is not None:
+            self.fs.reader.forget(old.version)
+
+    async def _copy_object(self, node: Node, old_key: str, new_key: str) -> tuple[str, bool]:
+        """Copy the object *node* names to *new_key* on the server (no re-encryption).
+        Returns the copy's ETag and whether it is a gateway multipart object (whose manifest
+        was copied too)."""
         for attempt in range(RENAME_ATTEMPTS):
             remote = node.remote
             assert remote is not None
@@ -303,7 +318,7 @@ class Namespace:
                 break
             except PreconditionFailed:
                 # Another machine stored a new version under the old name since we looked:
-                # rename moves what the name holds now, as it would on a local disk. Not
+                # rename (and link) copies what the name holds now, as a local disk would. Not
                 # while this mount is writing the file or has a version of it to upload.
                 if attempt == RENAME_ATTEMPTS - 1 or node.writers or node.w.busy:
                     raise
@@ -315,15 +330,7 @@ class Namespace:
                 except ObjectNotFound:
                     raise NoSuchEntry(f"{old_key} was deleted by another client") from None
                 self.fs._replace_remote(node, head)
-        with contextlib.suppress(ObjectNotFound):
-            await self.fs._thread(self.fs.store.delete, old_key)
-        if mpu:
-            with contextlib.suppress(ObjectNotFound):
-                await self.fs._thread(self.fs.store.delete, old_key + gw.MPU_SUFFIX)
-        old = node.remote
-        node.remote = Remote(etag, old.body_size, old.metadata, None, old.attrs_known)
-        if old.version is not None:
-            self.fs.reader.forget(old.version)
+        return etag, mpu
 
     async def _rename_dir(self, node: Node, new_path: str, target: Node | None) -> None:
         """Copy every object under the directory, then delete the originals (not atomic)."""
@@ -427,5 +434,33 @@ class Namespace:
                 if new_etag:
                     self.fs.index.note(new_d, name, dataclasses.replace(entry, etag=new_etag))
 
-    def link(self) -> None:
-        raise NotPermitted("hard links are not supported on s3cryptfs")
+    async def link(self, ino: int, new_parent: int, new_name: str) -> Node:
+        """A hard link, with --hard-links copy: the new name gets a copy of the file (a
+        server-side copy of what S3 holds once the file's newest content is there), and the
+        two names are separate files from then on. Otherwise refused (EPERM)."""
+        if self.fs.opts.hard_links != "copy":
+            raise NotPermitted("hard links are not supported (--hard-links copy stores copies)")
+        node = self.fs.node(ino)
+        if node.is_dir or node.unlinked:
+            raise NotPermitted() if node.is_dir else NoSuchEntry()
+        parent, path = await self._new_name(new_parent, new_name)
+        if node.w.unsealed:
+            # What the file holds now, even while it is open for writing (like fsync).
+            await self.fs.writes.commit(node)
+        await self._settle(node)
+        if node.remote is None:
+            raise NoSuchEntry(f"{self.fs.key(node.path)} is not in S3")
+        etag, _ = await self._copy_object(node, self.fs.key(node.path), self.fs.key(path))
+        remote = node.remote
+        now = now_ns()
+        copy = Node(self.fs.nodes.new_ino(), path, node.mode, node.uid, node.gid, node.mtime_ns)
+        copy.ctime_ns = now
+        copy.mode_set_here = node.mode_set_here
+        copy.size = node.size
+        copy.link_target = node.link_target
+        copy.remote = Remote(etag, remote.body_size, remote.metadata, None, remote.attrs_known)
+        self.fs.nodes.add(copy)
+        self.fs.listing.add(parent, new_name, ChildInfo(False, remote.body_size, etag))
+        self.fs.listing.note(copy)
+        self.fs.listing.entries_changed(parent, now)
+        return copy
