@@ -334,6 +334,7 @@ class Filesystem:
 
     def _apply_attrs(self, node: Node, attrs: md.PosixAttrs) -> None:
         """Attributes read from S3 (object metadata, a directory index)."""
+        node.attrs_stored = True
         types = (stat.S_IFDIR,) if node.is_dir else (stat.S_IFREG, stat.S_IFLNK)
         if attrs.mode is not None and stat.S_IFMT(attrs.mode) in types:
             if attrs.mode != node.mode:  # (our own chmod read back stays ours)

@@ -265,6 +265,7 @@ class Listings:
         entry = self.index_entry(node)
         if entry is None:
             return
+        node.attrs_stored = True
         if node.path == "":
             self.fs.index.note("", SELF, entry)
         else:
@@ -272,9 +273,11 @@ class Listings:
 
     def entries_changed(self, parent: Node, now: int | None = None) -> None:
         """A name was added to or removed from *parent*: its mtime and ctime move, and the
-        new mtime goes to the index too, or a remount would show an older one."""
+        new mtime goes to the index too, or a remount would show an older one (for a directory
+        that carries no attributes, storing its mtime would store the defaults with it)."""
         parent.mtime_ns = parent.ctime_ns = now if now is not None else now_ns()
-        self.note(parent)
+        if parent.attrs_stored:
+            self.note(parent)
 
     def note_gone(self, parent_path: str, name: str) -> None:
         if not self.fs.opts.read_only:

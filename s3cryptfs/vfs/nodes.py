@@ -75,6 +75,9 @@ class Node:
     # unlinked because another machine deleted the object (not by this mount's unlink)
     deleted_elsewhere: bool = False
     has_marker: bool = False  # directories: a "dir/" marker object exists
+    # Its attributes are stored (read from S3 or written there), not the --dir-mode and owner
+    # defaults shown for a directory that carries none: those are never written back.
+    attrs_stored: bool = False
     listing: Listing | None = None
     # Changes made while a LIST of this directory is in flight: the LIST may predate them, so
     # they are replayed onto its result (name -> entry, None = removed).
