@@ -85,9 +85,14 @@ def make_store(
     )
 
 
+# A first contact that is refused, names an unknown host or fails TLS is retried this long
+# only (a server that is just starting), not for the whole --s3-timeout.
+FIRST_CONTACT_DEFINITIVE = 2.0
+
+
 def check_bucket(store: S3Store) -> None:
     try:
-        store.check_bucket()
+        store.check_bucket(definitive_after=FIRST_CONTACT_DEFINITIVE)
     except (BucketNotFound, ObjectNotFound):
         # an S3 error (exit 4, docs/CLI.md), not a volume one
         raise BucketNotFound(f"bucket {store.bucket!r} does not exist") from None
@@ -292,7 +297,9 @@ class Mount:
             trio.run(self._recover)
             ops = FuseOperations(self.fs)
             options = set(pyfuse3.default_options)
-            options.add("fsname=s3cryptfs")
+            # `mount` and `df` show the volume as the source (libfuse splits options on commas).
+            source = str(self.spec.url).rstrip("/").replace("\\", "\\\\").replace(",", "\\,")
+            options.add(f"fsname={source}")
             options.add("subtype=s3cryptfs")
             if self.spec.fs_options.read_only:
                 options.add("ro")

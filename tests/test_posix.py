@@ -318,3 +318,43 @@ def test_unlink_while_open_for_reading_races_the_upload(mounted):
             os.close(fd)
     assert not bad
     assert not [n for n in os.listdir(mounted.mountpoint) if n.startswith("u")]
+
+
+def test_link_counts(mounted):
+    """A directory counts "." and each subdirectory's ".."; a file unlinked while open has no
+    name left (st_nlink 0), as fstat on a local disk says."""
+    m = mounted.mountpoint
+    (m / "d").mkdir()
+    assert os.stat(m / "d").st_nlink == 2
+    for sub in ("a", "b", "c"):
+        (m / "d" / sub).mkdir()
+    (m / "d" / "file").write_bytes(b"x")
+    os.listdir(m / "d")
+    assert os.stat(m / "d").st_nlink == 5
+    os.rmdir(m / "d" / "c")
+    assert os.stat(m / "d").st_nlink == 4
+    mounted.remount()
+    os.listdir(m / "d")
+    assert os.stat(m / "d").st_nlink == 4
+    assert os.stat(m / "d" / "file").st_nlink == 1
+    fd = os.open(m / "d" / "file", os.O_RDONLY)
+    try:
+        os.unlink(m / "d" / "file")
+        assert os.fstat(fd).st_nlink == 0
+    finally:
+        os.close(fd)
+
+
+def test_the_mount_source_is_the_volume(mounted):
+    """`mount` and `df` name the volume (s3://BUCKET/PREFIX), not a path."""
+    target = os.path.realpath(mounted.mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target:
+                sep = fields.index("-")
+                assert fields[sep + 1] == "fuse.s3cryptfs"
+                assert fields[sep + 2] == f"s3://{mounted.bucket}/vol"
+                break
+        else:
+            raise AssertionError(f"{target} is not in /proc/self/mountinfo")

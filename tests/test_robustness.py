@@ -108,6 +108,35 @@ def test_unreachable_endpoint(make_volume, bucket):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_refused_first_contact_fails_the_mount_at_once(make_volume, bucket):
+    """Connection refused is not worth the whole --s3-timeout (45 s by default) at mount: the
+    mount fails within seconds, with the S3 exit code and the reason."""
+    vol = make_volume(bucket=bucket, endpoint_url=f"http://127.0.0.1:{free_port()}")
+    start = time.monotonic()
+    proc = vol.mount(check=False)
+    took = time.monotonic() - start
+    assert proc.returncode == 4, proc
+    assert "cannot connect" in proc.stderr and "Traceback" not in proc.stderr
+    assert took < 15, took  # not the 45 s deadline (5 s when the machine is idle)
+    assert not vol.is_mounted()
+
+
+def test_a_silent_endpoint_is_still_retried_until_the_deadline(make_volume, bucket):
+    """An endpoint that accepts connections and does not answer may be a server under load:
+    that is retried for --s3-timeout, as before."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        port = listener.getsockname()[1]
+        vol = make_volume(bucket=bucket, endpoint_url=f"http://127.0.0.1:{port}")
+        start = time.monotonic()
+        proc = vol.mount("--s3-timeout", "6", check=False)
+        took = time.monotonic() - start
+    assert proc.returncode == 4, proc
+    assert took >= 6, took
+    assert not vol.is_mounted()
+
+
 def test_password_file_readable_by_others_refused(volume, password_file):
     password_file.chmod(0o644)
     proc = volume.init(check=False)

@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import random
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -162,6 +164,23 @@ def classify(exc: BaseException, what: str) -> StoreError:
     raise exc
 
 
+def definitive(exc: BaseException) -> bool:
+    """An error that retrying for long will not cure: nothing listens on the port, the host
+    name does not resolve, TLS fails (a wrong port, a plain-HTTP server, a certificate that is
+    not trusted). A first contact says so at once instead of retrying for the whole deadline;
+    later, the same errors are retried (a server restarting refuses connections for a while)."""
+    if isinstance(exc, bce.SSLError):
+        return True
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionRefusedError | socket.gaierror | ssl.SSLError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def _no_expect_for_small(request: Any, **_: Any) -> None:
     # "Expect: 100-continue" costs a round trip before the body; it only pays off for bodies
     # big enough that sending them to a server about to refuse would waste time.
@@ -297,8 +316,12 @@ class S3Store:
 
     # --- the retry loop -----------------------------------------------------------------
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
-        deadline = time.monotonic() + self.settings.retry_deadline
+    def _call(self, what: str, fn: Callable[[], T], definitive_after: float | None = None) -> T:
+        """*fn* with retries of transient errors until the retry deadline. With
+        *definitive_after*, errors that waiting does not cure (connection refused, unknown
+        host, TLS failure: see `definitive`) are given up after that many seconds instead."""
+        start = time.monotonic()
+        deadline = start + self.settings.retry_deadline
         delay = 0.1
         attempt = 0
         while True:
@@ -316,6 +339,8 @@ class S3Store:
                 if not isinstance(err, TransientStoreError):
                     raise err from None
                 remaining = deadline - time.monotonic()
+                if definitive_after is not None and definitive(raw):
+                    remaining = min(remaining, start + definitive_after - time.monotonic())
                 if remaining <= 0:
                     why = strip_subject(err, what)
                     log.error("%s: giving up after %d attempts: %s", what, attempt, why)
@@ -327,9 +352,11 @@ class S3Store:
 
     # --- reading --------------------------------------------------------------------------
 
-    def check_bucket(self) -> None:
+    def check_bucket(self, definitive_after: float | None = None) -> None:
         self._call(
-            f"head_bucket {self.bucket}", lambda: self._client.head_bucket(Bucket=self.bucket)
+            f"head_bucket {self.bucket}",
+            lambda: self._client.head_bucket(Bucket=self.bucket),
+            definitive_after,
         )
 
     def head(self, key: str) -> ObjectInfo:

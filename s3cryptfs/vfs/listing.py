@@ -106,6 +106,7 @@ class Listings:
     def add(self, parent: Node, name: str, info: ChildInfo) -> None:
         if parent.listing is not None:
             parent.listing.children[name] = info
+            parent.listing.changed()
         if parent.listing_fetches:
             parent.listing_log.append((name, info))
 
@@ -115,6 +116,7 @@ class Listings:
             return
         if parent.listing is not None:
             parent.listing.children.pop(name, None)
+            parent.listing.changed()
         if parent.listing_fetches:
             parent.listing_log.append((name, None))
 

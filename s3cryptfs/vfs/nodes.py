@@ -50,6 +50,15 @@ class ChildInfo:
 class Listing:
     children: dict[str, ChildInfo]
     fetched_at: float = field(default_factory=time.monotonic)
+    _subdirs: int | None = None  # counted on demand, forgotten on every change
+
+    def changed(self) -> None:
+        self._subdirs = None
+
+    def subdirs(self) -> int:
+        if self._subdirs is None:
+            self._subdirs = sum(1 for c in self.children.values() if c.is_dir)
+        return self._subdirs
 
 
 @dataclass(eq=False)
