@@ -48,6 +48,7 @@ from s3cryptfs.format import v1
 from s3cryptfs.format.descriptor import GATEWAY_FORMAT, Descriptor
 from s3cryptfs.format.layout import BodyCipher, PlainCipher
 from s3cryptfs.keys.base import KeyEnvelope, KeyManager
+from s3cryptfs.keys.calls import KmsCalls
 from s3cryptfs.keys.dekcache import DekCache, cache_key
 from s3cryptfs.keys.gateway import GatewayKeys
 from s3cryptfs.keys.pool import KeyPool
@@ -117,6 +118,7 @@ class ObjectCodec:
         self.ring = ring
         self.chunk_size = descriptor.chunk_size
         self.dek_cache = dek_cache if dek_cache is not None else DekCache()
+        self.kms_calls = KmsCalls()
         self.audit = audit
         self._refresh = refresh
         self._refresh_interval = refresh_interval
@@ -211,7 +213,9 @@ class ObjectCodec:
         """A wrap outside of any object (the pool): its audit line comes when it is used."""
         self._check_breaker(manager.provider)
         try:
-            return manager.wrap_key(dek, self._context)
+            return self.kms_calls.timed(
+                manager.provider, "wrap", lambda: manager.wrap_key(dek, self._context)
+            )
         except ProviderUnavailable:
             self._trip_breaker(manager.provider)
             raise
@@ -234,7 +238,9 @@ class ObjectCodec:
         try:
             self._check_breaker(manager.provider)
             try:
-                envelope = manager.wrap_key(dek, self._context)
+                envelope = self.kms_calls.timed(
+                    manager.provider, "wrap", lambda: manager.wrap_key(dek, self._context)
+                )
             except ProviderUnavailable:
                 self._trip_breaker(manager.provider)
                 raise
@@ -375,7 +381,9 @@ class ObjectCodec:
         manager = self.gateway_keys.manager(envelope.provider) or self.ring.manager(
             envelope.provider
         )
-        return manager.unwrap_key(envelope, self._context)
+        return self.kms_calls.timed(
+            envelope.provider, "unwrap", lambda: manager.unwrap_key(envelope, self._context)
+        )
 
     def unwrap(self, meta: Mapping[str, str], name: str = "") -> bytes:
         """The data key of an object (blocking: may call a KMS)."""

@@ -63,6 +63,7 @@ class MountSpec:
     # On a stop, how long uploads may make no progress before the mount gives up waiting
     # (what is left stays in the cache directory for the next mount, and is named in the log).
     stop_timeout: float = 120.0
+    metrics: tuple[str, int] | None = None  # --metrics: where to serve Prometheus metrics
 
 
 def make_store(
@@ -195,6 +196,7 @@ class Mount:
         # Teardown, in reverse order of what prepare() and run() opened.
         self.exits = contextlib.ExitStack()
         self.left_behind: list[tuple[str, str, str]] = []
+        self._trio_token: trio.lowlevel.TrioToken | None = None
         self.record = registry.MountRecord(
             registry.new_mount_id(),
             registry.this_host(),
@@ -242,6 +244,22 @@ class Mount:
         self.exits.callback(lambda: _delete_in_background(fs.journal.trash_paths()))
         fs.clear_staging()
         self.warnings = authority.warnings + self._check_keys()
+        if spec.metrics is not None:
+            from s3cryptfs.metrics import MetricsServer
+
+            self.exits.callback(MetricsServer(spec.metrics, self._snapshot).close)
+
+    def _snapshot(self) -> dict[str, Any] | None:
+        """The status numbers, taken in the mount's event loop (for a metrics scrape, from the
+        server's thread); None before the loop runs and after it ended."""
+        token, fs = self._trio_token, self.fs
+        if token is None or fs is None:
+            return None
+        try:
+            status: dict[str, Any] = trio.from_thread.run_sync(fs.stats, trio_token=token)
+        except trio.RunFinishedError:
+            return None
+        return status
 
     def _check_keys(self) -> list[str]:
         """A key manager that does not answer now does not stop the mount (it may be back in a
@@ -320,6 +338,7 @@ class Mount:
 
         assert self.fs is not None
         fs = self.fs
+        self._trio_token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             await fs.run_background(nursery)
             nursery.start_soon(self._signals)

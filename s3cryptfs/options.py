@@ -292,6 +292,15 @@ OPTIONS: tuple[Option, ...] = (
         metavar="SECONDS",
     ),
     Option(
+        "metrics",
+        Kind.STRING,
+        Layer.MOUNT,
+        "serve Prometheus metrics at http://ADDR:PORT/metrics (a bare PORT listens on 127.0.0.1)",
+        default_doc="off",
+        doc="See docs/OPERATIONS.md, \"Metrics\".",
+        metavar="ADDR:PORT",
+    ),
+    Option(
         "log_level",
         Kind.STRING,
         Layer.COMMAND,

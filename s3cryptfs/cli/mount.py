@@ -29,6 +29,7 @@ def mount_spec(args: argparse.Namespace, password: bytes | None) -> MountSpec:
     FsOptions straight from the table's FS layer, the rest one by one."""
     from s3cryptfs.keys.config import load_kms_config
     from s3cryptfs.keys.ring import LocalKeys
+    from s3cryptfs.metrics import parse_address
     from s3cryptfs.mount import MountSpec
 
     local = LocalKeys()
@@ -57,6 +58,7 @@ def mount_spec(args: argparse.Namespace, password: bytes | None) -> MountSpec:
         dek_cache_ttl=args.dek_cache_ttl,
         descriptor_refresh=args.descriptor_refresh,
         stop_timeout=args.stop_timeout,
+        metrics=parse_address(args.metrics) if args.metrics else None,
     )
 
 

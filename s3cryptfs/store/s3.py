@@ -313,6 +313,18 @@ class S3Store:
         self.stats_lock = threading.Lock()
         self.requests: dict[str, int] = {}
         self.errors: dict[str, int] = {}
+        # Bodies moved, for status and metrics (uploads through the helper process are
+        # counted by their caller: count_sent).
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def count_sent(self, n: int) -> None:
+        with self.stats_lock:
+            self.bytes_sent += n
+
+    def _count_received(self, n: int) -> None:
+        with self.stats_lock:
+            self.bytes_received += n
 
     # --- the retry loop -----------------------------------------------------------------
 
@@ -386,6 +398,7 @@ class S3Store:
         def fetch() -> bytes:
             r = self._client.get_object(**args)
             data: bytes = r["Body"].read()
+            self._count_received(len(data))
             return data
 
         return self._call(f"get {key}", fetch)
@@ -406,6 +419,7 @@ class S3Store:
                 limits.check_size(what, key, len(body), limit)
             finally:
                 stream.close()  # unread bytes are not downloaded: the connection is dropped
+            self._count_received(len(body))
             info = ObjectInfo(
                 key=key,
                 size=len(body),
@@ -498,6 +512,7 @@ class S3Store:
             **self.conditions(if_match, if_none_match),
         }
         r = self._call(f"put {key}", lambda: self._client.put_object(**args))
+        self.count_sent(len(body))
         return etag_of(r["ETag"])
 
     def upload_file(
@@ -596,6 +611,7 @@ class S3Store:
                 Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
             ),
         )
+        self.count_sent(len(data))
         return str(r["ETag"])
 
     def complete_multipart(

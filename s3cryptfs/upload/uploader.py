@@ -339,6 +339,7 @@ class Uploader:
         if self.helper is not None:
             try:
                 etag: str = await self.helper.call("upload_file", *args, offset=offset, size=size)
+                self.store.count_sent(size)
                 return etag
             except HelperUnavailable:
                 pass

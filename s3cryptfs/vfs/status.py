@@ -14,9 +14,19 @@ def status_of(fs: Filesystem) -> dict[str, Any]:
     with fs.store.stats_lock:
         requests = dict(fs.store.requests)
         errors = dict(fs.store.errors)
+        moved = {"sent": fs.store.bytes_sent, "received": fs.store.bytes_received}
+    kms: dict[str, dict[str, dict[str, float]]] = {}
+    for (provider, op), calls in fs.codec.kms_calls.snapshot().items():
+        kms.setdefault(provider, {})[op] = {
+            "calls": calls.calls,
+            "errors": calls.errors,
+            "seconds": round(calls.seconds, 6),
+        }
     out: dict[str, Any] = {
         "requests": requests,
         "errors": errors,
+        "bytes": moved,
+        "kms_calls": kms,
         "index_writes": fs.index.writes,
         "fuse": dict(fs.writes.counters),
     }
@@ -43,6 +53,7 @@ def status_of(fs: Filesystem) -> dict[str, Any]:
     }
     dirty = [n for n in fs.nodes.by_ino.values() if n.dirty()]
     out["dirty_files"] = len(dirty)
+    out["dirty_bytes"] = sum(n.size for n in dirty)
     out["closed_not_sealed"] = len(fs.closed_pending)
     out["cache_dir"] = fs.cache_dir
     out["block_cache"] = {
