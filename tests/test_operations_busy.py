@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from conftest import wait_until
 
@@ -123,3 +124,25 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_the_warning_about_a_file_open_at_a_crash_names_it(mounted):
+    from test_no_file_lost import kill_mount
+
+    vol = mounted
+    (vol.mountpoint / "docs").mkdir()
+    fd = os.open(vol.mountpoint / "docs" / "draft.txt", os.O_WRONLY | os.O_CREAT)
+    os.write(fd, b"secret words ")
+    os.rename(vol.mountpoint / "docs" / "draft.txt", vol.mountpoint / "docs" / "final.txt")
+    os.write(fd, b"never closed")
+    time.sleep(0.2)
+    kill_mount(vol)
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    again = vol.mount()
+    assert "of docs/final.txt, which was still open" in again.stderr, again.stderr
+    assert "secret" not in again.stderr and "never closed\n" not in again.stderr
+    assert not (vol.mountpoint / "docs" / "final.txt").exists()
+    vol.umount()
