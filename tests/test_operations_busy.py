@@ -6,12 +6,14 @@ Through a real mount (SeaweedFS, FUSE), driven by the command line as a user wou
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 from conftest import wait_until
 
 from s3cryptfs import holders
@@ -124,6 +126,74 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_status_into_head_ends_quietly(mounted):
+    """`s3cryptfs status MNT | head -2`: the reader goes away while status still writes. Each
+    line is its own write here (python -u), so most runs meet the closed pipe mid-output."""
+    vol = mounted
+    codes = set()
+    for _ in range(15):
+        proc = subprocess.Popen(
+            [sys.executable, "-u", "-m", "s3cryptfs", "status", str(vol.mountpoint)],
+            env=vol.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline().startswith(b"mount:")
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        codes.add(proc.wait(60))
+        assert err == "", err
+    assert codes <= {0, 141}, codes
+
+
+def test_df_shows_what_the_volume_holds(mounted):
+    vol = mounted
+    before = os.statvfs(vol.mountpoint)
+    (vol.mountpoint / "big").write_bytes(os.urandom(3 * 2**20))
+    (vol.mountpoint / "d").mkdir()
+    (vol.mountpoint / "d" / "small").write_bytes(b"x" * 100_000)
+    after = os.statvfs(vol.mountpoint)
+    used = (after.f_blocks - after.f_bfree) * after.f_frsize
+    assert used >= 3 * 2**20 + 100_000
+    assert used - (before.f_blocks - before.f_bfree) * before.f_frsize < 4 * 2**20
+    assert after.f_bavail == after.f_bfree and after.f_bfree * after.f_frsize >= 2**40
+    df = subprocess.run(
+        ["df", "-B1", "--output=used", str(vol.mountpoint)], capture_output=True, text=True
+    )
+    assert int(df.stdout.split()[-1]) == used
+    # another mount of the volume knows it once it has listed it
+    vol.remount()
+    fresh = os.statvfs(vol.mountpoint)
+    assert (fresh.f_blocks - fresh.f_bfree) * fresh.f_frsize < 3 * 2**20  # nothing listed yet
+    os.listdir(vol.mountpoint)
+    os.listdir(vol.mountpoint / "d")
+    again = os.statvfs(vol.mountpoint)
+    assert (again.f_blocks - again.f_bfree) * again.f_frsize >= 3 * 2**20 + 100_000
+    (vol.mountpoint / "big").unlink()
+    gone = os.statvfs(vol.mountpoint)
+    assert (gone.f_blocks - gone.f_bfree) * gone.f_frsize < 2**20
+    vol.umount()
+
+
+def test_fallocate_and_o_tmpfile_say_not_supported(mounted):
+    vol = mounted
+    target = vol.mountpoint / "f"
+    cmd = subprocess.run(["fallocate", "-l", "1M", str(target)], capture_output=True, text=True)
+    assert cmd.returncode != 0 and "Operation not supported" in cmd.stderr, cmd.stderr
+    fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        # glibc's posix_fallocate writes the blocks itself when the file system says EOPNOTSUPP
+        os.posix_fallocate(fd, 0, 200_000)
+        assert os.fstat(fd).st_size == 200_000
+    finally:
+        os.close(fd)
+    assert target.read_bytes() == bytes(200_000)
+    with pytest.raises(OSError) as raised:
+        os.open(vol.mountpoint, os.O_TMPFILE | os.O_RDWR, 0o600)
+    assert raised.value.errno == errno.EOPNOTSUPP
 
 
 def test_the_warning_about_a_file_open_at_a_crash_names_it(mounted):
