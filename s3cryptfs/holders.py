@@ -116,7 +116,9 @@ def _comm(pid: int) -> str:
 def scan(mountpoint: str) -> Scan:
     """The processes (other than this one) that hold the mount at *mountpoint*, by pid."""
     result = Scan()
-    at = mount_at(mountpoint)
+    # as /proc/self/mountinfo names it, without a stat() of the mount point itself
+    parent, name = os.path.split(os.path.normpath(mountpoint))
+    at = mount_at(os.path.join(os.path.realpath(parent), name))
     if at is None:
         return result
     mount_id, device = at
