@@ -8,6 +8,8 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+# `umount` of a mount that processes still use (named): as umount(8) says "target is busy"
+EXIT_BUSY = 2
 EXIT_WRONG_PASSWORD = 3
 EXIT_S3 = 4
 EXIT_VOLUME = 5

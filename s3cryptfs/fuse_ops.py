@@ -34,6 +34,7 @@ from s3cryptfs.errors import (
 )
 from s3cryptfs.vfs.core import Attr, Filesystem
 from s3cryptfs.vfs.nodes import Node
+from s3cryptfs.vfs.status import usage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,6 +53,13 @@ XATTR_DRAIN = b"user.s3cryptfs.drain"
 XATTR_PENDING = b"user.s3cryptfs.pending"
 XATTR_STOP = b"user.s3cryptfs.stop"
 ATTR_TIMEOUT = 1.0
+# df: "used" is what the mount knows the volume holds (vfs/status.py, usage), summed at each
+# statfs unless that took USAGE_SLOW, then at most every USAGE_TTL; "free" is a fixed figure,
+# S3 having no size (docs/SEMANTICS.md).
+USAGE_SLOW = 0.02
+USAGE_TTL = 2.0
+STATFS_BLOCK = 65536
+STATFS_FREE = 2**50
 # Key manager health is asked for at most this often, however often status is read: each
 # check is a request to every KMS.
 HEALTH_TTL = 10.0
@@ -134,6 +142,7 @@ class FuseOperations(pyfuse3.Operations):
         self._next_dir_fh = 1
         self._health: tuple[float, dict[str, str]] | None = None  # (when, result)
         self._health_lock = trio.Lock()
+        self._usage: tuple[float, tuple[int, int]] | None = None  # (reuse until, result)
 
     def _reply(self, node: Node) -> pyfuse3.EntryAttributes:
         node.lookups += 1
@@ -303,15 +312,20 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard
     async def statfs(self, ctx: Any) -> Any:
+        now = time.monotonic()
+        if self._usage is None or now >= self._usage[0]:
+            self._usage = (now, usage(self.fs))
+            took = time.monotonic() - now
+            if took >= USAGE_SLOW:  # a large volume: a program calling statfs in a loop
+                self._usage = (now + USAGE_TTL, self._usage[1])  # must not cost a scan each
+        used, files = self._usage[1]
         s = pyfuse3.StatvfsData()
-        s.f_bsize = 65536
-        s.f_frsize = 65536
-        s.f_blocks = 2**40 // 65536
-        s.f_bfree = s.f_blocks
-        s.f_bavail = s.f_blocks
-        s.f_files = 2**32
-        s.f_ffree = 2**32
-        s.f_favail = 2**32
+        s.f_bsize = STATFS_BLOCK
+        s.f_frsize = STATFS_BLOCK
+        s.f_bfree = s.f_bavail = STATFS_FREE // STATFS_BLOCK
+        s.f_blocks = s.f_bfree + -(-used // STATFS_BLOCK)
+        s.f_ffree = s.f_favail = 2**32
+        s.f_files = s.f_ffree + files
         s.f_namemax = 255
         return s
 

@@ -140,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lazy",
         action="store_true",
-        help="if the mount process is gone, detach the dead mount (fusermount -uz)",
+        help="detach the mount even while processes use it (as umount -l): they keep it "
+        "until they let go, the mount process serving them, then it uploads what they wrote and "
+        "exits. Without it a mount in use is refused (exit 2, the processes named). Also "
+        "detaches a mount whose process is gone",
     )
     p.add_argument(
         "--timeout",
@@ -155,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="with what is not in S3 yet: unmount anyway, keeping it for the next mount "
-        "(exit 6)",
+        "(exit 6). Never overrides a mount in use: --lazy does",
     )
     add_log_level(p, "warning")
     _add_admin_commands(sub)

@@ -18,6 +18,10 @@ from dataclasses import asdict, dataclass
 
 SUFFIX = ".closed"
 PLAIN_SUFFIX = ".plain"
+# The file's path in the volume, on its write-back file (kept current across renames), so that
+# the warning about a file still open at a crash can name it. Never its content; the cache
+# directory holds the plaintext itself anyway.
+PATH_XATTR = "user.s3cryptfs.path"
 
 
 @dataclass
@@ -52,6 +56,18 @@ def write(staging_fd: int, staging_path: str, record: ClosedRecord) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def tag(staging_fd: int, path: str) -> None:
+    with contextlib.suppress(OSError):  # a cache file system without user attributes
+        os.setxattr(staging_fd, PATH_XATTR, path.encode())
+
+
+def tagged_path(staging_path: str) -> str | None:
+    try:
+        return os.getxattr(staging_path, PATH_XATTR).decode(errors="replace")
+    except OSError:
+        return None
 
 
 def remove(staging_path: str) -> None:

@@ -134,9 +134,11 @@ class WritePath:
         closed, never_closed = closed_files.scan(self.settings.staging_dir)
         for path in never_closed:
             log.warning(
-                "discarding the write-back file %s of a file that was still open when the "
-                "mount stopped (never closed, so never acknowledged)",
+                "discarding the write-back file %s of %s, which was still open when the mount "
+                "stopped (never closed, so never acknowledged): it stays as it was last closed "
+                "or fsync'ed",
                 os.path.basename(path),
+                closed_files.tagged_path(path) or "a file it does not name",
             )
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -302,10 +304,12 @@ class WritePath:
 
     # --- the write-back file -------------------------------------------------------------
 
-    def new_staging(self) -> Staging:
+    def new_staging(self, name: str) -> Staging:
+        """A write-back file for the file at *name* in the volume."""
         seq = self.journal.next_seq()
         path = os.path.join(self.settings.staging_dir, f"{seq:012d}.plain")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        closed_files.tag(fd, name)
         return Staging(path, fd)
 
     async def materialize(self, f: Written, version: Version | None) -> Staging:
@@ -314,7 +318,7 @@ class WritePath:
         w = f.w
         if w.staging is not None:
             return w.staging
-        staging = self.new_staging()
+        staging = self.new_staging(f.path)
         if w.local_version is not None:
             version = w.local_version
         try:

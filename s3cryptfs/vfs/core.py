@@ -551,7 +551,7 @@ class Filesystem:
         node = Node(self.nodes.new_ino(), path, stat.S_IFREG | (mode & 0o7777), uid, gid, now, now)
         node.mode_set_here = True
         self.nodes.add(node)
-        node.w.attach(self.writes.new_staging(), dirty=True)
+        node.w.attach(self.writes.new_staging(path), dirty=True)
         self.unsynced.add(node)
         self.listing.add(parent, name, ChildInfo(False))
         self.listing.entries_changed(parent, now)
@@ -675,7 +675,7 @@ class Filesystem:
             if node.is_dir:
                 raise IsDirectory()
             if size == 0 and node.w.staging is None:
-                node.w.attach(self.writes.new_staging(), dirty=True)
+                node.w.attach(self.writes.new_staging(node.path), dirty=True)
             else:
                 await self._materialize(node)
             await self.writes.truncate(node, size)

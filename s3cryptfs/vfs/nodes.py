@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import trio
 
 from s3cryptfs.cache.reader import ReadState, Version
+from s3cryptfs.upload import closed as closed_files
 from s3cryptfs.upload.state import FileWrite
 from s3cryptfs.vfs.attrindex import IndexEntry
 
@@ -184,6 +185,8 @@ class NodeTable:
         for n in moves:
             n.path = new_path + n.path[len(old) :]
             self.by_path[n.path] = n
+            if n.w.staging is not None:
+                closed_files.tag(n.w.staging.fd, n.path)
 
     def maybe_drop(self, node: Node) -> None:
         """Free a node nobody refers to any more."""

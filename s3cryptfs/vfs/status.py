@@ -1,4 +1,4 @@
-"""The mount's status in numbers (`s3cryptfs status`, the stats attribute)."""
+"""The mount's status in numbers (`s3cryptfs status`, the stats attribute, `df`)."""
 
 from __future__ import annotations
 
@@ -69,3 +69,33 @@ def status_of(fs: Filesystem) -> dict[str, Any]:
             "misses": fs.disk.misses,
         }
     return out
+
+
+def usage(fs: Filesystem) -> tuple[int, int]:
+    """(bytes, files) of what this mount knows the volume holds, for `df`: the files of every
+    directory listing it holds and every other file it has looked up (their size in S3,
+    encrypted), with the files written here and not in S3 yet at their size here. Never a
+    request: a LIST of the whole bucket per statfs would cost more than df is worth
+    (docs/SEMANTICS.md says what df shows)."""
+    total = files = 0
+    nodes = list(fs.nodes.by_ino.values())
+    for node in nodes:
+        if node.is_dir and node.listing is not None:
+            for info in node.listing.children.values():
+                if not info.is_dir:
+                    total += info.size
+                    files += 1
+    for node in nodes:
+        if node.is_dir or node.unlinked:
+            continue
+        parent = fs.nodes.at(node.parent_path)
+        listing = parent.listing if parent is not None else None
+        listed = listing.children.get(node.name) if listing is not None else None
+        if listed is not None and listed.is_dir:
+            continue
+        if listed is None:
+            files += 1
+            total += node.size if node.dirty() or node.remote is None else node.remote.body_size
+        elif node.dirty():  # its newer content stands for the listed version
+            total += node.size - listed.size
+    return max(0, total), files
