@@ -35,6 +35,7 @@ from s3cryptfs.format import metadata as md
 from s3cryptfs.format.descriptor import descriptor_key
 from s3cryptfs.mount import check_bucket, make_store
 from s3cryptfs.ops.commands import Admin, open_admin
+from s3cryptfs.ops.progress import Progress
 from s3cryptfs.ops.walk import walk_heads
 from s3cryptfs.store.s3 import ObjectInfo, S3Store
 
@@ -219,8 +220,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     admin, desc = open_admin(args)
     codec = admin.codec()
     report = FsckReport()
-    tty = sys.stderr.isatty()
     started = time.monotonic()
+    progress = Progress("fsck", args.progress, describe=lambda: f"{len(report.bad)} bad")
 
     def one(info: ObjectInfo) -> None:
         try:
@@ -233,12 +234,11 @@ def cmd_fsck(args: argparse.Namespace) -> int:
                 report.versions[version] += 1
         with report.lock:
             report.checked += 1
-            if tty and report.checked % 50 == 0:
-                print(f"\rchecked {report.checked} objects...", end="", file=sys.stderr)
 
-    walk_heads(admin.store, admin.url.prefix, admin.jobs, one)
-    if tty:
-        print("\r", end="", file=sys.stderr)
+    try:
+        walk_heads(admin.store, admin.url.prefix, admin.jobs, one, progress=progress)
+    finally:
+        progress.close()
     mode = "full authentication" if args.full else "headers and keys"
     print(
         f"fsck {admin.url} ({mode}): {report.checked} objects in {time.monotonic() - started:.1f}s"

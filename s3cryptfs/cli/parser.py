@@ -286,8 +286,10 @@ def _add_admin_commands(sub: SubParsers) -> None:
     p = volume_parser("rewrap", "re-wrap every object's data key under the active key")
     p.add_argument("--dry-run", action="store_true", help="only count objects per key version")
     resumable(p)
+    add_progress(p)
     p = volume_parser("migrate", "move the volume to another key manager (e.g. password -> KMS)")
     resumable(p)
+    add_progress(p)
     p.add_argument("--to", required=True, metavar="PROVIDER", help="the new key manager")
     p.add_argument(
         "--wait",
@@ -299,6 +301,16 @@ def _add_admin_commands(sub: SubParsers) -> None:
     )
     p.add_argument(
         "--keep-old", action="store_true", help="keep the old key manager in the descriptor"
+    )
+
+
+def add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--progress",
+        choices=("auto", "bar", "plain", "none"),
+        default="auto",
+        help="how progress is shown: auto (a bar on a terminal, else nothing), bar, plain "
+        "(a line every 10 seconds, for logs) or none (default auto)",
     )
 
 
@@ -332,6 +344,7 @@ def _add_offline_commands(sub: SubParsers) -> None:
     p.add_argument("url", metavar="s3://BUCKET[/PREFIX]")
     add_common(p)
     add_kms(p)
+    add_progress(p)
     p.add_argument("--full", action="store_true", help="download and authenticate every chunk")
     p.add_argument("--jobs", type=int, default=8, metavar="N", help="parallel checks (default 8)")
 

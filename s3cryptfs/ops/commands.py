@@ -340,7 +340,7 @@ def _passwd(admin: Admin, ring: KeyRing, args: argparse.Namespace) -> int:
     print(f"password changed; new active key version {active}")
     _announce_new_auth_key(admin)
     report = rewrap_volume(
-        admin.store, admin.url.prefix, admin.codec(), admin.jobs, False, admin.audit
+        admin.store, admin.url.prefix, admin.codec(), admin.jobs, False, admin.audit, "auto"
     )
     print(report.summary(False))
     if not report.complete:
@@ -477,6 +477,7 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
             admin.jobs,
             args.dry_run,
             admin.audit,
+            progress=args.progress,
             checkpoint_path=checkpoint_path(args, admin),
         )
         code = _print_report(report, args.dry_run)
@@ -515,6 +516,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             admin.jobs,
             False,
             admin.audit,
+            progress=args.progress,
             checkpoint_path=checkpoint_path(args, admin),
         )
         code = _print_report(report, False)

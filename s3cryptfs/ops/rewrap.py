@@ -28,7 +28,6 @@ import sys
 import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import TextIO
 
 from s3cryptfs.audit import NO_AUDIT, AuditLog
 from s3cryptfs.codec import ObjectCodec
@@ -42,6 +41,7 @@ from s3cryptfs.errors import (
 )
 from s3cryptfs.format import metadata as md
 from s3cryptfs.ops.checkpoint import Checkpoint, interruptible
+from s3cryptfs.ops.progress import Progress
 from s3cryptfs.ops.walk import walk_heads
 from s3cryptfs.store.s3 import ObjectInfo, S3Store
 from s3cryptfs.vfs.attrindex import IndexEntry, is_index_key, read_index
@@ -101,23 +101,6 @@ class RewrapReport:
         return "\n".join(lines)
 
 
-class _Progress:
-    def __init__(self, stream: TextIO | None) -> None:
-        self.stream = stream if stream is not None and stream.isatty() else None
-        self.lock = threading.Lock()
-
-    def show(self, report: RewrapReport) -> None:
-        if self.stream is None or report.examined % 50:
-            return
-        with self.lock:
-            self.stream.write(f"\r{report.examined} examined, {report.rewrapped} re-wrapped")
-            self.stream.flush()
-
-    def end(self) -> None:
-        if self.stream is not None:
-            self.stream.write("\n")
-
-
 def new_metadata(old: dict[str, str], envelope_meta: dict[str, str]) -> dict[str, str]:
     """*old* with its envelope replaced; every other key (mode, owner, mtime...) kept."""
     meta = {k: v for k, v in old.items() if k not in md.ENVELOPE_NAMES}
@@ -166,7 +149,7 @@ def rewrap_volume(
     jobs: int = 4,
     dry_run: bool = False,
     audit: AuditLog = NO_AUDIT,
-    progress: TextIO | None = sys.stderr,
+    progress: str = "none",
     checkpoint_path: str | None = None,
 ) -> RewrapReport:
     """Re-wrap (or with *dry_run* only count) every object. With *checkpoint_path*, resume
@@ -176,7 +159,11 @@ def rewrap_volume(
     active = codec.ring.active()
     target = (active.provider, active.active_key_version())
     context = {"volume_id": codec.descriptor.volume_id}
-    shown = _Progress(progress)
+    shown = Progress(
+        "dry run" if dry_run else "rewrap",
+        progress,
+        describe=lambda: f"{report.rewrapped} re-wrapped, {len(report.failed)} failed",
+    )
     checkpoint = None
     if checkpoint_path is not None and not dry_run:
         checkpoint = Checkpoint(checkpoint_path, target)
@@ -262,19 +249,18 @@ def rewrap_volume(
                 report.indexes_rewrapped += 1
             else:
                 report.rewrapped += 1
-            shown.show(report)
         return True
 
     start = report.resumed_after
     stopped = False
     try:
         with interruptible():
-            walk_heads(store, prefix, jobs, one, start, checkpoint, indexes=True)
+            walk_heads(store, prefix, jobs, one, start, checkpoint, indexes=True, progress=shown)
     except KeyboardInterrupt:
         stopped = True
         raise
     finally:
-        shown.end()
+        shown.close()
         if checkpoint is not None:
             checkpoint.save()
             if stopped and checkpoint.after is not None:

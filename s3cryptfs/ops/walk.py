@@ -8,6 +8,7 @@ from typing import Protocol
 
 from s3cryptfs.errors import ObjectNotFound
 from s3cryptfs.format.descriptor import META_DIR
+from s3cryptfs.ops.progress import Progress
 from s3cryptfs.store.s3 import ObjectInfo, S3Store
 from s3cryptfs.vfs.attrindex import is_index_key
 
@@ -43,12 +44,17 @@ def walk_heads(
     start_after: str | None = None,
     tracker: Tracker | None = None,
     indexes: bool = False,
+    progress: Progress | None = None,
 ) -> None:
     """HEAD every object (and with *indexes* every directory index) and call *work* on it,
     *jobs* at a time; keys deleted meanwhile are passed over. *work* returns False for an
     object it could not finish. Exceptions from *work* propagate (callers catch what they
     expect)."""
     window = max(1, jobs) * 4  # bounded queue: a huge bucket never sits in memory
+    if progress is not None:
+        progress.count_in_background(
+            lambda: sum(1 for _ in object_keys(store, prefix, start_after, indexes))
+        )
 
     def one(key: str) -> None:
         ok: bool | None = True
@@ -64,6 +70,8 @@ def walk_heads(
         finally:
             if tracker is not None:
                 tracker.finished(key, ok is not False)
+            if progress is not None:
+                progress.advance()
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         pending: list[Future[None]] = []
