@@ -146,7 +146,14 @@ class NotDirectory(FsError):
 
 
 class NameTooLong(FsError):
-    """A name over 255 bytes, or an S3 key over 1024."""
+    """A name over 255 bytes, or an S3 key over 1024 (a new one, one looked up that cannot
+    exist, or one a directory rename would give a descendant)."""
+
+
+class NameNotUTF8(FsError):
+    """A new name whose bytes are not UTF-8: S3 keys are UTF-8, so it cannot be stored as it
+    is. EILSEQ ("illegal byte sequence"), as ZFS with utf8only=on says. (Looking such a name
+    up says ENOENT: no object can have it.)"""
 
 
 class ReadOnlyMount(FsError):
@@ -166,7 +173,11 @@ class BadHandle(FsError):
 
 
 class InvalidRequest(FsError):
-    """The request makes no sense here (a flag we do not support, a bad value)."""
+    """The request makes no sense here (a flag we do not support, a bad value). Also a new
+    name with a character this server would change in the key: a backslash, on servers that
+    store it as "/" (SeaweedFS), where the file would come back as a directory. EINVAL is what
+    vfat and exfat say for a character they cannot store; EILSEQ would blame the encoding of a
+    name that is valid UTF-8."""
 
 
 class NotSupported(FsError):
@@ -226,6 +237,7 @@ ERRNO_TABLE: dict[type[BaseException], int] = {
     IsDirectory: errno.EISDIR,
     NotDirectory: errno.ENOTDIR,
     NameTooLong: errno.ENAMETOOLONG,
+    NameNotUTF8: errno.EILSEQ,
     ReadOnlyMount: errno.EROFS,
     NotPermitted: errno.EPERM,
     NotAllowed: errno.EACCES,

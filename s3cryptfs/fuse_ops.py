@@ -27,12 +27,12 @@ from s3cryptfs.errors import (
     NoAttribute,
     NotAllowed,
     NotDirectory,
-    NotPermitted,
     NotSupported,
     is_expected,
     to_errno,
 )
 from s3cryptfs.vfs.core import Attr, Filesystem
+from s3cryptfs.vfs.names import from_kernel, to_kernel
 from s3cryptfs.vfs.nodes import Node
 from s3cryptfs.vfs.status import usage
 
@@ -150,7 +150,7 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
-        return self._reply(await self.fs.lookup(parent_inode, os.fsdecode(name)))
+        return self._reply(await self.fs.lookup(parent_inode, from_kernel(name)))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
@@ -210,7 +210,7 @@ class FuseOperations(pyfuse3.Operations):
             if node is None:
                 continue  # removed since the listing was taken
             attrs = _entry(self.fs.attr(node))
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
+            if not pyfuse3.readdir_reply(token, to_kernel(name), attrs, index + 1):
                 return
             if index >= 2:
                 node.lookups += 1
@@ -220,20 +220,20 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
-        node = await self.fs.mkdir(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid)
+        node = await self.fs.mkdir(parent_inode, from_kernel(name), mode, ctx.uid, ctx.gid)
         return self._reply(node)
 
     @_guard
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await self.fs.rmdir(parent_inode, os.fsdecode(name))
+        await self.fs.rmdir(parent_inode, from_kernel(name))
 
     @_guard
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await self.fs.unlink(parent_inode, os.fsdecode(name))
+        await self.fs.unlink(parent_inode, from_kernel(name))
 
     @_guard
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
-        node = await self.fs.symlink(parent_inode, os.fsdecode(name), target, ctx.uid, ctx.gid)
+        node = await self.fs.symlink(parent_inode, from_kernel(name), target, ctx.uid, ctx.gid)
         return self._reply(node)
 
     @_guard
@@ -248,19 +248,19 @@ class FuseOperations(pyfuse3.Operations):
     ) -> None:
         await self.fs.rename(
             parent_inode_old,
-            os.fsdecode(name_old),
+            from_kernel(name_old),
             parent_inode_new,
-            os.fsdecode(name_new),
+            from_kernel(name_new),
             flags,
         )
 
     @_guard
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
-        return self._reply(await self.fs.link(inode, new_parent_inode, os.fsdecode(new_name)))
+        return self._reply(await self.fs.link(inode, new_parent_inode, from_kernel(new_name)))
 
     @_guard
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
-        raise NotPermitted()
+        self.fs.mknod(parent_inode, from_kernel(name))
 
     @_guard
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
@@ -277,7 +277,7 @@ class FuseOperations(pyfuse3.Operations):
     @_guard
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         handle = await self.fs.create(
-            parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid, flags
+            parent_inode, from_kernel(name), mode, ctx.uid, ctx.gid, flags
         )
         info = pyfuse3.FileInfo(
             fh=handle.fh, keep_cache=handle.keep_cache, direct_io=_write_only(flags)

@@ -3,6 +3,7 @@
 The bucket is not trusted (docs/SEMANTICS.md, "Size limits"): anyone with write access may plant
 a huge volume descriptor, directory index, multipart manifest or symlink, or a key derivation
 that needs gigabytes. Each such read is checked against a bound here before the work starts.
+The limits on names and keys are here too (s3cryptfs/vfs/names.py applies them).
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ SYMLINK_BODY_MAX = PATH_MAX + 28 + 16
 # Gateway single-AEAD objects have one tag over the whole body: they are downloaded whole before
 # one byte can be checked. The default of --max-whole-object.
 WHOLE_OBJECT_DEFAULT = 256 * MiB
+
+# --- names ------------------------------------------------------------------------------------
+
+NAME_MAX = 255  # bytes of one name, as on ext4 (statfs's f_namemax says so)
+KEY_MAX = 1024  # bytes of an S3 key, prefix included (S3's own limit, SeaweedFS's too)
 
 # --- key derivation parameters a document can set ----------------------------------------------
 

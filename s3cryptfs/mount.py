@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import fcntl
 import logging
 import os
@@ -34,6 +35,7 @@ from s3cryptfs.keys.dekcache import DekCache
 from s3cryptfs.keys.pool import KeyPool
 from s3cryptfs.keys.ring import LocalKeys
 from s3cryptfs.store.s3 import S3Store, StoreSettings
+from s3cryptfs.vfs import names
 from s3cryptfs.vfs.core import Filesystem, FsOptions
 from s3cryptfs.volume import VolumeAuthority
 
@@ -239,7 +241,9 @@ class Mount:
         cache_dir = config.volume_cache_dir(spec.cache_root, spec.endpoint_url, spec.url)
         self.lock = CacheLock(cache_dir)
         self.exits.callback(self.lock.release)
-        fs = self.fs = Filesystem(store, codec, spec.url.prefix, cache_dir, spec.fs_options)
+        # (a copy: run() completes it with what the server does with names)
+        options = dataclasses.replace(spec.fs_options)
+        fs = self.fs = Filesystem(store, codec, spec.url.prefix, cache_dir, options)
         # Uploaded bodies left in the journal's trash go in the background at the very end.
         self.exits.callback(lambda: _delete_in_background(fs.journal.trash_paths()))
         fs.clear_staging()
@@ -312,6 +316,12 @@ class Mount:
         sys.setswitchinterval(0.0005)
         _limit_malloc_arenas()
         with self.exits:
+            if not self.fs.opts.read_only:
+                # Whether a backslash in a name survives in its key: a few requests, and a
+                # line in the mount's log when not (vfs/names.py).
+                self.fs.opts.backslash_names = names.backslash_allowed(
+                    self.fs.store, self.spec.url.prefix, self.record.mount_id
+                )
             trio.run(self._recover)
             ops = FuseOperations(self.fs)
             options = set(pyfuse3.default_options)

@@ -470,6 +470,8 @@ FS_INTERNAL: dict[str, str] = {
     "Filesystem directly to test the other path",
     "upload_helper": "turns off the upload helper process (store/helper.py), for code that "
     "builds a Filesystem directly without a subprocess",
+    "backslash_names": "not a choice but a fact about the S3 server: the mount probes whether "
+    "it keeps a backslash in keys (vfs/names.py); code that builds a Filesystem directly sets it",
 }
 
 

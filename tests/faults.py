@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from s3cryptfs.errors import StoreError, TransientStoreError
 from s3cryptfs.store.s3 import S3Store
@@ -81,3 +82,37 @@ class FaultyStore(S3Store):
             return fn()
 
         return super()._call(what, faulty)
+
+
+# A stand-in for a server that keeps a backslash in keys (AWS S3 does; SeaweedFS, the test
+# server, stores it as "/"): the client sends every "\" as U+29F5 (REVERSE SOLIDUS OPERATOR)
+# and turns it back in what LISTs return, so the keys round-trip as such a server keeps them.
+_STORED_BACKSLASH = "\u29f5"
+_KEY_PARAMS = ("Key", "Prefix", "StartAfter")
+
+
+def keep_backslashes(client: Any) -> Any:
+    """Make a boto3 client of the test server behave as a server that keeps backslashes."""
+
+    def outgoing(params: dict[str, Any], **_: Any) -> None:
+        for name in _KEY_PARAMS:
+            if isinstance(params.get(name), str):
+                params[name] = params[name].replace("\\", _STORED_BACKSLASH)
+        source = params.get("CopySource")  # "bucket/key", URL-quoted by botocore by now
+        if isinstance(source, str):
+            params["CopySource"] = source.replace("%5C", quote(_STORED_BACKSLASH))
+
+    def listed(parsed: dict[str, Any], **_: Any) -> None:
+        def back(text: str) -> str:
+            return text.replace(_STORED_BACKSLASH, "\\")
+
+        for obj in parsed.get("Contents", []):
+            obj["Key"] = back(obj["Key"])
+        for common in parsed.get("CommonPrefixes", []):
+            common["Prefix"] = back(common["Prefix"])
+        if isinstance(parsed.get("Prefix"), str):
+            parsed["Prefix"] = back(parsed["Prefix"])
+
+    client.meta.events.register("before-parameter-build.s3", outgoing)
+    client.meta.events.register("after-call.s3.ListObjectsV2", listed)
+    return client

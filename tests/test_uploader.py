@@ -10,7 +10,7 @@ import trio
 
 from s3cryptfs.errors import PreconditionFailed, StoreError, TransientStoreError
 from s3cryptfs.upload.journal import ABSENT, Entry, Journal, Upload
-from s3cryptfs.upload.uploader import CONFLICT_RETRY, Uploader
+from s3cryptfs.upload.uploader import CONFLICT_RETRY, Uploader, copy_names
 
 
 class FailingStore:
@@ -90,3 +90,19 @@ def test_a_conflict_copy_that_failed_is_queued_again(tmp_path):
     uploader, entry, store = attempt(tmp_path, failures)
     assert store.uploads[0] == "vol/a" and store.uploads[1].startswith("vol/a.conflict-")
     assert_requeued(uploader, entry, StoreError, CONFLICT_RETRY)
+
+
+def test_conflict_copy_names_stay_within_the_name_and_key_limits():
+    """A conflict copy goes next to its file even when the file's name or key is as long as
+    they may be: the name is shortened (never cut inside a character), the folder kept."""
+    first = copy_names("vol/a.txt", 3)[0]
+    assert first.startswith("vol/a.txt.conflict-") and first.endswith("-3")
+    long_name = "é" * 127 + "x"  # 255 bytes
+    deep = "vol/" + "/".join(["d" * 200] * 4) + "/"
+    for key in (f"vol/{long_name}", deep + "f" * (1024 - len(deep)), deep + long_name[:100]):
+        folder = key.rsplit("/", 1)[0] + "/"
+        for copy in copy_names(key, 12345):
+            assert copy.startswith(folder) and "/" not in copy[len(folder) :]
+            assert len(copy.rsplit("/", 1)[1].encode()) <= 255, copy
+            assert len(copy.encode()) <= 1024, copy
+            assert ".conflict-" in copy

@@ -8,6 +8,8 @@ reported as "not found".
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import datetime
 import email.utils
 import json
@@ -325,6 +327,13 @@ class S3Store:
     def _count_received(self, n: int) -> None:
         with self.stats_lock:
             self.bytes_received += n
+
+    def with_retry_deadline(self, seconds: float) -> S3Store:
+        """This store (its client, its statistics) with a shorter retry deadline: for requests
+        whose failure costs little, which must not hold anything up for long."""
+        other = copy.copy(self)
+        other.settings = dataclasses.replace(self.settings, retry_deadline=seconds)
+        return other
 
     # --- the retry loop -----------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from s3cryptfs import limits
 from s3cryptfs.asyncutil import run_abandonable
 from s3cryptfs.errors import ObjectNotFound, PreconditionFailed, StoreError, UploadConflict
 from s3cryptfs.store.helper import HelperUnavailable, UploadHelper
@@ -29,8 +30,16 @@ CONFLICT_RETRY = 10.0
 
 def copy_names(key: str, seq: int) -> list[str]:
     """Names for a conflict copy of *key*: KEY.conflict-TIME-N, then with .1, .2... when that
-    one is taken."""
-    stem = f"{key}.conflict-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{seq}"
+    one is taken. The file's own name is shortened as much as the suffix needs for the copy's
+    name to stay within 255 bytes and its key within 1024 (limits.NAME_MAX, KEY_MAX)."""
+    suffix = f".conflict-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{seq}"
+    name = key.rsplit("/", 1)[-1]
+    folder = key[: len(key) - len(name)]
+    room = len(suffix) + 2  # and ".N"
+    keep = min(limits.NAME_MAX - room, limits.KEY_MAX - room - len(folder.encode()))
+    if keep > 0:
+        name = name.encode()[:keep].decode(errors="ignore")  # (a character cut is dropped)
+    stem = folder + name + suffix
     return [stem] + [f"{stem}.{n}" for n in range(1, 10)]
 
 

@@ -30,7 +30,6 @@ from s3cryptfs.errors import (
     KeyManagerError,
     KeyNotFound,
     KeyRetired,
-    NameTooLong,
     NoSuchEntry,
     NotPermitted,
     ReadOnlyMount,
@@ -47,6 +46,7 @@ from s3cryptfs.store.s3 import ObjectInfo, S3Store
 from s3cryptfs.upload import closed as closed_files
 from s3cryptfs.upload.closed import ClosedRecord
 from s3cryptfs.upload.files import WriteCallbacks, WritePath, WriteSettings
+from s3cryptfs.vfs import names
 from s3cryptfs.vfs.attrindex import AttrIndex, IndexEntry
 from s3cryptfs.vfs.listing import Listings
 from s3cryptfs.vfs.namespace import Namespace
@@ -66,8 +66,6 @@ from s3cryptfs.vfs.versions import Versions
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MAX_KEY_BYTES = 1024
-MAX_NAME_BYTES = 255
 # Bits that hand out privileges (setuid, setgid) or decide who may delete in a directory
 # (sticky): anyone who can write to the bucket can set them, so modes read from S3 are shown
 # without them unless the user trusts the bucket's attributes (docs/SEMANTICS.md).
@@ -99,6 +97,9 @@ class FsOptions:
     # Bytes of a gateway single-AEAD body downloaded whole to decrypt it (--max-whole-object).
     max_whole_object: int = limits.WHOLE_OBJECT_DEFAULT
     hard_links: str = "refuse"  # or "copy" (--hard-links)
+    # The server keeps a backslash in keys: names with one may be created (vfs/names.py; the
+    # mount probes the server). False refuses them, and looks them up by listing only.
+    backslash_names: bool = False
 
 
 @dataclass
@@ -260,14 +261,13 @@ class Filesystem:
     def dir_prefix(self, path: str) -> str:
         return self.prefix + path + "/" if path else self.prefix
 
-    def _check_name(self, parent: Node, name: str) -> None:
+    def _check_name(self, parent: Node, name: str, is_dir: bool = False) -> None:
+        """Refuse a name about to be created in *parent* (or renamed to) that the bucket cannot
+        hold (vfs/names.py)."""
         if parent.path == "" and name == META_DIR:
             raise NotPermitted(f"{META_DIR} is reserved for the volume's metadata")
-        if len(name.encode()) > MAX_NAME_BYTES:
-            raise NameTooLong()
-        if len(self.key(child_path(parent.path, name)).encode()) + 1 > MAX_KEY_BYTES:
-            # +1: the same name may become a directory, whose marker key ends in "/"
-            raise NameTooLong("the S3 key (with a trailing /) would exceed 1024 bytes")
+        key = self.key(child_path(parent.path, name))
+        names.check_new(name, key, is_dir=is_dir, backslash=self.opts.backslash_names)
 
     def _writable(self) -> None:
         if self.opts.read_only:
@@ -761,6 +761,9 @@ class Filesystem:
 
     async def link(self, ino: int, new_parent: int, new_name: str) -> Node:
         return await self.namespace.link(ino, new_parent, new_name)
+
+    def mknod(self, parent_ino: int, name: str) -> None:
+        self.namespace.mknod(parent_ino, name)
 
     # --- misc ----------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import trio
 
 from s3cryptfs.codec import OWN, object_kind
 from s3cryptfs.errors import (
-    NoSuchEntry,
+    FsError,
     NotDirectory,
     ObjectNotFound,
     S3CryptFSError,
@@ -24,6 +24,7 @@ from s3cryptfs.errors import (
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format.descriptor import META_DIR
+from s3cryptfs.vfs import names
 from s3cryptfs.vfs.attrindex import SELF, IndexEntry
 from s3cryptfs.vfs.nodes import ChildInfo, Listing, Node, child_path, now_ns
 
@@ -136,10 +137,15 @@ class Listings:
             return known
         if parent.path == "" and name == META_DIR:
             return None
+        if not names.can_exist(name, self.fs.key(path)):
+            return None  # not UTF-8, or a key over 1024 bytes: asking S3 would fail
         if listing is None:
             listing = parent.listing
             ttl = self.fs.opts.dir_ttl
             if listing is not None and time.monotonic() - listing.fetched_at >= ttl:
+                listing = await self.listing_of(parent)
+            elif listing is None and names.needs_listing(name, self.fs.opts.backslash_names):
+                # The server may store "\" as "/": a HEAD of "a\b" would find "a/b".
                 listing = await self.listing_of(parent)
         if listing is not None:
             info = listing.children.get(name)
@@ -181,9 +187,14 @@ class Listings:
             return self.fs.nodes.at(parent.parent_path) or parent
         node = await self.child(parent, name)
         if node is None:
-            raise NoSuchEntry()
+            raise self.missing(parent, name)
         await self.load_metadata(node)
         return node
+
+    def missing(self, parent: Node, name: str) -> FsError:
+        """The error for a name *parent* does not hold: ENOENT, or ENAMETOOLONG for a name or
+        key too long to exist (vfs/names.py)."""
+        return names.missing(name, self.fs.key(child_path(parent.path, name)))
 
     async def load_metadata(self, node: Node) -> None:
         """HEAD a listed file once, for its mode, owner and mtime."""

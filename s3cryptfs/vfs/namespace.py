@@ -13,11 +13,13 @@ import logging
 import stat
 from typing import TYPE_CHECKING
 
+from s3cryptfs import limits
 from s3cryptfs.errors import (
     AlreadyExists,
     DirectoryNotEmpty,
     InvalidRequest,
     IsDirectory,
+    NameTooLong,
     NoSuchEntry,
     NotDirectory,
     NotPermitted,
@@ -44,11 +46,11 @@ class Namespace:
     def __init__(self, fs: Filesystem) -> None:
         self.fs = fs
 
-    async def _new_name(self, parent_ino: int, name: str) -> tuple[Node, str]:
+    async def _new_name(self, parent_ino: int, name: str, is_dir: bool) -> tuple[Node, str]:
         """The parent and path of a name about to be created (EEXIST if it exists)."""
         self.fs._writable()
         parent = self.fs.node(parent_ino)
-        self.fs._check_name(parent, name)
+        self.fs._check_name(parent, name, is_dir)
         if await self.fs.listing.child(parent, name) is not None:
             raise AlreadyExists()
         return parent, child_path(parent.path, name)
@@ -61,7 +63,7 @@ class Namespace:
         uid: int,
         gid: int,
     ) -> Node:
-        parent, path = await self._new_name(parent_ino, name)
+        parent, path = await self._new_name(parent_ino, name, is_dir=True)
         now = now_ns()
         attrs = md.PosixAttrs(stat.S_IFDIR | (mode & 0o7777), uid, gid, now)
         marker = self.fs.key(path) + "/"
@@ -86,7 +88,7 @@ class Namespace:
         uid: int,
         gid: int,
     ) -> Node:
-        parent, path = await self._new_name(parent_ino, name)
+        parent, path = await self._new_name(parent_ino, name, is_dir=False)
         now = now_ns()
         attrs = md.PosixAttrs(stat.S_IFLNK | 0o777, uid, gid, now)
         body, meta = await self.fs._thread(
@@ -125,7 +127,7 @@ class Namespace:
         parent = self.fs.node(parent_ino)
         node = await self.fs.listing.child(parent, name)
         if node is None:
-            raise NoSuchEntry()
+            raise self.fs.listing.missing(parent, name)
         if not node.is_dir:
             raise NotDirectory()
         if not await self._is_empty(node):
@@ -145,7 +147,7 @@ class Namespace:
         parent = self.fs.node(parent_ino)
         node = await self.fs.listing.child(parent, name)
         if node is None:
-            raise NoSuchEntry()
+            raise self.fs.listing.missing(parent, name)
         if node.is_dir:
             raise IsDirectory()
         key = self.fs.key(node.path)
@@ -207,7 +209,9 @@ class Namespace:
         self.fs._check_name(dst_parent, new_name)
         node = await self.fs.listing.child(src_parent, old_name)
         if node is None:
-            raise NoSuchEntry()
+            raise self.fs.listing.missing(src_parent, old_name)
+        if node.is_dir:
+            self.fs._check_name(dst_parent, new_name, is_dir=True)  # its marker key ends in /
         target = await self.fs.listing.child(dst_parent, new_name)
         if target is node:
             return
@@ -343,13 +347,18 @@ class Namespace:
 
         marker_meta = self.fs._posix_attrs(node).encode()
 
-        def move_all() -> dict[str, str]:
-            etags: dict[str, str] = {}
-            sizes = {
+        def listed() -> dict[str, int]:
+            return {
                 o.key: o.size
                 for page in self.fs.store.list_all(old_prefix, None)
                 for o in page.objects
             }
+
+        sizes = await self.fs._thread(listed)
+        self._check_moved_keys(node, new_path, list(sizes))
+
+        def move_all() -> dict[str, str]:
+            etags: dict[str, str] = {}
             keys = list(sizes)
             if node.has_marker and old_prefix not in keys:
                 keys.append(old_prefix)
@@ -403,6 +412,27 @@ class Namespace:
             if new_etag:
                 n.remote.etag = new_etag
 
+    def _check_moved_keys(self, node: Node, new_path: str, keys: list[str]) -> None:
+        """ENAMETOOLONG, before anything is copied, when moving directory *node* to *new_path*
+        would give an object below it (*keys*, just listed, or a file not in S3 yet) a key over
+        1024 bytes."""
+        old_prefix = self.fs.dir_prefix(node.path)
+        grow = len(self.fs.dir_prefix(new_path).encode()) - len(old_prefix.encode())
+        if grow <= 0:
+            return
+        local = [
+            self.fs.dir_prefix(n.path) if n.is_dir else self.fs.key(n.path)
+            for n in self.fs.nodes.by_path.values()
+            if n.path.startswith(node.path + "/")
+        ]
+        longest = max([*keys, *local], key=lambda k: len(k.encode()), default="")
+        size = len(longest.encode()) + grow
+        if size > limits.KEY_MAX:
+            raise NameTooLong(
+                f"moving {old_prefix} to {self.fs.dir_prefix(new_path)} would make the key of "
+                f"{longest[len(old_prefix) :]} {size} bytes long (at most {limits.KEY_MAX})"
+            )
+
     async def _move_indexes(
         self,
         old_path: str,
@@ -439,11 +469,13 @@ class Namespace:
         server-side copy of what S3 holds once the file's newest content is there), and the
         two names are separate files from then on. Otherwise refused (EPERM)."""
         if self.fs.opts.hard_links != "copy":
+            # A name no key can hold says so first, as it does for every other new name.
+            self.fs._check_name(self.fs.node(new_parent), new_name)
             raise NotPermitted("hard links are not supported (--hard-links copy stores copies)")
         node = self.fs.node(ino)
         if node.is_dir or node.unlinked:
             raise NotPermitted() if node.is_dir else NoSuchEntry()
-        parent, path = await self._new_name(new_parent, new_name)
+        parent, path = await self._new_name(new_parent, new_name, False)
         if node.w.unsealed:
             # What the file holds now, even while it is open for writing (like fsync).
             await self.fs.writes.commit(node)
@@ -464,3 +496,8 @@ class Namespace:
         self.fs.listing.note(copy)
         self.fs.listing.entries_changed(parent, now)
         return copy
+
+    def mknod(self, parent_ino: int, name: str) -> None:
+        """Regular files come through create; pipes, sockets and devices are not stored."""
+        self.fs._check_name(self.fs.node(parent_ino), name)
+        raise NotPermitted("only files, directories and symbolic links can be stored")

@@ -63,14 +63,21 @@ class CoreFs:
     """A Filesystem served by a trio loop in a thread; call() runs one of its coroutines."""
 
     def __init__(
-        self, server: Any, bucket: str, workdir: Path, *, retry_deadline: float = 2.0
+        self,
+        server: Any,
+        bucket: str,
+        workdir: Path,
+        *,
+        retry_deadline: float = 2.0,
+        client: Any = None,
     ) -> None:
         self.workdir = workdir
         self.url = VolumeURL(bucket, "vol/")
         settings = StoreSettings(
             bucket=bucket, endpoint_url=server.endpoint_url, retry_deadline=retry_deadline
         )
-        self.store = FaultyStore(settings, client=server.client())
+        self.store = FaultyStore(settings, client=client or server.client())
+        self.opts: dict[str, Any] = {}
         self.state_dir = str(workdir / "state")
         self.cache_dir = str(workdir / "cache")
         self.fs: Filesystem | None = None
@@ -91,7 +98,8 @@ class CoreFs:
         authority = VolumeAuthority(self.store, self.url, endpoint, local, trust)
         authority.open()
         codec = open_codec(authority, refresh_interval=3600)
-        options = FsOptions(uid=os.getuid(), gid=os.getgid(), upload_helper=False, **opts)
+        self.opts = {**self.opts, **opts}  # kept for the next start (a remount)
+        options = FsOptions(uid=os.getuid(), gid=os.getgid(), upload_helper=False, **self.opts)
         fs = Filesystem(self.store, codec, self.url.prefix, self.cache_dir, options)
         fs.clear_staging()
         self.fs = fs
