@@ -51,6 +51,10 @@ XATTR_STATS = b"user.s3cryptfs.stats"
 XATTR_DRAIN = b"user.s3cryptfs.drain"
 XATTR_PENDING = b"user.s3cryptfs.pending"
 XATTR_STOP = b"user.s3cryptfs.stop"
+# Those names are the mount's control protocol, answered here and never stored: listxattr
+# does not show them (cp -a, tar --xattrs and rsync -X would copy them onto other files), and
+# no other name under this prefix can be set or removed (ENOTSUP: copy tools pass over it).
+XATTR_CONTROL = b"user.s3cryptfs."
 ATTR_TIMEOUT = 1.0
 # Key manager health is asked for at most this often, however often status is read: each
 # check is a request to every KMS.
@@ -322,6 +326,8 @@ class FuseOperations(pyfuse3.Operations):
             # (rather than "no such attribute") lets `ls -l` stop asking for every file: it
             # remembers per device that contexts and ACLs are unsupported.
             raise NotSupported()
+        if not name.startswith(XATTR_CONTROL):
+            return await self.fs.xattrs.getxattr(inode, name)
         node = self.fs.node(inode)
         if name == XATTR_STATE and not node.is_dir:
             return self.fs.state_of(node).encode()
@@ -354,8 +360,7 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        node = self.fs.node(inode)
-        return [] if node.is_dir else [XATTR_STATE]
+        return await self.fs.xattrs.listxattr(inode)
 
     @_guard
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
@@ -371,8 +376,8 @@ class FuseOperations(pyfuse3.Operations):
             if await self.fs.drain(stall):
                 raise Busy()
             return
-        raise NotSupported()
+        await self.fs.xattrs.setxattr(inode, name, value)
 
     @_guard
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        raise NotSupported()
+        await self.fs.xattrs.removexattr(inode, name)
