@@ -120,9 +120,10 @@ def _key(dek: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_KEY_INFO).derive(dek)
 
 
-def seal(dek: bytes, xattrs: Mapping[bytes, bytes]) -> str:
-    """The metadata value holding *xattrs* sealed under the object's data key *dek*."""
-    nonce = os.urandom(NONCE_LEN)
+def seal(dek: bytes, xattrs: Mapping[bytes, bytes], nonce: bytes | None = None) -> str:
+    """The metadata value holding *xattrs* sealed under the object's data key *dek* (*nonce*:
+    for test vectors only; a fresh random one otherwise)."""
+    nonce = os.urandom(NONCE_LEN) if nonce is None else nonce
     sealed = AESGCM(_key(dek)).encrypt(nonce, encode_set(xattrs), _AAD)
     return base64.b64encode(bytes([BLOB_VERSION]) + nonce + sealed).decode("ascii")
 
