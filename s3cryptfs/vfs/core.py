@@ -153,7 +153,7 @@ class Filesystem:
                 find=self._node_for_key,
                 uploaded=self.versions.uploaded,
                 conflicted=self.versions.conflicted,
-                xattrs=lambda node: self.xattrs.of(node),
+                xattrs=lambda node: self.xattrs.for_new_version(node),
             ),
         )
         self.journal = self.writes.journal

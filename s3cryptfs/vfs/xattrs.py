@@ -17,6 +17,7 @@ work on its nodes.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import TYPE_CHECKING
 
@@ -26,16 +27,20 @@ from s3cryptfs.errors import (
     AttributeNameTooLong,
     AttributesFull,
     AttributeTooLarge,
+    IntegrityError,
     InvalidRequest,
     NoAttribute,
     NotPermitted,
     NotSupported,
+    strip_subject,
 )
 from s3cryptfs.format import xattrs as xa
 from s3cryptfs.vfs.nodes import ROOT_INODE, Node, Remote, now_ns
 
 if TYPE_CHECKING:
     from s3cryptfs.vfs.core import Filesystem
+
+log = logging.getLogger(__name__)
 
 
 def check_name(name: bytes) -> None:
@@ -118,6 +123,22 @@ class Xattrs:
         await self.remove(self.fs.node(ino), name)
 
     # --- changes -------------------------------------------------------------------------
+
+    async def for_new_version(self, node: Node) -> dict[bytes, bytes]:
+        """What a new version of the file carries (the write path asks before sealing): those
+        of its current version, unless they do not authenticate: then none, or the file could
+        never be written again."""
+        try:
+            return await self.of(node)
+        except IntegrityError as exc:
+            key = self.fs.key(node.path)
+            log.error(
+                "%s: its extended attributes are dropped from its new version: %s",
+                key,
+                strip_subject(exc, key),
+            )
+            node.xattrs = {}
+            return {}
 
     def limit(self, node: Node) -> int:
         """Bytes of encoded attributes *node* has room for."""
