@@ -62,6 +62,7 @@ def test_round_trip_on_files_and_directories_survives_a_remount(mounted, s3clien
     # Sealed: the object's metadata holds the set encrypted, not the value.
     meta = head_metadata(s3client, mounted, "d/f")
     assert xa.META_NAME in meta and "a file" not in json.dumps(meta)
+    assert mounted.run("fsck", mounted.url, *mounted.common_args()).returncode == 0
 
 
 def test_internal_attributes_are_never_listed_but_still_answer(mounted):
@@ -315,3 +316,25 @@ def test_gateway_format_volume_keeps_them_within_its_smaller_room(volume):
     assert f.read_bytes() == b"gateway content"
     shutil.copy(f, volume.mountpoint / "g")  # a new version of another file: none
     assert os.listxattr(volume.mountpoint / "g") == []
+
+
+def test_a_streamed_upload_carries_them_and_keeps_its_head_start(mounted, s3client):
+    from tests.test_crash import wait_state
+    from tests.test_stream import PART, stats, wait_sent, write_in_steps
+
+    m = mounted.mountpoint
+    data = os.urandom(3 * PART + 4321)
+    fd = os.open(m / "big", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.setxattr(fd, "user.set", b"before the first part")
+    write_in_steps(fd, data[: 2 * PART + 1024])
+    wait_sent(m, PART)
+    write_in_steps(fd, data[2 * PART + 1024 :])
+    os.close(fd)
+    assert wait_state(m / "big", {"clean"}) == "clean"
+    assert stats(m)["fuse"]["stream_bytes_sent_before_close"] >= PART
+    reqs = stats(m)["requests"]
+    assert reqs["create_multipart"] == 1 and reqs["upload_part"] == 4  # not sent again whole
+    assert xa.META_NAME in head_metadata(s3client, mounted, "big")
+    mounted.remount()
+    assert os.getxattr(m / "big", "user.set") == b"before the first part"
+    assert (m / "big").read_bytes() == data
