@@ -37,6 +37,7 @@ from s3cryptfs.errors import (
     KeyManagerError,
     KeyNotFound,
     KeyRetired,
+    NotSupported,
     ObjectNotFound,
     ProviderUnavailable,
     S3CryptFSError,
@@ -45,6 +46,7 @@ from s3cryptfs.errors import (
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format import v1
+from s3cryptfs.format import xattrs as xa
 from s3cryptfs.format.descriptor import GATEWAY_FORMAT, Descriptor
 from s3cryptfs.format.layout import BodyCipher, PlainCipher
 from s3cryptfs.keys.base import KeyEnvelope, KeyManager
@@ -182,9 +184,11 @@ class ObjectCodec:
 
     # --- wrapping ----------------------------------------------------------------------------
 
-    def new_key(self, attrs: md.PosixAttrs, name: str = "") -> tuple[bytes, dict[str, str]]:
-        """A fresh data key and the metadata of an object sealed under it (blocking: may call
-        the KMS, unless the pool has a key wrapped ahead of time)."""
+    def new_key(
+        self, attrs: md.PosixAttrs, name: str = "", xattrs: Mapping[bytes, bytes] | None = None
+    ) -> tuple[bytes, dict[str, str]]:
+        """A fresh data key and the metadata of an object sealed under it, *xattrs* sealed in
+        it too (blocking: may call the KMS, unless the pool has a key wrapped ahead of time)."""
         self._maybe_periodic_refresh()
         found = self.pool.take() if self.pool is not None else None
         if found is not None:
@@ -200,7 +204,10 @@ class ObjectCodec:
         else:
             dek = os.urandom(v1.DEK_LEN)
             envelope = self._wrap(self.ring.active(), dek, name)
-        return dek, {md.FORMAT: md.FORMAT_V1, **md.encode_envelope(envelope), **attrs.encode()}
+        meta = {md.FORMAT: md.FORMAT_V1, **md.encode_envelope(envelope), **attrs.encode()}
+        if xattrs:
+            meta[xa.META_NAME] = xa.seal(dek, xattrs)
+        return dek, meta
 
     def refill_pool(self) -> int:
         """Top up the pool of wrapped data keys (blocking; for a worker thread)."""
@@ -275,25 +282,38 @@ class ObjectCodec:
         return manager
 
     def _seal_gateway(
-        self, src: BinaryIO, dst: BinaryIO, attrs: md.PosixAttrs, name: str
+        self,
+        src: BinaryIO,
+        dst: BinaryIO,
+        attrs: md.PosixAttrs,
+        name: str,
+        xattrs: Mapping[bytes, bytes] | None = None,
     ) -> SealedObject:
         settings = gw.WriteSettings.from_dict(self.descriptor.gateway)
         dek = os.urandom(gw.KEY)
         envelope = md.encode_envelope(self._wrap(self._gateway_writer(settings), dek, name))
         meta, plain, body, cipher = gw.seal_chunked_stream(src, dst, dek, settings, envelope)
         meta.update(attrs.encode())
+        if xattrs:
+            meta[xa.META_NAME] = xa.seal(dek, xattrs)
         dst.flush()
         return SealedObject(meta, plain, body, cipher)
 
     def seal_stream(
-        self, src: BinaryIO, dst: BinaryIO, attrs: md.PosixAttrs, name: str = ""
+        self,
+        src: BinaryIO,
+        dst: BinaryIO,
+        attrs: md.PosixAttrs,
+        name: str = "",
+        xattrs: Mapping[bytes, bytes] | None = None,
     ) -> SealedObject:
-        """Encrypt *src* into *dst* under a fresh data key (blocking: may call a KMS).
+        """Encrypt *src* into *dst* under a fresh data key (blocking: may call a KMS), with
+        the file's extended attributes *xattrs* sealed into its metadata.
 
         File contents: in the volume's object format (ours, or the gateway's)."""
         if self.writes_gateway:
-            return self._seal_gateway(src, dst, attrs, name)
-        dek, meta = self.new_key(attrs, name)
+            return self._seal_gateway(src, dst, attrs, name, xattrs)
+        dek, meta = self.new_key(attrs, name, xattrs)
         start = dst.tell()
         plain, body = v1.encrypt_stream(dek, src, dst, self.chunk_size)
         dst.flush()
@@ -315,6 +335,55 @@ class ObjectCodec:
             return out.getvalue(), sealed.metadata
         dek, meta = self.new_key(attrs, name)
         return v1.encrypt_bytes(dek, data, self.chunk_size), meta
+
+    # --- extended attributes (format/xattrs.py) ----------------------------------------------
+
+    def xattrs_limit(self, meta: Mapping[str, str] | None) -> int:
+        """Bytes of encoded extended attributes a file may hold: what fits, sealed, in the
+        user metadata of its object (*meta*, or None for one not written yet) and of the
+        versions this volume writes next."""
+        gateway = self.writes_gateway or (meta is not None and object_kind(meta) == GATEWAY)
+        return xa.SET_MAX_GATEWAY if gateway else xa.SET_MAX
+
+    def _object_dek(self, meta: Mapping[str, str], name: str) -> bytes:
+        """The key an object's extended attributes are sealed under: its data key (blocking:
+        may call a KMS). Objects of ours and single-PUT gateway objects have one of their own;
+        others (plaintext, gateway multipart objects) cannot carry attributes."""
+        kind = object_kind(meta)
+        if kind == OWN:
+            return self.unwrap(meta, name)
+        if kind == GATEWAY and not gw.is_mpu_object(meta):
+            try:
+                envelope = gw.key_envelope(meta)
+            except (FormatError, InvalidEnvelope) as exc:
+                raise type(exc)(f"{name}: {exc}" if name else str(exc)) from None
+            return self.unwrap_envelope(envelope, name)
+        raise NotSupported(f"{name}: this object cannot carry extended attributes")
+
+    def seal_xattrs(
+        self, meta: Mapping[str, str], xattrs: Mapping[bytes, bytes], name: str = ""
+    ) -> dict[str, str]:
+        """*meta* with its extended attributes replaced by *xattrs*, sealed under the object's
+        data key (blocking: may call a KMS)."""
+        out = {k: v for k, v in meta.items() if k != xa.META_NAME}
+        if xattrs:
+            out[xa.META_NAME] = xa.seal(self._object_dek(meta, name), xattrs)
+        return out
+
+    def open_xattrs(self, meta: Mapping[str, str], name: str = "") -> dict[bytes, bytes]:
+        """The extended attributes sealed in an object's metadata ({} when it has none);
+        IntegrityError when they do not authenticate (blocking: may call a KMS)."""
+        value = meta.get(xa.META_NAME)
+        if value is None:
+            return {}
+        try:
+            dek = self._object_dek(meta, name)
+        except NotSupported:
+            return {}  # not written by us (nothing to seal them under): ignored
+        try:
+            return xa.open_blob(dek, value)
+        except IntegrityError as exc:
+            raise type(exc)(f"{name}: {exc}" if name else str(exc)) from None
 
     # --- unwrapping --------------------------------------------------------------------------
 

@@ -188,6 +188,19 @@ class NoAttribute(FsError):
     """No extended attribute of that name."""
 
 
+class AttributeNameTooLong(FsError):
+    """An extended attribute name over 255 bytes (Linux's XATTR_NAME_MAX)."""
+
+
+class AttributeTooLarge(FsError):
+    """An extended attribute value over 64 KiB (Linux's XATTR_SIZE_MAX)."""
+
+
+class AttributesFull(FsError):
+    """The extended attributes of a file or directory would exceed the room it has for them
+    (as ext4 says when they outgrow the inode's block)."""
+
+
 class Busy(FsError):
     """Not done in time: a drain that did not empty the upload queue."""
 
@@ -245,6 +258,9 @@ ERRNO_TABLE: dict[type[BaseException], int] = {
     InvalidRequest: errno.EINVAL,
     NotSupported: errno.ENOTSUP,  # the same number as EOPNOTSUPP on Linux
     NoAttribute: errno.ENODATA,  # what pyfuse3 calls ENOATTR
+    AttributeNameTooLong: errno.ERANGE,  # as the kernel and ext4 say
+    AttributeTooLarge: errno.E2BIG,
+    AttributesFull: errno.ENOSPC,
     Busy: errno.EBUSY,
     UploadConflict: errno.EIO,
     # Our own local files (write-back files, the journal, the block cache): their errno is

@@ -52,6 +52,10 @@ XATTR_STATS = b"user.s3cryptfs.stats"
 XATTR_DRAIN = b"user.s3cryptfs.drain"
 XATTR_PENDING = b"user.s3cryptfs.pending"
 XATTR_STOP = b"user.s3cryptfs.stop"
+# Those names are the mount's control protocol, answered here and never stored: listxattr
+# does not show them (cp -a, tar --xattrs and rsync -X would copy them onto other files), and
+# no other name under this prefix can be set or removed (ENOTSUP: copy tools pass over it).
+XATTR_CONTROL = b"user.s3cryptfs."
 ATTR_TIMEOUT = 1.0
 # df: "used" is what the mount knows the volume holds (vfs/status.py, usage), summed at each
 # statfs unless that took USAGE_SLOW, then at most every USAGE_TTL; "free" is a fixed figure,
@@ -336,6 +340,8 @@ class FuseOperations(pyfuse3.Operations):
             # (rather than "no such attribute") lets `ls -l` stop asking for every file: it
             # remembers per device that contexts and ACLs are unsupported.
             raise NotSupported()
+        if not name.startswith(XATTR_CONTROL):
+            return await self.fs.xattrs.getxattr(inode, name)
         node = self.fs.node(inode)
         if name == XATTR_STATE and not node.is_dir:
             return self.fs.state_of(node).encode()
@@ -368,8 +374,7 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        node = self.fs.node(inode)
-        return [] if node.is_dir else [XATTR_STATE]
+        return await self.fs.xattrs.listxattr(inode)
 
     @_guard
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
@@ -385,8 +390,8 @@ class FuseOperations(pyfuse3.Operations):
             if await self.fs.drain(stall):
                 raise Busy()
             return
-        raise NotSupported()
+        await self.fs.xattrs.setxattr(inode, name, value)
 
     @_guard
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        raise NotSupported()
+        await self.fs.xattrs.removexattr(inode, name)

@@ -11,10 +11,13 @@ write-back file without a marker belonged to a file that was still open, and is 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass
+
+from s3cryptfs.format.xattrs import encode_set
 
 SUFFIX = ".closed"
 PLAIN_SUFFIX = ".plain"
@@ -33,6 +36,17 @@ class ClosedRecord:
     gid: int
     mtime_ns: int
     size: int
+    # Its extended attributes, encoded (format/xattrs.py) in base64, in clear like the
+    # content beside it; None: those of the version it replaces (or a marker of an older
+    # mount, which had none).
+    xattrs: str | None = None
+
+
+def xattrs_field(xattrs: dict[bytes, bytes] | None) -> str | None:
+    """ClosedRecord.xattrs for a file's attributes (None: not known, its base version's)."""
+    if xattrs is None:
+        return None
+    return base64.b64encode(encode_set(xattrs)).decode("ascii")
 
 
 def marker_path(staging_path: str) -> str:
@@ -47,7 +61,10 @@ def write(staging_fd: int, staging_path: str, record: ClosedRecord) -> None:
     tmp = final + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(asdict(record), f)
+        doc = asdict(record)
+        if doc["xattrs"] is None:
+            del doc["xattrs"]  # (what older versions wrote, and read)
+        json.dump(doc, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)

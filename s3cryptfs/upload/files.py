@@ -77,6 +77,9 @@ class WriteCallbacks:
     find: Callable[[str], Any]  # object key -> the file now at that name, or None
     uploaded: Settled  # a version reached S3 (before the write path lets go of it)
     conflicted: Settled  # a version lost to another writer (saved as a conflict copy)
+    # the extended attributes a new version of the file carries (read from its current
+    # version when not known yet: may HEAD, may call a KMS)
+    xattrs: Callable[[Any], Awaitable[dict[bytes, bytes]]] | None = None
 
 
 class WritePath:
@@ -262,8 +265,9 @@ class WritePath:
         self.closed_pending[f] = w.why = why
         kind, etag = self.base(f)
         base = [kind, etag] if kind in ("etag", "absent") else ["unknown", ""]
+        xattrs = closed_files.xattrs_field(f.xattrs)
         record = closed_files.ClosedRecord(
-            f.path, base, f.mode, f.uid, f.gid, f.mtime_ns, f.size
+            f.path, base, f.mode, f.uid, f.gid, f.mtime_ns, f.size, xattrs
         )
         await self._thread(closed_files.write, staging.fd, staging.path, record)
         w._to(Staged.CLOSED)
@@ -470,6 +474,7 @@ class WritePath:
             codec=self.codec,
             store=self.store,
             attrs=posix_attrs(f),
+            xattrs=dict(f.xattrs or {}),
             part_size=self.store.settings.part_size,
             concurrency=self.store.settings.part_concurrency,
             limiter=self.stream_limiter,
@@ -519,6 +524,7 @@ class WritePath:
                 return w.local
             stream = w.stream
             await self.uploader.wait_for_space(self.settings.journal_limit)
+            xattrs = await self.callbacks.xattrs(f) if self.callbacks.xattrs is not None else {}
             attrs = posix_attrs(f)
             # w.stream stays set while the stream stops: a write behind its frozen part
             # meanwhile drops it (and gets the cut plaintext back) as at any other time.
@@ -567,13 +573,13 @@ class WritePath:
                     self.counters["stream_bytes_sent_before_close"] += stream.sent_bytes
                     self.counters["stream_bytes_absorbed"] += stream.absorbed
                     sealed, entry = await self._thread(
-                        self._commit_streamed, stream, f.size, attrs, new_entry
+                        self._commit_streamed, stream, f.size, attrs, xattrs, new_entry
                     )
                 else:
                     seq = self.journal.next_seq()
                     slot = self.journal.slots.take() if f.size <= SLOT_PLAIN else None
                     sealed, entry = await self._thread(
-                        self._commit_sealed, staging, seq, slot, attrs, key, new_entry
+                        self._commit_sealed, staging, seq, slot, attrs, xattrs, key, new_entry
                     )
             except BaseException:
                 if stream is not None:
@@ -657,6 +663,7 @@ class WritePath:
         seq: int,
         slot: int | None,
         attrs: md.PosixAttrs,
+        xattrs: dict[bytes, bytes],
         key: str,
         new_entry: Any,
     ) -> tuple[SealedObject, Entry]:
@@ -666,7 +673,7 @@ class WritePath:
             src.seek(0)
             if slot is not None:
                 out = io.BytesIO()
-                sealed = self.codec.seal_stream(src, out, attrs, key)
+                sealed = self.codec.seal_stream(src, out, attrs, key, xattrs)
                 body = out.getvalue()
                 pool = self.journal.slots
                 entry = new_entry(seq, sealed, pool.path, pool.offset(slot))
@@ -678,22 +685,30 @@ class WritePath:
                     fh.write(body)
             else:
                 with self.journal.open_body(seq) as dst:
-                    sealed = self.codec.seal_stream(src, dst, attrs, key)
+                    sealed = self.codec.seal_stream(src, dst, attrs, key, xattrs)
                 entry = new_entry(seq, sealed, self.journal.body_path(seq), 0)
         self.journal.write_record(entry)
         return sealed, entry
 
     def _commit_streamed(
-        self, stream: Stream, size: int, attrs: md.PosixAttrs, new_entry: Any
+        self,
+        stream: Stream,
+        size: int,
+        attrs: md.PosixAttrs,
+        xattrs: dict[bytes, bytes],
+        new_entry: Any,
     ) -> tuple[SealedObject, Entry]:
-        sealed = self._seal_streamed(stream, size, attrs)
+        sealed = self._seal_streamed(stream, size, attrs, xattrs)
         entry = new_entry(stream.seq, sealed, stream.body_path, 0)
         self.journal.write_record(entry)
         return sealed, entry
 
-    def _seal_streamed(self, stream: Stream, size: int, attrs: md.PosixAttrs) -> SealedObject:
-        """Finish a streamed body. Mode or owner changed since it began: the metadata is
-        the current one, and the uploader sends the body whole instead."""
+    def _seal_streamed(
+        self, stream: Stream, size: int, attrs: md.PosixAttrs, xattrs: dict[bytes, bytes]
+    ) -> SealedObject:
+        """Finish a streamed body. Mode, owner or extended attributes changed since it
+        began: the metadata is the current one, and the uploader sends the body whole
+        instead."""
         try:
             plain_size, body_size = stream.seal_rest(size)
         finally:
@@ -706,6 +721,8 @@ class WritePath:
             stream.attrs.gid,
         ):
             metadata.update(attrs.encode())
+        if xattrs != stream.xattrs:
+            metadata = self.codec.seal_xattrs(metadata, xattrs, stream.key)
         return SealedObject(metadata, plain_size, body_size, stream.cipher)
 
     # --- uploads landing -------------------------------------------------------------------

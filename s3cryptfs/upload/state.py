@@ -122,6 +122,7 @@ class Written(Protocol):
     uid: int
     gid: int
     mtime_ns: int
+    xattrs: dict[bytes, bytes] | None  # None: those of its current version, not read yet
     writers: int
     unlinked: bool
     lock: trio.Lock

@@ -143,6 +143,7 @@ class Stream:
         codec: ObjectCodec,
         store: S3Store,
         attrs: md.PosixAttrs,
+        xattrs: dict[bytes, bytes] | None = None,
         part_size: int,
         concurrency: int,
         limiter: trio.CapacityLimiter,
@@ -159,6 +160,7 @@ class Stream:
         # (readers fall back to the object's Last-Modified; our mounts keep the exact one in the
         # directory index).
         self.attrs = md.PosixAttrs(attrs.mode, attrs.uid, attrs.gid, None)
+        self.xattrs = dict(xattrs or {})  # the file's extended attributes, sealed in it too
         self.chunk_size = codec.chunk_size
         self.part_plain = part_plain_size(self.chunk_size, part_size)
         self._chunks_per_part = self.part_plain // self.chunk_size
@@ -380,7 +382,7 @@ class Stream:
     async def _start(self) -> None:
         def prepare() -> None:
             header = v1.Header.new(self.chunk_size)
-            dek, self.metadata = self._codec.new_key(self.attrs, self.key)
+            dek, self.metadata = self._codec.new_key(self.attrs, self.key, self.xattrs)
             self.cipher = v1.ChunkCipher(dek, header)
             fd = os.open(self.body_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             self._body_fd = fd

@@ -16,7 +16,9 @@ never wrong attributes (entries are ETag-checked). See docs/FORMAT.md, "Director
 
 from __future__ import annotations
 
+import base64
 import collections
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,12 +41,16 @@ from s3cryptfs.errors import (
     strip_subject,
 )
 from s3cryptfs.format import metadata as md
+from s3cryptfs.format import xattrs as xa
 from s3cryptfs.format.descriptor import META_DIR
 from s3cryptfs.store.s3 import S3Store
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+# Version 2 rows may carry a directory's extended attributes; an index with none is written as
+# version 1, which mounts older than extended attributes read too.
+INDEX_VERSION = 2
+INDEX_VERSIONS = (1, 2)
 LAST_WRITTEN_DIRS = 64  # indexes whose last written state is kept to skip the GET before a PUT
 SELF = "."  # the directory's own attributes, for the root (other directories: in the parent)
 
@@ -71,6 +77,9 @@ class IndexEntry:
     uid: int
     gid: int
     mtime_ns: int
+    # Directories: their extended attributes, encoded (format/xattrs.py); b"" for none. Files
+    # keep theirs in their object's metadata, never here.
+    xattrs: bytes = b""
 
     @property
     def is_dir(self) -> bool:
@@ -80,32 +89,58 @@ class IndexEntry:
         return md.PosixAttrs(self.mode, self.uid, self.gid, self.mtime_ns)
 
 
+def _row(e: IndexEntry) -> list[Any]:
+    row: list[Any] = [e.etag, e.mode, e.uid, e.gid, e.mtime_ns]
+    if e.xattrs and e.is_dir:
+        row.append(base64.b64encode(e.xattrs).decode("ascii"))
+    return row
+
+
 def encode(dir_path: str, entries: dict[str, IndexEntry]) -> bytes:
+    rows = {name: _row(e) for name, e in sorted(entries.items())}
     doc = {
         "s3cryptfs": "dir-index",
-        "version": INDEX_VERSION,
+        "version": INDEX_VERSION if any(len(r) > 5 for r in rows.values()) else 1,
         "path": dir_path,
-        "entries": {
-            name: [e.etag, e.mode, e.uid, e.gid, e.mtime_ns] for name, e in sorted(entries.items())
-        },
+        "entries": rows,
     }
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
+def _xattrs(version: int, row: list[Any]) -> bytes:
+    """The encoded extended attributes of a row (checked: the index is sealed, but what it
+    says is still bounded before it is used)."""
+    if len(row) == 5:
+        return b""
+    if version < 2 or len(row) != 6 or not isinstance(row[5], str):
+        raise ValueError("directory index: malformed entry")
+    if len(row[5]) > xa.BLOB_MAX_CHARS:
+        raise ValueError("directory index: extended attributes too large")
+    raw = base64.b64decode(row[5], validate=True)
+    xa.decode_set(raw)  # FormatError if malformed: the index is ignored, as for a ValueError
+    return raw
+
+
 def decode(dir_path: str, raw: bytes) -> dict[str, IndexEntry]:
-    """Entries of an index; ValueError if it is malformed or belongs to another directory."""
+    """Entries of an index; ValueError (or FormatError) if it is malformed or belongs to
+    another directory."""
     doc = json.loads(raw)
     if not isinstance(doc, dict) or doc.get("s3cryptfs") != "dir-index":
         raise ValueError("not a directory index")
-    if doc.get("version") != INDEX_VERSION:
-        raise ValueError(f"directory index version {doc.get('version')!r} is not supported")
+    version = doc.get("version")
+    if version not in INDEX_VERSIONS or isinstance(version, bool):
+        raise ValueError(f"directory index version {version!r} is not supported")
     if doc.get("path") != dir_path:
         # Sealed, but an index could still be copied over another directory's key.
         raise ValueError("directory index belongs to another directory")
     out: dict[str, IndexEntry] = {}
     for name, row in doc["entries"].items():
-        etag, mode, uid, gid, mtime_ns = row
-        out[str(name)] = IndexEntry(str(etag), int(mode), int(uid), int(gid), int(mtime_ns))
+        etag, mode, uid, gid, mtime_ns = row[:5]
+        entry = IndexEntry(str(etag), int(mode), int(uid), int(gid), int(mtime_ns))
+        extra = _xattrs(version, row)
+        if extra and entry.is_dir:
+            entry = dataclasses.replace(entry, xattrs=extra)
+        out[str(name)] = entry
     return out
 
 

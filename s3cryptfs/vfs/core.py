@@ -6,6 +6,7 @@ kernel. It raises errors from s3cryptfs.errors; fuse_ops turns them into errnos.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
@@ -41,6 +42,7 @@ from s3cryptfs.errors import (
 )
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
+from s3cryptfs.format import xattrs as xa
 from s3cryptfs.format.descriptor import META_DIR
 from s3cryptfs.store.s3 import ObjectInfo, S3Store
 from s3cryptfs.upload import closed as closed_files
@@ -62,6 +64,7 @@ from s3cryptfs.vfs.nodes import (
 )
 from s3cryptfs.vfs.status import status_of
 from s3cryptfs.vfs.versions import Versions
+from s3cryptfs.vfs.xattrs import Xattrs, decoded
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -152,6 +155,7 @@ class Filesystem:
                 find=self._node_for_key,
                 uploaded=self.versions.uploaded,
                 conflicted=self.versions.conflicted,
+                xattrs=lambda node: self.xattrs.for_new_version(node),
             ),
         )
         self.journal = self.writes.journal
@@ -170,6 +174,7 @@ class Filesystem:
         self.index = AttrIndex(store, codec, prefix, self._thread)
         self.namespace = Namespace(self)
         self.listing = Listings(self)
+        self.xattrs = Xattrs(self)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -216,6 +221,9 @@ class Filesystem:
             record.mtime_ns,
             record.mtime_ns,
         )
+        if record.xattrs is not None:
+            with contextlib.suppress(ValueError, S3CryptFSError):
+                node.xattrs = decoded(base64.b64decode(record.xattrs, validate=True))
         old = self.nodes.at(record.path)
         if old is not None:
             self.nodes.detach(old)
@@ -316,8 +324,10 @@ class Filesystem:
             mtime,
             mtime,
         )
+        node.xattrs = {}
         if attrs is not None:
             self._apply_attrs(node, attrs.attrs())
+            node.xattrs = decoded(attrs.xattrs)
         return self.nodes.add(node)
 
     def _apply_metadata(self, node: Node, meta: dict[str, str]) -> None:
@@ -401,6 +411,8 @@ class Filesystem:
             self.reader.forget(node.remote.version)
         node.remote = Remote(info.etag, info.size, info.metadata)
         node.size = self.codec.plain_size_or_none(info.size, info.metadata) or 0
+        if not node.w.busy:
+            node.xattrs = None  # another version: its own, read when asked for
         if info.metadata is not None:
             self._apply_metadata(node, info.metadata)
 
@@ -508,6 +520,11 @@ class Filesystem:
             raise StaleEntry(str(exc)) from None
         if node.error and node.w.local is None and node.w.staging is None and not writable:
             raise IntegrityError(f"{self.key(node.path)}: {node.error}")
+        if writable and node.xattrs is None and xa.META_NAME in self.xattrs.newest_metadata(node):
+            # The next version carries them, sealed anew: known before a streamed upload
+            # fixes its metadata. (Best effort: the commit reads them otherwise.)
+            with contextlib.suppress(S3CryptFSError):
+                await self.xattrs.of(node)
         handle = self._new_handle(node, writable)
         if writable and flags & os.O_TRUNC:
             # libfuse enables atomic_o_trunc: the kernel sends no separate setattr(size=0).
@@ -550,6 +567,7 @@ class Filesystem:
         path = child_path(parent.path, name)
         node = Node(self.nodes.new_ino(), path, stat.S_IFREG | (mode & 0o7777), uid, gid, now, now)
         node.mode_set_here = True
+        node.xattrs = {}
         self.nodes.add(node)
         node.w.attach(self.writes.new_staging(path), dirty=True)
         self.unsynced.add(node)
@@ -705,34 +723,8 @@ class Filesystem:
             self.listing.note(node)
         return self.attr(node)
 
-    async def _persist_attrs(self, node: Node) -> None:
-        """Store mode/owner/mtime in the object's metadata, without re-uploading data."""
-        if node.w.unsealed:
-            return  # the next commit carries them
-        key = self.key(node.path)
-        local = node.w.local
-        if local is not None:
-            meta = {**local.metadata, **self._posix_attrs(node).encode()}
-            if self.uploader.update_metadata(key, meta):
-                local.metadata = meta
-                return
-            await self.uploader.wait(local, raise_errors=False)
-        if node.remote is None:
-            return
-        if node.remote.metadata is None:
-            await self.listing.head_metadata(node)
-        remote = node.remote
-        assert remote is not None
-        meta = {**(remote.metadata or {}), **self._posix_attrs(node).encode()}
-        etag = await self._thread(
-            lambda: self.store.copy(key, key, meta, src_etag=remote.etag, size=remote.body_size)
-        )
-        old_version = node.remote.version
-        node.remote = Remote(etag, node.remote.body_size, meta, old_version, attrs_known=True)
-        self.listing.note(node)
-        if old_version is not None:
-            # Same bytes, new ETag: keep the cached chunks, fetch by the new ETag.
-            old_version.fetch = self._fetcher(key, etag)
+    async def _persist_attrs(self, node: Node, xattrs_changed: bool = False) -> None:
+        await self.xattrs.persist(node, xattrs_changed)
 
     def _fetcher(self, key: str, etag: str) -> Any:
         def fetch(start: int, end: int) -> bytes:

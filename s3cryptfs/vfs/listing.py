@@ -24,6 +24,7 @@ from s3cryptfs.errors import (
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format.descriptor import META_DIR
+from s3cryptfs.format.xattrs import decode_set, encode_set
 from s3cryptfs.vfs import names
 from s3cryptfs.vfs.attrindex import SELF, IndexEntry
 from s3cryptfs.vfs.nodes import ChildInfo, Listing, Node, child_path, now_ns
@@ -263,7 +264,8 @@ class Listings:
 
     def index_entry(self, node: Node) -> IndexEntry | None:
         if node.is_dir:
-            return IndexEntry("", node.mode, node.uid, node.gid, node.mtime_ns)
+            xattrs = encode_set(node.xattrs or {})
+            return IndexEntry("", node.mode, node.uid, node.gid, node.mtime_ns, xattrs)
         remote = node.remote
         if remote is None or not remote.attrs_known or node.w.local is not None:
             return None  # not in S3 yet: noted again once uploaded
@@ -306,4 +308,5 @@ class Listings:
             own = node.index.get(SELF)
             if own is not None and own.is_dir:
                 self.fs._apply_attrs(node, own.attrs())
+                node.xattrs = decode_set(own.xattrs) if own.xattrs else {}
         return node.index

@@ -96,6 +96,10 @@ class Node:
     index: dict[str, IndexEntry] | None = None  # directories: their attribute index, as loaded
     index_at: float = 0.0
     link_target: bytes | None = None
+    # Extended attributes (user.*) as this mount shows them. None: those sealed in the
+    # metadata of the file's version (node.remote), not read yet (vfs/xattrs.py). Directories
+    # always have them (from their index entry).
+    xattrs: dict[bytes, bytes] | None = None
     lock: trio.Lock = field(default_factory=trio.Lock)
     error: str | None = None  # last upload failure, for the state attribute
 

@@ -92,6 +92,8 @@ class Versions:
             self.fs.reader.forget(node.remote.version)
         node.remote = None
         node.size = 0
+        if node.xattrs is None:
+            node.xattrs = {}  # (their version is gone)
         self.fs.unsynced.add(node)
 
     def _deleted_elsewhere(self, node: Node) -> None:
