@@ -33,7 +33,8 @@ from s3cryptfs.format.descriptor import GATEWAY_FORMAT
 from s3cryptfs.keys.dekcache import DekCache
 from s3cryptfs.keys.pool import KeyPool
 from s3cryptfs.keys.ring import LocalKeys
-from s3cryptfs.store.s3 import S3Store, StoreSettings
+from s3cryptfs.store.base import ObjectStore, StoreSettings
+from s3cryptfs.store.s3 import S3Store
 from s3cryptfs.vfs.core import Filesystem, FsOptions
 from s3cryptfs.volume import VolumeAuthority
 
@@ -68,8 +69,8 @@ class MountSpec:
 
 def make_store(
     url: config.VolumeURL, endpoint: str | None, region: str | None, retry_deadline: float = 45.0
-) -> S3Store:
-    extra: dict[str, int] = {}
+) -> ObjectStore:
+    extra: dict[str, Any] = {}
     # Some S3-compatible stores cap CopyObject below AWS's 5 GiB; larger renames then need
     # part-by-part copies from a lower size on.
     threshold = os.environ.get("S3CRYPTFS_COPY_THRESHOLD")
@@ -91,7 +92,7 @@ def make_store(
 FIRST_CONTACT_DEFINITIVE = 2.0
 
 
-def check_bucket(store: S3Store) -> None:
+def check_bucket(store: ObjectStore) -> None:
     try:
         store.check_bucket(definitive_after=FIRST_CONTACT_DEFINITIVE)
     except (BucketNotFound, ObjectNotFound):
