@@ -34,7 +34,7 @@ from s3cryptfs.keys.dekcache import DekCache
 from s3cryptfs.keys.pool import KeyPool
 from s3cryptfs.keys.ring import LocalKeys
 from s3cryptfs.store.base import ObjectStore, StoreSettings
-from s3cryptfs.store.s3 import S3Store
+from s3cryptfs.store.factory import open_store
 from s3cryptfs.vfs.core import Filesystem, FsOptions
 from s3cryptfs.volume import VolumeAuthority
 
@@ -55,6 +55,7 @@ class MountSpec:
     fuse_options: list[str] = field(default_factory=list)
     allow_other: bool = False
     retry_deadline: float = 45.0
+    s3_client: str = "boto3"  # --s3-client: the data path on boto3 or on awscrt
     local_keys: LocalKeys | None = None  # KMS options and secrets of this machine
     audit_log: str | None = None
     dek_cache_entries: int = 4096
@@ -68,7 +69,11 @@ class MountSpec:
 
 
 def make_store(
-    url: config.VolumeURL, endpoint: str | None, region: str | None, retry_deadline: float = 45.0
+    url: config.VolumeURL,
+    endpoint: str | None,
+    region: str | None,
+    retry_deadline: float = 45.0,
+    client: str = "boto3",
 ) -> ObjectStore:
     extra: dict[str, Any] = {}
     # Some S3-compatible stores cap CopyObject below AWS's 5 GiB; larger renames then need
@@ -76,12 +81,13 @@ def make_store(
     threshold = os.environ.get("S3CRYPTFS_COPY_THRESHOLD")
     if threshold:
         extra["copy_threshold"] = config.parse_size(threshold)
-    return S3Store(
+    return open_store(
         StoreSettings(
             bucket=url.bucket,
             endpoint_url=endpoint,
             region=region,
             retry_deadline=retry_deadline,
+            client=client,
             **extra,
         )
     )
@@ -219,7 +225,9 @@ class Mount:
     def _prepare(self) -> None:
         spec = self.spec
         check_mountpoint(spec.mountpoint)
-        store = make_store(spec.url, spec.endpoint_url, spec.region, spec.retry_deadline)
+        store = make_store(
+            spec.url, spec.endpoint_url, spec.region, spec.retry_deadline, spec.s3_client
+        )
         check_bucket(store)
         local = spec.local_keys or LocalKeys()
         local.password = spec.password

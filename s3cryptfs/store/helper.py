@@ -38,7 +38,7 @@ import trio
 from s3cryptfs import errors
 from s3cryptfs.errors import StoreError, TransientStoreError
 from s3cryptfs.store.base import ObjectStore, StoreSettings
-from s3cryptfs.store.s3 import S3Store
+from s3cryptfs.store.factory import open_store
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def serve(sock: socket.socket) -> None:
     root.setLevel(level)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, level))
-    store = S3Store(settings)
+    store = open_store(settings)
     send(("ready",))
 
     def run(call_id: int, method: str, args: Any, kwargs: Any) -> None:
