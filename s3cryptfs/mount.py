@@ -34,7 +34,8 @@ from s3cryptfs.format.descriptor import GATEWAY_FORMAT
 from s3cryptfs.keys.dekcache import DekCache
 from s3cryptfs.keys.pool import KeyPool
 from s3cryptfs.keys.ring import LocalKeys
-from s3cryptfs.store.s3 import S3Store, StoreSettings
+from s3cryptfs.store.base import ObjectStore, StoreSettings
+from s3cryptfs.store.factory import open_store
 from s3cryptfs.vfs import names
 from s3cryptfs.vfs.core import Filesystem, FsOptions
 from s3cryptfs.volume import VolumeAuthority
@@ -56,6 +57,7 @@ class MountSpec:
     fuse_options: list[str] = field(default_factory=list)
     allow_other: bool = False
     retry_deadline: float = 45.0
+    s3_client: str = "boto3"  # --s3-client: the data path on boto3 or on awscrt
     local_keys: LocalKeys | None = None  # KMS options and secrets of this machine
     audit_log: str | None = None
     dek_cache_entries: int = 4096
@@ -69,20 +71,25 @@ class MountSpec:
 
 
 def make_store(
-    url: config.VolumeURL, endpoint: str | None, region: str | None, retry_deadline: float = 45.0
-) -> S3Store:
-    extra: dict[str, int] = {}
+    url: config.VolumeURL,
+    endpoint: str | None,
+    region: str | None,
+    retry_deadline: float = 45.0,
+    client: str = "boto3",
+) -> ObjectStore:
+    extra: dict[str, Any] = {}
     # Some S3-compatible stores cap CopyObject below AWS's 5 GiB; larger renames then need
     # part-by-part copies from a lower size on.
     threshold = os.environ.get("S3CRYPTFS_COPY_THRESHOLD")
     if threshold:
         extra["copy_threshold"] = config.parse_size(threshold)
-    return S3Store(
+    return open_store(
         StoreSettings(
             bucket=url.bucket,
             endpoint_url=endpoint,
             region=region,
             retry_deadline=retry_deadline,
+            client=client,
             **extra,
         )
     )
@@ -93,7 +100,7 @@ def make_store(
 FIRST_CONTACT_DEFINITIVE = 2.0
 
 
-def check_bucket(store: S3Store) -> None:
+def check_bucket(store: ObjectStore) -> None:
     try:
         store.check_bucket(definitive_after=FIRST_CONTACT_DEFINITIVE)
     except (BucketNotFound, ObjectNotFound):
@@ -220,7 +227,9 @@ class Mount:
     def _prepare(self) -> None:
         spec = self.spec
         check_mountpoint(spec.mountpoint)
-        store = make_store(spec.url, spec.endpoint_url, spec.region, spec.retry_deadline)
+        store = make_store(
+            spec.url, spec.endpoint_url, spec.region, spec.retry_deadline, spec.s3_client
+        )
         check_bucket(store)
         local = spec.local_keys or LocalKeys()
         local.password = spec.password

@@ -37,7 +37,7 @@ from s3cryptfs.mount import check_bucket, make_store
 from s3cryptfs.ops.commands import Admin, open_admin
 from s3cryptfs.ops.progress import Progress
 from s3cryptfs.ops.walk import walk_heads
-from s3cryptfs.store.s3 import ObjectInfo, S3Store
+from s3cryptfs.store.base import ObjectInfo, ObjectStore
 
 STEP = 8 * 1024 * 1024  # plaintext bytes decrypted per range request
 
@@ -51,7 +51,7 @@ def _split_object_url(text: str) -> tuple[str, str]:
     return bucket, key
 
 
-def find_volume(store: S3Store, bucket: str, key: str) -> str:
+def find_volume(store: ObjectStore, bucket: str, key: str) -> str:
     """The volume holding *key*: the one prefix above it with a volume descriptor.
 
     More than one is refused: anyone who can write to the bucket can plant a descriptor in
@@ -90,7 +90,7 @@ def _open(args: argparse.Namespace, object_url: str) -> tuple[Admin, ObjectCodec
     return admin, codec, key
 
 
-def decrypt_object(store: S3Store, codec: ObjectCodec, info: ObjectInfo) -> Iterator[bytes]:
+def decrypt_object(store: ObjectStore, codec: ObjectCodec, info: ObjectInfo) -> Iterator[bytes]:
     """The plaintext of an object, in pieces, every chunk authenticated; IntegrityError if not."""
     meta = info.metadata or {}
     reason = codec.refusal(meta)
@@ -186,7 +186,7 @@ class FsckReport:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _check(store: S3Store, codec: ObjectCodec, info: ObjectInfo, full: bool) -> tuple[str, int]:
+def _check(store: ObjectStore, codec: ObjectCodec, info: ObjectInfo, full: bool) -> tuple[str, int]:
     meta = info.metadata or {}
     reason = codec.refusal(meta)
     if reason:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from s3cryptfs.errors import ObjectNotFound, S3CryptFSError
 from s3cryptfs.format.descriptor import META_DIR
-from s3cryptfs.store.s3 import S3Store
+from s3cryptfs.store.base import ObjectStore
 
 # A mount that has not rewritten its record for this many of its own heartbeats (and at least
 # STALE_MIN seconds) is taken as stopped without unmounting (crash, power loss).
@@ -88,18 +88,18 @@ def this_host() -> str:
     return socket.gethostname()
 
 
-def publish(store: S3Store, prefix: str, record: MountRecord) -> None:
+def publish(store: ObjectStore, prefix: str, record: MountRecord) -> None:
     store.put(f"{records_prefix(prefix)}{record.mount_id}.json", record.to_json(), {})
 
 
-def withdraw(store: S3Store, prefix: str, mount_id: str) -> None:
+def withdraw(store: ObjectStore, prefix: str, mount_id: str) -> None:
     try:
         store.delete(f"{records_prefix(prefix)}{mount_id}.json")
     except ObjectNotFound:
         pass
 
 
-def read_all(store: S3Store, prefix: str) -> list[MountRecord]:
+def read_all(store: ObjectStore, prefix: str) -> list[MountRecord]:
     """Every mount record of the volume, with its age (blocking). Unreadable ones are skipped:
     they were not written by a mount of this version."""
     found: list[MountRecord] = []

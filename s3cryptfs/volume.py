@@ -43,7 +43,7 @@ from s3cryptfs.keys.base import KeyEnvelope
 from s3cryptfs.keys.password import PasswordKeyManager
 from s3cryptfs.keys.registry import shared_settings
 from s3cryptfs.keys.ring import KeyRing, LocalKeys
-from s3cryptfs.store.s3 import S3Store
+from s3cryptfs.store.base import ObjectStore
 from s3cryptfs.trust import Pin, TrustStore
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 WRITE_ATTEMPTS = 5
 
 
-def read_raw(store: S3Store, url: VolumeURL) -> tuple[bytes, str]:
+def read_raw(store: ObjectStore, url: VolumeURL) -> tuple[bytes, str]:
     """The descriptor's bytes and ETag (to make a conditional write of it against)."""
     key = descriptor_key(url.prefix)
     try:
@@ -82,7 +82,7 @@ class VolumeAuthority:
 
     def __init__(
         self,
-        store: S3Store,
+        store: ObjectStore,
         url: VolumeURL,
         endpoint: str | None,
         local: LocalKeys,

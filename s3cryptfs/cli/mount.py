@@ -47,6 +47,7 @@ def mount_spec(args: argparse.Namespace, password: bytes | None) -> MountSpec:
         fuse_options=fuse_options(args),
         allow_other=args.allow_other,
         retry_deadline=args.s3_timeout,
+        s3_client=args.s3_client,
         local_keys=local,
         gateway_master_key=(
             config.read_password_file(args.gateway_master_key_file)

@@ -30,14 +30,14 @@ from s3cryptfs.keys.ring import KeyRing, LocalKeys
 from s3cryptfs.mount import check_bucket, make_store
 from s3cryptfs.ops.mountwait import wait_for_mounts
 from s3cryptfs.ops.rewrap import RewrapReport, VersionCounts, count_versions, rewrap_volume
-from s3cryptfs.store.s3 import S3Store
+from s3cryptfs.store.base import ObjectStore
 from s3cryptfs.volume import VolumeAuthority, read_raw
 
 
 @dataclass
 class Admin:
     url: config.VolumeURL
-    store: S3Store
+    store: ObjectStore
     local: LocalKeys
     audit: AuditLog
     jobs: int

@@ -7,13 +7,13 @@ import sys
 import time
 
 from s3cryptfs import registry
-from s3cryptfs.store.s3 import S3Store
+from s3cryptfs.store.base import ObjectStore
 
 POLL = 2.0
 
 
 def wait_for_mounts(
-    store: S3Store,
+    store: ObjectStore,
     prefix: str,
     provider: str,
     version: int | None,

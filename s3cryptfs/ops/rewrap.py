@@ -43,7 +43,7 @@ from s3cryptfs.format import metadata as md
 from s3cryptfs.ops.checkpoint import Checkpoint, interruptible
 from s3cryptfs.ops.progress import Progress
 from s3cryptfs.ops.walk import walk_heads
-from s3cryptfs.store.s3 import ObjectInfo, S3Store
+from s3cryptfs.store.base import ObjectInfo, ObjectStore
 from s3cryptfs.vfs.attrindex import IndexEntry, is_index_key, read_index
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class ShownMtimes:
 
     KEEP = 64
 
-    def __init__(self, store: S3Store, codec: ObjectCodec, prefix: str) -> None:
+    def __init__(self, store: ObjectStore, codec: ObjectCodec, prefix: str) -> None:
         self.store, self.codec, self.prefix = store, codec, prefix
         self._lock = threading.Lock()
         self._indexes: OrderedDict[str, dict[str, IndexEntry]] = OrderedDict()
@@ -143,7 +143,7 @@ class ShownMtimes:
 
 
 def rewrap_volume(
-    store: S3Store,
+    store: ObjectStore,
     prefix: str,
     codec: ObjectCodec,
     jobs: int = 4,
@@ -291,7 +291,7 @@ class VersionCounts:
         return {k for k, n in (self.files + self.indexes).items() if n}
 
 
-def count_versions(store: S3Store, prefix: str, jobs: int = 8) -> VersionCounts:
+def count_versions(store: ObjectStore, prefix: str, jobs: int = 8) -> VersionCounts:
     """Objects under each (provider, version), directory indexes included, by LIST + HEAD."""
     counts = VersionCounts()
     lock = threading.Lock()

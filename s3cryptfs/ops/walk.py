@@ -9,7 +9,7 @@ from typing import Protocol
 from s3cryptfs.errors import ObjectNotFound
 from s3cryptfs.format.descriptor import META_DIR
 from s3cryptfs.ops.progress import Progress
-from s3cryptfs.store.s3 import ObjectInfo, S3Store
+from s3cryptfs.store.base import ObjectInfo, ObjectStore
 from s3cryptfs.vfs.attrindex import is_index_key
 
 
@@ -22,7 +22,7 @@ class Tracker(Protocol):
 
 
 def object_keys(
-    store: S3Store, prefix: str, start_after: str | None = None, indexes: bool = False
+    store: ObjectStore, prefix: str, start_after: str | None = None, indexes: bool = False
 ) -> Iterator[str]:
     """Every file object under *prefix*: no directory markers, nothing under ``.s3cryptfs/``
     but, with *indexes*, the directory indexes (sealed like files; never the descriptor)."""
@@ -37,7 +37,7 @@ def object_keys(
 
 
 def walk_heads(
-    store: S3Store,
+    store: ObjectStore,
     prefix: str,
     jobs: int,
     work: Callable[[ObjectInfo], bool | None],

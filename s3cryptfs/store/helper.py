@@ -37,7 +37,8 @@ import trio
 
 from s3cryptfs import errors
 from s3cryptfs.errors import StoreError, TransientStoreError
-from s3cryptfs.store.s3 import S3Store, StoreSettings
+from s3cryptfs.store.base import ObjectStore, StoreSettings
+from s3cryptfs.store.factory import open_store
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class _Call:
 class UploadHelper:
     """The mount's side: starts the helper on first use and routes calls to it."""
 
-    def __init__(self, store: S3Store, threads: int) -> None:
+    def __init__(self, store: ObjectStore, threads: int) -> None:
         self._store = store  # its request counters also count the helper's requests
         self._threads = max(1, threads)
         self._stream: trio.SocketStream | None = None
@@ -288,7 +289,7 @@ def serve(sock: socket.socket) -> None:
     root.setLevel(level)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, level))
-    store = S3Store(settings)
+    store = open_store(settings)
     send(("ready",))
 
     def run(call_id: int, method: str, args: Any, kwargs: Any) -> None:

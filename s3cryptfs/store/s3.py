@@ -15,14 +15,11 @@ import email.utils
 import json
 import logging
 import os
-import random
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import boto3
@@ -34,14 +31,23 @@ from botocore.config import Config
 from s3cryptfs import limits
 from s3cryptfs.errors import (
     AccessDenied,
-    BucketNotFound,
     EndpointUnreachable,
-    ObjectNotFound,
     PreconditionFailed,
     StoreError,
     TransientStoreError,
-    strip_subject,
 )
+from s3cryptfs.store import retry
+from s3cryptfs.store.base import (
+    ListPage,
+    ObjectInfo,
+    PartList,
+    StoreSettings,
+    etag_of,
+)
+from s3cryptfs.store.base import conditions as write_conditions
+from s3cryptfs.store.retry import classify_reply
+
+__all__ = ["ListPage", "ObjectInfo", "PartList", "S3Store", "StoreSettings", "etag_of"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,64 +79,6 @@ def _botocore_session() -> botocore.session.Session:
     return session
 
 
-def etag_of(raw: str) -> str:
-    """ETags in one spelling: quoted, as HEAD and LIST give them (some servers' CopyObject
-    results drop the quotes), so ETags from different calls compare equal."""
-    if raw and not raw.startswith(('"', 'W/"')):
-        return f'"{raw}"'
-    return raw
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    key: str
-    size: int
-    etag: str
-    mtime_ns: int
-    metadata: dict[str, str] | None = None  # None: not known (LIST does not return it)
-
-
-@dataclass
-class ListPage:
-    objects: list[ObjectInfo] = field(default_factory=list)
-    prefixes: list[str] = field(default_factory=list)
-    token: str | None = None
-    # The server's clock when it answered (its Date header), in ns: ages of objects are
-    # measured against it, never against this machine's clock.
-    server_time_ns: int | None = None
-
-
-@dataclass(frozen=True)
-class StoreSettings:
-    bucket: str
-    endpoint_url: str | None = None
-    region: str | None = None
-    # Total time one operation may spend retrying transient errors before it fails.
-    retry_deadline: float = 45.0
-    connect_timeout: float = 5.0
-    read_timeout: float = 20.0
-    max_connections: int = 64
-    part_size: int = 8 * 1024 * 1024
-    multipart_threshold: int = 32 * 1024 * 1024
-    part_concurrency: int = 10
-    copy_threshold: int = 5 * 1024**3  # CopyObject's limit
-    copy_part_size: int = 512 * 1024 * 1024
-
-
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
-_TRANSIENT_CODES = {
-    "InternalError",
-    "ServiceUnavailable",
-    "SlowDown",
-    "RequestTimeout",
-    "Throttling",
-    "ThrottlingException",
-    "RequestTimeTooSkewed",
-    "OperationAborted",
-}
-_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
-
-
 def classify(exc: BaseException, what: str) -> StoreError:
     """Map a botocore exception to our error kinds. *what* names the operation and key."""
     if isinstance(exc, StoreError):
@@ -139,18 +87,7 @@ def classify(exc: BaseException, what: str) -> StoreError:
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        msg = err.get("Message") or code
-        if code == "NoSuchBucket":
-            return BucketNotFound(f"{what}: the bucket does not exist")
-        if code in _NOT_FOUND or (status == 404 and code not in _TRANSIENT_CODES):
-            return ObjectNotFound(f"{what}: not found")
-        if code in ("PreconditionFailed", "412") or status == 412:
-            return PreconditionFailed(f"{what}: changed by another writer (precondition failed)")
-        if code in _DENIED or status == 403:
-            return AccessDenied(f"{what}: access denied ({code}: {msg})")
-        if code in _TRANSIENT_CODES or status >= 500 or status == 429 or status == 0:
-            return TransientStoreError(f"{what}: S3 error {code or status}: {msg}")
-        return StoreError(f"{what}: S3 refused the request ({code or status}: {msg})")
+        return classify_reply(code, status, err.get("Message") or code, what)
     if isinstance(exc, bce.EndpointConnectionError | bce.ConnectTimeoutError):
         return EndpointUnreachable(f"{what}: cannot connect to the S3 endpoint ({exc})")
     if isinstance(
@@ -280,10 +217,6 @@ def _cache_user_agent(client: Any) -> None:
     creator.to_string = to_string
 
 
-# Named outside S3Store, whose list() method hides the builtin in annotations inside it.
-PartList = list[tuple[int, str]]  # (part number, ETag)
-
-
 class S3Store:
     """One bucket, one shared boto3 client (thread safe), one retry policy."""
 
@@ -338,38 +271,10 @@ class S3Store:
     # --- the retry loop -----------------------------------------------------------------
 
     def _call(self, what: str, fn: Callable[[], T], definitive_after: float | None = None) -> T:
-        """*fn* with retries of transient errors until the retry deadline. With
-        *definitive_after*, errors that waiting does not cure (connection refused, unknown
-        host, TLS failure: see `definitive`) are given up after that many seconds instead."""
-        start = time.monotonic()
-        deadline = start + self.settings.retry_deadline
-        delay = 0.1
-        attempt = 0
-        while True:
-            attempt += 1
-            op = what.split(" ", 1)[0]
-            with self.stats_lock:
-                self.requests[op] = self.requests.get(op, 0) + 1
-            try:
-                return fn()
-            except Exception as raw:  # noqa: BLE001 - classified right below
-                err = classify(raw, what)
-                with self.stats_lock:
-                    kind = type(err).__name__
-                    self.errors[kind] = self.errors.get(kind, 0) + 1
-                if not isinstance(err, TransientStoreError):
-                    raise err from None
-                remaining = deadline - time.monotonic()
-                if definitive_after is not None and definitive(raw):
-                    remaining = min(remaining, start + definitive_after - time.monotonic())
-                if remaining <= 0:
-                    why = strip_subject(err, what)
-                    log.error("%s: giving up after %d attempts: %s", what, attempt, why)
-                    raise err from None
-                sleep = min(delay * (0.5 + random.random()), remaining, 5.0)
-                log.warning("%s: %s; retrying in %.1fs", what, strip_subject(err, what), sleep)
-                time.sleep(sleep)
-                delay = min(delay * 2, 5.0)
+        """*fn* under the retry policy of store/retry.py."""
+        return retry.call(
+            self, self.settings.retry_deadline, what, fn, classify, definitive, definitive_after
+        )
 
     # --- reading --------------------------------------------------------------------------
 
@@ -495,12 +400,7 @@ class S3Store:
 
     @staticmethod
     def conditions(if_match: str | None, if_none_match: bool) -> dict[str, str]:
-        cond: dict[str, str] = {}
-        if if_match:
-            cond["IfMatch"] = if_match
-        elif if_none_match:
-            cond["IfNoneMatch"] = "*"
-        return cond
+        return write_conditions(if_match, if_none_match)
 
     def put(
         self,

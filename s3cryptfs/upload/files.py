@@ -31,8 +31,8 @@ from s3cryptfs.cache.reader import Reader, Version
 from s3cryptfs.codec import ObjectCodec, SealedObject
 from s3cryptfs.errors import IntegrityError, S3CryptFSError, strip_subject
 from s3cryptfs.format import metadata as md
+from s3cryptfs.store.base import ObjectStore
 from s3cryptfs.store.helper import UploadHelper
-from s3cryptfs.store.s3 import S3Store
 from s3cryptfs.upload import closed as closed_files
 from s3cryptfs.upload.journal import ABSENT, CHAIN, FOLLOW, Base, Entry, Journal
 from s3cryptfs.upload.state import (
@@ -85,7 +85,7 @@ class WriteCallbacks:
 class WritePath:
     def __init__(
         self,
-        store: S3Store,
+        store: ObjectStore,
         codec: ObjectCodec,
         reader: Reader,
         limiter: trio.CapacityLimiter,

@@ -47,7 +47,8 @@ import trio
 from s3cryptfs.codec import ObjectCodec
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format import v1
-from s3cryptfs.store.s3 import S3Store
+from s3cryptfs.store.base import ObjectStore
+from s3cryptfs.store.base import conditions as write_conditions
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class Stream:
         staging_fd: int,
         written: Callable[[], int],
         codec: ObjectCodec,
-        store: S3Store,
+        store: ObjectStore,
         attrs: md.PosixAttrs,
         xattrs: dict[bytes, bytes] | None = None,
         part_size: int,
@@ -631,7 +632,7 @@ class Stream:
             finally:
                 os.close(fd)
             parts = [(n, self.parts[n]) for n in range(1, count + 1)]
-            conditions = S3Store.conditions(if_match, if_none_match)
+            conditions = write_conditions(if_match, if_none_match)
             etag: str = await trio.to_thread.run_sync(
                 self._store.complete_multipart,
                 self.key,

@@ -17,8 +17,8 @@ import trio
 from s3cryptfs import limits
 from s3cryptfs.asyncutil import run_abandonable
 from s3cryptfs.errors import ObjectNotFound, PreconditionFailed, StoreError, UploadConflict
+from s3cryptfs.store.base import ObjectStore
 from s3cryptfs.store.helper import HelperUnavailable, UploadHelper
-from s3cryptfs.store.s3 import S3Store
 from s3cryptfs.upload.journal import ABSENT, CHAIN, FOLLOW, Entry, Journal, Upload
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Uploader:
 
     def __init__(
         self,
-        store: S3Store,
+        store: ObjectStore,
         journal: Journal,
         limiter: trio.CapacityLimiter,
         concurrency: int = 16,

@@ -43,7 +43,7 @@ from s3cryptfs.errors import (
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format import xattrs as xa
 from s3cryptfs.format.descriptor import META_DIR
-from s3cryptfs.store.s3 import S3Store
+from s3cryptfs.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def open_index(
 
 
 def read_index(
-    store: S3Store, codec: ObjectCodec, prefix: str, dir_path: str
+    store: ObjectStore, codec: ObjectCodec, prefix: str, dir_path: str
 ) -> tuple[str | None, dict[str, IndexEntry]]:
     """(ETag or None if absent, entries) of *dir_path*'s stored index (blocking)."""
     key = index_key(prefix, dir_path)
@@ -186,7 +186,12 @@ class AttrIndex:
     """Loads, merges and writes directory indexes for one mounted volume."""
 
     def __init__(
-        self, store: S3Store, codec: ObjectCodec, prefix: str, thread: Thread, delay: float = 1.0
+        self,
+        store: ObjectStore,
+        codec: ObjectCodec,
+        prefix: str,
+        thread: Thread,
+        delay: float = 1.0,
     ) -> None:
         self.store = store
         self.codec = codec

@@ -44,7 +44,7 @@ from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format import xattrs as xa
 from s3cryptfs.format.descriptor import META_DIR
-from s3cryptfs.store.s3 import ObjectInfo, S3Store
+from s3cryptfs.store.base import ObjectInfo, ObjectStore
 from s3cryptfs.upload import closed as closed_files
 from s3cryptfs.upload.closed import ClosedRecord
 from s3cryptfs.upload.files import WriteCallbacks, WritePath, WriteSettings
@@ -121,7 +121,7 @@ class Attr:
 
 class Filesystem:
     def __init__(
-        self, store: S3Store, codec: ObjectCodec, prefix: str, cache_dir: str, opts: FsOptions
+        self, store: ObjectStore, codec: ObjectCodec, prefix: str, cache_dir: str, opts: FsOptions
     ) -> None:
         self.store = store
         self.codec = codec

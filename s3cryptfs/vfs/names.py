@@ -33,7 +33,7 @@ from s3cryptfs.errors import (
     S3CryptFSError,
 )
 from s3cryptfs.format.descriptor import META_DIR
-from s3cryptfs.store.s3 import S3Store
+from s3cryptfs.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def probe_key(prefix: str, token: str) -> str:
     return f"{prefix}{META_DIR}/probe-{token}\\backslash"
 
 
-def keeps_backslash(store: S3Store, prefix: str, token: str) -> bool | None:
+def keeps_backslash(store: ObjectStore, prefix: str, token: str) -> bool | None:
     """Whether the server stores a key with a backslash as it is: True; False when it stores
     something else (SeaweedFS stores "/"); None when the probe itself failed.
 
@@ -131,7 +131,7 @@ def keeps_backslash(store: S3Store, prefix: str, token: str) -> bool | None:
     return listed == [key]
 
 
-def _clean_up(store: S3Store, key: str, head: str, listed: list[str]) -> None:
+def _clean_up(store: ObjectStore, key: str, head: str, listed: list[str]) -> None:
     doomed = {key, *listed}
     for other in listed:
         # folders a rewrite made on servers that keep them (SeaweedFS): deepest first
@@ -143,7 +143,7 @@ def _clean_up(store: S3Store, key: str, head: str, listed: list[str]) -> None:
             store.delete(doomed_key)
 
 
-def backslash_allowed(store: S3Store, prefix: str, token: str) -> bool:
+def backslash_allowed(store: ObjectStore, prefix: str, token: str) -> bool:
     """Probe the server (keeps_backslash) and say once, at info level, when names with a
     backslash are refused on this mount."""
     try:

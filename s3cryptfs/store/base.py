@@ -1,0 +1,172 @@
+"""What the rest of s3cryptfs may use of an object store: the `ObjectStore` protocol and the
+values that cross it. Only the composition root (mount.make_store, store.open_store) names an
+implementation (store/s3.py: boto3; store/native.py: the AWS CRT data path)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    mtime_ns: int
+    metadata: dict[str, str] | None = None  # None: not known (LIST does not return it)
+
+
+@dataclass
+class ListPage:
+    objects: list[ObjectInfo] = field(default_factory=list)
+    prefixes: list[str] = field(default_factory=list)
+    token: str | None = None
+    # The server's clock when it answered (its Date header), in ns: ages of objects are
+    # measured against it, never against this machine's clock.
+    server_time_ns: int | None = None
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    bucket: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    # Total time one operation may spend retrying transient errors before it fails.
+    retry_deadline: float = 45.0
+    connect_timeout: float = 5.0
+    read_timeout: float = 20.0
+    max_connections: int = 64
+    part_size: int = 8 * 1024 * 1024
+    multipart_threshold: int = 32 * 1024 * 1024
+    part_concurrency: int = 10
+    copy_threshold: int = 5 * 1024**3  # CopyObject's limit
+    copy_part_size: int = 512 * 1024 * 1024
+    client: str = "boto3"  # --s3-client: which implementation carries the data path
+
+
+# (part number, ETag)
+PartList = list[tuple[int, str]]
+
+
+def etag_of(raw: str) -> str:
+    """ETags in one spelling: quoted, as HEAD and LIST give them (some servers' CopyObject
+    results drop the quotes), so ETags from different calls compare equal."""
+    if raw and not raw.startswith(('"', 'W/"')):
+        return f'"{raw}"'
+    return raw
+
+
+def conditions(if_match: str | None, if_none_match: bool) -> dict[str, str]:
+    """The conditions of a write, as complete_multipart takes them."""
+    cond: dict[str, str] = {}
+    if if_match:
+        cond["IfMatch"] = if_match
+    elif if_none_match:
+        cond["IfNoneMatch"] = "*"
+    return cond
+
+
+class ObjectStore(Protocol):
+    """One bucket, blocking calls (made from worker threads), one retry policy. Every failure
+    leaves as one of the StoreError kinds of ``s3cryptfs.errors``; a server error is never
+    reported as "not found"."""
+
+    settings: StoreSettings
+    bucket: str
+    # Counters for status and metrics, read and written under stats_lock.
+    stats_lock: threading.Lock
+    requests: dict[str, int]
+    errors: dict[str, int]
+    bytes_sent: int
+    bytes_received: int
+
+    def count_sent(self, n: int) -> None: ...
+
+    def with_retry_deadline(self, seconds: float) -> ObjectStore:
+        """The same store (client, statistics) with a shorter retry deadline."""
+        ...
+
+    def check_bucket(self, definitive_after: float | None = None) -> None: ...
+
+    def head(self, key: str) -> ObjectInfo: ...
+
+    def get(
+        self,
+        key: str,
+        start: int | None = None,
+        end: int | None = None,
+        if_match: str | None = None,
+    ) -> bytes:
+        """Bytes [start, end] (inclusive) of *key*; PreconditionFailed if its ETag changed."""
+        ...
+
+    def get_bounded(self, key: str, limit: int, what: str) -> tuple[bytes, ObjectInfo]:
+        """The whole object with its metadata, in one request, if it is at most *limit* bytes;
+        a larger one is refused (ObjectTooLarge) before its body is read."""
+        ...
+
+    def read_companion(self, key: str) -> tuple[dict[str, str], bytes]: ...
+
+    def list(
+        self,
+        prefix: str,
+        delimiter: str | None = "/",
+        token: str | None = None,
+        start_after: str | None = None,
+    ) -> ListPage: ...
+
+    def list_all(
+        self, prefix: str, delimiter: str | None = "/", start_after: str | None = None
+    ) -> Iterator[ListPage]: ...
+
+    def put(
+        self,
+        key: str,
+        body: bytes,
+        metadata: Mapping[str, str],
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        content_type: str = "application/octet-stream",
+    ) -> str:
+        """Write *key* whole; returns the new ETag."""
+        ...
+
+    def upload_file(
+        self,
+        key: str,
+        path: str,
+        metadata: Mapping[str, str],
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        offset: int = 0,
+        size: int | None = None,
+    ) -> str: ...
+
+    def create_multipart(
+        self, key: str, metadata: Mapping[str, str], content_type: str = "application/octet-stream"
+    ) -> str: ...
+
+    def upload_part(
+        self, key: str, upload_id: str, number: int, data: bytes | bytearray
+    ) -> str: ...
+
+    def complete_multipart(
+        self, key: str, upload_id: str, parts: PartList, conditions: Mapping[str, str]
+    ) -> str: ...
+
+    def abort_multipart(self, key: str, upload_id: str) -> None: ...
+
+    def copy(
+        self,
+        src: str,
+        dst: str,
+        metadata: Mapping[str, str] | None = None,
+        src_etag: str | None = None,
+        content_type: str = "application/octet-stream",
+        size: int | None = None,
+    ) -> str: ...
+
+    def delete(self, key: str) -> None: ...

@@ -1,0 +1,529 @@
+"""The data path on the AWS Common Runtime (awscrt): HEAD, GET (ranged, If-Match, bounded),
+LIST, PUT (conditional) and DELETE as signed requests built here, sent by the CRT's S3 client
+on its own threads (the GIL is held only to hand over headers and body pieces). Everything else
+(multipart uploads, copies, bucket checks) goes to the boto3 `S3Store` it wraps, which also
+holds the shared request, error and byte counters.
+
+The retry policy and the classification of replies are those of store/retry.py, as for boto3:
+the CRT's own retries are off, and its errors are mapped onto the same StoreError kinds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import datetime
+import email.utils
+import io
+import os
+import threading
+import time
+import urllib.parse
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import awscrt.auth
+import awscrt.exceptions
+import awscrt.http
+import awscrt.io
+import awscrt.s3
+import botocore.session
+
+from s3cryptfs import limits
+from s3cryptfs.errors import (
+    AccessDenied,
+    EndpointUnreachable,
+    StoreError,
+    TransientStoreError,
+)
+from s3cryptfs.store import retry
+from s3cryptfs.store.base import (
+    ListPage,
+    ObjectInfo,
+    PartList,
+    StoreSettings,
+    etag_of,
+)
+from s3cryptfs.store.s3 import S3Store
+
+T = TypeVar("T")
+
+_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+_META = "x-amz-meta-"
+# CRT errors that say the endpoint cannot be reached at all (see retry.call's definitive_after).
+_UNREACHABLE = ("AWS_IO_SOCKET_CONNECTION_REFUSED", "AWS_IO_DNS_", "AWS_IO_TLS_")
+_NO_CREDENTIALS = "AWS_AUTH_"
+
+
+class _TimedOut(Exception):
+    """No byte moved for read_timeout: the request was cancelled."""
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+@dataclass
+class _Reply:
+    status: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytearray = field(default_factory=bytearray)
+    refused: BaseException | None = None  # raised by our own callbacks, to be re-raised
+
+
+def classify(exc: BaseException, what: str) -> StoreError:
+    """Map a CRT exception (or our own) to the StoreError kinds, by the rules of retry.py."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, awscrt.s3.S3ResponseError):
+        status = int(exc.status_code or 0)
+        code, msg = _error_code(exc.body or b"")
+        return retry.classify_reply(code, status, msg or code, what)
+    if isinstance(exc, _TimedOut):
+        return TransientStoreError(f"{what}: S3 connection failed (no reply within the timeout)")
+    if isinstance(exc, awscrt.exceptions.AwsCrtError):
+        if exc.name.startswith(_UNREACHABLE):
+            return EndpointUnreachable(f"{what}: cannot connect to the S3 endpoint ({exc.name})")
+        if exc.name.startswith(_NO_CREDENTIALS):
+            return AccessDenied(f"{what}: no S3 credentials found ({exc.name})")
+        return TransientStoreError(f"{what}: S3 connection failed ({exc.name})")
+    raise exc
+
+
+def definitive(exc: BaseException) -> bool:
+    """As store/s3.py's definitive, for CRT errors: refused, unknown host, TLS failure."""
+    return isinstance(exc, awscrt.exceptions.AwsCrtError) and exc.name.startswith(
+        ("AWS_IO_SOCKET_CONNECTION_REFUSED", "AWS_IO_DNS_", "AWS_IO_TLS_")
+    )
+
+
+def _error_code(body: bytes) -> tuple[str, str]:
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError:
+        return "", ""
+    return root.findtext("Code") or "", root.findtext("Message") or ""
+
+
+def _mtime_ns(value: str) -> int:
+    try:
+        return int(email.utils.parsedate_to_datetime(value).timestamp() * 1e9)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _credentials_provider() -> awscrt.auth.AwsCredentialsProvider:
+    """The credentials boto3 would use (environment, profile, SSO, instance role...), from
+    botocore's resolver; refreshable ones refresh themselves when they near expiry."""
+    session = botocore.session.get_session()
+    holder: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def current() -> awscrt.auth.AwsCredentials:
+        with lock:
+            if "creds" not in holder:
+                holder["creds"] = session.get_credentials()
+            creds = holder["creds"]
+        if creds is None:
+            raise RuntimeError("no S3 credentials found")
+        frozen = creds.get_frozen_credentials()
+        return awscrt.auth.AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+    return awscrt.auth.AwsCredentialsProvider.new_delegate(current)
+
+
+class NativeStore:
+    """An ObjectStore whose data path runs on awscrt; see the module's docstring."""
+
+    def __init__(self, settings: StoreSettings, fallback: S3Store | None = None) -> None:
+        self.settings = settings
+        self.bucket = settings.bucket
+        self.fallback = fallback or S3Store(settings)
+        # One set of counters for both clients: status and metrics see every request.
+        self.stats_lock = self.fallback.stats_lock
+        self.requests = self.fallback.requests
+        self.errors = self.fallback.errors
+        region = settings.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        if settings.endpoint_url:
+            url = urllib.parse.urlsplit(settings.endpoint_url)
+            https = url.scheme == "https"
+            self._host = url.netloc
+            self._base = f"{url.path.rstrip('/')}/{urllib.parse.quote(self.bucket)}"
+        else:
+            https = True
+            self._host = f"s3.{region}.amazonaws.com"
+            self._base = f"/{urllib.parse.quote(self.bucket)}"
+        tls_options = None
+        if https:
+            ctx = awscrt.io.TlsContextOptions()
+            ca_bundle = os.environ.get("AWS_CA_BUNDLE")
+            if ca_bundle:
+                ctx.override_default_trust_store_from_path(None, ca_bundle)
+            tls_options = awscrt.io.ClientTlsContext(ctx).new_connection_options()
+        loops = awscrt.io.EventLoopGroup()
+        bootstrap = awscrt.io.ClientBootstrap(loops, awscrt.io.DefaultHostResolver(loops))
+        self._client = awscrt.s3.S3Client(
+            bootstrap=bootstrap,
+            region=region,
+            tls_mode=awscrt.s3.S3RequestTlsMode.ENABLED
+            if https
+            else awscrt.s3.S3RequestTlsMode.DISABLED,
+            tls_connection_options=tls_options,
+            credential_provider=_credentials_provider(),
+            retry_config=awscrt.s3.S3RetryConfig(retry_mode=awscrt.s3.S3RetryMode.NONE),
+            connect_timeout_ms=int(settings.connect_timeout * 1000),
+            max_active_connections_override=settings.max_connections,
+        )
+
+    # --- counters shared with the fallback ----------------------------------------------------
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.fallback.bytes_sent
+
+    @bytes_sent.setter
+    def bytes_sent(self, value: int) -> None:
+        self.fallback.bytes_sent = value
+
+    @property
+    def bytes_received(self) -> int:
+        return self.fallback.bytes_received
+
+    @bytes_received.setter
+    def bytes_received(self, value: int) -> None:
+        self.fallback.bytes_received = value
+
+    def count_sent(self, n: int) -> None:
+        self.fallback.count_sent(n)
+
+    def _count_received(self, n: int) -> None:
+        with self.stats_lock:
+            self.fallback.bytes_received += n
+
+    def with_retry_deadline(self, seconds: float) -> NativeStore:
+        """As S3Store.with_retry_deadline: the same client and statistics, a shorter deadline."""
+        other = copy.copy(self)
+        other.settings = dataclasses.replace(self.settings, retry_deadline=seconds)
+        other.fallback = self.fallback.with_retry_deadline(seconds)
+        return other
+
+    def _call(self, what: str, fn: Callable[[], T], definitive_after: float | None = None) -> T:
+        return retry.call(
+            self, self.settings.retry_deadline, what, fn, classify, definitive, definitive_after
+        )
+
+    # --- one request --------------------------------------------------------------------------
+
+    def _path(self, key: str | None, query: Mapping[str, str] | None = None) -> str:
+        path = self._base if key is None else f"{self._base}/{urllib.parse.quote(key, safe='/~')}"
+        if query:
+            path += "?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote, safe="~")
+        return path
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        operation: str,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        check: Callable[[_Reply], None] | None = None,
+        body_limit: int | None = None,
+    ) -> _Reply:
+        """One signed request; its reply, or the CRT's error. *check* sees the status and
+        headers before any body byte (and may raise to drop the connection); a body past
+        *body_limit* bytes is cut off by failing the request."""
+        hdrs = awscrt.http.HttpHeaders([("Host", self._host)])
+        for name, value in (headers or {}).items():
+            hdrs.add(name, value)
+        stream = None
+        if body is not None:
+            hdrs.add("Content-Length", str(len(body)))
+            stream = io.BytesIO(body)
+        reply = _Reply()
+        progress = [time.monotonic()]
+
+        def on_headers(status_code: int, headers: list[tuple[str, str]], **_: Any) -> None:
+            progress[0] = time.monotonic()
+            reply.status = status_code
+            reply.headers = {k.lower(): v for k, v in headers}
+            if check is not None and 200 <= status_code < 300:
+                try:
+                    check(reply)
+                except BaseException as exc:
+                    reply.refused = exc
+                    raise
+
+        def on_body(chunk: bytes, **_: Any) -> None:
+            progress[0] = time.monotonic()
+            reply.body += chunk
+            if body_limit is not None and len(reply.body) > body_limit:
+                reply.refused = _TooLarge(len(reply.body))
+                raise reply.refused
+
+        def on_progress(*_: Any, **__: Any) -> None:
+            progress[0] = time.monotonic()
+
+        request = self._client.make_request(
+            type=awscrt.s3.S3RequestType.DEFAULT,
+            operation_name=operation,
+            request=awscrt.http.HttpRequest(method, path, hdrs, stream),
+            on_headers=on_headers,
+            on_body=on_body,
+            on_progress=on_progress,
+        )
+        done = request.finished_future
+        # The CRT has no read timeout: a request that moves nothing for read_timeout (the
+        # connect timeout is the CRT's own) is cancelled here and retried like a timeout.
+        limit = self.settings.read_timeout + self.settings.connect_timeout
+        while True:
+            try:
+                done.result(timeout=min(1.0, limit))
+                break
+            except TimeoutError:
+                if time.monotonic() - progress[0] > limit:
+                    request.cancel()
+                    with contextlib.suppress(Exception):
+                        done.result(timeout=limit)
+                    raise _TimedOut() from None
+            except Exception:
+                if reply.refused is not None:
+                    raise reply.refused from None
+                raise
+        return reply
+
+    # --- reading --------------------------------------------------------------------------
+
+    def check_bucket(self, definitive_after: float | None = None) -> None:
+        self._call(
+            f"head_bucket {self.bucket}",
+            lambda: self._send("HEAD", self._path(None), "HeadBucket"),
+            definitive_after,
+        )
+
+    def _info(self, key: str, reply: _Reply, size: int) -> ObjectInfo:
+        meta = {
+            k[len(_META) :]: v
+            for k, v in reply.headers.items()
+            if k.startswith(_META)
+        }
+        return ObjectInfo(
+            key=key,
+            size=size,
+            etag=etag_of(reply.headers.get("etag", "")),
+            mtime_ns=_mtime_ns(reply.headers.get("last-modified", "")),
+            metadata=meta,
+        )
+
+    def head(self, key: str) -> ObjectInfo:
+        r = self._call(f"head {key}", lambda: self._send("HEAD", self._path(key), "HeadObject"))
+        return self._info(key, r, int(r.headers.get("content-length", "0")))
+
+    def get(
+        self,
+        key: str,
+        start: int | None = None,
+        end: int | None = None,
+        if_match: str | None = None,
+    ) -> bytes:
+        """Bytes [start, end] (inclusive) of *key*; PreconditionFailed if its ETag changed."""
+        headers: dict[str, str] = {}
+        if start is not None:
+            headers["Range"] = f"bytes={start}-{'' if end is None else end}"
+        if if_match:
+            headers["If-Match"] = if_match
+
+        def fetch() -> bytes:
+            r = self._send("GET", self._path(key), "GetObject", headers)
+            data = bytes(r.body)
+            self._count_received(len(data))
+            return data
+
+        return self._call(f"get {key}", fetch)
+
+    def get_bounded(self, key: str, limit: int, what: str) -> tuple[bytes, ObjectInfo]:
+        """The whole object with its metadata, in one request, if it is at most *limit* bytes.
+
+        Refused (ObjectTooLarge) from the response's Content-Length, before its body is read,
+        and a body longer than announced is cut at limit + 1 bytes (the request is failed, its
+        connection dropped)."""
+
+        def check(reply: _Reply) -> None:
+            limits.check_size(what, key, int(reply.headers.get("content-length") or 0), limit)
+
+        def fetch() -> tuple[bytes, ObjectInfo]:
+            try:
+                r = self._send("GET", self._path(key), "GetObject", check=check, body_limit=limit)
+            except _TooLarge as exc:
+                limits.check_size(what, key, exc.size, limit)
+                raise
+            body = bytes(r.body)
+            self._count_received(len(body))
+            return body, self._info(key, r, len(body))
+
+        return self._call(f"get {key}", fetch)
+
+    def read_companion(self, key: str) -> tuple[dict[str, str], bytes]:
+        """Metadata and body of a gateway multipart object's manifest (bounded; blocking)."""
+        body, info = self.get_bounded(key, limits.MPU_MANIFEST_MAX, "multipart manifest")
+        return info.metadata or {}, body
+
+    def list(
+        self,
+        prefix: str,
+        delimiter: str | None = "/",
+        token: str | None = None,
+        start_after: str | None = None,
+    ) -> ListPage:
+        query = {"list-type": "2", "prefix": prefix, "max-keys": "1000", "encoding-type": "url"}
+        if delimiter:
+            query["delimiter"] = delimiter
+        if token:
+            query["continuation-token"] = token
+        elif start_after:
+            query["start-after"] = start_after
+        path = self._path(None, query)
+
+        def fetch() -> _Reply:
+            r = self._send("GET", path, "ListObjectsV2")
+            # An error document in a 200, or a cut-off reply: retried, as botocore does.
+            if not bytes(r.body).rstrip().endswith(b"</ListBucketResult>"):
+                raise TransientStoreError(f"list {prefix}: incomplete listing")
+            return r
+
+        r = self._call(f"list {prefix}", fetch)
+        return _parse_list(r)
+
+    def list_all(
+        self, prefix: str, delimiter: str | None = "/", start_after: str | None = None
+    ) -> Iterator[ListPage]:
+        token = None
+        while True:
+            page = self.list(prefix, delimiter, token, start_after)
+            yield page
+            if not page.token:
+                return
+            token = page.token
+
+    # --- writing --------------------------------------------------------------------------
+
+    def put(
+        self,
+        key: str,
+        body: bytes,
+        metadata: Mapping[str, str],
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        content_type: str = "application/octet-stream",
+    ) -> str:
+        """Write *key* whole; returns the new ETag."""
+        headers = {"Content-Type": content_type}
+        headers.update({f"{_META}{k}": v for k, v in metadata.items()})
+        if if_match:
+            headers["If-Match"] = if_match
+        elif if_none_match:
+            headers["If-None-Match"] = "*"
+        body = bytes(body)
+        r = self._call(
+            f"put {key}", lambda: self._send("PUT", self._path(key), "PutObject", headers, body)
+        )
+        self.count_sent(len(body))
+        return etag_of(r.headers.get("etag", ""))
+
+    def upload_file(
+        self,
+        key: str,
+        path: str,
+        metadata: Mapping[str, str],
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        offset: int = 0,
+        size: int | None = None,
+    ) -> str:
+        """As S3Store.upload_file: small bodies through put (here), large ones multipart."""
+        if size is None:
+            size = os.path.getsize(path) - offset
+        if size < self.settings.multipart_threshold:
+            with open(path, "rb") as f:
+                data = os.pread(f.fileno(), size, offset)
+            if len(data) != size:
+                raise OSError(f"{path}: shorter than expected")
+            return self.put(key, data, metadata, if_match, if_none_match)
+        return self.fallback.upload_file(
+            key, path, metadata, if_match, if_none_match, offset, size
+        )
+
+    def delete(self, key: str) -> None:
+        self._call(f"delete {key}", lambda: self._send("DELETE", self._path(key), "DeleteObject"))
+
+    # --- through boto3 ------------------------------------------------------------------------
+
+    def create_multipart(
+        self, key: str, metadata: Mapping[str, str], content_type: str = "application/octet-stream"
+    ) -> str:
+        return self.fallback.create_multipart(key, metadata, content_type)
+
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes | bytearray) -> str:
+        return self.fallback.upload_part(key, upload_id, number, data)
+
+    def complete_multipart(
+        self, key: str, upload_id: str, parts: PartList, conditions: Mapping[str, str]
+    ) -> str:
+        return self.fallback.complete_multipart(key, upload_id, parts, conditions)
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        self.fallback.abort_multipart(key, upload_id)
+
+    def copy(
+        self,
+        src: str,
+        dst: str,
+        metadata: Mapping[str, str] | None = None,
+        src_etag: str | None = None,
+        content_type: str = "application/octet-stream",
+        size: int | None = None,
+    ) -> str:
+        return self.fallback.copy(src, dst, metadata, src_etag, content_type, size)
+
+
+def _parse_list(r: _Reply) -> ListPage:
+    root = ET.fromstring(bytes(r.body))
+    url = (root.findtext(f"{_NS}EncodingType") or "").lower() == "url"
+
+    def name(text: str | None) -> str:
+        return urllib.parse.unquote_plus(text or "") if url else (text or "")
+
+    page = ListPage()
+    for o in root.iter(f"{_NS}Contents"):
+        page.objects.append(
+            ObjectInfo(
+                key=name(o.findtext(f"{_NS}Key")),
+                size=int(o.findtext(f"{_NS}Size") or 0),
+                etag=etag_of(o.findtext(f"{_NS}ETag") or ""),
+                mtime_ns=_iso_ns(o.findtext(f"{_NS}LastModified") or ""),
+            )
+        )
+    page.prefixes = [
+        name(p.findtext(f"{_NS}Prefix")) for p in root.iter(f"{_NS}CommonPrefixes")
+    ]
+    truncated = (root.findtext(f"{_NS}IsTruncated") or "").lower() == "true"
+    page.token = root.findtext(f"{_NS}NextContinuationToken") if truncated else None
+    date = r.headers.get("date")
+    if date:
+        page.server_time_ns = _mtime_ns(date) or None
+    return page
+
+
+def _iso_ns(value: str) -> int:
+    try:
+        parsed = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return 0
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.UTC)
+    return int(parsed.timestamp() * 1e9)
