@@ -111,7 +111,7 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e.st_nlink = attr.nlink
     e.st_uid = attr.uid
     e.st_gid = attr.gid
-    e.st_rdev = 0
+    e.st_rdev = attr.rdev
     e.st_size = attr.size
     e.st_blksize = 1024 * 1024
     e.st_blocks = (attr.size + 511) // 512
@@ -264,7 +264,8 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
-        self.fs.mknod(parent_inode, from_kernel(name))
+        node = await self.fs.mknod(parent_inode, from_kernel(name), mode, rdev, ctx.uid, ctx.gid)
+        return self._reply(node)
 
     @_guard
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:

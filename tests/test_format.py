@@ -717,8 +717,13 @@ def test_posix_attrs_round_trip():
 def test_posix_attrs_are_read_leniently():
     meta = {md.MODE: "644", md.UID: "root", md.GID: "", md.MTIME: "1e9"}
     assert md.PosixAttrs.decode(meta) == md.PosixAttrs()
-    for mode in ("60644", "20666", "140755", "10644", "9999", "rwxr-xr-x"):
+    for mode in ("9999", "rwxr-xr-x", "170644", "30644"):
         assert md.PosixAttrs.decode({md.MODE: mode}).mode is None, mode
+    # Special files are modes of their own (the reader keeps them for empty objects only).
+    for mode in ("60644", "20666", "140755", "10644"):
+        assert md.PosixAttrs.decode({md.MODE: mode}).mode == int(mode, 8), mode
+    assert md.PosixAttrs.decode({md.MODE: "20600", md.RDEV: "259"}).rdev == 259
+    assert md.PosixAttrs.decode({md.RDEV: "-1"}).rdev is None
 
 
 def test_format_dispatch():

@@ -24,6 +24,7 @@ MODE = "s3cryptfs-mode"
 UID = "s3cryptfs-uid"
 GID = "s3cryptfs-gid"
 MTIME = "s3cryptfs-mtime-ns"
+RDEV = "s3cryptfs-rdev"  # device nodes: the device number (docs/FORMAT.md)
 
 FORMAT_V1 = "1"
 ENVELOPE_NAMES = (WRAPPED_KEY, KMS_ID, KMS_PROVIDER, KEY_VERSION)
@@ -58,12 +59,22 @@ def decode_envelope(meta: Mapping[str, str]) -> KeyEnvelope:
     return KeyEnvelope(meta.get(KMS_ID, ""), version, provider, ciphertext)
 
 
+# Special files: stored as empty objects whose mode says what they are (docs/FORMAT.md).
+SPECIAL_TYPES = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
+FILE_TYPES = (stat.S_IFREG, stat.S_IFLNK, stat.S_IFDIR, *SPECIAL_TYPES)
+
+
+def is_device(mode: int) -> bool:
+    return stat.S_IFMT(mode) in (stat.S_IFCHR, stat.S_IFBLK)
+
+
 @dataclass(frozen=True)
 class PosixAttrs:
     mode: int | None = None  # with file type bits
     uid: int | None = None
     gid: int | None = None
     mtime_ns: int | None = None
+    rdev: int | None = None  # character and block devices only
 
     def encode(self) -> dict[str, str]:
         meta: dict[str, str] = {}
@@ -75,6 +86,8 @@ class PosixAttrs:
             meta[GID] = str(self.gid)
         if self.mtime_ns is not None:
             meta[MTIME] = str(self.mtime_ns)
+        if self.rdev is not None:
+            meta[RDEV] = str(self.rdev)
         return meta
 
     @staticmethod
@@ -88,9 +101,12 @@ class PosixAttrs:
                 return None
 
         mode = num(MODE, 8)
-        if mode is not None and stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFLNK, stat.S_IFDIR):
+        if mode is not None and stat.S_IFMT(mode) not in FILE_TYPES:
             mode = None
-        return PosixAttrs(mode, num(UID), num(GID), num(MTIME))
+        rdev = num(RDEV)
+        if rdev is not None and not 0 <= rdev < 1 << 64:
+            rdev = None
+        return PosixAttrs(mode, num(UID), num(GID), num(MTIME), rdev)
 
 
 def object_format(meta: Mapping[str, str]) -> str:

@@ -117,6 +117,7 @@ class Attr:
     mtime_ns: int
     ctime_ns: int
     nlink: int
+    rdev: int = 0
 
 
 class Filesystem:
@@ -308,7 +309,7 @@ class Filesystem:
             self._apply_metadata(node, info.metadata)
         elif isinstance(info, ChildInfo) and info.attrs is not None:
             self._apply_attrs(node, info.attrs.attrs())
-            node.remote.attrs_known = True
+            node.remote.attrs_known = not md.is_device(node.mode)  # rdev: in its metadata
         return self.nodes.add(node)
 
     def _dir_node(self, path: str, mtime_ns: int = 0, attrs: IndexEntry | None = None) -> Node:
@@ -345,7 +346,11 @@ class Filesystem:
     def _apply_attrs(self, node: Node, attrs: md.PosixAttrs) -> None:
         """Attributes read from S3 (object metadata, a directory index)."""
         node.attrs_stored = True
-        types = (stat.S_IFDIR,) if node.is_dir else (stat.S_IFREG, stat.S_IFLNK)
+        types: tuple[int, ...] = (stat.S_IFDIR,) if node.is_dir else (stat.S_IFREG, stat.S_IFLNK)
+        if not node.is_dir and node.size == 0:
+            # Unauthenticated metadata cannot turn a file with content into a FIFO that
+            # blocks whoever opens it: special files are empty objects.
+            types += md.SPECIAL_TYPES
         if attrs.mode is not None and stat.S_IFMT(attrs.mode) in types:
             if attrs.mode != node.mode:  # (our own chmod read back stays ours)
                 node.mode_set_here = False
@@ -356,6 +361,8 @@ class Filesystem:
             node.gid = attrs.gid
         if attrs.mtime_ns is not None:
             node.mtime_ns = attrs.mtime_ns
+        if attrs.rdev is not None and md.is_device(node.mode):
+            node.rdev = attrs.rdev
 
     # --- the directory attribute index ---------------------------------------------------
 
@@ -377,6 +384,7 @@ class Filesystem:
             mtime_ns=node.mtime_ns,
             ctime_ns=max(node.ctime_ns, node.mtime_ns),
             nlink=self._nlink(node),
+            rdev=node.rdev,
         )
 
     @staticmethod
@@ -387,7 +395,8 @@ class Filesystem:
         return 0 if node.unlinked else 1
 
     def _posix_attrs(self, node: Node) -> md.PosixAttrs:
-        return md.PosixAttrs(node.mode, node.uid, node.gid, node.mtime_ns)
+        rdev = node.rdev if md.is_device(node.mode) else None
+        return md.PosixAttrs(node.mode, node.uid, node.gid, node.mtime_ns, rdev)
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         result: T = await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -754,8 +763,10 @@ class Filesystem:
     async def link(self, ino: int, new_parent: int, new_name: str) -> Node:
         return await self.namespace.link(ino, new_parent, new_name)
 
-    def mknod(self, parent_ino: int, name: str) -> None:
-        self.namespace.mknod(parent_ino, name)
+    async def mknod(
+        self, parent_ino: int, name: str, mode: int, rdev: int, uid: int, gid: int
+    ) -> Node:
+        return await self.namespace.mknod(parent_ino, name, mode, rdev, uid, gid)
 
     # --- misc ----------------------------------------------------------------------------
 

@@ -497,7 +497,31 @@ class Namespace:
         self.fs.listing.entries_changed(parent, now)
         return copy
 
-    def mknod(self, parent_ino: int, name: str) -> None:
-        """Regular files come through create; pipes, sockets and devices are not stored."""
-        self.fs._check_name(self.fs.node(parent_ino), name)
-        raise NotPermitted("only files, directories and symbolic links can be stored")
+    async def mknod(
+        self, parent_ino: int, name: str, mode: int, rdev: int, uid: int, gid: int
+    ) -> Node:
+        """A FIFO, socket or device node (or an empty regular file): an empty object whose
+        mode, and for a device its number, are in its metadata and the directory index."""
+        kind = stat.S_IFMT(mode)
+        if kind not in (stat.S_IFREG, *md.SPECIAL_TYPES):
+            raise InvalidRequest(f"mknod of file type {kind:o}")
+        parent, path = await self._new_name(parent_ino, name, False)
+        now = now_ns()
+        mode = kind | (mode & 0o7777)
+        attrs = md.PosixAttrs(mode, uid, gid, now, rdev if md.is_device(mode) else None)
+        key = self.fs.key(path)
+        body, meta = await self.fs._thread(
+            lambda: self.fs.codec.seal_bytes(b"", attrs, key, content=True)
+        )
+        etag = await self.fs._thread(
+            lambda: self.fs.store.put(key, body, meta, if_none_match=True)
+        )
+        node = Node(self.fs.nodes.new_ino(), path, mode, uid, gid, now, now)
+        node.mode_set_here = True
+        node.rdev = attrs.rdev or 0
+        node.remote = Remote(etag, len(body), meta, attrs_known=True)
+        self.fs.nodes.add(node)
+        self.fs.listing.note(node)
+        self.fs.listing.add(parent, name, ChildInfo(False, len(body), etag, now))
+        self.fs.listing.entries_changed(parent, now)
+        return node

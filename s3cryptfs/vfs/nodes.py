@@ -75,6 +75,7 @@ class Node:
     # with its setuid, setgid and sticky bits (Filesystem.attr).
     mode_set_here: bool = False
     size: int = 0  # plaintext
+    rdev: int = 0  # device nodes
     remote: Remote | None = None
     # What it holds locally: write-back file, sealed version not in S3 yet (upload/files.py).
     w: FileWrite = field(default_factory=FileWrite)
