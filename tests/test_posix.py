@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -358,3 +359,56 @@ def test_the_mount_source_is_the_volume(mounted):
                 break
         else:
             raise AssertionError(f"{target} is not in /proc/self/mountinfo")
+
+
+def _as_nobody(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["python3", "-c", code], user=65534, group=65534, capture_output=True, text=True
+    )
+
+
+@contextlib.contextmanager
+def _traversable(path):
+    """Let other users walk down to *path* (pytest's temporary directories are 0700)."""
+    changed = []
+    for parent in reversed(path.parents):
+        mode = stat.S_IMODE(os.stat(parent).st_mode)
+        if mode & 0o011 != 0o011:
+            os.chmod(parent, mode | 0o011)
+            changed.append((parent, mode))
+    try:
+        yield
+    finally:
+        for parent, mode in reversed(changed):
+            os.chmod(parent, mode)
+
+
+def test_ownership_and_mode_of_a_directory_steer_the_kernels_permission_checks(volume):
+    """What pjdfstest does as root before it checks a user's rights in a directory: chown and
+    chmod it, then act as that user. Shared mounts need --allow-other (else the kernel lets
+    no other user in at all)."""
+    volume.init()
+    volume.mount("--allow-other")
+    m = volume.mountpoint
+    with _traversable(m):
+        _check_permissions_as_nobody(volume, m)
+
+
+def _check_permissions_as_nobody(volume, m) -> None:
+    os.chmod(m, 0o755)
+    (m / "mine").mkdir()
+    os.chown(m / "mine", 65534, 65534)
+    (m / "theirs").mkdir(mode=0o755)
+    made = _as_nobody(f"open({str(m / 'mine' / 'f')!r}, 'w').write('x')")
+    assert made.returncode == 0, made.stderr
+    refused = _as_nobody(f"open({str(m / 'theirs' / 'f')!r}, 'w').write('x')")
+    assert "PermissionError" in refused.stderr
+    os.chmod(m / "theirs", 0o777)
+    made = _as_nobody(f"open({str(m / 'theirs' / 'f')!r}, 'w').write('x')")
+    assert made.returncode == 0, made.stderr
+    assert os.stat(m / "theirs" / "f").st_uid == 65534
+    volume.remount("--allow-other")
+    assert os.stat(m / "mine").st_uid == 65534
+    assert stat.S_IMODE(os.stat(m / "theirs").st_mode) == 0o777
+    made = _as_nobody(f"import os; os.mkdir({str(m / 'mine' / 'sub')!r})")
+    assert made.returncode == 0, made.stderr
