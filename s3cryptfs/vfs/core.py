@@ -383,16 +383,9 @@ class Filesystem:
             gid=node.gid,
             mtime_ns=node.mtime_ns,
             ctime_ns=max(node.ctime_ns, node.mtime_ns),
-            nlink=self._nlink(node),
+            nlink=node.nlink,
             rdev=node.rdev,
         )
-
-    @staticmethod
-    def _nlink(node: Node) -> int:
-        if node.is_dir:
-            # "." and each subdirectory's "..", as far as the listing we hold knows them.
-            return 2 + (node.listing.subdirs() if node.listing is not None else 0)
-        return 0 if node.unlinked else 1
 
     def _posix_attrs(self, node: Node) -> md.PosixAttrs:
         rdev = node.rdev if md.is_device(node.mode) else None

@@ -120,6 +120,13 @@ class Node:
     def parent_path(self) -> str:
         return self.path.rsplit("/", 1)[0] if "/" in self.path else ""
 
+    @property
+    def nlink(self) -> int:
+        if self.is_dir:
+            # "." and each subdirectory's "..", as far as the listing held knows them.
+            return 2 + (self.listing.subdirs() if self.listing is not None else 0)
+        return 0 if self.unlinked else 1
+
     def dirty(self) -> bool:
         return self.w.busy
 
