@@ -115,7 +115,7 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e.st_size = attr.size
     e.st_blksize = 1024 * 1024
     e.st_blocks = (attr.size + 511) // 512
-    e.st_atime_ns = attr.mtime_ns
+    e.st_atime_ns = attr.atime_ns
     e.st_mtime_ns = attr.mtime_ns
     e.st_ctime_ns = attr.ctime_ns
     return e
@@ -168,9 +168,8 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> Any:
-        mtime = None
-        if fields.update_mtime:
-            mtime = attr.st_mtime_ns
+        mtime = attr.st_mtime_ns if fields.update_mtime else None
+        atime = attr.st_atime_ns if fields.update_atime else None
         result = await self.fs.setattr(
             inode,
             fh,
@@ -179,6 +178,7 @@ class FuseOperations(pyfuse3.Operations):
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
             mtime_ns=mtime,
+            atime_ns=atime,
         )
         return _entry(result)
 

@@ -412,3 +412,25 @@ def _check_permissions_as_nobody(volume, m) -> None:
     assert stat.S_IMODE(os.stat(m / "theirs").st_mode) == 0o777
     made = _as_nobody(f"import os; os.mkdir({str(m / 'mine' / 'sub')!r})")
     assert made.returncode == 0, made.stderr
+
+
+def test_an_atime_set_explicitly_is_kept_and_reads_do_not_move_it(mounted):
+    m = mounted.mountpoint
+    f = m / "f"
+    f.write_bytes(b"data")
+    os.utime(f, ns=(1_900_000_000 * 10**9, 1_950_000_000 * 10**9))
+    st = os.stat(f)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_900_000_000 * 10**9, 1_950_000_000 * 10**9)
+    subprocess.run(["touch", "-a", "-d", "@1800000000", str(m / "g")], check=True)
+    mounted.remount()
+    assert f.read_bytes() == b"data"  # a read does not move it (noatime)
+    st = os.stat(f)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_900_000_000 * 10**9, 1_950_000_000 * 10**9)
+    assert os.stat(m / "g").st_atime == 1_800_000_000
+    with open(f, "ab") as out:  # a new version keeps it too
+        out.write(b"!")
+    mounted.remount()
+    assert os.stat(f).st_atime_ns == 1_900_000_000 * 10**9
+    # Without an explicit one, the atime shown is the mtime.
+    (m / "h").write_bytes(b"x")
+    assert os.stat(m / "h").st_atime_ns == os.stat(m / "h").st_mtime_ns

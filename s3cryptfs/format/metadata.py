@@ -24,6 +24,7 @@ MODE = "s3cryptfs-mode"
 UID = "s3cryptfs-uid"
 GID = "s3cryptfs-gid"
 MTIME = "s3cryptfs-mtime-ns"
+ATIME = "s3cryptfs-atime-ns"  # only when set explicitly (docs/FORMAT.md)
 RDEV = "s3cryptfs-rdev"  # device nodes: the device number (docs/FORMAT.md)
 
 FORMAT_V1 = "1"
@@ -75,6 +76,7 @@ class PosixAttrs:
     gid: int | None = None
     mtime_ns: int | None = None
     rdev: int | None = None  # character and block devices only
+    atime_ns: int | None = None  # set explicitly only
 
     def encode(self) -> dict[str, str]:
         meta: dict[str, str] = {}
@@ -88,6 +90,8 @@ class PosixAttrs:
             meta[MTIME] = str(self.mtime_ns)
         if self.rdev is not None:
             meta[RDEV] = str(self.rdev)
+        if self.atime_ns is not None:
+            meta[ATIME] = str(self.atime_ns)
         return meta
 
     @staticmethod
@@ -106,7 +110,7 @@ class PosixAttrs:
         rdev = num(RDEV)
         if rdev is not None and not 0 <= rdev < 1 << 64:
             rdev = None
-        return PosixAttrs(mode, num(UID), num(GID), num(MTIME), rdev)
+        return PosixAttrs(mode, num(UID), num(GID), num(MTIME), rdev, num(ATIME))
 
 
 def object_format(meta: Mapping[str, str]) -> str:

@@ -122,6 +122,7 @@ class Written(Protocol):
     uid: int
     gid: int
     mtime_ns: int
+    atime_ns: int | None
     xattrs: dict[bytes, bytes] | None  # None: those of its current version, not read yet
     writers: int
     unlinked: bool
@@ -145,5 +146,5 @@ def trouble_kind(why: str) -> str:
 
 
 def posix_attrs(f: Written) -> md.PosixAttrs:
-    return md.PosixAttrs(f.mode, f.uid, f.gid, f.mtime_ns)
+    return md.PosixAttrs(f.mode, f.uid, f.gid, f.mtime_ns, atime_ns=f.atime_ns)
 

@@ -160,7 +160,7 @@ class Stream:
         # mode and owner as they are now; no mtime, which is not known before the last write
         # (readers fall back to the object's Last-Modified; our mounts keep the exact one in the
         # directory index).
-        self.attrs = md.PosixAttrs(attrs.mode, attrs.uid, attrs.gid, None)
+        self.attrs = md.PosixAttrs(attrs.mode, attrs.uid, attrs.gid, None, atime_ns=attrs.atime_ns)
         self.xattrs = dict(xattrs or {})  # the file's extended attributes, sealed in it too
         self.chunk_size = codec.chunk_size
         self.part_plain = part_plain_size(self.chunk_size, part_size)

@@ -118,6 +118,7 @@ class Attr:
     ctime_ns: int
     nlink: int
     rdev: int = 0
+    atime_ns: int = 0
 
 
 class Filesystem:
@@ -308,7 +309,7 @@ class Filesystem:
         if isinstance(info, ObjectInfo) and info.metadata is not None:
             self._apply_metadata(node, info.metadata)
         elif isinstance(info, ChildInfo) and info.attrs is not None:
-            self._apply_attrs(node, info.attrs.attrs())
+            node.apply_attrs(info.attrs.attrs())
             node.remote.attrs_known = not md.is_device(node.mode)  # rdev: in its metadata
         return self.nodes.add(node)
 
@@ -327,7 +328,7 @@ class Filesystem:
         )
         node.xattrs = {}
         if attrs is not None:
-            self._apply_attrs(node, attrs.attrs())
+            node.apply_attrs(attrs.attrs())
             node.xattrs = decoded(attrs.xattrs)
         return self.nodes.add(node)
 
@@ -335,34 +336,13 @@ class Filesystem:
         assert node.remote is not None
         node.remote.metadata = meta
         node.remote.attrs_known = True
-        self._apply_attrs(node, md.PosixAttrs.decode(meta))
+        node.apply_attrs(md.PosixAttrs.decode(meta))
         if node.w.local is None and node.w.staging is None and object_kind(meta) != OWN:
             # Foreign formats: the listed length alone does not give the plaintext size.
             node.size = self.codec.plain_size_or_none(node.remote.body_size, meta) or 0
         refusal = self.codec.refusal(meta)
         if refusal:
             node.error = refusal
-
-    def _apply_attrs(self, node: Node, attrs: md.PosixAttrs) -> None:
-        """Attributes read from S3 (object metadata, a directory index)."""
-        node.attrs_stored = True
-        types: tuple[int, ...] = (stat.S_IFDIR,) if node.is_dir else (stat.S_IFREG, stat.S_IFLNK)
-        if not node.is_dir and node.size == 0:
-            # Unauthenticated metadata cannot turn a file with content into a FIFO that
-            # blocks whoever opens it: special files are empty objects.
-            types += md.SPECIAL_TYPES
-        if attrs.mode is not None and stat.S_IFMT(attrs.mode) in types:
-            if attrs.mode != node.mode:  # (our own chmod read back stays ours)
-                node.mode_set_here = False
-            node.mode = attrs.mode
-        if attrs.uid is not None:
-            node.uid = attrs.uid
-        if attrs.gid is not None:
-            node.gid = attrs.gid
-        if attrs.mtime_ns is not None:
-            node.mtime_ns = attrs.mtime_ns
-        if attrs.rdev is not None and md.is_device(node.mode):
-            node.rdev = attrs.rdev
 
     # --- the directory attribute index ---------------------------------------------------
 
@@ -383,13 +363,10 @@ class Filesystem:
             gid=node.gid,
             mtime_ns=node.mtime_ns,
             ctime_ns=max(node.ctime_ns, node.mtime_ns),
+            atime_ns=node.mtime_ns if node.atime_ns is None else node.atime_ns,
             nlink=node.nlink,
             rdev=node.rdev,
         )
-
-    def _posix_attrs(self, node: Node) -> md.PosixAttrs:
-        rdev = node.rdev if md.is_device(node.mode) else None
-        return md.PosixAttrs(node.mode, node.uid, node.gid, node.mtime_ns, rdev)
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         result: T = await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -687,6 +664,7 @@ class Filesystem:
         uid: int | None = None,
         gid: int | None = None,
         mtime_ns: int | None = None,
+        atime_ns: int | None = None,
     ) -> Attr:
         node = self.node(ino)
         self._writable()
@@ -717,6 +695,9 @@ class Filesystem:
             meta_changed = True
         if mtime_ns is not None:
             node.mtime_ns = mtime_ns
+            meta_changed = True
+        if atime_ns is not None and not node.is_dir:
+            node.atime_ns = atime_ns
             meta_changed = True
         node.ctime_ns = now
         if meta_changed and not node.is_dir:

@@ -269,6 +269,8 @@ class Listings:
         remote = node.remote
         if remote is None or not remote.attrs_known or node.w.local is not None:
             return None  # not in S3 yet: noted again once uploaded
+        if node.atime_ns is not None:
+            return None  # the index has no atime: such a file is HEADed (a rare one)
         if remote.metadata is not None and object_kind(remote.metadata) != OWN:
             return None  # a foreign object's size needs its metadata: always HEADed
         return IndexEntry(remote.etag, node.mode, node.uid, node.gid, node.mtime_ns)
@@ -307,6 +309,6 @@ class Listings:
         if node.path == "":
             own = node.index.get(SELF)
             if own is not None and own.is_dir:
-                self.fs._apply_attrs(node, own.attrs())
+                node.apply_attrs(own.attrs())
                 node.xattrs = decode_set(own.xattrs) if own.xattrs else {}
         return node.index

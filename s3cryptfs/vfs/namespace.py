@@ -345,7 +345,7 @@ class Namespace:
                 await self._settle(n)
         await self.fs.uploader.wait_all(self.fs.uploader.pending_under(old_prefix))
 
-        marker_meta = self.fs._posix_attrs(node).encode()
+        marker_meta = node.posix_attrs().encode()
 
         def listed() -> dict[str, int]:
             return {
@@ -396,7 +396,7 @@ class Namespace:
             # An implicit directory exists only through its objects: keep an empty one alive.
             page = await self.fs._thread(self.fs.store.list, new_prefix, "/", None)
             if not page.objects and not page.prefixes:
-                attrs = self.fs._posix_attrs(node).encode()
+                attrs = node.posix_attrs().encode()
                 await self.fs._thread(lambda: self.fs.store.put(new_prefix, b"", attrs))
                 node.has_marker = True
         for n in list(self.fs.nodes.by_path.values()):

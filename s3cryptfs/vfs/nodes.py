@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import trio
 
 from s3cryptfs.cache.reader import ReadState, Version
+from s3cryptfs.format import metadata as md
 from s3cryptfs.upload import closed as closed_files
 from s3cryptfs.upload.state import FileWrite
 from s3cryptfs.vfs.attrindex import IndexEntry
@@ -76,6 +77,9 @@ class Node:
     mode_set_here: bool = False
     size: int = 0  # plaintext
     rdev: int = 0  # device nodes
+    # Set explicitly (utimensat, `touch -a`): reads never update it (docs/SEMANTICS.md). None
+    # shows the mtime.
+    atime_ns: int | None = None
     remote: Remote | None = None
     # What it holds locally: write-back file, sealed version not in S3 yet (upload/files.py).
     w: FileWrite = field(default_factory=FileWrite)
@@ -119,6 +123,34 @@ class Node:
     @property
     def parent_path(self) -> str:
         return self.path.rsplit("/", 1)[0] if "/" in self.path else ""
+
+    def apply_attrs(self, attrs: md.PosixAttrs) -> None:
+        """Attributes read from S3 (object metadata, a directory index)."""
+        self.attrs_stored = True
+        types: tuple[int, ...] = (stat.S_IFDIR,) if self.is_dir else (stat.S_IFREG, stat.S_IFLNK)
+        if not self.is_dir and self.size == 0:
+            # Unauthenticated metadata cannot turn a file with content into a FIFO that
+            # blocks whoever opens it: special files are empty objects.
+            types += md.SPECIAL_TYPES
+        if attrs.mode is not None and stat.S_IFMT(attrs.mode) in types:
+            if attrs.mode != self.mode:  # (our own chmod read back stays ours)
+                self.mode_set_here = False
+            self.mode = attrs.mode
+        if attrs.uid is not None:
+            self.uid = attrs.uid
+        if attrs.gid is not None:
+            self.gid = attrs.gid
+        if attrs.mtime_ns is not None:
+            self.mtime_ns = attrs.mtime_ns
+        if attrs.rdev is not None and md.is_device(self.mode):
+            self.rdev = attrs.rdev
+        if not self.is_dir:
+            self.atime_ns = attrs.atime_ns  # only set explicitly; else the mtime stands for it
+
+    def posix_attrs(self) -> md.PosixAttrs:
+        """What the object's metadata says of the file."""
+        rdev = self.rdev if md.is_device(self.mode) else None
+        return md.PosixAttrs(self.mode, self.uid, self.gid, self.mtime_ns, rdev, self.atime_ns)
 
     @property
     def nlink(self) -> int:

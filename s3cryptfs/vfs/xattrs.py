@@ -239,7 +239,7 @@ class Xattrs:
     ) -> dict[str, str]:
         """*base* (the metadata of the file's newest version) with the node's attributes; with
         *xattrs_changed*, its extended attributes sealed anew under that version's data key."""
-        meta = {**base, **self.fs._posix_attrs(node).encode()}
+        meta = {**base, **node.posix_attrs().encode()}
         if not xattrs_changed:
             return meta
         key = self.fs.key(node.path)
