@@ -143,3 +143,21 @@ def test_version_1_index_cannot_carry_attributes():
     doc = {"s3cryptfs": "dir-index", "version": 1, "path": "p", "entries": {"d": row}}
     with pytest.raises(ValueError):
         attrindex.decode("p", json.dumps(doc).encode())
+
+
+def test_index_version_3_carries_the_atime_of_files_only():
+    from s3cryptfs.vfs.attrindex import IndexEntry, decode, encode
+
+    plain = {"f": IndexEntry('"e"', 0o100644, 0, 0, 5)}
+    assert json.loads(encode("p", plain))["version"] == 1
+    timed = {
+        "f": IndexEntry('"e"', 0o100644, 0, 0, 5, atime_ns=7),
+        "g": IndexEntry('"x"', 0o100600, 1, 1, 9),
+    }
+    doc = json.loads(encode("p", timed))
+    assert doc["version"] == 3 and doc["entries"]["f"] == ['"e"', 0o100644, 0, 0, 5, "", 7]
+    assert decode("p", encode("p", timed)) == timed
+    for bad in (-1, 2**63, "7", True, 1.5):
+        doc["entries"]["f"][6] = bad
+        with pytest.raises(ValueError):
+            decode("p", json.dumps(doc).encode())

@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 
 # Version 2 rows may carry a directory's extended attributes; an index with none is written as
 # version 1, which mounts older than extended attributes read too.
-INDEX_VERSION = 2
-INDEX_VERSIONS = (1, 2)
+INDEX_VERSIONS = (1, 2, 3)  # a writer writes the lowest one its entries fit (docs/FORMAT.md)
+# An atime, in ns, is at most this: year 2262 (what fits an int64 of nanoseconds).
+_TIME_MAX = 2**63 - 1
 LAST_WRITTEN_DIRS = 64  # indexes whose last written state is kept to skip the GET before a PUT
 SELF = "."  # the directory's own attributes, for the root (other directories: in the parent)
 
@@ -80,27 +81,37 @@ class IndexEntry:
     # Directories: their extended attributes, encoded (format/xattrs.py); b"" for none. Files
     # keep theirs in their object's metadata, never here.
     xattrs: bytes = b""
+    # Files: an access time set explicitly (section 6 of docs/FORMAT.md); None for none.
+    atime_ns: int | None = None
 
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
 
     def attrs(self) -> md.PosixAttrs:
-        return md.PosixAttrs(self.mode, self.uid, self.gid, self.mtime_ns)
+        return md.PosixAttrs(self.mode, self.uid, self.gid, self.mtime_ns, atime_ns=self.atime_ns)
 
 
 def _row(e: IndexEntry) -> list[Any]:
     row: list[Any] = [e.etag, e.mode, e.uid, e.gid, e.mtime_ns]
-    if e.xattrs and e.is_dir:
-        row.append(base64.b64encode(e.xattrs).decode("ascii"))
+    blob = base64.b64encode(e.xattrs).decode("ascii") if e.xattrs and e.is_dir else ""
+    if e.atime_ns is not None and not e.is_dir:
+        row += [blob, e.atime_ns]
+    elif blob:
+        row.append(blob)
     return row
+
+
+def _version(rows: dict[str, list[Any]]) -> int:
+    longest = max((len(r) for r in rows.values()), default=5)
+    return {5: 1, 6: 2}.get(longest, 3)
 
 
 def encode(dir_path: str, entries: dict[str, IndexEntry]) -> bytes:
     rows = {name: _row(e) for name, e in sorted(entries.items())}
     doc = {
         "s3cryptfs": "dir-index",
-        "version": INDEX_VERSION if any(len(r) > 5 for r in rows.values()) else 1,
+        "version": _version(rows),
         "path": dir_path,
         "entries": rows,
     }
@@ -112,8 +123,10 @@ def _xattrs(version: int, row: list[Any]) -> bytes:
     says is still bounded before it is used)."""
     if len(row) == 5:
         return b""
-    if version < 2 or len(row) != 6 or not isinstance(row[5], str):
+    if version < 2 or len(row) != (6 if version == 2 else 7) or not isinstance(row[5], str):
         raise ValueError("directory index: malformed entry")
+    if not row[5]:
+        return b""
     if len(row[5]) > xa.BLOB_MAX_CHARS:
         raise ValueError("directory index: extended attributes too large")
     raw = base64.b64decode(row[5], validate=True)
@@ -140,6 +153,12 @@ def decode(dir_path: str, raw: bytes) -> dict[str, IndexEntry]:
         extra = _xattrs(version, row)
         if extra and entry.is_dir:
             entry = dataclasses.replace(entry, xattrs=extra)
+        if len(row) == 7:
+            atime = row[6]
+            if not isinstance(atime, int) or isinstance(atime, bool) or not 0 <= atime <= _TIME_MAX:
+                raise ValueError("directory index: malformed access time")
+            if not entry.is_dir:
+                entry = dataclasses.replace(entry, atime_ns=atime)
         out[str(name)] = entry
     return out
 

@@ -269,11 +269,11 @@ class Listings:
         remote = node.remote
         if remote is None or not remote.attrs_known or node.w.local is not None:
             return None  # not in S3 yet: noted again once uploaded
-        if node.atime_ns is not None:
-            return None  # the index has no atime: such a file is HEADed (a rare one)
         if remote.metadata is not None and object_kind(remote.metadata) != OWN:
             return None  # a foreign object's size needs its metadata: always HEADed
-        return IndexEntry(remote.etag, node.mode, node.uid, node.gid, node.mtime_ns)
+        return IndexEntry(
+            remote.etag, node.mode, node.uid, node.gid, node.mtime_ns, atime_ns=node.atime_ns
+        )
 
     def note(self, node: Node) -> None:
         """Record *node*'s attributes in its directory's index (written in the background)."""
