@@ -153,6 +153,7 @@ def test_index_version_3_carries_the_atime_of_files_only():
     timed = {
         "f": IndexEntry('"e"', 0o100644, 0, 0, 5, atime_ns=7),
         "g": IndexEntry('"x"', 0o100600, 1, 1, 9),
+        "d": IndexEntry("", 0o40755, 1, 1, 9, xattrs=xa.encode_set({b"user.a": b"1"})),
     }
     doc = json.loads(encode("p", timed))
     assert doc["version"] == 3 and doc["entries"]["f"] == ['"e"', 0o100644, 0, 0, 5, "", 7]

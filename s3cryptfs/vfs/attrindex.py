@@ -123,7 +123,7 @@ def _xattrs(version: int, row: list[Any]) -> bytes:
     says is still bounded before it is used)."""
     if len(row) == 5:
         return b""
-    if version < 2 or len(row) != (6 if version == 2 else 7) or not isinstance(row[5], str):
+    if version < 2 or len(row) > (6 if version == 2 else 7) or not isinstance(row[5], str):
         raise ValueError("directory index: malformed entry")
     if not row[5]:
         return b""
