@@ -2,6 +2,8 @@
 arrived in one directory without the mount (server-side copies, as a restore or another tool
 would leave them), listed with ``ls -l`` on a fresh mount (no directory index: one HEAD per
 object), then again on the next mount (the index the first pass wrote).
+
+BENCH_PYSPY=FILE records the mount's stacks during the first pass (py-spy, raw format).
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ def _peak_rss(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _cpu(pid: int | None) -> float:
+    """User and system CPU seconds the process has used so far."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _status(mnt: Path) -> dict[str, object]:
@@ -96,9 +107,24 @@ def run_wide(n: int, client: str) -> int:
         index_before = dirs_objects()
         for label in ("first contact (no index)", "with the index"):
             pid = mount()
+            spy = None
+            if os.environ.get("BENCH_PYSPY") and label.startswith("first"):
+                # Where the mount's time goes on first contact: collapsed stacks for flame graphs.
+                spy = subprocess.Popen(
+                    ["py-spy", "record", "-p", str(pid), "-r", "100", "--nonblocking", "--gil",
+                     "--format", "raw", "-o", os.environ["BENCH_PYSPY"]],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+                time.sleep(1)
+            cpu_mount, cpu_weed = _cpu(pid), _cpu(server.proc.pid if server.proc else None)
             start_t = time.perf_counter()
             listed = _ls(mnt / "wide")
             seconds = time.perf_counter() - start_t
+            cpu_mount = _cpu(pid) - cpu_mount
+            cpu_weed = _cpu(server.proc.pid if server.proc else None) - cpu_weed
+            if spy is not None:
+                spy.send_signal(2)
+                spy.wait()
             # The index is written in the background: wait for it before the next mount.
             deadline = time.monotonic() + 120
             status = _status(mnt)
@@ -114,6 +140,7 @@ def run_wide(n: int, client: str) -> int:
                 (
                     f"ls -l, {label}",
                     f"{seconds:.2f} s, {listed} entries, peak RSS {peak / MIB:.0f} MiB, "
+                    f"CPU s mount {cpu_mount:.1f} weed {cpu_weed:.1f}, "
                     f"index writes {status.get('index_writes')}, requests {requests}",
                 )
             )
