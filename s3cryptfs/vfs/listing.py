@@ -266,7 +266,8 @@ class Listings:
             child = await self.child(node, name, listing)
             if child is not None and not child.unlinked:
                 out.append((name, child))
-        await self.load_attrs_many([c for _, c in out])
+        with self.fs.index.batch(node.path):
+            await self.load_attrs_many([c for _, c in out])
         return out
 
     # --- the directory attribute index ------------------------------------------------
