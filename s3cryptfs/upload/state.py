@@ -61,7 +61,7 @@ class Staging:
                 os.unlink(self.path)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # every known file has one, most of them idle
 class FileWrite:
     """What one file holds locally, and the state of its write-back file."""
 
@@ -126,8 +126,10 @@ class Written(Protocol):
     xattrs: dict[bytes, bytes] | None  # None: those of its current version, not read yet
     writers: int
     unlinked: bool
-    lock: trio.Lock
     w: FileWrite
+
+    @property
+    def lock(self) -> trio.Lock: ...
 
     @property
     def remote_etag(self) -> str | None: ...

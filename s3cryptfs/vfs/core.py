@@ -61,6 +61,7 @@ from s3cryptfs.vfs.nodes import (
     Remote,
     child_path,
     now_ns,
+    shared_metadata,
 )
 from s3cryptfs.vfs.status import status_of
 from s3cryptfs.vfs.versions import Versions
@@ -334,7 +335,7 @@ class Filesystem:
 
     def _apply_metadata(self, node: Node, meta: dict[str, str]) -> None:
         assert node.remote is not None
-        node.remote.metadata = meta
+        node.remote.metadata = meta = shared_metadata(meta)
         node.remote.attrs_known = True
         node.apply_attrs(md.PosixAttrs.decode(meta))
         if node.w.local is None and node.w.staging is None and object_kind(meta) != OWN:

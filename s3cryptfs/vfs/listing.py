@@ -243,9 +243,18 @@ class Listings:
         ]
         if not todo:
             return
+        # As many tasks as HEADs can run at once, each taking the next file: one task per
+        # file would queue tens of thousands of them on the thread limiter, each with its
+        # coroutine frame held until its turn.
+        pending = iter(todo)
+
+        async def worker() -> None:
+            for n in pending:
+                await self.load_metadata(n)
+
         async with trio.open_nursery() as nursery:
-            for n in todo:
-                nursery.start_soon(self.load_metadata, n)
+            for _ in range(min(len(todo), self.fs.opts.io_threads)):
+                nursery.start_soon(worker)
 
     async def readdir(self, ino: int) -> list[tuple[str, Node]]:
         node = self.fs.node(ino)
@@ -257,7 +266,8 @@ class Listings:
             child = await self.child(node, name, listing)
             if child is not None and not child.unlinked:
                 out.append((name, child))
-        await self.load_attrs_many([c for _, c in out])
+        with self.fs.index.batch(node.path):
+            await self.load_attrs_many([c for _, c in out])
         return out
 
     # --- the directory attribute index ------------------------------------------------

@@ -7,6 +7,7 @@ kernel forgets it (lookup count 0) and nothing holds it open or dirty.
 from __future__ import annotations
 
 import stat
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -25,7 +26,9 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-@dataclass(eq=False)
+# Slots: a directory of 100,000 files holds as many of these; without them each carries a
+# per-instance dict that costs more than its fields.
+@dataclass(eq=False, slots=True)
 class Remote:
     """The object version in S3 this node was last seen (or written) as."""
 
@@ -37,7 +40,7 @@ class Remote:
     companion_read: bool = False  # a gateway multipart object's size was read from its manifest
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ChildInfo:
     """A directory entry as a listing reported it."""
 
@@ -48,7 +51,7 @@ class ChildInfo:
     attrs: IndexEntry | None = None  # from the directory index, when still valid
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Listing:
     children: dict[str, ChildInfo]
     fetched_at: float = field(default_factory=time.monotonic)
@@ -63,7 +66,7 @@ class Listing:
         return self._subdirs
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)  # (vfs/xattrs.py keys locks by node)
 class Node:
     ino: int
     path: str
@@ -105,8 +108,16 @@ class Node:
     # metadata of the file's version (node.remote), not read yet (vfs/xattrs.py). Directories
     # always have them (from their index entry).
     xattrs: dict[bytes, bytes] | None = None
-    lock: trio.Lock = field(default_factory=trio.Lock)
+    _lock: trio.Lock | None = field(default=None, init=False, repr=False)
     error: str | None = None  # last upload failure, for the state attribute
+
+    @property
+    def lock(self) -> trio.Lock:
+        # Made on first use: most listed files are never locked, and a lock with its
+        # parking lot is a tenth of a node's size.
+        if self._lock is None:
+            self._lock = trio.Lock()
+        return self._lock
 
     @property
     def is_dir(self) -> bool:
@@ -174,6 +185,13 @@ class Handle:
     writable: bool
     state: ReadState = field(default_factory=ReadState)
     keep_cache: bool = True  # whether the kernel's pages of the file are still its content
+
+
+def shared_metadata(meta: dict[str, str]) -> dict[str, str]:
+    """*meta* with its names and values interned: the files of one directory repeat the same
+    names and most of the same values (format, key version, key manager, owner, mode), and a
+    HEAD gives each file its own copies of all of them."""
+    return {sys.intern(k): sys.intern(v) for k, v in meta.items()}
 
 
 def child_path(parent: str, name: str) -> str:
