@@ -9,6 +9,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from s3cryptfs import limits
+
 
 @dataclass(frozen=True)
 class ObjectInfo:
@@ -170,3 +172,36 @@ class ObjectStore(Protocol):
     ) -> str: ...
 
     def delete(self, key: str) -> None: ...
+
+
+class PagedReads:
+    """What both stores build the same way on their own list and get_bounded: paging through
+    a listing, and reading a gateway multipart object's manifest."""
+
+    def list(
+        self,
+        prefix: str,
+        delimiter: str | None = "/",
+        token: str | None = None,
+        start_after: str | None = None,
+    ) -> ListPage:
+        raise NotImplementedError
+
+    def get_bounded(self, key: str, limit: int, what: str) -> tuple[bytes, ObjectInfo]:
+        raise NotImplementedError
+
+    def list_all(
+        self, prefix: str, delimiter: str | None = "/", start_after: str | None = None
+    ) -> Iterator[ListPage]:
+        token = None
+        while True:
+            page = self.list(prefix, delimiter, token, start_after)
+            yield page
+            if not page.token:
+                return
+            token = page.token
+
+    def read_companion(self, key: str) -> tuple[dict[str, str], bytes]:
+        """Metadata and body of a gateway multipart object's manifest (bounded; blocking)."""
+        body, info = self.get_bounded(key, limits.MPU_MANIFEST_MAX, "multipart manifest")
+        return info.metadata or {}, body

@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -43,6 +43,7 @@ from s3cryptfs.store import retry
 from s3cryptfs.store.base import (
     ListPage,
     ObjectInfo,
+    PagedReads,
     PartList,
     StoreSettings,
     etag_of,
@@ -137,7 +138,7 @@ def _credentials_provider() -> awscrt.auth.AwsCredentialsProvider:
     return awscrt.auth.AwsCredentialsProvider.new_delegate(current)
 
 
-class NativeStore:
+class NativeStore(PagedReads):
     """An ObjectStore whose data path runs on awscrt; see the module's docstring."""
 
     def __init__(self, settings: StoreSettings, fallback: S3Store | None = None) -> None:
@@ -368,11 +369,6 @@ class NativeStore:
 
         return self._call(f"get {key}", fetch)
 
-    def read_companion(self, key: str) -> tuple[dict[str, str], bytes]:
-        """Metadata and body of a gateway multipart object's manifest (bounded; blocking)."""
-        body, info = self.get_bounded(key, limits.MPU_MANIFEST_MAX, "multipart manifest")
-        return info.metadata or {}, body
-
     def list(
         self,
         prefix: str,
@@ -398,17 +394,6 @@ class NativeStore:
 
         r = self._call(f"list {prefix}", fetch)
         return _parse_list(r)
-
-    def list_all(
-        self, prefix: str, delimiter: str | None = "/", start_after: str | None = None
-    ) -> Iterator[ListPage]:
-        token = None
-        while True:
-            page = self.list(prefix, delimiter, token, start_after)
-            yield page
-            if not page.token:
-                return
-            token = page.token
 
     # --- writing --------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import os
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -40,6 +40,7 @@ from s3cryptfs.store import retry
 from s3cryptfs.store.base import (
     ListPage,
     ObjectInfo,
+    PagedReads,
     PartList,
     StoreSettings,
     etag_of,
@@ -217,7 +218,7 @@ def _cache_user_agent(client: Any) -> None:
     creator.to_string = to_string
 
 
-class S3Store:
+class S3Store(PagedReads):
     """One bucket, one shared boto3 client (thread safe), one retry policy."""
 
     def __init__(self, settings: StoreSettings, client: Any | None = None) -> None:
@@ -345,11 +346,6 @@ class S3Store:
 
         return self._call(f"get {key}", fetch)
 
-    def read_companion(self, key: str) -> tuple[dict[str, str], bytes]:
-        """Metadata and body of a gateway multipart object's manifest (bounded; blocking)."""
-        body, info = self.get_bounded(key, limits.MPU_MANIFEST_MAX, "multipart manifest")
-        return info.metadata or {}, body
-
     def list(
         self,
         prefix: str,
@@ -384,17 +380,6 @@ class S3Store:
                     email.utils.parsedate_to_datetime(date).timestamp() * 1e9
                 )
         return page
-
-    def list_all(
-        self, prefix: str, delimiter: str | None = "/", start_after: str | None = None
-    ) -> Iterator[ListPage]:
-        token = None
-        while True:
-            page = self.list(prefix, delimiter, token, start_after)
-            yield page
-            if not page.token:
-                return
-            token = page.token
 
     # --- writing --------------------------------------------------------------------------
 
