@@ -118,6 +118,29 @@ class Reader:
         if expected != version.plain_size:
             version.plain_size = expected
 
+    async def seed(self, version: Version, body: bytes) -> None:
+        """*version*'s whole body, fetched in one request (vfs/smallfiles.py): its cipher is
+        made from the header in it and every chunk decrypted into the cache, so its reads
+        send nothing. IntegrityError (and the KMS's errors) when it does not open."""
+
+        def open_whole() -> tuple[BodyCipher, dict[int, bytes]]:
+            if len(body) != version.body_size:
+                raise IntegrityError(f"{version.name}: object is not its listed size")
+            cipher = version.make_cipher(body[: version.header_len])
+            plain_size = cipher.plain_size_of(len(body))
+            total = cipher.chunk_count(plain_size)
+            if total == 0:
+                return cipher, {}
+            start, end = cipher.span(0, total - 1, len(body))
+            chunks = cipher.open_range(0, body[start : end + 1], total)
+            return cipher, dict(enumerate(chunks))
+
+        cipher, blocks = await trio.to_thread.run_sync(open_whole, limiter=self.limiter)
+        version.plain_size = cipher.plain_size_of(version.body_size)
+        version.cipher = cipher
+        for index, block in blocks.items():
+            self.cache.put(version.vid, index, block)
+
     def _fetch_group(
         self, version: Version, group: int, header_checked: bool = False, count: int = 1
     ) -> dict[int, bytes]:
@@ -196,6 +219,15 @@ class Reader:
                 missing_groups.add(index // glen)
             else:
                 blocks[index] = block
+        if missing_groups and self._random(offset, state):
+            # A cold random read: only its chunks, not a whole group it will not use.
+            found = await trio.to_thread.run_sync(
+                self._fetch_chunks, version, first, last, limiter=self.limiter
+            )
+            for index, block in found.items():
+                self.cache.put(version.vid, index, block)
+            blocks.update(found)
+            missing_groups.clear()
         if missing_groups:
             results: list[dict[int, bytes]] = []
             errors: list[BaseException] = []
@@ -220,6 +252,28 @@ class Reader:
         data = b"".join(blocks[i] for i in range(first, last + 1))
         skip = offset - cipher.chunk_start(first)
         return data[skip : skip + (end - offset)]
+
+    @staticmethod
+    def _random(offset: int, state: ReadState | None) -> bool:
+        # (a handle's first read counts as random unless it starts the file: sequential
+        # readers mostly do, and from their second read on they are seen as sequential)
+        return state is not None and offset != 0 and offset != state.next_offset
+
+    def _fetch_chunks(self, version: Version, first: int, last: int) -> dict[int, bytes]:
+        """Blocking: fetch and decrypt chunks *first*..*last* in one ranged GET."""
+        cipher = version.cipher
+        assert cipher is not None
+        total = version.chunks()
+        start, end = cipher.span(first, last, version.body_size)
+
+        def open_all(data: bytes) -> dict[int, bytes]:
+            if len(data) != end - start + 1:
+                raise IntegrityError(
+                    f"{version.name}: object is shorter than its listed size (truncated?)"
+                )
+            return dict(enumerate(cipher.open_range(first, data, total), start=first))
+
+        return _retry_uncached(version, start, end, open_all)
 
     def _readahead(self, version: Version, offset: int, end: int, state: ReadState) -> None:
         if offset == state.next_offset:

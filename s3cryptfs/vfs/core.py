@@ -29,18 +29,14 @@ from s3cryptfs.errors import (
     InvalidRequest,
     IsDirectory,
     KeyManagerError,
-    KeyNotFound,
-    KeyRetired,
     NoSuchEntry,
     NotPermitted,
     ReadOnlyMount,
     S3CryptFSError,
     StaleEntry,
-    UnknownProvider,
     UploadConflict,
     strip_subject,
 )
-from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format import xattrs as xa
 from s3cryptfs.format.descriptor import META_DIR
@@ -63,6 +59,7 @@ from s3cryptfs.vfs.nodes import (
     now_ns,
     shared_metadata,
 )
+from s3cryptfs.vfs.smallfiles import SmallFiles
 from s3cryptfs.vfs.status import status_of
 from s3cryptfs.vfs.versions import Versions
 from s3cryptfs.vfs.xattrs import Xattrs, decoded
@@ -85,6 +82,7 @@ class FsOptions:
     file_mode: int = 0o644
     dir_mode: int = 0o755
     dir_ttl: float = 5.0
+    file_ttl: float = 0.0  # --file-cache-ttl (vfs/smallfiles.py)
     read_only: bool = False
     sync_close: bool = False
     memory_cache: int = 64 * 1024 * 1024
@@ -178,6 +176,7 @@ class Filesystem:
         self.namespace = Namespace(self)
         self.listing = Listings(self)
         self.xattrs = Xattrs(self)
+        self.small = SmallFiles(self)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -397,43 +396,7 @@ class Filesystem:
             self._apply_metadata(node, info.metadata)
 
     def _remote_version(self, node: Node) -> Version:
-        remote = node.remote
-        assert remote is not None
-        if remote.version is None:
-            key = self.key(node.path)
-            etag = remote.etag
-            meta = remote.metadata or {}
-            size = self.codec.plain_size_or_none(remote.body_size, remote.metadata)
-            if size is None and gw.is_mpu_object(meta):
-                size = node.size  # from its manifest; checked again once the cipher is built
-            if size is None:
-                raise IntegrityError(
-                    f"{key}: object length {remote.body_size} is not a valid encrypted length"
-                )
-
-            def make_cipher(header: bytes) -> Any:
-                try:
-                    return self.codec.cipher(meta, header, key)
-                except (KeyRetired, KeyNotFound, UnknownProvider):
-                    # A rewrap replaces only the metadata and may keep the ETag: our cached
-                    # envelope can be older than the object's. Fetch the current one once.
-                    fresh = self.store.head(key)
-                    if fresh.etag != etag or not fresh.metadata or fresh.metadata == meta:
-                        raise
-                    assert remote is not None
-                    remote.metadata = fresh.metadata
-                    return self.codec.cipher(fresh.metadata, header, key)
-
-            remote.version = Version(
-                vid=("r", key, etag),
-                name=key,
-                plain_size=size,
-                body_size=remote.body_size,
-                fetch=self._fetcher(key, etag),
-                make_cipher=make_cipher,
-                header_len=self.codec.header_len(remote.metadata),
-            )
-        return remote.version
+        return self.small.remote_version(node)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self.handles[fh]
@@ -500,6 +463,8 @@ class Filesystem:
             raise StaleEntry(str(exc)) from None
         if node.error and node.w.local is None and node.w.staging is None and not writable:
             raise IntegrityError(f"{self.key(node.path)}: {node.error}")
+        if not writable:
+            self.small.opened(node)
         if writable and node.xattrs is None and xa.META_NAME in self.xattrs.newest_metadata(node):
             # The next version carries them, sealed anew: known before a streamed upload
             # fixes its metadata. (Best effort: the commit reads them otherwise.)

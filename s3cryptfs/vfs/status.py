@@ -62,6 +62,7 @@ def status_of(fs: Filesystem) -> dict[str, Any]:
         "hits": fs.blocks.hits,
         "misses": fs.blocks.misses,
     }
+    out["read_ahead"] = fs.small.stats()  # small files fetched ahead of their open
     if fs.disk is not None:
         out["disk_cache"] = {
             "bytes": fs.disk.size,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from s3cryptfs.errors import NoSuchEntry, ObjectNotFound, S3CryptFSError
+from s3cryptfs.errors import NoSuchEntry, ObjectNotFound, ObjectTooLarge, S3CryptFSError
 from s3cryptfs.upload.journal import Entry
 from s3cryptfs.vfs.nodes import ChildInfo, Node, Remote
 
@@ -31,19 +31,45 @@ class Versions:
         if node.w.local is not None or node.w.staging is not None or node.remote is None:
             return True
         key = self.fs.key(node.path)
+        small = self.fs.small
+        got = await small.take(key)
+        body: bytes | None = None
         try:
-            head = await self.fs._thread(self.fs.store.head, key)
+            if got is not None and got.info.etag == node.remote.etag and small.trusted(got):
+                head = got.info  # fetched ahead within --file-cache-ttl: no request
+            elif got is None and small.whole(node) and not small.cached(node):
+                try:
+                    body, head = await small.fetch(key)  # ETag, metadata and body at once
+                except ObjectTooLarge:  # it grew since it was listed
+                    head = await self.fs._thread(self.fs.store.head, key)
+            else:
+                head = await self.fs._thread(self.fs.store.head, key)
         except ObjectNotFound:
             if recreate:
                 self._as_new(node)
                 return False
             self._deleted_elsewhere(node)
             raise NoSuchEntry(f"{key} was deleted by another client") from None
-        if head.etag == node.remote.etag and node.remote.metadata is not None:
+        remote = node.remote
+        changed = head.etag != remote.etag
+        if got is not None and got.info.etag == head.etag:
+            # What a scan fetched ahead is still the object: it becomes the node's version.
+            if changed or remote.metadata is None:
+                self.fs._replace_remote(node, head)
+                await self.fs.listing.companion_size(node)
+            assert node.remote is not None
+            node.remote.version = got.version
+            small.ahead_used += 1
+            return not changed
+        if got is not None:
+            self.fs.reader.forget(got.version)
+        if not changed and remote.metadata is not None and body is None:
             return True
-        changed = head.etag != node.remote.etag
-        self.fs._replace_remote(node, head)
-        await self.fs.listing.companion_size(node)
+        if changed or remote.metadata is None:
+            self.fs._replace_remote(node, head)
+            await self.fs.listing.companion_size(node)
+        if body is not None and small.whole(node):  # (not a gateway multipart object)
+            await small.seed(small.remote_version(node), body)
         return not changed
 
     def reattach(self, node: Node) -> None:
@@ -58,6 +84,7 @@ class Versions:
 
     async def uploaded(self, node: Node, entry: Entry) -> None:
         """A version of *node* reached S3: it is the remote version now."""
+        self.fs.small.forget_key(entry.key)  # (fetched ahead: an older version)
         node.remote = Remote(entry.etag or "", entry.body_size, dict(entry.metadata))
         node.remote.attrs_known = True
         # Keep reading the local body until it is gone: the chunks are cached under its vid.

@@ -1,0 +1,143 @@
+"""Small files in one request, and directory scans read ahead (vfs/smallfiles.py), counted
+request by request on the real server through the fault-injecting store's call log."""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import pytest
+
+from tests.vfs.harness import CoreDriver, CoreFs
+
+DIR = "scan"
+
+
+def per_key(core: CoreFs, op: str) -> collections.Counter[str]:
+    return collections.Counter(
+        c.split(" ", 1)[1] for c in core.store.calls if c.startswith(op + " ")
+    )
+
+
+def fill(driver: CoreDriver, count: int, size: int) -> dict[str, bytes]:
+    driver.mkdir(DIR)
+    files = {f"f{i:04d}": os.urandom(size) for i in range(count)}
+    for name, data in files.items():
+        driver.write_file(f"{DIR}/{name}", data)
+    driver.core.call(driver.fs.drain, 5.0)
+    return files
+
+
+def cold(core: CoreFs, **opts: object) -> None:
+    """A fresh mount: nothing cached, the call log cleared."""
+    core.stop()
+    core.start(**opts)
+    core.store.calls.clear()
+
+
+def test_cold_small_file_is_one_request(core: CoreFs, driver: CoreDriver) -> None:
+    files = fill(driver, 3, 5000)
+    cold(core)
+    driver.listdir(DIR)
+    assert driver.read_file(f"{DIR}/f0001") == files["f0001"]
+    key = f"vol/{DIR}/f0001"
+    assert per_key(core, "get")[key] == 1
+    assert per_key(core, "head")[key] == 0
+    # Opened again: the blocks are cached, one HEAD says they are still the object's.
+    core.store.calls.clear()
+    assert driver.read_file(f"{DIR}/f0001") == files["f0001"]
+    assert per_key(core, "get")[key] == 0
+    assert per_key(core, "head")[key] == 1
+
+
+def test_scan_reads_each_file_once(core: CoreFs, driver: CoreDriver) -> None:
+    files = fill(driver, 200, 4096)
+    cold(core, file_ttl=60.0)
+    names = driver.listdir(DIR)
+    assert names == sorted(files)
+    for name in names:
+        assert driver.read_file(f"{DIR}/{name}") == files[name]
+    gets, heads = per_key(core, "get"), per_key(core, "head")
+    keys = [f"vol/{DIR}/{name}" for name in names]
+    assert [k for k in keys if gets[k] != 1] == []
+    assert sum(heads[k] for k in keys) == 0
+    # Most of them came from fetches made ahead of the opens, not by the opens.
+    assert driver.fs.small.ahead_used >= 150
+
+
+def test_scan_without_file_ttl_fetches_ahead_larger_files(
+    core: CoreFs, driver: CoreDriver
+) -> None:
+    files = fill(driver, 40, 100 * 1024)
+    cold(core)
+    for name in driver.listdir(DIR):
+        assert driver.read_file(f"{DIR}/{name}") == files[name]
+    gets, heads = per_key(core, "get"), per_key(core, "head")
+    keys = [f"vol/{DIR}/{name}" for name in files]
+    assert [k for k in keys if gets[k] != 1] == []
+    # Every open still asks S3 (close-to-open): a HEAD when the body was fetched ahead.
+    assert driver.fs.small.ahead_used >= 30
+    assert sum(heads[k] for k in keys) == driver.fs.small.ahead_used
+
+
+@pytest.mark.parametrize("size", [4096, 100 * 1024])
+def test_file_changed_elsewhere_is_never_served_stale(
+    core: CoreFs, driver: CoreDriver, seaweed, bucket, tmp_path, size: int
+) -> None:
+    """Fetched ahead, then replaced by another machine before its open: the open reads the
+    new version (without --file-cache-ttl, every open asks S3)."""
+    files = fill(driver, 30, size)
+    other = CoreFs(seaweed, bucket, tmp_path / "other").start()
+    try:
+        cold(core)
+        core.opts.pop("file_ttl", None)
+        names = driver.listdir(DIR)
+        for name in names[:10]:
+            assert driver.read_file(f"{DIR}/{name}") == files[name]
+        ahead = dict(driver.fs.small.fetched)
+        changed = [k.rsplit("/", 1)[1] for k in ahead][:3]
+        if size > 64 * 1024:
+            assert changed, "nothing was fetched ahead"
+        else:
+            changed = names[10:13]
+        new = {name: os.urandom(size + 7) for name in changed}
+        other_driver = CoreDriver(other)
+        for name, data in new.items():
+            other_driver.write_file(f"{DIR}/{name}", data)
+        other.call(other.fs.drain, 5.0)
+        for name in names[10:]:
+            assert driver.read_file(f"{DIR}/{name}") == new.get(name, files[name]), name
+    finally:
+        other.stop(drain=False)
+
+
+def test_change_made_here_is_never_served_stale_with_file_ttl(
+    core: CoreFs, driver: CoreDriver
+) -> None:
+    files = fill(driver, 30, 4096)
+    cold(core, file_ttl=60.0)
+    names = driver.listdir(DIR)
+    for name in names[:5]:
+        driver.read_file(f"{DIR}/{name}")
+    ahead = [k.rsplit("/", 1)[1] for k in driver.fs.small.fetched]
+    assert ahead, "nothing was fetched ahead"
+    target = ahead[-1]
+    driver.write_file(f"{DIR}/{target}", b"written here")
+    driver.core.call(driver.fs.drain, 5.0)
+    assert driver.read_file(f"{DIR}/{target}") == b"written here"
+    for name in names[5:]:
+        if name != target:
+            assert driver.read_file(f"{DIR}/{name}") == files[name]
+
+
+def test_forged_small_object_still_fails_as_before(core: CoreFs, driver: CoreDriver) -> None:
+    fill(driver, 2, 5000)
+    key = f"vol/{DIR}/f0000"
+    info = core.store.head(key)
+    body = bytearray(core.store.get(key))
+    body[-20] ^= 1
+    core.store.put(key, bytes(body), metadata=info.metadata or {})
+    cold(core)
+    with pytest.raises(OSError) as exc:
+        driver.read_file(f"{DIR}/f0000")
+    assert exc.value.errno == 5  # EIO
