@@ -132,6 +132,16 @@ def _write_only(flags: int) -> bool:
 class _DirHandle:
     inode: int
     entries: list[tuple[str, Node]] | None = None
+    # The listing is taken by a task of its own that appends to *entries* as LIST pages
+    # come in (vfs/listing.py stream); readdir answers with what is there and waits for more.
+    done: bool = True
+    error: Exception | None = None
+    more: trio.Event = dataclasses.field(default_factory=trio.Event)
+    scope: trio.CancelScope | None = None
+
+    def notify(self) -> None:
+        more, self.more = self.more, trio.Event()
+        more.set()
 
 
 class FuseOperations(pyfuse3.Operations):
@@ -202,25 +212,70 @@ class FuseOperations(pyfuse3.Operations):
         # One listing per pass over the directory: the kernel asks again for every buffer
         # full of entries, and rebuilding the listing each time is quadratic in its size.
         if handle.entries is None or start_id == 0:
-            directory = self.fs.node(handle.inode)
-            parent = self.fs.nodes.at(directory.parent_path) or directory
-            # "." and ".." come first; the kernel does not count lookups for them.
-            handle.entries = [(".", directory), ("..", parent)]
-            handle.entries += await self.fs.readdir(handle.inode)
-        listing = handle.entries
-        for index in range(start_id, len(listing)):
-            name, listed = listing[index]
-            node = listed if index < 2 else self.fs.nodes.current(listed)
-            if node is None:
-                continue  # removed since the listing was taken
-            attrs = _entry(self.fs.attr(node))
-            if not pyfuse3.readdir_reply(token, to_kernel(name), attrs, index + 1):
+            await self._list(handle)
+        while True:
+            listing = handle.entries
+            assert listing is not None
+            sent = False
+            for index in range(start_id, len(listing)):
+                name, listed = listing[index]
+                node = listed if index < 2 else self.fs.nodes.current(listed)
+                if node is None:
+                    continue  # removed since the listing was taken
+                attrs = _entry(self.fs.attr(node))
+                if not pyfuse3.readdir_reply(token, to_kernel(name), attrs, index + 1):
+                    return
+                sent = True
+                if index >= 2:
+                    node.lookups += 1
+            if handle.error is not None:
+                error, handle.error = handle.error, None
+                raise error
+            # Nothing more to send now: the kernel asks again for the next entries, and an
+            # answer without any means the end of the directory.
+            if sent or handle.done:
                 return
-            if index >= 2:
-                node.lookups += 1
+            start_id = len(listing)
+            await handle.more.wait()
+
+    async def _list(self, handle: _DirHandle) -> None:
+        """Start taking the directory's listing for *handle* (entries arrive page by page)."""
+        if handle.scope is not None:
+            handle.scope.cancel()
+        directory = self.fs.node(handle.inode)
+        parent = self.fs.nodes.at(directory.parent_path) or directory
+        # "." and ".." come first; the kernel does not count lookups for them.
+        entries: list[tuple[str, Node]] = [(".", directory), ("..", parent)]
+        handle.entries, handle.done, handle.error = entries, False, None
+        nursery = self.fs.reader.nursery
+        if nursery is None:  # (not serving yet)
+            entries += await self.fs.readdir(handle.inode)
+            handle.done = True
+            return
+        scope = handle.scope = trio.CancelScope()
+
+        def emit(batch: list[tuple[str, Node]]) -> None:
+            entries.extend(batch)
+            handle.notify()
+
+        async def produce() -> None:
+            with scope:
+                try:
+                    await self.fs.readdir_stream(handle.inode, emit)
+                except Exception as exc:  # noqa: BLE001 - answered by the waiting readdir
+                    if handle.entries is entries:
+                        handle.error = exc
+                finally:
+                    if handle.entries is entries:
+                        handle.done = True
+                        handle.notify()
+
+        nursery.start_soon(produce)
 
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+        handle = self._dirs.pop(fh, None)
+        if handle is not None and handle.scope is not None:
+            handle.scope.cancel()  # a reader that stopped early (`ls | head`)
 
     @_guard
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:

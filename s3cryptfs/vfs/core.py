@@ -380,6 +380,11 @@ class Filesystem:
     async def readdir(self, ino: int) -> list[tuple[str, Node]]:
         return await self.listing.readdir(ino)
 
+    async def readdir_stream(
+        self, ino: int, emit: Callable[[list[tuple[str, Node]]], None]
+    ) -> None:
+        await self.listing.stream(ino, emit)
+
     async def load_attrs_many(self, nodes: list[Node]) -> None:
         await self.listing.load_attrs_many(nodes)
 

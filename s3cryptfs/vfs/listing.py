@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
 import trio
@@ -25,6 +26,7 @@ from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format.descriptor import META_DIR
 from s3cryptfs.format.xattrs import decode_set, encode_set
+from s3cryptfs.store.base import ListPage
 from s3cryptfs.vfs import names
 from s3cryptfs.vfs.attrindex import SELF, IndexEntry
 from s3cryptfs.vfs.nodes import ChildInfo, Listing, Node, child_path, now_ns
@@ -34,45 +36,72 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+OnPage = Callable[[list[tuple[str, ChildInfo]]], Awaitable[None]]
+
 
 class Listings:
     def __init__(self, fs: Filesystem) -> None:
         self.fs = fs
 
-    async def listing_of(self, node: Node) -> Listing:
-        """The children of a directory, from S3 (cached for dir_ttl) plus local pending ones."""
+    async def listing_of(self, node: Node, on_page: OnPage | None = None) -> Listing:
+        """The children of a directory, from S3 (cached for dir_ttl) plus local pending ones.
+
+        *on_page*: called with each LIST page's entries (their index attributes applied) as
+        the page arrives, so that a readdir can answer before the last page: what the
+        finished listing corrects (changes made here meanwhile, pending local files) is not
+        sent again."""
         listing = node.listing
         if listing is not None and time.monotonic() - listing.fetched_at < self.fs.opts.dir_ttl:
             return listing
         prefix = self.fs.dir_prefix(node.path)
-
-        def fetch() -> dict[str, ChildInfo]:
-            children: dict[str, ChildInfo] = {}
-            for page in self.fs.store.list_all(prefix):
-                for p in page.prefixes:
-                    name = p[len(prefix) :].rstrip("/")
-                    if name and name not in (".", "..") and "/" not in name:
-                        children[name] = ChildInfo(is_dir=True)
-                for o in page.objects:
-                    name = o.key[len(prefix) :]
-                    if not name or name in (".", "..") or "/" in name:
-                        continue
-                    if name in children:  # a directory of the same name wins
-                        continue
-                    children[name] = ChildInfo(False, o.size, o.etag, o.mtime_ns)
-            return children
-
         children: dict[str, ChildInfo] = {}
+        index_loaded = trio.Event()
+        # file names a directory of the same name may still replace (a dict: ordered)
+        held: dict[str, None] = {}
+
+        def page_entries(page: ListPage) -> list[str]:
+            for p in page.prefixes:
+                name = p[len(prefix) :].rstrip("/")
+                if name and name not in (".", "..") and "/" not in name:
+                    children[name] = ChildInfo(is_dir=True)  # a directory wins over a file
+                    held.pop(name, None)
+            for o in page.objects:
+                name = o.key[len(prefix) :]
+                if not name or name in (".", "..") or "/" in name or name in children:
+                    continue
+                children[name] = ChildInfo(False, o.size, o.etag, o.mtime_ns)
+                held[name] = None
+            # S3 lists in key order: "NAME/" comes after "NAME" and the keys between them,
+            # so a file name is final once the listing has passed its "NAME/".
+            last = max([*(o.key for o in page.objects), *page.prefixes], default="")
+            ready = [n for n in held if not page.token or prefix + n + "/" < last]
+            for n in ready:
+                del held[n]
+            dirs = [p[len(prefix) :].rstrip("/") for p in page.prefixes]
+            return ready + [n for n in dirs if n and n not in (".", "..") and "/" not in n]
 
         async def fetch_listing() -> None:
-            children.update(await self.fs._thread(fetch))
+            token: str | None = None
+            while True:
+                page = await self.fs._thread(self.fs.store.list, prefix, "/", token)
+                names = page_entries(page)
+                if on_page is not None:
+                    await index_loaded.wait()
+                    await on_page(self._with_attrs(node, children, names))
+                if not page.token:
+                    return
+                token = page.token
+
+        async def load_index() -> None:
+            await self.dir_index(node)
+            index_loaded.set()
 
         log_start = len(node.listing_log)
         node.listing_fetches += 1
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(fetch_listing)
-                nursery.start_soon(self.dir_index, node)
+                nursery.start_soon(load_index)
             # Creates, uploads and removals that happened during the LIST may be missing
             # from it (or it may still show them): what the mount did itself wins.
             for name, change in node.listing_log[log_start:]:
@@ -84,19 +113,9 @@ class Listings:
             node.listing_fetches -= 1
             if node.listing_fetches == 0:
                 node.listing_log.clear()
-        index = node.index or {}
-        for name, info in children.items():
-            entry = index.get(name)
-            if entry is None or entry.is_dir != info.is_dir:
-                continue
-            if info.is_dir or entry.etag == info.etag:
-                info.attrs = entry
-        if node.path == "":
-            children.pop(META_DIR, None)
-        for name in [n for n in children if n.endswith(gw.MPU_SUFFIX)]:
-            if name[: -len(gw.MPU_SUFFIX)] in children:
-                # the gateway's multipart manifest: part of its object, not a file of its own
-                del children[name]
+        self._with_attrs(node, children, children)
+        for name in [n for n in children if self._hidden(node, children, n)]:
+            del children[name]
         if not self.fs.opts.read_only:
             self.fs.index.note_names(node.path, set(children) | {SELF})
         for pending in self.fs.unsynced:
@@ -104,6 +123,35 @@ class Listings:
                 children.setdefault(pending.name, ChildInfo(pending.is_dir))
         node.listing = Listing(children)
         return node.listing
+
+    def _with_attrs(
+        self, node: Node, children: dict[str, ChildInfo], names: Iterable[str]
+    ) -> list[tuple[str, ChildInfo]]:
+        """The entries *names* with the attributes of *node*'s index applied, where the index
+        still describes them; the mount's own and the gateway's companion objects left out."""
+        index = node.index or {}
+        out = []
+        for name in names:
+            info = children.get(name)
+            if info is None:
+                continue
+            entry = index.get(name)
+            if (
+                entry is not None
+                and entry.is_dir == info.is_dir
+                and (info.is_dir or entry.etag == info.etag)
+            ):
+                info.attrs = entry
+            if not self._hidden(node, children, name):
+                out.append((name, info))
+        return out
+
+    @staticmethod
+    def _hidden(node: Node, children: dict[str, ChildInfo], name: str) -> bool:
+        if node.path == "" and name == META_DIR:
+            return True
+        # the gateway's multipart manifest: part of its object, not a file of its own
+        return name.endswith(gw.MPU_SUFFIX) and name[: -len(gw.MPU_SUFFIX)] in children
 
     def add(self, parent: Node, name: str, info: ChildInfo) -> None:
         if parent.listing is not None:
@@ -255,6 +303,44 @@ class Listings:
         async with trio.open_nursery() as nursery:
             for _ in range(min(len(todo), self.fs.opts.io_threads)):
                 nursery.start_soon(worker)
+
+    async def stream(self, ino: int, emit: Callable[[list[tuple[str, Node]]], None]) -> None:
+        """readdir answered as it goes: *emit* gets the entries of each LIST page, their
+        attributes loaded, as soon as they are ready (the first ones after one page and its
+        HEADs, not after the whole directory), then those only the finished listing has."""
+        node = self.fs.node(ino)
+        if not node.is_dir:
+            raise NotDirectory()
+        sent: set[str] = set()
+
+        async def on_page(batch: list[tuple[str, ChildInfo]]) -> None:
+            out = []
+            for name, info in batch:
+                path = child_path(node.path, name)
+                child = self.fs.nodes.at(path)
+                if child is None:
+                    child = (
+                        self.fs._dir_node(path, attrs=info.attrs)
+                        if info.is_dir
+                        else self.fs._file_node(path, info)
+                    )
+                if not child.unlinked:
+                    out.append((name, child))
+            await self.load_attrs_many([c for _, c in out])
+            sent.update(name for name, _ in out)
+            emit(out)
+
+        with self.fs.index.batch(node.path):
+            listing = await self.listing_of(node, on_page)
+            rest: list[tuple[str, Node]] = []
+            for name in sorted(listing.children):
+                if name in sent:
+                    continue
+                child = await self.child(node, name, listing)
+                if child is not None and not child.unlinked:
+                    rest.append((name, child))
+            await self.load_attrs_many([c for _, c in rest])
+        emit(rest)
 
     async def readdir(self, ino: int) -> list[tuple[str, Node]]:
         node = self.fs.node(ino)

@@ -1,0 +1,67 @@
+"""readdir answered page by page (vfs/listing.py stream): the first entries of a wide
+directory are ready after its first LIST page, not after the last one."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+from tests.vfs.harness import CoreDriver, CoreFs
+
+
+def copies(core: CoreFs, driver: CoreDriver, names: list[str]) -> None:
+    """Objects that arrived without the mount (server-side copies of one file): no index
+    describes them, so each needs a HEAD."""
+    driver.mkdir("wide")
+    driver.write_file("wide/seed", b"x" * 100)
+    core.call(driver.fs.drain, 5.0)
+    with cf.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: core.store.copy("vol/wide/seed", f"vol/wide/{n}"), names))
+
+
+def stream(core: CoreFs, driver: CoreDriver, path: str) -> list[tuple[list[str], int]]:
+    """Each batch's names, with how many LIST requests had been made when it came."""
+    node = driver._lookup(path)
+    batches: list[tuple[list[str], int]] = []
+    before = core.store.calls.count(f"list vol/{path}/")
+
+    def emit(batch: list) -> None:
+        lists = core.store.calls.count(f"list vol/{path}/") - before
+        batches.append(([name for name, _ in batch], lists))
+
+    core.call(driver.fs.readdir_stream, node.ino, emit)
+    return batches
+
+
+def test_first_entries_come_after_the_first_page(core: CoreFs, driver: CoreDriver) -> None:
+    names = [f"f{i:05d}" for i in range(2300)]  # three LIST pages of 1,000
+    copies(core, driver, names)
+    core.stop()
+    core.start()
+    core.store.calls.clear()
+    batches = stream(core, driver, "wide")
+    first, lists_then = batches[0]
+    assert len(first) >= 900
+    assert lists_then == 1  # the other pages were not even asked for yet
+    seen = [n for batch, _ in batches for n in batch]
+    assert sorted(seen) == sorted([*names, "seed"])
+    assert len(seen) == len(set(seen))
+    # the listing the stream left is the directory's, for the next readdir and lookups
+    assert driver.listdir("wide") == sorted([*names, "seed"])
+
+
+def test_a_directory_replaces_a_file_of_its_name_across_pages(
+    core: CoreFs, driver: CoreDriver
+) -> None:
+    """"d" (a file), then keys between "d" and "d/" ("d-0000"...), then "d/x": one entry "d",
+    a directory, even when "d/" is on a later LIST page than "d"."""
+    between = [f"d-{i:04d}" for i in range(1100)]
+    copies(core, driver, ["d", *between])
+    core.store.copy("vol/wide/seed", "vol/wide/d/x")
+    core.stop()
+    core.start()
+    batches = stream(core, driver, "wide")
+    seen = [n for batch, _ in batches for n in batch]
+    assert seen.count("d") == 1
+    assert len(batches) >= 2
+    node = driver._lookup("wide/d")
+    assert node.is_dir
