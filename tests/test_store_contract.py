@@ -429,10 +429,10 @@ def test_a_refused_port_fails_fast_on_first_contact(client, monkeypatch):
     assert time.monotonic() - start < 5.0
 
 
-def test_native_mount_round_trip(make_volume, bucket):
+def test_mount_round_trip(make_volume, bucket, client):
     vol = make_volume(bucket=bucket)
     vol.init()
-    vol.mount("--s3-client", "native")
+    vol.mount("--s3-client", client)
     m = vol.mountpoint
     body = os.urandom(200_000)
     (m / "d").mkdir()
