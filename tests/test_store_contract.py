@@ -506,3 +506,15 @@ def test_5xx_on_multipart_requests_is_retried(scripted, client):
     with pytest.raises(TransientStoreError):
         store.create_multipart("k", {})
     assert len(scripted.seen) > 2
+
+
+def test_get_bounded_reads_an_empty_and_a_middle_sized_object(store):
+    """Empty (no range to ask for) and larger than the native store's first read (a second
+    request), each whole and with its metadata."""
+    store.put("empty", b"", {"m": "0"})
+    body, info = store.get_bounded("empty", MIB, "test object")
+    assert (body, info.metadata, info.size) == (b"", {"m": "0"}, 0)
+    big = os.urandom(3 * MIB + 5)
+    etag = store.put("middle", big, {"m": "1"})
+    body, info = store.get_bounded("middle", 4 * MIB, "test object")
+    assert (body, info.etag, info.metadata, info.size) == (big, etag, {"m": "1"}, len(big))

@@ -60,6 +60,8 @@ _META = "x-amz-meta-"
 # CRT errors that say the endpoint cannot be reached at all (see retry.call's definitive_after).
 _UNREACHABLE = ("AWS_IO_SOCKET_CONNECTION_REFUSED", "AWS_IO_DNS_", "AWS_IO_TLS_")
 _NO_CREDENTIALS = "AWS_AUTH_"
+# What get_bounded reads before it knows an object's size: what may be refused costs no more.
+_FIRST_READ = 1024 * 1024
 
 
 class _TimedOut(Exception):
@@ -355,22 +357,54 @@ class NativeStore(PagedReads, MultipartTransfers):
         return self._call(f"get {key}", fetch)
 
     def get_bounded(self, key: str, limit: int, what: str) -> tuple[bytes, ObjectInfo]:
-        """The whole object with its metadata, in one request, if it is at most *limit* bytes.
+        """The whole object with its metadata, if it is at most *limit* bytes; a larger one is
+        refused (ObjectTooLarge) after one request.
 
-        Refused (ObjectTooLarge) from the response's Content-Length, before its body is read,
-        and a body longer than announced is cut at limit + 1 bytes (the request is failed, its
-        connection dropped)."""
+        The CRT hands over a reply's headers only once it holds the whole body, so a plain GET
+        of a planted huge object would be downloaded into memory before it could be refused.
+        The first request asks for the first _FIRST_READ bytes only and learns the size from
+        Content-Range; an object between that and *limit* takes a second, If-Match request."""
+        first = min(limit, _FIRST_READ)
+
+        def total(reply: _Reply) -> int:
+            size = reply.headers.get("content-range", "").rpartition("/")[2]
+            return int(size if size.isdigit() else reply.headers.get("content-length") or 0)
 
         def check(reply: _Reply) -> None:
-            limits.check_size(what, key, int(reply.headers.get("content-length") or 0), limit)
+            limits.check_size(what, key, total(reply), limit)
 
-        def fetch() -> tuple[bytes, ObjectInfo]:
+        def read(headers: Mapping[str, str]) -> _Reply:
             try:
-                r = self._send("GET", self._path(key), "GetObject", check=check, body_limit=limit)
+                return self._send(
+                    "GET", self._path(key), "GetObject", headers, check=check, body_limit=limit
+                )
             except _TooLarge as exc:
                 limits.check_size(what, key, exc.size, limit)
                 raise
+
+        def fetch() -> tuple[bytes, ObjectInfo]:
+            try:
+                r = read({"Range": f"bytes=0-{first - 1}"})
+            except awscrt.s3.S3ResponseError as exc:
+                if exc.status_code != 416:
+                    raise
+                r = read({})  # no byte to give a range of: an empty object
             body = bytes(r.body)
+            size = total(r) if r.status == 206 else len(body)
+            if len(body) < size:
+                etag = r.headers.get("etag", "")
+                try:
+                    rest = read({"Range": f"bytes={len(body)}-{size - 1}", "If-Match": etag})
+                except awscrt.s3.S3ResponseError as exc:
+                    if exc.status_code != 412:
+                        raise
+                    # Replaced between the two reads: read the new one from its start.
+                    err = retry.classify_reply("", 0, "changed while read", f"get {key}")
+                    raise err from None
+                body += bytes(rest.body)
+            if len(body) != size:  # not what Content-Range announced: read again
+                err = retry.classify_reply("", 0, "incomplete reply", f"get {key}")
+                raise err
             self._count_received(len(body))
             return body, self._info(key, r, len(body))
 
