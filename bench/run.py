@@ -1,7 +1,7 @@
 """s3cryptfs benchmark: the mount against raw boto3 on the same local SeaweedFS, in one run.
 
     python3 bench/run.py [--size-mib 1024] [--files 2000]
-    python3 bench/run.py --wide-dir 50000 [--s3-client native]
+    python3 bench/run.py --wide-dir 50000 [--s3-client boto3]
 
 Prints each measurement with its ceiling (raw boto3 on the same endpoint) and the ratio.
 Not a test: nothing here passes or fails.
@@ -86,7 +86,7 @@ def main() -> int:
     ap.add_argument(
         "--wide-dir", type=int, metavar="N", help="only the wide-directory case (bench/wide.py)"
     )
-    ap.add_argument("--s3-client", default="boto3", help="for --wide-dir")
+    ap.add_argument("--s3-client", default="native", help="for --wide-dir")
     args = ap.parse_args()
     if args.wide_dir:
         from wide import run_wide

@@ -57,7 +57,7 @@ class MountSpec:
     fuse_options: list[str] = field(default_factory=list)
     allow_other: bool = False
     retry_deadline: float = 45.0
-    s3_client: str = "boto3"  # --s3-client: the data path on boto3 or on awscrt
+    s3_client: str = "native"  # --s3-client: the mount's requests on awscrt or on boto3
     local_keys: LocalKeys | None = None  # KMS options and secrets of this machine
     audit_log: str | None = None
     dek_cache_entries: int = 4096

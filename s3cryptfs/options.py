@@ -178,9 +178,9 @@ OPTIONS: tuple[Option, ...] = (
         "s3_client",
         Kind.STRING,
         Layer.MOUNT,
-        "which S3 client carries the data path: `boto3`, or `native` (the AWS Common Runtime: "
-        "HEAD, GET, LIST, PUT and DELETE; multipart uploads and copies stay on boto3)",
-        default="boto3",
+        "which S3 client a mount uses: `native` (the AWS Common Runtime, for every object "
+        "request) or `boto3`",
+        default="native",
         doc="`native` costs a fraction of the CPU per request (docs/PERFORMANCE.md, 'S3 "
         "clients'); credentials, endpoint, region, retries and errors are those of `boto3`. "
         "docs/ARCHITECTURE.md says which operation uses which client.",

@@ -10,8 +10,11 @@ import threading
 import time
 
 import pytest
+from conftest import AUTH_ACCESS_KEY, AUTH_SECRET_KEY
+from servers import TcpProxy
 
 from s3cryptfs.errors import (
+    AccessDenied,
     EndpointUnreachable,
     ObjectNotFound,
     ObjectTooLarge,
@@ -139,6 +142,173 @@ def test_multipart_and_copy_work_through_the_store(store):
     assert store.head("cp").metadata == {"m": "2"} and store.head("cp").etag == copied
 
 
+def test_multipart_round_trip_keeps_metadata_and_counts(store):
+    parts = [os.urandom(5 * MIB), os.urandom(123)]
+    before = store.bytes_sent
+    uid = store.create_multipart("dir/mp +%~", {"s3c-a": "1", "s3c-b": "x=="}, "text/plain")
+    etags = [store.upload_part("dir/mp +%~", uid, n, bytearray(p)) for n, p in enumerate(parts, 1)]
+    final = store.complete_multipart("dir/mp +%~", uid, list(enumerate(etags, 1)), {})
+    info = store.head("dir/mp +%~")
+    assert (info.etag, info.size) == (final, sum(map(len, parts)))
+    assert info.metadata == {"s3c-a": "1", "s3c-b": "x=="}
+    assert store.get("dir/mp +%~") == b"".join(parts)
+    assert store.bytes_sent - before == sum(map(len, parts))
+    assert (store.requests["create_multipart"], store.requests["upload_part"]) == (1, 2)
+    assert store.requests["complete_multipart"] == 1
+
+
+def _one_part(store, key, body=b"new body"):
+    uid = store.create_multipart(key, {"v": "new"})
+    return uid, [(1, store.upload_part(key, uid, 1, body))]
+
+
+def test_conditional_complete(store):
+    old = store.put("k", b"old", {"v": "old"})
+    uid, parts = _one_part(store, "k")
+    with pytest.raises(PreconditionFailed):
+        store.complete_multipart("k", uid, parts, {"IfNoneMatch": "*"})
+    uid, parts = _one_part(store, "k")
+    with pytest.raises(PreconditionFailed):
+        store.complete_multipart("k", uid, parts, {"IfMatch": '"0123456789abcdef0123456789abcdef"'})
+    assert store.get("k") == b"old" and store.head("k").etag == old
+    new = store.complete_multipart("k", uid, parts, {"IfMatch": old})
+    assert store.get("k") == b"new body" and store.head("k").etag == new
+    uid, parts = _one_part(store, "fresh")
+    store.complete_multipart("fresh", uid, parts, {"IfNoneMatch": "*"})
+    assert store.head("fresh").metadata == {"v": "new"}
+    assert store.errors == {"PreconditionFailed": 2}
+
+
+def test_abort_discards_the_upload(store, caplog):
+    uid, parts = _one_part(store, "aborted")
+    store.abort_multipart("aborted", uid)
+    with pytest.raises(ObjectNotFound):
+        store.complete_multipart("aborted", uid, parts, {})
+    with pytest.raises(ObjectNotFound):
+        store.head("aborted")
+    store.abort_multipart("aborted", "no-such-upload")  # best effort: never raises
+
+
+def test_upload_file_multipart_and_conditional(seaweed, bucket, client, creds, tmp_path):
+    store = open_store(
+        StoreSettings(
+            bucket=bucket,
+            endpoint_url=seaweed.endpoint_url,
+            client=client,
+            multipart_threshold=6 * MIB,
+            part_size=5 * MIB,
+        )
+    )
+    path = tmp_path / "big"
+    body = os.urandom(11 * MIB + 17)
+    path.write_bytes(body)
+    etag = store.upload_file("big", str(path), {"m": "1"}, if_none_match=True)
+    assert store.requests["upload_part"] == 3
+    with pytest.raises(PreconditionFailed):
+        store.upload_file("big", str(path), {"m": "2"}, if_none_match=True)
+    with pytest.raises(PreconditionFailed):
+        store.upload_file("big", str(path), {"m": "2"}, if_match='"0000000000000000"')
+    info = store.head("big")
+    assert (info.etag, info.metadata) == (etag, {"m": "1"})
+    store.upload_file("big", str(path), {"m": "3"}, if_match=etag)
+    assert store.head("big").metadata == {"m": "3"} and store.get("big") == body
+
+
+def test_copy_replaces_metadata_under_a_condition(store):
+    src = "dir/a name+with %chars~"
+    etag = store.put(src, b"payload", {"v": "1"})
+    copied = store.copy(src, "dst", {"v": "2", "w": "x"}, src_etag=etag)
+    info = store.head("dst")
+    assert (info.etag, info.metadata) == (copied, {"v": "2", "w": "x"})
+    assert store.get("dst") == b"payload"
+    store.copy(src, "kept")
+    assert store.head("kept").metadata == {"v": "1"}
+    store.copy(src, src, {"v": "3"}, src_etag=etag)  # a metadata-only self-copy
+    assert store.head(src).metadata == {"v": "3"} and store.get(src) == b"payload"
+    store.put(src, b"changed", {"v": "1"})
+    with pytest.raises(PreconditionFailed):
+        store.copy(src, "dst", {"v": "4"}, src_etag=etag)
+    with pytest.raises(ObjectNotFound):
+        store.copy("missing", "dst", {"v": "5"})
+    assert store.head("dst").metadata == {"v": "2", "w": "x"}
+
+
+def test_multipart_copy(seaweed, bucket, client, creds):
+    store = open_store(
+        StoreSettings(
+            bucket=bucket,
+            endpoint_url=seaweed.endpoint_url,
+            client=client,
+            copy_threshold=1 * MIB,
+            copy_part_size=5 * MIB,
+        )
+    )
+    body = os.urandom(11 * MIB)
+    etag = store.put("src b+", body, {"a": "1"})
+    store.copy("src b+", "dst", src_etag=etag, size=len(body))
+    assert store.get("dst") == body and store.head("dst").metadata == {"a": "1"}
+    store.copy("src b+", "src b+", {"a": "2"}, src_etag=etag, size=len(body))
+    assert store.get("src b+") == body and store.head("src b+").metadata == {"a": "2"}
+    assert store.requests["upload_part_copy"] == 6
+    with pytest.raises(PreconditionFailed):
+        store.copy("src b+", "dst", {"a": "3"}, src_etag=etag, size=len(body))
+
+
+def test_wrong_credentials_are_denied_at_once(seaweed_auth, client, monkeypatch):
+    bucket = seaweed_auth.make_bucket(f"auth-{client}-{os.getpid()}-{time.monotonic_ns()}")
+    settings = StoreSettings(bucket=bucket, endpoint_url=seaweed_auth.endpoint_url, client=client)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", AUTH_ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AUTH_SECRET_KEY)
+    good = open_store(settings)
+    etag = good.put("k", b"v", {"m": "1"})
+    uid, parts = _one_part(good, "mp")  # every request of a multipart upload is signed right
+    good.complete_multipart("mp", uid, parts, {"IfNoneMatch": "*"})
+    good.copy("k", "c", {"m": "2"}, src_etag=etag)
+    good.abort_multipart("mp", _one_part(good, "mp")[0])
+    assert good.errors == {}
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    bad = open_store(settings)
+    calls = [
+        lambda: bad.head("k"),
+        lambda: bad.get("k"),
+        lambda: bad.put("k", b"x", {}),
+        lambda: bad.create_multipart("mp", {}),
+        lambda: bad.upload_part("mp", uid, 1, b"x"),
+        lambda: bad.complete_multipart("mp", uid, parts, {}),
+        lambda: bad.copy("k", "c", {"m": "3"}),
+    ]
+    for call in calls:
+        with pytest.raises(AccessDenied):
+            call()
+    assert sum(bad.requests.values()) == len(calls)  # none retried
+    assert good.head("c").metadata == {"m": "2"}
+
+
+def test_a_stalled_server_is_retried_until_it_answers(seaweed, bucket, client, creds):
+    proxy = TcpProxy("127.0.0.1", seaweed.s3_port)
+    try:
+        store = open_store(
+            StoreSettings(
+                bucket=bucket,
+                endpoint_url=proxy.endpoint_url,
+                client=client,
+                connect_timeout=1.0,
+                read_timeout=1.0,
+                retry_deadline=30.0,
+            )
+        )
+        uid = store.create_multipart("mp", {"m": "1"})
+        proxy.set_mode("blackhole")
+        threading.Timer(3.0, proxy.set_mode, ("pass",)).start()
+        etag = store.upload_part("mp", uid, 1, b"part")
+        store.complete_multipart("mp", uid, [(1, etag)], {})
+        assert store.get("mp") == b"part"
+        assert store.errors.get("TransientStoreError", 0) >= 1
+        assert store.requests["upload_part"] >= 2
+    finally:
+        proxy.stop()
+
+
 class _Scripted(http.server.BaseHTTPRequestHandler):
     """Answers each request with the next status of the server's script (the last repeats)."""
 
@@ -158,6 +328,24 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if with_body:
             self.wfile.write(body if status >= 400 else b"hello")
+
+    def _document(self) -> None:
+        """POST and PUT: the script holds (status, body) pairs."""
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        script = self.server.script  # type: ignore[attr-defined]
+        status, body = script.pop(0) if len(script) > 1 else script[0]
+        self.server.seen.append(status)  # type: ignore[attr-defined]
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", '"part"')
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        self._document()
+
+    def do_PUT(self) -> None:
+        self._document()
 
     def do_HEAD(self) -> None:
         self._answer(False)
@@ -241,10 +429,10 @@ def test_a_refused_port_fails_fast_on_first_contact(client, monkeypatch):
     assert time.monotonic() - start < 5.0
 
 
-def test_native_mount_round_trip(make_volume, bucket):
+def test_mount_round_trip(make_volume, bucket, client):
     vol = make_volume(bucket=bucket)
     vol.init()
-    vol.mount("--s3-client", "native")
+    vol.mount("--s3-client", client)
     m = vol.mountpoint
     body = os.urandom(200_000)
     (m / "d").mkdir()
@@ -258,3 +446,75 @@ def test_native_mount_round_trip(make_volume, bucket):
     vol.remount()
     assert (m / "d" / "moved").read_text() == "hello"
     assert sorted(os.listdir(m / "d")) == ["f", "moved"]
+
+
+_DECL = b'<?xml version="1.0" encoding="UTF-8"?>\n'
+_COMPLETED = _DECL + (
+    b'<CompleteMultipartUploadResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+    b'<Bucket>scripted</Bucket><Key>k</Key><ETag>"abc-1"</ETag></CompleteMultipartUploadResult>'
+)
+_COPIED = _DECL + (
+    b'<CopyObjectResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+    b'<LastModified>2026-12-02T10:00:00.000Z</LastModified><ETag>"c0"</ETag></CopyObjectResult>'
+)
+
+
+def _error(code: str) -> bytes:
+    return _DECL + f"<Error><Code>{code}</Code><Message>scripted</Message></Error>".encode()
+
+
+@pytest.mark.parametrize(
+    ("op", "done"),
+    [
+        ("complete", _COMPLETED),
+        ("copy", _COPIED),
+    ],
+)
+def test_an_error_in_a_200_is_classified_by_its_code(scripted, client, op, done):
+    """S3 may answer CompleteMultipartUpload and CopyObject with 200 and then an error document
+    (or a cut-off one): retried when its code is transient, refused by its kind otherwise."""
+    store = _scripted_store(scripted, client)
+
+    def call():
+        if op == "complete":
+            return store.complete_multipart("k", "u", [(1, '"part"')], {"IfNoneMatch": "*"})
+        return store.copy("src", "k", {"m": "1"}, src_etag='"part"')
+
+    scripted.script = [
+        (200, _error("InternalError")),
+        (503, _error("SlowDown")),
+        (200, done[: len(done) // 2]),
+        (200, done),
+    ]
+    assert call() == ('"abc-1"' if op == "complete" else '"c0"')
+    # (botocore retries an error in a 200 once on its own, uncounted)
+    assert scripted.seen == [200, 503, 200, 200]
+    assert set(store.errors) == {"TransientStoreError"}
+    for code, kind in [("AccessDenied", AccessDenied), ("PreconditionFailed", PreconditionFailed)]:
+        scripted.script, scripted.seen = [(200, _error(code))], []
+        with pytest.raises(kind):
+            call()
+        assert len(scripted.seen) <= 2
+
+
+def test_5xx_on_multipart_requests_is_retried(scripted, client):
+    store = _scripted_store(scripted, client)
+    scripted.script = [(500, _error("InternalError")), (200, b"")]
+    assert store.upload_part("k", "u", 1, b"body") == '"part"'
+    scripted.script, scripted.seen = [(503, _error("ServiceUnavailable"))], []
+    store = _scripted_store(scripted, client, deadline=1.0)
+    with pytest.raises(TransientStoreError):
+        store.create_multipart("k", {})
+    assert len(scripted.seen) > 2
+
+
+def test_get_bounded_reads_an_empty_and_a_middle_sized_object(store):
+    """Empty (no range to ask for) and larger than the native store's first read (a second
+    request), each whole and with its metadata."""
+    store.put("empty", b"", {"m": "0"})
+    body, info = store.get_bounded("empty", MIB, "test object")
+    assert (body, info.metadata, info.size) == (b"", {"m": "0"}, 0)
+    big = os.urandom(3 * MIB + 5)
+    etag = store.put("middle", big, {"m": "1"})
+    body, info = store.get_bounded("middle", 4 * MIB, "test object")
+    assert (body, info.etag, info.metadata, info.size) == (big, etag, {"m": "1"}, len(big))

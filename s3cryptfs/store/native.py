@@ -1,8 +1,8 @@
-"""The data path on the AWS Common Runtime (awscrt): HEAD, GET (ranged, If-Match, bounded),
-LIST, PUT (conditional) and DELETE as signed requests built here, sent by the CRT's S3 client
-on its own threads (the GIL is held only to hand over headers and body pieces). Everything else
-(multipart uploads, copies, bucket checks) goes to the boto3 `S3Store` it wraps, which also
-holds the shared request, error and byte counters.
+"""The S3 client on the AWS Common Runtime (awscrt): every object operation (HEAD, GET (ranged,
+If-Match, bounded), LIST, PUT (conditional), DELETE, multipart uploads, CopyObject and
+UploadPartCopy) and HeadBucket, as signed requests built here and sent by the CRT's S3 client
+on its own threads (the GIL is held only to hand over headers and body pieces). Large uploads
+and copies are assembled from these requests by store/transfers.py, as for boto3.
 
 The retry policy and the classification of replies are those of store/retry.py, as for boto3:
 the CRT's own retries are off, and its errors are mapped onto the same StoreError kinds.
@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import email.utils
 import io
+import logging
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from xml.sax.saxutils import escape
 
 import awscrt.auth
 import awscrt.exceptions
@@ -48,8 +50,9 @@ from s3cryptfs.store.base import (
     StoreSettings,
     etag_of,
 )
-from s3cryptfs.store.s3 import S3Store
+from s3cryptfs.store.transfers import MultipartTransfers
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
@@ -57,6 +60,8 @@ _META = "x-amz-meta-"
 # CRT errors that say the endpoint cannot be reached at all (see retry.call's definitive_after).
 _UNREACHABLE = ("AWS_IO_SOCKET_CONNECTION_REFUSED", "AWS_IO_DNS_", "AWS_IO_TLS_")
 _NO_CREDENTIALS = "AWS_AUTH_"
+# What get_bounded reads before it knows an object's size: what may be refused costs no more.
+_FIRST_READ = 1024 * 1024
 
 
 class _TimedOut(Exception):
@@ -83,6 +88,10 @@ def classify(exc: BaseException, what: str) -> StoreError:
         return exc
     if isinstance(exc, awscrt.s3.S3ResponseError):
         status = int(exc.status_code or 0)
+        if 200 <= status < 300:
+            # The CRT's check for an error document in a 200 (copies, completes): taken as
+            # botocore takes it, as a 500 with the document's code.
+            status = 500
         code, msg = _error_code(exc.body or b"")
         return retry.classify_reply(code, status, msg or code, what)
     if isinstance(exc, _TimedOut):
@@ -138,17 +147,17 @@ def _credentials_provider() -> awscrt.auth.AwsCredentialsProvider:
     return awscrt.auth.AwsCredentialsProvider.new_delegate(current)
 
 
-class NativeStore(PagedReads):
-    """An ObjectStore whose data path runs on awscrt; see the module's docstring."""
+class NativeStore(PagedReads, MultipartTransfers):
+    """An ObjectStore on awscrt; see the module's docstring."""
 
-    def __init__(self, settings: StoreSettings, fallback: S3Store | None = None) -> None:
+    def __init__(self, settings: StoreSettings) -> None:
         self.settings = settings
         self.bucket = settings.bucket
-        self.fallback = fallback or S3Store(settings)
-        # One set of counters for both clients: status and metrics see every request.
-        self.stats_lock = self.fallback.stats_lock
-        self.requests = self.fallback.requests
-        self.errors = self.fallback.errors
+        self.stats_lock = threading.Lock()
+        self.requests: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        # Held in a dict so that the copies with_retry_deadline makes count into the same one.
+        self._moved = {"sent": 0, "received": 0}
         region = settings.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         if settings.endpoint_url:
             url = urllib.parse.urlsplit(settings.endpoint_url)
@@ -181,36 +190,36 @@ class NativeStore(PagedReads):
             max_active_connections_override=settings.max_connections,
         )
 
-    # --- counters shared with the fallback ----------------------------------------------------
+    # --- counters ---------------------------------------------------------------------------
 
     @property
     def bytes_sent(self) -> int:
-        return self.fallback.bytes_sent
+        return self._moved["sent"]
 
     @bytes_sent.setter
     def bytes_sent(self, value: int) -> None:
-        self.fallback.bytes_sent = value
+        self._moved["sent"] = value
 
     @property
     def bytes_received(self) -> int:
-        return self.fallback.bytes_received
+        return self._moved["received"]
 
     @bytes_received.setter
     def bytes_received(self, value: int) -> None:
-        self.fallback.bytes_received = value
+        self._moved["received"] = value
 
     def count_sent(self, n: int) -> None:
-        self.fallback.count_sent(n)
+        with self.stats_lock:
+            self._moved["sent"] += n
 
     def _count_received(self, n: int) -> None:
         with self.stats_lock:
-            self.fallback.bytes_received += n
+            self._moved["received"] += n
 
     def with_retry_deadline(self, seconds: float) -> NativeStore:
         """As S3Store.with_retry_deadline: the same client and statistics, a shorter deadline."""
         other = copy.copy(self)
         other.settings = dataclasses.replace(self.settings, retry_deadline=seconds)
-        other.fallback = self.fallback.with_retry_deadline(seconds)
         return other
 
     def _call(self, what: str, fn: Callable[[], T], definitive_after: float | None = None) -> T:
@@ -232,7 +241,7 @@ class NativeStore(PagedReads):
         path: str,
         operation: str,
         headers: Mapping[str, str] | None = None,
-        body: bytes | None = None,
+        body: bytes | bytearray | None = None,
         check: Callable[[_Reply], None] | None = None,
         body_limit: int | None = None,
     ) -> _Reply:
@@ -348,22 +357,54 @@ class NativeStore(PagedReads):
         return self._call(f"get {key}", fetch)
 
     def get_bounded(self, key: str, limit: int, what: str) -> tuple[bytes, ObjectInfo]:
-        """The whole object with its metadata, in one request, if it is at most *limit* bytes.
+        """The whole object with its metadata, if it is at most *limit* bytes; a larger one is
+        refused (ObjectTooLarge) after one request.
 
-        Refused (ObjectTooLarge) from the response's Content-Length, before its body is read,
-        and a body longer than announced is cut at limit + 1 bytes (the request is failed, its
-        connection dropped)."""
+        The CRT hands over a reply's headers only once it holds the whole body, so a plain GET
+        of a planted huge object would be downloaded into memory before it could be refused.
+        The first request asks for the first _FIRST_READ bytes only and learns the size from
+        Content-Range; an object between that and *limit* takes a second, If-Match request."""
+        first = min(limit, _FIRST_READ)
+
+        def total(reply: _Reply) -> int:
+            size = reply.headers.get("content-range", "").rpartition("/")[2]
+            return int(size if size.isdigit() else reply.headers.get("content-length") or 0)
 
         def check(reply: _Reply) -> None:
-            limits.check_size(what, key, int(reply.headers.get("content-length") or 0), limit)
+            limits.check_size(what, key, total(reply), limit)
 
-        def fetch() -> tuple[bytes, ObjectInfo]:
+        def read(headers: Mapping[str, str]) -> _Reply:
             try:
-                r = self._send("GET", self._path(key), "GetObject", check=check, body_limit=limit)
+                return self._send(
+                    "GET", self._path(key), "GetObject", headers, check=check, body_limit=limit
+                )
             except _TooLarge as exc:
                 limits.check_size(what, key, exc.size, limit)
                 raise
+
+        def fetch() -> tuple[bytes, ObjectInfo]:
+            try:
+                r = read({"Range": f"bytes=0-{first - 1}"})
+            except awscrt.s3.S3ResponseError as exc:
+                if exc.status_code != 416:
+                    raise
+                r = read({})  # no byte to give a range of: an empty object
             body = bytes(r.body)
+            size = total(r) if r.status == 206 else len(body)
+            if len(body) < size:
+                etag = r.headers.get("etag", "")
+                try:
+                    rest = read({"Range": f"bytes={len(body)}-{size - 1}", "If-Match": etag})
+                except awscrt.s3.S3ResponseError as exc:
+                    if exc.status_code != 412:
+                        raise
+                    # Replaced between the two reads: read the new one from its start.
+                    err = retry.classify_reply("", 0, "changed while read", f"get {key}")
+                    raise err from None
+                body += bytes(rest.body)
+            if len(body) != size:  # not what Content-Range announced: read again
+                err = retry.classify_reply("", 0, "incomplete reply", f"get {key}")
+                raise err
             self._count_received(len(body))
             return body, self._info(key, r, len(body))
 
@@ -420,60 +461,153 @@ class NativeStore(PagedReads):
         self.count_sent(len(body))
         return etag_of(r.headers.get("etag", ""))
 
-    def upload_file(
-        self,
-        key: str,
-        path: str,
-        metadata: Mapping[str, str],
-        if_match: str | None = None,
-        if_none_match: bool = False,
-        offset: int = 0,
-        size: int | None = None,
-    ) -> str:
-        """As S3Store.upload_file: small bodies through put (here), large ones multipart."""
-        if size is None:
-            size = os.path.getsize(path) - offset
-        if size < self.settings.multipart_threshold:
-            with open(path, "rb") as f:
-                data = os.pread(f.fileno(), size, offset)
-            if len(data) != size:
-                raise OSError(f"{path}: shorter than expected")
-            return self.put(key, data, metadata, if_match, if_none_match)
-        return self.fallback.upload_file(
-            key, path, metadata, if_match, if_none_match, offset, size
-        )
-
     def delete(self, key: str) -> None:
         self._call(f"delete {key}", lambda: self._send("DELETE", self._path(key), "DeleteObject"))
 
-    # --- through boto3 ------------------------------------------------------------------------
+    # --- multipart uploads and copies (assembled by store/transfers.py) -----------------------
+
+    def _meta_headers(self, metadata: Mapping[str, str], content_type: str) -> dict[str, str]:
+        headers = {"Content-Type": content_type}
+        headers.update({f"{_META}{k}": v for k, v in metadata.items()})
+        return headers
+
+    def _upload_path(self, key: str, upload_id: str, number: int | None = None) -> str:
+        query = {"uploadId": upload_id} if number is None else {
+            "partNumber": str(number),
+            "uploadId": upload_id,
+        }
+        return self._path(key, query)
+
+    def _source(self, src: str) -> str:
+        # As botocore sends it: the bucket as is, the key URL-encoded.
+        return f"{self.bucket}/{urllib.parse.quote(src, safe='/~')}"
 
     def create_multipart(
         self, key: str, metadata: Mapping[str, str], content_type: str = "application/octet-stream"
     ) -> str:
-        return self.fallback.create_multipart(key, metadata, content_type)
+        what = f"create_multipart {key}"
+        # A valueless query parameter: urlencode would write "uploads=".
+        path = self._path(key) + "?uploads"
+        headers = self._meta_headers(metadata, content_type)
+
+        def send() -> str:
+            r = self._send("POST", path, "CreateMultipartUpload", headers, b"")
+            return _xml_text(_xml_result(r, what), "UploadId")
+
+        return self._call(what, send)
 
     def upload_part(self, key: str, upload_id: str, number: int, data: bytes | bytearray) -> str:
-        return self.fallback.upload_part(key, upload_id, number, data)
+        path = self._upload_path(key, upload_id, number)
+        r = self._call(
+            f"upload_part {key}#{number}",
+            lambda: self._send("PUT", path, "UploadPart", None, data),
+        )
+        self.count_sent(len(data))
+        return r.headers.get("etag", "")
 
     def complete_multipart(
         self, key: str, upload_id: str, parts: PartList, conditions: Mapping[str, str]
     ) -> str:
-        return self.fallback.complete_multipart(key, upload_id, parts, conditions)
+        """Make the parts (number, ETag), in order, the object; *conditions* as for put (the
+        names of store/base.py's conditions(): IfMatch, IfNoneMatch)."""
+        what = f"complete_multipart {key}"
+        headers = {_CONDITION_HEADERS[name]: value for name, value in conditions.items()}
+        listed = "".join(
+            f"<Part><PartNumber>{n}</PartNumber><ETag>{escape(e)}</ETag></Part>" for n, e in parts
+        )
+        body = (
+            f'<CompleteMultipartUpload xmlns="{_NS[1:-1]}">{listed}</CompleteMultipartUpload>'
+        ).encode()
+        path = self._upload_path(key, upload_id)
+
+        def send() -> str:
+            r = self._send("POST", path, "CompleteMultipartUpload", headers, body)
+            return etag_of(_xml_text(_xml_result(r, what), "ETag"))
+
+        return self._call(what, send)
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
-        self.fallback.abort_multipart(key, upload_id)
+        """Best effort, one attempt (the caller's own error matters more), as for boto3."""
+        with self.stats_lock:
+            self.requests["abort_multipart"] = self.requests.get("abort_multipart", 0) + 1
+        try:
+            self._send("DELETE", self._upload_path(key, upload_id), "AbortMultipartUpload")
+        except Exception:  # noqa: BLE001 - best effort: the caller's error is the one to report
+            log.warning("could not abort the multipart upload of %s", key)
 
-    def copy(
+    def copy_object(
         self,
         src: str,
         dst: str,
-        metadata: Mapping[str, str] | None = None,
-        src_etag: str | None = None,
-        content_type: str = "application/octet-stream",
-        size: int | None = None,
+        metadata: Mapping[str, str] | None,
+        src_etag: str | None,
+        content_type: str,
     ) -> str:
-        return self.fallback.copy(src, dst, metadata, src_etag, content_type, size)
+        what = f"copy {src} -> {dst}"
+        headers = {"x-amz-copy-source": self._source(src)}
+        if metadata is not None:
+            headers.update(self._meta_headers(metadata, content_type))
+            headers["x-amz-metadata-directive"] = "REPLACE"
+        if src_etag:
+            headers["x-amz-copy-source-if-match"] = src_etag
+
+        def send() -> str:
+            r = self._send("PUT", self._path(dst), "CopyObject", headers, b"")
+            return etag_of(_xml_text(_xml_result(r, what), "ETag"))
+
+        return self._call(what, send)
+
+    def upload_part_copy(
+        self,
+        src: str,
+        dst: str,
+        upload_id: str,
+        number: int,
+        first: int,
+        last: int,
+        src_etag: str | None,
+    ) -> str:
+        what = f"upload_part_copy {src} -> {dst}#{number}"
+        headers = {
+            "x-amz-copy-source": self._source(src),
+            "x-amz-copy-source-range": f"bytes={first}-{last}",
+        }
+        if src_etag:
+            headers["x-amz-copy-source-if-match"] = src_etag
+        path = self._upload_path(dst, upload_id, number)
+
+        def send() -> str:
+            r = self._send("PUT", path, "UploadPartCopy", headers, b"")
+            return _xml_text(_xml_result(r, what), "ETag")
+
+        return self._call(what, send)
+
+
+# The names store/base.py's conditions() gives a write's conditions, as HTTP headers.
+_CONDITION_HEADERS = {"IfMatch": "If-Match", "IfNoneMatch": "If-None-Match"}
+
+
+def _xml_result(r: _Reply, what: str) -> ET.Element:
+    """The XML document of a 2xx reply. S3 may answer a copy or a complete with 200 and an error
+    document (the request failed after the status was sent), or the reply may be cut off: both
+    are taken as botocore takes them, as a 500 with the document's code (a cut-off reply is
+    retried; an error's code decides its kind)."""
+    try:
+        root = ET.fromstring(bytes(r.body).strip())
+    except ET.ParseError:
+        err = retry.classify_reply("", 500, "incomplete reply", what)
+        raise err from None
+    if root.tag.rpartition("}")[2] == "Error":
+        code = root.findtext("Code") or ""
+        err = retry.classify_reply(code, 500, root.findtext("Message") or code, what)
+        raise err
+    return root
+
+
+def _xml_text(root: ET.Element, name: str) -> str:
+    """A child's text, whether or not the server puts its elements in S3's namespace."""
+    found = root.findtext(f"{_NS}{name}")
+    return found if found is not None else root.findtext(name) or ""
 
 
 def _parse_list(r: _Reply) -> ListPage:

@@ -19,7 +19,6 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import boto3
@@ -32,7 +31,6 @@ from s3cryptfs import limits
 from s3cryptfs.errors import (
     AccessDenied,
     EndpointUnreachable,
-    PreconditionFailed,
     StoreError,
     TransientStoreError,
 )
@@ -45,15 +43,13 @@ from s3cryptfs.store.base import (
     StoreSettings,
     etag_of,
 )
-from s3cryptfs.store.base import conditions as write_conditions
 from s3cryptfs.store.retry import classify_reply
+from s3cryptfs.store.transfers import MultipartTransfers
 
 __all__ = ["ListPage", "ObjectInfo", "PartList", "S3Store", "StoreSettings", "etag_of"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-MIN_PART = 5 * 1024 * 1024
 
 
 def _timestamp(value: str) -> datetime.datetime:
@@ -218,7 +214,7 @@ def _cache_user_agent(client: Any) -> None:
     creator.to_string = to_string
 
 
-class S3Store(PagedReads):
+class S3Store(PagedReads, MultipartTransfers):
     """One bucket, one shared boto3 client (thread safe), one retry policy."""
 
     def __init__(self, settings: StoreSettings, client: Any | None = None) -> None:
@@ -383,10 +379,6 @@ class S3Store(PagedReads):
 
     # --- writing --------------------------------------------------------------------------
 
-    @staticmethod
-    def conditions(if_match: str | None, if_none_match: bool) -> dict[str, str]:
-        return write_conditions(if_match, if_none_match)
-
     def put(
         self,
         key: str,
@@ -408,82 +400,6 @@ class S3Store(PagedReads):
         r = self._call(f"put {key}", lambda: self._client.put_object(**args))
         self.count_sent(len(body))
         return etag_of(r["ETag"])
-
-    def upload_file(
-        self,
-        key: str,
-        path: str,
-        metadata: Mapping[str, str],
-        if_match: str | None = None,
-        if_none_match: bool = False,
-        offset: int = 0,
-        size: int | None = None,
-    ) -> str:
-        """Upload a local file (or *size* bytes of it from *offset*) as *key*, multipart with
-        parallel parts when it is large."""
-        if size is None:
-            size = os.path.getsize(path) - offset
-        if size < self.settings.multipart_threshold:
-            with open(path, "rb") as f:
-                data = os.pread(f.fileno(), size, offset)
-            if len(data) != size:
-                raise OSError(f"{path}: shorter than expected")
-            return self.put(key, data, metadata, if_match, if_none_match)
-        if offset:
-            raise ValueError("a large body is a file of its own")
-        return self._multipart(key, path, size, metadata, if_match, if_none_match)
-
-    def _multipart(
-        self,
-        key: str,
-        path: str,
-        size: int,
-        metadata: Mapping[str, str],
-        if_match: str | None,
-        if_none_match: bool,
-    ) -> str:
-        part_size = max(self.settings.part_size, MIN_PART, -(-size // 10000))
-        fd = os.open(path, os.O_RDONLY)
-        try:
-
-            def send(upload_id: str, number: int) -> str:
-                offset = (number - 1) * part_size
-                data = os.pread(fd, min(part_size, size - offset), offset)
-                return self.upload_part(key, upload_id, number, data)
-
-            return self._multipart_session(
-                key,
-                metadata,
-                "application/octet-stream",
-                -(-size // part_size),
-                send,
-                self.conditions(if_match, if_none_match),
-            )
-        finally:
-            os.close(fd)
-
-    def _multipart_session(
-        self,
-        key: str,
-        metadata: Mapping[str, str],
-        content_type: str,
-        count: int,
-        send: Callable[[str, int], str],
-        conditions: Mapping[str, str],
-    ) -> str:
-        """Create a multipart upload, send parts 1..count in parallel with send(upload_id, n)
-        (which returns the part's ETag), complete it under *conditions*; abort on failure, so
-        no half-written object ever becomes visible."""
-        upload_id = self.create_multipart(key, metadata, content_type)
-        try:
-            with ThreadPoolExecutor(self.settings.part_concurrency) as pool:
-                etags = list(pool.map(lambda n: send(upload_id, n), range(1, count + 1)))
-            return self.complete_multipart(
-                key, upload_id, list(enumerate(etags, start=1)), conditions
-            )
-        except BaseException:
-            self.abort_multipart(key, upload_id)
-            raise
 
     # The pieces of a multipart upload, for callers that send parts as their data appears.
 
@@ -536,21 +452,14 @@ class S3Store(PagedReads):
         except Exception:  # noqa: BLE001 - best effort: the caller's error is the one to report
             log.warning("could not abort the multipart upload of %s", key)
 
-    def copy(
+    def copy_object(
         self,
         src: str,
         dst: str,
-        metadata: Mapping[str, str] | None = None,
-        src_etag: str | None = None,
-        content_type: str = "application/octet-stream",
-        size: int | None = None,
+        metadata: Mapping[str, str] | None,
+        src_etag: str | None,
+        content_type: str,
     ) -> str:
-        """Server-side copy; with *metadata*, replace the metadata. Returns the new ETag.
-
-        CopyObject stops at 5 GiB: give *size* (the source's length) and larger objects are
-        copied part by part (UploadPartCopy), still without their bytes passing through us."""
-        if size is not None and size > self.settings.copy_threshold:
-            return self._multipart_copy(src, dst, size, metadata, src_etag, content_type)
         args: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": dst,
@@ -565,43 +474,31 @@ class S3Store(PagedReads):
         r = self._call(f"copy {src} -> {dst}", lambda: self._client.copy_object(**args))
         return etag_of(r["CopyObjectResult"]["ETag"])
 
-    def _multipart_copy(
+    def upload_part_copy(
         self,
         src: str,
         dst: str,
-        size: int,
-        metadata: Mapping[str, str] | None,
+        upload_id: str,
+        number: int,
+        first: int,
+        last: int,
         src_etag: str | None,
-        content_type: str,
     ) -> str:
-        if metadata is None:  # a multipart copy does not carry the source's metadata over
-            head = self.head(src)
-            if src_etag and head.etag != src_etag:
-                raise PreconditionFailed(f"copy {src}: the object changed")
-            metadata = head.metadata or {}
-            src_etag = src_etag or head.etag
-        part_size = max(self.settings.copy_part_size, MIN_PART, -(-size // 10000))
         extra = {"CopySourceIfMatch": src_etag} if src_etag else {}
-
-        def send(upload_id: str, number: int) -> str:
-            first = (number - 1) * part_size
-            last = min(first + part_size, size) - 1
-            r = self._call(
-                f"upload_part_copy {src} -> {dst}#{number}",
-                lambda: self._client.upload_part_copy(
-                    Bucket=self.bucket,
-                    Key=dst,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    CopySource={"Bucket": self.bucket, "Key": src},
-                    CopySourceRange=f"bytes={first}-{last}",
-                    **extra,
-                ),
-            )
-            etag: str = r["CopyPartResult"]["ETag"]
-            return etag
-
-        return self._multipart_session(dst, metadata, content_type, -(-size // part_size), send, {})
+        r = self._call(
+            f"upload_part_copy {src} -> {dst}#{number}",
+            lambda: self._client.upload_part_copy(
+                Bucket=self.bucket,
+                Key=dst,
+                UploadId=upload_id,
+                PartNumber=number,
+                CopySource={"Bucket": self.bucket, "Key": src},
+                CopySourceRange=f"bytes={first}-{last}",
+                **extra,
+            ),
+        )
+        etag: str = r["CopyPartResult"]["ETag"]
+        return etag
 
     def delete(self, key: str) -> None:
         self._call(f"delete {key}", lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
