@@ -253,11 +253,15 @@ class Reader:
         skip = offset - cipher.chunk_start(first)
         return data[skip : skip + (end - offset)]
 
-    @staticmethod
-    def _random(offset: int, state: ReadState | None) -> bool:
-        # (a handle's first read counts as random unless it starts the file: sequential
-        # readers mostly do, and from their second read on they are seen as sequential)
-        return state is not None and offset != 0 and offset != state.next_offset
+    def _random(self, offset: int, state: ReadState | None) -> bool:
+        # A handle's first read counts as random unless it starts the file: sequential
+        # readers mostly do. After that, only a jump of more than a group: the kernel sends
+        # a sequential reader's reads several at a time, and they may arrive out of order.
+        if state is None:
+            return False
+        if state.next_offset < 0:
+            return offset != 0
+        return abs(offset - state.next_offset) > self.group_bytes
 
     def _fetch_chunks(self, version: Version, first: int, last: int) -> dict[int, bytes]:
         """Blocking: fetch and decrypt chunks *first*..*last* in one ranged GET."""
