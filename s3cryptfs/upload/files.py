@@ -222,6 +222,7 @@ class WritePath:
             if not self.uploader.pending and not self.closed_pending:
                 break
             if stall is not None and time.monotonic() - quiet_since >= stall:
+                await self.journal.commits.sync()  # what is left stays on this disk
                 return self.not_in_s3()
             with trio.move_on_after(1.0 if stall is None else min(1.0, stall)):
                 await self.uploader.progress.wait()
@@ -230,6 +231,7 @@ class WritePath:
                 quiet_since = time.monotonic()
         for stream in list(self.streams):
             await stream.finished.wait()  # dropped ones abort their multipart uploads
+        await self.journal.commits.sync()
         return []
 
     def not_in_s3(self) -> list[tuple[str, str, str]]:
@@ -590,7 +592,9 @@ class WritePath:
                     self.journal.slots.give_back(slot)
                 raise
             if w.state is Staged.CLOSED:
-                # The journal holds it now (its record names this file, should we stop here).
+                # The journal holds it now (its record names this file, should we stop here),
+                # once flushed: the marker may only go after that.
+                await self.journal.commits.sync()
                 await self._thread(closed_files.remove, staging.path)
                 w.why = None
                 if self.closed_pending.pop(f, None) is not None:
