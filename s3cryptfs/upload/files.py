@@ -203,11 +203,12 @@ class WritePath:
             await trio.sleep(0.5)
 
     async def commit_all(self, files: list[Any]) -> None:
-        """Seal every file with unsealed changes (before unmounting). One that cannot be
-        sealed now is kept as closed (and listed by not_in_s3), never dropped."""
+        """Seal every file with unsealed changes (before unmounting) and flush the journal. One
+        that cannot be sealed now is kept as closed (listed by not_in_s3), never dropped."""
         for f in files:
             if f.w.unsealed and not f.unlinked:
                 await self.seal_closed(f)
+        await self.journal.commits.sync()
 
     async def drain(
         self, files: Callable[[], list[Any]], stall: float | None = None
@@ -222,7 +223,6 @@ class WritePath:
             if not self.uploader.pending and not self.closed_pending:
                 break
             if stall is not None and time.monotonic() - quiet_since >= stall:
-                await self.journal.commits.sync()  # what is left stays on this disk
                 return self.not_in_s3()
             with trio.move_on_after(1.0 if stall is None else min(1.0, stall)):
                 await self.uploader.progress.wait()
@@ -231,7 +231,6 @@ class WritePath:
                 quiet_since = time.monotonic()
         for stream in list(self.streams):
             await stream.finished.wait()  # dropped ones abort their multipart uploads
-        await self.journal.commits.sync()
         return []
 
     def not_in_s3(self) -> list[tuple[str, str, str]]:
