@@ -255,6 +255,8 @@ class Mount:
         fs = self.fs = Filesystem(store, codec, spec.url.prefix, cache_dir, options)
         # Uploaded bodies left in the journal's trash go in the background at the very end.
         self.exits.callback(lambda: _delete_in_background(fs.journal.trash_paths()))
+        # Whatever ended the event loop, the journal's last writes reach the disk (commits.py).
+        self.exits.callback(fs.journal.commits.flush)
         fs.clear_staging()
         self.warnings = authority.warnings + self._check_keys()
         if spec.metrics is not None:

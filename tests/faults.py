@@ -35,6 +35,7 @@ class FaultyStore(S3Store):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._faults: list[Fault] = []
+        self._holds: list[tuple[str, str, threading.Event]] = []
         self._fault_lock = threading.Lock()
         self.calls: list[str] = []  # every operation attempted ("put vol/a.txt", ...)
 
@@ -49,6 +50,14 @@ class FaultyStore(S3Store):
         from s3cryptfs.errors import PreconditionFailed
 
         return self.fail("put", key_part, 1, error=lambda w: PreconditionFailed(f"{w}: injected"))
+
+    def hold(self, op: str, key_part: str = "") -> threading.Event:
+        """Calls of *op* on keys with *key_part* wait until the returned event is set (an upload
+        held back in flight, neither failed nor done)."""
+        gate = threading.Event()
+        with self._fault_lock:
+            self._holds.append((op, key_part, gate))
+        return gate
 
     def heal(self) -> None:
         with self._fault_lock:
@@ -71,6 +80,11 @@ class FaultyStore(S3Store):
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         def faulty() -> T:
+            op, _, key = what.partition(" ")
+            with self._fault_lock:
+                gates = [g for o, k, g in self._holds if o == op and k in key]
+            for gate in gates:
+                gate.wait()
             fault = self._pick(what)
             if fault is not None:
                 if fault.hang:

@@ -1,5 +1,7 @@
 """Crash recovery: versions committed to the journal while S3 was unreachable are uploaded by the
-next mount before it serves them; a version still open for writing at the crash never is."""
+next mount before it serves them; a version still open for writing at the crash never is. A
+crash right after close() returned, before the journal's group commit flushed it, loses
+nothing either."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import time
 
 import pytest
 
+from s3cryptfs.upload.commits import COMMIT_INTERVAL
 from tests.conftest import lazy_unmount
 from tests.servers import TcpProxy
 
@@ -84,6 +87,49 @@ def test_journal_survives_crash_and_outage(make_volume, bucket, proxy):
     assert not trash, trash
     vol.mount()  # and the data really is in S3, not only in a local cache
     assert (m / "edited").read_bytes() == b"version two, written during the outage\n"
+
+
+def crash(vol) -> None:
+    """kill -9 of the mount, and the unmount a supervisor would do after it."""
+    for pid in vol.pids():
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while vol.pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lazy_unmount(vol.mountpoint)
+    assert not vol.is_mounted()
+
+
+def test_a_crash_right_after_close_still_uploads_every_file(make_volume, bucket, proxy, s3client):
+    """close() returns once the version is written to the journal, before any flush: a kill -9
+    of the mount a moment later, with every upload still held back, loses none of them."""
+    vol = make_volume(bucket=bucket, endpoint_url=proxy.endpoint_url)
+    vol.init()
+    vol.mount("--s3-timeout", "5", "--dir-cache-ttl", "600")
+    m = vol.mountpoint
+    (m / "d").mkdir()
+    assert os.listdir(m / "d") == []  # listed: new names need no lookup in S3 meanwhile
+    pids = vol.pids()
+    assert pids
+    proxy.set_mode("reset")  # every upload fails and stays in the journal
+    files = {f"d/f{i:03d}": os.urandom(4096) + str(i).encode() for i in range(200)}
+    for name, data in files.items():
+        (m / name).write_bytes(data)  # open, write, close: close returned
+    closed_at = time.monotonic()
+    for pid in pids:  # the crash, before the next group commit
+        os.kill(pid, signal.SIGKILL)
+    assert time.monotonic() - closed_at < COMMIT_INTERVAL
+    crash(vol)
+
+    proxy.set_mode("pass")
+    vol.mount("--s3-timeout", "5")  # recovers the journal before it reports ready
+    found = s3client.list_objects_v2(Bucket=bucket, Prefix="vol/d/")
+    keys = sorted(o["Key"] for o in found.get("Contents", []) if "/d/f" in o["Key"])
+    assert keys == sorted(f"vol/{name}" for name in files)  # in S3, every one
+    leftovers = [p for p in vol.cache_dir.glob("*/journal/*") if p.is_file()]
+    assert not leftovers, leftovers  # uploaded, so the journal let go of them
+    for name, data in files.items():
+        assert (m / name).read_bytes() == data, name  # from S3: the journal is empty
 
 
 def test_uploaded_bodies_leave_the_cache_directory(mounted):

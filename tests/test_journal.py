@@ -1,11 +1,16 @@
-"""The journal's slot pool (upload/slots.py): small versions committed with one flush survive a
-crash, torn or freed slots do not come back, and a rewritten record wins over the old one."""
+"""The journal's slot pool (upload/slots.py): small versions committed with one write survive a
+crash, torn or freed slots do not come back, and a rewritten record wins over the old one. The
+group commit (upload/commits.py) flushes many writes at once, and frees nothing a newer write
+replaces before that write is flushed."""
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pytest
+import trio
 
 from s3cryptfs.upload.journal import ABSENT, Entry, Journal
 from s3cryptfs.upload.slots import HEAD_LEN, SlotPool
@@ -137,3 +142,112 @@ def test_an_uploaded_body_goes_to_the_trash_and_not_back(tmp_path):
     assert Journal(str(tmp_path / "journal")).load() == []  # not a version any more
     journal.empty_trash()
     assert journal.trash_paths() == []
+
+
+# --- group commit (upload/commits.py) ---------------------------------------------------------
+
+
+def count_flushes(journal: Journal, monkeypatch) -> list[int]:
+    """The pool's fdatasyncs, counted where they happen (the os call itself)."""
+    calls: list[int] = []
+    real = os.fdatasync
+
+    def counted(fd: int) -> None:
+        if fd == journal.slots.fd:
+            calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counted)
+    return calls
+
+
+def test_many_slot_writes_share_one_flush(tmp_path, monkeypatch):
+    journal = Journal(str(tmp_path / "journal"))
+    flushes = count_flushes(journal, monkeypatch)
+
+    def closes(i: int) -> None:
+        for n in range(10):
+            small_entry(journal, os.urandom(200), f"vol/{i}-{n}")
+
+    threads = [threading.Thread(target=closes, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert flushes == []  # 50 closes, no flush yet: each one was a write
+    assert journal.commits.pending and journal.commits.written == 50
+    journal.commits.flush()
+    assert len(flushes) == 1 and not journal.commits.pending
+    journal.commits.flush()  # nothing new: no flush at all
+    assert len(flushes) == 1
+    # what was written before the flush is on the disk
+    journal.slots.close()
+    assert len(reopen(tmp_path / "journal").load()) == 50
+
+
+def test_concurrent_syncs_share_a_flush_and_the_timer_flushes_soon(tmp_path):
+    journal = Journal(str(tmp_path / "journal"))
+    commits = journal.commits
+    real = commits._flush
+    started: list[float] = []
+
+    def slow_flush() -> None:
+        started.append(time.monotonic())
+        time.sleep(0.2)  # a busy disk: closers arriving meanwhile wait for this one
+        real()
+
+    commits._flush = slow_flush
+    commits.interval = 0.05
+
+    async def main() -> None:
+        for n in range(20):
+            small_entry(journal, os.urandom(100), f"vol/{n}")
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):  # eight fsync() callers at once
+                nursery.start_soon(commits.sync)
+        assert len(started) == 1 and commits.durable == 20
+        small_entry(journal, os.urandom(100), "vol/late")
+        written_at = time.monotonic()
+        with trio.move_on_after(1.0):
+            await commits.run()  # (never returns)
+        assert len(started) == 2 and not commits.pending  # not left lying around
+        assert started[1] - written_at < 0.5  # an interval of 0.05 s, and a busy machine
+
+    trio.run(main)
+
+
+def test_a_replaced_version_stays_on_disk_until_its_replacement_is_flushed(tmp_path):
+    """A crash (of the mount or of the machine) between the write of a new version and its
+    flush finds the old one still there: never neither."""
+    journal = Journal(str(tmp_path / "journal"))
+    old = small_entry(journal, os.urandom(300), key="vol/f")
+    journal.commits.flush()
+    new = small_entry(journal, os.urandom(310), key="vol/f")
+    journal.remove(old, replaced=True)
+    assert not old.released
+    raw = os.pread(journal.slots.fd, 8, journal.slots.offset(old.slot) - HEAD_LEN)
+    assert raw == b"S3CFSLT1"  # still valid on the disk
+    assert {e.seq for e in Journal(str(tmp_path / "journal")).load()} == {old.seq, new.seq}
+    uploaded = small_entry(journal, os.urandom(100), key="vol/g")
+    journal.remove(uploaded)  # in S3 already: it needs no flush, but goes after `old`
+    assert not uploaded.released
+    journal.commits.flush()
+    assert old.released and uploaded.released
+    assert [e.seq for e in Journal(str(tmp_path / "journal")).load()] == [new.seq]
+
+
+def test_a_rewritten_slot_is_freed_only_after_the_flush(tmp_path):
+    journal = Journal(str(tmp_path / "journal"))
+    entry = small_entry(journal, os.urandom(300))
+    journal.commits.flush()
+    old_slot = entry.slot
+    entry.metadata = {**entry.metadata, "s3cryptfs-mode": "100640"}
+    journal.rewrite(entry)
+    assert entry.slot != old_slot and entry.moves == 1
+    # before the flush both copies are there (the new one may not survive a power loss)
+    assert os.pread(journal.slots.fd, 8, journal.slots.offset(old_slot) - HEAD_LEN) == b"S3CFSLT1"
+    assert old_slot not in journal.slots._free  # not to be taken by another close yet
+    journal.commits.flush()
+    assert os.pread(journal.slots.fd, 8, journal.slots.offset(old_slot) - HEAD_LEN) == bytes(8)
+    [loaded] = Journal(str(tmp_path / "journal")).load()
+    assert loaded.metadata["s3cryptfs-mode"] == "100640"

@@ -1,9 +1,10 @@
 """The uploader's retries (upload/uploader.py), without a mount or S3: a failed upload and a
 conflict copy that could not be stored both put the version back at the head of the queue,
-tell its waiters, and wake the uploader."""
+tell its waiters, and wake the uploader. Many small uploads go out at once, up to its bound."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import trio
@@ -106,3 +107,46 @@ def test_conflict_copy_names_stay_within_the_name_and_key_limits():
             assert len(copy.rsplit("/", 1)[1].encode()) <= 255, copy
             assert len(copy.encode()) <= 1024, copy
             assert ".conflict-" in copy
+
+
+class SlowStore:
+    """upload_file takes a while (a round trip to a far server); counts how many at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = 0
+        self.peak = 0
+        self.uploaded: list[str] = []
+
+    def upload_file(self, key: str, *args, **kwargs) -> str:
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        time.sleep(0.05)
+        with self.lock:
+            self.now -= 1
+            self.uploaded.append(key)
+        return '"etag"'
+
+
+def test_many_small_uploads_go_out_together_but_no_more_than_the_bound(tmp_path):
+    store = SlowStore()
+    journal = Journal(str(tmp_path / "journal"))
+    uploader = Uploader(store, journal, trio.CapacityLimiter(64), concurrency=16)
+    entries = [queued_entry(journal, f"vol/f{i:03d}") for i in range(100)]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(uploader.run)
+            for entry in entries:
+                uploader.submit(entry)
+            started = time.monotonic()
+            await uploader.drain()
+            elapsed = time.monotonic() - started
+            nursery.cancel_scope.cancel()
+        # one at a time would take 100 x 0.05 s = 5 s
+        assert elapsed < 2.5, elapsed
+
+    trio.run(main)
+    assert sorted(store.uploaded) == [e.key for e in entries]
+    assert store.peak == 16  # as many as allowed, never more

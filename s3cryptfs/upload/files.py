@@ -203,11 +203,12 @@ class WritePath:
             await trio.sleep(0.5)
 
     async def commit_all(self, files: list[Any]) -> None:
-        """Seal every file with unsealed changes (before unmounting). One that cannot be
-        sealed now is kept as closed (and listed by not_in_s3), never dropped."""
+        """Seal every file with unsealed changes (before unmounting) and flush the journal. One
+        that cannot be sealed now is kept as closed (listed by not_in_s3), never dropped."""
         for f in files:
             if f.w.unsealed and not f.unlinked:
                 await self.seal_closed(f)
+        await self.journal.commits.sync()
 
     async def drain(
         self, files: Callable[[], list[Any]], stall: float | None = None
@@ -590,7 +591,9 @@ class WritePath:
                     self.journal.slots.give_back(slot)
                 raise
             if w.state is Staged.CLOSED:
-                # The journal holds it now (its record names this file, should we stop here).
+                # The journal holds it now (its record names this file, should we stop here),
+                # once flushed: the marker may only go after that.
+                await self.journal.commits.sync()
                 await self._thread(closed_files.remove, staging.path)
                 w.why = None
                 if self.closed_pending.pop(f, None) is not None:

@@ -4,7 +4,9 @@ A version enters the journal when a file is closed (or fsync'ed): its encrypted 
 and fsync'ed first, then a small JSON record is written and renamed into place. Only a renamed
 record counts; after a crash, the next mount uploads every record it finds, in order, before it
 serves anything. Bodies are ciphertext, so the journal never holds plaintext. Small versions
-share one pool file instead (slots.py). The uploader (uploader.py) sends them.
+share one pool file instead (slots.py), whose writes are flushed in groups (commits.py): a
+close writes its slot, and the flush comes a moment later, shared with the closes around it.
+The uploader (uploader.py) sends them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import trio
 
+from s3cryptfs.upload.commits import GroupCommit
 from s3cryptfs.upload.slots import SlotPool, SlotRecord
 
 log = logging.getLogger(__name__)
@@ -140,6 +143,7 @@ class Journal:
         self.trash = directory.rstrip("/") + ".trash"
         os.makedirs(self.trash, mode=0o700, exist_ok=True)
         self.slots = SlotPool(directory.rstrip("/") + ".slots")
+        self.commits = GroupCommit(self.slots.flush)
         self._slot_records = self.slots.scan()
         for rec in self._slot_records:
             self._seq = max(self._seq, rec.seq)
@@ -179,8 +183,8 @@ class Journal:
     # --- small versions: slots --------------------------------------------------------------
 
     def write_slot(self, entry: Entry, body: bytes) -> bool:
-        """Commit *entry* (its slot taken, body_offset set) with one flush. False (slot given
-        back) if it does not fit: commit it as files instead."""
+        """Commit *entry* (its slot taken, body_offset set) with one write, flushed by the group
+        commit. False (slot given back) if it does not fit: commit it as files instead."""
         assert entry.slot is not None
         record = json.dumps(entry.record()).encode()
         if len(body) + len(record) > self.slots.capacity:
@@ -188,11 +192,12 @@ class Journal:
             entry.slot = None
             return False
         self.slots.write(entry.slot, entry.seq, entry.generation, body, record)
+        self.commits.wrote()
         return True
 
     def rewrite(self, entry: Entry) -> None:
-        """Make a changed record durable (blocking). A version in a slot moves to another slot
-        (or to files): its old place is freed only once the new one is durable."""
+        """Commit a changed record (blocking). A version in a slot moves to another slot (or to
+        files): its old place is freed only once the new one is durable."""
         if entry.slot is None:
             self.write_record(entry)
             return
@@ -203,6 +208,7 @@ class Journal:
         new = self.slots.take()
         if new is not None and len(body) + len(record) <= self.slots.capacity:
             self.slots.write(new, entry.seq, entry.generation, body, record)
+            self.commits.wrote()
             entry.slot = new
             replace_location(entry, self.slots.path, self.slots.offset(new))
             self._moved(entry, old)
@@ -218,11 +224,19 @@ class Journal:
         self._moved(entry, old)
 
     def _moved(self, entry: Entry, old_slot: int) -> None:
-        entry.moves += 1
-        self.slots.clear(old_slot)
+        entry.moves += 1  # (readers look again now; the old slot holds the same body meanwhile)
+        self.commits.after_durable(lambda: self.slots.clear(old_slot))
 
-    def remove(self, entry: Entry) -> None:
-        """Drop *entry* from the journal: the record goes now, the body to the trash."""
+    def remove(self, entry: Entry, replaced: bool = False) -> None:
+        """Drop *entry* from the journal: the record goes, the body to the trash. *replaced*: a
+        newer version of the file takes its place, and this one stays on the disk until that
+        one is durable (a power loss before then leaves this one, not neither)."""
+        if replaced:
+            self.commits.after_durable(lambda: self._drop(entry))
+        else:
+            self.commits.in_order(lambda: self._drop(entry))
+
+    def _drop(self, entry: Entry) -> None:
         entry.released = True
         if entry.slot is not None:
             self.slots.clear(entry.slot)  # a slot entry has no files (rewrite moves it whole)

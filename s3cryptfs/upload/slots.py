@@ -4,7 +4,8 @@ Committing a version as its own files costs three flushes (body, record, directo
 one commits the file system's journal, which on a busy disk takes milliseconds: for small files
 that was most of the time `close()` took. Small versions therefore go into a pool file that is
 written full of zeros once, so its blocks exist and its size never changes; a commit is a write
-into a free slot and one fdatasync, which then has no metadata to commit.
+into a free slot, and the fdatasync that makes it durable has no metadata to commit. That
+fdatasync is shared by every slot written in the last moment (group commit: commits.py).
 
 A slot holds a header, the encrypted body and the JSON record:
 
@@ -15,7 +16,8 @@ A slot counts only if its digest matches, so a write torn by a crash is ignored 
 acknowledged). Freeing a slot zeroes its magic, unflushed: a freed slot that comes back after a
 crash is uploaded again, which the uploader recognises as its own version (same wrapped key).
 Rewriting a record (new metadata, a new base) writes the entry to another slot with the next
-generation before the old one is freed; of two slots with one seq, the higher generation wins.
+generation; the old one is freed once that write is flushed. Of two slots with one seq, the
+higher generation wins.
 """
 
 from __future__ import annotations
@@ -105,12 +107,16 @@ class SlotPool:
     # --- reading and writing (blocking) ------------------------------------------------
 
     def write(self, slot: int, seq: int, generation: int, body: bytes, record: bytes) -> None:
-        """Write an entry into *slot* and make it durable."""
+        """Write an entry into *slot*, not flushed: the journal's group commit (commits.py)
+        flushes the pool for many writes at once."""
         if len(body) + len(record) > self.capacity:
             raise ValueError("entry does not fit a slot")
         digest = hashlib.sha256(body + record).digest()
         head = _HEAD.pack(MAGIC, seq, generation, len(body), len(record), digest)
         os.pwrite(self.fd, head + body + record, slot * self.size)
+
+    def flush(self) -> None:
+        """Make every write so far durable: data only, the pool's size and blocks never change."""
         os.fdatasync(self.fd)
 
     def clear(self, slot: int) -> None:

@@ -101,7 +101,7 @@ class Uploader:
                     self._rewrite(entry)
                 older.superseded_by = entry
                 self._discard_stream(older)
-                self.journal.remove(older)
+                self.journal.remove(older, replaced=True)
                 older._notify()
                 break
         self.queue.append(entry)
@@ -184,7 +184,11 @@ class Uploader:
     async def wait(self, entry: Entry, raise_errors: bool = True) -> None:
         """Until *entry* (or a newer version that replaced it) is in S3.
 
-        Raises the error of a failed attempt (the entry stays queued and is retried)."""
+        Raises the error of a failed attempt (the entry stays queued and is retried). Its
+        journal record is flushed to the disk first (fsync(), --sync-close): when the upload
+        fails, the caller is told, and the version is as safe here as a group commit makes it."""
+        if entry.state is Upload.QUEUED or entry.state is Upload.UPLOADING:
+            await self.journal.commits.sync()
         while True:
             while entry.superseded_by is not None:
                 entry = entry.superseded_by
@@ -214,6 +218,7 @@ class Uploader:
         while self.pending:
             entries = list(self.in_flight.values()) + list(self.queue)
             await self.wait_all(entries)
+        await self.journal.commits.sync()  # the slots freed after a flush, too
 
     def waiting(self) -> list[Entry]:
         """Every version not in S3 yet, in flight first."""
@@ -270,6 +275,7 @@ class Uploader:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self.journal.commits.run)  # the journal's group commit
             while True:
                 entry = self._next() if len(self.in_flight) < self.concurrency else None
                 if entry is None:

@@ -1,17 +1,22 @@
 """The write path's states, driven without a kernel, with faults injected into the real store:
 upload failures and their retries, an S3 outage, a conflict with another writer, a key manager
-that does not answer at close, and a crash with a file kept as closed."""
+that does not answer at close, a crash with a file kept as closed, and attributes changed while
+a version waits for its upload."""
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import stat
+import threading
 import time
 from collections.abc import Callable
 
 import pytest
 
 from s3cryptfs.errors import ProviderUnavailable
+from s3cryptfs.format import metadata as md
 from s3cryptfs.upload.journal import Entry, Upload
 from s3cryptfs.upload.state import FileWrite, Staged
 from s3cryptfs.upload.stream import PHASES, Phase
@@ -183,3 +188,59 @@ def test_an_outage_at_unmount_names_what_is_left(driver: CoreDriver) -> None:
     driver.core.start()  # the next mount uploads the journal first
     assert in_s3(driver, "late.txt")
     assert driver.read_file("late.txt") == b"closed during the outage"
+
+
+def test_attributes_changed_before_the_upload_ride_with_it(driver: CoreDriver) -> None:
+    """chmod, chown and touch of a file whose upload has not started change the queued version:
+    one PUT carries them, no CopyObject follows."""
+    driver.core.stop()
+    driver.core.start(upload_concurrency=1)  # one upload at a time: the file waits its turn
+    fs, store = driver.fs, driver.core.store
+    gate = store.hold("put", "blocker")
+    # Should a change wait for the upload (a copy after it), it ends, and the test fails.
+    safety = threading.Timer(15, gate.set)
+    safety.start()
+    driver.write_file("blocker", b"in flight, held back")
+    wait_for(lambda: "vol/blocker" in fs.uploader.in_flight, what="the blocker in flight")
+    driver.write_file("attrs.txt", b"attributes change while queued")
+    node = driver._lookup("attrs.txt")
+    local = node.w.local
+    assert local is not None and local.state is Upload.QUEUED
+    before = len(store.calls)
+    mtime = 1_600_000_000_123_456_789
+    driver.chmod("attrs.txt", 0o640)
+    driver._run(functools.partial(fs.setattr, node.ino, None, uid=4321, gid=4322))
+    driver.utime("attrs.txt", mtime)
+    assert node.w.local is local and local.state is Upload.QUEUED  # still the one upload
+    gate.set()
+    safety.cancel()
+    wait_for(lambda: not fs.uploader.pending, what="both uploads")
+    sent = store.calls[before:]
+    assert not [c for c in sent if c.startswith("copy ")], sent
+    assert [c for c in sent if c == "put vol/attrs.txt"] == ["put vol/attrs.txt"]
+    driver.remount()
+    client = store._client
+    head = client.head_object(Bucket=driver.core.url.bucket, Key="vol/attrs.txt")
+    attrs = md.PosixAttrs.decode(head["Metadata"])
+    assert attrs.mode is not None and stat.S_IMODE(attrs.mode) == 0o640
+    assert (attrs.uid, attrs.gid, attrs.mtime_ns) == (4321, 4322, mtime)
+    assert driver.read_file("attrs.txt") == b"attributes change while queued"
+
+
+def test_fsync_makes_the_journal_durable_even_when_s3_fails(driver: CoreDriver) -> None:
+    """A close leaves its flush to the group commit; fsync() flushes at once, before it waits
+    for S3: when the upload fails and fsync says so, the version is on the disk anyway."""
+    commits = driver.fs.journal.commits
+    commits.interval = 3600.0
+    time.sleep(0.7)  # the committer's current round ends: no more rounds
+    driver.core.store.fail("put", "synced.txt", times=None)
+    driver.write_file("closed.txt", b"closed, flushed later")
+    assert commits.durable < commits.written  # the close did not flush
+    fh = driver.core.call(driver.fs.create, 1, "synced.txt", 0o100644, os.getuid(), 0).fh
+    driver.write_at(fh, 0, b"fsync'ed")
+    with pytest.raises(OSError) as info:
+        driver.fsync(fh)
+    assert info.value.errno == errno.EIO
+    assert commits.durable == commits.written  # both versions are on the disk
+    driver.core.store.heal()
+    driver.close(fh)
