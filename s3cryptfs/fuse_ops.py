@@ -325,6 +325,7 @@ class FuseOperations(pyfuse3.Operations):
     @_guard
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         handle, keep = await self.fs.open(inode, flags)
+        handle.privileged = ctx.uid == 0
         if not keep:
             # Close-to-open: the object changed (another machine wrote it). keep_cache off
             # drops the kernel's pages; its size may be cached too (a getattr just before the
@@ -339,6 +340,7 @@ class FuseOperations(pyfuse3.Operations):
         handle = await self.fs.create(
             parent_inode, from_kernel(name), mode, ctx.uid, ctx.gid, flags
         )
+        handle.privileged = ctx.uid == 0
         info = pyfuse3.FileInfo(
             fh=handle.fh, keep_cache=handle.keep_cache, direct_io=_write_only(flags)
         )

@@ -434,3 +434,83 @@ def test_an_atime_set_explicitly_is_kept_and_reads_do_not_move_it(mounted):
     # Without an explicit one, the atime shown is the mtime.
     (m / "h").write_bytes(b"x")
     assert os.stat(m / "h").st_atime_ns == os.stat(m / "h").st_mtime_ns
+
+
+def _errno_as_nobody(code: str) -> str:
+    """Run *code* as uid 65534; the name of the OSError errno it raised, or "ok"."""
+    wrapped = (
+        "import errno, os\ntry:\n"
+        + "".join(f"    {line}\n" for line in code.splitlines())
+        + "    print('ok')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])\n"
+    )
+    done = _as_nobody(wrapped)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_sticky_directories_search_permission_and_ownership_errnos(volume):
+    """The errnos POSIX gives another user (uid 65534) in a sticky directory, without search
+    permission, and on files it does not own: the kernel decides them from the owner and mode
+    this mount reports, so they must be the stored ones, also after a remount."""
+    volume.init()
+    volume.mount("--allow-other")
+    m = volume.mountpoint
+    with _traversable(m):
+        os.chmod(m, 0o755)
+        tmp = m / "tmp"
+        tmp.mkdir()
+        os.chmod(tmp, 0o1777)
+        (tmp / "roots").write_text("r")
+        os.chmod(tmp / "roots", 0o666)
+        closed = m / "closed"
+        closed.mkdir(mode=0o700)
+        (closed / "f").write_text("x")
+        ro = m / "ro"
+        ro.write_text("data")
+        os.chmod(ro, 0o644)
+        for attempt in range(2):
+            t, c, r = str(tmp), str(closed), str(ro)
+            # sticky: another user's file can be written but not removed or renamed away
+            assert _errno_as_nobody(f"open({t!r} + '/roots', 'a').write('x')") == "ok"
+            assert _errno_as_nobody(f"os.unlink({t!r} + '/roots')") == "EPERM"
+            assert _errno_as_nobody(f"os.rename({t!r} + '/roots', {t!r} + '/x')") == "EPERM"
+            own = f"{t}/mine{attempt}"
+            assert _errno_as_nobody(f"open({own!r}, 'w').write('m')") == "ok"
+            assert _errno_as_nobody(f"os.rename({own!r}, {own!r} + '.moved')") == "ok"
+            assert _errno_as_nobody(f"os.unlink({own!r} + '.moved')") == "ok"
+            # no search permission: nothing below is reachable
+            assert _errno_as_nobody(f"os.stat({c!r} + '/f')") == "EACCES"
+            assert _errno_as_nobody(f"open({c!r} + '/new', 'w')") == "EACCES"
+            assert _errno_as_nobody(f"os.listdir({c!r})") == "EACCES"
+            # someone else's file: no chmod, chown, explicit times; no write, no truncate
+            assert _errno_as_nobody(f"os.chmod({r!r}, 0o777)") == "EPERM"
+            assert _errno_as_nobody(f"os.chown({r!r}, 65534, 65534)") == "EPERM"
+            assert _errno_as_nobody(f"os.utime({r!r}, (1, 1))") == "EPERM"
+            assert _errno_as_nobody(f"os.utime({r!r})") == "EACCES"
+            assert _errno_as_nobody(f"os.truncate({r!r}, 0)") == "EACCES"
+            assert _errno_as_nobody(f"open({r!r}, 'w')") == "EACCES"
+            assert _errno_as_nobody(f"os.mkdir({str(m)!r} + '/d')") == "EACCES"
+            assert ro.read_text() == "data"
+            if attempt == 0:
+                volume.remount("--allow-other")  # the same, from what S3 holds
+
+
+def test_chown_and_a_write_by_another_user_clear_setuid(volume):
+    volume.init()
+    volume.mount("--allow-other")
+    m = volume.mountpoint
+    with _traversable(m):
+        os.chmod(m, 0o755)
+        f = m / "prog"
+        f.write_bytes(b"#!/bin/sh\n")
+        os.chmod(f, 0o4755)
+        assert os.stat(f).st_mode & 0o7777 == 0o4755
+        os.chown(f, 65534, 65534)
+        assert os.stat(f).st_mode & stat.S_ISUID == 0
+        os.chmod(f, 0o6777)
+        # (a writer without CAP_FSETID, even the owner, drops both)
+        assert _errno_as_nobody(f"open({str(f)!r}, 'a').write('echo')") == "ok"
+        assert os.stat(f).st_mode & 0o7777 == 0o0777
+        volume.remount("--allow-other")
+        assert os.stat(f).st_mode & 0o7777 == 0o0777
+        assert f.read_bytes() == b"#!/bin/sh\necho"

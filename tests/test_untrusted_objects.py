@@ -58,7 +58,7 @@ def test_setuid_setgid_and_sticky_bits_from_s3_are_masked(make_volume, s3client)
     # what this session chose itself, it shows
     assert (mode_of(m / "own"), mode_of(m / "shared"), mode_of(m)) == (0o4755, 0o1777, 0o1777)
     vol.umount()
-    set_metadata(s3client, vol.bucket, vol.prefix + "planted", **{"s3cryptfs-mode": "106777"})
+    set_metadata(s3client, vol.bucket, vol.prefix + "planted", **{"s3cryptfs-mode": "107777"})
 
     vol.mount()
     # looked up before any listing: from a HEAD (an in-place copy keeps the ETag, so the
@@ -66,16 +66,17 @@ def test_setuid_setgid_and_sticky_bits_from_s3_are_masked(make_volume, s3client)
     assert mode_of(m / "planted") == 0o777
     os.listdir(m)  # "own" and "shared" from the directory index
     assert mode_of(m / "own") == 0o755
-    assert mode_of(m / "shared") == 0o777
-    assert mode_of(m) == 0o777
-    assert os.stat(m / "planted").st_mode & (stat.S_ISUID | stat.S_ISGID) == 0
+    # a directory's sticky bit comes from its sealed index: kept (a /tmp stays one)
+    assert mode_of(m / "shared") == 0o1777
+    assert mode_of(m) == 0o1777
+    assert os.stat(m / "planted").st_mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX) == 0
     # masked on the way to the kernel only: what is stored stays as it was
     own = s3client.head_object(Bucket=vol.bucket, Key=vol.prefix + "own")["Metadata"]
     assert own["s3cryptfs-mode"] == "104755"
     vol.umount()
 
     vol.mount("--trust-attributes")
-    assert mode_of(m / "planted") == 0o6777
+    assert mode_of(m / "planted") == 0o7777
     assert mode_of(m / "own") == 0o4755
     assert mode_of(m / "shared") == 0o1777
     assert mode_of(m) == 0o1777

@@ -68,8 +68,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Bits that hand out privileges (setuid, setgid) or decide who may delete in a directory
-# (sticky): anyone who can write to the bucket can set them, so modes read from S3 are shown
-# without them unless the user trusts the bucket's attributes (docs/SEMANTICS.md).
+# (sticky): anyone who can write to the bucket can set them in object metadata, so modes read
+# from S3 are shown without them unless the user trusts the bucket's attributes
+# (docs/SEMANTICS.md). A directory's mode comes from its sealed index, which a bucket writer
+# cannot forge: its sticky bit is shown (a /tmp-like directory stays one after a remount).
 PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
 
 
@@ -354,7 +356,7 @@ class Filesystem:
         if not (self.opts.trust_attributes or node.mode_set_here):
             # The one place modes from S3 are masked: on the way to the kernel, so that what
             # is stored is kept as it is (for a mount that trusts it, and in the index).
-            mode &= ~PRIVILEGE_BITS
+            mode &= ~(PRIVILEGE_BITS & ~stat.S_ISVTX if node.is_dir else PRIVILEGE_BITS)
         return Attr(
             ino=node.ino,
             mode=mode,
@@ -549,6 +551,10 @@ class Filesystem:
         await self._materialize(node)
         written = await self.writes.write(node, offset, data)
         node.mtime_ns = node.ctime_ns = now_ns()
+        kill = stat.S_ISUID | (stat.S_ISGID if node.mode & stat.S_IXGRP else 0)
+        if not handle.privileged and node.mode & kill:
+            # With direct I/O the kernel leaves this to the file system (FUSE's killpriv).
+            await self.setattr(node.ino, fh, mode=node.mode & ~kill)
         return written
 
     async def flush(self, fh: int) -> None:

@@ -185,6 +185,9 @@ class Handle:
     writable: bool
     state: ReadState = field(default_factory=ReadState)
     keep_cache: bool = True  # whether the kernel's pages of the file are still its content
+    # Opened by root (who keeps setuid and setgid bits when writing); any other writer drops
+    # them, as the kernel does on a local disk (Filesystem.write).
+    privileged: bool = True
 
 
 def shared_metadata(meta: dict[str, str]) -> dict[str, str]:
