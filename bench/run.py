@@ -179,6 +179,7 @@ def main() -> int:
     ap.add_argument("--mv-mib", type=int, default=100)
     ap.add_argument("--random-reads", type=int, default=500, help="4 KiB preads if fio is missing")
     ap.add_argument("--ranged-gets", type=int, default=1000, help="for the random-read ceiling")
+    ap.add_argument("--ceiling-tries", type=int, default=2, help="each client's best of these")
     ap.add_argument("--s3-client", help="passed to `s3cryptfs init` and `mount` when given")
     ap.add_argument("--peers", nargs="?", const="rclone", choices=["rclone"],
                     help="also run the workloads on rclone crypt")
@@ -209,7 +210,7 @@ def main() -> int:
         inputs, tree_mb = make_inputs(work, args)
         ceils = ceilings.measure(
             server.endpoint_url, BUCKET, server.access_key, server.secret_key,
-            inputs.big, args.files, args.ranged_gets,
+            inputs.big, args.files, args.ranged_gets, args.ceiling_tries,
         )  # fmt: skip
         ours_fs = S3cryptfs(work, env, server.endpoint_url, pwfile, BUCKET, args.s3_client)
         mounted.append(ours_fs)
