@@ -1,6 +1,7 @@
 """The file systems under test in bench/run.py, behind one small interface: ``mount()`` (a new
-mount process, returning its Watcher), ``settle_unmount()`` (wait until everything written is in
-S3, then unmount) and ``cleanup()``. This module has s3cryptfs; bench/peers.py has rclone crypt.
+mount process, returning its Watcher), ``settle_unmount()`` (wait until everything written is
+in S3, then unmount; returns the seconds of that wait not to be counted) and ``cleanup()``.
+This module has s3cryptfs; bench/peers.py has rclone crypt.
 """
 
 from __future__ import annotations
@@ -118,11 +119,12 @@ class S3cryptfs:
         self.watcher = Watcher(int(os.getxattr(self.mnt, "user.s3cryptfs.pid")))
         return self.watcher
 
-    def settle_unmount(self) -> None:
-        """`s3cryptfs umount` returns once every upload is done."""
+    def settle_unmount(self) -> float:
+        """`s3cryptfs umount` returns once every upload is done: nothing to leave uncounted."""
         cli(self.env, "umount", str(self.mnt))
         if self.watcher is not None:
             self.watcher.stop()
+        return 0.0
 
     def cleanup(self) -> None:
         subprocess.run(

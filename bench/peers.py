@@ -6,6 +6,11 @@ change: uploads start 1 s after a file is closed instead of 5 s (``--vfs-write-b
 "until in S3" measures rclone's uploads rather than its waiting. 0 s is not used: with it
 ``vfs/stats`` reported an empty upload queue while uploads were still pending (files were lost
 at the unmount), so there would be no way to know when the data is in S3.
+
+An empty queue right after the writer's close() is not yet proof: the kernel sends the release
+that queues the upload after close() has returned, and a poll made in between was measured to
+see an empty queue (12 ms before the upload appeared in it). So the queue must stay empty for a
+second; that second is not counted.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from common import free_port
 from mounts import Watcher
 
 WRITE_BACK = "1s"
+# How long the upload queue must stay empty before it is believed (not counted in the time).
+CONFIRM = 1.0
 
 
 class Rclone:
@@ -68,12 +75,13 @@ class Rclone:
         deadline = time.monotonic() + 30
         while not os.path.ismount(self.mnt):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"rclone mount failed: see {self.work / 'rclone.log'}")
+                raise RuntimeError(f"rclone mount failed\n{self.log_tail()}")
             time.sleep(0.05)
         self.watcher = Watcher(self.proc.pid)
         return self.watcher
 
-    def _queued(self) -> int:
+    def _queued(self) -> tuple[int, int]:
+        """Uploads queued or running, and files whose upload failed."""
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.port}/vfs/stats",
             data=b"{}",
@@ -82,12 +90,26 @@ class Rclone:
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             cache = json.load(response)["diskCache"]
-        return int(cache["uploadsInProgress"]) + int(cache["uploadsQueued"])
+        queued = int(cache["uploadsInProgress"]) + int(cache["uploadsQueued"])
+        return queued, int(cache["erroredFiles"])
 
-    def settle_unmount(self) -> None:
-        """rclone's unmount does not wait for queued uploads: wait for its queue to empty."""
-        while self._queued():
+    def settle_unmount(self) -> float:
+        """rclone's unmount does not wait for queued uploads: wait for its queue to empty, then
+        unmount. Returns the seconds spent confirming that it stays empty (not to be counted)."""
+        empty_since = None
+        while True:
+            queued, errored = self._queued()
+            if errored:
+                raise RuntimeError(f"rclone: {errored} upload(s) failed\n{self.log_tail()}")
+            now = time.monotonic()
+            if queued:
+                empty_since = None
+            elif empty_since is None:
+                empty_since = now
+            elif now - empty_since >= CONFIRM:
+                break
             time.sleep(0.05)
+        uncounted = time.monotonic() - empty_since
         if self.watcher is not None:
             self.watcher.sample()
         subprocess.run(["fusermount3", "-u", str(self.mnt)], check=True)
@@ -96,6 +118,11 @@ class Rclone:
         if self.watcher is not None:
             self.watcher.stop()
         shutil.rmtree(self.work / f"cache-rclone-{self.mounts}", ignore_errors=True)
+        return uncounted
+
+    def log_tail(self) -> str:
+        self.log.flush()
+        return "\n".join((self.work / "rclone.log").read_text(errors="replace").splitlines()[-20:])
 
     def cleanup(self) -> None:
         subprocess.run(
