@@ -106,9 +106,9 @@ class S3cryptfs:
         self.mnt.mkdir()
         self.url = f"s3://{bucket}/vol"
         self.options = ["--endpoint-url", endpoint, "--password-file", str(pwfile)]
+        cli(env, "init", self.url, *self.options)  # init has no --s3-client: it moves no data
         if s3_client:  # else the CLI's default, whatever it is
             self.options += ["--s3-client", s3_client]
-        cli(env, "init", self.url, *self.options)
         self.watcher: Watcher | None = None
 
     def mount(self) -> Watcher:

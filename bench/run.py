@@ -180,7 +180,7 @@ def main() -> int:
     ap.add_argument("--random-reads", type=int, default=500, help="4 KiB preads if fio is missing")
     ap.add_argument("--ranged-gets", type=int, default=1000, help="for the random-read ceiling")
     ap.add_argument("--ceiling-tries", type=int, default=2, help="each client's best of these")
-    ap.add_argument("--s3-client", help="passed to `s3cryptfs init` and `mount` when given")
+    ap.add_argument("--s3-client", help="passed to `s3cryptfs mount` when given")
     ap.add_argument("--peers", nargs="?", const="rclone", choices=["rclone"],
                     help="also run the workloads on rclone crypt")
     ap.add_argument("--json", type=Path, metavar="FILE", help="write the results here")

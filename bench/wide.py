@@ -61,11 +61,11 @@ def run_wide(n: int, client: str | None) -> int:
     mnt.mkdir()
     url = f"s3://{BUCKET}/vol"
     common = ["--endpoint-url", server.endpoint_url, "--password-file", str(pwfile)]
-    if client:  # else the CLI's default
-        common += ["--s3-client", client]
     rows: list[tuple[str, str]] = []
     try:
         cli(env, "init", url, *common)
+        if client:  # else the CLI's default; init has no --s3-client
+            common += ["--s3-client", client]
 
         def mount() -> int:
             cli(env, "mount", url, str(mnt), *common, "--cache-dir", str(work / "cache"))

@@ -68,6 +68,7 @@ def random_read_iops(path: Path, inputs: Inputs) -> float:
     """4 KiB random reads from one thread: fio (psync, through the page cache as programs read),
     or, without fio, a fixed number of preads at seeded offsets."""
     if shutil.which("fio"):
+        os.sync()
         out = subprocess.run(
             ["fio", "--name=r", f"--filename={path}", "--rw=randread", "--bs=4k",
              "--ioengine=psync", "--direct=0", f"--runtime={inputs.fio_runtime}",
