@@ -55,7 +55,7 @@ class Watcher(threading.Thread):
             try:
                 with open(f"/proc/{self.pid}/task/{task}/children") as f:
                     children += [int(c) for c in f.read().split()]
-            except FileNotFoundError:
+            except OSError:  # the thread or the process is gone
                 pass
         return children
 
@@ -69,9 +69,9 @@ class Watcher(threading.Thread):
                 try:
                     total += _rss(child)
                     cpu += _cpu(child, reaped=True)
-                except FileNotFoundError:
+                except OSError:  # exited meanwhile
                     pass
-        except FileNotFoundError:
+        except OSError:  # the process has exited: ENOENT, or ESRCH while it is being reaped
             self.running = False
             return self.cpu
         self.peak, self.peak_all = max(self.peak, own), max(self.peak_all, total)
