@@ -10,7 +10,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from servers import SeaweedFS  # noqa: E402
+from servers import SeaweedFS, free_port  # noqa: E402
+
+__all__ = ["SeaweedFS", "cli", "free_port", "start", "timed"]
 
 
 def start(work: Path, bucket: str, password: bytes) -> tuple[SeaweedFS, dict[str, str], Path]:

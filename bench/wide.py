@@ -54,7 +54,7 @@ def _ls(path: Path) -> int:
     return len(out.stdout.splitlines()) - 1  # "total N"
 
 
-def run_wide(n: int, client: str) -> int:
+def run_wide(n: int, client: str | None) -> int:
     work = Path(tempfile.mkdtemp(prefix="s3cryptfs-bench-wide-"))
     server, env, pwfile = start(work, BUCKET, PASSWORD)
     mnt = work / "mnt"
@@ -64,12 +64,11 @@ def run_wide(n: int, client: str) -> int:
     rows: list[tuple[str, str]] = []
     try:
         cli(env, "init", url, *common)
+        if client:  # else the CLI's default; init has no --s3-client
+            common += ["--s3-client", client]
 
         def mount() -> int:
-            cli(
-                env, "mount", url, str(mnt), *common, "--cache-dir", str(work / "cache"),
-                "--s3-client", client,
-            )  # fmt: skip
+            cli(env, "mount", url, str(mnt), *common, "--cache-dir", str(work / "cache"))
             return int(os.getxattr(mnt, "user.s3cryptfs.pid"))
 
         def umount() -> None:
@@ -153,7 +152,7 @@ def run_wide(n: int, client: str) -> int:
         )
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\nwide directory: {n} objects, --s3-client {client}")
+    print(f"\nwide directory: {n} objects, --s3-client {client or '(CLI default)'}")
     for name, value in rows:
         print(f"  {name:32} {value}")
     return 0
