@@ -251,3 +251,44 @@ def test_a_rewritten_slot_is_freed_only_after_the_flush(tmp_path):
     assert os.pread(journal.slots.fd, 8, journal.slots.offset(old_slot) - HEAD_LEN) == bytes(8)
     [loaded] = Journal(str(tmp_path / "journal")).load()
     assert loaded.metadata["s3cryptfs-mode"] == "100640"
+
+
+def test_a_pool_of_another_slot_count_keeps_its_versions(tmp_path):
+    """A pool made by a version with fewer slots grows in place; one with more never shrinks
+    (its last slots may hold versions waiting for upload)."""
+    path = str(tmp_path / "pool")
+    small = SlotPool(path, count=4, size=4096)
+    small.scan()
+    small.write(3, 7, 0, b"body", b'{"k": 1}')
+    small.flush()
+    small.close()
+    grown = SlotPool(path, count=8, size=4096)
+    assert os.path.getsize(path) == 8 * 4096
+    assert [(e.slot, e.seq) for e in grown.scan()] == [(3, 7)]
+    grown.write(6, 9, 0, b"more", b'{"k": 2}')
+    grown.flush()
+    grown.close()
+    fewer = SlotPool(path, count=2, size=4096)
+    assert fewer.count == 8 and os.path.getsize(path) == 8 * 4096
+    assert sorted((e.slot, e.seq) for e in fewer.scan()) == [(3, 7), (6, 9)]
+
+
+def test_a_full_pool_grows_in_the_background_and_keeps_its_size(tmp_path):
+    path = str(tmp_path / "pool")
+    pool = SlotPool(path, count=2, size=4096, max_count=4, grow_by=2)
+    pool.scan()
+    assert pool.take() is not None and pool.take() is not None
+    assert pool.take() is None  # full: this close takes the other path; the pool grows
+    for _ in range(200):
+        slot = pool.take()
+        if slot is not None:
+            break
+        time.sleep(0.01)
+    assert slot in (2, 3)
+    assert os.path.getsize(path) == 4 * 4096
+    pool.write(slot, 5, 0, b"b", b"{}")
+    pool.flush()
+    pool.close()
+    again = SlotPool(path, count=2, size=4096, max_count=4, grow_by=2)
+    assert again.count == 4
+    assert [(e.slot, e.seq) for e in again.scan()] == [(slot, 5)]

@@ -37,7 +37,12 @@ MAGIC = b"S3CFSLT1"
 _HEAD = struct.Struct(">8sQQII32s")
 HEAD_LEN = _HEAD.size
 SLOT_SIZE = 128 * 1024
-SLOT_COUNT = 256
+SLOT_COUNT = 256  # as made (32 MiB)
+# Closes outpacing uploads fill the slots; past them a close takes the three-flush path. The
+# pool then grows, in the background, this many slots at a time up to SLOT_COUNT_MAX (and
+# keeps its size: a pool only grows).
+SLOT_GROW = 256
+SLOT_COUNT_MAX = 1024
 
 
 @dataclass
@@ -50,11 +55,29 @@ class SlotRecord:
 
 
 class SlotPool:
-    def __init__(self, path: str, count: int = SLOT_COUNT, size: int = SLOT_SIZE) -> None:
+    def __init__(
+        self,
+        path: str,
+        count: int = SLOT_COUNT,
+        size: int = SLOT_SIZE,
+        max_count: int = SLOT_COUNT_MAX,
+        grow_by: int = SLOT_GROW,
+    ) -> None:
         self.path = path
         self.count = count
         self.size = size
-        if not os.path.exists(path) or os.path.getsize(path) != count * size:
+        self.max_count = max(max_count, count)
+        self.grow_by = grow_by
+        self._growing = False
+        have = os.path.getsize(path) if os.path.exists(path) else 0
+        if have and have % size == 0:
+            # A pool grown before, or made with another slot count: its slots keep their
+            # offsets, so it grows in place, and it never shrinks (the slots past a smaller
+            # count may hold versions waiting for upload).
+            self.count = max(count, have // size)
+            if have < self.count * size:
+                self._grow(have)
+        else:
             self._create()
         self.fd = os.open(path, os.O_RDWR)
         self._lock = threading.Lock()
@@ -65,14 +88,50 @@ class SlotPool:
         tmp = self.path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            zeros = bytes(1024 * 1024)
-            total = self.count * self.size
-            for pos in range(0, total, len(zeros)):
-                os.write(fd, zeros[: min(len(zeros), total - pos)])
-            os.fsync(fd)
+            self._zeros(fd, 0)
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
+        self._sync_dir()
+
+    def _grow(self, have: int) -> None:
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            self._zeros(fd, have, self.count * self.size)
+        finally:
+            os.close(fd)
+
+    def _zeros(self, fd: int, start: int, end: int | None = None) -> None:
+        """Write the pool's blocks from *start* to *end* (written, not sparse: a slot write
+        must never be the one that finds the disk full) and flush them."""
+        zeros = bytes(1024 * 1024)
+        total = self.count * self.size if end is None else end
+        for pos in range(start, total, len(zeros)):
+            os.pwrite(fd, zeros[: min(len(zeros), total - pos)], pos)
+        os.fsync(fd)
+
+    def _grow_more(self) -> None:
+        """Background: add grow_by slots at the end of the pool (the others keep working)."""
+        try:
+            with self._lock:
+                old = self.count
+            new = min(self.max_count, old + self.grow_by)
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                self._zeros(fd, old * self.size, new * self.size)
+            finally:
+                os.close(fd)
+            with self._lock:
+                self.count = new
+                self._free.extend(range(new - 1, old - 1, -1))  # take() pops: low ones first
+            log.info("journal slot pool grown to %d slots", new)
+        except OSError as exc:
+            log.warning("journal slot pool cannot grow: %s", exc)
+        finally:
+            with self._lock:
+                self._growing = False
+
+    def _sync_dir(self) -> None:
         dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -91,8 +150,12 @@ class SlotPool:
     # --- the free list -------------------------------------------------------------------
 
     def take(self) -> int | None:
+        """A free slot; None when all are taken (the pool then grows, for the next ones)."""
         with self._lock:
             if not self._free:
+                if not self._growing and self.count < self.max_count:
+                    self._growing = True
+                    threading.Thread(target=self._grow_more, name="slot-pool", daemon=True).start()
                 return None
             slot = self._free.pop()
             self._used.add(slot)
