@@ -422,7 +422,8 @@ OPTIONS: tuple[Option, ...] = (
         Layer.FS,
         "how long an `open()` trusts what this mount last fetched of a file instead of asking "
         "S3 whether it changed; 0 (the default) asks at every open, so a file closed on "
-        "another machine is seen whole at the next open. See docs/SEMANTICS.md.",
+        "another machine is seen whole at the next open",
+        doc="See docs/SEMANTICS.md.",
         default=0.0,
         metavar="SECONDS",
         field="file_ttl",
