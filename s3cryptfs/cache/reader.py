@@ -148,20 +148,10 @@ class Reader:
         cipher = version.cipher
         assert cipher is not None
         glen = self._group_len(version)
-        total = version.chunks()
         first = group * glen
-        last = min(first + glen * count, total) - 1
-        start, end = cipher.span(first, last, version.body_size)
-
-        def open_all(data: bytes) -> dict[int, bytes]:
-            if len(data) != end - start + 1:
-                raise IntegrityError(
-                    f"{version.name}: object is shorter than its listed size (truncated?)"
-                )
-            return dict(enumerate(cipher.open_range(first, data, total), start=first))
-
+        last = min(first + glen * count, version.chunks()) - 1
         try:
-            return _retry_uncached(version, start, end, open_all)
+            return self._fetch_chunks(version, first, last)
         except IntegrityError:
             invalidate = getattr(version.fetch, "invalidate", None)
             hlen = version.header_len
