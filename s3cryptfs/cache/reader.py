@@ -145,8 +145,6 @@ class Reader:
         self, version: Version, group: int, header_checked: bool = False, count: int = 1
     ) -> dict[int, bytes]:
         """Blocking: fetch and decrypt *count* consecutive groups of chunks in one request."""
-        cipher = version.cipher
-        assert cipher is not None
         glen = self._group_len(version)
         first = group * glen
         last = min(first + glen * count, version.chunks()) - 1

@@ -58,6 +58,11 @@ AHEAD_MIN_STRICT = 64 * 1024
 SCAN_GAP = 8
 
 
+def remote_vid(key: str, etag: str) -> tuple[str, str, str]:
+    """The block cache's name for the object version *etag* of *key*."""
+    return ("r", key, etag)
+
+
 @dataclass(slots=True)
 class Fetched:
     """A whole object fetched ahead of its open, decrypted into the block cache."""
@@ -117,7 +122,7 @@ class SmallFiles:
                 return fs.codec.cipher(fresh.metadata, header, key)
 
         return Version(
-            vid=("r", key, etag),
+            vid=remote_vid(key, etag),
             name=key,
             plain_size=size,
             body_size=remote.body_size,
@@ -245,7 +250,7 @@ class SmallFiles:
             node.w.local is not None or node.w.staging is not None or self.cached(node)
         ):
             return
-        if self.fs.blocks.contains(("r", key, child.etag), 0):
+        if self.fs.blocks.contains(remote_vid(key, child.etag), 0):
             return
         if self.fetched_bytes + child.size > AHEAD_BYTES_MAX:
             return
