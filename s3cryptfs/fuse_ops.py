@@ -370,7 +370,7 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None
+        await self.fs.fsyncdir()
 
     @_guard
     async def statfs(self, ctx: Any) -> Any:

@@ -480,6 +480,20 @@ OPTIONS: tuple[Option, ...] = (
         field="upload_concurrency",
         minimum=1,
     ),
+    Option(
+        "upload_delay",
+        Kind.FLOAT,
+        Layer.FS,
+        "how long a closed file waits, safe in the journal, before its upload starts",
+        default=1.0,
+        doc="A rename, `chmod`, `chown`, `utime`, rewrite or delete within that time changes "
+        "the waiting upload instead of costing a copy in S3 (temporary files renamed into "
+        "place, as `git`, `rsync` and editors write them; `tar` restoring attributes). "
+        "`fsync`, `--sync-close` and the unmount do not wait for it. 0 starts at once.",
+        metavar="SECONDS",
+        field="upload_delay",
+        minimum=0,
+    ),
 )
 
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}

@@ -507,11 +507,12 @@ class Volume:
 
 
 @pytest.fixture
-def make_volume(seaweed, s3env, password_file, tmp_path, request):
+def make_volume(seaweed, s3env, password_file, tmp_path, request, bucket):
     """Factory: make_volume(bucket=None, prefix="vol/", password_file=None, env=None,
     endpoint_url=None) -> Volume (not initialized). Each volume gets its own mountpoint and cache
     dir; all are cleaned up at teardown, then their mount logs are checked (see Volume).
-    bucket=None creates a fresh bucket."""
+    bucket=None creates a fresh bucket. (The `bucket` fixture is set up first so that it is
+    dropped last: a mount's unmount still uploads what waited for its upload delay.)"""
     volumes: list[Volume] = []
 
     def make(bucket=None, prefix="vol/", password_file=password_file, env=None, endpoint_url=None):

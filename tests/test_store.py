@@ -91,7 +91,7 @@ def test_rename_of_a_large_file_through_the_mount(make_volume, bucket):
     vol = make_volume(bucket=bucket)
     vol.env = {**vol.env, "S3CRYPTFS_COPY_THRESHOLD": "6M"}
     vol.init()
-    vol.mount()
+    vol.mount("--upload-delay", "0")  # uploaded at close: the chmod and rename copy in S3
     m = vol.mountpoint
     body = os.urandom(14 * MIB)
     (m / "d").mkdir()

@@ -61,6 +61,7 @@ class WriteSettings:
     cache_dir: str  # the journal and the write-back files go under it
     journal_limit: int
     upload_concurrency: int = 16
+    upload_delay: float = 0.0  # seconds a new version waits before its upload starts
     stream_uploads: bool = True
     upload_helper: bool = True  # upload journal bodies from a helper process (store/helper.py)
     read_only: bool = False
@@ -217,6 +218,7 @@ class WritePath:
         *stall*, give up once that many seconds passed without any progress. Returns what is
         not in S3 yet (see not_in_s3): empty when everything is."""
         quiet_since = time.monotonic()
+        self.uploader.hurry()
         while True:
             before = (self.uploader.uploaded_count, len(self.closed_pending))
             await self.commit_all(files())
@@ -600,7 +602,7 @@ class WritePath:
                     log.info("%s: sealed for upload after all", key)
             w._to(Staged.CLEAN if w.writes == writes else Staged.DIRTY)
             self._install(f, entry, sealed)
-            self.uploader.submit(entry)
+            self.uploader.submit(entry, self.settings.upload_delay)
             return entry
 
     def _install(self, f: Written, entry: Entry, sealed: SealedObject) -> None:
@@ -623,8 +625,9 @@ class WritePath:
                 if entry.moves == moves and not entry.released:
                     return data
             # Uploaded and dropped from the journal while a reader still held this version:
-            # the same bytes are in S3 now (and they authenticate under our key).
-            return self.store.get(key, start, end)
+            # the same bytes are in S3 now (and they authenticate under our key), under the
+            # key it was uploaded to (a rename may have moved it since it was installed).
+            return self.store.get(entry.key, start, end)
 
         if w.local_version is not None:
             self.reader.forget(w.local_version)

@@ -93,6 +93,8 @@ class Entry:
     # base CHAIN: the version this one follows (in memory; Uploader._ready resolves the base
     # from how that one ended, whenever that was).
     after: Entry | None = None
+    # A rename is moving this queued version to another key (Uploader.hold): not sent meanwhile.
+    held: bool = False
 
     def record(self) -> dict[str, Any]:
         rec = {

@@ -19,7 +19,7 @@ from s3cryptfs.asyncutil import run_abandonable
 from s3cryptfs.errors import ObjectNotFound, PreconditionFailed, StoreError, UploadConflict
 from s3cryptfs.store.base import ObjectStore
 from s3cryptfs.store.helper import HelperUnavailable, UploadHelper
-from s3cryptfs.upload.journal import ABSENT, CHAIN, FOLLOW, Entry, Journal, Upload
+from s3cryptfs.upload.journal import ABSENT, CHAIN, FOLLOW, Base, Entry, Journal, Upload
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,17 @@ class Uploader:
         self._nursery: trio.Nursery | None = None
         self.trashed = trio.Event()  # a body went to the journal's trash
         self.progress = trio.Event()  # set whenever a version reaches S3 (or its conflict copy)
+        self.hurrying = False  # hurry(): no more upload delays
 
     # --- submitting ---------------------------------------------------------------------
 
-    def submit(self, entry: Entry) -> None:
+    def submit(self, entry: Entry, delay: float = 0.0) -> None:
+        """Queue *entry*, to be sent no sooner than *delay* seconds from now (a new version:
+        a rename, chmod or rewrite right after its close then costs no request). A version
+        that replaces a queued one keeps that one's time, so a file rewritten without pause
+        still goes out."""
+        delay = 0.0 if self.hurrying else delay
+        entry.not_before = max(entry.not_before, time.monotonic() + delay) if delay else 0.0
         if entry.base == CHAIN and entry.after is None:
             pending = self.pending_for(entry.key)
             entry.after = pending[-1] if pending else None
@@ -100,6 +107,8 @@ class Uploader:
                     entry.base, entry.after = older.base, older.after
                     self._rewrite(entry)
                 older.superseded_by = entry
+                if delay:
+                    entry.not_before = min(entry.not_before, older.not_before)
                 self._discard_stream(older)
                 self.journal.remove(older, replaced=True)
                 older._notify()
@@ -125,6 +134,48 @@ class Uploader:
                 self._rewrite(entry)
                 return True
         return False
+
+    def movable(self, entry: Entry) -> bool:
+        """Whether a rename may move *entry* to another key in the journal instead of waiting
+        for its upload and copying it in S3: it is queued and was never tried (an attempt whose
+        reply was lost may have stored it under its key), is the only version of its key here,
+        is sent whole (no multipart upload begun under its key), and its base is a known state
+        of its key: no chain behind another version, no conflict copy followed."""
+        return (
+            entry.state is Upload.QUEUED
+            and entry.attempts == 0
+            and entry.superseded_by is None
+            and entry.stream is None
+            and entry.stale_upload is None
+            and entry.base[0] in ("etag", "absent")
+            and entry.key not in self.diverted
+            and self.pending_for(entry.key) == [entry]
+        )
+
+    def hurry(self) -> None:
+        """Send every version without its delay, now and from now on (the mount stops)."""
+        self.hurrying = True
+        for entry in self.queue:
+            if entry.attempts == 0:
+                entry.not_before = 0.0
+        self._kick()
+
+    def hold(self, entry: Entry) -> None:
+        """Keep queued *entry* from being sent until release() (a rename is moving it)."""
+        entry.held = True
+
+    def release(self, entry: Entry) -> None:
+        entry.held = False
+        self._kick()
+
+    def rekey(self, entry: Entry, key: str, base: Base) -> None:
+        """Move held *entry* (movable when held) to *key*, based on *base* (what *key* holds
+        in S3, or ABSENT): its journal record is rewritten in place (blocking; flushed by the
+        group commit), so after a crash it is uploaded under one name or the other, never
+        both."""
+        assert entry.held and entry.state is Upload.QUEUED, entry.key
+        entry.key, entry.base = key, base
+        self._rewrite(entry)
 
     def _kick(self) -> None:
         self._wakeup.set()
@@ -198,6 +249,9 @@ class Uploader:
                 if raise_errors:
                     raise UploadConflict(str(entry.error))
                 return
+            if entry.state is Upload.QUEUED and entry.attempts == 0 and entry.not_before:
+                entry.not_before = 0.0  # somebody waits for it: no delay (retries keep theirs)
+                self._kick()
             seen_attempts = entry.attempts
             await entry.changed.wait()
             failed = entry.error is not None and entry.attempts > seen_attempts
@@ -236,7 +290,7 @@ class Uploader:
         now = time.monotonic()
         large = sum(1 for e in self.in_flight.values() if e.body_size >= self.large_size)
         for entry in self.queue:
-            if entry.key in self.in_flight or entry.not_before > now:
+            if entry.key in self.in_flight or entry.not_before > now or entry.held:
                 continue
             if entry.body_size >= self.large_size and large >= self.large_concurrency:
                 continue
@@ -255,6 +309,12 @@ class Uploader:
                     continue
             return entry
         return None
+
+    def _idle_wait(self) -> float:
+        """Seconds until the next delayed or retried version is due (at most 0.5)."""
+        now = time.monotonic()
+        due = [e.not_before - now for e in self.queue if e.not_before > now and not e.held]
+        return min(0.5, max(0.005, min(due))) if due else 0.5
 
     def _ready(self, entry: Entry) -> bool:
         """Whether a CHAIN entry may go: the version it follows has ended, and its base is
@@ -280,7 +340,7 @@ class Uploader:
                 entry = self._next() if len(self.in_flight) < self.concurrency else None
                 if entry is None:
                     self._wakeup = trio.Event()
-                    with trio.move_on_after(0.5):
+                    with trio.move_on_after(self._idle_wait()):
                         await self._wakeup.wait()
                     continue
                 self.queue.remove(entry)

@@ -90,6 +90,7 @@ class FsOptions:
     memory_cache: int = 64 * 1024 * 1024
     journal_limit: int = 2 * 1024 * 1024 * 1024
     upload_concurrency: int = 16
+    upload_delay: float = 1.0  # --upload-delay
     disk_cache: int = 0  # bytes of ciphertext kept on disk; 0: no disk cache
     io_threads: int = 16
     # Seal and send a large file while it is written sequentially (upload/stream.py).
@@ -150,6 +151,7 @@ class Filesystem:
                 cache_dir=cache_dir,
                 journal_limit=opts.journal_limit,
                 upload_concurrency=opts.upload_concurrency,
+                upload_delay=opts.upload_delay,
                 stream_uploads=opts.stream_uploads,
                 upload_helper=opts.upload_helper,
                 read_only=opts.read_only,
@@ -588,6 +590,11 @@ class Filesystem:
             await self.uploader.wait(entry)
         if node.error:
             raise UploadConflict(node.error)
+
+    async def fsyncdir(self) -> None:
+        """Names changed in the journal (a rename of a file not uploaded yet) are on the disk
+        when this returns, as a directory fsync promises on a local file system."""
+        await self.journal.commits.sync()
 
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)

@@ -29,6 +29,7 @@ from s3cryptfs.errors import (
 )
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
+from s3cryptfs.upload.journal import ABSENT, Base, Entry
 from s3cryptfs.vfs.attrindex import SELF
 from s3cryptfs.vfs.nodes import ChildInfo, Listing, Node, Remote, child_path, now_ns
 
@@ -236,14 +237,20 @@ class Namespace:
             await self.fs.writes.drop_stream(target, "replaced")
             if not target.is_dir:
                 await self._keep_open_content(target)
+        moved = None
         if node.is_dir:
             await self._rename_dir(node, new_path, target)
         else:
-            await self._rename_file(node, new_path, target)
-        self.fs.listing.remove(src_parent.path, old_name)
-        if target is not None:
-            await self._orphan(target)
-        self.fs.nodes.move(node, new_path)
+            moved = await self._rename_file(node, new_path, target)
+        try:
+            self.fs.listing.remove(src_parent.path, old_name)
+            if target is not None:
+                await self._orphan(target)
+            self.fs.nodes.move(node, new_path)
+        finally:
+            if moved is not None:
+                # Sent from now on: when it lands, its key names the node (Versions.uploaded).
+                self.fs.uploader.release(moved)
         self.fs.listing.add(
             dst_parent,
             new_name,
@@ -266,14 +273,31 @@ class Namespace:
         node: Node,
         new_path: str,
         target: Node | None,
-    ) -> None:
+    ) -> Entry | None:
+        """Move a file's content to *new_path*'s key. Returns its queued version when that was
+        moved in the journal: held back from upload until the caller has renamed the node."""
         old_key, new_key = self.fs.key(node.path), self.fs.key(new_path)
+        if node.w.unsealed and node.writers == 0:
+            await self.fs.writes.commit(node)
+        queued = self._queued(node)
+        if queued is not None:
+            self.fs.uploader.hold(queued)  # not sent under the old name while we look around
+        try:
+            if target is not None:
+                await self._settle(target)
+                self.fs.uploader.cancel(new_key)
+            if queued is not None and self._queued(node) is queued:
+                await self._move_queued(node, queued, new_key, target)
+                return queued  # held until the node has its new name
+        except BaseException:
+            if queued is not None:
+                self.fs.uploader.release(queued)
+            raise
+        if queued is not None:
+            self.fs.uploader.release(queued)  # changed meanwhile: the long way
         await self._settle(node)
-        if target is not None:
-            await self._settle(target)
-            self.fs.uploader.cancel(new_key)
         if node.remote is None:
-            return  # only local (still open, never committed): nothing in S3 to move
+            return None  # only local (still open, never committed): nothing in S3 to move
         if node.w.staging is not None:
             async with node.lock:
                 await self.fs.writes.uncut(node)  # what was cut is read from the old name
@@ -287,6 +311,48 @@ class Namespace:
         node.remote = Remote(etag, old.body_size, old.metadata, None, old.attrs_known)
         if old.version is not None:
             self.fs.reader.forget(old.version)
+        return None
+
+    def _queued(self, node: Node) -> Entry | None:
+        """The version of *node* a rename can move in the journal, if any: nobody writes the
+        file, and its newest version waits for its upload, unstarted (Uploader.movable)."""
+        entry = node.w.local
+        if entry is None or node.writers or node.w.unsealed or node.w.diverted is not None:
+            return None
+        if entry.key != self.fs.key(node.path) or not self.fs.uploader.movable(entry):
+            return None
+        return entry
+
+    async def _move_queued(
+        self, node: Node, entry: Entry, new_key: str, target: Node | None
+    ) -> None:
+        """Rename a file whose newest version is still queued (git's objects, rsync's and
+        editors' temporary files): the version is moved to *new_key* in the journal and
+        uploaded there, with no wait and no copy. What the old name holds in S3 (an older
+        version) is deleted once the move is on the disk."""
+        old_key = entry.key
+        old_base = entry.base
+        old = node.remote
+        base: Base = ("etag", target.remote.etag) if target and target.remote else ABSENT
+        async with node.lock:  # no commit under the old name meanwhile
+            self.fs.uploader.rekey(entry, new_key, base)
+            if old is None:
+                return
+            try:
+                await self.fs.journal.commits.sync()
+                with contextlib.suppress(ObjectNotFound):
+                    await self.fs._thread(self.fs.store.delete, old_key)
+                if gw.is_mpu_object(old.metadata or {}):
+                    with contextlib.suppress(ObjectNotFound):
+                        await self.fs._thread(self.fs.store.delete, old_key + gw.MPU_SUFFIX)
+            except BaseException:
+                # The old name still holds its version: the rename did not happen.
+                self.fs.uploader.rekey(entry, old_key, old_base)
+                raise
+        node.remote = None  # until the upload lands under the new name (Versions.uploaded)
+        if old.version is not None:
+            self.fs.reader.forget(old.version)
+        self.fs.small.forget_key(old_key)
 
     async def _copy_object(self, node: Node, old_key: str, new_key: str) -> tuple[str, bool]:
         """Copy the object *node* names to *new_key* on the server (no re-encryption).
