@@ -38,6 +38,7 @@ ROWS = {
     "put_small_8": "objects/s",
     "get_small_seq": "objects/s",
     "get_range": "GETs/s",
+    "copy_mv": "copies/s",  # CopyObject of the mv step's object (a rename in S3)
 }
 
 
@@ -50,6 +51,7 @@ def measure(
     files: int,
     ranged: int,
     repeats: int = 2,
+    mv_data: Path | None = None,
 ) -> dict[str, Ceiling]:
     """Each client in turn for each row (so that drift in the server's speed over the run falls
     on both alike), *repeats* times, keeping each client's best: a ceiling is the most the
@@ -95,7 +97,18 @@ def measure(
         big = f"ceiling/{c.name}/big0"
         return ranged / quiet(lambda: [c.get_range(big, off, SMALL) for off in offsets])
 
+    def copy_mv(c: Client) -> float:
+        # A new destination each time, as a rename makes one.
+        n = len(values["copy_mv"].get(c.name, []))
+        return 1 / quiet(lambda: c.copy(f"ceiling/{c.name}/mv", f"ceiling/{c.name}/mv-{n}"))
+
     steps = [put_big, get_big, put_small_8, get_small_seq, get_range]
+    if mv_data is not None:
+        for c in clients:
+            c.put_file(f"ceiling/{c.name}/mv", mv_data)
+        steps.append(copy_mv)
+    else:
+        del values["copy_mv"]
     for step in steps:
         for _ in range(repeats):
             for c in clients:
