@@ -96,7 +96,10 @@ class Listings:
             await self.dir_index(node)
             index_loaded.set()
 
-        log_start = len(node.listing_log)
+        if node.listing_log is None:
+            node.listing_log = []
+        changes = node.listing_log
+        log_start = len(changes)
         node.listing_fetches += 1
         try:
             async with trio.open_nursery() as nursery:
@@ -104,7 +107,7 @@ class Listings:
                 nursery.start_soon(load_index)
             # Creates, uploads and removals that happened during the LIST may be missing
             # from it (or it may still show them): what the mount did itself wins.
-            for name, change in node.listing_log[log_start:]:
+            for name, change in changes[log_start:]:
                 if change is None:
                     children.pop(name, None)
                 else:
@@ -112,7 +115,7 @@ class Listings:
         finally:
             node.listing_fetches -= 1
             if node.listing_fetches == 0:
-                node.listing_log.clear()
+                changes.clear()
         self._with_attrs(node, children, children)
         for name in [n for n in children if self._hidden(node, children, n)]:
             del children[name]
@@ -157,7 +160,7 @@ class Listings:
         if parent.listing is not None:
             parent.listing.children[name] = info
             parent.listing.changed()
-        if parent.listing_fetches:
+        if parent.listing_fetches and parent.listing_log is not None:
             parent.listing_log.append((name, info))
 
     def remove(self, parent_path: str, name: str) -> None:
@@ -167,7 +170,7 @@ class Listings:
         if parent.listing is not None:
             parent.listing.children.pop(name, None)
             parent.listing.changed()
-        if parent.listing_fetches:
+        if parent.listing_fetches and parent.listing_log is not None:
             parent.listing_log.append((name, None))
 
     async def child(
@@ -266,6 +269,22 @@ class Listings:
         await self.companion_size(node)
         self.note(node)
 
+    @staticmethod
+    def _shed_metadata(node: Node) -> None:
+        """A file HEADed only for its attributes (a listing) keeps them, not the object's
+        metadata: that is most of what a known file costs, a wide directory holds as many as
+        it has files, and an open reads it again anyway (close-to-open, Versions.revalidate).
+        Kept for what needs it later: files in use, and formats not our own, whose size and
+        index entry depend on it."""
+        remote = node.remote
+        if remote is None or remote.metadata is None or not remote.attrs_known:
+            return
+        if node.opens or node.w.local is not None or node.w.staging is not None:
+            return
+        if object_kind(remote.metadata) != OWN or node.error:
+            return
+        remote.metadata = None
+
     async def companion_size(self, node: Node) -> None:
         """A gateway multipart object's size is only in its manifest: read it for stat."""
         remote = node.remote
@@ -299,6 +318,7 @@ class Listings:
         async def worker() -> None:
             for n in pending:
                 await self.load_metadata(n)
+                self._shed_metadata(n)
 
         async with trio.open_nursery() as nursery:
             for _ in range(min(len(todo), self.fs.opts.io_threads)):

@@ -100,7 +100,8 @@ class Node:
     # Changes made while a LIST of this directory is in flight: the LIST may predate them, so
     # they are replayed onto its result (name -> entry, None = removed).
     listing_fetches: int = 0
-    listing_log: list[tuple[str, ChildInfo | None]] = field(default_factory=list)
+    # (made by the first fetch: most nodes are files, which never hold one)
+    listing_log: list[tuple[str, ChildInfo | None]] | None = None
     index: dict[str, IndexEntry] | None = None  # directories: their attribute index, as loaded
     index_at: float = 0.0
     link_target: bytes | None = None
@@ -190,11 +191,23 @@ class Handle:
     privileged: bool = True
 
 
+# Metadata values every file has its own of (times, wrapped keys are long): interning them
+# would only grow the interpreter's table of interned strings, which never shrinks.
+_UNIQUE_VALUES = frozenset({md.MTIME, md.ATIME})
+_SHORT = 24
+_REPEATED = frozenset({md.FORMAT, md.KMS_ID, md.KMS_PROVIDER, md.KEY_VERSION})
+
+
 def shared_metadata(meta: dict[str, str]) -> dict[str, str]:
-    """*meta* with its names and values interned: the files of one directory repeat the same
-    names and most of the same values (format, key version, key manager, owner, mode), and a
-    HEAD gives each file its own copies of all of them."""
-    return {sys.intern(k): sys.intern(v) for k, v in meta.items()}
+    """*meta* with its names and repeated values interned: the files of one directory repeat
+    the same names and many of the same values (format, key version, key manager, owner,
+    mode), and a HEAD gives each file its own copies of all of them."""
+    return {
+        sys.intern(k): sys.intern(v)
+        if k in _REPEATED or (len(v) <= _SHORT and k not in _UNIQUE_VALUES)
+        else v
+        for k, v in meta.items()
+    }
 
 
 def child_path(parent: str, name: str) -> str:

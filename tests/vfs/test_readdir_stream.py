@@ -65,3 +65,32 @@ def test_a_directory_replaces_a_file_of_its_name_across_pages(
     assert len(batches) >= 2
     node = driver._lookup("wide/d")
     assert node.is_dir
+
+
+def test_files_listed_by_their_heads_keep_attributes_not_metadata(
+    core: CoreFs, driver: CoreDriver
+) -> None:
+    """A wide directory's files, HEADed for `ls -l`, keep their mode and owner but not the
+    object's metadata (the bulk of what a known file costs): what needs it later (extended
+    attributes, an open) reads it again."""
+    copies(core, driver, ["plain"])
+    driver.write_file("wide/tagged", b"a file with an extended attribute")
+    node = driver._lookup("wide/tagged")
+    core.call(driver.fs.xattrs.setxattr, node.ino, b"user.colour", b"blue")
+    driver.chmod("wide/tagged", 0o640)
+    core.call(driver.fs.drain, 5.0)
+    client = core.store._client
+    for key in [o["Key"] for o in client.list_objects_v2(Bucket=core.url.bucket)["Contents"]]:
+        if "/.s3cryptfs/dirs/" in key:  # no index: every file needs a HEAD
+            client.delete_object(Bucket=core.url.bucket, Key=key)
+    core.stop()
+    core.start()
+    listed = dict(driver._run(driver.fs.readdir, driver._lookup("wide").ino))
+    assert sorted(listed) == ["plain", "seed", "tagged"]
+    tagged = listed["tagged"]
+    assert tagged.remote is not None and tagged.remote.attrs_known
+    assert tagged.remote.metadata is None  # shed after the HEAD
+    assert driver.stat("wide/tagged").mode & 0o777 == 0o640
+    assert core.call(driver.fs.xattrs.getxattr, tagged.ino, b"user.colour") == b"blue"
+    assert driver.read_file("wide/tagged") == b"a file with an extended attribute"
+    assert driver.read_file("wide/plain") == b"x" * 100
