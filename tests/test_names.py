@@ -180,7 +180,9 @@ def test_keys_over_1024_bytes_are_too_long(mounted, s3client):
     base = prefix + 4 * 201  # the key of a name in `deep` is base + len(name)
     fits = "f" * (1024 - base)  # a 1024-byte key
     over = "o" * (1025 - base)  # a 1025-byte key
-    (deep / fits).write_bytes(b"1024\n")
+    with open(deep / fits, "wb") as f:
+        f.write(b"1024\n")
+        os.fsync(f.fileno())  # in S3 now, not a moment into what is compared below
     for make in (
         lambda p: p.write_bytes(b"x"),
         lambda p: os.symlink("x", p),
