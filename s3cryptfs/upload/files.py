@@ -602,7 +602,10 @@ class WritePath:
                     log.info("%s: sealed for upload after all", key)
             w._to(Staged.CLEAN if w.writes == writes else Staged.DIRTY)
             self._install(f, entry, sealed)
-            self.uploader.submit(entry, self.settings.upload_delay)
+            # A streamed version is mostly in S3 already, under this name: it completes at
+            # once (a metadata change while it waited would have it sent again whole).
+            delay = 0.0 if entry.stream is not None else self.settings.upload_delay
+            self.uploader.submit(entry, delay)
             return entry
 
     def _install(self, f: Written, entry: Entry, sealed: SealedObject) -> None:

@@ -173,3 +173,15 @@ def test_fsync_of_the_directory_puts_a_queued_rename_on_the_disk(held: CoreDrive
     assert commits.durable < commits.written  # neither the close nor the rename flushed
     driver._run(driver.fs.fsyncdir)
     assert commits.durable >= commits.written
+
+
+def test_a_streamed_file_completes_at_once(held: CoreDriver) -> None:
+    """A large file sent in parts while it was written is not held back: its upload is
+    mostly done, under its name, and waiting would only risk sending it again whole."""
+    driver = held
+    part = driver.core.store.settings.part_size
+    driver.write_file("big.bin", os.urandom(3 * part))
+    node = driver._lookup("big.bin")
+    assert driver.fs.writes.counters["streams"] == 1  # it was streamed
+    wait_for(lambda: node.w.local is None, 30, "the streamed version to complete")
+    assert keys_in_s3(driver) == ["vol/big.bin"]
