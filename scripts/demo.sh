@@ -90,8 +90,9 @@ cat <<TXT
 
 Mounted: ./mnt is the encrypted volume s3://demo-bucket/files on $ENDPOINT.
 Try:    echo hello > mnt/hello.txt && cat mnt/hello.txt
-See the ciphertext:  AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo-secret \\
-        .venv/bin/python -c "import boto3; print(boto3.client('s3', endpoint_url='$ENDPOINT', region_name='us-east-1').get_object(Bucket='demo-bucket', Key='files/hello.txt')['Body'].read())"
+See the ciphertext (in S3 about a second after the close, --upload-delay):
+        AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo-secret \\
+        .venv/bin/python -c "import boto3; c = boto3.client('s3', endpoint_url='$ENDPOINT', region_name='us-east-1'); c.get_waiter('object_exists').wait(Bucket='demo-bucket', Key='files/hello.txt', WaiterConfig={'Delay': 1}); print(c.get_object(Bucket='demo-bucket', Key='files/hello.txt')['Body'].read())"
 Unmount (waits until every file is in S3):  .venv/bin/s3cryptfs umount mnt
 Stop the S3 server:  kill \$(cat .demo/weed.pid)
 The volume password is in .demo/password.
