@@ -218,19 +218,22 @@ class WritePath:
         *stall*, give up once that many seconds passed without any progress. Returns what is
         not in S3 yet (see not_in_s3): empty when everything is."""
         quiet_since = time.monotonic()
-        self.uploader.hurry()
-        while True:
-            before = (self.uploader.uploaded_count, len(self.closed_pending))
-            await self.commit_all(files())
-            if not self.uploader.pending and not self.closed_pending:
-                break
-            if stall is not None and time.monotonic() - quiet_since >= stall:
-                return self.not_in_s3()
-            with trio.move_on_after(1.0 if stall is None else min(1.0, stall)):
-                await self.uploader.progress.wait()
-            after = (self.uploader.uploaded_count, len(self.closed_pending))
-            if after[0] > before[0] or after[1] < before[1]:
-                quiet_since = time.monotonic()
+        self.uploader.hurry()  # until the drain ends (an unmount may still be refused)
+        try:
+            while True:
+                before = (self.uploader.uploaded_count, len(self.closed_pending))
+                await self.commit_all(files())
+                if not self.uploader.pending and not self.closed_pending:
+                    break
+                if stall is not None and time.monotonic() - quiet_since >= stall:
+                    return self.not_in_s3()
+                with trio.move_on_after(1.0 if stall is None else min(1.0, stall)):
+                    await self.uploader.progress.wait()
+                after = (self.uploader.uploaded_count, len(self.closed_pending))
+                if after[0] > before[0] or after[1] < before[1]:
+                    quiet_since = time.monotonic()
+        finally:
+            self.uploader.hurry(False)
         for stream in list(self.streams):
             await stream.finished.wait()  # dropped ones abort their multipart uploads
         return []
@@ -602,8 +605,7 @@ class WritePath:
                     log.info("%s: sealed for upload after all", key)
             w._to(Staged.CLEAN if w.writes == writes else Staged.DIRTY)
             self._install(f, entry, sealed)
-            # A streamed version is mostly in S3 already, under this name: it completes at
-            # once (a metadata change while it waited would have it sent again whole).
+            # Streamed: mostly in S3 already, and a wait could only have it resent whole.
             delay = 0.0 if entry.stream is not None else self.settings.upload_delay
             self.uploader.submit(entry, delay)
             return entry

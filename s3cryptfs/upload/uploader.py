@@ -152,9 +152,12 @@ class Uploader:
             and self.pending_for(entry.key) == [entry]
         )
 
-    def hurry(self) -> None:
-        """Send every version without its delay, now and from now on (the mount stops)."""
-        self.hurrying = True
+    def hurry(self, on: bool = True) -> None:
+        """Send every version without its delay, now and until hurry(False): a drain (an
+        unmount, which may yet be refused and leave the mount in use) is under way."""
+        self.hurrying = on
+        if not on:
+            return
         for entry in self.queue:
             if entry.attempts == 0:
                 entry.not_before = 0.0

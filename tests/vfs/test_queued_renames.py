@@ -185,3 +185,18 @@ def test_a_streamed_file_completes_at_once(held: CoreDriver) -> None:
     assert driver.fs.writes.counters["streams"] == 1  # it was streamed
     wait_for(lambda: node.w.local is None, 30, "the streamed version to complete")
     assert keys_in_s3(driver) == ["vol/big.bin"]
+
+
+def test_the_delay_comes_back_after_a_drain(held: CoreDriver) -> None:
+    """`s3cryptfs umount` drains first and may then be refused (the mount is in use): the
+    mount goes on, and so does the delay for what is closed next."""
+    driver = held
+    driver.write_file("before.txt", b"closed before the drain")
+    assert driver.core.call(driver.fs.drain, 5.0) == []
+    assert keys_in_s3(driver) == ["vol/before.txt"]
+    driver.write_file("after.tmp", b"closed after the drain")
+    local = driver._lookup("after.tmp").w.local
+    assert local is not None and local.not_before > time.monotonic() + HOLD / 2
+    before = len(driver.core.store.calls)
+    driver.rename("after.tmp", "after.txt")
+    assert sent_since(driver, before, "copy") == []
