@@ -302,16 +302,21 @@ class Namespace:
             async with node.lock:
                 await self.fs.writes.uncut(node)  # what was cut is read from the old name
         etag, mpu = await self._copy_object(node, old_key, new_key)
-        with contextlib.suppress(ObjectNotFound):
-            await self.fs._thread(self.fs.store.delete, old_key)
-        if mpu:
-            with contextlib.suppress(ObjectNotFound):
-                await self.fs._thread(self.fs.store.delete, old_key + gw.MPU_SUFFIX)
+        await self._delete_old(old_key, mpu)
         old = node.remote
         node.remote = Remote(etag, old.body_size, old.metadata, None, old.attrs_known)
         if old.version is not None:
             self.fs.reader.forget(old.version)
         return None
+
+    async def _delete_old(self, key: str, mpu: bool) -> None:
+        """Delete a renamed file's object under its old *key*, and the manifest of a gateway
+        multipart object (*mpu*) with it."""
+        with contextlib.suppress(ObjectNotFound):
+            await self.fs._thread(self.fs.store.delete, key)
+        if mpu:
+            with contextlib.suppress(ObjectNotFound):
+                await self.fs._thread(self.fs.store.delete, key + gw.MPU_SUFFIX)
 
     def _queued(self, node: Node) -> Entry | None:
         """The version of *node* a rename can move in the journal, if any: nobody writes the
@@ -340,11 +345,7 @@ class Namespace:
                 return
             try:
                 await self.fs.journal.commits.sync()
-                with contextlib.suppress(ObjectNotFound):
-                    await self.fs._thread(self.fs.store.delete, old_key)
-                if gw.is_mpu_object(old.metadata or {}):
-                    with contextlib.suppress(ObjectNotFound):
-                        await self.fs._thread(self.fs.store.delete, old_key + gw.MPU_SUFFIX)
+                await self._delete_old(old_key, gw.is_mpu_object(old.metadata or {}))
             except BaseException:
                 # The old name still holds its version: the rename did not happen.
                 self.fs.uploader.rekey(entry, old_key, old_base)
