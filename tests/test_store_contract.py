@@ -104,6 +104,16 @@ def test_list_with_delimiter_and_pages(store):
     assert store.list("p/f100").objects[0].key == "p/f1000"  # a prefix, not a path segment
 
 
+def test_list_reads_names_that_need_escaping(store):
+    # (store/listxml.py reads the usual reply without an XML tree: every name must survive)
+    names = ["n/plain", "n/sp ace", "n/a+b", "n/caf\u00e9", 'n/q"<&>%2F', "n/t\tab"]
+    etags = {name: store.put(name, name.encode(), {}) for name in names}
+    page = store.list("n/")
+    assert {o.key: o.etag for o in page.objects} == etags
+    assert {o.key: o.size for o in page.objects} == {n: len(n.encode()) for n in names}
+    assert all(o.mtime_ns and abs(o.mtime_ns / 1e9 - time.time()) < 120 for o in page.objects)
+
+
 def test_get_bounded_refuses_an_oversized_object_in_one_request(store):
     store.put("large", os.urandom(3 * MIB), {})
     before_get = store.requests.get("get", 0)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import datetime
 import email.utils
 import io
 import logging
@@ -42,7 +41,7 @@ from s3cryptfs.errors import (
     StoreError,
     TransientStoreError,
 )
-from s3cryptfs.store import retry
+from s3cryptfs.store import listxml, retry
 from s3cryptfs.store.base import (
     ListPage,
     ObjectInfo,
@@ -647,38 +646,8 @@ def _xml_text(root: ET.Element, name: str) -> str:
 
 
 def _parse_list(r: _Reply) -> ListPage:
-    root = ET.fromstring(bytes(r.body))
-    url = (root.findtext(f"{_NS}EncodingType") or "").lower() == "url"
-
-    def name(text: str | None) -> str:
-        return urllib.parse.unquote_plus(text or "") if url else (text or "")
-
-    page = ListPage()
-    for o in root.iter(f"{_NS}Contents"):
-        page.objects.append(
-            ObjectInfo(
-                key=name(o.findtext(f"{_NS}Key")),
-                size=int(o.findtext(f"{_NS}Size") or 0),
-                etag=etag_of(o.findtext(f"{_NS}ETag") or ""),
-                mtime_ns=_iso_ns(o.findtext(f"{_NS}LastModified") or ""),
-            )
-        )
-    page.prefixes = [
-        name(p.findtext(f"{_NS}Prefix")) for p in root.iter(f"{_NS}CommonPrefixes")
-    ]
-    truncated = (root.findtext(f"{_NS}IsTruncated") or "").lower() == "true"
-    page.token = root.findtext(f"{_NS}NextContinuationToken") if truncated else None
+    page = listxml.parse_list(bytes(r.body))
     date = r.headers.get("date")
     if date:
         page.server_time_ns = _mtime_ns(date) or None
     return page
-
-
-def _iso_ns(value: str) -> int:
-    try:
-        parsed = datetime.datetime.fromisoformat(value)
-    except ValueError:
-        return 0
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=datetime.UTC)
-    return int(parsed.timestamp() * 1e9)
