@@ -80,17 +80,29 @@ class Listings:
             dirs = [p[len(prefix) :].rstrip("/") for p in page.prefixes]
             return ready + [n for n in dirs if n and n not in (".", "..") and "/" not in n]
 
+        async def fetch_pages(send: trio.MemorySendChannel[ListPage]) -> None:
+            async with send:
+                token: str | None = None
+                while True:
+                    page = await self.fs._thread(self.fs.store.list, prefix, "/", token)
+                    await send.send(page)
+                    if not page.token:
+                        return
+                    token = page.token
+
         async def fetch_listing() -> None:
-            token: str | None = None
-            while True:
-                page = await self.fs._thread(self.fs.store.list, prefix, "/", token)
-                names = page_entries(page)
-                if on_page is not None:
-                    await index_loaded.wait()
-                    await on_page(self._with_attrs(node, children, names))
-                if not page.token:
-                    return
-                token = page.token
+            # The next pages are fetched while this one is answered: the server's LIST and
+            # the mount's work on a page (nodes, attributes, the kernel's replies) overlap
+            # instead of taking turns. Two pages ahead at most.
+            send, recv = trio.open_memory_channel[ListPage](1)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetch_pages, send)
+                async with recv:
+                    async for page in recv:
+                        names = page_entries(page)
+                        if on_page is not None:
+                            await index_loaded.wait()
+                            await on_page(self._with_attrs(node, children, names))
 
         async def load_index() -> None:
             await self.dir_index(node)
@@ -425,6 +437,6 @@ class Listings:
         if node.path == "":
             own = node.index.get(SELF)
             if own is not None and own.is_dir:
-                node.apply_attrs(own.attrs())
+                node.apply_attrs(own)
                 node.xattrs = decode_set(own.xattrs) if own.xattrs else {}
         return node.index
