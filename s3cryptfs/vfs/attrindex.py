@@ -72,7 +72,9 @@ def is_index_key(prefix: str, key: str) -> bool:
     return key.startswith(head) and _INDEX_NAME.fullmatch(key[len(head) :]) is not None
 
 
-@dataclass(frozen=True)
+# Slots: a loaded index holds one per entry of the directory, and a wide directory's index
+# is in memory twice (as loaded, and as last written).
+@dataclass(frozen=True, slots=True)
 class IndexEntry:
     etag: str  # "" for directories (markers may not exist, and their ETags mean nothing)
     mode: int  # with the file type bits
@@ -89,8 +91,9 @@ class IndexEntry:
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
 
-    def attrs(self) -> md.PosixAttrs:
-        return md.PosixAttrs(self.mode, self.uid, self.gid, self.mtime_ns, atime_ns=self.atime_ns)
+    @property
+    def rdev(self) -> None:
+        return None  # a device's number is in its object's metadata only
 
 
 def _row(e: IndexEntry) -> list[Any]:

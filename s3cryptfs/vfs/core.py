@@ -313,7 +313,7 @@ class Filesystem:
         if isinstance(info, ObjectInfo) and info.metadata is not None:
             self._apply_metadata(node, info.metadata)
         elif isinstance(info, ChildInfo) and info.attrs is not None:
-            node.apply_attrs(info.attrs.attrs())
+            node.apply_attrs(info.attrs)
             node.remote.attrs_known = not md.is_device(node.mode)  # rdev: in its metadata
         return self.nodes.add(node)
 
@@ -332,7 +332,7 @@ class Filesystem:
         )
         node.xattrs = {}
         if attrs is not None:
-            node.apply_attrs(attrs.attrs())
+            node.apply_attrs(attrs)
             node.xattrs = decoded(attrs.xattrs)
         return self.nodes.add(node)
 

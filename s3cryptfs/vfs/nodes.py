@@ -10,6 +10,7 @@ import stat
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -20,6 +21,24 @@ from s3cryptfs.upload.state import FileWrite
 from s3cryptfs.vfs.attrindex import IndexEntry
 
 ROOT_INODE = 1
+
+
+class Attrs(Protocol):
+    """Attributes read from S3: an object's metadata (md.PosixAttrs) or a directory index
+    entry (taken as it is: a wide directory applies one per file)."""
+
+    @property
+    def mode(self) -> int | None: ...
+    @property
+    def uid(self) -> int | None: ...
+    @property
+    def gid(self) -> int | None: ...
+    @property
+    def mtime_ns(self) -> int | None: ...
+    @property
+    def rdev(self) -> int | None: ...
+    @property
+    def atime_ns(self) -> int | None: ...
 
 
 def now_ns() -> int:
@@ -136,7 +155,7 @@ class Node:
     def parent_path(self) -> str:
         return self.path.rsplit("/", 1)[0] if "/" in self.path else ""
 
-    def apply_attrs(self, attrs: md.PosixAttrs) -> None:
+    def apply_attrs(self, attrs: Attrs) -> None:
         """Attributes read from S3 (object metadata, a directory index)."""
         self.attrs_stored = True
         types: tuple[int, ...] = (stat.S_IFDIR,) if self.is_dir else (stat.S_IFREG, stat.S_IFLNK)
