@@ -43,7 +43,10 @@ class StoreSettings:
     max_connections: int = 64
     part_size: int = 8 * 1024 * 1024
     multipart_threshold: int = 32 * 1024 * 1024
-    part_concurrency: int = 10
+    # Parts of one multipart upload in flight. Each holds a part-sized buffer (8 MiB) until
+    # the server has it; on a server that takes about 100 MiB/s six keep it busy as well as
+    # ten did, and a 1 GiB copy's peak RSS went from about 290 to 250 MiB.
+    part_concurrency: int = 6
     copy_threshold: int = 5 * 1024**3  # CopyObject's limit
     copy_part_size: int = 512 * 1024 * 1024
     client: str = "boto3"  # --s3-client: which implementation carries the data path
