@@ -91,7 +91,10 @@ def run_all(fs: Any, inputs: Inputs) -> dict[str, float]:
     mnt: Path = fs.mnt
     size = inputs.big.stat().st_size
 
+    names: list[str] = []
+
     def step(name: str) -> None:
+        names.append(name)
         print(f"{fs.name}: {name}", file=sys.stderr, flush=True)
 
     step("big write")
@@ -164,6 +167,9 @@ def run_all(fs: Any, inputs: Inputs) -> dict[str, float]:
     r["git"] = until_in_s3(fs, commit)
     peaks.append(w)
 
+    # (which step the peak belongs to: each step runs on a mount of its own)
+    by_step = ", ".join(f"{n} {x.peak / MIB:.0f}" for n, x in zip(names, peaks, strict=True))
+    print(f"{fs.name}: peak RSS (MiB) by step: {by_step}", file=sys.stderr, flush=True)
     r["rss"] = max(x.peak for x in peaks)
     r["rss_all"] = max(x.peak_all for x in peaks)
     for key in ("rss", "rss_all", "rss_write", "rss_read"):

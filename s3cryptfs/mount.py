@@ -492,10 +492,17 @@ def _delete_in_background(paths: list[str]) -> None:
 def _limit_malloc_arenas() -> None:
     """glibc gives each thread that allocates its own malloc arena; with a dozen worker threads
     moving multi-MiB buffers, freed memory stays spread over them and RSS creeps up. Two
-    arenas keep the mount's footprint close to what it actually holds."""
+    arenas keep the mount's footprint close to what it actually holds.
+
+    Buffers of 1 MiB and more (GET bodies, upload parts, FUSE writes) are given their own
+    mappings, returned to the system when freed. glibc would otherwise raise that threshold
+    to the size of each large buffer freed and serve the next ones from its heap, which it
+    rarely gives back. Measured on a 1 GiB copy in and a cold read of it: peaks of 250-360
+    and 240-325 MiB before, 205 and 206 MiB after, and the copy no slower."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-8, 2)  # M_ARENA_MAX
+        libc.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD (fixed: no longer raised)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
 
