@@ -126,7 +126,9 @@ class Written(Protocol):
     xattrs: dict[bytes, bytes] | None  # None: those of its current version, not read yet
     writers: int
     unlinked: bool
-    w: FileWrite
+
+    @property
+    def w(self) -> FileWrite: ...
 
     @property
     def lock(self) -> trio.Lock: ...

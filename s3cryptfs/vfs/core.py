@@ -341,7 +341,7 @@ class Filesystem:
         node.remote.metadata = meta = shared_metadata(meta)
         node.remote.attrs_known = True
         node.apply_attrs(md.PosixAttrs.decode(meta))
-        if node.w.local is None and node.w.staging is None and object_kind(meta) != OWN:
+        if not node.holds_local and object_kind(meta) != OWN:
             # Foreign formats: the listed length alone does not give the plaintext size.
             node.size = self.codec.plain_size_or_none(node.remote.body_size, meta) or 0
         refusal = self.codec.refusal(meta)
@@ -622,7 +622,10 @@ class Filesystem:
     # --- streamed uploads ------------------------------------------------------------------
     async def _drop_streams_under(self, path: str) -> None:
         for n in list(self.nodes.by_path.values()):
-            if n.w.stream is not None and (n.path == path or n.path.startswith(path + "/")):
+            ws = n.write_state
+            if ws is not None and ws.stream is not None and (
+                n.path == path or n.path.startswith(path + "/")
+            ):
                 await self.writes.drop_stream(n, "renamed")
 
     def _node_for_key(self, key: str) -> Node | None:

@@ -291,7 +291,7 @@ class Listings:
         remote = node.remote
         if remote is None or remote.metadata is None or not remote.attrs_known:
             return
-        if node.opens or node.w.local is not None or node.w.staging is not None:
+        if node.opens or node.holds_local:
             return
         if object_kind(remote.metadata) != OWN or node.error:
             return
@@ -305,7 +305,7 @@ class Listings:
         # (every getattr passes here: our own objects are told apart without normalizing)
         if md.FORMAT in remote.metadata or not gw.is_mpu_object(remote.metadata):
             return
-        if node.w.local is not None or node.w.staging is not None:
+        if node.holds_local:
             return
         key = self.fs.key(node.path)
         remote.companion_read = True
@@ -395,7 +395,8 @@ class Listings:
             xattrs = encode_set(node.xattrs or {})
             return IndexEntry("", node.mode, node.uid, node.gid, node.mtime_ns, xattrs)
         remote = node.remote
-        if remote is None or not remote.attrs_known or node.w.local is not None:
+        ws = node.write_state
+        if remote is None or not remote.attrs_known or (ws is not None and ws.local is not None):
             return None  # not in S3 yet: noted again once uploaded
         if remote.metadata is not None and object_kind(remote.metadata) != OWN:
             return None  # a foreign object's size needs its metadata: always HEADed

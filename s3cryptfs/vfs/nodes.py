@@ -103,8 +103,9 @@ class Node:
     # shows the mtime.
     atime_ns: int | None = None
     remote: Remote | None = None
-    # What it holds locally: write-back file, sealed version not in S3 yet (upload/files.py).
-    w: FileWrite = field(default_factory=FileWrite)
+    # What it holds locally (write-back file, sealed version not in S3 yet: upload/files.py),
+    # made on first use: most known files are only listed (see the property w).
+    _w: FileWrite | None = field(default=None, init=False, repr=False)
     lookups: int = 0
     opens: int = 0
     writers: int = 0
@@ -138,6 +139,23 @@ class Node:
         if self._lock is None:
             self._lock = trio.Lock()
         return self._lock
+
+    @property
+    def w(self) -> FileWrite:
+        if self._w is None:
+            self._w = FileWrite()
+        return self._w
+
+    @property
+    def write_state(self) -> FileWrite | None:
+        """Its write state if it has one (w makes one: scans of every node use this)."""
+        return self._w
+
+    @property
+    def holds_local(self) -> bool:
+        """A write-back file or a sealed version not in S3 yet."""
+        w = self._w
+        return w is not None and (w.staging is not None or w.local is not None)
 
     @property
     def is_dir(self) -> bool:
@@ -191,7 +209,7 @@ class Node:
         return 0 if self.unlinked else 1
 
     def dirty(self) -> bool:
-        return self.w.busy
+        return self._w is not None and self._w.busy
 
     @property
     def remote_etag(self) -> str | None:
@@ -282,8 +300,8 @@ class NodeTable:
         for n in moves:
             n.path = new_path + n.path[len(old) :]
             self.by_path[n.path] = n
-            if n.w.staging is not None:
-                closed_files.tag(n.w.staging.fd, n.path)
+            if n._w is not None and n._w.staging is not None:
+                closed_files.tag(n._w.staging.fd, n.path)
 
     def maybe_drop(self, node: Node) -> None:
         """Free a node nobody refers to any more."""
