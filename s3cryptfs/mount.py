@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import fcntl
 import gc
@@ -18,7 +17,7 @@ from typing import Any
 
 import trio
 
-from s3cryptfs import config, limits, registry
+from s3cryptfs import config, limits, malloc, registry
 from s3cryptfs.asyncutil import run_abandonable
 from s3cryptfs.audit import NO_AUDIT, AuditLog
 from s3cryptfs.codec import GatewaySecrets, ObjectCodec
@@ -332,7 +331,7 @@ class Mount:
         # generations still collect short-lived cycles as before; the full one runs after 100
         # young collections instead of 10.
         gc.set_threshold(*gc.get_threshold()[:2], 100)
-        _limit_malloc_arenas()
+        malloc.limit_arenas()
         with self.exits:
             if not self.fs.opts.read_only:
                 # Whether a backslash in a name survives in its key: a few requests, and a
@@ -487,24 +486,3 @@ def _delete_in_background(paths: list[str]) -> None:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-
-
-def _limit_malloc_arenas() -> None:
-    """glibc gives each thread that allocates its own malloc arena; with a dozen worker threads
-    moving multi-MiB buffers, freed memory stays spread over them and RSS creeps up. Two
-    arenas keep the mount's footprint close to what it actually holds.
-
-    Buffers of 1 MiB and more (GET bodies, upload parts, FUSE writes) are given their own
-    mappings, returned to the system when freed. glibc would otherwise raise that threshold
-    to the size of each large buffer freed and serve the next ones from its heap, which it
-    rarely gives back. Measured on a 1 GiB copy in and a cold read of it: peaks of 250-360
-    and 240-325 MiB before, 205 and 206 MiB after, and the copy no slower."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-8, 2)  # M_ARENA_MAX
-        libc.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD (fixed: no longer raised)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
-
-
-

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from s3cryptfs import limits
+from s3cryptfs import limits, malloc
 from s3cryptfs.cache.blocks import BlockCache
 from s3cryptfs.cache.disk import DiskCache
 from s3cryptfs.cache.reader import Reader, Version
@@ -171,6 +171,7 @@ class Filesystem:
         root.lookups = 1
         self.nodes.add(root)
         self.handles: dict[int, Handle] = {}
+        self.trimmer = malloc.Trimmer()  # freed transfer buffers back to the system
         self._next_fh = 1
         self.unsynced: set[Node] = set()  # created here, not in S3 yet
         self._closed_at_start: list[tuple[str, ClosedRecord]] = []
@@ -618,6 +619,8 @@ class Filesystem:
             if handle.writable:
                 await self.writes.end_divergence(node)
         self.nodes.maybe_drop(node)
+        if not self.handles:
+            self.trimmer.soon()
 
     # --- streamed uploads ------------------------------------------------------------------
     async def _drop_streams_under(self, path: str) -> None:
