@@ -45,8 +45,11 @@ class Trimmer:
     A large read or write frees its multi-MiB buffers into glibc's heap, which keeps them for
     the next ones (reused pages cost no faults, so transfers stay cheap) but rarely returns
     them: a 1 GiB read left the mount at about 250 MiB, and a copy right after it peaked at
-    330. Trimming once the last open file is closed returns them between transfers; it runs
-    on a thread of its own (it walks the heap) and at most once per TRIM_INTERVAL."""
+    330. Trimming when a file is closed returns them between transfers. Not only once the
+    last open file is closed: the kernel sends the release of a file after close() has
+    returned, so the next program's open often comes first. It runs on a thread of its own
+    (it walks the heap) and at most once per TRIM_INTERVAL, which bounds what it can cost a
+    transfer that is still going on (the pages it returns are faulted in again)."""
 
     def __init__(self) -> None:
         self._last = 0.0

@@ -619,8 +619,7 @@ class Filesystem:
             if handle.writable:
                 await self.writes.end_divergence(node)
         self.nodes.maybe_drop(node)
-        if not self.handles:
-            self.trimmer.soon()
+        self.trimmer.soon()
 
     # --- streamed uploads ------------------------------------------------------------------
     async def _drop_streams_under(self, path: str) -> None:
