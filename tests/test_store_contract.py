@@ -3,6 +3,7 @@ SeaweedFS and against a tiny local HTTP server that answers what a test needs (5
 
 from __future__ import annotations
 
+import datetime
 import http.server
 import os
 import socket
@@ -292,6 +293,45 @@ def test_wrong_credentials_are_denied_at_once(seaweed_auth, client, monkeypatch)
             call()
     assert sum(bad.requests.values()) == len(calls)  # none retried
     assert good.head("c").metadata == {"m": "2"}
+
+
+def test_refreshable_credentials_are_asked_again(seaweed_auth, client, monkeypatch):
+    """Fixed keys are read once; credentials that expire (an instance role, SSO) are asked for
+    again by the client, so a refreshed key signs the next request."""
+    import botocore.credentials
+    import botocore.session
+
+    bucket = seaweed_auth.make_bucket(f"refresh-{client}-{os.getpid()}-{time.monotonic_ns()}")
+    issued = []
+
+    def refresh() -> dict[str, str]:
+        # Within botocore's mandatory refresh window: it asks again at every use, as it
+        # would for a role's credentials about to expire.
+        secret = AUTH_SECRET_KEY if len(issued) != 1 else "revoked"
+        issued.append(secret)
+        return {
+            "access_key": AUTH_ACCESS_KEY,
+            "secret_key": secret,
+            "token": "",
+            "expiry_time": (datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5))
+            .isoformat(),
+        }
+
+    session = botocore.session.get_session()
+    monkeypatch.setattr(session, "get_credentials", lambda: creds)
+    monkeypatch.setattr(botocore.session, "get_session", lambda: session)
+    creds = botocore.credentials.RefreshableCredentials.create_from_metadata(
+        refresh(), refresh, "test-refresh"
+    )
+    store = open_store(
+        StoreSettings(bucket=bucket, endpoint_url=seaweed_auth.endpoint_url, client=client)
+    )
+    calls = len(issued)
+    with pytest.raises(AccessDenied):  # signed with the second key, which the server refuses
+        store.put("k", b"v", {})
+    store.put("k", b"v", {})  # and the third one works
+    assert len(issued) >= calls + 2
+    assert store.get("k") == b"v"
 
 
 def test_a_stalled_server_is_retried_until_it_answers(seaweed, bucket, client, creds):
