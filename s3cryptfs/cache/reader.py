@@ -118,24 +118,24 @@ class Reader:
         if expected != version.plain_size:
             version.plain_size = expected
 
-    async def seed(self, version: Version, body: bytes) -> None:
-        """*version*'s whole body, fetched in one request (vfs/smallfiles.py): its cipher is
-        made from the header in it and every chunk decrypted into the cache, so its reads
-        send nothing. IntegrityError (and the KMS's errors) when it does not open."""
+    def open_whole(self, version: Version, body: bytes) -> tuple[BodyCipher, dict[int, bytes]]:
+        """Blocking: *version*'s cipher, made from the header in its whole *body* (fetched
+        in one request, vfs/smallfiles.py), and every chunk of it decrypted, for install().
+        IntegrityError (and the KMS's errors) when it does not open."""
+        if len(body) != version.body_size:
+            raise IntegrityError(f"{version.name}: object is not its listed size")
+        cipher = version.make_cipher(body[: version.header_len])
+        plain_size = cipher.plain_size_of(len(body))
+        total = cipher.chunk_count(plain_size)
+        if total == 0:
+            return cipher, {}
+        start, end = cipher.span(0, total - 1, len(body))
+        chunks = cipher.open_range(0, body[start : end + 1], total)
+        return cipher, dict(enumerate(chunks))
 
-        def open_whole() -> tuple[BodyCipher, dict[int, bytes]]:
-            if len(body) != version.body_size:
-                raise IntegrityError(f"{version.name}: object is not its listed size")
-            cipher = version.make_cipher(body[: version.header_len])
-            plain_size = cipher.plain_size_of(len(body))
-            total = cipher.chunk_count(plain_size)
-            if total == 0:
-                return cipher, {}
-            start, end = cipher.span(0, total - 1, len(body))
-            chunks = cipher.open_range(0, body[start : end + 1], total)
-            return cipher, dict(enumerate(chunks))
-
-        cipher, blocks = await trio.to_thread.run_sync(open_whole, limiter=self.limiter)
+    def install(self, version: Version, cipher: BodyCipher, blocks: dict[int, bytes]) -> None:
+        """What open_whole() gave, for *version* or another view of the same object version
+        (same vid): its reads send nothing."""
         version.plain_size = cipher.plain_size_of(version.body_size)
         version.cipher = cipher
         for index, block in blocks.items():

@@ -31,6 +31,7 @@ from s3cryptfs.errors import (
     UnknownProvider,
 )
 from s3cryptfs.format import gateway as gw
+from s3cryptfs.format.layout import BodyCipher
 from s3cryptfs.store.base import ObjectInfo
 from s3cryptfs.vfs.nodes import Listing, Node, Remote
 
@@ -70,6 +71,16 @@ class Fetched:
     info: ObjectInfo
     version: Version
     at: float  # time.monotonic() of the reply
+
+
+@dataclass(slots=True)
+class Whole:
+    """A small object fetched whole at its open: its version (None when its size or format
+    does not make one) and, when it opened, its cipher and decrypted chunks."""
+
+    info: ObjectInfo
+    version: Version | None
+    opened: tuple[BodyCipher, dict[int, bytes]] | None
 
 
 @dataclass(slots=True)
@@ -175,21 +186,32 @@ class SmallFiles:
         ttl = self.fs.opts.file_ttl
         return ttl > 0 and time.monotonic() - got.at < ttl
 
-    async def fetch(self, key: str) -> tuple[bytes, ObjectInfo]:
-        """The whole object, its ETag and metadata, in one request (ObjectTooLarge past
-        SMALL_BODY_MAX: the listing was older than the object)."""
-        return await self.fs._thread(self.fs.store.get_bounded, key, SMALL_BODY_MAX, "file")
+    async def fetch(self, key: str) -> Whole:
+        """The whole object, its ETag and metadata, in one request, decrypted in the same
+        worker thread (ObjectTooLarge past SMALL_BODY_MAX: the listing was older than the
+        object). One thread job, not two: for a small file the hand-over costs more than
+        the decryption."""
+        return await self.fs._thread(self._get_whole, key)
 
-    async def seed(self, version: Version, body: bytes) -> bool:
-        """Decrypt a whole fetched body into the block cache. False when it does not open
-        (forged, truncated, key not available): the reads then take the usual path, which
-        fetches again and says what is wrong."""
+    def _get_whole(self, key: str) -> Whole:
+        """Blocking: fetch(). A body that does not open (forged, truncated, key not
+        available) is returned unopened: the reads then take the usual path, which fetches
+        again and says what is wrong."""
+        body, info = self.fs.store.get_bounded(key, SMALL_BODY_MAX, "file")
+        version = None
+        opened = None
         try:
-            await self.fs.reader.seed(version, body)
+            version = self.version(key, Remote(info.etag, info.size, info.metadata), 0)
+            opened = self.fs.reader.open_whole(version, body)
         except (S3CryptFSError, ValueError) as exc:
-            log.debug("%s: not read whole: %s", version.name, exc)
-            return False
-        return True
+            log.debug("%s: not read whole: %s", key, exc)
+        return Whole(info, version, opened)
+
+    def install(self, node: Node, whole: Whole) -> None:
+        """*whole* was fetched at *node*'s open and is its version now: its reads send
+        nothing."""
+        if whole.opened is not None:
+            self.fs.reader.install(self.remote_version(node), *whole.opened)
 
     # --- scans ---------------------------------------------------------------------------
 
@@ -260,15 +282,12 @@ class SmallFiles:
     async def _fetch_ahead(self, key: str, listed_size: int) -> None:
         try:
             async with self.limiter:
-                body, info = await trio.to_thread.run_sync(
-                    self.fs.store.get_bounded, key, SMALL_BODY_MAX, "file", limiter=self.fs.limiter
-                )
+                whole = await self.fetch(key)
             self.ahead_fetches += 1
-            remote = Remote(info.etag, info.size, info.metadata)
-            version = self.version(key, remote, 0)
-            if not await self.seed(version, body):
+            if whole.version is None or whole.opened is None:
                 return
-            self._keep(key, Fetched(info, version, time.monotonic()))
+            self.fs.reader.install(whole.version, *whole.opened)
+            self._keep(key, Fetched(whole.info, whole.version, time.monotonic()))
         except (S3CryptFSError, ValueError) as exc:  # nothing is lost: the open fetches it
             log.debug("%s: not fetched ahead: %s", key, exc)
         finally:

@@ -16,6 +16,7 @@ from s3cryptfs.vfs.nodes import ChildInfo, Node, Remote
 
 if TYPE_CHECKING:
     from s3cryptfs.vfs.core import Filesystem
+    from s3cryptfs.vfs.smallfiles import Whole
 
 
 class Versions:
@@ -33,13 +34,14 @@ class Versions:
         key = self.fs.key(node.path)
         small = self.fs.small
         got = await small.take(key)
-        body: bytes | None = None
+        whole: Whole | None = None
         try:
             if got is not None and got.info.etag == node.remote.etag and small.trusted(got):
                 head = got.info  # fetched ahead within --file-cache-ttl: no request
             elif got is None and small.whole(node) and not small.cached(node):
                 try:
-                    body, head = await small.fetch(key)  # ETag, metadata and body at once
+                    whole = await small.fetch(key)  # ETag, metadata and body at once
+                    head = whole.info
                 except ObjectTooLarge:  # it grew since it was listed
                     head = await self.fs._thread(self.fs.store.head, key)
             else:
@@ -63,13 +65,13 @@ class Versions:
             return not changed
         if got is not None:
             self.fs.reader.forget(got.version)
-        if not changed and remote.metadata is not None and body is None:
+        if not changed and remote.metadata is not None and whole is None:
             return True
         if changed or remote.metadata is None:
             self.fs._replace_remote(node, head)
             await self.fs.listing.companion_size(node)
-        if body is not None and small.whole(node):  # (not a gateway multipart object)
-            await small.seed(small.remote_version(node), body)
+        if whole is not None and small.whole(node):  # (not a gateway multipart object)
+            small.install(node, whole)
         return not changed
 
     def reattach(self, node: Node) -> None:
