@@ -105,8 +105,7 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
     e.st_ino = attr.ino
     e.generation = 0
-    e.entry_timeout = ATTR_TIMEOUT
-    e.attr_timeout = ATTR_TIMEOUT
+    e.entry_timeout = e.attr_timeout = max(ATTR_TIMEOUT, attr.ttl)
     e.st_mode = attr.mode
     e.st_nlink = attr.nlink
     e.st_uid = attr.uid

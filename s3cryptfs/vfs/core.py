@@ -121,6 +121,9 @@ class Attr:
     nlink: int
     rdev: int = 0
     atime_ns: int = 0
+    # How long the kernel may keep this name and these attributes without asking again
+    # (0: the adapter's shortest; vfs/listing.py, kernel_ttl).
+    ttl: float = 0.0
 
 
 class Filesystem:
@@ -371,6 +374,7 @@ class Filesystem:
             atime_ns=node.mtime_ns if node.atime_ns is None else node.atime_ns,
             nlink=node.nlink,
             rdev=node.rdev,
+            ttl=self.listing.kernel_ttl(node),
         )
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:

@@ -241,6 +241,22 @@ class Listings:
             return node
         return None
 
+    def kernel_ttl(self, node: Node) -> float:
+        """How long the kernel may keep *node*'s name and attributes without asking.
+
+        A file that is in S3 and not being written here changes, as far as this mount
+        knows, only when its directory is listed again (readdir replies carry the new
+        attributes) or at an open (which invalidates what the kernel kept): until its
+        directory's listing expires, the kernel's copy is as good as ours, and asking again
+        costs a round trip per file in a scan (a LOOKUP before each open of `cat *`).
+        Directories, and files with local changes: 0, the adapter's shortest."""
+        if node.is_dir or node.remote is None or node.unlinked or node.holds_local:
+            return 0.0
+        parent = self.fs.nodes.at(node.parent_path)
+        if parent is None or parent.listing is None:
+            return 0.0
+        return max(0.0, parent.listing.fetched_at + self.fs.opts.dir_ttl - time.monotonic())
+
     async def lookup(self, parent_ino: int, name: str) -> Node:
         parent = self.fs.node(parent_ino)
         if not parent.is_dir:

@@ -141,3 +141,26 @@ def test_forged_small_object_still_fails_as_before(core: CoreFs, driver: CoreDri
     with pytest.raises(OSError) as exc:
         driver.read_file(f"{DIR}/f0000")
     assert exc.value.errno == 5  # EIO
+
+
+def test_kernel_keeps_listed_files_until_their_listing_expires(
+    core: CoreFs, driver: CoreDriver
+) -> None:
+    """The kernel may keep a listed file's name and attributes as long as the mount trusts
+    the listing they came from (a `cat *` then sends no LOOKUP per file); a directory, a file
+    with local changes, or a listing about to expire get the shortest time."""
+    fill(driver, 2, 100)
+    cold(core, dir_ttl=30.0)
+    driver.listdir(DIR)
+    fs = driver.fs
+    listed = driver._lookup(f"{DIR}/f0000")
+    assert 25.0 < fs.attr(listed).ttl <= 30.0
+    assert fs.attr(driver._lookup(DIR)).ttl == 0.0
+    fh = driver.open(f"{DIR}/f0001", os.O_WRONLY)
+    driver.write_at(fh, 0, b"changed here")
+    assert fs.attr(driver._lookup(f"{DIR}/f0001")).ttl == 0.0  # written, not in S3 yet
+    driver.close(fh)
+    assert fs.attr(driver._lookup(f"{DIR}/f0001")).ttl == 0.0  # closed, still being uploaded
+    cold(core, dir_ttl=0.0)
+    driver.listdir(DIR)
+    assert driver.fs.attr(driver._lookup(f"{DIR}/f0000")).ttl == 0.0
