@@ -337,6 +337,14 @@ def test_link_counts(mounted):
     mounted.remount()
     os.listdir(m / "d")
     assert os.stat(m / "d").st_nlink == 4
+    # Counted once, then kept up to date by each change (not recounted at each stat).
+    os.rename(m / "d" / "a", m / "d" / "a2")
+    (m / "d" / "e").mkdir()
+    (m / "d" / "other").write_bytes(b"y")
+    assert os.stat(m / "d").st_nlink == 5
+    os.rmdir(m / "d" / "e")
+    os.unlink(m / "d" / "other")
+    assert os.stat(m / "d").st_nlink == 4
     assert os.stat(m / "d" / "file").st_nlink == 1
     fd = os.open(m / "d" / "file", os.O_RDONLY)
     try:

@@ -170,8 +170,7 @@ class Listings:
 
     def add(self, parent: Node, name: str, info: ChildInfo) -> None:
         if parent.listing is not None:
-            parent.listing.children[name] = info
-            parent.listing.changed()
+            parent.listing.put(name, info)
         if parent.listing_fetches and parent.listing_log is not None:
             parent.listing_log.append((name, info))
 
@@ -180,8 +179,7 @@ class Listings:
         if parent is None:
             return
         if parent.listing is not None:
-            parent.listing.children.pop(name, None)
-            parent.listing.changed()
+            parent.listing.drop(name)
         if parent.listing_fetches and parent.listing_log is not None:
             parent.listing_log.append((name, None))
 

@@ -74,10 +74,20 @@ class ChildInfo:
 class Listing:
     children: dict[str, ChildInfo]
     fetched_at: float = field(default_factory=time.monotonic)
-    _subdirs: int | None = None  # counted on demand, forgotten on every change
+    _subdirs: int | None = None  # counted on demand, then kept by put() and drop()
 
-    def changed(self) -> None:
-        self._subdirs = None
+    def put(self, name: str, info: ChildInfo) -> None:
+        """Add or replace one name (the subdirectory count kept, not recounted: a directory
+        being filled is asked for its attributes after every create)."""
+        old = self.children.get(name)
+        self.children[name] = info
+        if self._subdirs is not None:
+            self._subdirs += info.is_dir - (old is not None and old.is_dir)
+
+    def drop(self, name: str) -> None:
+        old = self.children.pop(name, None)
+        if self._subdirs is not None and old is not None and old.is_dir:
+            self._subdirs -= 1
 
     def subdirs(self) -> int:
         if self._subdirs is None:
