@@ -78,6 +78,8 @@ class Uploader:
         self.conflicts = 0
         self.recent_conflicts: list[str] = []
         self._wakeup = trio.Event()
+        # When the worker loop, asleep, looks at the queue again by itself (0: it is awake).
+        self._sleeps_until = 0.0
         self.uploaded_count = 0
         self.queued_bytes = 0
         self._space = trio.Event()
@@ -115,7 +117,10 @@ class Uploader:
                 break
         self.queue.append(entry)
         self.queued_bytes += entry.body_size
-        self._kick()
+        if entry.not_before < self._sleeps_until:
+            # Not when the worker loop wakes before this one is due anyway: a `cp -r` of
+            # thousands of small files would have it scan its whole queue at every close.
+            self._kick()
 
     def _rewrite(self, entry: Entry) -> None:
         self.journal.rewrite(entry)
@@ -343,8 +348,13 @@ class Uploader:
                 entry = self._next() if len(self.in_flight) < self.concurrency else None
                 if entry is None:
                     self._wakeup = trio.Event()
-                    with trio.move_on_after(self._idle_wait()):
-                        await self._wakeup.wait()
+                    wait = self._idle_wait()
+                    self._sleeps_until = time.monotonic() + wait
+                    try:
+                        with trio.move_on_after(wait):
+                            await self._wakeup.wait()
+                    finally:
+                        self._sleeps_until = 0.0
                     continue
                 self.queue.remove(entry)
                 self.in_flight[entry.key] = entry
