@@ -327,7 +327,9 @@ class NativeStore(PagedReads, MultipartTransfers):
             request=awscrt.http.HttpRequest(method, path, hdrs, stream),
             on_headers=on_headers,
             on_body=on_body,
-            on_progress=on_progress,
+            # Only a body being sent needs it (a reply's progress is seen by on_body): each
+            # callback takes the GIL from the CRT's thread.
+            on_progress=on_progress if body else None,
         )
         done = request.finished_future
         # The CRT has no read timeout: a request that moves nothing for read_timeout (the
