@@ -84,6 +84,20 @@ def test_head_and_get_bounded_return_metadata(store):
     assert store.read_companion(key) == (info.metadata, b"body")
 
 
+def test_head_many_answers_each_key_once_and_yields_its_errors(store):
+    keys = [f"many/f{i:03d}" for i in range(60)]
+    etags = {k: store.put(k, k.encode(), {"s3c-name": k}) for k in keys}
+    before = store.requests.get("head", 0)
+    results = list(store.head_many([*keys, "many/missing"], 8))
+    assert sorted(k for k, _ in results) == sorted([*keys, "many/missing"])
+    got = dict(results)
+    assert isinstance(got.pop("many/missing"), ObjectNotFound)  # yielded, not raised
+    for key, info in got.items():
+        assert (info.key, info.size, info.etag) == (key, len(key), etags[key])
+        assert info.metadata == {"s3c-name": key}
+    assert store.requests["head"] - before == 61
+
+
 def test_list_with_delimiter_and_pages(store):
     for i in range(1003):
         store.put(f"p/f{i:04d}", b"", {})
@@ -359,6 +373,33 @@ def test_a_stalled_server_is_retried_until_it_answers(seaweed, bucket, client, c
         proxy.stop()
 
 
+def test_head_many_waits_out_a_stalled_server(seaweed, bucket, client, creds):
+    """HEADs sent together, then a server that stops answering: each stalled request is
+    cancelled after the read timeout and sent again until the server is back."""
+    proxy = TcpProxy("127.0.0.1", seaweed.s3_port)
+    try:
+        settings = StoreSettings(
+            bucket=bucket,
+            endpoint_url=proxy.endpoint_url,
+            client=client,
+            connect_timeout=1.0,
+            read_timeout=1.0,
+            retry_deadline=30.0,
+        )
+        store = open_store(settings)
+        keys = [f"stall/f{i}" for i in range(6)]
+        for key in keys:
+            store.put(key, b"v", {})
+        proxy.set_mode("blackhole")
+        threading.Timer(3.0, proxy.set_mode, ("pass",)).start()
+        results = dict(store.head_many(keys, 4))
+        assert sorted(results) == keys
+        assert all(info.etag == results[keys[0]].etag for info in results.values())
+        assert store.errors.get("TransientStoreError", 0) >= 1
+    finally:
+        proxy.stop()
+
+
 class _Scripted(http.server.BaseHTTPRequestHandler):
     """Answers each request with the next status of the server's script (the last repeats)."""
 
@@ -440,6 +481,21 @@ def test_5xx_is_retried_then_succeeds(scripted, client):
     assert store.get("k") == b"hello"
     assert scripted.seen == [503, 503, 200, 200]
     assert set(store.errors) == {"TransientStoreError"}
+
+
+def test_head_many_retries_5xx_and_yields_what_outlasts_the_deadline(scripted, client):
+    scripted.script = [503, 503, 200]
+    store = _scripted_store(scripted, client)
+    results = dict(store.head_many(["a", "b", "c"], 3))
+    assert sorted(results) == ["a", "b", "c"]
+    assert all(info.metadata == {"k": "v"} for info in results.values())
+    assert scripted.seen.count(503) == 2
+    scripted.script, scripted.seen = [503], []
+    store = _scripted_store(scripted, client, deadline=1.0)
+    results = dict(store.head_many(["a", "b"], 2))
+    for err in results.values():
+        assert isinstance(err, TransientStoreError) and not isinstance(err, ObjectNotFound)
+    assert len(scripted.seen) > 2  # retried before it gave up
 
 
 @pytest.mark.parametrize("status", [503, 500])

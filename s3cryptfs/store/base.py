@@ -4,12 +4,14 @@ implementation (store/s3.py: boto3; store/native.py: the AWS CRT data path)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from s3cryptfs import limits
+from s3cryptfs.errors import StoreError
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,12 @@ class ObjectStore(Protocol):
     def check_bucket(self, definitive_after: float | None = None) -> None: ...
 
     def head(self, key: str) -> ObjectInfo: ...
+
+    def head_many(
+        self, keys: Iterable[str], concurrency: int
+    ) -> Iterator[tuple[str, ObjectInfo | StoreError]]:
+        """head of many keys at once, as they finish; a key's error is yielded, not raised."""
+        ...
 
     def get(
         self,
@@ -203,6 +211,23 @@ class PagedReads:
             if not page.token:
                 return
             token = page.token
+
+    def head(self, key: str) -> ObjectInfo:
+        raise NotImplementedError
+
+    def head_many(
+        self, keys: Iterable[str], concurrency: int
+    ) -> Iterator[tuple[str, ObjectInfo | StoreError]]:
+        """head of every key, *concurrency* at a time, in the order they finish; the errors
+        head raises are yielded with their key. A thread per HEAD: a client that can send
+        requests without a thread each does better (NativeStore)."""
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            futures = {pool.submit(self.head, key): key for key in keys}
+            for done in concurrent.futures.as_completed(futures):
+                try:
+                    yield futures[done], done.result()
+                except StoreError as exc:
+                    yield futures[done], exc
 
     def read_companion(self, key: str) -> tuple[dict[str, str], bytes]:
         """Metadata and body of a gateway multipart object's manifest (bounded; blocking)."""

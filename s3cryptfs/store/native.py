@@ -11,6 +11,7 @@ the CRT's own retries are off, and its errors are mapped onto the same StoreErro
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -22,7 +23,7 @@ import threading
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from xml.sax.saxutils import escape
@@ -82,6 +83,17 @@ class _Reply:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytearray = field(default_factory=bytearray)
     refused: BaseException | None = None  # raised by our own callbacks, to be re-raised
+
+
+@dataclass
+class _Sent:
+    """A request the CRT is working on: its future, the reply being filled in, and when a
+    byte last moved (progress[0], monotonic)."""
+
+    request: awscrt.s3.S3Request
+    done: concurrent.futures.Future[Any]
+    reply: _Reply
+    progress: list[float]
 
 
 def classify(exc: BaseException, what: str) -> StoreError:
@@ -290,6 +302,42 @@ class NativeStore(PagedReads, MultipartTransfers):
         """One signed request; its reply, or the CRT's error. *check* sees the status and
         headers before any body byte (and may raise to drop the connection); a body past
         *body_limit* bytes is cut off by failing the request."""
+        sent = self._start(method, path, operation, headers, body, check, body_limit)
+        while True:
+            try:
+                sent.done.result(timeout=min(1.0, self._stall_limit))
+                return sent.reply
+            except TimeoutError:
+                self._cancel_if_stalled(sent)
+            except Exception:
+                if sent.reply.refused is not None:
+                    raise sent.reply.refused from None
+                raise
+
+    @property
+    def _stall_limit(self) -> float:
+        # The CRT has no read timeout: a request that moves nothing for read_timeout (the
+        # connect timeout is the CRT's own) is cancelled here and retried like a timeout.
+        return self.settings.read_timeout + self.settings.connect_timeout
+
+    def _cancel_if_stalled(self, sent: _Sent) -> None:
+        if time.monotonic() - sent.progress[0] > self._stall_limit:
+            sent.request.cancel()
+            with contextlib.suppress(Exception):
+                sent.done.result(timeout=self._stall_limit)
+            raise _TimedOut() from None
+
+    def _start(
+        self,
+        method: str,
+        path: str,
+        operation: str,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | bytearray | None = None,
+        check: Callable[[_Reply], None] | None = None,
+        body_limit: int | None = None,
+    ) -> _Sent:
+        """The request of _send, handed to the CRT and not waited for."""
         hdrs = awscrt.http.HttpHeaders([("Host", self._host)])
         for name, value in (headers or {}).items():
             hdrs.add(name, value)
@@ -331,25 +379,7 @@ class NativeStore(PagedReads, MultipartTransfers):
             # callback takes the GIL from the CRT's thread.
             on_progress=on_progress if body else None,
         )
-        done = request.finished_future
-        # The CRT has no read timeout: a request that moves nothing for read_timeout (the
-        # connect timeout is the CRT's own) is cancelled here and retried like a timeout.
-        limit = self.settings.read_timeout + self.settings.connect_timeout
-        while True:
-            try:
-                done.result(timeout=min(1.0, limit))
-                break
-            except TimeoutError:
-                if time.monotonic() - progress[0] > limit:
-                    request.cancel()
-                    with contextlib.suppress(Exception):
-                        done.result(timeout=limit)
-                    raise _TimedOut() from None
-            except Exception:
-                if reply.refused is not None:
-                    raise reply.refused from None
-                raise
-        return reply
+        return _Sent(request, request.finished_future, reply, progress)
 
     # --- reading --------------------------------------------------------------------------
 
@@ -377,6 +407,58 @@ class NativeStore(PagedReads, MultipartTransfers):
     def head(self, key: str) -> ObjectInfo:
         r = self._call(f"head {key}", lambda: self._send("HEAD", self._path(key), "HeadObject"))
         return self._info(key, r, int(r.headers.get("content-length", "0")))
+
+    def head_many(
+        self, keys: Iterable[str], concurrency: int
+    ) -> Iterator[tuple[str, ObjectInfo | StoreError]]:
+        """HEAD every key, *concurrency* at a time, from this one thread: the CRT works on
+        them together, where a thread per HEAD costs a thread hand-over each (a wide
+        directory's first listing sends one per file). Results come as they finish. A first
+        attempt that fails transiently is sent again through head (its retries and deadline);
+        errors that retrying does not cure are yielded, not raised."""
+        pending = iter(keys)
+        flying: dict[concurrent.futures.Future[Any], tuple[str, _Sent]] = {}
+
+        def launch() -> None:
+            for key in pending:
+                with self.stats_lock:
+                    self.requests["head"] = self.requests.get("head", 0) + 1
+                sent = self._start("HEAD", self._path(key), "HeadObject")
+                flying[sent.done] = (key, sent)
+                if len(flying) >= concurrency:
+                    return
+
+        def settle(key: str, sent: _Sent) -> tuple[str, ObjectInfo | StoreError]:
+            try:
+                self._cancel_if_stalled(sent)
+                sent.done.result(timeout=0)
+                r = sent.reply
+                return key, self._info(key, r, int(r.headers.get("content-length", "0")))
+            except Exception as raw:  # noqa: BLE001 - classified right below
+                err = classify(raw, f"head {key}")
+                with self.stats_lock:
+                    kind = type(err).__name__
+                    self.errors[kind] = self.errors.get(kind, 0) + 1
+            if not isinstance(err, TransientStoreError):
+                return key, err
+            try:
+                return key, self.head(key)
+            except StoreError as exc:
+                return key, exc
+
+        launch()
+        while flying:
+            done, _ = concurrent.futures.wait(
+                flying, timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            stalled = [] if done else [
+                f for f, (_, s) in flying.items()
+                if time.monotonic() - s.progress[0] > self._stall_limit
+            ]  # fmt: skip
+            for f in [*done, *stalled]:
+                key, sent = flying.pop(f)
+                yield settle(key, sent)
+            launch()
 
     def get(
         self,

@@ -20,13 +20,14 @@ from s3cryptfs.errors import (
     NotDirectory,
     ObjectNotFound,
     S3CryptFSError,
+    StoreError,
     strip_subject,
 )
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format.descriptor import META_DIR
 from s3cryptfs.format.xattrs import decode_set, encode_set
-from s3cryptfs.store.base import ListPage
+from s3cryptfs.store.base import ListPage, ObjectInfo
 from s3cryptfs.vfs import names
 from s3cryptfs.vfs.attrindex import SELF, IndexEntry
 from s3cryptfs.vfs.nodes import ChildInfo, Listing, Node, child_path, now_ns
@@ -35,6 +36,12 @@ if TYPE_CHECKING:
     from s3cryptfs.vfs.core import Filesystem
 
 log = logging.getLogger(__name__)
+
+# The HEADs of a directory's unindexed files: how many are out at once (the CRT sends them
+# together from one thread: past a few dozen, the server's queue grows, not its throughput) and
+# how many one worker-thread job takes (a LIST page's worth, applied as each comes back).
+HEAD_CONCURRENCY = 32
+HEAD_BATCH = 1000
 
 OnPage = Callable[[list[tuple[str, ChildInfo]]], Awaitable[None]]
 
@@ -289,6 +296,12 @@ class Listings:
             head = await self.fs._thread(self.fs.store.head, self.fs.key(node.path))
         except ObjectNotFound:
             return
+        await self._took_head(node, head)
+
+    async def _took_head(self, node: Node, head: ObjectInfo) -> None:
+        """*node*'s attributes from its HEAD (the object may have changed since its listing)."""
+        if node.remote is None:
+            return  # removed while the HEAD was out
         if head.etag != node.remote.etag:
             self.fs._replace_remote(node, head)
         self.fs._apply_metadata(node, head.metadata or {})
@@ -330,25 +343,32 @@ class Listings:
             node.error = str(exc)
 
     async def load_attrs_many(self, nodes: list[Node]) -> None:
-        """Load metadata for many listed files at once (readdir)."""
+        """Load metadata for many listed files at once (readdir): their HEADs go out together
+        from one worker thread (ObjectStore.head_many), a batch at a time, and are applied
+        here as each batch comes back."""
         todo = [
             n for n in nodes if not n.is_dir and n.remote is not None and not n.remote.attrs_known
         ]
-        if not todo:
-            return
-        # As many tasks as HEADs can run at once, each taking the next file: one task per
-        # file would queue tens of thousands of them on the thread limiter, each with its
-        # coroutine frame held until its turn.
-        pending = iter(todo)
+        for start in range(0, len(todo), HEAD_BATCH):
+            batch = {self.fs.key(n.path): n for n in todo[start : start + HEAD_BATCH]}
+            heads = await self.fs._thread(self._heads, list(batch))
+            failed: StoreError | None = None
+            for key, head in heads:
+                node = batch[key]
+                if isinstance(head, ObjectNotFound):
+                    continue  # gone since its listing: left as listed, as for one HEAD
+                if isinstance(head, StoreError):
+                    failed = failed or head
+                    continue
+                if node.remote is None or node.remote.attrs_known:
+                    continue  # removed, or loaded by an open, while the batch was out
+                await self._took_head(node, head)
+                self._shed_metadata(node)
+            if failed is not None:
+                raise failed
 
-        async def worker() -> None:
-            for n in pending:
-                await self.load_metadata(n)
-                self._shed_metadata(n)
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(min(len(todo), self.fs.opts.io_threads)):
-                nursery.start_soon(worker)
+    def _heads(self, keys: list[str]) -> list[tuple[str, ObjectInfo | StoreError]]:
+        return list(self.fs.store.head_many(keys, HEAD_CONCURRENCY))
 
     async def stream(self, ino: int, emit: Callable[[list[tuple[str, Node]]], None]) -> None:
         """readdir answered as it goes: *emit* gets the entries of each LIST page, their

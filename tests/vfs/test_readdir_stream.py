@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 
+import pytest
+
+from s3cryptfs.errors import AccessDenied
 from tests.vfs.harness import CoreDriver, CoreFs
 
 
@@ -98,3 +101,33 @@ def test_files_listed_by_their_heads_keep_attributes_not_metadata(
     assert core.call(driver.fs.xattrs.getxattr, tagged.ino, b"user.colour") == b"blue"
     assert driver.read_file("wide/tagged") == b"a file with an extended attribute"
     assert driver.read_file("wide/plain") == b"x" * 100
+
+
+def test_heads_of_a_listing_are_retried_and_a_refusal_fails_the_readdir(
+    core: CoreFs, driver: CoreDriver
+) -> None:
+    """The HEADs of unindexed files go out together (ObjectStore.head_many): one that fails
+    transiently is sent again, and one S3 refuses fails the readdir instead of leaving a file
+    without its attributes."""
+    names = [f"f{i:03d}" for i in range(40)]
+    copies(core, driver, names)
+    core.stop()
+    core.start()
+    core.store.fail("head", "wide/f01", times=3)  # three HEADs of f010..f019 fail
+    listed = dict(driver._run(driver.fs.readdir, driver._lookup("wide").ino))
+    assert sorted(listed) == sorted([*names, "seed"])
+    for node in listed.values():
+        assert node.remote is not None and node.remote.attrs_known
+    assert sum(c.startswith("head vol/wide/f01") for c in core.store.calls) >= 13
+
+    core.stop()
+    client = core.store._client
+    for key in [o["Key"] for o in client.list_objects_v2(Bucket=core.url.bucket)["Contents"]]:
+        if "/.s3cryptfs/dirs/" in key:  # the index the first pass wrote: HEADs again
+            client.delete_object(Bucket=core.url.bucket, Key=key)
+    core.start()
+    core.store.fail("head", "wide/f020", times=None, error=lambda w: AccessDenied(f"{w}: no"))
+    with pytest.raises(PermissionError):  # AccessDenied, through the errno table
+        driver._run(driver.fs.readdir, driver._lookup("wide").ino)
+    core.store.heal()
+    assert len(dict(driver._run(driver.fs.readdir, driver._lookup("wide").ino))) == 41
