@@ -38,6 +38,7 @@ class FaultyStore(S3Store):
         self._holds: list[tuple[str, str, threading.Event]] = []
         self._fault_lock = threading.Lock()
         self.calls: list[str] = []  # every operation attempted ("put vol/a.txt", ...)
+        self.record = True  # (off for tests that measure memory)
 
     def fail(self, op: str = "", key_part: str = "", times: int | None = 1, **kw: Any) -> Fault:
         fault = Fault(op, key_part, times, **kw)
@@ -66,7 +67,8 @@ class FaultyStore(S3Store):
     def _pick(self, what: str) -> Fault | None:
         op, _, key = what.partition(" ")
         with self._fault_lock:
-            self.calls.append(what)
+            if self.record:
+                self.calls.append(what)
             for fault in self._faults:
                 if fault.op and fault.op != op:
                     continue

@@ -72,6 +72,18 @@ def is_index_key(prefix: str, key: str) -> bool:
     return key.startswith(head) and _INDEX_NAME.fullmatch(key[len(head) :]) is not None
 
 
+_SHARED_INTS: dict[int, int] = {}
+
+
+def shared_int(value: int) -> int:
+    """One object for each mode, uid and gid seen: a directory's files repeat a few of them,
+    and each int over 256 is an object of its own (32 bytes) per file and per index entry.
+    Bounded, since an untrusted index could hold as many values as entries."""
+    if len(_SHARED_INTS) < 4096:
+        return _SHARED_INTS.setdefault(value, value)
+    return _SHARED_INTS.get(value, value)
+
+
 # Slots: a loaded index holds one per entry of the directory, and a wide directory's index
 # is in memory twice (as loaded, and as last written).
 @dataclass(frozen=True, slots=True)
@@ -153,7 +165,10 @@ def decode(dir_path: str, raw: bytes) -> dict[str, IndexEntry]:
     out: dict[str, IndexEntry] = {}
     for name, row in doc["entries"].items():
         etag, mode, uid, gid, mtime_ns = row[:5]
-        entry = IndexEntry(str(etag), int(mode), int(uid), int(gid), int(mtime_ns))
+        entry = IndexEntry(
+            str(etag), shared_int(int(mode)), shared_int(int(uid)), shared_int(int(gid)),
+            int(mtime_ns),
+        )  # fmt: skip
         extra = _xattrs(version, row)
         if extra and entry.is_dir:
             entry = dataclasses.replace(entry, xattrs=extra)

@@ -394,9 +394,6 @@ class Filesystem:
     ) -> None:
         await self.listing.stream(ino, emit)
 
-    async def load_attrs_many(self, nodes: list[Node]) -> None:
-        await self.listing.load_attrs_many(nodes)
-
     # --- reading -------------------------------------------------------------------------
 
     def _replace_remote(self, node: Node, info: ObjectInfo) -> None:

@@ -298,7 +298,7 @@ class Listings:
             return
         await self._took_head(node, head)
 
-    async def _took_head(self, node: Node, head: ObjectInfo) -> None:
+    async def _took_head(self, node: Node, head: ObjectInfo, name: str | None = None) -> None:
         """*node*'s attributes from its HEAD (the object may have changed since its listing)."""
         if node.remote is None:
             return  # removed while the HEAD was out
@@ -306,7 +306,7 @@ class Listings:
             self.fs._replace_remote(node, head)
         self.fs._apply_metadata(node, head.metadata or {})
         await self.companion_size(node)
-        self.note(node)
+        self.note(node, name)
 
     @staticmethod
     def _shed_metadata(node: Node) -> None:
@@ -342,19 +342,22 @@ class Listings:
             log.error("%s: %s", key, strip_subject(exc, key))
             node.error = str(exc)
 
-    async def load_attrs_many(self, nodes: list[Node]) -> None:
-        """Load metadata for many listed files at once (readdir): their HEADs go out together
+    async def load_attrs_many(self, entries: list[tuple[str, Node]]) -> None:
+        """Load metadata for many listed files at once (readdir; each with its name as the
+        listing holds it, which their index entries then share): their HEADs go out together
         from one worker thread (ObjectStore.head_many), a batch at a time, and are applied
         here as each batch comes back."""
         todo = [
-            n for n in nodes if not n.is_dir and n.remote is not None and not n.remote.attrs_known
+            (name, n)
+            for name, n in entries
+            if not n.is_dir and n.remote is not None and not n.remote.attrs_known
         ]
         for start in range(0, len(todo), HEAD_BATCH):
-            batch = {self.fs.key(n.path): n for n in todo[start : start + HEAD_BATCH]}
+            batch = {self.fs.key(n.path): (name, n) for name, n in todo[start : start + HEAD_BATCH]}
             heads = await self.fs._thread(self._heads, list(batch))
             failed: StoreError | None = None
             for key, head in heads:
-                node = batch[key]
+                name, node = batch[key]
                 if isinstance(head, ObjectNotFound):
                     continue  # gone since its listing: left as listed, as for one HEAD
                 if isinstance(head, StoreError):
@@ -362,7 +365,7 @@ class Listings:
                     continue
                 if node.remote is None or node.remote.attrs_known:
                     continue  # removed, or loaded by an open, while the batch was out
-                await self._took_head(node, head)
+                await self._took_head(node, head, name)
                 self._shed_metadata(node)
             if failed is not None:
                 raise failed
@@ -392,7 +395,7 @@ class Listings:
                     )
                 if not child.unlinked:
                     out.append((name, child))
-            await self.load_attrs_many([c for _, c in out])
+            await self.load_attrs_many(out)
             sent.update(name for name, _ in out)
             emit(out)
 
@@ -405,7 +408,7 @@ class Listings:
                 child = await self.child(node, name, listing)
                 if child is not None and not child.unlinked:
                     rest.append((name, child))
-            await self.load_attrs_many([c for _, c in rest])
+            await self.load_attrs_many(rest)
         emit(rest)
 
     async def readdir(self, ino: int) -> list[tuple[str, Node]]:
@@ -419,7 +422,7 @@ class Listings:
             if child is not None and not child.unlinked:
                 out.append((name, child))
         with self.fs.index.batch(node.path):
-            await self.load_attrs_many([c for _, c in out])
+            await self.load_attrs_many(out)
         return out
 
     # --- the directory attribute index ------------------------------------------------
@@ -438,8 +441,9 @@ class Listings:
             remote.etag, node.mode, node.uid, node.gid, node.mtime_ns, atime_ns=node.atime_ns
         )
 
-    def note(self, node: Node) -> None:
-        """Record *node*'s attributes in its directory's index (written in the background)."""
+    def note(self, node: Node, name: str | None = None) -> None:
+        """Record *node*'s attributes in its directory's index (written in the background).
+        *name*: its name as its directory's listing holds it (one string for both)."""
         if self.fs.opts.read_only:
             return
         entry = self.index_entry(node)
@@ -449,7 +453,8 @@ class Listings:
         if node.path == "":
             self.fs.index.note("", SELF, entry)
         else:
-            self.fs.index.note(node.parent_path, node.name, entry)
+            own = node.name  # (renamed since its listing: then that name is not its own)
+            self.fs.index.note(node.parent_path, name if name == own else own, entry)
 
     def entries_changed(self, parent: Node, now: int | None = None) -> None:
         """A name was added to or removed from *parent*: its mtime and ctime move, and the

@@ -10,7 +10,7 @@ import stat
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar, overload
 
 import trio
 
@@ -18,9 +18,10 @@ from s3cryptfs.cache.reader import ReadState, Version
 from s3cryptfs.format import metadata as md
 from s3cryptfs.upload import closed as closed_files
 from s3cryptfs.upload.state import FileWrite
-from s3cryptfs.vfs.attrindex import IndexEntry
+from s3cryptfs.vfs.attrindex import IndexEntry, shared_int
 
 ROOT_INODE = 1
+T = TypeVar("T")
 
 
 class Attrs(Protocol):
@@ -95,8 +96,78 @@ class Listing:
         return self._subdirs
 
 
+@dataclass(eq=False, slots=True)
+class DirState:
+    """What only a directory node holds (made on first use: most nodes are files)."""
+
+    listing: Listing | None = None
+    # Changes made while a LIST of this directory is in flight: the LIST may predate them, so
+    # they are replayed onto its result (name -> entry, None = removed).
+    listing_fetches: int = 0
+    listing_log: list[tuple[str, ChildInfo | None]] | None = None
+    index: dict[str, IndexEntry] | None = None  # its attribute index, as loaded
+    index_at: float = 0.0
+    has_marker: bool = False  # a "dir/" marker object exists
+
+
+@dataclass(eq=False, slots=True)
+class Extra:
+    """What few file nodes hold (made when first set to something)."""
+
+    rdev: int = 0  # device nodes
+    # Set explicitly (utimensat, `touch -a`): reads never update it (docs/SEMANTICS.md). None
+    # shows the mtime.
+    atime_ns: int | None = None
+    link_target: bytes | None = None
+    # Extended attributes (user.*) as this mount shows them. None: those sealed in the
+    # metadata of the file's version (node.remote), not read yet (vfs/xattrs.py). Directories
+    # always have them (from their index entry).
+    xattrs: dict[bytes, bytes] | None = None
+    error: str | None = None  # last upload failure, for the state attribute
+    # unlinked because another machine deleted the object (not by this mount's unlink)
+    deleted_elsewhere: bool = False
+
+
+_NO_DIR = DirState()
+_NO_EXTRA = Extra()
+
+
+class _Aside(Generic[T]):
+    """A node field kept in a side record (DirState, Extra) that is made when the field is
+    first set to something other than its default: until then reads give the default."""
+
+    def __init__(self, side: str, empty: DirState | Extra) -> None:
+        self.side = side
+        self.empty = empty
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, node: None, owner: type) -> _Aside[T]: ...
+    @overload
+    def __get__(self, node: Node, owner: type) -> T: ...
+    def __get__(self, node: Node | None, owner: type) -> T | _Aside[T]:
+        if node is None:
+            return self
+        value: T = getattr(getattr(node, self.side) or self.empty, self.name)
+        return value
+
+    def __set__(self, node: Node, value: T) -> None:
+        record = getattr(node, self.side)
+        if record is None:
+            if value == getattr(self.empty, self.name):
+                return
+            record = type(self.empty)()
+            setattr(node, self.side, record)
+        setattr(record, self.name, value)
+
+
 @dataclass(eq=False, slots=True, weakref_slot=True)  # (vfs/xattrs.py keys locks by node)
-class Node:
+class _NodeFields:
+    """The fields a Node keeps in its own slots (see Node)."""
+
     ino: int
     path: str
     mode: int
@@ -108,10 +179,6 @@ class Node:
     # with its setuid, setgid and sticky bits (Filesystem.attr).
     mode_set_here: bool = False
     size: int = 0  # plaintext
-    rdev: int = 0  # device nodes
-    # Set explicitly (utimensat, `touch -a`): reads never update it (docs/SEMANTICS.md). None
-    # shows the mtime.
-    atime_ns: int | None = None
     remote: Remote | None = None
     # What it holds locally (write-back file, sealed version not in S3 yet: upload/files.py),
     # made on first use: most known files are only listed (see the property w).
@@ -120,27 +187,32 @@ class Node:
     opens: int = 0
     writers: int = 0
     unlinked: bool = False
-    # unlinked because another machine deleted the object (not by this mount's unlink)
-    deleted_elsewhere: bool = False
-    has_marker: bool = False  # directories: a "dir/" marker object exists
     # Its attributes are stored (read from S3 or written there), not the --dir-mode and owner
     # defaults shown for a directory that carries none: those are never written back.
     attrs_stored: bool = False
-    listing: Listing | None = None
-    # Changes made while a LIST of this directory is in flight: the LIST may predate them, so
-    # they are replayed onto its result (name -> entry, None = removed).
-    listing_fetches: int = 0
-    # (made by the first fetch: most nodes are files, which never hold one)
-    listing_log: list[tuple[str, ChildInfo | None]] | None = None
-    index: dict[str, IndexEntry] | None = None  # directories: their attribute index, as loaded
-    index_at: float = 0.0
-    link_target: bytes | None = None
-    # Extended attributes (user.*) as this mount shows them. None: those sealed in the
-    # metadata of the file's version (node.remote), not read yet (vfs/xattrs.py). Directories
-    # always have them (from their index entry).
-    xattrs: dict[bytes, bytes] | None = None
+    _dir: DirState | None = field(default=None, init=False, repr=False)
+    _extra: Extra | None = field(default=None, init=False, repr=False)
     _lock: trio.Lock | None = field(default=None, init=False, repr=False)
-    error: str | None = None  # last upload failure, for the state attribute
+
+
+class Node(_NodeFields):
+    """One inode. Slots, and the fields of directories (DirState) and of files few have
+    (Extra) kept aside: a wide directory holds a node per file."""
+
+    __slots__ = ()
+
+    listing = _Aside[Listing | None]("_dir", _NO_DIR)
+    listing_fetches = _Aside[int]("_dir", _NO_DIR)
+    listing_log = _Aside[list[tuple[str, ChildInfo | None]] | None]("_dir", _NO_DIR)
+    index = _Aside[dict[str, IndexEntry] | None]("_dir", _NO_DIR)
+    index_at = _Aside[float]("_dir", _NO_DIR)
+    has_marker = _Aside[bool]("_dir", _NO_DIR)
+    rdev = _Aside[int]("_extra", _NO_EXTRA)
+    atime_ns = _Aside[int | None]("_extra", _NO_EXTRA)
+    link_target = _Aside[bytes | None]("_extra", _NO_EXTRA)
+    xattrs = _Aside[dict[bytes, bytes] | None]("_extra", _NO_EXTRA)
+    error = _Aside[str | None]("_extra", _NO_EXTRA)
+    deleted_elsewhere = _Aside[bool]("_extra", _NO_EXTRA)
 
     @property
     def lock(self) -> trio.Lock:
@@ -194,11 +266,11 @@ class Node:
         if attrs.mode is not None and stat.S_IFMT(attrs.mode) in types:
             if attrs.mode != self.mode:  # (our own chmod read back stays ours)
                 self.mode_set_here = False
-            self.mode = attrs.mode
+            self.mode = shared_int(attrs.mode)
         if attrs.uid is not None:
-            self.uid = attrs.uid
+            self.uid = shared_int(attrs.uid)
         if attrs.gid is not None:
-            self.gid = attrs.gid
+            self.gid = shared_int(attrs.gid)
         if attrs.mtime_ns is not None:
             self.mtime_ns = attrs.mtime_ns
         if attrs.rdev is not None and md.is_device(self.mode):
