@@ -430,7 +430,8 @@ class NativeStore(PagedReads, MultipartTransfers):
 
         def settle(key: str, sent: _Sent) -> tuple[str, ObjectInfo | StoreError]:
             try:
-                self._cancel_if_stalled(sent)
+                if not sent.done.done():
+                    self._cancel_if_stalled(sent)  # (raises: it is)
                 sent.done.result(timeout=0)
                 r = sent.reply
                 return key, self._info(key, r, int(r.headers.get("content-length", "0")))
