@@ -348,37 +348,18 @@ def test_refreshable_credentials_are_asked_again(seaweed_auth, client, monkeypat
     assert store.get("k") == b"v"
 
 
-def test_a_stalled_server_is_retried_until_it_answers(seaweed, bucket, client, creds):
+@pytest.fixture
+def proxy(seaweed):
+    """A TCP proxy in front of SeaweedFS that a test can make silent (blackhole)."""
     proxy = TcpProxy("127.0.0.1", seaweed.s3_port)
-    try:
-        store = open_store(
-            StoreSettings(
-                bucket=bucket,
-                endpoint_url=proxy.endpoint_url,
-                client=client,
-                connect_timeout=1.0,
-                read_timeout=1.0,
-                retry_deadline=30.0,
-            )
-        )
-        uid = store.create_multipart("mp", {"m": "1"})
-        proxy.set_mode("blackhole")
-        threading.Timer(3.0, proxy.set_mode, ("pass",)).start()
-        etag = store.upload_part("mp", uid, 1, b"part")
-        store.complete_multipart("mp", uid, [(1, etag)], {})
-        assert store.get("mp") == b"part"
-        assert store.errors.get("TransientStoreError", 0) >= 1
-        assert store.requests["upload_part"] >= 2
-    finally:
-        proxy.stop()
+    yield proxy
+    proxy.stop()
 
 
-def test_head_many_waits_out_a_stalled_server(seaweed, bucket, client, creds):
-    """HEADs sent together, then a server that stops answering: each stalled request is
-    cancelled after the read timeout and sent again until the server is back."""
-    proxy = TcpProxy("127.0.0.1", seaweed.s3_port)
-    try:
-        settings = StoreSettings(
+def _proxied_store(proxy, bucket, client):
+    """A store through *proxy*, with timeouts of a second and retries for 30 s."""
+    return open_store(
+        StoreSettings(
             bucket=bucket,
             endpoint_url=proxy.endpoint_url,
             client=client,
@@ -386,18 +367,34 @@ def test_head_many_waits_out_a_stalled_server(seaweed, bucket, client, creds):
             read_timeout=1.0,
             retry_deadline=30.0,
         )
-        store = open_store(settings)
-        keys = [f"stall/f{i}" for i in range(6)]
-        for key in keys:
-            store.put(key, b"v", {})
-        proxy.set_mode("blackhole")
-        threading.Timer(3.0, proxy.set_mode, ("pass",)).start()
-        results = dict(store.head_many(keys, 4))
-        assert sorted(results) == keys
-        assert all(info.etag == results[keys[0]].etag for info in results.values())
-        assert store.errors.get("TransientStoreError", 0) >= 1
-    finally:
-        proxy.stop()
+    )
+
+
+def test_a_stalled_server_is_retried_until_it_answers(proxy, bucket, client, creds):
+    store = _proxied_store(proxy, bucket, client)
+    uid = store.create_multipart("mp", {"m": "1"})
+    proxy.set_mode("blackhole")
+    threading.Timer(3.0, proxy.set_mode, ("pass",)).start()
+    etag = store.upload_part("mp", uid, 1, b"part")
+    store.complete_multipart("mp", uid, [(1, etag)], {})
+    assert store.get("mp") == b"part"
+    assert store.errors.get("TransientStoreError", 0) >= 1
+    assert store.requests["upload_part"] >= 2
+
+
+def test_head_many_waits_out_a_stalled_server(proxy, bucket, client, creds):
+    """HEADs sent together, then a server that stops answering: each stalled request is
+    cancelled after the read timeout and sent again until the server is back."""
+    store = _proxied_store(proxy, bucket, client)
+    keys = [f"stall/f{i}" for i in range(6)]
+    for key in keys:
+        store.put(key, b"v", {})
+    proxy.set_mode("blackhole")
+    threading.Timer(3.0, proxy.set_mode, ("pass",)).start()
+    results = dict(store.head_many(keys, 4))
+    assert sorted(results) == keys
+    assert all(info.etag == results[keys[0]].etag for info in results.values())
+    assert store.errors.get("TransientStoreError", 0) >= 1
 
 
 class _Scripted(http.server.BaseHTTPRequestHandler):

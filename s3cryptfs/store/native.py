@@ -25,7 +25,7 @@ import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from xml.sax.saxutils import escape
 
 import awscrt.auth
@@ -57,6 +57,7 @@ from s3cryptfs.store.transfers import MultipartTransfers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+P = ParamSpec("P")
 
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _META = "x-amz-meta-"
@@ -94,6 +95,15 @@ class _Sent:
     done: concurrent.futures.Future[Any]
     reply: _Reply
     progress: list[float]
+
+
+def _waiting(
+    start: Callable[Concatenate[NativeStore, P], _Sent],
+) -> Callable[Concatenate[NativeStore, P], _Reply]:
+    def send(store: NativeStore, /, *args: P.args, **kwargs: P.kwargs) -> _Reply:
+        return store._wait(start(store, *args, **kwargs))
+
+    return send
 
 
 def classify(exc: BaseException, what: str) -> StoreError:
@@ -289,20 +299,8 @@ class NativeStore(PagedReads, MultipartTransfers):
             path += "?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote, safe="~")
         return path
 
-    def _send(
-        self,
-        method: str,
-        path: str,
-        operation: str,
-        headers: Mapping[str, str] | None = None,
-        body: bytes | bytearray | None = None,
-        check: Callable[[_Reply], None] | None = None,
-        body_limit: int | None = None,
-    ) -> _Reply:
-        """One signed request; its reply, or the CRT's error. *check* sees the status and
-        headers before any body byte (and may raise to drop the connection); a body past
-        *body_limit* bytes is cut off by failing the request."""
-        sent = self._start(method, path, operation, headers, body, check, body_limit)
+    def _wait(self, sent: _Sent) -> _Reply:
+        """The reply of a request _start handed to the CRT, or its error."""
         while True:
             try:
                 sent.done.result(timeout=min(1.0, self._stall_limit))
@@ -337,7 +335,9 @@ class NativeStore(PagedReads, MultipartTransfers):
         check: Callable[[_Reply], None] | None = None,
         body_limit: int | None = None,
     ) -> _Sent:
-        """The request of _send, handed to the CRT and not waited for."""
+        """One signed request, handed to the CRT and not waited for (_send waits for it).
+        *check* sees the status and headers before any body byte (and may raise to drop the
+        connection); a body past *body_limit* bytes is cut off by failing the request."""
         hdrs = awscrt.http.HttpHeaders([("Host", self._host)])
         for name, value in (headers or {}).items():
             hdrs.add(name, value)
@@ -380,6 +380,9 @@ class NativeStore(PagedReads, MultipartTransfers):
             on_progress=on_progress if body else None,
         )
         return _Sent(request, request.finished_future, reply, progress)
+
+    # _start, then its reply (or the CRT's error): what every request but head_many's does.
+    _send = _waiting(_start)
 
     # --- reading --------------------------------------------------------------------------
 
