@@ -298,15 +298,18 @@ class Listings:
             return
         await self._took_head(node, head)
 
-    async def _took_head(self, node: Node, head: ObjectInfo, name: str | None = None) -> None:
-        """*node*'s attributes from its HEAD (the object may have changed since its listing)."""
+    async def _took_head(
+        self, node: Node, head: ObjectInfo, name: str | None = None
+    ) -> IndexEntry | None:
+        """*node*'s attributes from its HEAD (the object may have changed since its listing);
+        its index entry, if it has one."""
         if node.remote is None:
-            return  # removed while the HEAD was out
+            return None  # removed while the HEAD was out
         if head.etag != node.remote.etag:
             self.fs._replace_remote(node, head)
         self.fs._apply_metadata(node, head.metadata or {})
         await self.companion_size(node)
-        self.note(node, name)
+        return self.note(node, name)
 
     @staticmethod
     def _shed_metadata(node: Node) -> None:
@@ -342,11 +345,18 @@ class Listings:
             log.error("%s: %s", key, strip_subject(exc, key))
             node.error = str(exc)
 
-    async def load_attrs_many(self, entries: list[tuple[str, Node]]) -> None:
+    async def load_attrs_many(
+        self, entries: list[tuple[str, Node]], listed: dict[str, ChildInfo] | None = None
+    ) -> None:
         """Load metadata for many listed files at once (readdir; each with its name as the
         listing holds it, which their index entries then share): their HEADs go out together
         from one worker thread (ObjectStore.head_many), a batch at a time, and are applied
-        here as each batch comes back."""
+        here as each batch comes back.
+
+        The attributes found are kept in the listing's entries as well (*listed*, or the
+        directory's listing), sharing the index entry: a file the kernel drops
+        (--max-inodes) and looks up again while the listing is trusted is then made again
+        without a second HEAD."""
         todo = [
             (name, n)
             for name, n in entries
@@ -365,10 +375,20 @@ class Listings:
                     continue
                 if node.remote is None or node.remote.attrs_known:
                     continue  # removed, or loaded by an open, while the batch was out
-                await self._took_head(node, head, name)
+                entry = await self._took_head(node, head, name)
                 self._shed_metadata(node)
+                if entry is not None:
+                    children = listed if listed is not None else self._children_of(node)
+                    info = children.get(name) if children is not None else None
+                    if info is not None and info.attrs is None and info.etag == entry.etag:
+                        info.attrs = entry
             if failed is not None:
                 raise failed
+
+    def _children_of(self, node: Node) -> dict[str, ChildInfo] | None:
+        parent = self.fs.nodes.at(node.parent_path)
+        listing = parent.listing if parent is not None else None
+        return listing.children if listing is not None else None
 
     def _heads(self, keys: list[str]) -> list[tuple[str, ObjectInfo | StoreError]]:
         return list(self.fs.store.head_many(keys, HEAD_CONCURRENCY))
@@ -395,7 +415,7 @@ class Listings:
                     )
                 if not child.unlinked:
                     out.append((name, child))
-            await self.load_attrs_many(out)
+            await self.load_attrs_many(out, dict(batch))
             sent.update(name for name, _ in out)
             emit(out)
 
@@ -441,20 +461,20 @@ class Listings:
             remote.etag, node.mode, node.uid, node.gid, node.mtime_ns, atime_ns=node.atime_ns
         )
 
-    def note(self, node: Node, name: str | None = None) -> None:
-        """Record *node*'s attributes in its directory's index (written in the background).
-        *name*: its name as its directory's listing holds it (one string for both)."""
-        if self.fs.opts.read_only:
-            return
+    def note(self, node: Node, name: str | None = None) -> IndexEntry | None:
+        """Record *node*'s attributes in its directory's index (written in the background);
+        the entry, or None if it has none yet. *name*: its name as its directory's listing
+        holds it (one string for both)."""
         entry = self.index_entry(node)
-        if entry is None:
-            return
+        if entry is None or self.fs.opts.read_only:
+            return entry
         node.attrs_stored = True
         if node.path == "":
             self.fs.index.note("", SELF, entry)
         else:
             own = node.name  # (renamed since its listing: then that name is not its own)
             self.fs.index.note(node.parent_path, name if name == own else own, entry)
+        return entry
 
     def entries_changed(self, parent: Node, now: int | None = None) -> None:
         """A name was added to or removed from *parent*: its mtime and ctime move, and the
