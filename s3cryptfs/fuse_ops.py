@@ -158,8 +158,22 @@ class FuseOperations(pyfuse3.Operations):
         self._usage: tuple[float, tuple[int, int]] | None = None  # (reuse until, result)
 
     def _reply(self, node: Node) -> pyfuse3.EntryAttributes:
-        node.lookups += 1
+        node = self.fs.nodes.held(node)
+        self._trim_if_over(node)
         return _entry(self.fs.attr(node))
+
+    def _trim_if_over(self, keep: Node | None = None) -> None:
+        """Ask the kernel to drop the files NodeTable picks when it is over --max-inodes; the
+        kernel's FORGETs free them. Through pyfuse3's invalidation thread: the kernel makes
+        an invalidation wait for requests on the directory in flight, which this loop is the
+        one to answer."""
+        if not self.fs.nodes.over_limit():
+            return
+        for node in self.fs.nodes.to_forget(keep):
+            parent = self.fs.nodes.at(node.parent_path)
+            if parent is None:
+                continue
+            pyfuse3.invalidate_entry_async(parent.ino, to_kernel(node.name), ignore_enoent=True)
 
     @_guard
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
@@ -223,10 +237,12 @@ class FuseOperations(pyfuse3.Operations):
                     continue  # removed since the listing was taken
                 attrs = _entry(self.fs.attr(node))
                 if not pyfuse3.readdir_reply(token, to_kernel(name), attrs, index + 1):
+                    self._trim_if_over()
                     return
                 sent = True
                 if index >= 2:
-                    node.lookups += 1
+                    self.fs.nodes.held(node)  # (the node current() just gave)
+            self._trim_if_over()
             if handle.error is not None:
                 error, handle.error = handle.error, None
                 raise error

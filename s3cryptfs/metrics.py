@@ -114,6 +114,13 @@ def _families(status: dict[str, Any]) -> Iterator[Metric]:
         status.get("conflicts", {}).get("count", 0),
     )
     yield _counter_value("index_writes", "directory index writes", status.get("index_writes", 0))
+    inodes = status.get("inodes", {})
+    yield _gauge("inodes", "files and directories the mount knows", inodes.get("known", 0))
+    yield _counter_value(
+        "inodes_dropped",
+        "files the kernel was asked to drop to keep within --max-inodes",
+        inodes.get("dropped", 0),
+    )
     for cache in ("block_cache", "disk_cache"):
         numbers = status.get(cache)
         if numbers is None:

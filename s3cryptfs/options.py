@@ -470,6 +470,23 @@ OPTIONS: tuple[Option, ...] = (
         field="max_whole_object",
     ),
     Option(
+        "max_inodes",
+        Kind.INT,
+        Layer.FS,
+        "files and directories the mount keeps while the kernel holds them; beyond it the "
+        "kernel is asked to drop the least recently used files (0: no bound)",
+        default=200_000,
+        doc="Each known file costs the mount about 1.4 KiB, and the kernel keeps every name "
+        "it looked up or listed until it runs short of memory, so a `find` or `ls -l` over "
+        "millions of objects would grow the mount without this bound. A dropped file is "
+        "looked up again when next used (from the directory's listing while it is trusted). "
+        "Directories, open files and files not in S3 yet are never dropped. "
+        "See docs/PERFORMANCE.md.",
+        metavar="N",
+        field="max_inodes",
+        minimum=0,
+    ),
+    Option(
         "upload_concurrency",
         Kind.INT,
         Layer.FS,

@@ -102,6 +102,7 @@ class FsOptions:
     # Bytes of a gateway single-AEAD body downloaded whole to decrypt it (--max-whole-object).
     max_whole_object: int = limits.WHOLE_OBJECT_DEFAULT
     hard_links: str = "refuse"  # or "copy" (--hard-links)
+    max_inodes: int = 0  # --max-inodes; 0: no bound (NodeTable)
     # The server keeps a backslash in keys: names with one may be created (vfs/names.py; the
     # mount probes the server). False refuses them, and looks them up by listing only.
     backslash_names: bool = False
@@ -168,7 +169,7 @@ class Filesystem:
         )
         self.journal = self.writes.journal
         self.uploader = self.writes.uploader
-        self.nodes = NodeTable()
+        self.nodes = NodeTable(opts.max_inodes)
         now = now_ns()
         root = Node(ROOT_INODE, "", stat.S_IFDIR | opts.dir_mode, opts.uid, opts.gid, now, now)
         root.lookups = 1
@@ -498,6 +499,7 @@ class Filesystem:
         handle = Handle(fh, node, writable)
         self.handles[fh] = handle
         node.opens += 1
+        node.recent = True
         if writable:
             node.writers += 1
         return handle

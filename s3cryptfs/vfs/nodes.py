@@ -187,6 +187,8 @@ class _NodeFields:
     opens: int = 0
     writers: int = 0
     unlinked: bool = False
+    # Looked up, listed or opened since the last sweep of a bounded table (NodeTable.to_forget).
+    recent: bool = False
     # Its attributes are stored (read from S3 or written there), not the --dir-mode and owner
     # defaults shown for a directory that carries none: those are never written back.
     attrs_stored: bool = False
@@ -334,10 +336,87 @@ def child_path(parent: str, name: str) -> str:
 
 
 class NodeTable:
-    def __init__(self) -> None:
+    """Every node the kernel or an open file still refers to, by inode and by path.
+
+    With a *limit*, the table asks to be trimmed when it holds more nodes than that: the
+    kernel keeps an inode (and so a node here) for every name it looked up or got from a
+    readdir until it is short of memory, so a `find` or an `ls -l` over a wide bucket would
+    otherwise hold one node per file it ever saw. `to_forget` picks files the kernel should
+    drop (the adapter invalidates their names; the kernel's FORGET then frees the node
+    through `maybe_drop`)."""
+
+    def __init__(self, limit: int = 0) -> None:
         self.by_ino: dict[int, Node] = {}
         self.by_path: dict[str, Node] = {}
         self._next = ROOT_INODE + 1
+        self.limit = limit  # 0: no bound
+        self.asked = 0  # names the kernel was asked to drop, for the status
+        # Inodes asked for and not forgotten yet: counted as gone (their FORGET is on its
+        # way), and not asked again unless looked up again. A kernel that kept them anyway
+        # would so make a sweep wait for a tenth of the limit of new nodes, not come at
+        # every reply.
+        self._asking: set[int] = set()
+
+    def held(self, node: Node) -> Node:
+        """The kernel takes one more reference to *node* (a lookup reply, a readdir entry):
+        the node to answer with. A node made by a request that waited (a HEAD) may have been
+        dropped meanwhile for being unreferenced: it is put back, unless another node took
+        its path, which is then the answer."""
+        node = self.current(node) or node
+        node.lookups += 1
+        node.recent = True
+        if self._asking:
+            self._asking.discard(node.ino)
+        return node
+
+    def over_limit(self) -> bool:
+        return self.limit > 0 and len(self.by_ino) - len(self._asking) > self.limit
+
+    def to_forget(self, keep: Node | None = None) -> list[Node]:
+        """Bring the table to nine tenths of its limit: nodes the kernel holds no reference
+        to (made by a listing ahead of its readdir's replies, or for a readdir stopped early)
+        are dropped here; the files returned are those the kernel should drop. *keep*: the
+        node of the reply being sent, which is not chosen.
+
+        Second chance: a file used since the last sweep loses its mark and stays; the others
+        go, oldest first (the table is in order of arrival). Directories stay (dropping one
+        unhashes it: a shell inside it would see its cwd deleted), and so do open files,
+        files with changes not in S3 yet and files the kernel was already asked about."""
+        want = len(self.by_ino) - len(self._asking) - self.limit * 9 // 10
+        chosen: list[Node] = []
+        if want <= 0:
+            return chosen
+        candidates = []
+        for node in list(self.by_ino.values()):
+            if node is keep or not self._droppable(node):
+                continue
+            if node.lookups == 0 and want > 0:
+                self.maybe_drop(node)
+                want -= 1
+            elif node.lookups > 0:
+                candidates.append(node)
+        for _ in range(2):  # the second pass takes the files that lost their mark
+            for node in candidates:
+                if len(chosen) >= want:
+                    break
+                if node.recent:
+                    node.recent = False
+                elif node.ino not in self._asking:
+                    chosen.append(node)
+                    self._asking.add(node.ino)
+        self.asked += len(chosen)
+        return chosen
+
+    def _droppable(self, node: Node) -> bool:
+        return (
+            node.opens == 0
+            and not node.unlinked
+            and node.ino != ROOT_INODE
+            and node.ino not in self._asking
+            and not stat.S_ISDIR(node.mode)
+            and not node.dirty()
+            and not node.holds_local
+        )
 
     def add(self, node: Node) -> Node:
         self.by_ino[node.ino] = node
@@ -392,3 +471,5 @@ class NodeTable:
         self.by_ino.pop(node.ino, None)
         if self.by_path.get(node.path) is node:
             del self.by_path[node.path]
+        if self._asking:
+            self._asking.discard(node.ino)

@@ -63,6 +63,11 @@ def status_of(fs: Filesystem) -> dict[str, Any]:
         "misses": fs.blocks.misses,
     }
     out["read_ahead"] = fs.small.stats()  # small files fetched ahead of their open
+    out["inodes"] = {
+        "known": len(fs.nodes.by_ino),
+        "limit": fs.nodes.limit,
+        "dropped": fs.nodes.asked,  # files the kernel was asked to drop (--max-inodes)
+    }
     if fs.disk is not None:
         out["disk_cache"] = {
             "bytes": fs.disk.size,

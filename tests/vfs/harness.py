@@ -171,7 +171,7 @@ class CoreDriver:
         node = self.fs.node(ROOT_INODE)
         for name in [p for p in path.split("/") if p]:
             node = self._run(self.fs.lookup, node.ino, name)
-            node.lookups += 1  # what the kernel counts (fuse_ops does it there)
+            node = self.fs.nodes.held(node)  # what the kernel counts (fuse_ops does it there)
         return node
 
     def _parent(self, path: str) -> tuple[Node, str]:

@@ -1,0 +1,68 @@
+"""--max-inodes through the kernel: past the bound the mount asks the kernel to drop the
+least recently used files, the kernel's FORGETs free them, and every file stays as it was
+to every tool (the choice of files is tests/vfs/test_inode_bound.py)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+
+from tests.conftest import wait_until
+
+FILES = 600
+LIMIT = 200
+
+
+def stats(volume) -> dict:
+    return json.loads(os.getxattr(volume.mountpoint, "user.s3cryptfs.stats"))
+
+
+def test_a_wide_listing_stays_within_max_inodes(volume, s3client):
+    volume.init()
+    volume.mount()
+    wide = volume.mountpoint / "wide"
+    wide.mkdir()
+    seed = os.urandom(3000)
+    (wide / "seed").write_bytes(seed)
+    volume.umount()
+    source = {"Bucket": volume.bucket, "Key": f"{volume.prefix}wide/seed"}
+    with cf.ThreadPoolExecutor(8) as pool:
+        list(
+            pool.map(
+                lambda i: s3client.copy_object(
+                    Bucket=volume.bucket, Key=f"{volume.prefix}wide/f{i:04d}", CopySource=source
+                ),
+                range(FILES),
+            )
+        )
+    # A listing trusted for the whole test: a dropped file is looked up again from it.
+    volume.mount("--max-inodes", LIMIT, "--dir-cache-ttl", 300)
+    out = subprocess.run(["ls", "-l", str(wide)], capture_output=True, text=True, check=True)
+    lines = [line for line in out.stdout.splitlines() if not line.startswith("total")]
+    assert len(lines) == FILES + 1
+    assert all(line.split()[4] == str(len(seed)) for line in lines), lines[:3]
+
+    def known() -> int:
+        return int(stats(volume)["inodes"]["known"])
+
+    # The kernel was asked to drop files as the listing went past the bound, and forgot them.
+    wait_until(lambda: known() <= LIMIT, what=f"at most {LIMIT} inodes known: {known()}")
+    assert stats(volume)["inodes"]["dropped"] >= FILES - LIMIT
+    heads = stats(volume)["requests"].get("head", 0)
+
+    # A file kept open is not dropped, and reads and stats as before while others go.
+    with open(wide / "f0000", "rb") as held:
+        for name in sorted(os.listdir(wide)):
+            st = os.stat(wide / name)
+            assert st.st_size == len(seed) and st.st_nlink == 1, name
+        for i in range(0, FILES, 37):
+            assert (wide / f"f{i:04d}").read_bytes() == seed
+        assert os.fstat(held.fileno()).st_nlink == 1
+        assert held.read() == seed
+    # Files looked up again after being dropped came from the listing: no HEAD each (the
+    # opens above validate their version: a HEAD or a conditional GET per open, no more).
+    opened = len(range(0, FILES, 37)) + 1
+    assert stats(volume)["requests"].get("head", 0) - heads <= opened
+    wait_until(lambda: known() <= LIMIT, what=f"at most {LIMIT} inodes known: {known()}")

@@ -1,0 +1,153 @@
+"""The bound on known inodes (--max-inodes, vfs/nodes.py NodeTable): which files the kernel is
+asked to drop, what is never dropped, and that a dropped file comes back as it was without
+asking S3 while its directory's listing is trusted. The kernel's side (the invalidation and
+its FORGET) is tests/test_inode_bound.py."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from s3cryptfs.vfs.nodes import ROOT_INODE, Node, NodeTable
+from tests.vfs.harness import CoreDriver, CoreFs
+from tests.vfs.test_readdir_stream import copies
+
+
+def held_file(table: NodeTable, name: str) -> Node:
+    node = Node(table.new_ino(), name, stat.S_IFREG | 0o644, 0, 0, 0, 0)
+    table.add(node)
+    table.held(node)
+    return node
+
+
+def root_table(limit: int) -> NodeTable:
+    table = NodeTable(limit)
+    root = Node(ROOT_INODE, "", stat.S_IFDIR | 0o755, 0, 0, 0, 0)
+    root.lookups = 1
+    table.add(root)
+    return table
+
+
+def forget(table: NodeTable, nodes: list[Node]) -> None:
+    """What the kernel's FORGET of *nodes* does (Filesystem.forget)."""
+    for node in nodes:
+        node.lookups = 0
+        table.maybe_drop(node)
+
+
+def test_files_unused_since_the_last_sweep_go_first_oldest_first() -> None:
+    table = root_table(limit=10)
+    files = [held_file(table, f"f{i}") for i in range(11)]  # 12 nodes with the root
+    assert table.over_limit()
+    # Every file is marked as just used: the first pass takes the marks, the second the
+    # oldest, down to nine tenths of the limit.
+    first = table.to_forget()
+    assert first == files[:3]
+    forget(table, first)
+    assert len(table.by_ino) == 9 and not table.over_limit()
+    # f3 is used again; f4 is not: when the table grows past its limit again, f4 goes
+    # before f3 although f3 is older.
+    table.held(files[3])
+    more = [held_file(table, f"g{i}") for i in range(2)]
+    assert table.over_limit()
+    second = table.to_forget()
+    assert files[3] not in second
+    assert second == [files[4], files[5]]
+    assert table.asked == 5
+    assert all(n in table.by_ino.values() for n in [files[3], *more])
+
+
+def test_directories_open_files_and_files_not_in_s3_are_never_dropped() -> None:
+    table = root_table(limit=4)
+    directory = Node(table.new_ino(), "d", stat.S_IFDIR | 0o755, 0, 0, 0, 0)
+    table.add(directory)
+    table.held(directory)
+    opened = held_file(table, "d/open")
+    opened.opens = 1
+    written = held_file(table, "d/written")
+    written.w.local = object()  # type: ignore[assignment]  # a sealed version not in S3 yet
+    unlinked = held_file(table, "d/unlinked")
+    unlinked.unlinked = True
+    plain = [held_file(table, f"d/f{i}") for i in range(3)]
+    chosen = table.to_forget()
+    assert set(map(id, chosen)) <= set(map(id, plain))
+    assert len(chosen) == 3  # 8 nodes, down to 3 if it could: only the plain files may go
+
+
+def test_nodes_the_kernel_does_not_hold_are_dropped_without_asking_it() -> None:
+    table = root_table(limit=10)
+    listed_ahead = []
+    for i in range(8):  # made by a listing whose readdir has not sent them yet
+        node = Node(table.new_ino(), f"f{i}", stat.S_IFREG | 0o644, 0, 0, 0, 0)
+        listed_ahead.append(table.add(node))
+    held = [held_file(table, f"g{i}") for i in range(3)]
+    replying = held_file(table, "g3")
+    assert table.over_limit()  # 13 nodes
+    assert table.to_forget(keep=replying) == []  # 13 - 4 = 9: nine tenths of 10
+    assert len(table.by_ino) == 9
+    assert all(table.get(n.ino) is n for n in [*held, replying])
+    # A node dropped while its lookup waited is put back when the reply goes out...
+    dropped = listed_ahead[0]
+    assert table.get(dropped.ino) is None
+    assert table.held(dropped) is dropped and table.get(dropped.ino) is dropped
+    assert dropped.lookups == 1
+    # ...unless another node took its path meanwhile: that one is the answer.
+    late = listed_ahead[1]
+    newer = held_file(table, late.path)
+    assert table.held(late) is newer and newer.lookups == 2 and late.lookups == 0
+
+
+def test_a_kernel_that_keeps_what_it_was_asked_to_drop_does_not_make_every_reply_a_sweep() -> (
+    None
+):
+    table = root_table(limit=100)
+    for i in range(100):
+        held_file(table, f"f{i}")
+    assert table.over_limit()
+    asked = table.to_forget()
+    assert len(asked) == 101 - 90
+    # No FORGET comes: the files asked about count as gone, so the next sweep waits until
+    # a tenth of the limit more nodes arrived, and does not ask for the same files again.
+    for i in range(10):
+        held_file(table, f"g{i}")
+        assert not table.over_limit()
+    held_file(table, "h")
+    assert table.over_limit()
+    again = table.to_forget()
+    assert again and not set(map(id, again)) & set(map(id, asked))
+
+
+def test_a_dropped_file_comes_back_from_the_listing_without_a_head(
+    core: CoreFs, driver: CoreDriver
+) -> None:
+    names = [f"f{i:04d}" for i in range(300)]
+    copies(core, driver, names)  # no index entries: the first listing HEADs each
+    core.stop()
+    core.start(max_inodes=100, dir_ttl=300.0)
+    fs = driver.fs
+    wide = driver._lookup("wide")
+    listed = driver._run(fs.readdir, wide.ino)
+    for _, node in listed:
+        fs.nodes.held(node)  # what the kernel counts for each readdir entry
+    before = {name: fs.attr(node) for name, node in listed}
+    kept_open = driver.open("wide/f0000", os.O_RDONLY)
+    assert fs.nodes.over_limit()
+    chosen = fs.nodes.to_forget()
+    assert len(chosen) == len(fs.nodes.by_ino) - 90
+    assert all(n.path.startswith("wide/f") for n in chosen)
+    assert all(n.path != "wide/f0000" for n in chosen)
+    fs.forget([(n.ino, n.lookups) for n in chosen])
+    assert len(fs.nodes.by_ino) == 90
+    head_calls = sum(1 for c in core.store.calls if c.startswith("head "))
+    for node in chosen:
+        again = fs.attr(driver._lookup(node.path))
+        was = before[node.name]
+        assert (again.mode, again.size, again.uid, again.mtime_ns) == (
+            was.mode,
+            was.size,
+            was.uid,
+            was.mtime_ns,
+        )
+    assert sum(1 for c in core.store.calls if c.startswith("head ")) == head_calls
+    assert driver.read_at(kept_open, 0, 200) == b"x" * 100
+    driver.close(kept_open)
