@@ -54,7 +54,7 @@ def _ls(path: Path) -> int:
     return len(out.stdout.splitlines()) - 1  # "total N"
 
 
-def run_wide(n: int, client: str | None) -> int:
+def run_wide(n: int, client: str | None, max_inodes: int | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="s3cryptfs-bench-wide-"))
     server, env, pwfile = start(work, BUCKET, PASSWORD)
     mnt = work / "mnt"
@@ -66,9 +66,10 @@ def run_wide(n: int, client: str | None) -> int:
         cli(env, "init", url, *common)
         if client:  # else the CLI's default; init has no --s3-client
             common += ["--s3-client", client]
+        extra = [] if max_inodes is None else ["--max-inodes", str(max_inodes)]
 
         def mount() -> int:
-            cli(env, "mount", url, str(mnt), *common, "--cache-dir", str(work / "cache"))
+            cli(env, "mount", url, str(mnt), *common, "--cache-dir", str(work / "cache"), *extra)
             return int(os.getxattr(mnt, "user.s3cryptfs.pid"))
 
         def umount() -> None:
@@ -135,6 +136,8 @@ def run_wide(n: int, client: str | None) -> int:
                 time.sleep(0.5)
             peak, now = _rss(pid), _rss(pid, "VmRSS")
             requests = status.get("requests", {})
+            inodes = status.get("inodes", {})
+            assert isinstance(inodes, dict)
             umount()
             rows.append(
                 (
@@ -142,6 +145,7 @@ def run_wide(n: int, client: str | None) -> int:
                     f"{seconds:.2f} s, {listed} entries, peak RSS {peak / MIB:.0f} MiB, "
                     f"RSS after {now / MIB:.0f} MiB, "
                     f"CPU s mount {cpu_mount:.1f} weed {cpu_weed:.1f}, "
+                    f"inodes known {inodes.get('known')} (dropped {inodes.get('dropped')}), "
                     f"index writes {status.get('index_writes')}, requests {requests}",
                 )
             )
@@ -152,7 +156,10 @@ def run_wide(n: int, client: str | None) -> int:
         )
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\nwide directory: {n} objects, --s3-client {client or '(CLI default)'}")
+    print(
+        f"\nwide directory: {n} objects, --s3-client {client or '(CLI default)'}, "
+        f"--max-inodes {max_inodes or '(CLI default)'}"
+    )
     for name, value in rows:
         print(f"  {name:32} {value}")
     return 0
