@@ -384,26 +384,26 @@ class NodeTable:
         files with changes not in S3 yet and files the kernel was already asked about."""
         want = len(self.by_ino) - len(self._asking) - self.limit * 9 // 10
         chosen: list[Node] = []
-        if want <= 0:
-            return chosen
-        candidates = []
-        for node in list(self.by_ino.values()):
-            if node is keep or not self._droppable(node):
-                continue
-            if node.lookups == 0 and want > 0:
-                self.maybe_drop(node)
-                want -= 1
-            elif node.lookups > 0:
-                candidates.append(node)
+        # A clock whose hand starts at the oldest node at every sweep: the scan stops once
+        # enough are found, so a sweep costs what it frees plus the marks it takes, not the
+        # whole table (those that survive it are at the front, without their marks, next time).
+        nodes = list(self.by_ino.values())
         for _ in range(2):  # the second pass takes the files that lost their mark
-            for node in candidates:
-                if len(chosen) >= want:
+            for node in nodes:
+                if want <= 0:
                     break
-                if node.recent:
+                if node is keep or not self._droppable(node):
+                    continue
+                if node.lookups == 0:
+                    if self.by_ino.get(node.ino) is node:  # (not dropped by the first pass)
+                        self.maybe_drop(node)
+                        want -= 1
+                elif node.recent:
                     node.recent = False
-                elif node.ino not in self._asking:
+                else:
                     chosen.append(node)
                     self._asking.add(node.ino)
+                    want -= 1
         self.asked += len(chosen)
         return chosen
 
@@ -461,6 +461,8 @@ class NodeTable:
         for n in moves:
             n.path = new_path + n.path[len(old) :]
             self.by_path[n.path] = n
+            # (asked under its old name, the kernel may keep it: it may be asked again)
+            self._asking.discard(n.ino)
             if n._w is not None and n._w.staging is not None:
                 closed_files.tag(n._w.staging.fd, n.path)
 

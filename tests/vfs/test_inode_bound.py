@@ -151,3 +151,18 @@ def test_a_dropped_file_comes_back_from_the_listing_without_a_head(
     assert sum(1 for c in core.store.calls if c.startswith("head ")) == head_calls
     assert driver.read_at(kept_open, 0, 200) == b"x" * 100
     driver.close(kept_open)
+
+
+def test_a_file_renamed_after_it_was_asked_about_may_be_asked_again() -> None:
+    # The kernel is asked by name: asked under the name it had, a renamed file stays in its
+    # cache, and would otherwise count as on its way out for good.
+    table = root_table(limit=10)
+    files = [held_file(table, f"f{i}") for i in range(11)]
+    asked = table.to_forget()
+    assert files[0] in asked
+    table.move(files[0], "renamed")
+    files[0].recent = False
+    for i in range(2):
+        held_file(table, f"g{i}")
+    again = table.to_forget()
+    assert files[0] in again
