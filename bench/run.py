@@ -2,7 +2,7 @@
 rclone crypt, on the same local SeaweedFS in one run.
 
     python3 bench/run.py [--quick] [--peers] [--s3-client native] [--json FILE]
-    python3 bench/run.py --wide-dir 50000 [--s3-client boto3] [--max-inodes N]
+    python3 bench/run.py --wide-dir 50000 [--s3-client boto3] [--max-inodes N] [--wide-dirs D]
 
 Starts a private SeaweedFS on 127.0.0.1; measures the ceilings with awscrt and with obstore
 (bench/ceilings.py; the faster per row counts), then the workloads of bench/workloads.py on an
@@ -193,11 +193,13 @@ def main() -> int:
                     help="only the wide-directory case (bench/wide.py)")
     ap.add_argument("--max-inodes", type=int, metavar="N",
                     help="passed to `s3cryptfs mount` by --wide-dir when given")
+    ap.add_argument("--wide-dirs", type=int, default=1, metavar="D",
+                    help="--wide-dir: spread the objects over D subdirectories (ls -lR)")
     args = ap.parse_args()  # fmt: skip
     if args.wide_dir:
         from wide import run_wide
 
-        return run_wide(args.wide_dir, args.s3_client, args.max_inodes)
+        return run_wide(args.wide_dir, args.s3_client, args.max_inodes, args.wide_dirs)
     if importlib.util.find_spec("obstore") is None:
         # The ceilings are measured with it: without it they would be the slower client's.
         print("bench/run.py: obstore is missing: pip install -e '.[bench]'", file=sys.stderr)

@@ -49,12 +49,16 @@ def _status(mnt: Path) -> dict[str, object]:
     return loaded
 
 
-def _ls(path: Path) -> int:
-    out = subprocess.run(["ls", "-l", str(path)], check=True, capture_output=True, text=True)
-    return len(out.stdout.splitlines()) - 1  # "total N"
+def _ls(path: Path, recursive: bool) -> int:
+    """Files listed by `ls -l` (`ls -lR` through the subdirectories)."""
+    args = ["ls", "-lR" if recursive else "-l", str(path)]
+    out = subprocess.run(args, check=True, capture_output=True, text=True)
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("-"))
 
 
-def run_wide(n: int, client: str | None, max_inodes: int | None = None) -> int:
+def run_wide(n: int, client: str | None, max_inodes: int | None = None, dirs: int = 1) -> int:
+    """*dirs* > 1: the N objects spread over that many subdirectories of the directory, listed
+    with `ls -lR` (a walk over a tree, where --max-inodes bounds what the mount keeps)."""
     work = Path(tempfile.mkdtemp(prefix="s3cryptfs-bench-wide-"))
     server, env, pwfile = start(work, BUCKET, PASSWORD)
     mnt = work / "mnt"
@@ -90,7 +94,7 @@ def run_wide(n: int, client: str | None, max_inodes: int | None = None) -> int:
             nonlocal copied
             s3.copy_object(
                 Bucket=BUCKET,
-                Key=f"vol/wide/f{i:06d}",
+                Key=f"vol/wide/f{i:06d}" if dirs <= 1 else f"vol/wide/d{i % dirs:04d}/f{i:06d}",
                 CopySource={"Bucket": BUCKET, "Key": seed},
                 Metadata=meta,
                 MetadataDirective="REPLACE",
@@ -119,7 +123,7 @@ def run_wide(n: int, client: str | None, max_inodes: int | None = None) -> int:
                 time.sleep(1)
             cpu_mount, cpu_weed = _cpu(pid), _cpu(server.proc.pid if server.proc else None)
             start_t = time.perf_counter()
-            listed = _ls(mnt / "wide")
+            listed = _ls(mnt / "wide", dirs > 1)
             seconds = time.perf_counter() - start_t
             cpu_mount = _cpu(pid) - cpu_mount
             cpu_weed = _cpu(server.proc.pid if server.proc else None) - cpu_weed
@@ -142,7 +146,7 @@ def run_wide(n: int, client: str | None, max_inodes: int | None = None) -> int:
             rows.append(
                 (
                     f"ls -l, {label}",
-                    f"{seconds:.2f} s, {listed} entries, peak RSS {peak / MIB:.0f} MiB, "
+                    f"{seconds:.2f} s, {listed} files, peak RSS {peak / MIB:.0f} MiB, "
                     f"RSS after {now / MIB:.0f} MiB, "
                     f"CPU s mount {cpu_mount:.1f} weed {cpu_weed:.1f}, "
                     f"inodes known {inodes.get('known')} (dropped {inodes.get('dropped')}), "
@@ -158,7 +162,7 @@ def run_wide(n: int, client: str | None, max_inodes: int | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     print(
         f"\nwide directory: {n} objects, --s3-client {client or '(CLI default)'}, "
-        f"--max-inodes {max_inodes or '(CLI default)'}"
+        f"--max-inodes {max_inodes or '(CLI default)'}, {dirs} subdirectories (1: none)"
     )
     for name, value in rows:
         print(f"  {name:32} {value}")
