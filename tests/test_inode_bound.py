@@ -1,6 +1,6 @@
 """--max-inodes through the kernel: past the bound the mount asks the kernel to drop the
 least recently used files, the kernel's FORGETs free them, and every file stays as it was
-to every tool (the choice of files is tests/vfs/test_inode_bound.py)."""
+to every tool (the choice of files is tests/vfs/test_node_bound.py)."""
 
 from __future__ import annotations
 
