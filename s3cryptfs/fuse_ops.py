@@ -15,8 +15,9 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -31,6 +32,7 @@ from s3cryptfs.errors import (
     is_expected,
     to_errno,
 )
+from s3cryptfs.fuse_drop import EntryDropper, Names
 from s3cryptfs.vfs.core import Attr, Filesystem
 from s3cryptfs.vfs.names import from_kernel, to_kernel
 from s3cryptfs.vfs.nodes import Node
@@ -69,10 +71,22 @@ STATFS_FREE = 2**50
 HEALTH_TTL = 10.0
 
 
+# Requests whose replies make kernel inodes (fuse_drop.py sends its names between them).
+MAKES_INODES = frozenset({"lookup", "readdir", "mkdir", "symlink", "link", "mknod", "create"})
+
+
 def _guard(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    name = fn.__name__
+    makes_inodes = name in MAKES_INODES
+
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        ops = cast(FuseOperations, args[0])
+        ops.requests[name] += 1
         try:
+            if makes_inodes:
+                with ops.dropper.request():
+                    return await fn(*args, **kwargs)
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
@@ -156,6 +170,9 @@ class FuseOperations(pyfuse3.Operations):
         self._health: tuple[float, dict[str, str]] | None = None  # (when, result)
         self._health_lock = trio.Lock()
         self._usage: tuple[float, tuple[int, int]] | None = None  # (reuse until, result)
+        self.requests: Counter[str] = Counter()  # kernel requests by kind, for the stats
+        self.dropper = EntryDropper(self._names_to_drop)
+        self._to_drop: list[Node] = []  # chosen by sweeps, not sent to the kernel yet
 
     def _reply(self, node: Node) -> pyfuse3.EntryAttributes:
         node = self.fs.nodes.held(node)
@@ -169,17 +186,28 @@ class FuseOperations(pyfuse3.Operations):
         one to answer."""
         if not self.fs.nodes.over_limit():
             return
-        for node in self.fs.nodes.to_forget(keep):
-            parent = self.fs.nodes.at(node.parent_path)
-            if parent is None:
+        self._to_drop += self.fs.nodes.to_forget(keep)
+        if self._to_drop:
+            self.dropper.wake(self.fs.reader.nursery)
+
+    def _names_to_drop(self) -> Names:
+        names: Names = []
+        for node in self._to_drop:
+            if not self.fs.nodes.is_asked(node):
+                self.fs.nodes.asked -= 1  # used again since its sweep: not asked after all
                 continue
-            pyfuse3.invalidate_entry_async(parent.ino, to_kernel(node.name), ignore_enoent=True)
+            parent = self.fs.nodes.at(node.parent_path)
+            if parent is not None:
+                names.append((parent.ino, to_kernel(node.name)))
+        self._to_drop = []
+        return names
 
     @_guard
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
         return self._reply(await self.fs.lookup(parent_inode, from_kernel(name)))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        self.requests["forget"] += 1
         try:
             self.fs.forget(inode_list)
         except Exception:  # forget cannot report errors
@@ -431,6 +459,8 @@ class FuseOperations(pyfuse3.Operations):
             # not for every user --allow-other lets in.
             _control_allowed(ctx)
             status = self.fs.stats()
+            # Requests by kind; sweeps of --max-inodes the loop stopped waiting for.
+            status["kernel"] = {"requests": dict(self.requests), "drop_stalls": self.dropper.stalls}
             if name == XATTR_STATUS:
                 status["key_managers"] = await self._key_health()
             return json.dumps(status, sort_keys=True).encode()

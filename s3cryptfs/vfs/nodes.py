@@ -369,6 +369,11 @@ class NodeTable:
             self._asking.discard(node.ino)
         return node
 
+    def is_asked(self, node: Node) -> bool:
+        """*node* is still to be dropped by the kernel: chosen by a sweep, and not looked up,
+        listed, renamed or freed since."""
+        return node.ino in self._asking and self.by_ino.get(node.ino) is node
+
     def over_limit(self) -> bool:
         return self.limit > 0 and len(self.by_ino) - len(self._asking) > self.limit
 

@@ -1,0 +1,126 @@
+"""fuse_drop.EntryDropper without a kernel: a sweep's names go out in one batch once no
+request that makes inodes is in flight, never wait unbounded for one, and the main loop never
+waits unbounded for the kernel (pyfuse3.invalidate_entry is replaced by a recorder). The
+kernel's side is tests/test_inode_bound.py."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pyfuse3
+import pytest
+import trio
+
+from s3cryptfs import fuse_drop
+from s3cryptfs.fuse_drop import EntryDropper, Names
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bytes]]:
+    calls: list[tuple[int, bytes]] = []
+    monkeypatch.setattr(pyfuse3, "invalidate_entry", lambda p, n: calls.append((p, n)))
+    return calls
+
+
+async def until(condition: Callable[[], object], seconds: float = 2.0) -> None:
+    """Polls: what is awaited happens on another thread or in the dropper's own task."""
+    for _ in range(int(seconds / 0.005)):
+        if condition():
+            return
+        await trio.sleep(0.005)
+    raise AssertionError("timed out")
+
+
+def dropper(pending: Names) -> EntryDropper:
+    def take() -> Names:
+        names = pending.copy()
+        pending.clear()
+        return names
+
+    return EntryDropper(take)
+
+
+def test_names_go_out_together_between_requests(sent: list[tuple[int, bytes]]) -> None:
+    pending: Names = []
+    drop = dropper(pending)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            with drop.request():  # a readdir whose reply is still to go out
+                pending.extend([(1, b"a"), (1, b"b")])
+                drop.wake(nursery)
+                await trio.sleep(0.05)
+                assert sent == []
+            # Another request begins during the pause after the first: the names wait.
+            await trio.sleep(fuse_drop.QUIET / 4)
+            with drop.request():
+                await trio.sleep(0.02)
+                assert sent == []
+            await until(lambda: sent, 1)
+            assert sent == [(1, b"a"), (1, b"b")]
+            assert drop.sent == 2 and drop.stalls == 0
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_busy_mount_still_sends_its_names(sent: list[tuple[int, bytes]]) -> None:
+    pending: Names = [(7, b"x")]
+    drop = dropper(pending)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            with drop.request():  # never done while the names wait
+                drop.wake(nursery)
+                await until(lambda: sent, fuse_drop.QUIET_WAIT + 1)
+            assert sent == [(7, b"x")]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_the_loop_stops_waiting_for_a_kernel_that_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An invalidation waits for requests in flight on its directory, which the loop that
+    waits for it answers: it must give up waiting, and the names still go out after."""
+    release = threading.Event()
+    calls: list[bytes] = []
+
+    def blocking(parent: int, name: bytes) -> None:
+        release.wait(5)
+        calls.append(name)
+
+    monkeypatch.setattr(pyfuse3, "invalidate_entry", blocking)
+    monkeypatch.setattr(fuse_drop, "STALL", 0.05)
+    drop = dropper([(1, b"f"), (1, b"g")])
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            drop.wake(nursery)
+            await until(lambda: drop.stalls, 2)
+            assert calls == []
+            release.set()
+            await until(lambda: len(calls) >= 2, 2)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert calls == [b"f", b"g"]
+
+
+def test_a_vanished_entry_is_not_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def gone(parent: int, name: bytes) -> None:
+        raise FileNotFoundError(2, "no such entry")
+
+    monkeypatch.setattr(pyfuse3, "invalidate_entry", gone)
+    drop = dropper([(1, b"f")])
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            drop.wake(nursery)
+            await until(lambda: drop.sent, 2)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert drop.stalls == 0
