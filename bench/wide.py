@@ -3,7 +3,8 @@ arrived in one directory without the mount (server-side copies, as a restore or 
 would leave them), listed with ``ls -l`` on a fresh mount (no directory index: one HEAD per
 object), then again on the next mount (the index the first pass wrote).
 
-BENCH_PYSPY=FILE records the mount's stacks during the first pass (py-spy, raw format).
+BENCH_PYSPY=FILE records the mount's stacks during the first pass (py-spy, raw format);
+BENCH_PYSPY_PASS=index records the pass with the index instead.
 """
 
 from __future__ import annotations
@@ -113,7 +114,9 @@ def run_wide(n: int, client: str | None, max_inodes: int | None = None, dirs: in
         for label in ("first contact (no index)", "with the index"):
             pid = mount()
             spy = None
-            if os.environ.get("BENCH_PYSPY") and label.startswith("first"):
+            first = label.startswith("first")
+            wanted = os.environ.get("BENCH_PYSPY_PASS", "first") == "first"
+            if os.environ.get("BENCH_PYSPY") and first == wanted:
                 # Where the mount's time goes on first contact: collapsed stacks for flame graphs.
                 spy = subprocess.Popen(
                     ["py-spy", "record", "-p", str(pid), "-r", "100", "--nonblocking", "--gil",
@@ -141,6 +144,8 @@ def run_wide(n: int, client: str | None, max_inodes: int | None = None, dirs: in
             peak, now = _rss(pid), _rss(pid, "VmRSS")
             requests = status.get("requests", {})
             inodes = status.get("inodes", {})
+            kernel = status.get("kernel", {})
+            assert isinstance(kernel, dict)
             assert isinstance(inodes, dict)
             umount()
             rows.append(
@@ -150,7 +155,8 @@ def run_wide(n: int, client: str | None, max_inodes: int | None = None, dirs: in
                     f"RSS after {now / MIB:.0f} MiB, "
                     f"CPU s mount {cpu_mount:.1f} weed {cpu_weed:.1f}, "
                     f"inodes known {inodes.get('known')} (dropped {inodes.get('dropped')}), "
-                    f"index writes {status.get('index_writes')}, requests {requests}",
+                    f"index writes {status.get('index_writes')}, requests {requests}, "
+                    f"kernel requests {kernel.get('requests')}",
                 )
             )
         rows.append(("index objects (before, after)", f"{index_before}, {dirs_objects()}"))
