@@ -207,8 +207,10 @@ def test_status_and_runtime_log_level(mounted, tmp_path):
     out = vol.run("status", vol.mountpoint).stdout
     assert "dirty files:" in out and "block cache:" in out
     assert "key manager:  s3cryptfs-password: ok" in out
+    assert "inodes:       " in out and "(limit 200000), 0 dropped" in out
     raw = json.loads(vol.run("status", vol.mountpoint, "--json").stdout)
     assert raw["requests"].get("put", 0) >= 1 and raw["uploads"]["queued"] >= 0
+    assert raw["kernel"]["requests"]["create"] >= 1 and raw["kernel"]["drop_stalls"] == 0
     not_mounted = vol.run("status", tmp_path, check=False)
     assert not_mounted.returncode != 0 and "not an s3cryptfs mount" in not_mounted.stderr
     # `status MNT | head -3` once the reader has gone: quiet, as other tools (no traceback)

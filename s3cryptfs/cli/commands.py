@@ -106,6 +106,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if "disk_cache" in status:
         d = status["disk_cache"]
         print(f"disk cache:   {d['bytes'] / 2**20:.1f} MiB, {d['hits']} hits, {d['misses']} misses")
+    if "inodes" in status:
+        n = status["inodes"]
+        limit = f"limit {n['limit']}" if n.get("limit") else "no limit"
+        print(f"inodes:       {n['known']} known ({limit}), {n['dropped']} dropped")
     requests = ", ".join(f"{k} {v}" for k, v in sorted(status.get("requests", {}).items()))
     errors = ", ".join(f"{k} {v}" for k, v in sorted(status.get("errors", {}).items()))
     print(f"S3 requests:  {requests or 'none'}")
