@@ -118,3 +118,55 @@ def test_a_reader_whose_fetch_was_cancelled_leaves_the_others_to_fetch_again():
     trio.run(main)
     assert results == [BODY[:100]]
     assert len(calls) == 1  # the cancelled one never fetched; the joiner did
+
+
+def _sized_version(size: int, fetches: list[tuple[int, int]]) -> Version:
+    body = bytes(i % 251 for i in range(size))
+
+    def fetch(start: int, end: int) -> bytes:
+        fetches.append((start, end))
+        return body[start : end + 1]
+
+    return Version(
+        vid="big",
+        name="vol/big",
+        plain_size=size,
+        body_size=size,
+        fetch=fetch,
+        make_cipher=lambda header: PlainCipher(),
+        cipher=PlainCipher(),
+        header_len=0,
+    )
+
+
+def test_a_long_sequential_read_does_not_take_the_whole_block_cache():
+    """Scan resistance: past half the budget, what a sequential run has read whole leaves
+    the cache (the kernel's page cache has it); a short run keeps its chunks."""
+    from s3cryptfs.cache.reader import ReadState
+
+    chunk = PlainCipher.chunk_size
+    cache = BlockCache(8 * chunk)
+    reader = Reader(cache, trio.CapacityLimiter(4))
+    fetches: list[tuple[int, int]] = []
+    big = _sized_version(32 * chunk, fetches)
+    step = 128 * 1024
+
+    async def read_all(version: Version, upto: int) -> bytes:
+        state = ReadState()
+        parts = [await reader.read(version, off, step, state) for off in range(0, upto, step)]
+        return b"".join(parts)
+
+    async def main() -> None:
+        # A run of 3 chunks: under half the budget, kept; read again without a fetch.
+        got = await read_all(big, 3 * chunk)
+        assert got == bytes(i % 251 for i in range(3 * chunk))
+        assert cache.used >= 3 * chunk  # (fetched in groups: maybe a chunk more)
+        before = len(fetches)
+        assert await read_all(big, 3 * chunk) == got
+        assert len(fetches) == before
+        # The whole file: it passes over the cache, which keeps at most half its budget.
+        whole = await read_all(big, 32 * chunk)
+        assert whole == bytes(i % 251 for i in range(32 * chunk))
+        assert cache.used <= 4 * chunk + chunk
+
+    trio.run(main)

@@ -43,6 +43,11 @@ class BlockCache:
             _, evicted = self._blocks.popitem(last=False)
             self.used -= len(evicted)
 
+    def discard(self, vid: Hashable, index: int) -> None:
+        old = self._blocks.pop((vid, index), None)
+        if old is not None:
+            self.used -= len(old)
+
     def drop(self, vid: Hashable) -> None:
         for key in [k for k in self._blocks if k[0] == vid]:
             self.used -= len(self._blocks.pop(key))

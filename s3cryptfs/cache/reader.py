@@ -56,6 +56,7 @@ class ReadState:
     next_offset: int = -1
     window: int = 0
     ahead_to: int = 0  # readahead has been started up to here
+    streamed: int = 0  # bytes read in one sequential run (see Reader._pass_over)
 
 
 @dataclass
@@ -237,9 +238,36 @@ class Reader:
                         blocks[index] = block
         if state is not None:
             self._readahead(version, offset, end, state)
+            self._pass_over(version, offset, end, state)
         data = b"".join(blocks[i] for i in range(first, last + 1))
         skip = offset - cipher.chunk_start(first)
         return data[skip : skip + (end - offset)]
+
+    def _pass_over(self, version: Version, offset: int, end: int, state: ReadState) -> None:
+        """Scan resistance: once a sequential run has read more than half the cache's budget,
+        the chunks it has read whole leave the cache. The kernel's page cache holds them now,
+        and a `cat` of a big file would otherwise push out every other file's chunks and keep
+        the budget's worth of memory in use after it (a copy right after it then peaked
+        above the mount's usual footprint). Shorter runs, small files and random reads keep
+        their chunks."""
+        if not state.window:  # (not a continuation: _readahead has just set it)
+            state.streamed = 0
+            return
+        state.streamed += end - offset
+        if state.streamed <= self.cache.budget // 2:
+            return
+        cipher = version.cipher
+        assert cipher is not None
+        # The run has read [end - streamed, end) in order: the chunks wholly inside it that
+        # this read touched (reads are often smaller than a chunk).
+        run_start = end - state.streamed
+        first, last = cipher.chunk_of(offset), cipher.chunk_of(end - 1)
+        if cipher.chunk_start(first) < run_start:
+            first += 1
+        if end < min(cipher.chunk_start(last + 1), version.plain_size):
+            last -= 1  # its end is still to be read
+        for index in range(first, last + 1):
+            self.cache.discard(version.vid, index)
 
     def _random(self, offset: int, state: ReadState | None) -> bool:
         # A handle's first read counts as random unless it starts the file: sequential
