@@ -442,7 +442,7 @@ OPTIONS: tuple[Option, ...] = (
         "memory_cache",
         Kind.SIZE,
         Layer.FS,
-        "decrypted blocks kept in memory",
+        "decrypted blocks kept in memory (a long sequential read keeps at most half of it)",
         default="64M",
         metavar="SIZE",
         field="memory_cache",
