@@ -165,7 +165,7 @@ class ChunkCipher:
         assemble many chunks in one buffer without a copy per chunk."""
         self._aead.encrypt_into(_nonce(index), plaintext, _aad(self._raw, index, last), out)
 
-    def open(self, index: int, sealed: bytes, last: bool) -> bytes:
+    def open(self, index: int, sealed: bytes | memoryview, last: bool) -> bytes:
         try:
             return self._aead.decrypt(_nonce(index), sealed, _aad(self._raw, index, last))
         except InvalidTag:
@@ -174,10 +174,11 @@ class ChunkCipher:
     def open_range(self, first_index: int, data: bytes, total_chunks: int) -> list[bytes]:
         """Decrypt consecutive encrypted chunks starting at *first_index*."""
         stride = self.chunk_size + TAG_LEN
+        view = memoryview(data)  # (a slice of bytes would copy each chunk once more)
         out = []
         for pos in range(0, len(data), stride):
             index = first_index + pos // stride
-            out.append(self.open(index, data[pos : pos + stride], index == total_chunks - 1))
+            out.append(self.open(index, view[pos : pos + stride], index == total_chunks - 1))
         return out
 
 
