@@ -60,7 +60,7 @@ def rows_for(args: argparse.Namespace, tree_mb: float) -> list[Row]:
             "get_big", ">= 0.70 of GET; >= 1 vs rclone"),
         Row("rand_read", "4 KiB random reads, cold (fio psync)", "IOPS", True, "get_range",
             ">= 1 vs rclone"),
-        Row("mv", f"mv of a {args.mv_mib} MiB file", "s", False, "copy_mv",
+        Row("mv", f"mv of a {args.mv_mib} MiB file (median of 3)", "s", False, "copy_mv",
             ">= 1 vs rclone"),
         Row("small_cp", f"{n} x 4 KiB: cp -r returns", "s", False, "", ">= 1 vs rclone"),
         Row("small_s3", f"{n} x 4 KiB until in S3", "s", False, "put_small_8",
