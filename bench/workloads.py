@@ -122,10 +122,10 @@ def run_all(fs: Any, inputs: Inputs) -> dict[str, float]:
     # The file to rename was written by the mount before: this one has not read it.
     # One CopyObject of 100 MiB takes about 0.3 s or about 1.1 s on SeaweedFS from try to
     # try, whatever the client: the median of three moves (there and back, and there again).
-    moves, names = [], [mnt / "tomove", mnt / "moved"]
+    moves, ends = [], [mnt / "tomove", mnt / "moved"]
     for _ in range(3):
-        moves.append(quiet(lambda: run(["mv", str(names[0]), str(names[1])])))
-        names.reverse()
+        moves.append(quiet(lambda: run(["mv", str(ends[0]), str(ends[1])])))
+        ends.reverse()
     r["mv"] = statistics.median(moves)
     fs.settle_unmount()
     peaks.append(w)
