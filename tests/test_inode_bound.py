@@ -19,6 +19,18 @@ def stats(volume) -> dict:
     return json.loads(os.getxattr(volume.mountpoint, "user.s3cryptfs.stats"))
 
 
+def copies(volume, s3client, seed: str, names: list[str]) -> None:
+    """Server-side copies of *seed* at *names* (paths in the volume), as a restore would
+    leave them: objects no directory index describes."""
+    source = {"Bucket": volume.bucket, "Key": volume.prefix + seed}
+
+    def copy(name: str) -> None:
+        s3client.copy_object(Bucket=volume.bucket, Key=volume.prefix + name, CopySource=source)
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        list(pool.map(copy, names))  # (list: a failed copy raises here)
+
+
 def test_a_wide_listing_stays_within_max_inodes(volume, s3client):
     volume.init()
     volume.mount()
@@ -27,16 +39,7 @@ def test_a_wide_listing_stays_within_max_inodes(volume, s3client):
     seed = os.urandom(3000)
     (wide / "seed").write_bytes(seed)
     volume.umount()
-    source = {"Bucket": volume.bucket, "Key": f"{volume.prefix}wide/seed"}
-    with cf.ThreadPoolExecutor(8) as pool:
-        list(
-            pool.map(
-                lambda i: s3client.copy_object(
-                    Bucket=volume.bucket, Key=f"{volume.prefix}wide/f{i:04d}", CopySource=source
-                ),
-                range(FILES),
-            )
-        )
+    copies(volume, s3client, "wide/seed", [f"wide/f{i:04d}" for i in range(FILES)])
     # A listing trusted for the whole test: a dropped file is looked up again from it.
     volume.mount("--max-inodes", LIMIT, "--dir-cache-ttl", 300)
     out = subprocess.run(["ls", "-l", str(wide)], capture_output=True, text=True, check=True)
@@ -76,18 +79,7 @@ def test_a_walk_past_the_bound_keeps_the_listed_attributes(volume, s3client):
     volume.mount()
     (volume.mountpoint / "seed").write_bytes(b"s" * 100)
     volume.umount()
-    source = {"Bucket": volume.bucket, "Key": f"{volume.prefix}seed"}
-    with cf.ThreadPoolExecutor(8) as pool:
-        list(
-            pool.map(
-                lambda i: s3client.copy_object(
-                    Bucket=volume.bucket,
-                    Key=f"{volume.prefix}tree/d{i % 12:02d}/f{i:04d}",
-                    CopySource=source,
-                ),
-                range(1200),
-            )
-        )
+    copies(volume, s3client, "seed", [f"tree/d{i % 12:02d}/f{i:04d}" for i in range(1200)])
     volume.mount("--max-inodes", LIMIT, "--dir-cache-ttl", 300)
     out = subprocess.run(
         ["ls", "-lR", str(volume.mountpoint / "tree")], capture_output=True, text=True, check=True
