@@ -50,7 +50,7 @@ class EntryDropper:
         self._started = False
         self._jobs: queue.SimpleQueue[tuple[Names, threading.Event]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self.sent = 0  # names sent to the kernel, for the status
+        self.sent = 0  # names handed to the thread
         self.stalls = 0  # batches the loop stopped waiting for (STALL)
 
     @contextlib.contextmanager

@@ -181,9 +181,8 @@ class FuseOperations(pyfuse3.Operations):
 
     def _trim_if_over(self, keep: Node | None = None) -> None:
         """Ask the kernel to drop the files NodeTable picks when it is over --max-inodes; the
-        kernel's FORGETs free them. Through pyfuse3's invalidation thread: the kernel makes
-        an invalidation wait for requests on the directory in flight, which this loop is the
-        one to answer."""
+        kernel's FORGETs free them. The names go out later, between requests and off this
+        loop (fuse_drop.py): never while this reply is in flight."""
         if not self.fs.nodes.over_limit():
             return
         self._to_drop += self.fs.nodes.to_forget(keep)
@@ -193,12 +192,11 @@ class FuseOperations(pyfuse3.Operations):
     def _names_to_drop(self) -> Names:
         names: Names = []
         for node in self._to_drop:
-            if not self.fs.nodes.is_asked(node):
-                self.fs.nodes.asked -= 1  # used again since its sweep: not asked after all
-                continue
             parent = self.fs.nodes.at(node.parent_path)
-            if parent is not None:
-                names.append((parent.ino, to_kernel(node.name)))
+            if parent is None or not self.fs.nodes.is_asked(node):
+                self.fs.nodes.withdraw(node)  # used, moved or freed since its sweep
+                continue
+            names.append((parent.ino, to_kernel(node.name)))
         self._to_drop = []
         return names
 

@@ -374,6 +374,12 @@ class NodeTable:
         listed, renamed or freed since."""
         return node.ino in self._asking and self.by_ino.get(node.ino) is node
 
+    def withdraw(self, node: Node) -> None:
+        """A file a sweep chose is not asked about after all (fuse_drop.py: it was used,
+        moved or freed before its name went out)."""
+        self._asking.discard(node.ino)
+        self.asked -= 1
+
     def over_limit(self) -> bool:
         return self.limit > 0 and len(self.by_ino) - len(self._asking) > self.limit
 
