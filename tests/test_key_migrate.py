@@ -82,3 +82,48 @@ def test_retiring_the_last_version_of_a_previous_manager_points_to_migrate(
     mount_kms(volume, cfg)
     assert_files(volume.mountpoint, FILES)
     volume.umount()
+
+
+def test_a_file_sealed_under_the_old_manager_after_the_pass_is_caught_up(
+    volume, s3client, tmp_path, monkeypatch, capsys
+):
+    """A mount that has not read the new descriptor yet may seal a file, or rewrite a directory
+    index, under the old manager after migrate's pass went by. Once the mounts follow the new
+    descriptor, migrate re-wraps what they left and drops the old manager: it does not stop
+    with "still used by objects"."""
+    from s3cryptfs import cli
+    from s3cryptfs.ops import commands
+
+    cfg = keystore_config(tmp_path / "kms.toml", f"sqlite:///{tmp_path / 'keys.db'}", None)
+    volume.init()
+    volume.mount()
+    write_files(volume.mountpoint, FILES)
+    volume.umount()
+    late = volume.prefix + "dir/f2.txt"
+    sealed = s3client.get_object(Bucket=volume.bucket, Key=late)
+    body, meta = sealed["Body"].read(), sealed["Metadata"]
+    assert meta["encryption-kms-provider"] == "s3cryptfs-password"
+    real, passes = commands.rewrap_volume, []
+
+    def pass_then_a_late_write(*args, **kwargs):
+        report = real(*args, **kwargs)
+        if not passes:  # what a mount that lags one descriptor refresh behind would upload
+            s3client.put_object(Bucket=volume.bucket, Key=late, Body=body, Metadata=meta)
+        passes.append(report)
+        return report
+
+    monkeypatch.setattr(commands, "rewrap_volume", pass_then_a_late_write)
+    for name, value in volume.env.items():
+        monkeypatch.setenv(name, value)
+    argv = ["migrate", volume.url, *volume.common_args(), "--to", "keystore"]
+    code = cli.main([*argv, "--kms-config", str(cfg), "--cache-dir", str(volume.cache_dir)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert len(passes) == 2 and passes[1].rewrapped == 1
+    assert "re-wrapped 1 object(s) written during the migration" in out.out
+    assert "previous key manager(s) dropped" in out.out
+    assert "previous_key_managers" not in descriptor(s3client, volume)
+    after = envelopes(s3client, volume.bucket, volume.prefix)
+    assert {p for p, _, _ in after.values()} == {"keystore"}
+    mount_kms(volume, cfg)
+    assert_files(volume.mountpoint, FILES)

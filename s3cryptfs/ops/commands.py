@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -531,7 +532,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             return code
         if args.keep_old or not desc.previous:
             return 0
-        return _drop_previous(admin, getattr(args, "wait", 120.0))
+
+        def catch_up() -> bool:
+            again = rewrap_volume(admin.store, admin.url.prefix, admin.codec(), admin.jobs)
+            if again.rewrapped:
+                print(f"re-wrapped {again.rewrapped} object(s) written during the migration")
+            return again.complete
+
+        return _drop_previous(admin, getattr(args, "wait", 120.0), catch_up)
     finally:
         admin.close()
 
@@ -561,9 +569,13 @@ def _switch_provider(admin: Admin, target: str) -> Descriptor:
     return desc
 
 
-def _drop_previous(admin: Admin, wait: float = 120.0) -> int:
-    # A mount that has not seen the new descriptor yet may still wrap under an old provider:
-    # wait for the mounts, then count again, and keep every provider still in use.
+def _drop_previous(
+    admin: Admin, wait: float = 120.0, catch_up: Callable[[], bool] | None = None
+) -> int:
+    # A mount that has not seen the new descriptor yet may still wrap under an old provider
+    # (a file, or a directory index it rewrites after the pass went by): wait for the mounts,
+    # then count again; once they all follow the new descriptor, one more pass (*catch_up*)
+    # re-wraps what they sealed meanwhile. Keep every provider still in use after that.
     current = admin.authority.descriptor
     assert current is not None
     held = {
@@ -579,7 +591,14 @@ def _drop_previous(admin: Admin, wait: float = 120.0) -> int:
             f"key manager {e['provider']}",
         )
     }
-    in_use = {p for p, _ in count_versions(admin.store, admin.url.prefix, admin.jobs).versions()}
+    def providers_in_use() -> set[str]:
+        found = count_versions(admin.store, admin.url.prefix, admin.jobs).versions()
+        return {p for p, _ in found}
+
+    old = {e["provider"] for e in current.previous}
+    in_use = providers_in_use()
+    if catch_up is not None and in_use & (old - held) and catch_up():
+        in_use = providers_in_use()
     in_use |= held
 
     def change(desc: Descriptor) -> Descriptor | None:
