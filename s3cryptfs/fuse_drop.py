@@ -11,6 +11,10 @@ meanwhile: a walk with `ls -lR` past the bound paid one GETATTR per file.
 So a sweep's names go out together: once no request that makes inodes is in flight, from a
 thread of our own while the main loop waits for it (bounded by STALL), which makes the
 evictions one short burst that at most the next request overlaps.
+
+Before the loop stops serving (pyfuse3.terminate), `stop` ends this: an invalidation sent
+after that could wait for a request on its directory that nobody reads any more, and neither
+the process nor the program waiting on that request would ever finish.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 QUIET_WAIT = 0.2
 QUIET = 0.002  # no such request for this long: the names go
 STALL = 0.5
+STOP_WAIT = 5.0  # at stop, for a batch under way (the loop still answers meanwhile)
 
 Names = list[tuple[int, bytes]]  # (parent inode, name as the kernel spells it)
 
@@ -48,8 +53,10 @@ class EntryDropper:
         self._quiet = trio.Event()
         self._due = trio.Event()
         self._started = False
-        self._jobs: queue.SimpleQueue[tuple[Names, threading.Event]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Names, threading.Event] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._batch: threading.Event | None = None  # set once the last batch handed over is out
+        self._closed = False
         self.sent = 0  # names handed to the thread
         self.stalls = 0  # batches the loop stopped waiting for (STALL)
 
@@ -67,6 +74,8 @@ class EntryDropper:
 
     def wake(self, nursery: trio.Nursery | None) -> None:
         """A sweep chose names: send them once the replies in flight are out."""
+        if self._closed:
+            return
         if not self._started:
             if nursery is None:  # (not serving yet)
                 return
@@ -74,10 +83,28 @@ class EntryDropper:
             nursery.start_soon(self._run)
         self._due.set()
 
+    async def stop(self, wait: float = STOP_WAIT) -> None:
+        """Before the loop stops serving: no name goes out after this, and a batch under way
+        gets *wait* seconds to finish while the loop still answers what it waits for."""
+        self.close()
+        if self._batch is not None:
+            await trio.to_thread.run_sync(self._batch.wait, wait)
+
+    def close(self) -> None:
+        """No name goes out after this; the thread ends after the name it is sending."""
+        if self._closed:
+            return
+        self._closed = True
+        self._due.set()
+        if self._thread is not None:
+            self._jobs.put(None)
+
     async def _run(self) -> None:
-        while True:
+        while not self._closed:
             await self._due.wait()
             self._due = trio.Event()
+            if self._closed:
+                return
             with trio.move_on_after(QUIET_WAIT):
                 while True:
                     while self._in_flight:
@@ -90,14 +117,14 @@ class EntryDropper:
                     if not self._in_flight and self._begun == started:
                         break
             names = self._take()
-            if names:
+            if names and not self._closed:
                 self._send(names)
 
     def _send(self, names: Names) -> None:
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._work, name="s3cryptfs-drop", daemon=True)
             self._thread.start()
-        done = threading.Event()
+        done = self._batch = threading.Event()
         self._jobs.put((names, done))
         self.sent += len(names)
         # Blocking on purpose: the loop lets go of the interpreter lock and takes no new
@@ -106,13 +133,17 @@ class EntryDropper:
             self.stalls += 1
 
     def _work(self) -> None:
-        while True:
-            names, done = self._jobs.get()
-            for parent, name in names:
-                try:
-                    pyfuse3.invalidate_entry(parent, name)
-                except FileNotFoundError:
-                    pass  # the kernel had dropped it already
-                except OSError as exc:
-                    log.warning("could not ask the kernel to drop an entry: %s", exc)
-            done.set()
+        while (job := self._jobs.get()) is not None:
+            names, done = job
+            try:
+                for parent, name in names:
+                    if self._closed:
+                        break
+                    try:
+                        pyfuse3.invalidate_entry(parent, name)
+                    except FileNotFoundError:
+                        pass  # the kernel had dropped it already
+                    except Exception as exc:  # noqa: BLE001 - the next names still go
+                        log.warning("could not ask the kernel to drop an entry: %s", exc)
+            finally:
+                done.set()

@@ -71,8 +71,13 @@ STATFS_FREE = 2**50
 HEALTH_TTL = 10.0
 
 
-# Requests whose replies make kernel inodes (fuse_drop.py sends its names between them).
-MAKES_INODES = frozenset({"lookup", "readdir", "mkdir", "symlink", "link", "mknod", "create"})
+# Requests whose replies make kernel inodes (fuse_drop.py sends its names between them), and
+# those that hold their directory's lock in the kernel (an invalidation sent meanwhile would
+# wait for the reply that the loop, waiting for the invalidation, cannot send).
+MAKES_INODES = frozenset(
+    {"lookup", "readdir", "mkdir", "symlink", "link", "mknod", "create"}
+    | {"unlink", "rmdir", "rename"}
+)
 
 
 def _guard(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:

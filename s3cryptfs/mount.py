@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -39,6 +39,9 @@ from s3cryptfs.store.factory import open_store
 from s3cryptfs.vfs import names
 from s3cryptfs.vfs.core import Filesystem, FsOptions
 from s3cryptfs.volume import VolumeAuthority
+
+if TYPE_CHECKING:
+    from s3cryptfs.fuse_ops import FuseOperations
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +202,7 @@ class Mount:
     def __init__(self, spec: MountSpec) -> None:
         self.spec = spec
         self.fs: Filesystem | None = None
+        self.ops: FuseOperations | None = None  # made by run()
         self.lock: CacheLock | None = None
         self.audit = NO_AUDIT
         self.warnings: list[str] = []  # for whoever started the mount (printed by the CLI)
@@ -340,7 +344,7 @@ class Mount:
                     self.fs.store, self.spec.url.prefix, self.record.mount_id
                 )
             trio.run(self._recover)
-            ops = FuseOperations(self.fs)
+            ops = self.ops = FuseOperations(self.fs)
             options = set(pyfuse3.default_options)
             # `mount` and `df` show the volume as the source (libfuse splits options on commas).
             source = str(self.spec.url).rstrip("/").replace("\\", "\\\\").replace(",", "\\,")
@@ -376,6 +380,7 @@ class Mount:
                 on_ready()
             sd_notify("READY=1\nSTATUS=mounted")
             await pyfuse3.main()
+            self._ops().dropper.close()  # (unmounted from outside: the kernel is gone)
             # Unmounted (by a signal, by fusermount or umount(8)): nothing may stay only on
             # this disk, or, when S3 or the key manager is away, we say what did. (After a
             # drain that a signal or umount asked for, this only catches the last moment.)
@@ -437,6 +442,10 @@ class Mount:
                     registry.withdraw, fs.store, self.spec.url.prefix, self.record.mount_id
                 )
 
+    def _ops(self) -> FuseOperations:
+        assert self.ops is not None
+        return self.ops
+
     async def _stop_requests(self) -> None:
         """`s3cryptfs umount --force` asks through the mount itself (fuse_ops, the stop
         attribute): stop now, whatever is not in S3 stays for the next mount."""
@@ -444,6 +453,7 @@ class Mount:
 
         assert self.fs is not None
         await self.fs.stop_requested.wait()
+        await self._ops().dropper.stop()
         pyfuse3.terminate()
 
     async def _signals(self) -> None:
@@ -468,6 +478,7 @@ class Mount:
                     signal.Signals(signum).name,
                 )
                 await self._drain(self.fs, self.spec.stop_timeout)
+                await self._ops().dropper.stop()
                 pyfuse3.terminate()
                 return
 

@@ -124,3 +124,74 @@ def test_a_vanished_entry_is_not_an_error(monkeypatch: pytest.MonkeyPatch) -> No
 
     trio.run(main)
     assert drop.stalls == 0
+
+
+def test_after_stop_no_name_goes_out_and_the_thread_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At stop (before pyfuse3.terminate) the batch under way ends after the name being sent,
+    while the loop still serves; nothing is sent after: an invalidation waiting for a request
+    nobody reads any more would never return."""
+    release = threading.Event()
+    calls: list[bytes] = []
+
+    def blocking(parent: int, name: bytes) -> None:
+        release.wait(5)
+        calls.append(name)
+
+    monkeypatch.setattr(pyfuse3, "invalidate_entry", blocking)
+    monkeypatch.setattr(fuse_drop, "STALL", 0.05)
+    pending: Names = [(1, b"f"), (1, b"g"), (1, b"h")]
+    drop = dropper(pending)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            drop.wake(nursery)
+            await until(lambda: drop.stalls, 2)  # the kernel holds the first name
+            served = []
+
+            async def stopping() -> None:
+                await drop.stop(wait=5)
+                served.append("stopped")
+
+            nursery.start_soon(stopping)
+            await trio.sleep(0.05)
+            served.append("a request answered meanwhile")
+            release.set()
+            await until(lambda: served[-1:] == ["stopped"], 5)
+            assert served == ["a request answered meanwhile", "stopped"]
+            pending.append((1, b"late"))
+            drop.wake(nursery)
+            await trio.sleep(0.1)
+            thread = drop._thread
+            assert thread is not None
+            await trio.to_thread.run_sync(thread.join, 2)
+            assert not thread.is_alive()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert calls == [b"f"]
+
+
+def test_a_name_the_kernel_refuses_does_not_stop_the_others(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[bytes] = []
+
+    def refusing(parent: int, name: bytes) -> None:
+        if name == b"bad":
+            raise RuntimeError("session gone")
+        calls.append(name)
+
+    monkeypatch.setattr(pyfuse3, "invalidate_entry", refusing)
+    drop = dropper([(1, b"bad"), (1, b"ok")])
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            drop.wake(nursery)
+            await until(lambda: calls, 2)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert calls == [b"ok"] and drop.stalls == 0
+    assert "could not ask the kernel to drop an entry: session gone" in caplog.text
