@@ -196,7 +196,14 @@ class FuseOperations(pyfuse3.Operations):
 
     def _names_to_drop(self) -> Names:
         names: Names = []
+        seen: set[int] = set()
         for node in self._to_drop:
+            if node.ino in seen:
+                # Looked up after one sweep chose it, then chosen again by the next before
+                # its name went out: one name, one drop.
+                self.fs.nodes.asked -= 1
+                continue
+            seen.add(node.ino)
             parent = self.fs.nodes.at(node.parent_path)
             if parent is None or not self.fs.nodes.is_asked(node):
                 self.fs.nodes.withdraw(node)  # used, moved or freed since its sweep

@@ -207,3 +207,27 @@ def test_a_listed_file_past_the_bound_costs_only_its_listing_entry(
     assert len(seen) == 2001 and len(fs.nodes.by_ino) <= 100
     per_file = sum(s.size_diff for s in after.compare_to(before, "filename")) / 2001
     assert per_file < 800, f"{per_file:.0f} bytes per listed file"
+
+
+def test_a_file_two_sweeps_chose_is_asked_about_once() -> None:
+    """Chosen by a sweep, looked up again before its name went out, then chosen by the next
+    sweep: its name goes to the kernel once, and counts once among the dropped."""
+    from types import SimpleNamespace
+
+    from s3cryptfs.fuse_ops import FuseOperations
+
+    table = root_table(limit=10)
+    for i in range(11):
+        held_file(table, f"f{i}")
+    ops = FuseOperations(SimpleNamespace(nodes=table, reader=SimpleNamespace(nursery=None)))  # type: ignore[arg-type]
+    first = table.to_forget()
+    ops._to_drop += first
+    table.held(first[0])  # a lookup takes it back
+    first[0].recent = False  # (a sweep in between took its second chance)
+    held_file(table, "g")
+    second = table.to_forget()
+    assert first[0] in second
+    ops._to_drop += second
+    names = ops._names_to_drop()
+    assert len(names) == len(set(names)) == len({id(n) for n in first + second})
+    assert table.asked == len(names)
