@@ -170,3 +170,50 @@ def test_a_long_sequential_read_does_not_take_the_whole_block_cache():
         assert cache.used <= 4 * chunk + chunk
 
     trio.run(main)
+
+
+def test_a_run_restarted_mid_group_does_not_fetch_its_group_again():
+    """Past half the budget a run's chunks leave the cache as it reads them, the first of
+    its current group included. When two of the kernel's reads arrive out of order the
+    read-ahead starts over from the reader's position: it must look for the chunk there,
+    not at the group's start (gone), or it fetches the whole group again."""
+    from s3cryptfs.cache.reader import ReadState
+
+    chunk = PlainCipher.chunk_size
+    cache = BlockCache(8 * chunk)
+    reader = Reader(
+        cache,
+        trio.CapacityLimiter(4),
+        group_bytes=4 * chunk,
+        readahead_max=8 * chunk,
+        span_bytes=4 * chunk,
+    )
+    fetches: list[tuple[int, int]] = []
+    big = _sized_version(64 * chunk, fetches)
+    step = chunk // 4
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reader.run)
+            state = ReadState()
+            pos = 0
+            while pos < 10 * chunk + 2 * step:  # past half the budget, mid-group, mid-chunk
+                await reader.read(big, pos, step, state)
+                pos += step
+                await trio.testing.wait_all_tasks_blocked()
+            # The kernel's next two reads, out of order: the later one first.
+            await reader.read(big, pos + step, step, state)
+            await reader.read(big, pos, step, state)
+            await trio.testing.wait_all_tasks_blocked()
+            before = len(fetches)
+            # The two reads after them: the second continues a run again.
+            for off in (pos + 2 * step, pos + 3 * step):
+                got = await reader.read(big, off, step, state)
+                await trio.testing.wait_all_tasks_blocked()
+                assert got == bytes(i % 251 for i in range(off, off + step))
+            here = (pos + 2 * step) // chunk * chunk
+            refetched = [f for f in fetches[before:] if f[0] < here]
+            assert refetched == [], f"fetched again behind the reader: {refetched}"
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -319,8 +319,13 @@ class Reader:
         last_group = cipher.chunk_of(target - 1) // glen
         span = max(1, self.span_bytes // self.group_bytes)
         run: list[int] = []
+        # Whether a group is here already: its first chunk, or for the group the window
+        # starts in, the chunk there (a long run's chunks behind the reader left the cache,
+        # _pass_over, and a window started over mid-group would fetch the group again).
+        first_chunk = cipher.chunk_of(start)
         for g in range(first_group, last_group + 1):
-            busy = (version.vid, g) in self._flights or self.cache.contains(version.vid, g * glen)
+            probe = max(g * glen, first_chunk)
+            busy = (version.vid, g) in self._flights or self.cache.contains(version.vid, probe)
             if not busy:
                 run.append(g)
             if run and (busy or len(run) == span or g == last_group):
