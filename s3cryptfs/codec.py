@@ -21,10 +21,12 @@ TTL), so that a ``keys retire`` done elsewhere stops unwrapping within the DEK c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -136,6 +138,37 @@ class ObjectCodec:
         self.pool = pool
         # provider -> until when it is not asked to wrap again (see _check_breaker)
         self._down_until: dict[str, float] = {}
+        # Descriptor generation at the start of each piece of work under way that takes a
+        # data key (see fence)
+        self._fences: Counter[int] = Counter()
+        self._fence_lock = threading.Lock()
+
+    # --- what a running mount may still be wrapping under ------------------------------------
+
+    @contextlib.contextmanager
+    def fence(self) -> Iterator[None]:
+        """Around work that takes a data key and then puts its object in S3 or hands it to
+        the uploader (whose queue the mount's record counts from then on): a seal, a stream,
+        an index or symlink write. Until it ends, `generation_in_force` is at most the
+        descriptor generation in force when it began. A key taken from the pool, or wrapped,
+        just before a refresh emptied the pool is in no other hold, and `keys retire` or
+        `migrate` waits for every mount to reach their generation (registry.blockers)
+        before it erases or drops what that key is wrapped under."""
+        generation = self.descriptor.generation
+        with self._fence_lock:
+            self._fences[generation] += 1
+        try:
+            yield
+        finally:
+            with self._fence_lock:
+                self._fences[generation] -= 1
+                if not self._fences[generation]:
+                    del self._fences[generation]
+
+    def generation_in_force(self) -> int:
+        """The oldest descriptor generation this mount may still be wrapping under."""
+        with self._fence_lock:
+            return min([self.descriptor.generation, *self._fences])
 
     # --- descriptor refresh ------------------------------------------------------------------
 

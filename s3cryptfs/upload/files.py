@@ -491,7 +491,8 @@ class WritePath:
 
         async def run() -> None:
             try:
-                await stream.run()
+                with self.codec.fence():  # its key: until its commit queues the upload
+                    await stream.run()
             finally:
                 self.streams.discard(stream)
 
@@ -523,6 +524,10 @@ class WritePath:
 
     async def commit(self, f: Written) -> Entry | None:
         """Seal the file's write-back file into the journal and queue the upload."""
+        with self.codec.fence():  # its key is in no hold until the upload is queued
+            return await self._commit(f)
+
+    async def _commit(self, f: Written) -> Entry | None:
         async with f.lock:
             w = f.w
             staging = w.staging

@@ -353,8 +353,9 @@ class AttrIndex:
         known = self._known_names.get(dir_path)
         if known is not None:
             entries = {n: e for n, e in entries.items() if n in known or n in changes or n == SELF}
-        body, meta = self.codec.seal_bytes(encode(dir_path, entries), md.PosixAttrs(), key)
-        etag = self.store.put(key, body, meta, if_match)
+        with self.codec.fence():
+            body, meta = self.codec.seal_bytes(encode(dir_path, entries), md.PosixAttrs(), key)
+            etag = self.store.put(key, body, meta, if_match)
         self.writes += 1
         self._last[dir_path] = (etag, entries)
         self._last.move_to_end(dir_path)

@@ -92,12 +92,13 @@ class Namespace:
         parent, path = await self._new_name(parent_ino, name, is_dir=False)
         now = now_ns()
         attrs = md.PosixAttrs(stat.S_IFLNK | 0o777, uid, gid, now)
-        body, meta = await self.fs._thread(
-            lambda: self.fs.codec.seal_bytes(target, attrs, self.fs.key(path), content=True)
-        )
-        etag = await self.fs._thread(
-            lambda: self.fs.store.put(self.fs.key(path), body, meta, if_none_match=True)
-        )
+        with self.fs.codec.fence():
+            body, meta = await self.fs._thread(
+                lambda: self.fs.codec.seal_bytes(target, attrs, self.fs.key(path), content=True)
+            )
+            etag = await self.fs._thread(
+                lambda: self.fs.store.put(self.fs.key(path), body, meta, if_none_match=True)
+            )
         node = Node(self.fs.nodes.new_ino(), path, stat.S_IFLNK | 0o777, uid, gid, now, now)
         node.remote = Remote(etag, len(body), meta, attrs_known=True)
         node.size = len(target)
@@ -577,12 +578,13 @@ class Namespace:
         mode = kind | (mode & 0o7777)
         attrs = md.PosixAttrs(mode, uid, gid, now, rdev if md.is_device(mode) else None)
         key = self.fs.key(path)
-        body, meta = await self.fs._thread(
-            lambda: self.fs.codec.seal_bytes(b"", attrs, key, content=True)
-        )
-        etag = await self.fs._thread(
-            lambda: self.fs.store.put(key, body, meta, if_none_match=True)
-        )
+        with self.fs.codec.fence():
+            body, meta = await self.fs._thread(
+                lambda: self.fs.codec.seal_bytes(b"", attrs, key, content=True)
+            )
+            etag = await self.fs._thread(
+                lambda: self.fs.store.put(key, body, meta, if_none_match=True)
+            )
         node = Node(self.fs.nodes.new_ino(), path, mode, uid, gid, now, now)
         node.mode_set_here = True
         node.rdev = attrs.rdev or 0
