@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RECORD_TIMEOUT = 5.0  # how long a stopping mount tries to update its record in the bucket
+# The ids of the mount records this cache directory's mounts may have left (Mount._earlier_records)
+RECORDS_FILE = "mount-records"
 
 
 @dataclass
@@ -413,20 +415,54 @@ class Mount:
         (registry.py), so that `keys retire` erases nothing a running mount needs."""
         fs = self.fs
         assert fs is not None
+        earlier = self._earlier_records(fs)
         while True:
             with contextlib.suppress(Exception):
                 await run_abandonable(fs.codec.refresh)  # refusals are logged there
-            await self._publish(fs)
+            if await self._publish(fs) and earlier:
+                earlier = await self._withdraw_earlier(fs, earlier)
             await trio.sleep(self.record.heartbeat)
 
-    async def _publish(self, fs: Filesystem) -> None:
+    def _earlier_records(self, fs: Filesystem) -> list[str]:
+        """The records earlier mounts of this cache directory may have left (a crash keeps
+        its record, holding what was then in its journal). This mount took over that journal
+        (recover) and holds what is left of it in its own record: once that is published,
+        theirs go, or a `keys retire` would wait for a mount that never comes back. The file
+        lists this mount too before anything is published, so a crash at any point leaves
+        no record that the next mount does not know of."""
+        path = os.path.join(fs.cache_dir, RECORDS_FILE)
+        try:
+            with open(path) as f:
+                earlier = [i for i in f.read().split() if registry.valid_mount_id(i)]
+        except FileNotFoundError:
+            earlier = []
+        earlier = [i for i in earlier if i != self.record.mount_id]
+        _write_ids(path, [*earlier, self.record.mount_id])
+        return earlier
+
+    async def _withdraw_earlier(self, fs: Filesystem, earlier: list[str]) -> list[str]:
+        """Withdraw the records in *earlier*; returns those still to withdraw."""
+        left = []
+        for mount_id in earlier:
+            try:
+                await run_abandonable(registry.withdraw, fs.store, self.spec.url.prefix, mount_id)
+            except S3CryptFSError:
+                left.append(mount_id)
+        _write_ids(os.path.join(fs.cache_dir, RECORDS_FILE), [*left, self.record.mount_id])
+        return left
+
+    async def _publish(self, fs: Filesystem) -> bool:
+        # The generation first: one read after the holds could name a refresh they missed.
+        generation = fs.codec.generation_in_force()
         held = fs.queued_versions() | await run_abandonable(fs.wrapping_versions)
-        self.record.generation = fs.codec.descriptor.generation
+        self.record.generation = generation
         self.record.holds = sorted(held)
         try:
             await run_abandonable(registry.publish, fs.store, self.spec.url.prefix, self.record)
         except S3CryptFSError as exc:
             log.debug("mount record not written: %s", exc)
+            return False
+        return True
 
     async def _withdraw(self, fs: Filesystem) -> None:
         """A clean stop withdraws the record; one that leaves versions behind keeps it, with
@@ -481,6 +517,15 @@ class Mount:
                 await self._ops().dropper.stop()
                 pyfuse3.terminate()
                 return
+
+
+def _write_ids(path: str, ids: list[str]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(ids) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _delete_in_background(paths: list[str]) -> None:

@@ -84,6 +84,10 @@ def new_mount_id() -> str:
     return os.urandom(8).hex()
 
 
+def valid_mount_id(text: str) -> bool:
+    return len(text) == 16 and all(c in "0123456789abcdef" for c in text)
+
+
 def this_host() -> str:
     return socket.gethostname()
 

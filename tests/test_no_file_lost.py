@@ -321,3 +321,34 @@ def test_sigterm_with_s3_away_gives_up_and_says_what_it_left(make_volume, seawee
         vol.umount()
     finally:
         proxy.stop()
+
+
+def test_a_remount_after_a_crash_withdraws_the_crashed_mounts_record(mounted, s3client):
+    """A mount killed with -9 leaves its record (what its journal held). The next mount of
+    the same cache directory takes that journal over and then withdraws the record, or a
+    `keys retire` would wait for a mount that never comes back, and then refuse."""
+    vol = mounted
+    vol.remount("--descriptor-refresh", "1")
+    prefix = f"{vol.prefix}.s3cryptfs/mounts/"
+
+    def records() -> set[str]:
+        listed = s3client.list_objects_v2(Bucket=vol.bucket, Prefix=prefix)
+        return {o["Key"] for o in listed.get("Contents", [])}
+
+    (vol.mountpoint / "before.txt").write_bytes(b"closed before the crash")
+    vol.wait_heartbeats(s3client, 1)
+    crashed = records()
+    assert len(crashed) == 1
+    kill_mount(vol)
+    vol.mount("--descriptor-refresh", "1")
+    wait_for(lambda: len(records()) == 1 and records() != crashed, 30, "the old record to go")
+    assert (vol.mountpoint / "before.txt").read_bytes() == b"closed before the crash"
+    # And so the version the crashed mount was using can be retired once re-wrapped.
+    vol.run("keys", "rotate", vol.url, *vol.common_args())
+    vol.wait_heartbeats(s3client)
+    vol.run("rewrap", vol.url, *vol.common_args())
+    retire = vol.run(
+        "keys", "retire", "1", vol.url, *vol.common_args(), "--wait", "20", check=False
+    )
+    assert retire.returncode == 0, retire.stderr
+    vol.umount()
