@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from s3cryptfs import config
+from s3cryptfs import config, registry
 from s3cryptfs.codec import OWN, PLAIN, ObjectCodec, object_kind
 from s3cryptfs.errors import (
     ConfigError,
@@ -160,17 +160,32 @@ def cmd_put(args: argparse.Namespace) -> int:
     if current is not None and not args.force:
         raise VolumeError(f"{args.object} exists; use --force to replace it")
     attrs = md.PosixAttrs(st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
-    with tempfile.TemporaryFile() as body, open(args.local, "rb") as src:
-        sealed = codec.seal_stream(src, body, attrs, key)
-        body.flush()
-        path = f"/proc/self/fd/{body.fileno()}"
-        try:
-            admin.store.upload_file(
-                key, path, sealed.metadata, if_match=current, if_none_match=current is None
-            )
-        except PreconditionFailed:
-            msg = f"{args.object} changed while uploading: nothing replaced"
-            raise UploadConflict(msg) from None
+    # Like a mount, it says which key version it seals under until the object is in S3, so a
+    # `keys retire` or `migrate` from another shell waits for it (registry.py).
+    active = codec.ring.active()
+    record = registry.MountRecord(
+        registry.new_mount_id(),
+        registry.this_host(),
+        os.getpid(),
+        codec.descriptor.generation,
+        heartbeat=30.0,
+        holds=[(active.provider, active.active_key_version())],
+    )
+    registry.publish(admin.store, admin.url.prefix, record)
+    try:
+        with tempfile.TemporaryFile() as body, open(args.local, "rb") as src:
+            sealed = codec.seal_stream(src, body, attrs, key)
+            body.flush()
+            path = f"/proc/self/fd/{body.fileno()}"
+            try:
+                admin.store.upload_file(
+                    key, path, sealed.metadata, if_match=current, if_none_match=current is None
+                )
+            except PreconditionFailed:
+                msg = f"{args.object} changed while uploading: nothing replaced"
+                raise UploadConflict(msg) from None
+    finally:
+        registry.withdraw(admin.store, admin.url.prefix, record.mount_id)
     print(f"{args.local} -> {args.object} ({sealed.plain_size} bytes, encrypted)", file=sys.stderr)
     return 0
 

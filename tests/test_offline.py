@@ -93,3 +93,40 @@ def test_fsck_finds_tampering(mounted, s3client):
     assert cat.returncode == 8 and "Traceback" not in cat.stderr  # an integrity error
     envelope = vol.run("cat", obj(vol, "docs/note.txt"), *vol.common_args(), check=False)
     assert envelope.returncode == 7, envelope.stderr  # version 7 of the key: unknown
+
+
+def test_a_put_holds_its_key_version_until_the_object_is_in_s3(
+    volume, s3client, tmp_path, monkeypatch
+):
+    """`put` seals under the active key version, then uploads: a `keys retire` run meanwhile
+    from another shell must wait for it as for a mount (its record under .s3cryptfs/mounts/,
+    withdrawn once the object is in S3)."""
+    from s3cryptfs import cli, registry
+    from s3cryptfs.store import native, s3
+
+    volume.init()
+    local = tmp_path / "local.dat"
+    local.write_bytes(b"put while a retire may run\n" * 100)
+    seen: list[list[registry.MountRecord]] = []
+
+    def recording(real):  # type: ignore[no-untyped-def]
+        def upload_file(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            seen.append(registry.read_all(self, volume.prefix))
+            return real(self, *args, **kwargs)
+
+        return upload_file
+
+    for cls in (native.NativeStore, s3.S3Store):
+        monkeypatch.setattr(cls, "upload_file", recording(cls.upload_file))
+    for name, value in volume.env.items():
+        monkeypatch.setenv(name, value)
+    args = ["put", str(local), obj(volume, "put.dat"), *volume.common_args()]
+    assert cli.main(args) == 0
+    assert len(seen) == 1 and len(seen[0]) == 1
+    during = seen[0][0]
+    assert during.holds == [("s3cryptfs-password", 1)]
+    waiting, _ = registry.blockers(seen[0], "s3cryptfs-password", 1, during.generation)
+    assert waiting, "a retire of that version would have waited"
+    records = f"{volume.prefix}.s3cryptfs/mounts/"
+    left = s3client.list_objects_v2(Bucket=volume.bucket, Prefix=records)
+    assert left.get("KeyCount", 0) == 0
