@@ -54,8 +54,13 @@ class KeyPool:
         return len(self._keys)
 
     def versions(self) -> set[tuple[str, int]]:
-        """(provider, key version) of the keys it holds."""
+        """(provider, key version) of the keys it holds that take() may still hand out: the
+        aged ones go here too, or an idle mount would name a version its key server rotated
+        away from for as long as it runs (and a retire of it would wait for that mount)."""
+        now = time.monotonic()
         with self._lock:
+            while self._keys and now - self._keys[0][0] > self.max_age:
+                self._keys.popleft()
             return {(e.provider, e.key_version) for _, _, _, e in self._keys}
 
     def refill(self, wrap: Callable[[bytes], KeyEnvelope]) -> int:
