@@ -23,6 +23,21 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bytes]]:
     return calls
 
 
+@pytest.fixture
+def blocking(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[bytes]]:
+    """A kernel whose invalidations block until the event is set (the names they sent)."""
+    release = threading.Event()
+    calls: list[bytes] = []
+
+    def invalidate(parent: int, name: bytes) -> None:
+        release.wait(5)
+        calls.append(name)
+
+    monkeypatch.setattr(pyfuse3, "invalidate_entry", invalidate)
+    monkeypatch.setattr(fuse_drop, "STALL", 0.05)
+    return release, calls
+
+
 async def until(condition: Callable[[], object], seconds: float = 2.0) -> None:
     """Polls: what is awaited happens on another thread or in the dropper's own task."""
     for _ in range(int(seconds / 0.005)):
@@ -81,19 +96,11 @@ def test_a_busy_mount_still_sends_its_names(sent: list[tuple[int, bytes]]) -> No
 
 
 def test_the_loop_stops_waiting_for_a_kernel_that_blocks(
-    monkeypatch: pytest.MonkeyPatch,
+    blocking: tuple[threading.Event, list[bytes]],
 ) -> None:
     """An invalidation waits for requests in flight on its directory, which the loop that
     waits for it answers: it must give up waiting, and the names still go out after."""
-    release = threading.Event()
-    calls: list[bytes] = []
-
-    def blocking(parent: int, name: bytes) -> None:
-        release.wait(5)
-        calls.append(name)
-
-    monkeypatch.setattr(pyfuse3, "invalidate_entry", blocking)
-    monkeypatch.setattr(fuse_drop, "STALL", 0.05)
+    release, calls = blocking
     drop = dropper([(1, b"f"), (1, b"g")])
 
     async def main() -> None:
@@ -127,20 +134,12 @@ def test_a_vanished_entry_is_not_an_error(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_after_stop_no_name_goes_out_and_the_thread_ends(
-    monkeypatch: pytest.MonkeyPatch,
+    blocking: tuple[threading.Event, list[bytes]],
 ) -> None:
     """At stop (before pyfuse3.terminate) the batch under way ends after the name being sent,
     while the loop still serves; nothing is sent after: an invalidation waiting for a request
     nobody reads any more would never return."""
-    release = threading.Event()
-    calls: list[bytes] = []
-
-    def blocking(parent: int, name: bytes) -> None:
-        release.wait(5)
-        calls.append(name)
-
-    monkeypatch.setattr(pyfuse3, "invalidate_entry", blocking)
-    monkeypatch.setattr(fuse_drop, "STALL", 0.05)
+    release, calls = blocking
     pending: Names = [(1, b"f"), (1, b"g"), (1, b"h")]
     drop = dropper(pending)
 
