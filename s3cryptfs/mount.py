@@ -436,6 +436,9 @@ class Mount:
                 earlier = [i for i in f.read().split() if registry.valid_mount_id(i)]
         except FileNotFoundError:
             earlier = []
+        except OSError as exc:  # (best effort: at worst a retire waits, as before)
+            log.debug("%s: %s", path, exc)
+            earlier = []
         earlier = [i for i in earlier if i != self.record.mount_id]
         _write_ids(path, [*earlier, self.record.mount_id])
         return earlier
@@ -521,11 +524,14 @@ class Mount:
 
 def _write_ids(path: str, ids: list[str]) -> None:
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(ids) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write("\n".join(ids) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:  # (a full disk: the journal says so loudly; this is a hint only)
+        log.debug("%s: %s", path, exc)
 
 
 def _delete_in_background(paths: list[str]) -> None:
