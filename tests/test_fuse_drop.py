@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from s3cryptfs import fuse_drop
 from s3cryptfs.fuse_drop import EntryDropper, Names
@@ -72,12 +73,20 @@ def test_names_go_out_together_between_requests(sent: list[tuple[int, bytes]]) -
             with drop.request():
                 await trio.sleep(0.02)
                 assert sent == []
+            # And one that begins and ends within a pause: the pause starts again after it.
+            await trio.sleep(fuse_drop.QUIET / 4)
+            with drop.request():
+                await trio.sleep(fuse_drop.QUIET / 4)
+            await trio.sleep(fuse_drop.QUIET)  # past the end of the pause it came in
+            assert sent == []
             await until(lambda: sent, 1)
             assert sent == [(1, b"a"), (1, b"b")]
             assert drop.sent == 2 and drop.stalls == 0
             nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    # Virtual time: the pauses are milliseconds, which a loaded machine's scheduler would
+    # stretch past QUIET on a real clock.
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def test_a_busy_mount_still_sends_its_names(sent: list[tuple[int, bytes]]) -> None:
