@@ -783,17 +783,6 @@ class WritePath:
         w.diverted = None
         await self.callbacks.conflicted(f, entry)
 
-    # --- what the uploads hold -------------------------------------------------------------
-
-    def queued_versions(self) -> set[tuple[str, int]]:
-        """(provider, key version) of the sealed versions not in S3 yet."""
-        out = set()
-        for entry in self.uploader.waiting():
-            with contextlib.suppress(S3CryptFSError):
-                envelope = md.decode_envelope(entry.metadata)
-                out.add((envelope.provider, envelope.key_version))
-        return out
-
     def state_of(self, f: Written) -> str:
         """clean, dirty or uploading (the state attribute of a file)."""
         w = f.w

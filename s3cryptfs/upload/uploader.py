@@ -8,6 +8,7 @@ version is stored next to the original as ``<name>.conflict-<time>``, never drop
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -16,7 +17,14 @@ import trio
 
 from s3cryptfs import limits
 from s3cryptfs.asyncutil import run_abandonable
-from s3cryptfs.errors import ObjectNotFound, PreconditionFailed, StoreError, UploadConflict
+from s3cryptfs.errors import (
+    ObjectNotFound,
+    PreconditionFailed,
+    S3CryptFSError,
+    StoreError,
+    UploadConflict,
+)
+from s3cryptfs.format import metadata as md
 from s3cryptfs.store.base import ObjectStore
 from s3cryptfs.store.helper import HelperUnavailable, UploadHelper
 from s3cryptfs.upload.journal import ABSENT, CHAIN, FOLLOW, Base, Entry, Journal, Upload
@@ -285,6 +293,15 @@ class Uploader:
     def waiting(self) -> list[Entry]:
         """Every version not in S3 yet, in flight first."""
         return list(self.in_flight.values()) + list(self.queue)
+
+    def queued_versions(self) -> set[tuple[str, int]]:
+        """(provider, key version) of the sealed versions not in S3 yet."""
+        out = set()
+        for entry in self.waiting():
+            with contextlib.suppress(S3CryptFSError):
+                envelope = md.decode_envelope(entry.metadata)
+                out.add((envelope.provider, envelope.key_version))
+        return out
 
     async def wait_for_space(self, limit: int) -> None:
         """Backpressure: wait while the journal holds more than *limit* bytes."""

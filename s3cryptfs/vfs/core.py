@@ -748,7 +748,7 @@ class Filesystem:
         return "error" if node.error else self.writes.state_of(node)
 
     def queued_versions(self) -> set[tuple[str, int]]:
-        return self.writes.queued_versions()
+        return self.uploader.queued_versions()
 
     def stats(self) -> dict[str, Any]:
         return status_of(self)
