@@ -374,7 +374,10 @@ def test_a_stalled_server_is_retried_until_it_answers(proxy, bucket, client, cre
     store = _proxied_store(proxy, bucket, client)
     uid = store.create_multipart("mp", {"m": "1"})
     proxy.set_mode("blackhole")
-    threading.Timer(3.0, proxy.set_mode, ("pass",)).start()
+    # Past the first stall's detection with room to spare: the native client sees a stall
+    # after read + connect timeout (2 s) at its next once-a-second check, so by 3 s; a silence
+    # that ended just then raced the cancel against the CRT's own resend.
+    threading.Timer(5.0, proxy.set_mode, ("pass",)).start()
     etag = store.upload_part("mp", uid, 1, b"part")
     store.complete_multipart("mp", uid, [(1, etag)], {})
     assert store.get("mp") == b"part"
