@@ -8,8 +8,6 @@ Split out of vfs/core.py by operation group; works on the Filesystem through ``s
 from __future__ import annotations
 
 import logging
-import math
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
@@ -41,12 +39,10 @@ log = logging.getLogger(__name__)
 
 # The HEADs of a directory's unindexed files: how many are out at once (the CRT sends them
 # together from one thread: past a few dozen, the server's queue grows, not its throughput) and
-# how many come back to the loop together (each hand-over costs a wake-up of the loop; too
-# many at once and the server waits while the loop applies them).
+# how many one worker-thread job takes (a LIST page's worth, applied as each comes back).
 HEAD_CONCURRENCY = 32
-HEAD_CHUNK = 64
+HEAD_BATCH = 1000
 
-_Head = tuple[str, ObjectInfo | StoreError]  # a key and its HEAD's answer
 OnPage = Callable[[list[tuple[str, ChildInfo]]], Awaitable[None]]
 
 
@@ -354,8 +350,8 @@ class Listings:
     ) -> None:
         """Load metadata for many listed files at once (readdir; each with its name as the
         listing holds it, which their index entries then share): their HEADs go out together
-        from one worker thread (ObjectStore.head_many) and are applied here as they come
-        back, while the rest are still out.
+        from one worker thread (ObjectStore.head_many), a batch at a time, and are applied
+        here as each batch comes back.
 
         The attributes found are kept in the listing's entries as well (*listed*, or the
         directory's listing), sharing the index entry: a file the kernel drops
@@ -366,74 +362,36 @@ class Listings:
             for name, n in entries
             if not n.is_dir and n.remote is not None and not n.remote.attrs_known
         ]
-        if not todo:
-            return
-        batch = {self.fs.key(n.path): (name, n) for name, n in todo}
-        failed: StoreError | None = None
-        async with trio.open_nursery() as nursery, self._heads(nursery, list(batch)) as recv:
-            async for heads in recv:
-                for key, head in heads:
-                    name, node = batch[key]
-                    if isinstance(head, ObjectNotFound):
-                        continue  # gone since its listing: left as listed, as for one HEAD
-                    if isinstance(head, StoreError):
-                        failed = failed or head
-                        continue
-                    if node.remote is None or node.remote.attrs_known:
-                        continue  # removed, or loaded by an open, while the batch was out
-                    entry = await self._took_head(node, head, name)
-                    self._shed_metadata(node)
-                    if entry is not None:
-                        children = listed if listed is not None else self._children_of(node)
-                        info = children.get(name) if children is not None else None
-                        if info is not None and info.attrs is None and info.etag == entry.etag:
-                            info.attrs = entry
-        if failed is not None:
-            raise failed
+        for start in range(0, len(todo), HEAD_BATCH):
+            batch = {self.fs.key(n.path): (name, n) for name, n in todo[start : start + HEAD_BATCH]}
+            heads = await self.fs._thread(self._heads, list(batch))
+            failed: StoreError | None = None
+            for key, head in heads:
+                name, node = batch[key]
+                if isinstance(head, ObjectNotFound):
+                    continue  # gone since its listing: left as listed, as for one HEAD
+                if isinstance(head, StoreError):
+                    failed = failed or head
+                    continue
+                if node.remote is None or node.remote.attrs_known:
+                    continue  # removed, or loaded by an open, while the batch was out
+                entry = await self._took_head(node, head, name)
+                self._shed_metadata(node)
+                if entry is not None:
+                    children = listed if listed is not None else self._children_of(node)
+                    info = children.get(name) if children is not None else None
+                    if info is not None and info.attrs is None and info.etag == entry.etag:
+                        info.attrs = entry
+            if failed is not None:
+                raise failed
 
     def _children_of(self, node: Node) -> dict[str, ChildInfo] | None:
         parent = self.fs.nodes.at(node.parent_path)
         listing = parent.listing if parent is not None else None
         return listing.children if listing is not None else None
 
-    def _heads(
-        self, nursery: trio.Nursery, keys: list[str]
-    ) -> trio.MemoryReceiveChannel[list[_Head]]:
-        """The HEADs of *keys*, in chunks as they come back. One worker-thread job (a task
-        of *nursery*) sends them all (ObjectStore.head_many, HEAD_CONCURRENCY at a time) and
-        hands each chunk over without waiting: applying a chunk in the loop overlaps the
-        HEADs still out, where waiting for a whole page left the server idle while the
-        page was applied, and the loop idle while the server answered. Closing the channel
-        early stops the job at its next chunk."""
-        send, recv = trio.open_memory_channel[list[_Head]](math.inf)
-        token = trio.lowlevel.current_trio_token()
-        stop = threading.Event()
-
-        def deliver(chunk: list[_Head]) -> None:
-            try:
-                send.send_nowait(chunk)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                stop.set()  # the reader left (an error, a cancellation): send no more
-
-        def run() -> None:
-            chunk: list[_Head] = []
-            for result in self.fs.store.head_many(keys, HEAD_CONCURRENCY):
-                chunk.append(result)
-                if len(chunk) >= HEAD_CHUNK:
-                    token.run_sync_soon(deliver, chunk)
-                    chunk = []
-                if stop.is_set():
-                    return
-            if chunk:
-                token.run_sync_soon(deliver, chunk)
-
-        async def produce() -> None:
-            async with send:
-                # (run_sync_soon keeps its order: every chunk is in before the job's end)
-                await self.fs._thread(run)
-
-        nursery.start_soon(produce)
-        return recv
+    def _heads(self, keys: list[str]) -> list[tuple[str, ObjectInfo | StoreError]]:
+        return list(self.fs.store.head_many(keys, HEAD_CONCURRENCY))
 
     async def stream(self, ino: int, emit: Callable[[list[tuple[str, Node]]], None]) -> None:
         """readdir answered as it goes: *emit* gets the entries of each LIST page, their

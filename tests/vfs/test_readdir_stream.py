@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import gc
-import time
 import tracemalloc
 
 import pytest
 
 from s3cryptfs.errors import AccessDenied
-from s3cryptfs.vfs.listing import HEAD_CHUNK
 from tests.vfs.harness import CoreDriver, CoreFs
 
 
@@ -135,45 +133,6 @@ def test_heads_of_a_listing_are_retried_and_a_refusal_fails_the_readdir(
         driver._run(driver.fs.readdir, driver._lookup("wide").ino)
     core.store.heal()
     assert len(dict(driver._run(driver.fs.readdir, driver._lookup("wide").ino))) == 41
-
-
-def test_heads_that_came_back_are_applied_while_others_are_out(
-    core: CoreFs, driver: CoreDriver
-) -> None:
-    """The HEADs of a listing come back to the loop in chunks as they finish: the files
-    answered are given their attributes while a slow HEAD is still out, rather than once the
-    whole page's HEADs are in (which left the server idle while the loop applied them)."""
-    names = [f"f{i:03d}" for i in range(300)]
-    copies(core, driver, names)
-    core.stop()
-    core.start()
-    wide = driver._lookup("wide")
-    gate = core.store.hold("head", "wide/f299")  # the last one waits
-
-    async def known() -> int:
-        return sum(
-            1
-            for name in names[:-1]
-            if (n := driver.fs.nodes.at(f"wide/{name}")) is not None
-            and n.remote is not None
-            and n.remote.attrs_known
-        )
-
-    with cf.ThreadPoolExecutor(1) as pool:
-        listing = pool.submit(driver._run, driver.fs.readdir, wide.ino)
-        deadline = time.monotonic() + 30
-        applied = 0
-        while applied < len(names) - 1 - HEAD_CHUNK and time.monotonic() < deadline:
-            time.sleep(0.05)
-            applied = core.call(known)
-        try:
-            assert not listing.done()  # f299's HEAD is still held
-            assert applied >= len(names) - 1 - HEAD_CHUNK, applied
-        finally:
-            gate.set()
-        listed = dict(listing.result(30))
-    assert sorted(listed) == sorted([*names, "seed"])
-    assert all(n.remote is not None and n.remote.attrs_known for n in listed.values())
 
 
 def test_a_listed_file_costs_about_a_kilobyte(core: CoreFs, driver: CoreDriver) -> None:
