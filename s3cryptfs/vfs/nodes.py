@@ -124,6 +124,8 @@ class Extra:
     # always have them (from their index entry).
     xattrs: dict[bytes, bytes] | None = None
     error: str | None = None  # last upload failure, for the state attribute
+    opens: int = 0
+    writers: int = 0
     # unlinked because another machine deleted the object (not by this mount's unlink)
     deleted_elsewhere: bool = False
 
@@ -156,12 +158,38 @@ class _Aside(Generic[T]):
 
     def __set__(self, node: Node, value: T) -> None:
         record = getattr(node, self.side)
+        empty = self.empty
         if record is None:
-            if value == getattr(self.empty, self.name):
+            if value == getattr(empty, self.name):
                 return
-            record = type(self.empty)()
+            record = type(empty)()
             setattr(node, self.side, record)
         setattr(record, self.name, value)
+        # Back to its default (a file's last close): a record holding only defaults goes, or
+        # every file ever opened would keep one.
+        back = value is getattr(empty, self.name) or value == 0
+        if back and all(getattr(record, f) == getattr(empty, f) for f in record.__slots__):
+            setattr(node, self.side, None)
+
+
+class _Flag:
+    """A boolean node field kept as one bit of the node's _flags: a slot each cost a wide
+    directory 8 bytes per file."""
+
+    def __init__(self, bit: int) -> None:
+        self.bit = bit
+
+    @overload
+    def __get__(self, node: None, owner: type) -> _Flag: ...
+    @overload
+    def __get__(self, node: Node, owner: type) -> bool: ...
+    def __get__(self, node: Node | None, owner: type) -> bool | _Flag:
+        if node is None:
+            return self
+        return bool(node._flags & self.bit)
+
+    def __set__(self, node: Node, value: bool) -> None:
+        node._flags = node._flags | self.bit if value else node._flags & ~self.bit
 
 
 @dataclass(eq=False, slots=True, weakref_slot=True)  # (vfs/xattrs.py keys locks by node)
@@ -175,23 +203,13 @@ class _NodeFields:
     gid: int
     mtime_ns: int
     ctime_ns: int = 0
-    # The mode was chosen through this mount (create, mkdir, chmod), not read from S3: shown
-    # with its setuid, setgid and sticky bits (Filesystem.attr).
-    mode_set_here: bool = False
     size: int = 0  # plaintext
     remote: Remote | None = None
     # What it holds locally (write-back file, sealed version not in S3 yet: upload/files.py),
     # made on first use: most known files are only listed (see the property w).
     _w: FileWrite | None = field(default=None, init=False, repr=False)
     lookups: int = 0
-    opens: int = 0
-    writers: int = 0
-    unlinked: bool = False
-    # Looked up, listed or opened since the last sweep of a bounded table (NodeTable.to_forget).
-    recent: bool = False
-    # Its attributes are stored (read from S3 or written there), not the --dir-mode and owner
-    # defaults shown for a directory that carries none: those are never written back.
-    attrs_stored: bool = False
+    _flags: int = field(default=0, init=False, repr=False)  # the _Flag fields of Node
     _dir: DirState | None = field(default=None, init=False, repr=False)
     _extra: Extra | None = field(default=None, init=False, repr=False)
     _lock: trio.Lock | None = field(default=None, init=False, repr=False)
@@ -209,6 +227,18 @@ class Node(_NodeFields):
     index = _Aside[dict[str, IndexEntry] | None]("_dir", _NO_DIR)
     index_at = _Aside[float]("_dir", _NO_DIR)
     has_marker = _Aside[bool]("_dir", _NO_DIR)
+    # The mode was chosen through this mount (create, mkdir, chmod), not read from S3: shown
+    # with its setuid, setgid and sticky bits (Filesystem.attr).
+    mode_set_here = _Flag(1)
+    unlinked = _Flag(2)
+    # Looked up, listed or opened since the last sweep of a bounded table (NodeTable.to_forget).
+    recent = _Flag(4)
+    # Its attributes are stored (read from S3 or written there), not the --dir-mode and owner
+    # defaults shown for a directory that carries none: those are never written back.
+    attrs_stored = _Flag(8)
+    # Open file handles and those open for writing: few files at once have any.
+    opens = _Aside[int]("_extra", _NO_EXTRA)
+    writers = _Aside[int]("_extra", _NO_EXTRA)
     rdev = _Aside[int]("_extra", _NO_EXTRA)
     atime_ns = _Aside[int | None]("_extra", _NO_EXTRA)
     link_target = _Aside[bytes | None]("_extra", _NO_EXTRA)

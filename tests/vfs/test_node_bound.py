@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import os
 import stat
+import sys
 import tracemalloc
 
 from s3cryptfs.vfs.nodes import ROOT_INODE, Node, NodeTable
@@ -231,3 +232,34 @@ def test_a_file_two_sweeps_chose_is_asked_about_once() -> None:
     names = ops._names_to_drop()
     assert len(names) == len(set(names)) == len({id(n) for n in first + second})
     assert table.asked == len(names)
+
+
+def test_a_node_keeps_its_flags_in_one_slot_and_its_open_counts_aside() -> None:
+    """A wide directory holds a node per file: its four flags are bits of one slot and its
+    open counts live in the side record few files have (dropped again at the last close), so
+    a listed file's node stays at 160 bytes (192 with a slot each); the fields still read and
+    write as before."""
+    node = Node(5000, "d/f", stat.S_IFREG | 0o644, 0, 0, 0, 0)
+    assert sys.getsizeof(node) <= 160
+    node.unlinked = True
+    node.recent = True
+    node.recent = False
+    node.attrs_stored = True
+    assert (node.unlinked, node.recent, node.attrs_stored, node.mode_set_here) == (
+        True,
+        False,
+        True,
+        False,
+    )
+    assert node.opens == node.writers == 0 and node._extra is None  # nothing set aside yet
+    node.opens += 1
+    node.writers += 1
+    assert (node.opens, node.writers) == (1, 1) and node._extra is not None
+    node.opens -= 1
+    assert node.opens == 0 and node.writers == 1
+    node.writers -= 1  # the last close: a record holding only defaults goes
+    assert node._extra is None and (node.opens, node.writers) == (0, 0)
+    node.opens = 1
+    node.error = "failed"
+    node.opens = 0
+    assert node._extra is not None and node.error == "failed"  # kept: it holds something
