@@ -159,16 +159,16 @@ class _Aside(Generic[T]):
     def __set__(self, node: Node, value: T) -> None:
         record = getattr(node, self.side)
         empty = self.empty
+        default = value == getattr(empty, self.name)
         if record is None:
-            if value == getattr(empty, self.name):
+            if default:
                 return
             record = type(empty)()
             setattr(node, self.side, record)
         setattr(record, self.name, value)
         # Back to its default (a file's last close): a record holding only defaults goes, or
         # every file ever opened would keep one.
-        back = value is getattr(empty, self.name) or value == 0
-        if back and all(getattr(record, f) == getattr(empty, f) for f in record.__slots__):
+        if default and all(getattr(record, f) == getattr(empty, f) for f in record.__slots__):
             setattr(node, self.side, None)
 
 

@@ -178,7 +178,7 @@ def test_a_listed_file_past_the_bound_costs_only_its_listing_entry(
     reply's entries): the files the kernel dropped keep only their listing entry, index entry
     and strings. Counted by tracemalloc: about 650 bytes each (of which ~130 are the S3
     client's and the test's log capture); a dropped node left behind (node, remote version,
-    path, table slots) would add about 450."""
+    path, table slots) would add about 410."""
     names = [f"f{i:05d}" for i in range(2000)]
     copies(core, driver, names)
     core.stop()
