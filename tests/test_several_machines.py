@@ -101,7 +101,11 @@ def shell_write(path: Path, data: bytes, together: threading.Barrier | None = No
     them can have seen another's version (they are concurrent, not one after the other)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     if together is not None:
-        together.wait(30)
+        try:
+            together.wait(30)
+        except threading.BrokenBarrierError:
+            os.close(fd)  # another writer failed: that is the error to report, not a busy mount
+            raise
     fd2 = os.dup(fd)
     os.close(fd)
     os.write(fd2, data)
@@ -250,8 +254,18 @@ def test_stress_three_mounts_lose_no_closed_version(make_volume, bucket) -> None
     last = {(i, n): f"last word of mount {i} on {n}\n".encode() for i in range(3) for n in names}
     closed.update(last.values())
     together = threading.Barrier(len(last))
+    failures: list[str] = []
+
+    def final_write(i: int, m, n: str) -> None:
+        # Nothing deletes or renames any more: every one of these opens must succeed,
+        # without the ESTALE the random phase may meet.
+        try:
+            shell_write(m.mountpoint / n, last[(i, n)], together)
+        except (OSError, threading.BrokenBarrierError) as exc:
+            failures.append(f"mount {i}, last write of {n}: {exc!r}")
+
     finals = [
-        threading.Thread(target=shell_write, args=(m.mountpoint / n, last[(i, n)], together))
+        threading.Thread(target=final_write, args=(i, m, n))
         for n in names
         for i, m in enumerate(mounts)
     ]
@@ -259,6 +273,7 @@ def test_stress_three_mounts_lose_no_closed_version(make_volume, bucket) -> None
         t.start()
     for t in finals:
         t.join()
+    assert not [f for f in failures if "BrokenBarrier" not in f], failures
     for m in mounts:
         m.umount()
     check = mounts[0]

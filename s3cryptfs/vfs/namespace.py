@@ -243,6 +243,14 @@ class Namespace:
             await self._rename_dir(node, new_path, target)
         else:
             moved = await self._rename_file(node, new_path, target)
+        if node.unlinked:
+            # Another machine deleted it while the rename waited for its upload, which lost
+            # to that delete and went to a conflict copy (Versions.conflicted). There is
+            # nothing left to move; given a name again, the node would be handed to the
+            # kernel there and every open of that name would fail with ESTALE.
+            if moved is None:
+                raise NoSuchEntry(f"{self.fs.key(node.path)} was deleted by another client")
+            node.unlinked = node.deleted_elsewhere = False  # its newest version goes there
         try:
             self.fs.listing.remove(src_parent.path, old_name)
             if target is not None:

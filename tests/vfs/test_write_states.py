@@ -134,6 +134,44 @@ def test_versions_closed_after_a_conflict_follow_it_to_the_copy(driver: CoreDriv
     assert driver.read_file("s.txt") == b"the other writer's version"
 
 
+def test_a_rename_that_waited_for_an_upload_lost_to_a_delete_elsewhere_says_enoent(
+    driver: CoreDriver,
+) -> None:
+    """A new file's rename waits for its first upload; another machine created the name and
+    deleted it again meanwhile, so the upload loses and goes to a conflict copy. The rename
+    must fail with ENOENT and leave no node under the new name: given that name, the deleted
+    node made every later open of it fail with ESTALE, even open(O_CREAT|O_TRUNC) (seen with
+    three mounts on one bucket)."""
+    store = driver.core.store
+    gate = store.hold("put", "vol/f1")
+    driver.write_file("f1", b"our version")
+    local = driver._lookup("f1").w.local
+    assert local is not None
+    wait_for(lambda: local.state is Upload.UPLOADING, what="its upload to wait at the gate")
+    store.conflict_on("vol/f1")  # the other machine's version was there first (and is gone)
+    failed: list[BaseException] = []
+
+    def rename() -> None:
+        try:
+            driver.rename("f1", "f2")
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            failed.append(exc)
+
+    renaming = threading.Thread(target=rename)
+    renaming.start()
+    time.sleep(0.5)  # (the rename is waiting for that upload by now)
+    gate.set()
+    renaming.join(30)
+    assert not renaming.is_alive()
+    assert len(failed) == 1 and isinstance(failed[0], OSError), failed
+    assert failed[0].errno == errno.ENOENT
+    copies = [k.removeprefix("vol/") for k in keys_in_s3(driver) if ".conflict-" in k]
+    assert len(copies) == 1 and driver.read_file(copies[0]) == b"our version"
+    assert not driver.exists("f2") and not driver.exists("f1")
+    driver.write_file("f2", b"written after")  # the name is free, as on a local disk
+    assert driver.read_file("f2") == b"written after"
+
+
 def test_a_key_manager_away_at_close_keeps_the_file_closed(driver: CoreDriver) -> None:
     fs = driver.fs
     fs.codec.pool = None  # no keys wrapped ahead of time: the close needs the key manager
