@@ -245,23 +245,29 @@ class Reader:
 
     def _pass_over(self, version: Version, offset: int, end: int, state: ReadState) -> None:
         """Scan resistance: once a sequential run has read more than half the cache's budget,
-        the chunks it has read whole leave the cache. The kernel's page cache holds them now,
+        the chunks it has read whole leave the cache, and from then on each as it is read
+        past. The kernel's page cache holds them now,
         and a `cat` of a big file would otherwise push out every other file's chunks and keep
         the budget's worth of memory in use after it (a copy right after it then peaked
         above the mount's usual footprint). Shorter runs, small files and random reads keep
         their chunks."""
         if not state.window:  # (not a continuation: _readahead has just set it)
-            state.streamed = 0
+            state.streamed = end - offset  # a run may start with this read
             return
+        half = self.cache.budget // 2
+        crossing = state.streamed <= half
         state.streamed += end - offset
-        if state.streamed <= self.cache.budget // 2:
+        if state.streamed <= half:
             return
         cipher = version.cipher
         assert cipher is not None
         # The run has read [end - streamed, end) in order: the chunks wholly inside it that
-        # this read touched (reads are often smaller than a chunk).
+        # this read touched (reads are often smaller than a chunk). The read that makes it a
+        # long run takes what the run read before it too: kept, that half budget would stay
+        # in memory after a `cat` of a big file, under the next transfer's buffers.
         run_start = end - state.streamed
-        first, last = cipher.chunk_of(offset), cipher.chunk_of(end - 1)
+        first = cipher.chunk_of(run_start if crossing else offset)
+        last = cipher.chunk_of(end - 1)
         if cipher.chunk_start(first) < run_start:
             first += 1
         if end < min(cipher.chunk_start(last + 1), version.plain_size):
