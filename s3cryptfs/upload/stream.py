@@ -54,7 +54,10 @@ log = logging.getLogger(__name__)
 
 MAX_PARTS = 10000  # S3's limit; a longer file stops streaming and is uploaded at close
 KEEP_IN_MEMORY = 2  # sealed parts waiting to be sent that stay in memory (others: re-read)
-ABSORB_PARTS = 4  # appended parts held in memory for the sealer; beyond, writes spill to disk
+# Appended parts held in memory for the sealer; beyond, writes wait for it (or spill to disk).
+# The part being filled and the one being sealed: with more, a copy's peak memory grew by
+# the extra parts and it went no faster (the sealer keeps up; the upload is the slow end).
+ABSORB_PARTS = 2
 
 
 _libc: Any = None
