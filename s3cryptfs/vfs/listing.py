@@ -136,6 +136,7 @@ class Listings:
             if node.listing_fetches == 0:
                 changes.clear()
         self._with_attrs(node, children, children)
+        self._share_names(node, children)
         for name in [n for n in children if self._hidden(node, children, n)]:
             del children[name]
         if not self.fs.opts.read_only:
@@ -163,10 +164,22 @@ class Listings:
                 and entry.is_dir == info.is_dir
                 and (info.is_dir or entry.etag == info.etag)
             ):
-                info.attrs = entry
+                _share(info, entry)
             if not self._hidden(node, children, name):
                 out.append((name, info))
         return out
+
+    @staticmethod
+    def _share_names(node: Node, children: dict[str, ChildInfo]) -> None:
+        """Key the directory's index by the listing's name strings instead of the copies its
+        JSON made: in a wide directory each name would be held twice."""
+        index = node.index
+        if not index:
+            return
+        shared = {name: index[name] for name in children if name in index}
+        if len(shared) < len(index):
+            shared.update((n, e) for n, e in index.items() if n not in shared)
+        node.index = shared
 
     @staticmethod
     def _hidden(node: Node, children: dict[str, ChildInfo], name: str) -> bool:
@@ -381,7 +394,7 @@ class Listings:
                     children = listed if listed is not None else self._children_of(node)
                     info = children.get(name) if children is not None else None
                     if info is not None and info.attrs is None and info.etag == entry.etag:
-                        info.attrs = entry
+                        _share(info, entry)
             if failed is not None:
                 raise failed
 
@@ -500,3 +513,13 @@ class Listings:
                 node.apply_attrs(own)
                 node.xattrs = decode_set(own.xattrs) if own.xattrs else {}
         return node.index
+
+
+def _share(info: ChildInfo, entry: IndexEntry) -> None:
+    """*entry* describes the listed version: the listing entry takes its attributes, and its
+    ETag and mtime objects instead of equal copies (a wide directory holds one of each per
+    file). The listed mtime (the upload's time) was only a stand-in for the file's own."""
+    info.attrs = entry
+    if not info.is_dir:
+        info.etag = entry.etag
+        info.mtime_ns = entry.mtime_ns
