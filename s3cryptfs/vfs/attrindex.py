@@ -25,8 +25,8 @@ import json
 import logging
 import re
 import stat
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Container, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -82,6 +82,34 @@ def shared_int(value: int) -> int:
     if len(_SHARED_INTS) < 4096:
         return _SHARED_INTS.setdefault(value, value)
     return _SHARED_INTS.get(value, value)
+
+
+@dataclass(slots=True)
+class _Known:
+    """The names a directory holds: those of its last full listing (*listed*, a live view:
+    the listing's table, which the mount's own creates and removals keep current), and
+    those noted in the index since, present or gone."""
+
+    listed: Container[str]
+    added: set[str] = field(default_factory=set)
+    removed: set[str] = field(default_factory=set)
+
+    def note(self, name: str, present: bool) -> None:
+        # Only what the listing does not say already: a pass of HEADs over a wide directory
+        # notes every file it lists.
+        if present:
+            self.removed.discard(name)
+            if name not in self.listed:
+                self.added.add(name)
+        else:
+            self.added.discard(name)
+            if name in self.listed:
+                self.removed.add(name)
+
+    def __contains__(self, name: object) -> bool:
+        if name in self.added:
+            return True
+        return name in self.listed and name not in self.removed
 
 
 # Slots: a loaded index holds one per entry of the directory, and a wide directory's index
@@ -239,7 +267,7 @@ class AttrIndex:
         # dir path -> name -> new entry, or None for "gone"
         self._pending: dict[str, dict[str, IndexEntry | None]] = {}
         # dir path -> names the directory is known to hold (when we have a fresh full listing)
-        self._known_names: dict[str, set[str]] = {}
+        self._known_names: dict[str, _Known] = {}
         # dirs removed or renamed away: their stored index is discarded, not merged
         self._reset: set[str] = set()
         self._wake = trio.Event()
@@ -282,10 +310,7 @@ class AttrIndex:
         self._pending.setdefault(dir_path, {})[name] = entry
         known = self._known_names.get(dir_path)
         if known is not None:  # keep the pruning set as current as the listing would be
-            if entry is None:
-                known.discard(name)
-            else:
-                known.add(name)
+            known.note(name, entry is not None)
         self._wake.set()
 
     @contextlib.contextmanager
@@ -304,9 +329,11 @@ class AttrIndex:
             if dir_path in self._pending:
                 self._wake.set()
 
-    def note_names(self, dir_path: str, names: set[str]) -> None:
-        """A fresh full listing of *dir_path*: entries for other names can be dropped."""
-        self._known_names[dir_path] = set(names)
+    def note_names(self, dir_path: str, names: Container[str]) -> None:
+        """A fresh full listing of *dir_path*: entries for other names can be dropped.
+        *names* is kept as it is, not copied (the listing's own table: a copy would cost a
+        set slot per file of a wide directory); names noted since are tracked beside it."""
+        self._known_names[dir_path] = _Known(names)
 
     def forget_dir(self, dir_path: str) -> None:
         """*dir_path* was removed or renamed away: drop its pending changes and its index."""

@@ -140,7 +140,7 @@ class Listings:
         for name in [n for n in children if self._hidden(node, children, n)]:
             del children[name]
         if not self.fs.opts.read_only:
-            self.fs.index.note_names(node.path, set(children) | {SELF})
+            self.fs.index.note_names(node.path, children)  # (the index's own entry: kept)
         for pending in self.fs.unsynced:
             if pending.parent_path == node.path and not pending.unlinked:
                 children.setdefault(pending.name, ChildInfo(pending.is_dir))
