@@ -246,11 +246,10 @@ class Reader:
     def _pass_over(self, version: Version, offset: int, end: int, state: ReadState) -> None:
         """Scan resistance: once a sequential run has read more than half the cache's budget,
         the chunks it has read whole leave the cache, and from then on each as it is read
-        past. The kernel's page cache holds them now,
-        and a `cat` of a big file would otherwise push out every other file's chunks and keep
-        the budget's worth of memory in use after it (a copy right after it then peaked
-        above the mount's usual footprint). Shorter runs, small files and random reads keep
-        their chunks."""
+        past. The kernel's page cache holds them now, and a `cat` of a big file would
+        otherwise push out every other file's chunks and keep the budget's worth of memory
+        in use after it (a copy right after it then peaked above the mount's usual
+        footprint). Shorter runs, small files and random reads keep their chunks."""
         if not state.window:  # (not a continuation: _readahead has just set it)
             state.streamed = end - offset  # a run may start with this read
             return
