@@ -309,6 +309,31 @@ def test_wrong_credentials_are_denied_at_once(seaweed_auth, client, monkeypatch)
     assert good.head("c").metadata == {"m": "2"}
 
 
+def test_no_credentials_anywhere_is_one_clean_error(seaweed_auth, client, monkeypatch, capfd):
+    """Neither environment, profile nor instance role: each request is refused as "no S3
+    credentials found", at once, and no exception escapes inside the client (Python would
+    print it, with its traceback, under the command's one-line error)."""
+    import sys
+
+    import botocore.session
+
+    escaped: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", escaped.append)
+    bucket = seaweed_auth.make_bucket(f"nocreds-{client}-{os.getpid()}-{time.monotonic_ns()}")
+    session = botocore.session.get_session()
+    monkeypatch.setattr(session, "get_credentials", lambda: None)
+    monkeypatch.setattr(botocore.session, "get_session", lambda: session)
+    store = open_store(
+        StoreSettings(bucket=bucket, endpoint_url=seaweed_auth.endpoint_url, client=client)
+    )
+    capfd.readouterr()
+    for call in (lambda: store.head("k"), lambda: store.put("k", b"v", {})):
+        with pytest.raises(AccessDenied, match="no S3 credentials found"):
+            call()
+    assert capfd.readouterr().err == ""
+    assert escaped == []
+
+
 def test_refreshable_credentials_are_asked_again(seaweed_auth, client, monkeypatch):
     """Fixed keys are read once; credentials that expire (an instance role, SSO) are asked for
     again by the client, so a refreshed key signs the next request."""
