@@ -522,3 +522,41 @@ def test_chown_and_a_write_by_another_user_clear_setuid(volume):
         volume.remount("--allow-other")
         assert os.stat(f).st_mode & 0o7777 == 0o0777
         assert f.read_bytes() == b"#!/bin/sh\necho"
+
+
+def test_a_set_group_id_directory_gives_new_entries_its_group(volume):
+    """Shared project directories: in a directory with the set-group-ID bit, what anyone
+    creates takes the directory's group, and new directories keep the bit; kept in S3."""
+    volume.init()
+    volume.mount("--allow-other")
+    m = volume.mountpoint
+    with _traversable(m):
+        os.chmod(m, 0o755)
+        shared = m / "shared"
+        shared.mkdir()
+        os.chown(shared, 0, 4242)
+        os.chmod(shared, 0o2777)
+        s = str(shared)
+        (shared / "f").write_text("root's")
+        os.mkdir(shared / "d", 0o755)
+        os.symlink("f", shared / "l")
+        os.mkfifo(shared / "p")
+        made = _errno_as_nobody(
+            f"open({s!r} + '/theirs', 'w').write('x')\n"
+            f"os.mkdir({s!r} + '/theirdir')\n"
+            # not a member of 4242: the kernel drops the bit of a new file's mode
+            f"os.close(os.open({s!r} + '/sgid', os.O_CREAT | os.O_WRONLY, 0o2775))"
+        )
+        assert made == "ok"
+        (m / "plain").write_text("x")  # outside it, the creator's group
+        for attempt in range(2):
+            for name in ("f", "d", "l", "p", "theirs", "theirdir", "sgid"):
+                assert os.lstat(shared / name).st_gid == 4242, name
+            assert os.stat(shared / "theirs").st_uid == 65534
+            assert os.stat(shared / "d").st_mode & 0o7777 == 0o2755
+            assert os.stat(shared / "theirdir").st_mode & stat.S_ISGID
+            assert os.stat(shared / "f").st_mode & stat.S_ISGID == 0
+            assert os.stat(shared / "sgid").st_mode & 0o7777 == 0o0755
+            assert os.stat(m / "plain").st_gid == 0
+            if attempt == 0:
+                volume.remount("--allow-other")

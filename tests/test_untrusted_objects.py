@@ -52,11 +52,11 @@ def test_setuid_setgid_and_sticky_bits_from_s3_are_masked(make_volume, s3client)
     (m / "own").write_bytes(b"chmod u+s through the mount")
     os.chmod(m / "own", 0o4755)
     (m / "shared").mkdir()
-    os.chmod(m / "shared", 0o1777)
+    os.chmod(m / "shared", 0o3777)
     os.chmod(m, 0o1777)
     (m / "planted").write_bytes(b"the attacker sets its mode")
     # what this session chose itself, it shows
-    assert (mode_of(m / "own"), mode_of(m / "shared"), mode_of(m)) == (0o4755, 0o1777, 0o1777)
+    assert (mode_of(m / "own"), mode_of(m / "shared"), mode_of(m)) == (0o4755, 0o3777, 0o1777)
     vol.umount()
     set_metadata(s3client, vol.bucket, vol.prefix + "planted", **{"s3cryptfs-mode": "107777"})
 
@@ -66,8 +66,8 @@ def test_setuid_setgid_and_sticky_bits_from_s3_are_masked(make_volume, s3client)
     assert mode_of(m / "planted") == 0o777
     os.listdir(m)  # "own" and "shared" from the directory index
     assert mode_of(m / "own") == 0o755
-    # a directory's sticky bit comes from its sealed index: kept (a /tmp stays one)
-    assert mode_of(m / "shared") == 0o1777
+    # a directory's sticky and setgid bits come from its sealed index: kept (a /tmp stays one)
+    assert mode_of(m / "shared") == 0o3777
     assert mode_of(m) == 0o1777
     assert os.stat(m / "planted").st_mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX) == 0
     # masked on the way to the kernel only: what is stored stays as it was
@@ -78,7 +78,7 @@ def test_setuid_setgid_and_sticky_bits_from_s3_are_masked(make_volume, s3client)
     vol.mount("--trust-attributes")
     assert mode_of(m / "planted") == 0o7777
     assert mode_of(m / "own") == 0o4755
-    assert mode_of(m / "shared") == 0o1777
+    assert mode_of(m / "shared") == 0o3777
     assert mode_of(m) == 0o1777
 
 

@@ -56,6 +56,7 @@ from s3cryptfs.vfs.nodes import (
     NodeTable,
     Remote,
     child_path,
+    inherited_group,
     now_ns,
     shared_metadata,
 )
@@ -71,8 +72,10 @@ T = TypeVar("T")
 # (sticky): anyone who can write to the bucket can set them in object metadata, so modes read
 # from S3 are shown without them unless the user trusts the bucket's attributes
 # (docs/SEMANTICS.md). A directory's mode comes from its sealed index, which a bucket writer
-# cannot forge: its sticky bit is shown (a /tmp-like directory stays one after a remount).
+# cannot forge: its sticky and set-group-ID bits are shown (a /tmp-like directory stays one
+# after a remount, and a shared group directory keeps giving new entries its group).
 PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
+DIR_BITS_SHOWN = stat.S_ISGID | stat.S_ISVTX
 
 
 @dataclass
@@ -363,7 +366,7 @@ class Filesystem:
         if not (self.opts.trust_attributes or node.mode_set_here):
             # The one place modes from S3 are masked: on the way to the kernel, so that what
             # is stored is kept as it is (for a mount that trusts it, and in the index).
-            mode &= ~(PRIVILEGE_BITS & ~stat.S_ISVTX if node.is_dir else PRIVILEGE_BITS)
+            mode &= ~(PRIVILEGE_BITS & ~DIR_BITS_SHOWN if node.is_dir else PRIVILEGE_BITS)
         return Attr(
             ino=node.ino,
             mode=mode,
@@ -523,7 +526,8 @@ class Filesystem:
             return handle
         now = now_ns()
         path = child_path(parent.path, name)
-        node = Node(self.nodes.new_ino(), path, stat.S_IFREG | (mode & 0o7777), uid, gid, now, now)
+        gid, mode = inherited_group(parent, gid, stat.S_IFREG | (mode & 0o7777))
+        node = Node(self.nodes.new_ino(), path, mode, uid, gid, now, now)
         node.mode_set_here = True
         node.xattrs = {}
         self.nodes.add(node)

@@ -31,7 +31,15 @@ from s3cryptfs.format import gateway as gw
 from s3cryptfs.format import metadata as md
 from s3cryptfs.upload.journal import ABSENT, Base, Entry
 from s3cryptfs.vfs.attrindex import SELF
-from s3cryptfs.vfs.nodes import ChildInfo, Listing, Node, Remote, child_path, now_ns
+from s3cryptfs.vfs.nodes import (
+    ChildInfo,
+    Listing,
+    Node,
+    Remote,
+    child_path,
+    inherited_group,
+    now_ns,
+)
 
 if TYPE_CHECKING:
     from s3cryptfs.vfs.core import Filesystem
@@ -66,13 +74,14 @@ class Namespace:
     ) -> Node:
         parent, path = await self._new_name(parent_ino, name, is_dir=True)
         now = now_ns()
-        attrs = md.PosixAttrs(stat.S_IFDIR | (mode & 0o7777), uid, gid, now)
+        gid, mode = inherited_group(parent, gid, stat.S_IFDIR | (mode & 0o7777))
+        attrs = md.PosixAttrs(mode, uid, gid, now)
         marker = self.fs.key(path) + "/"
         await self.fs._thread(
             lambda: self.fs.store.put(marker, b"", attrs.encode(), if_none_match=True)
         )
         node = self.fs._dir_node(path, now)
-        node.mode, node.uid, node.gid = stat.S_IFDIR | (mode & 0o7777), uid, gid
+        node.mode, node.uid, node.gid = mode, uid, gid
         node.mode_set_here = True
         node.has_marker = True
         node.listing = Listing({})
@@ -91,6 +100,7 @@ class Namespace:
     ) -> Node:
         parent, path = await self._new_name(parent_ino, name, is_dir=False)
         now = now_ns()
+        gid, _ = inherited_group(parent, gid, stat.S_IFLNK | 0o777)
         attrs = md.PosixAttrs(stat.S_IFLNK | 0o777, uid, gid, now)
         with self.fs.codec.fence():
             body, meta = await self.fs._thread(
@@ -583,7 +593,7 @@ class Namespace:
             raise InvalidRequest(f"mknod of file type {kind:o}")
         parent, path = await self._new_name(parent_ino, name, False)
         now = now_ns()
-        mode = kind | (mode & 0o7777)
+        gid, mode = inherited_group(parent, gid, kind | (mode & 0o7777))
         attrs = md.PosixAttrs(mode, uid, gid, now, rdev if md.is_device(mode) else None)
         key = self.fs.key(path)
         with self.fs.codec.fence():

@@ -361,6 +361,20 @@ def shared_metadata(meta: dict[str, str]) -> dict[str, str]:
     }
 
 
+def inherited_group(parent: Node, gid: int, mode: int) -> tuple[int, int]:
+    """The group and mode of a node that the caller of group *gid* creates in *parent*.
+
+    In a directory with the set-group-ID bit, new entries take the directory's group and new
+    directories keep the bit, as on a local disk: shared project directories rely on it. The
+    kernel has already cleared the bit from the mode of a file whose creator is not a member
+    of that group, and only it knows the creator's supplementary groups."""
+    if not parent.mode & stat.S_ISGID:
+        return gid, mode
+    if stat.S_ISDIR(mode):
+        mode |= stat.S_ISGID
+    return parent.gid, mode
+
+
 def child_path(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
