@@ -555,6 +555,15 @@ class ObjectCodec:
         except FormatError as exc:
             raise FormatError(f"{name}: {exc}" if name else str(exc)) from None
 
+    def body_size(self, plain_size: int) -> int:
+        """Length of the body this codec seals *plain_size* bytes into."""
+        return v1.cipher_size(plain_size, self.chunk_size)
+
+    @property
+    def max_file_size(self) -> int:
+        """The largest file that still fits in one S3 object once sealed."""
+        return v1.max_plain_size(limits.OBJECT_MAX, self.chunk_size)
+
     def plain_size(self, body_size: int, chunk_size: int | None = None) -> int:
         return v1.plain_size(body_size, chunk_size or self.chunk_size)
 

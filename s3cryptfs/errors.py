@@ -201,6 +201,11 @@ class AttributesFull(FsError):
     (as ext4 says when they outgrow the inode's block)."""
 
 
+class FileTooLarge(FsError):
+    """A size past the largest file one S3 object holds once sealed (5 TiB with the format's
+    header and tags)."""
+
+
 class Busy(FsError):
     """Not done in time: a drain that did not empty the upload queue."""
 
@@ -261,6 +266,7 @@ ERRNO_TABLE: dict[type[BaseException], int] = {
     AttributeNameTooLong: errno.ERANGE,  # as the kernel and ext4 say
     AttributeTooLarge: errno.E2BIG,
     AttributesFull: errno.ENOSPC,
+    FileTooLarge: errno.EFBIG,
     Busy: errno.EBUSY,
     UploadConflict: errno.EIO,
     # Our own local files (write-back files, the journal, the block cache): their errno is

@@ -27,6 +27,15 @@ SYMLINK_BODY_MAX = PATH_MAX + 28 + 16
 # one byte can be checked. The default of --max-whole-object.
 WHOLE_OBJECT_DEFAULT = 256 * MiB
 
+# --- files ------------------------------------------------------------------------------------
+
+# S3's largest object: a file's whole encrypted body is one object, so its plaintext must fit
+# in this with the format's header and tags (ObjectCodec.max_file_size).
+OBJECT_MAX = 5 * 1024 * GiB
+# Room a seal leaves free in the cache directory's file system, for the journal's records, the
+# closed-file records and the log (upload/files.py checks before it writes a body).
+CACHE_RESERVE = 64 * MiB
+
 # --- names ------------------------------------------------------------------------------------
 
 NAME_MAX = 255  # bytes of one name, as on ext4 (statfs's f_namemax says so)

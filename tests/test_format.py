@@ -1116,3 +1116,12 @@ def test_seal_into_writes_what_seal_returns():
         cipher.seal_into(7 + i, memoryview(plain), i == 1, view[i * stride : (i + 1) * stride])
     assert bytes(out) == cipher.seal(7, plain, False) + cipher.seal(8, plain, True)
     assert cipher.open(8, bytes(out[4096 + fmt.TAG_LEN :]), True) == plain
+
+
+@pytest.mark.parametrize("chunk", [4096, 64 * 1024, 1024 * 1024])
+def test_the_largest_file_is_the_largest_that_fits_in_one_object(chunk):
+    from s3cryptfs.limits import OBJECT_MAX
+
+    top = v1.max_plain_size(OBJECT_MAX, chunk)
+    assert v1.cipher_size(top, chunk) <= OBJECT_MAX < v1.cipher_size(top + 1, chunk)
+    assert top > OBJECT_MAX * 0.99  # the tags take well under 1 %

@@ -85,6 +85,13 @@ def cipher_size(plain_size: int, chunk_size: int) -> int:
     return HEADER_LEN + plain_size + TAG_LEN * chunk_count(plain_size, chunk_size)
 
 
+def max_plain_size(body_max: int, chunk_size: int) -> int:
+    """The largest plaintext whose body is at most *body_max* bytes long."""
+    stride = chunk_size + TAG_LEN
+    full, rest = divmod(body_max - HEADER_LEN, stride)
+    return full * chunk_size + max(0, rest - TAG_LEN)
+
+
 def plain_size(body_size: int, chunk_size: int) -> int:
     """Plaintext length of a *body_size*-byte body; IntegrityError if no body has that length."""
     payload = body_size - HEADER_LEN

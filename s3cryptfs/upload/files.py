@@ -29,18 +29,18 @@ import trio
 
 from s3cryptfs.cache.reader import Reader, Version
 from s3cryptfs.codec import ObjectCodec, SealedObject
-from s3cryptfs.errors import IntegrityError, S3CryptFSError, strip_subject
+from s3cryptfs.errors import IntegrityError, S3CryptFSError
 from s3cryptfs.format import metadata as md
 from s3cryptfs.store.base import ObjectStore
 from s3cryptfs.store.helper import UploadHelper
 from s3cryptfs.upload import closed as closed_files
 from s3cryptfs.upload.journal import ABSENT, CHAIN, FOLLOW, Base, Entry, Journal
+from s3cryptfs.upload.keep import KeptClosed
 from s3cryptfs.upload.state import (
     Staged,
     Staging,
     Written,
     posix_attrs,
-    trouble_kind,
 )
 from s3cryptfs.upload.stream import Stream, part_plain_size
 from s3cryptfs.upload.uploader import Uploader
@@ -83,7 +83,7 @@ class WriteCallbacks:
     xattrs: Callable[[Any], Awaitable[dict[bytes, bytes]]] | None = None
 
 
-class WritePath:
+class WritePath(KeptClosed):
     def __init__(
         self,
         store: ObjectStore,
@@ -117,6 +117,7 @@ class WritePath:
         self.streams: set[Stream] = set()
         self.stream_limiter = trio.CapacityLimiter(store.settings.part_concurrency)
         self.closed_pending: dict[Any, str] = {}  # file -> why it is kept as closed
+        self.unrecorded: set[Any] = set()  # of those, the ones whose record is not written
         self._closed_kick = trio.Event()
         self._closed_at_start: list[tuple[str, closed_files.ClosedRecord]] = []
         self.nursery: trio.Nursery | None = None
@@ -237,80 +238,6 @@ class WritePath:
         for stream in list(self.streams):
             await stream.finished.wait()  # dropped ones abort their multipart uploads
         return []
-
-    def not_in_s3(self) -> list[tuple[str, str, str]]:
-        """(key, kind of trouble, why) of every closed version not in S3 yet: files closed but
-        not sealed (kind "key manager", "volume" or "local"), and sealed versions waiting
-        for their upload (kind "S3")."""
-        out = [(self.key(f), trouble_kind(why), why) for f, why in self.closed_pending.items()]
-        for entry in self.uploader.waiting():
-            why = str(entry.error) if entry.error is not None else "waiting for its upload"
-            out.append((entry.key, "S3", why))
-        return out
-
-    # --- closed files that could not be sealed ------------------------------------------
-
-    async def seal_closed(self, f: Written) -> bool:
-        """Seal a closed file into the journal now; on failure keep it as closed (durably)
-        and let the retry task try again. True when it was sealed."""
-        try:
-            await self.commit(f)
-        except Exception as exc:  # noqa: BLE001 - whatever stops the seal, the content stays
-            await self.keep_closed(f, exc)
-            return False
-        return True
-
-    async def keep_closed(self, f: Written, exc: BaseException) -> None:
-        w = f.w
-        staging = w.staging
-        if staging is None or f.unlinked or not w.unsealed:
-            return
-        key = self.key(f)
-        why = f"{type(exc).__name__}: {strip_subject(exc, key)}"
-        first = f not in self.closed_pending
-        self.closed_pending[f] = w.why = why
-        kind, etag = self.base(f)
-        base = [kind, etag] if kind in ("etag", "absent") else ["unknown", ""]
-        xattrs = closed_files.xattrs_field(f.xattrs)
-        record = closed_files.ClosedRecord(
-            f.path, base, f.mode, f.uid, f.gid, f.mtime_ns, f.size, xattrs
-        )
-        await self._thread(closed_files.write, staging.fd, staging.path, record)
-        w._to(Staged.CLOSED)
-        if first:
-            log.error(
-                "%s: closed, but it cannot be sealed for upload now (%s); its content is kept "
-                "on this disk and sealed as soon as that works",
-                key,
-                why,
-            )
-            self._closed_kick.set()
-
-    async def _retry_closed(self) -> None:
-        """Seal the files kept as closed, with a bounded backoff (1 s doubling to 60 s)."""
-        delay = 1.0
-        while True:
-            wait = delay if self.closed_pending else float("inf")
-            with trio.move_on_after(wait):
-                await self._closed_kick.wait()
-            self._closed_kick = trio.Event()
-            failed = False
-            for f in list(self.closed_pending):
-                if f.unlinked or not f.w.unsealed:
-                    self.closed_pending.pop(f, None)
-                    continue
-                if f.writers:
-                    continue  # open for writing again: its next close seals it
-                failed |= not await self.seal_closed(f)
-            delay = min(60.0, delay * 2) if failed else 1.0
-
-    async def forget_closed(self, f: Written) -> None:
-        """*f* was deleted by its user: a crash must not bring it back (its write-back file
-        stays for readers that still have it open; it is never sealed once unlinked)."""
-        w = f.w
-        if w.state is Staged.CLOSED and w.staging is not None:
-            await self._thread(closed_files.remove, w.staging.path)
-        self.closed_pending.pop(f, None)
 
     # --- the write-back file -------------------------------------------------------------
 
@@ -589,6 +516,8 @@ class WritePath:
                 else:
                     seq = self.journal.next_seq()
                     slot = self.journal.slots.take() if f.size <= SLOT_PLAIN else None
+                    if slot is None:
+                        await self._thread(self.journal.check_room, self.codec.body_size(f.size))
                     sealed, entry = await self._thread(
                         self._commit_sealed, staging, seq, slot, attrs, xattrs, key, new_entry
                     )
@@ -608,6 +537,11 @@ class WritePath:
                 w.why = None
                 if self.closed_pending.pop(f, None) is not None:
                     log.info("%s: sealed for upload after all", key)
+            elif f in self.unrecorded:
+                self.unrecorded.discard(f)
+                w.why = None
+                self.closed_pending.pop(f, None)
+                log.info("%s: sealed for upload after all", key)
             w._to(Staged.CLEAN if w.writes == writes else Staged.DIRTY)
             self._install(f, entry, sealed)
             # Streamed: mostly in S3 already, and a wait could only have it resent whole.
@@ -700,8 +634,14 @@ class WritePath:
                 with open(entry.body_path, "wb") as fh:
                     fh.write(body)
             else:
-                with self.journal.open_body(seq) as dst:
-                    sealed = self.codec.seal_stream(src, dst, attrs, key, xattrs)
+                try:
+                    with self.journal.open_body(seq) as dst:
+                        sealed = self.codec.seal_stream(src, dst, attrs, key, xattrs)
+                except BaseException:
+                    # A part-written body (a full disk) would keep the room it took.
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.journal.body_path(seq))
+                    raise
                 entry = new_entry(seq, sealed, self.journal.body_path(seq), 0)
         self.journal.write_record(entry)
         return sealed, entry

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any
 
 import trio
 
+from s3cryptfs import limits
 from s3cryptfs.upload.commits import GroupCommit
 from s3cryptfs.upload.slots import SlotPool, SlotRecord
 
@@ -149,6 +151,21 @@ class Journal:
         self._slot_records = self.slots.scan()
         for rec in self._slot_records:
             self._seq = max(self._seq, rec.seq)
+
+    def check_room(self, needed: int) -> None:
+        """ENOSPC unless *needed* bytes fit in the journal's file system with CACHE_RESERVE
+        to spare, checked before a body is written: a sparse file of a terabyte is small on
+        this disk but a terabyte of ciphertext here, and a disk filled halfway through a
+        seal leaves every other file without room."""
+        st = os.statvfs(self.dir)
+        free = st.f_bavail * st.f_frsize
+        if needed + limits.CACHE_RESERVE > free:
+            raise OSError(
+                errno.ENOSPC,
+                f"sealing it takes {needed / limits.MiB:,.1f} MiB in the cache directory, "
+                f"which has {free / limits.MiB:,.1f} MiB free and keeps "
+                f"{limits.CACHE_RESERVE // limits.MiB} MiB of them in reserve",
+            )
 
     def next_seq(self) -> int:
         self._seq += 1

@@ -25,6 +25,7 @@ from s3cryptfs.codec import OWN, ObjectCodec, object_kind
 from s3cryptfs.errors import (
     AlreadyExists,
     BadHandle,
+    FileTooLarge,
     IntegrityError,
     InvalidRequest,
     IsDirectory,
@@ -558,6 +559,7 @@ class Filesystem:
         if not handle.writable:
             raise BadHandle()
         node = handle.node
+        self._check_size(offset + len(data))
         await self._materialize(node)
         written = await self.writes.write(node, offset, data)
         node.mtime_ns = node.ctime_ns = now_ns()
@@ -566,6 +568,10 @@ class Filesystem:
             # With direct I/O the kernel leaves this to the file system (FUSE's killpriv).
             await self.setattr(node.ino, fh, mode=node.mode & ~kill)
         return written
+
+    def _check_size(self, size: int) -> None:
+        if size > self.codec.max_file_size:
+            raise FileTooLarge(f"{size} bytes: over {self.codec.max_file_size}, one S3 object")
 
     async def flush(self, fh: int) -> None:
         """close(): seal the file into the journal. When that cannot be done now (its key
@@ -668,6 +674,7 @@ class Filesystem:
         if size is not None:
             if node.is_dir:
                 raise IsDirectory()
+            self._check_size(size)
             if size == 0 and node.w.staging is None:
                 node.w.attach(self.writes.new_staging(node.path), dirty=True)
             else:
@@ -676,7 +683,7 @@ class Filesystem:
             node.mtime_ns = now
             if fh is None and node.writers == 0:
                 # truncate(2) by name: like a close, kept as closed if it cannot be sealed now
-                await self.writes.seal_closed(node)
+                await self.writes.seal_closed(node, tell=True)
                 self.writes.release_if_idle(node)
         meta_changed = False
         if mode is not None:

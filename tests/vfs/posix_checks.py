@@ -139,3 +139,19 @@ def content_survives_a_remount(d: Driver) -> None:
     d.remount()
     want = big[:500_000] + b"patched" + big[500_007:]
     assert d.read_file("big") == want
+
+
+@check
+def a_size_past_one_s3_object_is_efbig(d: Driver) -> None:
+    """A file is one S3 object, at most 5 TiB once sealed: a truncate or a write past that
+    says EFBIG (pjdfstest's truncate/12 asks for 999999999999999999 bytes) and changes
+    nothing."""
+    d.write_file("f", b"kept")
+    raises(errno.EFBIG, d.truncate, "f", 999_999_999_999_999_999)
+    raises(errno.EFBIG, d.truncate, "f", 5 * 2**40)
+    fh = d.open("f", os.O_WRONLY)
+    try:
+        raises(errno.EFBIG, d.write_at, fh, 5 * 2**40, b"x")
+    finally:
+        d.close(fh)
+    assert d.read_file("f") == b"kept"
