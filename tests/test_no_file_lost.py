@@ -133,6 +133,7 @@ def test_closed_files_are_sealed_when_the_kms_comes_back(kms_volume, s3client):
         for name, data in files.items():
             (m / name).write_bytes(data)
         assert stats(vol)["closed_not_sealed"] >= 1
+        assert "closed, not sealed yet" in vol.run("status", m).stdout
         log = "".join(p.read_text() for p in vol.cache_dir.glob("*/mount.log"))
         assert "cannot be sealed for upload now" in log
     # No user action: the mount keeps trying, with a bounded backoff.

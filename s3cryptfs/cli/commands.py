@@ -95,6 +95,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"({up.get('queued', 0)} queued, {up.get('in_flight', 0)} uploading, "
         f"{up.get('queued_bytes', 0) / 2**20:.1f} MiB waiting)"
     )
+    if status.get("closed_not_sealed"):
+        print(
+            f"not sealed:   {status['closed_not_sealed']} closed, not sealed yet (kept on this "
+            "disk and retried; the mount's log says why)"
+        )
     conflicts = status.get("conflicts", {})
     if conflicts.get("count"):
         latest = ", ".join(conflicts.get("latest", [])[-3:])
