@@ -159,7 +159,8 @@ class Journal:
         seal leaves every other file without room."""
         st = os.statvfs(self.dir)
         free = st.f_bavail * st.f_frsize
-        if needed + limits.CACHE_RESERVE > free:
+        # (a file system that reports no size at all, as some FUSE ones do, is not judged)
+        if st.f_blocks and needed + limits.CACHE_RESERVE > free:
             raise OSError(
                 errno.ENOSPC,
                 f"sealing it takes {needed / limits.MiB:,.1f} MiB in the cache directory, "
