@@ -162,3 +162,18 @@ def test_index_version_3_carries_the_atime_of_files_only():
         doc["entries"]["f"][6] = bad
         with pytest.raises(ValueError):
             decode("p", json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize("atime", [-1, -(10**18), 2**63, 2**40 * 10**9])
+def test_an_atime_readers_refuse_is_left_out_of_the_index(atime):
+    """`touch -a -d 1960-01-01` of one file must not make every reader refuse its
+    directory's index (and HEAD every file instead): that atime stays in the object only."""
+    from s3cryptfs.vfs.attrindex import IndexEntry, decode, encode
+
+    entries = {
+        "old": IndexEntry('"e"', 0o100644, 0, 0, 5, atime_ns=atime),
+        "new": IndexEntry('"x"', 0o100644, 0, 0, 5, atime_ns=7),
+    }
+    back = decode("p", encode("p", entries))
+    assert back["old"] == IndexEntry('"e"', 0o100644, 0, 0, 5)
+    assert back["new"].atime_ns == 7

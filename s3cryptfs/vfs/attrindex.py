@@ -139,7 +139,9 @@ class IndexEntry:
 def _row(e: IndexEntry) -> list[Any]:
     row: list[Any] = [e.etag, e.mode, e.uid, e.gid, e.mtime_ns]
     blob = base64.b64encode(e.xattrs).decode("ascii") if e.xattrs and e.is_dir else ""
-    if e.atime_ns is not None and not e.is_dir:
+    if e.atime_ns is not None and not e.is_dir and 0 <= e.atime_ns <= _TIME_MAX:
+        # (one outside what readers accept, before 1970 or after 2262, is left to the object's
+        # metadata: writing it would make every reader refuse the whole index)
         row += [blob, e.atime_ns]
     elif blob:
         row.append(blob)
