@@ -552,7 +552,10 @@ class TcpProxy:
 
     def _serve(self, conn: _Conn) -> None:
         try:
-            conn.client.settimeout(_POLL)
+            try:
+                conn.client.settimeout(_POLL)
+            except OSError:
+                return  # stop() closed it before this thread began
             if self.mode == "blackhole":
                 conn.poisoned = True  # never connected upstream; never forwardable
                 self._pump(conn, conn.client, None)
