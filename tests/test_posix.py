@@ -376,6 +376,17 @@ def _as_nobody(code: str) -> subprocess.CompletedProcess:
 
 
 @contextlib.contextmanager
+def _shared_mount(volume):
+    """A new volume mounted with --allow-other, its root 0755 and reachable by other users."""
+    volume.init()
+    volume.mount("--allow-other")
+    m = volume.mountpoint
+    with _traversable(m):
+        os.chmod(m, 0o755)
+        yield m
+
+
+@contextlib.contextmanager
 def _traversable(path):
     """Let other users walk down to *path* (pytest's temporary directories are 0700)."""
     changed = []
@@ -384,11 +395,16 @@ def _traversable(path):
         if mode & 0o011 != 0o011:
             os.chmod(parent, mode | 0o011)
             changed.append((parent, mode))
+    # pytest-of-USER is shared by every pytest run of the user: a run restoring it while
+    # another one's test walks through it made that test see EACCES. It stays search-only.
+    shared = [p for p in path.parents if p.name.startswith("pytest-of-")]
+    keep = {shared[0], *shared[0].parents} if shared else set()
     try:
         yield
     finally:
         for parent, mode in reversed(changed):
-            os.chmod(parent, mode)
+            if parent not in keep:
+                os.chmod(parent, mode)
 
 
 def test_ownership_and_mode_of_a_directory_steer_the_kernels_permission_checks(volume):
@@ -460,11 +476,7 @@ def test_sticky_directories_search_permission_and_ownership_errnos(volume):
     """The errnos POSIX gives another user (uid 65534) in a sticky directory, without search
     permission, and on files it does not own: the kernel decides them from the owner and mode
     this mount reports, so they must be the stored ones, also after a remount."""
-    volume.init()
-    volume.mount("--allow-other")
-    m = volume.mountpoint
-    with _traversable(m):
-        os.chmod(m, 0o755)
+    with _shared_mount(volume) as m:
         tmp = m / "tmp"
         tmp.mkdir()
         os.chmod(tmp, 0o1777)
@@ -504,11 +516,7 @@ def test_sticky_directories_search_permission_and_ownership_errnos(volume):
 
 
 def test_chown_and_a_write_by_another_user_clear_setuid(volume):
-    volume.init()
-    volume.mount("--allow-other")
-    m = volume.mountpoint
-    with _traversable(m):
-        os.chmod(m, 0o755)
+    with _shared_mount(volume) as m:
         f = m / "prog"
         f.write_bytes(b"#!/bin/sh\n")
         os.chmod(f, 0o4755)
@@ -527,11 +535,7 @@ def test_chown_and_a_write_by_another_user_clear_setuid(volume):
 def test_a_set_group_id_directory_gives_new_entries_its_group(volume):
     """Shared project directories: in a directory with the set-group-ID bit, what anyone
     creates takes the directory's group, and new directories keep the bit; kept in S3."""
-    volume.init()
-    volume.mount("--allow-other")
-    m = volume.mountpoint
-    with _traversable(m):
-        os.chmod(m, 0o755)
+    with _shared_mount(volume) as m:
         shared = m / "shared"
         shared.mkdir()
         os.chown(shared, 0, 4242)
