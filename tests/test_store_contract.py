@@ -649,3 +649,30 @@ def test_get_bounded_reads_an_empty_and_a_middle_sized_object(store):
     etag = store.put("middle", big, {"m": "1"})
     body, info = store.get_bounded("middle", 4 * MIB, "test object")
     assert (body, info.etag, info.metadata, info.size) == (big, etag, {"m": "1"}, len(big))
+
+
+@pytest.mark.parametrize("url", ["notaurl", "127.0.0.1:9000", "http://", "ftp://host", "http://h:port"])
+def test_an_endpoint_that_is_no_url_is_a_usage_error(url, client):
+    """Before either client parses it (the CRT's parser failed with a traceback)."""
+    from s3cryptfs.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="is not an S3 endpoint"):
+        open_store(StoreSettings(bucket="b", endpoint_url=url, client=client))
+
+
+def test_an_endpoint_that_is_no_url_fails_the_mount_in_one_line(tmp_path):
+    from conftest import run_cli
+
+    password = tmp_path / "pw"
+    password.write_text("a password long enough")
+    password.chmod(0o600)
+    (tmp_path / "mnt").mkdir()
+    done = run_cli(
+        "mount", "s3://bucket/v", tmp_path / "mnt", "--endpoint-url", "notaurl",
+        "--password-file", password,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "s3cryptfs: --endpoint-url 'notaurl' is not an S3 endpoint: give http://HOST[:PORT] "
+        "or https://HOST[:PORT]"
+    ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.parse
+
 from s3cryptfs.errors import ConfigError
 from s3cryptfs.store.base import ObjectStore, StoreSettings
 from s3cryptfs.store.s3 import S3Store
@@ -9,7 +11,25 @@ from s3cryptfs.store.s3 import S3Store
 CLIENTS = ("boto3", "native")
 
 
+def check_endpoint(url: str | None) -> None:
+    """A usage error for an endpoint that is no http(s) URL with a host, before a client
+    fails on it with a message of its own parser (or a traceback)."""
+    if url is None:
+        return
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"--endpoint-url {url!r} is not an S3 endpoint: give http://HOST[:PORT] or "
+            "https://HOST[:PORT]"
+        )
+
+
 def open_store(settings: StoreSettings) -> ObjectStore:
+    check_endpoint(settings.endpoint_url)
     if settings.client == "boto3":
         return S3Store(settings)
     if settings.client == "native":
