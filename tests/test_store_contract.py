@@ -661,7 +661,7 @@ def test_an_endpoint_that_is_no_url_is_a_usage_error(url, client):
 
 
 def test_an_endpoint_that_is_no_url_fails_the_mount_in_one_line(tmp_path):
-    from conftest import run_cli
+    from tests.conftest import run_cli
 
     password = tmp_path / "pw"
     password.write_text("a password long enough")
