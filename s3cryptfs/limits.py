@@ -33,7 +33,7 @@ WHOLE_OBJECT_DEFAULT = 256 * MiB
 # in this with the format's header and tags (ObjectCodec.max_file_size).
 OBJECT_MAX = 5 * 1024 * GiB
 # Room a seal leaves free in the cache directory's file system, for the journal's records, the
-# closed-file records and the log (upload/files.py checks before it writes a body).
+# closed-file records and the log (Journal.check_room, before a body is written).
 CACHE_RESERVE = 64 * MiB
 
 # --- names ------------------------------------------------------------------------------------

@@ -534,13 +534,9 @@ class WritePath(KeptClosed):
                 # once flushed: the marker may only go after that.
                 await self.journal.commits.sync()
                 await self._thread(closed_files.remove, staging.path)
+            self.unrecorded.discard(f)
+            if self.closed_pending.pop(f, None) is not None:  # kept, recorded or not
                 w.why = None
-                if self.closed_pending.pop(f, None) is not None:
-                    log.info("%s: sealed for upload after all", key)
-            elif f in self.unrecorded:
-                self.unrecorded.discard(f)
-                w.why = None
-                self.closed_pending.pop(f, None)
                 log.info("%s: sealed for upload after all", key)
             w._to(Staged.CLEAN if w.writes == writes else Staged.DIRTY)
             self._install(f, entry, sealed)
