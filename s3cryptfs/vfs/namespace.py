@@ -358,19 +358,25 @@ class Namespace:
         old_base = entry.base
         old = node.remote
         base: Base = ("etag", target.remote.etag) if target and target.remote else ABSENT
+        # The old name holds an object when the file was in S3 under it, or when the version
+        # was to replace what the old name held (this file was itself renamed over a file
+        # in S3, not yet sent): either goes, or the old name comes back at the next listing.
+        replaced = old is None and old_base[0] == "etag"
         async with node.lock:  # no commit under the old name meanwhile
             self.fs.uploader.rekey(entry, new_key, base)
-            if old is None:
+            if old is None and not replaced:
                 return
+            # A replaced object's metadata is not at hand: its manifest, if any, goes too.
+            mpu = replaced or (old is not None and gw.is_mpu_object(old.metadata or {}))
             try:
                 await self.fs.journal.commits.sync()
-                await self._delete_old(old_key, gw.is_mpu_object(old.metadata or {}))
+                await self._delete_old(old_key, mpu)
             except BaseException:
                 # The old name still holds its version: the rename did not happen.
                 self.fs.uploader.rekey(entry, old_key, old_base)
                 raise
         node.remote = None  # until the upload lands under the new name (Versions.uploaded)
-        if old.version is not None:
+        if old is not None and old.version is not None:
             self.fs.reader.forget(old.version)
         self.fs.small.forget_key(old_key)
 

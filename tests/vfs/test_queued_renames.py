@@ -6,6 +6,7 @@ upload does not wait for the delay. Driven without a kernel, on the real server.
 from __future__ import annotations
 
 import os
+import stat
 import time
 
 import pytest
@@ -200,3 +201,26 @@ def test_the_delay_comes_back_after_a_drain(held: CoreDriver) -> None:
     before = len(driver.core.store.calls)
     driver.rename("after.tmp", "after.txt")
     assert sent_since(driver, before, "copy") == []
+
+
+def test_a_file_renamed_over_another_then_away_leaves_the_name_empty_in_s3(
+    held: CoreDriver,
+) -> None:
+    """pjdfstest's rename/09 pattern: `b` is in S3, `a` is renamed over it and, before its
+    upload, renamed away again. The version queued for `b` had replaced b's object; moved to
+    `c`, it must take that object with it, or the deleted `b` comes back at the next mount
+    (and a mkfifo of `b` fails its If-None-Match with EIO)."""
+    driver = held
+    fsynced(driver, "b", b"what b held")
+    driver.write_file("a", b"what a held")
+    driver.rename("a", "b")
+    driver.rename("b", "c")
+    assert not driver.exists("b")
+    assert "vol/b" not in keys_in_s3(driver)
+    # A FIFO where b was: its put wants an empty name.
+    driver._run(driver.fs.mknod, 1, "b", stat.S_IFIFO | 0o644, 0, 0, 0)
+    driver.core.stop()
+    assert sorted(keys_in_s3(driver)) == ["vol/b", "vol/c"]
+    driver.core.start()
+    assert driver.read_file("c") == b"what a held"
+    assert driver.stat("b").mode == stat.S_IFIFO | 0o644
