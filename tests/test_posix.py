@@ -458,6 +458,14 @@ def test_an_atime_set_explicitly_is_kept_and_reads_do_not_move_it(mounted):
     # Without an explicit one, the atime shown is the mtime.
     (m / "h").write_bytes(b"x")
     assert os.stat(m / "h").st_atime_ns == os.stat(m / "h").st_mtime_ns
+    # A directory's too (pjdfstest utimensat/00): kept in its parent's index.
+    (m / "d").mkdir()
+    os.utime(m / "d", ns=(1_900_000_000 * 10**9, 1_950_000_000 * 10**9))
+    assert os.stat(m / "d").st_atime_ns == 1_900_000_000 * 10**9
+    os.listdir(m / "d")
+    mounted.remount()
+    st = os.stat(m / "d")
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_900_000_000 * 10**9, 1_950_000_000 * 10**9)
 
 
 def _errno_as_nobody(code: str) -> str:

@@ -145,7 +145,7 @@ def test_version_1_index_cannot_carry_attributes():
         attrindex.decode("p", json.dumps(doc).encode())
 
 
-def test_index_version_3_carries_the_atime_of_files_only():
+def test_index_version_3_carries_the_atime_of_files_and_directories():
     from s3cryptfs.vfs.attrindex import IndexEntry, decode, encode
 
     plain = {"f": IndexEntry('"e"', 0o100644, 0, 0, 5)}
@@ -154,9 +154,11 @@ def test_index_version_3_carries_the_atime_of_files_only():
         "f": IndexEntry('"e"', 0o100644, 0, 0, 5, atime_ns=7),
         "g": IndexEntry('"x"', 0o100600, 1, 1, 9),
         "d": IndexEntry("", 0o40755, 1, 1, 9, xattrs=xa.encode_set({b"user.a": b"1"})),
+        "e": IndexEntry("", 0o40700, 1, 1, 9, atime_ns=8),
     }
     doc = json.loads(encode("p", timed))
     assert doc["version"] == 3 and doc["entries"]["f"] == ['"e"', 0o100644, 0, 0, 5, "", 7]
+    assert doc["entries"]["e"] == ["", 0o40700, 1, 1, 9, "", 8]
     assert decode("p", encode("p", timed)) == timed
     for bad in (-1, 2**63, "7", True, 1.5):
         doc["entries"]["f"][6] = bad

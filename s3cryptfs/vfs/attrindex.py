@@ -124,7 +124,7 @@ class IndexEntry:
     # Directories: their extended attributes, encoded (format/xattrs.py); b"" for none. Files
     # keep theirs in their object's metadata, never here.
     xattrs: bytes = b""
-    # Files: an access time set explicitly (section 6 of docs/FORMAT.md); None for none.
+    # An access time set explicitly (section 6 of docs/FORMAT.md); None for none.
     atime_ns: int | None = None
 
     @property
@@ -139,7 +139,7 @@ class IndexEntry:
 def _row(e: IndexEntry) -> list[Any]:
     row: list[Any] = [e.etag, e.mode, e.uid, e.gid, e.mtime_ns]
     blob = base64.b64encode(e.xattrs).decode("ascii") if e.xattrs and e.is_dir else ""
-    if e.atime_ns is not None and not e.is_dir and 0 <= e.atime_ns <= _TIME_MAX:
+    if e.atime_ns is not None and 0 <= e.atime_ns <= _TIME_MAX:
         # (one outside what readers accept, before 1970 or after 2262, is left to the object's
         # metadata: writing it would make every reader refuse the whole index)
         row += [blob, e.atime_ns]
@@ -206,8 +206,7 @@ def decode(dir_path: str, raw: bytes) -> dict[str, IndexEntry]:
             atime = row[6]
             if not isinstance(atime, int) or isinstance(atime, bool) or not 0 <= atime <= _TIME_MAX:
                 raise ValueError("directory index: malformed access time")
-            if not entry.is_dir:
-                entry = dataclasses.replace(entry, atime_ns=atime)
+            entry = dataclasses.replace(entry, atime_ns=atime)
         out[str(name)] = entry
     return out
 

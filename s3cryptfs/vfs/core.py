@@ -699,7 +699,7 @@ class Filesystem:
         if mtime_ns is not None:
             node.mtime_ns = mtime_ns
             meta_changed = True
-        if atime_ns is not None and not node.is_dir:
+        if atime_ns is not None:
             node.atime_ns = atime_ns
             meta_changed = True
         node.ctime_ns = now

@@ -463,7 +463,9 @@ class Listings:
     def index_entry(self, node: Node) -> IndexEntry | None:
         if node.is_dir:
             xattrs = encode_set(node.xattrs or {})
-            return IndexEntry("", node.mode, node.uid, node.gid, node.mtime_ns, xattrs)
+            return IndexEntry(
+                "", node.mode, node.uid, node.gid, node.mtime_ns, xattrs, node.atime_ns
+            )
         remote = node.remote
         ws = node.write_state
         if remote is None or not remote.attrs_known or (ws is not None and ws.local is not None):

@@ -307,8 +307,7 @@ class Node(_NodeFields):
             self.mtime_ns = attrs.mtime_ns
         if attrs.rdev is not None and md.is_device(self.mode):
             self.rdev = attrs.rdev
-        if not self.is_dir:
-            self.atime_ns = attrs.atime_ns  # only set explicitly; else the mtime stands for it
+        self.atime_ns = attrs.atime_ns  # only set explicitly; else the mtime stands for it
 
     def posix_attrs(self) -> md.PosixAttrs:
         """What the object's metadata says of the file."""
