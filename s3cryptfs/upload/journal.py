@@ -97,6 +97,12 @@ class Entry:
     after: Entry | None = None
     # A rename is moving this queued version to another key (Uploader.hold): not sent meanwhile.
     held: bool = False
+    # Loaded from the journal by the next mount: it may have been sent before the crash.
+    recovered: bool = False
+    # The wrapped data keys of older versions of the file that this one replaced in the queue
+    # and that may be in S3 already (tried before, or recovered): one of them under the key is
+    # this mount's own earlier write, not another writer's (Uploader._landed). In memory only.
+    earlier: list[str] | None = None
 
     def record(self) -> dict[str, Any]:
         rec = {

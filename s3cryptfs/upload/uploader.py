@@ -117,6 +117,7 @@ class Uploader:
                     entry.base, entry.after = older.base, older.after
                     self._rewrite(entry)
                 older.superseded_by = entry
+                entry.earlier = self._maybe_sent(older)
                 if delay:
                     entry.not_before = min(entry.not_before, older.not_before)
                 self._discard_stream(older)
@@ -129,6 +130,16 @@ class Uploader:
             # Not when the worker loop wakes before this one is due anyway: a `cp -r` of
             # thousands of small files would have it scan its whole queue at every close.
             self._kick()
+
+    @staticmethod
+    def _maybe_sent(older: Entry) -> list[str] | None:
+        """What a version replacing *older* in the queue may find of this mount's own under
+        its key: *older* itself if it was ever sent, and what *older* replaced."""
+        found = list(older.earlier or [])
+        wrapped = older.metadata.get("encryption-wrapped-key")
+        if wrapped and (older.attempts or older.recovered):
+            found.append(wrapped)
+        return found or None
 
     def _rewrite(self, entry: Entry) -> None:
         self.journal.rewrite(entry)
@@ -395,13 +406,22 @@ class Uploader:
             return
         try:
             if_match, if_none_match = self._conditions(entry)
-            etag = await self._send(entry, if_match, if_none_match)
+            try:
+                etag = await self._send(entry, if_match, if_none_match)
+            except (PreconditionFailed, ObjectNotFound):
+                landed = await self._landed(entry)
+                if landed is None:
+                    await self._divert(entry)
+                    return
+                etag, ours = landed
+                if not ours:
+                    # An older version of ours is there (sent before a crash, or by a try
+                    # whose reply was lost, then replaced in the queue): this one replaces it.
+                    entry.base, entry.earlier = ("etag", etag), None
+                    etag = await self._send(entry, etag, False)
         except (PreconditionFailed, ObjectNotFound):
-            landed = await self._landed(entry)
-            if landed is None:
-                await self._divert(entry)
-                return
-            etag = landed
+            await self._divert(entry)
+            return
         except Exception as exc:  # noqa: BLE001 - any failure: keep the data, retry later
             delay = min(60.0, 2.0 ** min(entry.attempts, 6))
             log.error(
@@ -456,19 +476,26 @@ class Uploader:
         # and a retry recognises its own earlier write (_landed).
         return await run_abandonable(upload, limiter=self.limiter)
 
-    async def _landed(self, entry: Entry) -> str | None:
-        """After a refused conditional write: is the object there our own version anyway?
+    async def _landed(self, entry: Entry) -> tuple[str, bool] | None:
+        """After a refused conditional write: is the object there our own anyway? Its ETag,
+        and whether it is this very version (else an older one of this mount's: *earlier*).
 
-        A PUT whose reply was lost (timeout) may have been applied; its retry then fails the
-        precondition against our own write. The wrapped data key is unique per version."""
+        A PUT whose reply was lost (timeout), or that was under way at a crash, may have been
+        applied; its retry then fails the precondition against our own write. The wrapped data
+        key is unique per version."""
         try:
             head = await run_abandonable(self.store.head, entry.key, limiter=self.limiter)
         except StoreError:
             return None
-        mine = entry.metadata.get("encryption-wrapped-key")
-        if mine and head.metadata and head.metadata.get("encryption-wrapped-key") == mine:
+        theirs = head.metadata.get("encryption-wrapped-key") if head.metadata else None
+        if not theirs:
+            return None
+        if theirs == entry.metadata.get("encryption-wrapped-key"):
             log.info("%s: an earlier attempt of this upload had already succeeded", entry.key)
-            return head.etag
+            return head.etag, True
+        if theirs in (entry.earlier or ()):
+            log.info("%s: an older version sent by this mount is there; replacing it", entry.key)
+            return head.etag, False
         return None
 
     async def _divert(self, entry: Entry) -> None:

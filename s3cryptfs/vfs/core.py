@@ -205,6 +205,8 @@ class Filesystem:
         """Upload every version committed before a crash, and seal the files that were closed
         but not sealed yet. Returns how many versions there were."""
         entries = await trio.to_thread.run_sync(self.journal.load)
+        for entry in entries:
+            entry.recovered = True  # perhaps sent before the stop (Uploader._maybe_sent)
         sealed = {e.staging_name for e in entries if e.staging_name}
         adopted = []
         for path, record in self._closed_at_start:

@@ -171,6 +171,7 @@ class Namespace:
         await self._orphan(node)
         self.fs.listing.remove(parent.path, name)
         self.fs.listing.note_gone(parent.path, name)
+        await self._records_settled()
         with contextlib.suppress(ObjectNotFound):
             await self.fs._thread(self.fs.store.delete, key)
         if node.remote is not None and gw.is_mpu_object(node.remote.metadata or {}):
@@ -305,6 +306,7 @@ class Namespace:
             if target is not None:
                 await self._settle(target)
                 self.fs.uploader.cancel(new_key)
+                await self._records_settled()
             if queued is not None and self._queued(node) is queued:
                 await self._move_queued(node, queued, new_key, target)
                 return queued  # held until the node has its new name
@@ -320,6 +322,7 @@ class Namespace:
         if node.w.staging is not None:
             async with node.lock:
                 await self.fs.writes.uncut(node)  # what was cut is read from the old name
+        await self._records_settled()
         etag, mpu = await self._copy_object(node, old_key, new_key)
         await self._delete_old(old_key, mpu)
         old = node.remote
@@ -327,6 +330,15 @@ class Namespace:
         if old.version is not None:
             self.fs.reader.forget(old.version)
         return None
+
+    async def _records_settled(self) -> None:
+        """Before this mount deletes or replaces an object in S3 (unlink, rename): the records
+        of versions already uploaded, or cancelled, are gone from the journal's disk. Their
+        removal may wait for the next group commit (Journal.remove keeps its order), and a
+        crash before it would make the next mount upload such a version again: over the
+        file renamed there (a conflict copy), or under a name deleted since (the file back)."""
+        if self.fs.journal.commits.pending:
+            await self.fs.journal.commits.sync()
 
     async def _delete_old(self, key: str, mpu: bool) -> None:
         """Delete a renamed file's object under its old *key*, and the manifest of a gateway
@@ -376,6 +388,9 @@ class Namespace:
                 self.fs.uploader.rekey(entry, old_key, old_base)
                 raise
         node.remote = None  # until the upload lands under the new name (Versions.uploaded)
+        # Not in S3 under any name meanwhile: a listing of its new directory fetched from S3
+        # adds it as it adds a file created here (Listings.listing_of).
+        self.fs.unsynced.add(node)
         if old is not None and old.version is not None:
             self.fs.reader.forget(old.version)
         self.fs.small.forget_key(old_key)
@@ -436,6 +451,7 @@ class Namespace:
             if n.path.startswith(node.path + "/") and not n.is_dir:
                 await self._settle(n)
         await self.fs.uploader.wait_all(self.fs.uploader.pending_under(old_prefix))
+        await self._records_settled()
 
         marker_meta = node.posix_attrs().encode()
 

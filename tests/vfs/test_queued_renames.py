@@ -224,3 +224,20 @@ def test_a_file_renamed_over_another_then_away_leaves_the_name_empty_in_s3(
     driver.core.start()
     assert driver.read_file("c") == b"what a held"
     assert driver.stat("b").mode == stat.S_IFIFO | 0o644
+
+
+def test_a_version_moved_into_a_directory_not_listed_yet_is_listed_there(
+    held: CoreDriver,
+) -> None:
+    """The moved version is in S3 under no name until its upload: a listing of its new
+    directory fetched from S3 must add it, as it adds a file created here."""
+    driver = held
+    driver.mkdir("a")
+    fsynced(driver, "a/b", b"in S3")
+    driver.remount()  # nothing listed
+    driver.rename("a/b", "c")  # in S3: copied
+    driver.truncate("c", 1)  # a new version, queued
+    driver.rename("c", "a/b")  # moved in the journal; a/ was never listed
+    assert driver.listdir("a") == ["b"]
+    driver.core.stop()
+    assert sorted(keys_in_s3(driver)) == ["vol/a/", "vol/a/b"]
