@@ -99,6 +99,9 @@ class Entry:
     held: bool = False
     # Loaded from the journal by the next mount: it may have been sent before the crash.
     recovered: bool = False
+    # It replaced older versions of its key in the queue, whose records stay on the disk
+    # until it is flushed (Journal.remove): a rename moving it syncs first (vfs/namespace.py).
+    displaced: bool = False
     # The wrapped data keys of older versions of the file that this one replaced in the queue
     # and that may be in S3 already (tried before, or recovered): one of them under the key is
     # this mount's own earlier write, not another writer's (Uploader._landed). In memory only.

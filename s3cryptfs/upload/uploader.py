@@ -118,6 +118,7 @@ class Uploader:
                     self._rewrite(entry)
                 older.superseded_by = entry
                 entry.earlier = self._maybe_sent(older)
+                entry.displaced = True
                 if delay:
                     entry.not_before = min(entry.not_before, older.not_before)
                 self._discard_stream(older)

@@ -376,13 +376,17 @@ class Namespace:
         replaced = old is None and old_base[0] == "etag"
         async with node.lock:  # no commit under the old name meanwhile
             self.fs.uploader.rekey(entry, new_key, base)
-            if old is None and not replaced:
+            if old is None and not replaced and not entry.displaced:
                 return
             # A replaced object's metadata is not at hand: its manifest, if any, goes too.
             mpu = replaced or (old is not None and gw.is_mpu_object(old.metadata or {}))
             try:
+                # On the disk before S3 changes, and before the older versions this one
+                # displaced go: a crash before then would send those under the old name.
                 await self.fs.journal.commits.sync()
-                await self._delete_old(old_key, mpu)
+                entry.displaced = False
+                if old is not None or replaced:
+                    await self._delete_old(old_key, mpu)
             except BaseException:
                 # The old name still holds its version: the rename did not happen.
                 self.fs.uploader.rekey(entry, old_key, old_base)

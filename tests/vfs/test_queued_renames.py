@@ -241,3 +241,21 @@ def test_a_version_moved_into_a_directory_not_listed_yet_is_listed_there(
     assert driver.listdir("a") == ["b"]
     driver.core.stop()
     assert sorted(keys_in_s3(driver)) == ["vol/a/", "vol/a/b"]
+
+
+def test_a_crash_after_renaming_a_rewritten_file_brings_no_old_name_back(
+    held: CoreDriver,
+) -> None:
+    """The versions a queued one replaced stay in the journal until the next flush (a power
+    loss must leave one of them): a rename that moves the newest syncs first, or a crash
+    right after it sends the older ones under the old name."""
+    driver = held
+    driver.write_file("draft", b"first draft, 70 kB " * 4000)  # a body file of its own
+    driver.write_file("draft", b"second draft")
+    driver.rename("draft", "final")
+    driver.core.stop(drain=False)  # the crash
+    driver.core.start()
+    driver.core.stop()  # (the recovered versions are in S3 once this returns)
+    assert keys_in_s3(driver) == ["vol/final"]
+    driver.core.start()
+    assert driver.read_file("final") == b"second draft"

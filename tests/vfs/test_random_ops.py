@@ -155,8 +155,8 @@ def check(driver: CoreDriver, model: Model, log: list[str], when: str) -> None:
 # copy-in-S3 paths); in between, the two race.
 @pytest.mark.parametrize(
     ("seed", "delay"),
-    [(1, 60.0), (8, 0.0), (110, 60.0), (114, 60.0), (216, 0.05), (2, 60.0), (3, 0.0),
-     (5, 0.05)],
+    [(1, 60.0), (8, 0.0), (110, 60.0), (114, 60.0), (216, 0.05), (407, 60.0), (2, 60.0),
+     (3, 0.0), (5, 0.05)],
 )  # fmt: skip
 def test_random_operations_leave_s3_as_the_mount_showed(
     driver: CoreDriver, seed: int, delay: float
@@ -168,7 +168,7 @@ def test_random_operations_leave_s3_as_the_mount_showed(
     model = Model()
     log: list[str] = []
     for round_ in range(4):
-        for _ in range(60):
+        for _ in range(90):
             try:
                 step(driver, model, rng, log)
             except OSError as exc:
