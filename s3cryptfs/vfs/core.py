@@ -55,7 +55,6 @@ from s3cryptfs.vfs.nodes import (
     Handle,
     Node,
     NodeTable,
-    Remote,
     child_path,
     inherited_group,
     now_ns,
@@ -247,7 +246,7 @@ class Filesystem:
         self.nodes.add(node)
         kind, etag = record.base[0], record.base[1]
         if kind == "etag":
-            node.remote = Remote(etag, 0, None)
+            node.remote = ChildInfo(False, 0, etag)
         else:
             # A new file, or one whose base is no longer known: if the name exists in S3 now,
             # the upload keeps both (a conflict copy), never overwrites.
@@ -318,14 +317,15 @@ class Filesystem:
             mtime,
         )
         size = info.size
-        node.remote = Remote(info.etag, size)
+        # A listing's entry is shared, not copied: a wide directory holds one per file.
+        node.remote = info if isinstance(info, ChildInfo) else ChildInfo(False, size, info.etag)
         meta = info.metadata if isinstance(info, ObjectInfo) else None
         node.size = self.codec.plain_size_or_none(size, meta) or 0
         if isinstance(info, ObjectInfo) and info.metadata is not None:
             self._apply_metadata(node, info.metadata)
         elif isinstance(info, ChildInfo) and info.attrs is not None:
             node.apply_attrs(info.attrs)
-            node.remote.attrs_known = not md.is_device(node.mode)  # rdev: in its metadata
+            node.attrs_known = not md.is_device(node.mode)  # rdev: in its metadata
         return self.nodes.add(node)
 
     def _dir_node(self, path: str, mtime_ns: int = 0, attrs: IndexEntry | None = None) -> Node:
@@ -349,8 +349,8 @@ class Filesystem:
 
     def _apply_metadata(self, node: Node, meta: dict[str, str]) -> None:
         assert node.remote is not None
-        node.remote.metadata = meta = shared_metadata(meta)
-        node.remote.attrs_known = True
+        node.metadata = meta = shared_metadata(meta)
+        node.attrs_known = True
         node.apply_attrs(md.PosixAttrs.decode(meta))
         if not node.holds_local and object_kind(meta) != OWN:
             # Foreign formats: the listed length alone does not give the plaintext size.
@@ -404,9 +404,9 @@ class Filesystem:
     # --- reading -------------------------------------------------------------------------
 
     def _replace_remote(self, node: Node, info: ObjectInfo) -> None:
-        if node.remote is not None and node.remote.version is not None:
-            self.reader.forget(node.remote.version)
-        node.remote = Remote(info.etag, info.size, info.metadata)
+        if node.remote is not None and node.version is not None:
+            self.reader.forget(node.version)
+        node.set_remote(ChildInfo(False, info.size, info.etag), info.metadata)
         node.size = self.codec.plain_size_or_none(info.size, info.metadata) or 0
         if not node.w.busy:
             node.xattrs = None  # another version: its own, read when asked for
@@ -549,7 +549,7 @@ class Filesystem:
                 return
             version = None
             if node.w.local_version is None and node.remote is not None:
-                if node.remote.metadata is None:
+                if node.metadata is None:
                     await self.listing.head_metadata(node)  # the format is told by the metadata
                 if node.error:
                     raise IntegrityError(f"{self.key(node.path)}: {node.error}")

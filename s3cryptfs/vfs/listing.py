@@ -298,7 +298,7 @@ class Listings:
         """HEAD a listed file once, for its mode, owner and mtime."""
         if node.is_dir or node.remote is None:
             return
-        if node.remote.attrs_known:
+        if node.attrs_known:
             await self.companion_size(node)  # (returns at once but for multipart objects)
             return
         await self.head_metadata(node)
@@ -331,29 +331,29 @@ class Listings:
         it has files, and an open reads it again anyway (close-to-open, Versions.revalidate).
         Kept for what needs it later: files in use, and formats not our own, whose size and
         index entry depend on it."""
-        remote = node.remote
-        if remote is None or remote.metadata is None or not remote.attrs_known:
+        meta = node.metadata
+        if node.remote is None or meta is None or not node.attrs_known:
             return
         if node.opens or node.holds_local:
             return
-        if object_kind(remote.metadata) != OWN or node.error:
+        if object_kind(meta) != OWN or node.error:
             return
-        remote.metadata = None
+        node.metadata = None
 
     async def companion_size(self, node: Node) -> None:
         """A gateway multipart object's size is only in its manifest: read it for stat."""
-        remote = node.remote
-        if remote is None or remote.companion_read or not remote.metadata:
+        meta = node.metadata
+        if node.remote is None or node.companion_read or not meta:
             return
         # (every getattr passes here: our own objects are told apart without normalizing)
-        if md.FORMAT in remote.metadata or not gw.is_mpu_object(remote.metadata):
+        if md.FORMAT in meta or not gw.is_mpu_object(meta):
             return
         if node.holds_local:
             return
         key = self.fs.key(node.path)
-        remote.companion_read = True
+        node.companion_read = True
         try:
-            node.size = await self.fs._thread(self.fs.codec.mpu_size, remote.metadata, key)
+            node.size = await self.fs._thread(self.fs.codec.mpu_size, meta, key)
         except S3CryptFSError as exc:
             log.error("%s: %s", key, strip_subject(exc, key))
             node.error = str(exc)
@@ -373,7 +373,7 @@ class Listings:
         todo = [
             (name, n)
             for name, n in entries
-            if not n.is_dir and n.remote is not None and not n.remote.attrs_known
+            if not n.is_dir and n.remote is not None and not n.attrs_known
         ]
         for start in range(0, len(todo), HEAD_BATCH):
             batch = {self.fs.key(n.path): (name, n) for name, n in todo[start : start + HEAD_BATCH]}
@@ -386,7 +386,7 @@ class Listings:
                 if isinstance(head, StoreError):
                     failed = failed or head
                     continue
-                if node.remote is None or node.remote.attrs_known:
+                if node.remote is None or node.attrs_known:
                     continue  # removed, or loaded by an open, while the batch was out
                 entry = await self._took_head(node, head, name)
                 self._shed_metadata(node)
@@ -468,9 +468,9 @@ class Listings:
             )
         remote = node.remote
         ws = node.write_state
-        if remote is None or not remote.attrs_known or (ws is not None and ws.local is not None):
+        if remote is None or not node.attrs_known or (ws is not None and ws.local is not None):
             return None  # not in S3 yet: noted again once uploaded
-        if remote.metadata is not None and object_kind(remote.metadata) != OWN:
+        if node.metadata is not None and object_kind(node.metadata) != OWN:
             return None  # a foreign object's size needs its metadata: always HEADed
         return IndexEntry(
             remote.etag, node.mode, node.uid, node.gid, node.mtime_ns, atime_ns=node.atime_ns

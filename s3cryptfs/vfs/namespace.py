@@ -35,7 +35,6 @@ from s3cryptfs.vfs.nodes import (
     ChildInfo,
     Listing,
     Node,
-    Remote,
     child_path,
     inherited_group,
     now_ns,
@@ -110,12 +109,13 @@ class Namespace:
                 lambda: self.fs.store.put(self.fs.key(path), body, meta, if_none_match=True)
             )
         node = Node(self.fs.nodes.new_ino(), path, stat.S_IFLNK | 0o777, uid, gid, now, now)
-        node.remote = Remote(etag, len(body), meta, attrs_known=True)
+        info = ChildInfo(False, len(body), etag, now)
+        node.set_remote(info, meta, attrs_known=True)
         node.size = len(target)
         node.link_target = target
         self.fs.nodes.add(node)
         self.fs.listing.note(node)
-        self.fs.listing.add(parent, name, ChildInfo(False, len(body), etag, now))
+        self.fs.listing.add(parent, name, info)
         self.fs.listing.entries_changed(parent, now)
         return node
 
@@ -174,7 +174,7 @@ class Namespace:
         await self._records_settled()
         with contextlib.suppress(ObjectNotFound):
             await self.fs._thread(self.fs.store.delete, key)
-        if node.remote is not None and gw.is_mpu_object(node.remote.metadata or {}):
+        if node.remote is not None and gw.is_mpu_object(node.metadata or {}):
             with contextlib.suppress(ObjectNotFound):
                 await self.fs._thread(self.fs.store.delete, key + gw.MPU_SUFFIX)
         self.fs.listing.entries_changed(parent)
@@ -325,10 +325,7 @@ class Namespace:
         await self._records_settled()
         etag, mpu = await self._copy_object(node, old_key, new_key)
         await self._delete_old(old_key, mpu)
-        old = node.remote
-        node.remote = Remote(etag, old.body_size, old.metadata, None, old.attrs_known)
-        if old.version is not None:
-            self.fs.reader.forget(old.version)
+        node.copied_to(etag)
         return None
 
     async def _records_settled(self) -> None:
@@ -368,7 +365,7 @@ class Namespace:
         version) is deleted once the move is on the disk."""
         old_key = entry.key
         old_base = entry.base
-        old = node.remote
+        old, old_meta = node.remote, node.metadata
         base: Base = ("etag", target.remote.etag) if target and target.remote else ABSENT
         # The old name holds an object when the file was in S3 under it, or when the version
         # was to replace what the old name held (this file was itself renamed over a file
@@ -379,7 +376,7 @@ class Namespace:
             if old is None and not replaced and not entry.displaced:
                 return
             # A replaced object's metadata is not at hand: its manifest, if any, goes too.
-            mpu = replaced or (old is not None and gw.is_mpu_object(old.metadata or {}))
+            mpu = replaced or (old is not None and gw.is_mpu_object(old_meta or {}))
             try:
                 # On the disk before S3 changes, and before the older versions this one
                 # displaced go: a crash before then would send those under the old name.
@@ -391,12 +388,13 @@ class Namespace:
                 # The old name still holds its version: the rename did not happen.
                 self.fs.uploader.rekey(entry, old_key, old_base)
                 raise
+        version = node.version if old is not None and node.remote is old else None
         node.remote = None  # until the upload lands under the new name (Versions.uploaded)
         # Not in S3 under any name meanwhile: a listing of its new directory fetched from S3
         # adds it as it adds a file created here (Listings.listing_of).
         self.fs.unsynced.add(node)
-        if old is not None and old.version is not None:
-            self.fs.reader.forget(old.version)
+        if version is not None:
+            self.fs.reader.forget(version)
         self.fs.small.forget_key(old_key)
 
     async def _copy_object(self, node: Node, old_key: str, new_key: str) -> tuple[str, bool]:
@@ -407,7 +405,7 @@ class Namespace:
             remote = node.remote
             assert remote is not None
             new_meta = None
-            mpu = gw.is_mpu_object(remote.metadata or {})
+            mpu = gw.is_mpu_object(node.metadata or {})
             if mpu:
                 # The manifest moves first, and the object's pointer names its new place.
                 await self.fs._thread(
@@ -416,7 +414,7 @@ class Namespace:
                     )
                 )
                 new_meta = {
-                    **(remote.metadata or {}),
+                    **(node.metadata or {}),
                     "encryption-fallback-ptr": new_key + gw.MPU_SUFFIX,
                 }
             try:
@@ -517,12 +515,9 @@ class Namespace:
             n.listing = None
             if n.remote is None:
                 continue
-            if n.remote.version is not None:
-                self.fs.reader.forget(n.remote.version)
-            n.remote.version = None
-            new_etag = etags.get(self.fs.key(n.path))
-            if new_etag:
-                n.remote.etag = new_etag
+            version = n.copied_to(etags.get(self.fs.key(n.path)) or n.remote.etag)
+            if version is not None:
+                self.fs.reader.forget(version)
 
     def _check_moved_keys(self, node: Node, new_path: str, keys: list[str]) -> None:
         """ENAMETOOLONG, before anything is copied, when moving directory *node* to *new_path*
@@ -602,9 +597,10 @@ class Namespace:
         copy.mode_set_here = node.mode_set_here
         copy.size = node.size
         copy.link_target = node.link_target
-        copy.remote = Remote(etag, remote.body_size, remote.metadata, None, remote.attrs_known)
+        info = ChildInfo(False, remote.body_size, etag)
+        copy.set_remote(info, node.metadata, node.attrs_known)
         self.fs.nodes.add(copy)
-        self.fs.listing.add(parent, new_name, ChildInfo(False, remote.body_size, etag))
+        self.fs.listing.add(parent, new_name, info)
         self.fs.listing.note(copy)
         self.fs.listing.entries_changed(parent, now)
         return copy
@@ -632,9 +628,10 @@ class Namespace:
         node = Node(self.fs.nodes.new_ino(), path, mode, uid, gid, now, now)
         node.mode_set_here = True
         node.rdev = attrs.rdev or 0
-        node.remote = Remote(etag, len(body), meta, attrs_known=True)
+        info = ChildInfo(False, len(body), etag, now)
+        node.set_remote(info, meta, attrs_known=True)
         self.fs.nodes.add(node)
         self.fs.listing.note(node)
-        self.fs.listing.add(parent, name, ChildInfo(False, len(body), etag, now))
+        self.fs.listing.add(parent, name, info)
         self.fs.listing.entries_changed(parent, now)
         return node

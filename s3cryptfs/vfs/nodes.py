@@ -49,26 +49,23 @@ def now_ns() -> int:
 # Slots: a directory of 100,000 files holds as many of these; without them each carries a
 # per-instance dict that costs more than its fields.
 @dataclass(eq=False, slots=True)
-class Remote:
-    """The object version in S3 this node was last seen (or written) as."""
-
-    etag: str
-    body_size: int
-    metadata: dict[str, str] | None = None  # None: only listed, not HEADed yet
-    version: Version | None = None
-    attrs_known: bool = False  # mode/owner/mtime known (from metadata or the directory index)
-    companion_read: bool = False  # a gateway multipart object's size was read from its manifest
-
-
-@dataclass(eq=False, slots=True)
 class ChildInfo:
-    """A directory entry as a listing reported it."""
+    """An object version in S3 as a listing or a HEAD reported it: a directory's listing entry,
+    and the version a file node was last seen (or written) as (Node.remote). A node made from
+    a listing shares its entry instead of a copy (a wide directory's files each had both), so
+    neither side changes one after it is made, except the listing's sharing of strings with
+    its index (vfs/listing.py); what the mount learns of the version it opened (metadata, the
+    reader's version) is the node's own."""
 
     is_dir: bool
     size: int = 0  # body size
     etag: str = ""
-    mtime_ns: int = 0
+    mtime_ns: int = 0  # when S3 stored it (LastModified); 0 when not known
     attrs: IndexEntry | None = None  # from the directory index, when still valid
+
+    @property
+    def body_size(self) -> int:
+        return self.size
 
 
 @dataclass(eq=False, slots=True)
@@ -124,6 +121,12 @@ class Extra:
     # always have them (from their index entry).
     xattrs: dict[bytes, bytes] | None = None
     error: str | None = None  # last upload failure, for the state attribute
+    # Of the version in node.remote: its object metadata (None: not HEADed, or shed once a
+    # listing applied it) and the reader's view of it (made at its first read).
+    metadata: dict[str, str] | None = None
+    version: Version | None = None
+    _lock: trio.Lock | None = None  # made on first use: most listed files are never locked
+    xattrs_lock: trio.Lock | None = None  # (vfs/xattrs.py)
     opens: int = 0
     writers: int = 0
     # unlinked because another machine deleted the object (not by this mount's unlink)
@@ -192,7 +195,7 @@ class _Flag:
         node._flags = node._flags | self.bit if value else node._flags & ~self.bit
 
 
-@dataclass(eq=False, slots=True, weakref_slot=True)  # (vfs/xattrs.py keys locks by node)
+@dataclass(eq=False, slots=True)
 class _NodeFields:
     """The fields a Node keeps in its own slots (see Node)."""
 
@@ -204,7 +207,7 @@ class _NodeFields:
     mtime_ns: int
     ctime_ns: int = 0
     size: int = 0  # plaintext
-    remote: Remote | None = None
+    _remote: ChildInfo | None = None  # see the property remote
     # What it holds locally (write-back file, sealed version not in S3 yet: upload/files.py),
     # made on first use: most known files are only listed (see the property w).
     _w: FileWrite | None = field(default=None, init=False, repr=False)
@@ -212,7 +215,6 @@ class _NodeFields:
     _flags: int = field(default=0, init=False, repr=False)  # the _Flag fields of Node
     _dir: DirState | None = field(default=None, init=False, repr=False)
     _extra: Extra | None = field(default=None, init=False, repr=False)
-    _lock: trio.Lock | None = field(default=None, init=False, repr=False)
 
 
 class Node(_NodeFields):
@@ -245,14 +247,61 @@ class Node(_NodeFields):
     xattrs = _Aside[dict[bytes, bytes] | None]("_extra", _NO_EXTRA)
     error = _Aside[str | None]("_extra", _NO_EXTRA)
     deleted_elsewhere = _Aside[bool]("_extra", _NO_EXTRA)
+    metadata = _Aside[dict[str, str] | None]("_extra", _NO_EXTRA)
+    version = _Aside[Version | None]("_extra", _NO_EXTRA)
+    _lock = _Aside[trio.Lock | None]("_extra", _NO_EXTRA)
+    xattrs_lock = _Aside[trio.Lock | None]("_extra", _NO_EXTRA)
+    # Mode, owner and mtime of the version in remote are known (from its metadata or the
+    # directory index): else they are the defaults, and never written to the index.
+    attrs_known = _Flag(16)
+    # A gateway multipart object's size was read from its manifest.
+    companion_read = _Flag(32)
+
+    @property
+    def remote(self) -> ChildInfo | None:
+        """The object version in S3 this node was last seen (or written) as."""
+        return self._remote
+
+    @remote.setter
+    def remote(self, remote: ChildInfo | None) -> None:
+        # What was learnt of the version before belongs to it, not to the new one.
+        self._remote = remote
+        if self._extra is not None:
+            self.metadata = None
+            self.version = None
+        self._flags &= ~(16 | 32)
+
+    def set_remote(
+        self,
+        remote: ChildInfo | None,
+        metadata: dict[str, str] | None = None,
+        attrs_known: bool = False,
+    ) -> None:
+        """A new version in S3, with what is known of it."""
+        self.remote = remote
+        if metadata is not None:
+            self.metadata = metadata
+        self.attrs_known = attrs_known
+
+    def copied_to(self, etag: str) -> Version | None:
+        """Its version was copied in S3 (a rename): the copy, with the same body and metadata,
+        is its version now. Returns the reader's version of the old one (to forget: the
+        copy is read by its own ETag)."""
+        old = self._remote
+        assert old is not None
+        version, companion = self.version, self.companion_read
+        self.set_remote(ChildInfo(False, old.size, etag), self.metadata, self.attrs_known)
+        self.companion_read = companion
+        return version
 
     @property
     def lock(self) -> trio.Lock:
-        # Made on first use: most listed files are never locked, and a lock with its
-        # parking lot is a tenth of a node's size.
-        if self._lock is None:
-            self._lock = trio.Lock()
-        return self._lock
+        # Kept aside, made on first use: most listed files are never locked, and a lock with
+        # its parking lot is a tenth of a node's size.
+        lock = self._lock
+        if lock is None:
+            lock = self._lock = trio.Lock()
+        return lock
 
     @property
     def w(self) -> FileWrite:

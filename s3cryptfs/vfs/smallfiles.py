@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,7 @@ from s3cryptfs.errors import (
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format.layout import BodyCipher
 from s3cryptfs.store.base import ObjectInfo
-from s3cryptfs.vfs.nodes import Listing, Node, Remote
+from s3cryptfs.vfs.nodes import ChildInfo, Listing, Node
 
 if TYPE_CHECKING:
     from s3cryptfs.vfs.core import Filesystem
@@ -107,12 +108,20 @@ class SmallFiles:
 
     # --- versions ----------------------------------------------------------------------
 
-    def version(self, key: str, remote: Remote, size_hint: int) -> Version:
-        """The reader's view of *remote* (the object version at *key*)."""
+    def version(
+        self,
+        key: str,
+        remote: ChildInfo,
+        metadata: dict[str, str] | None,
+        size_hint: int,
+        on_fresh: Callable[[dict[str, str]], None] | None = None,
+    ) -> Version:
+        """The reader's view of *remote* (the object version at *key*, with *metadata*).
+        *on_fresh* is told of newer metadata found for the same ETag (a rewrap)."""
         fs = self.fs
         etag = remote.etag
-        meta = remote.metadata or {}
-        size = fs.codec.plain_size_or_none(remote.body_size, remote.metadata)
+        meta = metadata or {}
+        size = fs.codec.plain_size_or_none(remote.body_size, metadata)
         if size is None and gw.is_mpu_object(meta):
             size = size_hint  # from its manifest; checked again once the cipher is built
         if size is None:
@@ -121,6 +130,7 @@ class SmallFiles:
             )
 
         def make_cipher(header: bytes) -> Any:
+            nonlocal meta
             try:
                 return fs.codec.cipher(meta, header, key)
             except (KeyRetired, KeyNotFound, UnknownProvider):
@@ -129,8 +139,10 @@ class SmallFiles:
                 fresh = fs.store.head(key)
                 if fresh.etag != etag or not fresh.metadata or fresh.metadata == meta:
                     raise
-                remote.metadata = fresh.metadata
-                return fs.codec.cipher(fresh.metadata, header, key)
+                meta = fresh.metadata
+                if on_fresh is not None:
+                    on_fresh(meta)
+                return fs.codec.cipher(meta, header, key)
 
         return Version(
             vid=remote_vid(key, etag),
@@ -139,15 +151,22 @@ class SmallFiles:
             body_size=remote.body_size,
             fetch=fs._fetcher(key, etag),
             make_cipher=make_cipher,
-            header_len=fs.codec.header_len(remote.metadata),
+            header_len=fs.codec.header_len(metadata),
         )
 
     def remote_version(self, node: Node) -> Version:
         remote = node.remote
         assert remote is not None
-        if remote.version is None:
-            remote.version = self.version(self.fs.key(node.path), remote, node.size)
-        return remote.version
+        version = node.version
+        if version is None:
+
+            def fresh(meta: dict[str, str]) -> None:
+                if node.remote is remote:  # (not replaced meanwhile by another version)
+                    node.metadata = meta
+
+            key = self.fs.key(node.path)
+            version = node.version = self.version(key, remote, node.metadata, node.size, fresh)
+        return version
 
     # --- at open -------------------------------------------------------------------------
 
@@ -157,15 +176,15 @@ class SmallFiles:
         return (
             remote is not None
             and 0 < remote.body_size <= SMALL_BODY_MAX
-            and not (remote.metadata and gw.is_mpu_object(remote.metadata))
+            and not (node.metadata and gw.is_mpu_object(node.metadata))
         )
 
     def cached(self, node: Node) -> bool:
         """Are the blocks of the version *node* knows in the block cache already?"""
-        remote = node.remote
-        if remote is None or remote.version is None or remote.version.cipher is None:
+        version = node.version
+        if node.remote is None or version is None or version.cipher is None:
             return False
-        return self.fs.blocks.contains(remote.version.vid, 0)
+        return self.fs.blocks.contains(version.vid, 0)
 
     async def take(self, key: str) -> Fetched | None:
         """What a scan fetched ahead for *key* (once: the open that takes it owns it); waits
@@ -204,7 +223,7 @@ class SmallFiles:
             # Its cipher needs its manifest, another object: read as whole() says, in groups.
             return Whole(info, None, None)
         try:
-            version = self.version(key, Remote(info.etag, info.size, info.metadata), 0)
+            version = self.version(key, ChildInfo(False, info.size, info.etag), info.metadata, 0)
             opened = self.fs.reader.open_whole(version, body)
         except (S3CryptFSError, ValueError) as exc:
             log.debug("%s: not read whole: %s", key, exc)

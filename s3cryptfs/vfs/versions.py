@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from s3cryptfs.errors import NoSuchEntry, ObjectNotFound, ObjectTooLarge, S3CryptFSError
 from s3cryptfs.upload.journal import Entry
-from s3cryptfs.vfs.nodes import ChildInfo, Node, Remote
+from s3cryptfs.vfs.nodes import ChildInfo, Node
 
 if TYPE_CHECKING:
     from s3cryptfs.vfs.core import Filesystem
@@ -56,18 +56,18 @@ class Versions:
         changed = head.etag != remote.etag
         if got is not None and got.info.etag == head.etag:
             # What a scan fetched ahead is still the object: it becomes the node's version.
-            if changed or remote.metadata is None:
+            if changed or node.metadata is None:
                 self.fs._replace_remote(node, head)
                 await self.fs.listing.companion_size(node)
             assert node.remote is not None
-            node.remote.version = got.version
+            node.version = got.version
             small.ahead_used += 1
             return not changed
         if got is not None:
             self.fs.reader.forget(got.version)
-        if not changed and remote.metadata is not None and whole is None:
+        if not changed and node.metadata is not None and whole is None:
             return True
-        if changed or remote.metadata is None:
+        if changed or node.metadata is None:
             self.fs._replace_remote(node, head)
             await self.fs.listing.companion_size(node)
         if whole is not None and small.whole(node):  # (not a gateway multipart object)
@@ -87,17 +87,15 @@ class Versions:
     async def uploaded(self, node: Node, entry: Entry) -> None:
         """A version of *node* reached S3: it is the remote version now."""
         self.fs.small.forget_key(entry.key)  # (fetched ahead: an older version)
-        node.remote = Remote(entry.etag or "", entry.body_size, dict(entry.metadata))
-        node.remote.attrs_known = True
-        # Keep reading the local body until it is gone: the chunks are cached under its vid.
-        node.remote.version = None
+        # (no reader's version yet: the local body is read until it is gone, its chunks
+        # cached under its own vid)
+        info = ChildInfo(False, entry.body_size, entry.etag or "")
+        node.set_remote(info, dict(entry.metadata), attrs_known=True)
         self.fs.unsynced.discard(node)
         self.fs.listing.note(node)
         parent = self.fs.nodes.at(node.parent_path)
         if parent is not None:
-            self.fs.listing.add(
-                parent, node.name, ChildInfo(False, entry.body_size, entry.etag or "", 0)
-            )
+            self.fs.listing.add(parent, node.name, info)  # (one entry for both)
 
     async def conflicted(self, node: Node, entry: Entry) -> None:
         """This mount's version went to a conflict copy: the name is the other writer's."""
@@ -117,8 +115,8 @@ class Versions:
 
     def _as_new(self, node: Node) -> None:
         """No version in S3 any more: the next upload creates it (If-None-Match)."""
-        if node.remote is not None and node.remote.version is not None:
-            self.fs.reader.forget(node.remote.version)
+        if node.remote is not None and node.version is not None:
+            self.fs.reader.forget(node.version)
         node.remote = None
         node.size = 0
         if node.xattrs is None:

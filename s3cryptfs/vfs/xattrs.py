@@ -18,7 +18,6 @@ work on its nodes.
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import TYPE_CHECKING
 
 import trio
@@ -35,7 +34,7 @@ from s3cryptfs.errors import (
     strip_subject,
 )
 from s3cryptfs.format import xattrs as xa
-from s3cryptfs.vfs.nodes import ROOT_INODE, Node, Remote, now_ns
+from s3cryptfs.vfs.nodes import ROOT_INODE, ChildInfo, Node, now_ns
 
 if TYPE_CHECKING:
     from s3cryptfs.vfs.core import Filesystem
@@ -61,13 +60,13 @@ def decoded(raw: bytes) -> dict[bytes, bytes]:
 class Xattrs:
     def __init__(self, fs: Filesystem) -> None:
         self.fs = fs
-        # One change at a time per node: read, change, store must not interleave.
-        self._locks: weakref.WeakKeyDictionary[Node, trio.Lock] = weakref.WeakKeyDictionary()
 
-    def _lock(self, node: Node) -> trio.Lock:
-        lock = self._locks.get(node)
+    @staticmethod
+    def _lock(node: Node) -> trio.Lock:
+        """One change at a time per node: read, change, store must not interleave."""
+        lock = node.xattrs_lock
         if lock is None:
-            lock = self._locks[node] = trio.Lock()
+            lock = node.xattrs_lock = trio.Lock()
         return lock
 
     async def of(self, node: Node) -> dict[bytes, bytes]:
@@ -86,11 +85,11 @@ class Xattrs:
             if local is not None:
                 meta = local.metadata
             elif remote is not None:
-                if remote.metadata is None:
+                if node.metadata is None:
                     await self.fs.listing.head_metadata(node)
                     if node.remote is not remote or node.w.local is not local:
                         continue  # another version meanwhile: look again
-                meta = remote.metadata or {}
+                meta = node.metadata or {}
             else:
                 node.xattrs = {}  # never stored: a new file
                 break
@@ -145,7 +144,7 @@ class Xattrs:
         if node.is_dir:
             return xa.SET_MAX
         local, remote = node.w.local, node.remote
-        meta = local.metadata if local is not None else remote.metadata if remote else None
+        meta = local.metadata if local is not None else node.metadata if remote else None
         return self.fs.codec.xattrs_limit(meta)
 
     async def set(self, node: Node, name: bytes, value: bytes) -> None:
@@ -194,7 +193,7 @@ class Xattrs:
         """The metadata of the file's newest version, as far as known ({} if not)."""
         if node.w.local is not None:
             return node.w.local.metadata
-        return (node.remote.metadata if node.remote is not None else None) or {}
+        return (node.metadata if node.remote is not None else None) or {}
 
     async def persist(self, node: Node, xattrs_changed: bool = False) -> None:
         """Store mode/owner/mtime (and with *xattrs_changed*, the extended attributes) in the
@@ -212,7 +211,7 @@ class Xattrs:
             await fs.uploader.wait(local, raise_errors=False)
         if node.remote is None:
             return
-        if node.remote.metadata is None:
+        if node.metadata is None:
             # What was just set must survive the HEAD, which applies the stored attributes
             # (attributes from the directory index come without the object's metadata).
             wanted = (node.mode, node.uid, node.gid, node.mtime_ns, node.mode_set_here)
@@ -223,12 +222,13 @@ class Xattrs:
                 node.xattrs = xattrs
         remote = node.remote
         assert remote is not None
-        meta = await self._new_metadata(node, remote.metadata or {}, xattrs_changed)
+        meta = await self._new_metadata(node, node.metadata or {}, xattrs_changed)
         etag = await fs._thread(
             lambda: fs.store.copy(key, key, meta, src_etag=remote.etag, size=remote.body_size)
         )
-        old_version = remote.version
-        node.remote = Remote(etag, remote.body_size, meta, old_version, attrs_known=True)
+        old_version = node.version if node.remote is remote else None
+        node.set_remote(ChildInfo(False, remote.body_size, etag), meta, attrs_known=True)
+        node.version = old_version
         fs.listing.note(node)
         if old_version is not None:
             # Same bytes, new ETag: keep the cached chunks, fetch by the new ETag.

@@ -11,7 +11,7 @@ import stat
 import sys
 import tracemalloc
 
-from s3cryptfs.vfs.nodes import ROOT_INODE, Node, NodeTable
+from s3cryptfs.vfs.nodes import ROOT_INODE, ChildInfo, Node, NodeTable
 from tests.vfs.harness import CoreDriver, CoreFs
 from tests.vfs.test_readdir_stream import copies
 
@@ -177,8 +177,8 @@ def test_a_listed_file_past_the_bound_costs_only_its_listing_entry(
     """A walk of 2,000 files with room for 100 inodes, swept as the adapter sweeps (after each
     reply's entries): the files the kernel dropped keep only their listing entry, index entry
     and strings. Counted by tracemalloc: about 650 bytes each (of which ~130 are the S3
-    client's and the test's log capture); a dropped node left behind (node, remote version,
-    path, table slots) would add about 410."""
+    client's and the test's log capture); a dropped node left behind (node, path, table
+    slots) would add about 300."""
     names = [f"f{i:05d}" for i in range(2000)]
     copies(core, driver, names)
     core.stop()
@@ -235,12 +235,12 @@ def test_a_file_two_sweeps_chose_is_asked_about_once() -> None:
 
 
 def test_a_node_keeps_its_flags_in_one_slot_and_its_open_counts_aside() -> None:
-    """A wide directory holds a node per file: its four flags are bits of one slot and its
-    open counts live in the side record few files have (dropped again at the last close), so
-    a listed file's node stays at 160 bytes (192 with a slot each); the fields still read and
-    write as before."""
+    """A wide directory holds a node per file: its flags are bits of one slot and its open
+    counts and lock live in the side record few files have (dropped again at the last close),
+    so a listed file's node stays at 144 bytes (192 with a slot each and the lock in its
+    own); the fields still read and write as before."""
     node = Node(5000, "d/f", stat.S_IFREG | 0o644, 0, 0, 0, 0)
-    assert sys.getsizeof(node) <= 160
+    assert sys.getsizeof(node) <= 144
     node.unlinked = True
     node.recent = True
     node.recent = False
@@ -263,3 +263,31 @@ def test_a_node_keeps_its_flags_in_one_slot_and_its_open_counts_aside() -> None:
     node.error = "failed"
     node.opens = 0
     assert node._extra is not None and node.error == "failed"  # kept: it holds something
+
+
+def test_what_a_node_learnt_of_its_version_goes_with_it() -> None:
+    """A node made from a listing shares the listing's entry as its version in S3, so what
+    the mount learns of the version it opened (metadata, the reader's view, whether its
+    attributes are known) is kept on the node: a new version starts without any of it, a
+    copy in S3 (rename) keeps all but the reader's view, and the listing's entry never
+    carries it to the next node made from it."""
+    listed = ChildInfo(False, 4124, '"e1"', 7)
+    node = Node(5000, "d/f", stat.S_IFREG | 0o644, 0, 0, 0, 0)
+    node.remote = listed
+    node.metadata = {"m": "1"}
+    node.version = "a reader's version"  # type: ignore[assignment]
+    node.attrs_known = node.companion_read = True
+    moved = node.version
+    assert node.copied_to('"e2"') == moved
+    assert node.remote is not listed and node.remote is not None
+    assert (node.remote.etag, node.remote.body_size) == ('"e2"', 4124)
+    assert node.metadata == {"m": "1"} and node.attrs_known and node.companion_read
+    assert node.version is None
+    node.remote = ChildInfo(False, 10, '"e3"')  # another version
+    assert node.metadata is None and node.version is None
+    assert not node.attrs_known and not node.companion_read
+    assert node._extra is None  # nothing left aside
+    assert not hasattr(listed, "metadata")  # (a slot object: nothing to carry over)
+    again = Node(5001, "d/f", stat.S_IFREG | 0o644, 0, 0, 0, 0)
+    again.remote = listed
+    assert again.metadata is None and not again.attrs_known
