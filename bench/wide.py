@@ -125,6 +125,7 @@ def run_wide(n: int, client: str | None, max_inodes: int | None = None, dirs: in
                 )  # fmt: skip
                 time.sleep(1)
             cpu_mount, cpu_weed = _cpu(pid), _cpu(server.proc.pid if server.proc else None)
+            rss_mounted = _rss(pid, "VmRSS")  # (what the listing adds is measured from here)
             start_t = time.perf_counter()
             listed = _ls(mnt / "wide", dirs > 1)
             seconds = time.perf_counter() - start_t
@@ -152,7 +153,8 @@ def run_wide(n: int, client: str | None, max_inodes: int | None = None, dirs: in
                 (
                     f"ls -l, {label}",
                     f"{seconds:.2f} s, {listed} files, peak RSS {peak / MIB:.0f} MiB, "
-                    f"RSS after {now / MIB:.0f} MiB, "
+                    f"RSS after {now / MIB:.0f} MiB "
+                    f"({(now - rss_mounted) / max(listed, 1):.0f} B per listed file), "
                     f"CPU s mount {cpu_mount:.1f} weed {cpu_weed:.1f}, "
                     f"inodes known {inodes.get('known')} (dropped {inodes.get('dropped')}), "
                     f"index writes {status.get('index_writes')}, requests {requests}, "
