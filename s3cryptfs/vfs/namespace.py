@@ -325,7 +325,9 @@ class Namespace:
         await self._records_settled()
         etag, mpu = await self._copy_object(node, old_key, new_key)
         await self._delete_old(old_key, mpu)
-        node.copied_to(etag)
+        version = node.copied_to(etag)
+        if version is not None:
+            self.fs.reader.forget(version)  # (the copy is read by its own ETag)
         return None
 
     async def _records_settled(self) -> None:

@@ -269,7 +269,7 @@ class Node(_NodeFields):
         if self._extra is not None:
             self.metadata = None
             self.version = None
-        self._flags &= ~(16 | 32)
+        self._flags &= ~(Node.attrs_known.bit | Node.companion_read.bit)
 
     def set_remote(
         self,

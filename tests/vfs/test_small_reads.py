@@ -164,3 +164,20 @@ def test_kernel_keeps_listed_files_until_their_listing_expires(
     cold(core, dir_ttl=0.0)
     driver.listdir(DIR)
     assert driver.fs.attr(driver._lookup(f"{DIR}/f0000")).ttl == 0.0
+
+
+def test_a_renamed_file_leaves_no_chunks_cached_under_its_old_name(
+    core: CoreFs, driver: CoreDriver
+) -> None:
+    """A rename copies the object in S3: the copy is read by its own key and ETag, so the
+    chunks cached for the old one are dropped, not left to age out of the block cache."""
+    files = fill(driver, 2, 5000)
+    cold(core)
+    assert driver.read_file(f"{DIR}/f0001") == files["f0001"]
+    node = driver._lookup(f"{DIR}/f0001")
+    old = node.version
+    assert old is not None and driver.fs.blocks.contains(old.vid, 0)
+    driver.rename(f"{DIR}/f0001", f"{DIR}/moved")
+    assert node.version is None and node.remote is not None
+    assert not driver.fs.blocks.contains(old.vid, 0)
+    assert driver.read_file(f"{DIR}/moved") == files["f0001"]
