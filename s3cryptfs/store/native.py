@@ -1,12 +1,13 @@
 """The S3 client on the AWS Common Runtime (awscrt): every object operation (HEAD, GET (ranged,
 If-Match, bounded), LIST, PUT (conditional), DELETE, multipart uploads, CopyObject and
-UploadPartCopy) and HeadBucket, as signed requests built here and sent by the CRT's S3 client
-on its own threads (the GIL is held only to hand over headers and body pieces). Large uploads
+UploadPartCopy) and HeadBucket, as signed requests built here and sent over the CRT's HTTP
+connections (store/crtconn.py) on its own threads (the GIL is held only to hand over headers
+and body pieces). Large uploads
 and copies are assembled from these requests by store/transfers.py, as for boto3. Request
 bodies and ranged reads over BULK_BYTES go through a botocore store instead (see there).
 
 The retry policy and the classification of replies are those of store/retry.py, as for boto3:
-the CRT's own retries are off, and its errors are mapped onto the same StoreError kinds.
+the CRT's errors and S3's error replies are mapped onto the same StoreError kinds.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ from xml.sax.saxutils import escape
 import awscrt.auth
 import awscrt.exceptions
 import awscrt.http
-import awscrt.io
-import awscrt.s3
 import botocore.credentials
 import botocore.session
 
@@ -52,6 +51,7 @@ from s3cryptfs.store.base import (
     StoreSettings,
     etag_of,
 )
+from s3cryptfs.store.crtconn import ConnectionPool, Endpoint, PoolExhausted
 from s3cryptfs.store.s3 import S3Store
 from s3cryptfs.store.transfers import MultipartTransfers
 
@@ -72,6 +72,16 @@ class _TimedOut(Exception):
     """No byte moved for read_timeout: the request was cancelled."""
 
 
+class HttpError(Exception):
+    """A reply outside 2xx: its status, headers and body (the S3 error document)."""
+
+    def __init__(self, status_code: int, headers: dict[str, str], body: bytes) -> None:
+        super().__init__(f"HTTP {status_code}")
+        self.status_code = status_code
+        self.headers = headers
+        self.body = body
+
+
 class _TooLarge(Exception):
     def __init__(self, size: int) -> None:
         super().__init__(size)
@@ -88,13 +98,16 @@ class _Reply:
 
 @dataclass
 class _Sent:
-    """A request the CRT is working on: its future, the reply being filled in, and when a
-    byte last moved (progress[0], monotonic)."""
+    """A request the CRT is working on: its future, the reply being filled in, when a byte
+    last moved (progress[0], monotonic), its connection (None: it failed before one was
+    given) and whether that connection served a request before; *again* sends it anew."""
 
-    request: awscrt.s3.S3Request
-    done: concurrent.futures.Future[Any]
+    done: concurrent.futures.Future[_Reply]
     reply: _Reply
     progress: list[float]
+    conn: awscrt.http.HttpClientConnection | None = None
+    reused: bool = False
+    again: Callable[[], _Sent] | None = None
 
 
 def _waiting(
@@ -110,15 +123,10 @@ def classify(exc: BaseException, what: str) -> StoreError:
     """Map a CRT exception (or our own) to the StoreError kinds, by the rules of retry.py."""
     if isinstance(exc, StoreError):
         return exc
-    if isinstance(exc, awscrt.s3.S3ResponseError):
-        status = int(exc.status_code or 0)
-        if 200 <= status < 300:
-            # The CRT's check for an error document in a 200 (copies, completes): taken as
-            # botocore takes it, as a 500 with the document's code.
-            status = 500
-        code, msg = _error_code(exc.body or b"")
-        return retry.classify_reply(code, status, msg or code, what)
-    if isinstance(exc, _TimedOut):
+    if isinstance(exc, HttpError):
+        code, msg = _error_code(exc.body)
+        return retry.classify_reply(code, exc.status_code, msg or code, what)
+    if isinstance(exc, (_TimedOut, PoolExhausted)):
         return TransientStoreError(f"{what}: S3 connection failed (no reply within the timeout)")
     if isinstance(exc, awscrt.exceptions.AwsCrtError):
         if exc.name.startswith(_UNREACHABLE):
@@ -207,30 +215,19 @@ class NativeStore(PagedReads, MultipartTransfers):
             https = url.scheme == "https"
             self._host = url.netloc
             self._base = f"{url.path.rstrip('/')}/{urllib.parse.quote(self.bucket)}"
+            endpoint = Endpoint(url.hostname or "", url.port or (443 if https else 80), https)
         else:
-            https = True
             self._host = f"s3.{region}.amazonaws.com"
             self._base = f"/{urllib.parse.quote(self.bucket)}"
-        tls_options = None
-        if https:
-            ctx = awscrt.io.TlsContextOptions()
-            ca_bundle = os.environ.get("AWS_CA_BUNDLE")
-            if ca_bundle:
-                ctx.override_default_trust_store_from_path(None, ca_bundle)
-            tls_options = awscrt.io.ClientTlsContext(ctx).new_connection_options()
-        loops = awscrt.io.EventLoopGroup()
-        bootstrap = awscrt.io.ClientBootstrap(loops, awscrt.io.DefaultHostResolver(loops))
-        self._client = awscrt.s3.S3Client(
-            bootstrap=bootstrap,
-            region=region,
-            tls_mode=awscrt.s3.S3RequestTlsMode.ENABLED
-            if https
-            else awscrt.s3.S3RequestTlsMode.DISABLED,
-            tls_connection_options=tls_options,
-            credential_provider=_credentials_provider(),
-            retry_config=awscrt.s3.S3RetryConfig(retry_mode=awscrt.s3.S3RetryMode.NONE),
-            connect_timeout_ms=int(settings.connect_timeout * 1000),
-            max_active_connections_override=settings.max_connections,
+            endpoint = Endpoint(self._host, 443, True)
+        if endpoint.https:
+            endpoint = dataclasses.replace(endpoint, ca_bundle=os.environ.get("AWS_CA_BUNDLE"))
+        self._pool = ConnectionPool(
+            endpoint,
+            _credentials_provider(),
+            region,
+            settings.max_connections,
+            settings.connect_timeout,
         )
 
     # --- counters ---------------------------------------------------------------------------
@@ -298,13 +295,23 @@ class NativeStore(PagedReads, MultipartTransfers):
         """The reply of a request _start handed to the CRT, or its error."""
         while True:
             try:
-                sent.done.result(timeout=min(1.0, self._stall_limit))
-                return sent.reply
+                return sent.done.result(timeout=min(1.0, self._stall_limit))
             except TimeoutError:
                 self._cancel_if_stalled(sent)
-            except Exception:
+            except Exception as exc:
                 if sent.reply.refused is not None:
                     raise sent.reply.refused from None
+                if (
+                    sent.reused
+                    and sent.again is not None
+                    and sent.reply.status == 0
+                    and isinstance(exc, awscrt.exceptions.AwsCrtError)
+                ):
+                    # A kept-alive connection the server had closed meanwhile: nothing was
+                    # answered, so send it again at once (once) rather than as a retry.
+                    sent = sent.again()
+                    sent.again = None
+                    continue
                 raise
 
     @property
@@ -315,7 +322,8 @@ class NativeStore(PagedReads, MultipartTransfers):
 
     def _cancel_if_stalled(self, sent: _Sent) -> None:
         if time.monotonic() - sent.progress[0] > self._stall_limit:
-            sent.request.cancel()
+            if sent.conn is not None:
+                sent.conn.close()  # ends the request with an error, and the connection
             with contextlib.suppress(Exception):
                 sent.done.result(timeout=self._stall_limit)
             raise _TimedOut() from None
@@ -332,7 +340,8 @@ class NativeStore(PagedReads, MultipartTransfers):
     ) -> _Sent:
         """One signed request, handed to the CRT and not waited for (_send waits for it).
         *check* sees the status and headers before any body byte (and may raise to drop the
-        connection); a body past *body_limit* bytes is cut off by failing the request."""
+        connection); a body past *body_limit* bytes is cut off by failing the request. What
+        fails before the request is sent (signing, connecting) fails its future."""
         hdrs = awscrt.http.HttpHeaders([("Host", self._host)])
         for name, value in (headers or {}).items():
             hdrs.add(name, value)
@@ -341,40 +350,66 @@ class NativeStore(PagedReads, MultipartTransfers):
             hdrs.add("Content-Length", str(len(body)))
             stream = io.BytesIO(body)
         reply = _Reply()
-        progress = [time.monotonic()]
+        sent = _Sent(concurrent.futures.Future(), reply, [time.monotonic()])
+        sent.again = lambda: self._start(
+            method, path, operation, headers, body, check, body_limit
+        )
+        request = awscrt.http.HttpRequest(method, path, hdrs, stream)
+        try:
+            self._pool.sign(request)
+            conn, sent.reused = self._pool.acquire(self._stall_limit)
+        except Exception as exc:  # noqa: BLE001 - the waiter classifies it
+            sent.done.set_exception(exc)
+            return sent
+        sent.conn = conn
+        progress = sent.progress
+        once = threading.Lock()  # the connection goes back to the pool once
 
-        def on_headers(status_code: int, headers: list[tuple[str, str]], **_: Any) -> None:
+        def release(reusable: bool) -> None:
+            if once.acquire(blocking=False):
+                self._pool.release(conn, reusable)
+
+        def on_response(status_code: int, headers: list[tuple[str, str]], **_: Any) -> None:
             progress[0] = time.monotonic()
             reply.status = status_code
             reply.headers = {k.lower(): v for k, v in headers}
             if check is not None and 200 <= status_code < 300:
                 try:
                     check(reply)
-                except BaseException as exc:
+                except BaseException as exc:  # noqa: BLE001 - re-raised by the waiter
                     reply.refused = exc
-                    raise
+                    conn.close()
 
         def on_body(chunk: bytes, **_: Any) -> None:
             progress[0] = time.monotonic()
+            if reply.refused is not None:
+                return
             reply.body += chunk
             if body_limit is not None and len(reply.body) > body_limit:
                 reply.refused = _TooLarge(len(reply.body))
-                raise reply.refused
+                conn.close()
 
-        def on_progress(*_: Any, **__: Any) -> None:
-            progress[0] = time.monotonic()
+        def finished(future: concurrent.futures.Future[Any]) -> None:
+            error = future.exception()
+            release(error is None and reply.refused is None)
+            if error is not None:
+                sent.done.set_exception(error)
+            elif reply.refused is not None:
+                sent.done.set_exception(reply.refused)
+            elif not 200 <= reply.status < 300:
+                sent.done.set_exception(HttpError(reply.status, reply.headers, bytes(reply.body)))
+            else:
+                sent.done.set_result(reply)
 
-        request = self._client.make_request(
-            type=awscrt.s3.S3RequestType.DEFAULT,
-            operation_name=operation,
-            request=awscrt.http.HttpRequest(method, path, hdrs, stream),
-            on_headers=on_headers,
-            on_body=on_body,
-            # Only a body being sent needs it (a reply's progress is seen by on_body): each
-            # callback takes the GIL from the CRT's thread.
-            on_progress=on_progress if body else None,
-        )
-        return _Sent(request, request.finished_future, reply, progress)
+        try:
+            http = conn.request(request, on_response=on_response, on_body=on_body)
+            http.completion_future.add_done_callback(finished)
+            http.activate()
+        except Exception as exc:  # noqa: BLE001 - as above
+            release(False)
+            if not sent.done.done():
+                sent.done.set_exception(exc)
+        return sent
 
     # _start, then its reply (or the CRT's error): what every request but head_many's does.
     _send = _waiting(_start)
@@ -487,10 +522,10 @@ class NativeStore(PagedReads, MultipartTransfers):
         """The whole object with its metadata, if it is at most *limit* bytes; a larger one is
         refused (ObjectTooLarge) after one request.
 
-        The CRT hands over a reply's headers only once it holds the whole body, so a plain GET
-        of a planted huge object would be downloaded into memory before it could be refused.
         The first request asks for the first _FIRST_READ bytes only and learns the size from
-        Content-Range; an object between that and *limit* takes a second, If-Match request."""
+        Content-Range before any body byte (a reply that announces more is refused at its
+        headers, one that sends more is cut off at *limit*); an object between that and
+        *limit* takes a second, If-Match request."""
         first = min(limit, _FIRST_READ)
 
         def total(reply: _Reply) -> int:
@@ -512,7 +547,7 @@ class NativeStore(PagedReads, MultipartTransfers):
         def fetch() -> tuple[bytes, ObjectInfo]:
             try:
                 r = read({"Range": f"bytes=0-{first - 1}"})
-            except awscrt.s3.S3ResponseError as exc:
+            except HttpError as exc:
                 if exc.status_code != 416:
                     raise
                 r = read({})  # no byte to give a range of: an empty object
@@ -522,7 +557,7 @@ class NativeStore(PagedReads, MultipartTransfers):
                 etag = r.headers.get("etag", "")
                 try:
                     rest = read({"Range": f"bytes={len(body)}-{size - 1}", "If-Match": etag})
-                except awscrt.s3.S3ResponseError as exc:
+                except HttpError as exc:
                     if exc.status_code != 412:
                         raise
                     # Replaced between the two reads: read the new one from its start.

@@ -1,0 +1,115 @@
+"""The native store's own HTTP connections (store/crtconn.py): kept alive and reused, bounded
+by --max-connections, and a kept connection the server closed meanwhile costs no retry."""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import threading
+import time
+
+import pytest
+
+from s3cryptfs.store.base import StoreSettings
+from s3cryptfs.store.factory import open_store
+
+
+class _KeepAlive(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive; counts connections, and with server.drop_second closes a
+    connection when its second request arrives, without answering it."""
+
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        srv = self.server
+        with srv.lock:  # type: ignore[attr-defined]
+            srv.accepted += 1  # type: ignore[attr-defined]
+            srv.now += 1  # type: ignore[attr-defined]
+            srv.most = max(srv.most, srv.now)  # type: ignore[attr-defined]
+        self.served = 0
+
+    def finish(self) -> None:
+        with self.server.lock:  # type: ignore[attr-defined]
+            self.server.now -= 1  # type: ignore[attr-defined]
+        super().finish()
+
+    def do_HEAD(self) -> None:
+        srv = self.server
+        with srv.lock:  # type: ignore[attr-defined]
+            srv.seen.append(self.path)  # type: ignore[attr-defined]
+        if self.served and srv.drop_second:  # type: ignore[attr-defined]
+            self.close_connection = True
+            return
+        self.served += 1
+        time.sleep(srv.delay)  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Length", "5")
+        self.send_header("ETag", '"0123"')
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def keepalive(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _KeepAlive)
+    server.lock = threading.Lock()
+    server.accepted = server.now = server.most = 0
+    server.seen, server.drop_second, server.delay = [], False, 0.0
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _store(server, max_connections=64):
+    host, port = server.server_address
+    return open_store(
+        StoreSettings(
+            bucket="b",
+            endpoint_url=f"http://{host}:{port}",
+            client="native",
+            retry_deadline=10.0,
+            max_connections=max_connections,
+        )
+    )
+
+
+def test_requests_share_a_few_kept_connections_within_the_bound(keepalive):
+    keepalive.delay = 0.01  # long enough for the threads' requests to overlap
+    store = _store(keepalive, max_connections=2)
+
+    def heads(n: int) -> None:
+        for i in range(5):
+            assert store.head(f"t{n}-{i}").etag == '"0123"'
+
+    threads = [threading.Thread(target=heads, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(keepalive.seen) == 30
+    assert keepalive.most <= 2  # never more open at once than the bound
+    assert keepalive.accepted <= 2  # 30 requests, kept connections: no connect each
+    assert not store.errors
+
+
+def test_a_kept_connection_the_server_closed_is_sent_again_at_once(keepalive, caplog):
+    keepalive.drop_second = True
+    store = _store(keepalive)
+    caplog.set_level(logging.WARNING)
+    assert store.head("first").etag == '"0123"'
+    started = time.monotonic()
+    assert store.head("second").etag == '"0123"'
+    # The second went out on the first's connection, which the server closed unanswered,
+    # then on a new one: no retry (no warning, no error counted, no back-off).
+    assert keepalive.seen == ["/b/first", "/b/second", "/b/second"]
+    assert keepalive.accepted == 2
+    assert not store.errors
+    assert "retrying" not in caplog.text
+    assert time.monotonic() - started < 1.0
