@@ -59,7 +59,7 @@ def attempt(tmp_path, failures: dict[str, Exception]) -> tuple[Uploader, Entry, 
     async def main() -> None:
         uploader.submit(entry)
         uploader._wakeup = trio.Event()  # as the run loop leaves it before it sleeps
-        uploader.queue.remove(entry)
+        uploader._dequeue(entry)
         uploader.in_flight[entry.key] = entry
         entry.to(Upload.UPLOADING)
         await uploader._upload(entry)
@@ -150,3 +150,42 @@ def test_many_small_uploads_go_out_together_but_no_more_than_the_bound(tmp_path)
     trio.run(main)
     assert sorted(store.uploaded) == [e.key for e in entries]
     assert store.peak == 16  # as many as allowed, never more
+
+
+def test_the_versions_of_each_key_stay_in_queue_order_through_every_change(tmp_path):
+    """The per-key index of the queue (what closes and upload ends ask instead of a scan of
+    the whole queue) follows every way an entry enters, leaves or moves."""
+    journal = Journal(str(tmp_path / "journal"))
+    uploader = Uploader(FailingStore({}), journal, trio.CapacityLimiter(2))
+
+    def grouped() -> dict[str, list[Entry]]:
+        out: dict[str, list[Entry]] = {}
+        for e in uploader.queue:
+            out.setdefault(e.key, []).append(e)
+        return out
+
+    async def main() -> None:
+        a1, b1, c1 = (queued_entry(journal, k) for k in ("vol/a", "vol/b", "vol/c"))
+        for e in (a1, b1, c1):
+            uploader.submit(e, delay=60)
+        a2 = queued_entry(journal, "vol/a")
+        uploader.submit(a2, delay=60)  # coalesces a1 away
+        assert a1.superseded_by is a2 and uploader.pending_for("vol/a") == [a2]
+        assert uploader._by_key == grouped()
+        uploader._dequeue(b1)  # the run loop takes b1 and sends it...
+        uploader.in_flight[b1.key] = b1
+        b1.to(Upload.UPLOADING)
+        b2 = queued_entry(journal, "vol/b")
+        uploader.submit(b2, delay=60)
+        uploader._retry_later(b1, TransientStoreError("down"), 1.0)  # fails: back at the head
+        assert uploader.queue[0] is b1 and uploader.pending_for("vol/b") == [b1, b2]
+        assert uploader._by_key == grouped()
+        uploader.hold(c1)  # a rename moves c1 to vol/d
+        uploader.rekey(c1, "vol/d", ABSENT)
+        assert uploader.pending_for("vol/c") == [] and uploader.pending_for("vol/d") == [c1]
+        assert uploader._by_key == grouped()
+        uploader.cancel("vol/b")  # deleted
+        assert uploader.pending_for("vol/b") == []
+        assert uploader._by_key == grouped() == {"vol/a": [a2], "vol/d": [c1]}
+
+    trio.run(main)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -219,13 +220,19 @@ class WritePath(KeptClosed):
         *stall*, give up once that many seconds passed without any progress. Returns what is
         not in S3 yet (see not_in_s3): empty when everything is."""
         quiet_since = time.monotonic()
+        committed = -math.inf
         self.uploader.hurry()  # until the drain ends (an unmount may still be refused)
         try:
             while True:
                 before = (self.uploader.uploaded_count, len(self.closed_pending))
-                await self.commit_all(files())
-                if not self.uploader.pending and not self.closed_pending:
-                    break
+                # Every file is looked at once a second, and before the drain may end: not
+                # at each upload's end (thousands of them, each a look at every file).
+                idle = not self.uploader.pending and not self.closed_pending
+                if idle or time.monotonic() - committed >= 1.0:
+                    await self.commit_all(files())
+                    committed = time.monotonic()
+                    if not self.uploader.pending and not self.closed_pending:
+                        break
                 if stall is not None and time.monotonic() - quiet_since >= stall:
                     return self.not_in_s3()
                 with trio.move_on_after(1.0 if stall is None else min(1.0, stall)):

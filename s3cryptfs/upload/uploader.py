@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 
@@ -78,6 +79,11 @@ class Uploader:
         self.on_conflict = on_conflict
         self.helper = helper  # uploads off the FUSE loop's process (store/helper.py)
         self.queue: list[Entry] = []
+        # The queued versions of each key, in queue order (changed with the queue, through
+        # _enqueue and _dequeue): what is asked per key at each close and each upload's end
+        # without a scan of the whole queue, thousands long under a `cp -r` of small files.
+        self._by_key: dict[str, list[Entry]] = {}
+        self._soonest = 0.0  # when the first delayed version is due (_next's last full scan)
         self.in_flight: dict[str, Entry] = {}
         self.last_etag: dict[str, str] = {}
         self.diverted: dict[str, str] = {}  # key -> the conflict copy its queued versions follow
@@ -108,10 +114,10 @@ class Uploader:
         if entry.base == CHAIN and entry.after is None:
             pending = self.pending_for(entry.key)
             entry.after = pending[-1] if pending else None
-        for older in self.queue:
-            if older.key == entry.key and older.state is Upload.QUEUED:
+        for older in self._by_key.get(entry.key, ()):
+            if older.state is Upload.QUEUED:
                 # Coalesce: the older version never needs to reach S3.
-                self.queue.remove(older)
+                self._dequeue(older)
                 self.queued_bytes -= older.body_size
                 if entry.base == CHAIN:
                     entry.base, entry.after = older.base, older.after
@@ -125,7 +131,7 @@ class Uploader:
                 self.journal.remove(older, replaced=True)
                 older._notify()
                 break
-        self.queue.append(entry)
+        self._enqueue(entry)
         self.queued_bytes += entry.body_size
         if entry.not_before < self._sleeps_until:
             # Not when the worker loop wakes before this one is due anyway: a `cp -r` of
@@ -153,8 +159,8 @@ class Uploader:
 
     def update_metadata(self, key: str, metadata: dict[str, str]) -> bool:
         """Change the metadata of a queued version of *key*; False if none is queued."""
-        for entry in reversed(self.queue):
-            if entry.key == key and entry.state is Upload.QUEUED:
+        for entry in reversed(self._by_key.get(key, ())):
+            if entry.state is Upload.QUEUED:
                 entry.metadata = dict(metadata)
                 self._rewrite(entry)
                 return True
@@ -202,14 +208,37 @@ class Uploader:
         group commit), so after a crash it is uploaded under one name or the other, never
         both."""
         assert entry.held and entry.state is Upload.QUEUED, entry.key
+        old = self._by_key[entry.key]
+        old.remove(entry)
+        if not old:
+            del self._by_key[entry.key]
         entry.key, entry.base = key, base
+        # Its place in the queue stays; among the new key's versions, in queue order.
+        self._by_key[key] = [e for e in self.queue if e.key == key]
         self._rewrite(entry)
 
     def _kick(self) -> None:
         self._wakeup.set()
 
+    def _enqueue(self, entry: Entry, first: bool = False) -> None:
+        """Into the queue, at its end (or its head: a retry), and into the index by key."""
+        same = self._by_key.setdefault(entry.key, [])
+        if first:
+            self.queue.insert(0, entry)
+            same.insert(0, entry)
+        else:
+            self.queue.append(entry)
+            same.append(entry)
+
+    def _dequeue(self, entry: Entry) -> None:
+        self.queue.remove(entry)
+        same = self._by_key[entry.key]
+        same.remove(entry)
+        if not same:
+            del self._by_key[entry.key]
+
     def pending_for(self, key: str) -> list[Entry]:
-        found = [e for e in self.queue if e.key == key]
+        found = list(self._by_key.get(key, ()))
         if key in self.in_flight:
             found.insert(0, self.in_flight[key])
         return found
@@ -223,14 +252,14 @@ class Uploader:
         """Drop queued versions of *key* (it is being deleted). In-flight ones must be awaited."""
         if key in self.in_flight:
             self.in_flight[key].cancelled = True
-        for entry in [e for e in self.queue if e.key == key]:
+        for entry in list(self._by_key.get(key, ())):
             copy = self._copy_followed(entry)
             if copy is not None and self._nursery is not None:
                 # An earlier version went to this conflict copy and this one would have
                 # replaced it there: the file is deleted here now, and the copy holds a state
                 # its writer has since overwritten and deleted.
                 self._nursery.start_soon(self._delete_copy, copy)
-            self.queue.remove(entry)
+            self._dequeue(entry)
             self.queued_bytes -= entry.body_size
             self._discard_stream(entry)
             self.journal.remove(entry)
@@ -326,8 +355,13 @@ class Uploader:
     def _next(self) -> Entry | None:
         now = time.monotonic()
         large = sum(1 for e in self.in_flight.values() if e.body_size >= self.large_size)
+        soonest = math.inf
         for entry in self.queue:
-            if entry.key in self.in_flight or entry.not_before > now or entry.held:
+            if entry.not_before > now:
+                if not entry.held and entry.not_before < soonest:
+                    soonest = entry.not_before
+                continue
+            if entry.key in self.in_flight or entry.held:
                 continue
             if entry.body_size >= self.large_size and large >= self.large_concurrency:
                 continue
@@ -340,18 +374,21 @@ class Uploader:
             elif entry.base == CHAIN and entry.key not in self.last_etag:
                 # the previous version of this key must land first; if none exists any more
                 # (crash recovery), it was coalesced and this one is based on nothing known
-                if not any(e.key == entry.key and e.seq < entry.seq for e in self.queue):
+                if not any(e.seq < entry.seq for e in self._by_key.get(entry.key, ())):
                     entry.base = ("unknown", "")
                 else:
                     continue
             return entry
+        self._soonest = soonest  # the whole queue was seen: for _idle_wait
         return None
 
     def _idle_wait(self) -> float:
-        """Seconds until the next delayed or retried version is due (at most 0.5)."""
-        now = time.monotonic()
-        due = [e.not_before - now for e in self.queue if e.not_before > now and not e.held]
-        return min(0.5, max(0.005, min(due))) if due else 0.5
+        """Seconds until the next delayed or retried version is due (at most 0.5), as the
+        last _next found it; with every upload slot busy, only an upload's end (which wakes
+        the loop) frees one."""
+        if len(self.in_flight) >= self.concurrency:
+            return 0.5
+        return min(0.5, max(0.005, self._soonest - time.monotonic()))
 
     def _ready(self, entry: Entry) -> bool:
         """Whether a CHAIN entry may go: the version it follows has ended, and its base is
@@ -385,7 +422,7 @@ class Uploader:
                     finally:
                         self._sleeps_until = 0.0
                     continue
-                self.queue.remove(entry)
+                self._dequeue(entry)
                 self.in_flight[entry.key] = entry
                 entry.to(Upload.UPLOADING)
                 nursery.start_soon(self._upload, entry)
@@ -579,7 +616,7 @@ class Uploader:
         entry.to(Upload.QUEUED)
         entry.not_before = time.monotonic() + delay
         del self.in_flight[entry.key]
-        self.queue.insert(0, entry)
+        self._enqueue(entry, first=True)
         entry._notify()
         self._kick()
 
@@ -593,7 +630,7 @@ class Uploader:
         self.in_flight.pop(entry.key, None)
         self.queued_bytes -= entry.body_size
         self.uploaded_count += 1
-        if not any(e.key == entry.key for e in self.queue):
+        if entry.key not in self._by_key:
             # nothing chains on this key any more
             self.last_etag.pop(entry.key, None)
             self.diverted.pop(entry.key, None)
