@@ -219,3 +219,23 @@ def test_a_run_restarted_mid_group_does_not_fetch_its_group_again():
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_the_block_cache_drops_a_version_whole_and_only_it():
+    """drop() finds a version's chunks without a look at every cached chunk (its own index of
+    them), and that index follows evictions and discards."""
+    cache = BlockCache(budget=10 * 100)
+    for i in range(4):
+        cache.put("a", i, b"a" * 100)
+        cache.put("b", i, b"b" * 100)
+    cache.put("c", 0, b"c" * 400)  # over the budget: the oldest two (a 0, b 0) go
+    assert not cache.contains("a", 0) and not cache.contains("b", 0)
+    cache.discard("a", 1)
+    cache.drop("a")
+    assert [i for i in range(4) if cache.contains("a", i)] == []
+    assert [i for i in range(4) if cache.contains("b", i)] == [1, 2, 3]
+    assert cache.used == 3 * 100 + 400 and len(cache) == 4
+    cache.drop("a")  # nothing left of it: nothing happens
+    cache.drop("b")
+    cache.drop("c")
+    assert cache.used == 0 and len(cache) == 0 and not cache._held

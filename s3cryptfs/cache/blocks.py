@@ -15,6 +15,9 @@ class BlockCache:
     def __init__(self, budget: int) -> None:
         self.budget = max(budget, 1)
         self._blocks: OrderedDict[tuple[Hashable, int], bytes] = OrderedDict()
+        # The chunk indexes held of each version: drop() is asked at every rename, delete
+        # and replaced version, and a look at every cached chunk each time added up.
+        self._held: dict[Hashable, set[int]] = {}
         self.used = 0
         self.hits = 0
         self.misses = 0
@@ -38,19 +41,28 @@ class BlockCache:
         if old is not None:
             self.used -= len(old)
         self._blocks[key] = block
+        self._held.setdefault(vid, set()).add(index)
         self.used += len(block)
         while self.used > self.budget and self._blocks:
-            _, evicted = self._blocks.popitem(last=False)
+            (gone, at), evicted = self._blocks.popitem(last=False)
+            self._forget(gone, at)
             self.used -= len(evicted)
+
+    def _forget(self, vid: Hashable, index: int) -> None:
+        held = self._held[vid]
+        held.discard(index)
+        if not held:
+            del self._held[vid]
 
     def discard(self, vid: Hashable, index: int) -> None:
         old = self._blocks.pop((vid, index), None)
         if old is not None:
+            self._forget(vid, index)
             self.used -= len(old)
 
     def drop(self, vid: Hashable) -> None:
-        for key in [k for k in self._blocks if k[0] == vid]:
-            self.used -= len(self._blocks.pop(key))
+        for index in self._held.pop(vid, ()):
+            self.used -= len(self._blocks.pop((vid, index)))
 
     def __len__(self) -> int:
         return len(self._blocks)

@@ -637,7 +637,13 @@ class Filesystem:
         self.trimmer.soon()
 
     # --- streamed uploads ------------------------------------------------------------------
-    async def _drop_streams_under(self, path: str) -> None:
+    async def _drop_streams_under(self, node: Node) -> None:
+        """Drop the streamed uploads of *node* and, for a directory, of every node below."""
+        if not node.is_dir:
+            if node.write_state is not None and node.write_state.stream is not None:
+                await self.writes.drop_stream(node, "renamed")
+            return
+        path = node.path
         for n in list(self.nodes.by_path.values()):
             ws = n.write_state
             if ws is not None and ws.stream is not None and (

@@ -244,7 +244,7 @@ class Namespace:
         if node.is_dir and new_path.startswith(node.path + "/"):
             raise InvalidRequest("cannot move a directory into itself")
         # A streamed upload goes to the old name: it is sent whole at close instead.
-        await self.fs._drop_streams_under(node.path)
+        await self.fs._drop_streams_under(node)
         if target is not None:
             await self.fs.writes.drop_stream(target, "replaced")
             if not target.is_dir:

@@ -557,7 +557,9 @@ class NodeTable:
     def move(self, node: Node, new_path: str) -> None:
         """Rename *node* and, for a directory, every known descendant."""
         old = node.path
-        moves = [node] + [n for p, n in self.by_path.items() if p.startswith(old + "/")]
+        moves = [node]
+        if node.is_dir:  # (a file has none: no look at every known node per file renamed)
+            moves += [n for p, n in self.by_path.items() if p.startswith(old + "/")]
         for n in moves:
             if self.by_path.get(n.path) is n:
                 del self.by_path[n.path]
