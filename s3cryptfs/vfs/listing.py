@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# A name looked up in a directory not listed yet: the directory is listed instead (one LIST
+# page holds 1,000 keys) when its index has at most this many entries.
+LIST_ON_LOOKUP_MAX = 500
+
 # The HEADs of a directory's unindexed files: how many are out at once (the CRT sends them
 # together from one thread: past a few dozen, the server's queue grows, not its throughput) and
 # how many one worker-thread job takes (a LIST page's worth, applied as each comes back).
@@ -229,6 +233,12 @@ class Listings:
             elif listing is None and names.needs_listing(name, self.fs.opts.backslash_names):
                 # The server may store "\" as "/": a HEAD of "a\b" would find "a/b".
                 listing = await self.listing_of(parent)
+            elif listing is None and await self._small(parent):
+                # A HEAD of the name, then a LIST of "NAME/" when it is no file, ask for this
+                # one name; tools look up several names of a directory before reading it
+                # (git: ".git" and ".gitignore" in each directory it enters). One LIST of
+                # a small directory answers them all, and its readdir.
+                listing = await self.listing_of(parent)
         if listing is not None:
             info = listing.children.get(name)
             if info is None:
@@ -258,6 +268,11 @@ class Listings:
             node.has_marker = any(o.key == key + "/" for o in page.objects)
             return node
         return None
+
+    async def _small(self, parent: Node) -> bool:
+        """Does *parent*'s directory index (one GET, kept as long as a listing) say it holds
+        few enough names for one LIST page? Without an index, its size is not known."""
+        return 0 < len(await self.dir_index(parent)) <= LIST_ON_LOOKUP_MAX
 
     def kernel_ttl(self, node: Node) -> float:
         """How long the kernel may keep *node*'s name and attributes without asking.
