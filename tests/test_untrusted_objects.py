@@ -28,13 +28,14 @@ def mode_of(path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 
-def set_metadata(s3client, bucket: str, key: str, **changes: str) -> None:
-    """Rewrite an object's metadata in place (what a bucket writer can do to any object)."""
+def set_metadata(s3client, bucket: str, key: str, to: str | None = None, **changes: str) -> None:
+    """Rewrite an object's metadata in place, or on a copy at *to* (what a bucket writer can
+    do to any object)."""
     head = s3client.head_object(Bucket=bucket, Key=key)
     meta = {**head["Metadata"], **changes}
     s3client.copy_object(
         Bucket=bucket,
-        Key=key,
+        Key=to or key,
         CopySource={"Bucket": bucket, "Key": key},
         Metadata=meta,
         MetadataDirective="REPLACE",
@@ -58,25 +59,30 @@ def test_setuid_setgid_and_sticky_bits_from_s3_are_masked(make_volume, s3client)
     # what this session chose itself, it shows
     assert (mode_of(m / "own"), mode_of(m / "shared"), mode_of(m)) == (0o4755, 0o3777, 0o1777)
     vol.umount()
-    set_metadata(s3client, vol.bucket, vol.prefix + "planted", **{"s3cryptfs-mode": "107777"})
+    planted = {"s3cryptfs-mode": "107777"}
+    set_metadata(s3client, vol.bucket, vol.prefix + "planted", **planted)
+    # and on a copy in a directory no mount wrote: no index there, so a lookup asks S3 for
+    # the name itself (a HEAD), and the mode comes from the planted metadata
+    set_metadata(s3client, vol.bucket, vol.prefix + "planted", vol.prefix + "loose/x", **planted)
 
     vol.mount()
-    # looked up before any listing: from a HEAD (an in-place copy keeps the ETag, so the
-    # directory index, which the attacker cannot forge, would still describe it)
-    assert mode_of(m / "planted") == 0o777
+    assert mode_of(m / "loose" / "x") == 0o777
+    # in place, the copy kept the ETag: the directory index, which the attacker cannot
+    # forge, still describes it
+    assert mode_of(m / "planted") == 0o644
     os.listdir(m)  # "own" and "shared" from the directory index
     assert mode_of(m / "own") == 0o755
     # a directory's sticky and setgid bits come from its sealed index: kept (a /tmp stays one)
     assert mode_of(m / "shared") == 0o3777
     assert mode_of(m) == 0o1777
-    assert os.stat(m / "planted").st_mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX) == 0
+    assert os.stat(m / "loose" / "x").st_mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX) == 0
     # masked on the way to the kernel only: what is stored stays as it was
     own = s3client.head_object(Bucket=vol.bucket, Key=vol.prefix + "own")["Metadata"]
     assert own["s3cryptfs-mode"] == "104755"
     vol.umount()
 
     vol.mount("--trust-attributes")
-    assert mode_of(m / "planted") == 0o7777
+    assert mode_of(m / "loose" / "x") == 0o7777
     assert mode_of(m / "own") == 0o4755
     assert mode_of(m / "shared") == 0o3777
     assert mode_of(m) == 0o1777
