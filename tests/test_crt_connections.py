@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from s3cryptfs.store import native
 from s3cryptfs.store.base import StoreSettings
 from s3cryptfs.store.factory import open_store
 
@@ -46,6 +47,15 @@ class _KeepAlive(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", "5")
         self.send_header("ETag", '"0123"')
+        self.end_headers()
+
+    def do_PUT(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        with self.server.lock:  # type: ignore[attr-defined]
+            self.server.seen.append((self.path, len(body)))  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.send_header("ETag", '"put"')
         self.end_headers()
 
     def log_message(self, *args: object) -> None:
@@ -113,3 +123,21 @@ def test_a_kept_connection_the_server_closed_is_sent_again_at_once(keepalive, ca
     assert not store.errors
     assert "retrying" not in caplog.text
     assert time.monotonic() - started < 1.0
+
+
+def test_sending_a_body_counts_as_progress(keepalive, monkeypatch):
+    """The stall watch sees a request move while its body is being sent (a slow uplink shared
+    by many uploads is slow, not stalled): the body is read through the hook that says so."""
+    moved: list[int] = []
+    plain = native._Body.readinto1
+
+    def watched(self, buffer):  # type: ignore[no-untyped-def]
+        n = plain(self, buffer)
+        moved.append(n)
+        return n
+
+    monkeypatch.setattr(native._Body, "readinto1", watched)
+    store = _store(keepalive)
+    assert store.put("k", b"x" * 300_000, {}) == '"put"'
+    assert keepalive.seen == [("/b/k", 300_000)]
+    assert sum(moved) == 300_000

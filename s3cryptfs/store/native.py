@@ -82,6 +82,27 @@ class HttpError(Exception):
         self.body = body
 
 
+class _Body(io.BytesIO):
+    """A request body that tells, as the CRT reads it, that the request moves: a body sent
+    slowly (a slow uplink shared by many uploads) is progress, not a stall."""
+
+    def __init__(self, data: bytes | bytearray, progress: list[float]) -> None:
+        super().__init__(data)
+        self._progress = progress
+
+    def readinto1(self, buffer: Any) -> int:  # what the CRT reads with
+        self._progress[0] = time.monotonic()
+        return super().readinto1(buffer)
+
+    def readinto(self, buffer: Any) -> int:
+        self._progress[0] = time.monotonic()
+        return super().readinto(buffer)
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._progress[0] = time.monotonic()
+        return super().read(size)
+
+
 class _TooLarge(Exception):
     def __init__(self, size: int) -> None:
         super().__init__(size)
@@ -345,12 +366,12 @@ class NativeStore(PagedReads, MultipartTransfers):
         hdrs = awscrt.http.HttpHeaders([("Host", self._host)])
         for name, value in (headers or {}).items():
             hdrs.add(name, value)
+        reply = _Reply()
+        sent = _Sent(concurrent.futures.Future(), reply, [time.monotonic()])
         stream = None
         if body is not None:
             hdrs.add("Content-Length", str(len(body)))
-            stream = io.BytesIO(body)
-        reply = _Reply()
-        sent = _Sent(concurrent.futures.Future(), reply, [time.monotonic()])
+            stream = _Body(body, sent.progress)
         sent.again = lambda: self._start(
             method, path, operation, headers, body, check, body_limit
         )
