@@ -166,6 +166,24 @@ def find_weed() -> str:
 # SeaweedFS
 
 
+@contextlib.contextmanager
+def local_http(handler: type, **state: object):
+    """A threaded HTTP server on loopback answering with *handler* (tests of how a client
+    reacts to replies no real server gives on demand); *state* becomes its attributes."""
+    import http.server
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    for name, value in state.items():
+        setattr(server, name, value)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def s3_client(endpoint_url: str, access_key: str, secret_key: str, **config):
     """A boto3 S3 client for a loopback server (path-style addressing, us-east-1).
 

@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from s3cryptfs.store import native
+from s3cryptfs.store import crtconn
 from s3cryptfs.store.base import StoreSettings
 from s3cryptfs.store.factory import open_store
+from tests.servers import local_http
 
 
 class _KeepAlive(http.server.BaseHTTPRequestHandler):
@@ -66,15 +67,9 @@ class _KeepAlive(http.server.BaseHTTPRequestHandler):
 def keepalive(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _KeepAlive)
-    server.lock = threading.Lock()
-    server.accepted = server.now = server.most = 0
-    server.seen, server.drop_second, server.delay = [], False, 0.0
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    state = {"lock": threading.Lock(), "accepted": 0, "now": 0, "most": 0, "seen": []}
+    with local_http(_KeepAlive, drop_second=False, delay=0.0, **state) as server:
+        yield server
 
 
 def _store(server, max_connections=64):
@@ -129,14 +124,14 @@ def test_sending_a_body_counts_as_progress(keepalive, monkeypatch):
     """The stall watch sees a request move while its body is being sent (a slow uplink shared
     by many uploads is slow, not stalled): the body is read through the hook that says so."""
     moved: list[int] = []
-    plain = native._Body.readinto1
+    plain = crtconn.Body.readinto1
 
     def watched(self, buffer):  # type: ignore[no-untyped-def]
         n = plain(self, buffer)
         moved.append(n)
         return n
 
-    monkeypatch.setattr(native._Body, "readinto1", watched)
+    monkeypatch.setattr(crtconn.Body, "readinto1", watched)
     store = _store(keepalive)
     assert store.put("k", b"x" * 300_000, {}) == '"put"'
     assert keepalive.seen == [("/b/k", 300_000)]

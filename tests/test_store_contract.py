@@ -12,7 +12,7 @@ import time
 
 import pytest
 from conftest import AUTH_ACCESS_KEY, AUTH_SECRET_KEY
-from servers import TcpProxy
+from servers import TcpProxy, local_http
 
 from s3cryptfs.errors import (
     AccessDenied,
@@ -477,13 +477,8 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
 def scripted(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
-    server.script, server.seen = [200], []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with local_http(_Scripted, script=[200], seen=[]) as server:
+        yield server
 
 
 def _scripted_store(server, client, deadline=10.0):

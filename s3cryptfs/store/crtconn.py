@@ -12,9 +12,11 @@ next request on that connection skip the connect.
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import awscrt.auth
 import awscrt.http
@@ -24,6 +26,37 @@ import awscrt.io
 # keep-alive connections on their own schedule, and one closed while a request is on its way
 # fails that request.
 IDLE_MAX_S = 10.0
+
+
+class HttpError(Exception):
+    """A reply outside 2xx: its status, headers and body (the S3 error document)."""
+
+    def __init__(self, status_code: int, headers: dict[str, str], body: bytes) -> None:
+        super().__init__(f"HTTP {status_code}")
+        self.status_code = status_code
+        self.headers = headers
+        self.body = body
+
+
+class Body(io.BytesIO):
+    """A request body that tells, as the CRT reads it, that the request moves: a body sent
+    slowly (a slow uplink shared by many uploads) is progress, not a stall."""
+
+    def __init__(self, data: bytes | bytearray, progress: list[float]) -> None:
+        super().__init__(data)
+        self._progress = progress
+
+    def readinto1(self, buffer: Any) -> int:  # what the CRT reads with
+        self._progress[0] = time.monotonic()
+        return super().readinto1(buffer)
+
+    def readinto(self, buffer: Any) -> int:
+        self._progress[0] = time.monotonic()
+        return super().readinto(buffer)
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._progress[0] = time.monotonic()
+        return super().read(size)
 
 
 class PoolExhausted(Exception):

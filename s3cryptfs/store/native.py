@@ -17,7 +17,6 @@ import contextlib
 import copy
 import dataclasses
 import email.utils
-import io
 import logging
 import os
 import threading
@@ -51,7 +50,7 @@ from s3cryptfs.store.base import (
     StoreSettings,
     etag_of,
 )
-from s3cryptfs.store.crtconn import ConnectionPool, Endpoint, PoolExhausted
+from s3cryptfs.store.crtconn import Body, ConnectionPool, Endpoint, HttpError, PoolExhausted
 from s3cryptfs.store.s3 import S3Store
 from s3cryptfs.store.transfers import MultipartTransfers
 
@@ -70,37 +69,6 @@ _FIRST_READ = 1024 * 1024
 
 class _TimedOut(Exception):
     """No byte moved for read_timeout: the request was cancelled."""
-
-
-class HttpError(Exception):
-    """A reply outside 2xx: its status, headers and body (the S3 error document)."""
-
-    def __init__(self, status_code: int, headers: dict[str, str], body: bytes) -> None:
-        super().__init__(f"HTTP {status_code}")
-        self.status_code = status_code
-        self.headers = headers
-        self.body = body
-
-
-class _Body(io.BytesIO):
-    """A request body that tells, as the CRT reads it, that the request moves: a body sent
-    slowly (a slow uplink shared by many uploads) is progress, not a stall."""
-
-    def __init__(self, data: bytes | bytearray, progress: list[float]) -> None:
-        super().__init__(data)
-        self._progress = progress
-
-    def readinto1(self, buffer: Any) -> int:  # what the CRT reads with
-        self._progress[0] = time.monotonic()
-        return super().readinto1(buffer)
-
-    def readinto(self, buffer: Any) -> int:
-        self._progress[0] = time.monotonic()
-        return super().readinto(buffer)
-
-    def read(self, size: int | None = -1) -> bytes:
-        self._progress[0] = time.monotonic()
-        return super().read(size)
 
 
 class _TooLarge(Exception):
@@ -371,7 +339,7 @@ class NativeStore(PagedReads, MultipartTransfers):
         stream = None
         if body is not None:
             hdrs.add("Content-Length", str(len(body)))
-            stream = _Body(body, sent.progress)
+            stream = Body(body, sent.progress)
         sent.again = lambda: self._start(
             method, path, operation, headers, body, check, body_limit
         )
