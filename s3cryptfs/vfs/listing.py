@@ -123,6 +123,8 @@ class Listings:
             node.listing_log = []
         changes = node.listing_log
         log_start = len(changes)
+        if node.listing_fetches == 0:
+            node.listing_started = time.monotonic()
         node.listing_fetches += 1
         try:
             async with trio.open_nursery() as nursery:
@@ -282,13 +284,23 @@ class Listings:
         attributes) or at an open (which invalidates what the kernel kept): until its
         directory's listing expires, the kernel's copy is as good as ours, and asking again
         costs a round trip per file in a scan (a LOOKUP before each open of `cat *`).
-        Directories, and files with local changes: 0, the adapter's shortest."""
+        Directories, and files with local changes: 0, the adapter's shortest.
+
+        While the directory is being listed again, what its pages say (a readdir answers
+        them before the LIST ends) is as fresh as that listing: trusted from its start. Not
+        from the last listing's, which has expired, or a scan that opens the files after its
+        readdir would send a LOOKUP for each name once the adapter's shortest has passed."""
         if node.is_dir or node.remote is None or node.unlinked or node.holds_local:
             return 0.0
         parent = self.fs.nodes.at(node.parent_path)
-        if parent is None or parent.listing is None:
+        if parent is None:
             return 0.0
-        return max(0.0, parent.listing.fetched_at + self.fs.opts.dir_ttl - time.monotonic())
+        since = parent.listing.fetched_at if parent.listing is not None else None
+        if parent.listing_fetches:
+            since = max(since or 0.0, parent.listing_started)
+        if since is None:
+            return 0.0
+        return max(0.0, since + self.fs.opts.dir_ttl - time.monotonic())
 
     async def lookup(self, parent_ino: int, name: str) -> Node:
         parent = self.fs.node(parent_ino)

@@ -59,6 +59,29 @@ def test_first_entries_come_after_the_first_page(core: CoreFs, driver: CoreDrive
     assert driver.listdir("wide") == sorted([*names, "seed"])
 
 
+def test_entries_streamed_by_a_first_listing_are_trusted_as_long_as_it(
+    core: CoreFs, driver: CoreDriver
+) -> None:
+    """What a readdir answers from a LIST still in flight goes to the kernel with the
+    listing's own trust (--dir-cache-ttl from its start), not the adapter's shortest: a
+    `cat *` after its glob would otherwise send a LOOKUP per name once that has passed."""
+    names = [f"f{i:04d}" for i in range(1200)]  # two pages: the first is answered mid-LIST
+    copies(core, driver, names)
+    core.stop()
+    core.start(dir_ttl=30.0)
+    node = driver._lookup("wide")
+    ttls: list[float] = []
+
+    def emit(batch: list) -> None:
+        ttls.extend(driver.fs.attr(child).ttl for _, child in batch)
+
+    core.call(driver.fs.readdir_stream, node.ino, emit)
+    assert len(ttls) == len(names) + 1
+    assert min(ttls) > 20.0
+    # the directory's files are trusted no longer than its listing
+    assert max(ttls) <= 30.0
+
+
 def test_a_directory_replaces_a_file_of_its_name_across_pages(
     core: CoreFs, driver: CoreDriver
 ) -> None:
