@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import email.utils
+import functools
 import logging
 import os
 import threading
@@ -141,6 +142,9 @@ def _error_code(body: bytes) -> tuple[str, str]:
     return root.findtext("Code") or "", root.findtext("Message") or ""
 
 
+# Cached: objects written in one second share the header's text, and email.utils's parser
+# costs about as much CPU as the rest of a HEAD's reply handling in Python.
+@functools.lru_cache(maxsize=4096)
 def _mtime_ns(value: str) -> int:
     try:
         return int(email.utils.parsedate_to_datetime(value).timestamp() * 1e9)
