@@ -3,6 +3,7 @@ by --max-connections, and a kept connection the server closed meanwhile costs no
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import logging
 import threading
@@ -54,6 +55,8 @@ class _KeepAlive(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         with self.server.lock:  # type: ignore[attr-defined]
             self.server.seen.append((self.path, len(body)))  # type: ignore[attr-defined]
+            signed = self.headers["x-amz-content-sha256"]
+            self.server.signed.append((signed, hashlib.sha256(body).hexdigest()))  # type: ignore[attr-defined]
         self.send_response(200)
         self.send_header("Content-Length", "0")
         self.send_header("ETag", '"put"')
@@ -67,7 +70,14 @@ class _KeepAlive(http.server.BaseHTTPRequestHandler):
 def keepalive(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    state = {"lock": threading.Lock(), "accepted": 0, "now": 0, "most": 0, "seen": []}
+    state = {
+        "lock": threading.Lock(),
+        "accepted": 0,
+        "now": 0,
+        "most": 0,
+        "seen": [],
+        "signed": [],
+    }
     with local_http(_KeepAlive, drop_second=False, delay=0.0, **state) as server:
         yield server
 
@@ -136,3 +146,16 @@ def test_sending_a_body_counts_as_progress(keepalive, monkeypatch):
     assert store.put("k", b"x" * 300_000, {}) == '"put"'
     assert keepalive.seen == [("/b/k", 300_000)]
     assert sum(moved) == 300_000
+
+
+def test_over_plain_http_a_body_is_signed_with_its_sha256(keepalive):
+    """Without TLS, the body's SHA-256 goes in the signature (x-amz-content-sha256), which
+    servers that check it (AWS S3, MinIO) compare with the body they got: a body changed on
+    its way is refused instead of stored. Requests without a body stay unsigned."""
+    store = _store(keepalive)
+    body = bytes(range(256)) * 16
+    store.put("k", body, {"a": "1"})
+    [(signed, actual)] = keepalive.signed
+    assert signed == actual == hashlib.sha256(body).hexdigest()
+    store.head("k")
+    assert len(keepalive.signed) == 1  # (HEAD has no body: nothing to sign)

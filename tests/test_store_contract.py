@@ -671,3 +671,14 @@ def test_an_endpoint_that_is_no_url_fails_the_mount_in_one_line(tmp_path):
         "s3cryptfs: --endpoint-url 'notaurl' is not an S3 endpoint: give http://HOST[:PORT] "
         "or https://HOST[:PORT]"
     ]
+
+
+def test_bodies_are_signed_over_plain_http_and_not_over_tls():
+    from s3cryptfs.store.s3 import _s3_config
+
+    assert _s3_config("http://127.0.0.1:8333") == {"addressing_style": "path"}
+    assert _s3_config("https://s3.example.net") == {
+        "addressing_style": "path",
+        "payload_signing_enabled": False,
+    }
+    assert _s3_config(None) == {"payload_signing_enabled": False}  # AWS: https

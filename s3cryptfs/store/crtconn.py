@@ -102,8 +102,10 @@ class ConnectionPool:
         self._idle: list[tuple[awscrt.http.HttpClientConnection, float]] = []
         self._open = 0  # connections counted against the bound: idle, busy or connecting
 
-    def sign(self, request: awscrt.http.HttpRequest) -> None:
-        """Sign *request* in place (blocking; the CRT asks the credentials provider)."""
+    def sign(self, request: awscrt.http.HttpRequest, body_sha256: str | None = None) -> None:
+        """Sign *request* in place (blocking; the CRT asks the credentials provider).
+        *body_sha256*: the hex SHA-256 of its body, signed so that the server refuses a body
+        changed on its way; None: the body is not signed (UNSIGNED-PAYLOAD)."""
         config = awscrt.auth.AwsSigningConfig(
             algorithm=awscrt.auth.AwsSigningAlgorithm.V4,
             signature_type=awscrt.auth.AwsSignatureType.HTTP_REQUEST_HEADERS,
@@ -113,7 +115,7 @@ class ConnectionPool:
             # S3 signs the path as sent: no second encoding, no removal of "." or "//".
             use_double_uri_encode=False,
             should_normalize_uri_path=False,
-            signed_body_value=awscrt.auth.AwsSignedBodyValue.UNSIGNED_PAYLOAD,
+            signed_body_value=body_sha256 or awscrt.auth.AwsSignedBodyValue.UNSIGNED_PAYLOAD,
             signed_body_header_type=awscrt.auth.AwsSignedBodyHeaderType.X_AMZ_CONTENT_SHA_256,
         )
         awscrt.auth.aws_sign_request(request, config).result()
