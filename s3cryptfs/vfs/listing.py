@@ -124,7 +124,7 @@ class Listings:
         changes = node.listing_log
         log_start = len(changes)
         if node.listing_fetches == 0:
-            node.listing_started = time.monotonic()
+            node.listing_pending = (time.monotonic(), children)
         node.listing_fetches += 1
         try:
             async with trio.open_nursery() as nursery:
@@ -141,6 +141,7 @@ class Listings:
             node.listing_fetches -= 1
             if node.listing_fetches == 0:
                 changes.clear()
+                node.listing_pending = None
         self._with_attrs(node, children, children)
         self._share_names(node, children)
         for name in [n for n in children if self._hidden(node, children, n)]:
@@ -286,18 +287,21 @@ class Listings:
         costs a round trip per file in a scan (a LOOKUP before each open of `cat *`).
         Directories, and files with local changes: 0, the adapter's shortest.
 
-        While the directory is being listed again, what its pages say (a readdir answers
-        them before the LIST ends) is as fresh as that listing: trusted from its start. Not
-        from the last listing's, which has expired, or a scan that opens the files after its
-        readdir would send a LOOKUP for each name once the adapter's shortest has passed."""
+        While the directory is being listed, a file whose entry comes from that LIST (a
+        readdir answers its pages before it ends) is as fresh as the listing will be:
+        trusted from its start. Otherwise a scan that opens the files after its readdir
+        would send a LOOKUP for each name once the adapter's shortest has passed. A file
+        known before (from an earlier listing, or a HEAD) keeps the trust it had until the
+        listing has ended and says what it is now."""
         if node.is_dir or node.remote is None or node.unlinked or node.holds_local:
             return 0.0
         parent = self.fs.nodes.at(node.parent_path)
         if parent is None:
             return 0.0
         since = parent.listing.fetched_at if parent.listing is not None else None
-        if parent.listing_fetches:
-            since = max(since or 0.0, parent.listing_started)
+        pending = parent.listing_pending
+        if pending is not None and pending[1].get(node.name) is node.remote:
+            since = max(since or 0.0, pending[0])
         if since is None:
             return 0.0
         return max(0.0, since + self.fs.opts.dir_ttl - time.monotonic())

@@ -101,9 +101,10 @@ class DirState:
     # Changes made while a LIST of this directory is in flight: the LIST may predate them, so
     # they are replayed onto its result (name -> entry, None = removed).
     listing_fetches: int = 0
-    # When the oldest LIST of this directory in flight started: what a readdir answers from
-    # its pages before it ends is that listing's, as trusted as the listing will be.
-    listing_started: float = 0.0
+    # The LIST of this directory in flight (the first, when several are): when it started,
+    # and its entries so far. What a readdir answers from its pages before it ends is as
+    # fresh as that listing will be.
+    listing_pending: tuple[float, dict[str, ChildInfo]] | None = None
     listing_log: list[tuple[str, ChildInfo | None]] | None = None
     index: dict[str, IndexEntry] | None = None  # its attribute index, as loaded
     index_at: float = 0.0
@@ -228,7 +229,7 @@ class Node(_NodeFields):
 
     listing = _Aside[Listing | None]("_dir", _NO_DIR)
     listing_fetches = _Aside[int]("_dir", _NO_DIR)
-    listing_started = _Aside[float]("_dir", _NO_DIR)
+    listing_pending = _Aside[tuple[float, dict[str, ChildInfo]] | None]("_dir", _NO_DIR)
     listing_log = _Aside[list[tuple[str, ChildInfo | None]] | None]("_dir", _NO_DIR)
     index = _Aside[dict[str, IndexEntry] | None]("_dir", _NO_DIR)
     index_at = _Aside[float]("_dir", _NO_DIR)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import gc
+import time
 import tracemalloc
 
 import pytest
@@ -80,6 +81,28 @@ def test_entries_streamed_by_a_first_listing_are_trusted_as_long_as_it(
     assert min(ttls) > 20.0
     # the directory's files are trusted no longer than its listing
     assert max(ttls) <= 30.0
+
+
+def test_files_known_before_a_listing_keep_their_own_trust_while_it_runs(
+    core: CoreFs, driver: CoreDriver
+) -> None:
+    """A file known from an expired listing is not made fresh by the next LIST before that
+    LIST has said what the file is now."""
+    names = [f"f{i:04d}" for i in range(1200)]
+    copies(core, driver, names)
+    core.stop()
+    core.start(dir_ttl=0.5)
+    node = driver._lookup("wide")
+    core.call(driver.fs.readdir_stream, node.ino, lambda batch: None)  # the files known
+    time.sleep(0.6)  # that listing expires
+    ttls: list[float] = []
+
+    def emit(batch: list) -> None:
+        ttls.extend(driver.fs.attr(child).ttl for _, child in batch)
+
+    core.call(driver.fs.readdir_stream, node.ino, emit)
+    assert len(ttls) == len(names) + 1
+    assert max(ttls) == 0.0
 
 
 def test_a_directory_replaces_a_file_of_its_name_across_pages(
