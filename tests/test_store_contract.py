@@ -673,12 +673,19 @@ def test_an_endpoint_that_is_no_url_fails_the_mount_in_one_line(tmp_path):
     ]
 
 
-def test_bodies_are_signed_over_plain_http_and_not_over_tls():
-    from s3cryptfs.store.s3 import _s3_config
+def test_bodies_are_signed_over_plain_http_and_not_over_tls(monkeypatch):
+    """botocore's store: unsigned bodies (no SHA-256 to compute) only where TLS protects them,
+    decided by the endpoint the client resolved, a configured one included."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
 
-    assert _s3_config("http://127.0.0.1:8333") == {"addressing_style": "path"}
-    assert _s3_config("https://s3.example.net") == {
-        "addressing_style": "path",
-        "payload_signing_enabled": False,
-    }
-    assert _s3_config(None) == {"payload_signing_enabled": False}  # AWS: https
+    def signing(endpoint: str | None) -> object:
+        store = open_store(StoreSettings(bucket="b", endpoint_url=endpoint, client="boto3"))
+        return store._client.meta.config.s3.get("payload_signing_enabled")  # type: ignore[attr-defined]
+
+    assert signing("http://127.0.0.1:8333") is None  # botocore's default: signed over HTTP
+    assert signing("https://s3.example.net") is False
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    assert signing(None) is False  # AWS S3: https
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8333")
+    assert signing(None) is None

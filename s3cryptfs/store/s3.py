@@ -214,17 +214,17 @@ def _cache_user_agent(client: Any) -> None:
     creator.to_string = to_string
 
 
-def _s3_config(endpoint_url: str | None) -> dict[str, Any]:
-    """Path-style addressing for a custom endpoint. Bodies are signed (their SHA-256 in the
-    signature, which the server checks) only over plain HTTP: over TLS they cannot change on
-    their way, and hashing them cost about 0.7 CPU-seconds per GiB uploaded (botocore signs
-    them whenever no checksum header is sent, TLS or not)."""
-    config: dict[str, Any] = {}
-    if endpoint_url:
-        config["addressing_style"] = "path"
-    if endpoint_url is None or endpoint_url.lower().startswith("https:"):
-        config["payload_signing_enabled"] = False
-    return config
+def _sign_bodies_unless_tls(client: Any) -> None:
+    """Bodies are signed (their SHA-256 in the signature, which the server checks) only over
+    plain HTTP: over TLS they cannot change on their way, and hashing them cost about 0.7
+    CPU-seconds per GiB uploaded (botocore signs them whenever no checksum header is sent,
+    TLS or not). Decided by the endpoint the client resolved, which a configured
+    AWS_ENDPOINT_URL may make plain HTTP even when none is given here."""
+    config = client.meta.config
+    s3 = {k: v for k, v in (config.s3 or {}).items() if k != "payload_signing_enabled"}
+    if str(client.meta.endpoint_url).lower().startswith("https:"):
+        s3["payload_signing_enabled"] = False
+    config.s3 = s3  # (read by the signer at each request)
 
 
 class S3Store(PagedReads, MultipartTransfers):
@@ -242,7 +242,7 @@ class S3Store(PagedReads, MultipartTransfers):
                 read_timeout=settings.read_timeout,
                 retries={"max_attempts": 1, "mode": "standard"},
                 max_pool_connections=settings.max_connections,
-                s3=_s3_config(settings.endpoint_url),
+                s3={"addressing_style": "path"} if settings.endpoint_url else None,
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
             ),
@@ -252,6 +252,7 @@ class S3Store(PagedReads, MultipartTransfers):
         # keep their connection.
         self._client.meta.events.register("before-send.s3.PutObject", _close_after_marker)
         self._client.meta.events.register("before-send.s3.PutObject", _no_expect_for_small)
+        _sign_bodies_unless_tls(self._client)
         _cheaper_list_error_check(self._client)
         _cache_endpoint_resolution(self._client)
         _cache_user_agent(self._client)

@@ -287,12 +287,12 @@ class Listings:
         costs a round trip per file in a scan (a LOOKUP before each open of `cat *`).
         Directories, and files with local changes: 0, the adapter's shortest.
 
-        While the directory is being listed, a file whose entry comes from that LIST (a
-        readdir answers its pages before it ends) is as fresh as the listing will be:
-        trusted from its start. Otherwise a scan that opens the files after its readdir
-        would send a LOOKUP for each name once the adapter's shortest has passed. A file
-        known before (from an earlier listing, or a HEAD) keeps the trust it had until the
-        listing has ended and says what it is now."""
+        While the directory is being listed, a file whose version that LIST has already
+        shown (a readdir answers its pages before it ends: the same ETag as the node's) is
+        as fresh as the listing will be: trusted from its start. Otherwise a scan that opens
+        the files after its readdir would send a LOOKUP for each name once the adapter's
+        shortest has passed. A file the LIST has not reached yet, or shows in another
+        version, keeps the trust it had."""
         if node.is_dir or node.remote is None or node.unlinked or node.holds_local:
             return 0.0
         parent = self.fs.nodes.at(node.parent_path)
@@ -300,8 +300,10 @@ class Listings:
             return 0.0
         since = parent.listing.fetched_at if parent.listing is not None else None
         pending = parent.listing_pending
-        if pending is not None and pending[1].get(node.name) is node.remote:
-            since = max(since or 0.0, pending[0])
+        if pending is not None:
+            entry = pending[1].get(node.name)
+            if entry is not None and not entry.is_dir and entry.etag == node.remote.etag:
+                since = max(since or 0.0, pending[0])
         if since is None:
             return 0.0
         return max(0.0, since + self.fs.opts.dir_ttl - time.monotonic())

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import gc
-import time
 import tracemalloc
 
 import pytest
@@ -83,26 +82,34 @@ def test_entries_streamed_by_a_first_listing_are_trusted_as_long_as_it(
     assert max(ttls) <= 30.0
 
 
-def test_files_known_before_a_listing_keep_their_own_trust_while_it_runs(
+def test_a_listing_in_flight_vouches_only_for_the_versions_it_shows(
     core: CoreFs, driver: CoreDriver
 ) -> None:
-    """A file known from an expired listing is not made fresh by the next LIST before that
-    LIST has said what the file is now."""
+    """Files known from an expired listing are trusted anew once the next LIST shows them in
+    the version the mount knows (a second `cat *`); one changed by another writer since is
+    not, until the mount has looked at it again."""
     names = [f"f{i:04d}" for i in range(1200)]
     copies(core, driver, names)
     core.stop()
-    core.start(dir_ttl=0.5)
+    core.start(dir_ttl=30.0)
     node = driver._lookup("wide")
+    driver.write_file("other", b"another version")
+    core.call(driver.fs.drain, 5.0)
     core.call(driver.fs.readdir_stream, node.ino, lambda batch: None)  # the files known
-    time.sleep(0.6)  # that listing expires
-    ttls: list[float] = []
+    assert node.listing is not None
+    node.listing.fetched_at -= 31.0  # that listing has expired
+    # another writer replaces one file (another object: another ETag)
+    core.store.copy("vol/other", "vol/wide/f0007")
+    ttls: dict[str, float] = {}
 
     def emit(batch: list) -> None:
-        ttls.extend(driver.fs.attr(child).ttl for _, child in batch)
+        ttls.update((name, driver.fs.attr(child).ttl) for name, child in batch)
 
     core.call(driver.fs.readdir_stream, node.ino, emit)
     assert len(ttls) == len(names) + 1
-    assert max(ttls) == 0.0
+    assert ttls["f0007"] == 0.0
+    others = [t for name, t in ttls.items() if name != "f0007"]
+    assert min(others) > 20.0
 
 
 def test_a_directory_replaces_a_file_of_its_name_across_pages(
