@@ -351,8 +351,9 @@ class NativeStore(PagedReads, MultipartTransfers):
         request = awscrt.http.HttpRequest(method, path, hdrs, stream)
         # Over TLS the body cannot change on its way; over plain HTTP its SHA-256 in the
         # signature is the only check that the server stored what the journal lets go of
-        # (the server refuses a body that does not match). A few microseconds for a small
-        # body: larger ones go through botocore, which signs them the same way.
+        # (a server that checks it refuses a body that does not match; SeaweedFS does not
+        # check). A few microseconds for a small body: larger ones go through botocore,
+        # which signs them the same way.
         digest = None
         if body is not None and not self._pool.endpoint.https:
             digest = hashlib.sha256(body).hexdigest()
