@@ -22,6 +22,7 @@ TTL), so that a ``keys retire`` done elsewhere stops unwrapping within the DEK c
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import threading
 import time
@@ -51,7 +52,7 @@ from s3cryptfs.format import v1
 from s3cryptfs.format import xattrs as xa
 from s3cryptfs.format.descriptor import GATEWAY_FORMAT, Descriptor
 from s3cryptfs.format.layout import BodyCipher, PlainCipher
-from s3cryptfs.keys.base import KeyEnvelope, KeyManager
+from s3cryptfs.keys.base import KeyEnvelope, KeyManager, wraps_locally
 from s3cryptfs.keys.calls import KmsCalls
 from s3cryptfs.keys.dekcache import DekCache, cache_key
 from s3cryptfs.keys.gateway import GatewayKeys
@@ -198,8 +199,11 @@ class ObjectCodec:
         self._forgets += 1
         self.dek_cache.forget_provider(provider, version)
 
+    def _refresh_due(self, max_age: float) -> bool:
+        return self._refresh is not None and time.monotonic() - self._refreshed_at >= max_age
+
     def _refresh_if_older(self, max_age: float) -> None:
-        if self._refresh is None or time.monotonic() - self._refreshed_at < max_age:
+        if not self._refresh_due(max_age):
             return
         try:
             self.refresh()
@@ -223,6 +227,15 @@ class ObjectCodec:
         """A fresh data key and the metadata of an object sealed under it, *xattrs* sealed in
         it too (blocking: may call the KMS, unless the pool has a key wrapped ahead of time)."""
         self._maybe_periodic_refresh()
+        found = self._pooled_key(name)
+        if found is not None:
+            dek, envelope = found
+        else:
+            dek = os.urandom(v1.DEK_LEN)
+            envelope = self._wrap(self.ring.active(), dek, name)
+        return dek, self._metadata(dek, envelope, attrs, xattrs)
+
+    def _pooled_key(self, name: str) -> tuple[bytes, KeyEnvelope] | None:
         found = self.pool.take() if self.pool is not None else None
         if found is not None:
             dek, envelope = found
@@ -234,13 +247,49 @@ class ObjectCodec:
                 object=name or None,
             )
             self.dek_cache.put(cache_key(envelope), dek)
-        else:
-            dek = os.urandom(v1.DEK_LEN)
-            envelope = self._wrap(self.ring.active(), dek, name)
+        return found
+
+    @staticmethod
+    def _metadata(
+        dek: bytes,
+        envelope: KeyEnvelope,
+        attrs: md.PosixAttrs,
+        xattrs: Mapping[bytes, bytes] | None,
+    ) -> dict[str, str]:
         meta = {md.FORMAT: md.FORMAT_V1, **md.encode_envelope(envelope), **attrs.encode()}
         if xattrs:
             meta[xa.META_NAME] = xa.seal(dek, xattrs)
-        return dek, meta
+        return meta
+
+    def seal_small_now(
+        self,
+        data: bytes,
+        attrs: md.PosixAttrs,
+        name: str = "",
+        xattrs: Mapping[bytes, bytes] | None = None,
+    ) -> tuple[SealedObject, bytes] | None:
+        """Seal a small file's content without waiting on anything: None when that would
+        mean a round trip (a descriptor refresh is due, the pool is empty and the active key
+        manager wraps remotely) or the volume writes the gateway's format. Lets a close
+        seal on the event loop instead of handing the work to a thread and back, which cost
+        more than the sealing itself."""
+        if self.writes_gateway or self._refresh_due(self._refresh_interval):
+            return None
+        found = self._pooled_key(name)
+        if found is not None:
+            dek, envelope = found
+        else:
+            manager = self.ring.active_if_built()
+            if manager is None or not wraps_locally(manager):
+                return None
+            dek = os.urandom(v1.DEK_LEN)
+            envelope = self._wrap(manager, dek, name)
+        meta = self._metadata(dek, envelope, attrs, xattrs)
+        out = io.BytesIO()
+        plain, body = v1.encrypt_stream(dek, io.BytesIO(data), out, self.chunk_size)
+        sealed = out.getvalue()
+        header = v1.Header.decode(sealed[: v1.HEADER_LEN])
+        return SealedObject(meta, plain, body, v1.ChunkCipher(dek, header)), sealed
 
     def refill_pool(self) -> int:
         """Top up the pool of wrapped data keys (blocking; for a worker thread)."""
@@ -361,8 +410,6 @@ class ObjectCodec:
         """Encrypt a small object; *content*: it is file content (the volume's format applies),
         else it is our own bookkeeping (always our format)."""
         if content and self.writes_gateway:
-            import io
-
             out = io.BytesIO()
             sealed = self._seal_gateway(io.BytesIO(data), out, attrs, name)
             return out.getvalue(), sealed.metadata

@@ -1,11 +1,19 @@
 """keys/pool.py: keys wrapped ahead of time are used once, never after MAX_AGE, and the
-versions a mount says it holds (its record) are those it may still hand out."""
+versions a mount says it holds (its record) are those it may still hand out. A small file is
+sealed on the event loop only when that cannot wait on a server (codec.seal_small_now)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from s3cryptfs.codec import ObjectCodec
+from s3cryptfs.format import metadata as md
+from s3cryptfs.format.descriptor import Descriptor
 from s3cryptfs.keys import pool as pool_module
 from s3cryptfs.keys.base import KeyEnvelope
+from s3cryptfs.keys.password import PasswordKeyManager, new_settings
 from s3cryptfs.keys.pool import KeyPool
+from s3cryptfs.keys.ring import KeyRing, LocalKeys
 
 
 def envelope(version: int) -> KeyEnvelope:
@@ -27,3 +35,88 @@ def test_aged_keys_are_neither_handed_out_nor_held(monkeypatch) -> None:
     taken = pool.take()
     assert taken is not None and taken[1].key_version == 2
     assert pool.versions() == {("vault", 2)}
+
+
+# --- sealing a small file on the event loop (codec.seal_small_now) ------------------------
+
+FAST = {"n": 2**14, "r": 8, "p": 1}
+PASSWORD = b"a password for the pool tests"
+VOLUME = "00112233445566778899aabbccddeeff"
+
+
+class CountingRemote:
+    """The password manager as a remote one would look: it does not say it wraps locally,
+    and its wraps are counted (each would be a round trip to a server)."""
+
+    def __init__(self, inner: PasswordKeyManager) -> None:
+        self.inner = inner
+        self.provider = inner.provider
+        self.wraps = 0
+
+    def wrap_key(self, dek: bytes, context: Mapping[str, str]) -> KeyEnvelope:
+        self.wraps += 1
+        return self.inner.wrap_key(dek, context)
+
+    def unwrap_key(self, envelope: KeyEnvelope, context: Mapping[str, str]) -> bytes:
+        return self.inner.unwrap_key(envelope, context)
+
+    def active_key_version(self) -> int:
+        return self.inner.active_key_version()
+
+    def health_check(self) -> None:
+        self.inner.health_check()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def small_codec(
+    remote: bool = False, refresh_interval: float = 60.0, pool: KeyPool | None = None
+) -> tuple[ObjectCodec, CountingRemote | None, list[int]]:
+    settings = new_settings(PASSWORD, VOLUME, FAST)
+    desc = Descriptor(VOLUME, key_settings=settings)
+    ring = KeyRing(desc, LocalKeys(password=PASSWORD))
+    counted = None
+    if remote:
+        counted = CountingRemote(PasswordKeyManager(settings, {"password": PASSWORD}))
+        ring.adopt(desc.provider, counted, settings)
+    refreshes: list[int] = []
+
+    def refresh() -> Descriptor:
+        refreshes.append(1)
+        return desc
+
+    codec = ObjectCodec(desc, ring, refresh=refresh, refresh_interval=refresh_interval, pool=pool)
+    return codec, counted, refreshes
+
+
+def test_a_local_manager_seals_a_small_file_at_once() -> None:
+    codec, _, _ = small_codec()
+    assert codec.seal_small_now(b"x", md.PosixAttrs()) is None  # the manager is not built yet
+    codec.ring.active()  # (the mount builds it at start, to fail a wrong password there)
+    done = codec.seal_small_now(b"small file", md.PosixAttrs(mode=0o100640), "vol/a")
+    assert done is not None
+    sealed, body = done
+    assert (sealed.plain_size, sealed.body_size) == (10, len(body))
+    assert codec.decrypt_whole(sealed.metadata, body, "vol/a") == b"small file"
+    assert md.PosixAttrs.decode(sealed.metadata).mode == 0o100640
+
+
+def test_a_remote_manager_seals_at_once_only_with_a_key_from_the_pool() -> None:
+    pool = KeyPool(size=1)
+    codec, counted, _ = small_codec(remote=True, pool=pool)
+    assert counted is not None
+    assert codec.seal_small_now(b"x", md.PosixAttrs()) is None  # it would wait for a wrap
+    assert counted.wraps == 0
+    assert codec.refill_pool() == 1 and counted.wraps == 1
+    done = codec.seal_small_now(b"from the pool", md.PosixAttrs(), "vol/b")
+    assert done is not None and counted.wraps == 1  # no wrap at the close
+    assert codec.decrypt_whole(done[0].metadata, done[1], "vol/b") == b"from the pool"
+    assert codec.seal_small_now(b"x", md.PosixAttrs()) is None  # the pool is empty again
+
+
+def test_a_due_descriptor_refresh_is_not_made_on_the_event_loop() -> None:
+    codec, _, refreshes = small_codec(refresh_interval=0.0)
+    codec.ring.active()
+    assert codec.seal_small_now(b"x", md.PosixAttrs()) is None
+    assert refreshes == []  # left to the worker thread's seal, which may wait for S3

@@ -24,6 +24,7 @@ __all__ = [
     "KeyManager",
     "KeyManagerFactory",
     "KeyVersionInfo",
+    "wraps_locally",
 ]
 
 
@@ -52,6 +53,13 @@ class KeyManager(Protocol):
     def close(self) -> None:
         """Release connections. Idempotent."""
         ...
+
+
+def wraps_locally(manager: KeyManager) -> bool:
+    """*manager* wraps with keys it holds in memory, no server involved: a wrap is a few
+    microseconds and cannot block, so it may run on the event loop. Opt-in (a class attribute
+    ``wraps_locally = True``): a manager that says nothing is taken to call a server."""
+    return getattr(manager, "wraps_locally", False) is True
 
 
 @dataclass(frozen=True)

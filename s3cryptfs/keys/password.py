@@ -123,6 +123,7 @@ class PasswordKeyManager:
     """KeyManager over the KEKs sealed in the volume descriptor."""
 
     provider = PROVIDER
+    wraps_locally = True  # its KEKs are in memory once the password is derived (base.py)
 
     def __init__(
         self,

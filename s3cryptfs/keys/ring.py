@@ -90,6 +90,11 @@ class KeyRing:
     def active(self) -> KeyManager:
         return self.manager(self.descriptor.provider)
 
+    def active_if_built(self) -> KeyManager | None:
+        """The active manager if it is built already; never builds one (which may take a
+        key derivation or a connection) and never waits for the lock of one being built."""
+        return self._managers.get(self.descriptor.provider)
+
     def adopt(self, provider: str, manager: KeyManager, settings: Mapping[str, Any]) -> None:
         """Use *manager* (built by the caller, e.g. after a password change) for *provider*."""
         with self._lock:

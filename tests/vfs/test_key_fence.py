@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from s3cryptfs import registry
 from tests.vfs.harness import CoreDriver, CoreFs
 
@@ -15,13 +17,18 @@ def record(generation: int, holds: list[tuple[str, int]]) -> registry.MountRecor
     return registry.MountRecord("m", "host", 1, generation, heartbeat=30.0, holds=holds)
 
 
+@pytest.mark.parametrize(
+    ("sealer", "size"),
+    [("seal_small_now", 100), ("seal_stream", 100 * 1024)],
+    ids=["small, on the event loop", "larger, in a worker thread"],
+)
 def test_a_seal_that_began_before_a_refresh_holds_the_old_generation(
-    core: CoreFs, driver: CoreDriver
+    core: CoreFs, driver: CoreDriver, sealer: str, size: int
 ) -> None:
     codec = driver.fs.codec
     before = codec.descriptor.generation
     seen: list[int] = []
-    real = codec.seal_stream
+    real = getattr(codec, sealer)
 
     def seal_across_a_refresh(*args, **kwargs):  # type: ignore[no-untyped-def]
         # The key is taken (from the pool, under the old generation's key version) while a
@@ -33,11 +40,11 @@ def test_a_seal_that_began_before_a_refresh_holds_the_old_generation(
         seen.append(codec.generation_in_force())
         return sealed
 
-    codec.seal_stream = seal_across_a_refresh  # type: ignore[method-assign]
+    setattr(codec, sealer, seal_across_a_refresh)
     try:
-        driver.write_file("f.txt", b"sealed under the key taken before the refresh")
+        driver.write_file("f.txt", b"k" * size)
     finally:
-        codec.seal_stream = real  # type: ignore[method-assign]
+        setattr(codec, sealer, real)
     assert seen == [before]
     # Until then a retire that needs the new generation waited for this mount:
     waiting, _ = registry.blockers([record(seen[0], [])], "s3cryptfs-password", 1, before + 1)

@@ -215,6 +215,27 @@ def test_a_crash_with_a_file_kept_closed_loses_nothing(driver: CoreDriver) -> No
     assert driver.read_file("crash.txt") == b"kept through a crash"
 
 
+def test_a_small_file_sealed_at_close_on_the_event_loop_survives_a_crash(
+    driver: CoreDriver,
+) -> None:
+    """With a key manager that wraps locally, a small file's close seals it into its journal
+    slot without a trip to a worker thread; what that close acknowledged comes back after a
+    crash and is uploaded. A file too large for a slot still goes through the thread."""
+    fs = driver.fs
+    fs.writes.settings.upload_delay = 60.0  # nothing leaves before the crash
+    driver.write_file("small.txt", b"sealed on the event loop")
+    assert fs.writes.counters["seals_on_event_loop"] == 1
+    node = driver._lookup("small.txt")
+    assert node.w.local is not None and node.w.local.slot is not None
+    driver.write_file("large.bin", os.urandom(200 * 1024))
+    assert fs.writes.counters["seals_on_event_loop"] == 1
+    assert not in_s3(driver, "small.txt")
+    driver.core.stop(drain=False)  # the crash: nothing more is done
+    driver.core.start()  # the journal's slot is found and uploaded first
+    assert in_s3(driver, "small.txt") and in_s3(driver, "large.bin")
+    assert driver.read_file("small.txt") == b"sealed on the event loop"
+
+
 def test_an_outage_at_unmount_names_what_is_left(driver: CoreDriver) -> None:
     driver.write_file("early.txt", b"in S3 before the outage")
     wait_for(lambda: in_s3(driver, "early.txt"))
