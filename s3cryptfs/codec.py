@@ -73,6 +73,10 @@ class SealedObject:
     cipher: BodyCipher  # to read the sealed body back before it is uploaded
 
 
+class WouldWait(S3CryptFSError):
+    """Work done without_waiting() reached something that waits on a server."""
+
+
 @dataclass
 class GatewaySecrets:
     """What this machine holds for objects of the S3 Encryption Gateway (never stored, never
@@ -143,6 +147,7 @@ class ObjectCodec:
         # data key (see fence)
         self._fences: Counter[int] = Counter()
         self._fence_lock = threading.Lock()
+        self._local = threading.local()  # .nowait: see without_waiting
 
     # --- what a running mount may still be wrapping under ------------------------------------
 
@@ -486,6 +491,8 @@ class ObjectCodec:
                 # (or another thread just did) and retry.
                 if self._refresh is None or not governed:
                     raise
+                if not self.may_wait():
+                    raise WouldWait("a descriptor re-read is needed") from None
                 # The rate limit must not hide a change made since the last read: the first
                 # time a provider/version is missing, re-read even within the interval.
                 seen = (envelope.provider, envelope.key_version)
@@ -530,9 +537,45 @@ class ObjectCodec:
         manager = self.gateway_keys.manager(envelope.provider) or self.ring.manager(
             envelope.provider
         )
+        if not self.may_wait() and not wraps_locally(manager):
+            raise WouldWait(f"{envelope.provider} unwraps on a server")
         return self.kms_calls.timed(
             envelope.provider, "unwrap", lambda: manager.unwrap_key(envelope, self._context)
         )
+
+    @contextlib.contextmanager
+    def without_waiting(self) -> Iterator[None]:
+        """Work on an event loop, after opens_now() said yes: should it still come to a call
+        that waits on a server (a key manager's unwrap, the descriptor re-read of a key
+        version it does not know), that raises WouldWait instead, and the work is done again
+        where waiting is allowed."""
+        self._local.nowait = True
+        try:
+            yield
+        finally:
+            self._local.nowait = False
+
+    def may_wait(self) -> bool:
+        return not getattr(self._local, "nowait", False)
+
+    def opens_now(self, meta: Mapping[str, str] | None) -> bool:
+        """Would cipher() for an object with *meta* wait on nothing (no descriptor refresh
+        due, its data key cached or its manager built and wrapping locally)? Then a small
+        file's body may be decrypted on the event loop instead of in a worker thread."""
+        try:
+            if not meta or object_kind(meta) != OWN:
+                return False
+            envelope = md.decode_envelope(meta)
+        except S3CryptFSError:
+            return False  # (the thread's try says what is wrong with it)
+        if not self._in_descriptor(envelope.provider):
+            return False
+        if self._refresh_due(self._unwrap_max_age()):
+            return False
+        if self.dek_cache.get(cache_key(envelope)) is not None:
+            return True
+        manager = self.ring.built(envelope.provider)
+        return manager is not None and wraps_locally(manager)
 
     def unwrap(self, meta: Mapping[str, str], name: str = "") -> bytes:
         """The data key of an object (blocking: may call a KMS)."""

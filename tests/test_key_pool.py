@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from s3cryptfs.codec import ObjectCodec
+import pytest
+
+from s3cryptfs.codec import ObjectCodec, WouldWait
 from s3cryptfs.format import metadata as md
 from s3cryptfs.format.descriptor import Descriptor
 from s3cryptfs.keys import pool as pool_module
@@ -42,6 +44,7 @@ def test_aged_keys_are_neither_handed_out_nor_held(monkeypatch) -> None:
 FAST = {"n": 2**14, "r": 8, "p": 1}
 PASSWORD = b"a password for the pool tests"
 VOLUME = "00112233445566778899aabbccddeeff"
+SETTINGS = new_settings(PASSWORD, VOLUME, FAST)  # one volume's keys for every codec here
 
 
 class CountingRemote:
@@ -73,7 +76,7 @@ class CountingRemote:
 def small_codec(
     remote: bool = False, refresh_interval: float = 60.0, pool: KeyPool | None = None
 ) -> tuple[ObjectCodec, CountingRemote | None, list[int]]:
-    settings = new_settings(PASSWORD, VOLUME, FAST)
+    settings = SETTINGS
     desc = Descriptor(VOLUME, key_settings=settings)
     ring = KeyRing(desc, LocalKeys(password=PASSWORD))
     counted = None
@@ -120,3 +123,44 @@ def test_a_due_descriptor_refresh_is_not_made_on_the_event_loop() -> None:
     codec.ring.active()
     assert codec.seal_small_now(b"x", md.PosixAttrs()) is None
     assert refreshes == []  # left to the worker thread's seal, which may wait for S3
+
+
+# --- opening a small file on the event loop (codec.opens_now, without_waiting) -------------
+
+
+def test_a_small_file_opens_on_the_event_loop_only_when_nothing_waits() -> None:
+    codec, _, _ = small_codec()
+    codec.ring.active()
+    body, meta = codec.seal_bytes(b"content", md.PosixAttrs(), content=True)
+    codec.dek_cache.forget_provider(codec.descriptor.provider)
+    assert codec.opens_now(meta)  # the password manager unwraps locally
+    assert not codec.opens_now({}) and not codec.opens_now({"s3cryptfs-format": "9"})
+    remote_codec, counted, _ = small_codec(remote=True)
+    assert counted is not None
+    assert not remote_codec.opens_now(meta)  # its key server would be asked
+    with remote_codec.without_waiting(), pytest.raises(WouldWait):
+        remote_codec.decrypt_whole(meta, body, "vol/a")
+    assert remote_codec.decrypt_whole(meta, body, "vol/a") == b"content"  # (in a thread)
+    assert remote_codec.opens_now(meta)  # its data key is cached now
+    with remote_codec.without_waiting():
+        assert remote_codec.decrypt_whole(meta, body, "vol/a") == b"content"
+    due, _, refreshes = small_codec(refresh_interval=0.0)
+    due.ring.active()
+    assert due.opens_now(meta)  # its view of the descriptor is young enough to unwrap with
+    due._refreshed_at -= 3600  # (an hour later)
+    assert not due.opens_now(meta) and refreshes == []
+
+
+def test_without_waiting_a_key_version_unknown_here_is_not_looked_up() -> None:
+    """A version rotated in by another machine needs a re-read of the descriptor (a GET):
+    not on the event loop."""
+    codec, _, refreshes = small_codec()
+    codec.ring.active()
+    admin = PasswordKeyManager(codec.descriptor.key_settings, {"password": PASSWORD})
+    admin.rotate()
+    newer = {**md.encode_envelope(admin.wrap_key(b"k" * 32, {"volume_id": VOLUME}))}
+    admin.close()
+    envelope = md.decode_envelope({"s3cryptfs-format": "1", **newer})
+    with codec.without_waiting(), pytest.raises(WouldWait):
+        codec.unwrap_envelope(envelope, "vol/new")
+    assert refreshes == []

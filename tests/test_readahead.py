@@ -80,6 +80,27 @@ def test_cat_of_a_directory_reads_each_small_file_once(mounted):
     assert after["read_ahead"]["ahead_used"] >= 150, after["read_ahead"]
 
 
+def test_opens_under_close_to_open_fetch_and_decrypt_on_the_event_loop(mounted):
+    """Without --file-cache-ttl each open of a small file asks S3 (one GET, nothing fetched
+    ahead); with the native client that GET is sent from the event loop and, the password
+    manager wrapping locally, the body decrypted there: no worker thread per open."""
+    d = mounted.mountpoint / "strict"
+    d.mkdir()
+    files = {f"f{i:03d}": os.urandom(2000 + i) for i in range(50)}
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    mounted.remount()
+    before = stats(mounted)
+    for name in sorted(files):
+        assert (d / name).read_bytes() == files[name]
+    after = stats(mounted)
+    used = {op: n - before["requests"].get(op, 0) for op, n in after["requests"].items()}
+    assert 50 <= used.get("get", 0) <= 52 and used.get("head", 0) <= 2, used
+    ahead = after["read_ahead"]
+    assert ahead["fetched_on_event_loop"] >= 45, ahead  # (a first one may have to connect)
+    assert ahead["decrypted_on_event_loop"] == ahead["fetched_on_event_loop"], ahead
+
+
 def test_cold_random_small_read_fetches_only_its_chunk(mounted):
     size = 32 * MIB
     path = mounted.mountpoint / "rand"

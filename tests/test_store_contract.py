@@ -689,3 +689,33 @@ def test_bodies_are_signed_over_plain_http_and_not_over_tls(monkeypatch):
     assert signing(None) is False  # AWS S3: https
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8333")
     assert signing(None) is None
+
+
+def test_get_bounded_start_sends_without_blocking_or_says_it_cannot(store, client):
+    """The native client sends get_bounded's request from the caller's thread without waiting
+    (an event loop's small reads); only a whole object in one reply is a result, anything
+    else an error for get_bounded to handle. It never connects or waits for a connection:
+    without an idle one it declines, as the boto3 store always does."""
+    assert store.get_bounded_start("k", MIB, "file") is None  # (native: no idle connection)
+    etag = store.put("k", b"small body", {"s3c-a": "1"})  # (now one is idle)
+    if client == "boto3":
+        assert store.get_bounded_start("k", MIB, "file") is None
+        return
+    pending = store.get_bounded_start("k", MIB, "file")
+    assert pending is not None
+    body, info = pending.done.result(timeout=10)
+    assert (body, info.etag, info.size, info.metadata) == (b"small body", etag, 10, {"s3c-a": "1"})
+    assert store.requests.get("get") == 1  # counted like any request
+    store.put("big", os.urandom(MIB + 1000), {})
+    for key, limit, kind in (
+        ("missing", MIB, "HttpError"),  # (get_bounded says ObjectNotFound)
+        ("big", 2 * MIB, "_Incomplete"),  # past the first read: a second request is needed
+        ("big", 1000, "ObjectTooLarge"),  # refused at its headers (its connection closed)
+    ):
+        store.head("k")
+        pending = store.get_bounded_start(key, limit, "file")
+        assert pending is not None
+        error = pending.done.exception(timeout=10)
+        assert type(error).__name__ == kind, (key, error)
+    with pytest.raises(ObjectNotFound):
+        store.get_bounded("missing", MIB, "file")

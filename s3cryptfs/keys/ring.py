@@ -68,6 +68,12 @@ class KeyRing:
         self.descriptor = descriptor
 
     def manager(self, provider: str) -> KeyManager:
+        # A built one without the lock: another thread may hold it for seconds while it builds
+        # a manager (a key derivation, a connection), and an unwrap on the event loop
+        # (codec.opens_now) must not wait for that.
+        found = self._managers.get(provider)
+        if found is not None:
+            return found
         with self._lock:
             found = self._managers.get(provider)
             if found is not None:
@@ -93,7 +99,11 @@ class KeyRing:
     def active_if_built(self) -> KeyManager | None:
         """The active manager if it is built already; never builds one (which may take a
         key derivation or a connection) and never waits for the lock of one being built."""
-        return self._managers.get(self.descriptor.provider)
+        return self.built(self.descriptor.provider)
+
+    def built(self, provider: str) -> KeyManager | None:
+        """*provider*'s manager if it is built already (as active_if_built)."""
+        return self._managers.get(provider)
 
     def adopt(self, provider: str, manager: KeyManager, settings: Mapping[str, Any]) -> None:
         """Use *manager* (built by the caller, e.g. after a password change) for *provider*."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,6 +21,18 @@ class ObjectInfo:
     etag: str
     mtime_ns: int
     metadata: dict[str, str] | None = None  # None: not known (LIST does not return it)
+
+
+@dataclass(frozen=True)
+class PendingGet:
+    """The one request of a get_bounded sent without waiting for it (get_bounded_start)."""
+
+    # The object and its metadata, or any error: then ask get_bounded, which retries and
+    # classifies (nothing is retried or classified here).
+    done: concurrent.futures.Future[tuple[bytes, ObjectInfo]]
+    # Give up on a reply that does not come (the client has no read timeout of its own): its
+    # connection is closed.
+    abandon: Callable[[], None]
 
 
 @dataclass
@@ -121,6 +133,13 @@ class ObjectStore(Protocol):
         a larger one is refused (ObjectTooLarge) before its body is read."""
         ...
 
+    def get_bounded_start(self, key: str, limit: int, what: str) -> PendingGet | None:
+        """get_bounded's first request, sent without blocking the caller, for an event loop
+        that would rather not hand a small read to a thread and back; None when this store
+        cannot. Only its simple case ends in a result: an object the one request brought
+        whole."""
+        ...
+
     def read_companion(self, key: str) -> tuple[dict[str, str], bytes]: ...
 
     def list(
@@ -200,6 +219,9 @@ class PagedReads:
 
     def get_bounded(self, key: str, limit: int, what: str) -> tuple[bytes, ObjectInfo]:
         raise NotImplementedError
+
+    def get_bounded_start(self, key: str, limit: int, what: str) -> PendingGet | None:
+        return None  # (a client that can send without blocking says otherwise)
 
     def list_all(
         self, prefix: str, delimiter: str | None = "/", start_after: str | None = None

@@ -120,6 +120,18 @@ class ConnectionPool:
         )
         awscrt.auth.aws_sign_request(request, config).result()
 
+    def try_acquire(self) -> awscrt.http.HttpClientConnection | None:
+        """An idle connection that served a request before, or None: never connects, never
+        waits (for a caller on an event loop)."""
+        with self._lock:
+            while self._idle:
+                conn, since = self._idle.pop()
+                if conn.is_open() and time.monotonic() - since < IDLE_MAX_S:
+                    return conn
+                self._open -= 1
+                conn.close()
+        return None
+
     def acquire(self, wait: float) -> tuple[awscrt.http.HttpClientConnection, bool]:
         """A connection for one request, and whether it served one before (then the server
         may have closed it meanwhile). Connects when none is idle and the bound allows;

@@ -49,6 +49,7 @@ from s3cryptfs.store.base import (
     ObjectInfo,
     PagedReads,
     PartList,
+    PendingGet,
     StoreSettings,
     etag_of,
 )
@@ -153,7 +154,7 @@ def _mtime_ns(value: str) -> int:
         return 0
 
 
-def _credentials_provider() -> awscrt.auth.AwsCredentialsProvider:
+def _credentials_provider() -> tuple[awscrt.auth.AwsCredentialsProvider, bool]:
     """The credentials boto3 would use (environment, profile, SSO, instance role...), from
     botocore's resolver; refreshable ones refresh themselves when they near expiry.
 
@@ -165,19 +166,20 @@ def _credentials_provider() -> awscrt.auth.AwsCredentialsProvider:
         # botocore's whole chain found nothing. The CRT's environment provider then fails
         # each request cleanly ("no S3 credentials found"), where a delegate that raises would
         # also print the exception from inside the CRT's callback.
-        return awscrt.auth.AwsCredentialsProvider.new_environment()
+        return awscrt.auth.AwsCredentialsProvider.new_environment(), False
     if not isinstance(creds, botocore.credentials.RefreshableCredentials):
         frozen = creds.get_frozen_credentials()
-        return awscrt.auth.AwsCredentialsProvider.new_static(
+        fixed = awscrt.auth.AwsCredentialsProvider.new_static(
             frozen.access_key, frozen.secret_key, frozen.token
         )
+        return fixed, True
     refreshable = creds  # thread-safe: botocore locks its refresh
 
     def current() -> awscrt.auth.AwsCredentials:
         frozen = refreshable.get_frozen_credentials()
         return awscrt.auth.AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token)
 
-    return awscrt.auth.AwsCredentialsProvider.new_delegate(current)
+    return awscrt.auth.AwsCredentialsProvider.new_delegate(current), False
 
 
 # Request bodies and ranged reads past this size go through botocore (`_bulk`): the CRT copies
@@ -216,9 +218,13 @@ class NativeStore(PagedReads, MultipartTransfers):
             endpoint = Endpoint(self._host, 443, True)
         if endpoint.https:
             endpoint = dataclasses.replace(endpoint, ca_bundle=os.environ.get("AWS_CA_BUNDLE"))
+        credentials, fixed = _credentials_provider()
+        # Signing with fixed keys waits for nothing: get_bounded_start may sign on the caller's
+        # event loop. A refresh of expiring ones may fetch from a server.
+        self._fixed_credentials = fixed
         self._pool = ConnectionPool(
             endpoint,
-            _credentials_provider(),
+            credentials,
             region,
             settings.max_connections,
             settings.connect_timeout,
@@ -331,11 +337,13 @@ class NativeStore(PagedReads, MultipartTransfers):
         body: bytes | bytearray | None = None,
         check: Callable[[_Reply], None] | None = None,
         body_limit: int | None = None,
+        idle: awscrt.http.HttpClientConnection | None = None,
     ) -> _Sent:
         """One signed request, handed to the CRT and not waited for (_send waits for it).
         *check* sees the status and headers before any body byte (and may raise to drop the
         connection); a body past *body_limit* bytes is cut off by failing the request. What
-        fails before the request is sent (signing, connecting) fails its future."""
+        fails before the request is sent (signing, connecting) fails its future. *idle*: a
+        connection the caller took from the pool (try_acquire) for it."""
         hdrs = awscrt.http.HttpHeaders([("Host", self._host)])
         for name, value in (headers or {}).items():
             hdrs.add(name, value)
@@ -359,8 +367,13 @@ class NativeStore(PagedReads, MultipartTransfers):
             digest = hashlib.sha256(body).hexdigest()
         try:
             self._pool.sign(request, digest)
-            conn, sent.reused = self._pool.acquire(self._stall_limit)
+            if idle is None:
+                conn, sent.reused = self._pool.acquire(self._stall_limit)
+            else:
+                conn, sent.reused = idle, True
         except Exception as exc:  # noqa: BLE001 - the waiter classifies it
+            if idle is not None:
+                self._pool.release(idle, True)
             sent.done.set_exception(exc)
             return sent
         sent.conn = conn
@@ -520,6 +533,47 @@ class NativeStore(PagedReads, MultipartTransfers):
 
         return self._call(f"get {key}", fetch)
 
+    def get_bounded_start(self, key: str, limit: int, what: str) -> PendingGet | None:
+        """get_bounded's first request, handed to the CRT: its future ends with the object
+        when that one reply brought all of it, else with whatever error (get_bounded then
+        does it all again, with its retries and second request)."""
+        if not self._fixed_credentials:
+            return None
+        idle = self._pool.try_acquire()
+        if idle is None:  # (connecting, or waiting for a connection, would block)
+            return None
+        out: concurrent.futures.Future[tuple[bytes, ObjectInfo]] = concurrent.futures.Future()
+        with self.stats_lock:
+            self.requests["get"] = self.requests.get("get", 0) + 1
+        check = functools.partial(_check_total, what, key, limit)
+        sent = self._start(
+            "GET",
+            self._path(key),
+            "GetObject",
+            {"Range": f"bytes=0-{min(limit, _FIRST_READ) - 1}"},
+            check=check,
+            body_limit=limit,
+            idle=idle,
+        )
+
+        def done(f: concurrent.futures.Future[_Reply]) -> None:
+            try:
+                r = f.result()
+                body = bytes(r.body)
+                if len(body) != (_total(r) if r.status == 206 else len(body)):
+                    raise _Incomplete()
+                self._count_received(len(body))
+                out.set_result((body, self._info(key, r, len(body))))
+            except BaseException as exc:  # noqa: BLE001 - the caller asks get_bounded
+                out.set_exception(exc)
+
+        def abandon() -> None:
+            if sent.conn is not None:
+                sent.conn.close()
+
+        sent.done.add_done_callback(done)
+        return PendingGet(out, abandon)
+
     def get_bounded(self, key: str, limit: int, what: str) -> tuple[bytes, ObjectInfo]:
         """The whole object with its metadata, if it is at most *limit* bytes; a larger one is
         refused (ObjectTooLarge) after one request.
@@ -529,13 +583,8 @@ class NativeStore(PagedReads, MultipartTransfers):
         headers, one that sends more is cut off at *limit*); an object between that and
         *limit* takes a second, If-Match request."""
         first = min(limit, _FIRST_READ)
-
-        def total(reply: _Reply) -> int:
-            size = reply.headers.get("content-range", "").rpartition("/")[2]
-            return int(size if size.isdigit() else reply.headers.get("content-length") or 0)
-
-        def check(reply: _Reply) -> None:
-            limits.check_size(what, key, total(reply), limit)
+        total = _total
+        check = functools.partial(_check_total, what, key, limit)
 
         def read(headers: Mapping[str, str]) -> _Reply:
             try:
@@ -753,6 +802,20 @@ class NativeStore(PagedReads, MultipartTransfers):
 
 # The names store/base.py's conditions() gives a write's conditions, as HTTP headers.
 _CONDITION_HEADERS = {"IfMatch": "If-Match", "IfNoneMatch": "If-None-Match"}
+
+
+def _total(reply: _Reply) -> int:
+    """The object's size, from a ranged reply's Content-Range (or its length)."""
+    size = reply.headers.get("content-range", "").rpartition("/")[2]
+    return int(size if size.isdigit() else reply.headers.get("content-length") or 0)
+
+
+def _check_total(what: str, key: str, limit: int, reply: _Reply) -> None:
+    limits.check_size(what, key, _total(reply), limit)
+
+
+class _Incomplete(Exception):
+    """A reply with less than the object (it needs get_bounded's second request)."""
 
 
 def _xml_result(r: _Reply, what: str) -> ET.Element:

@@ -15,6 +15,7 @@ is set): a file changed since is read anew, never stale (docs/SEMANTICS.md).
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from s3cryptfs.errors import (
 )
 from s3cryptfs.format import gateway as gw
 from s3cryptfs.format.layout import BodyCipher
-from s3cryptfs.store.base import ObjectInfo
+from s3cryptfs.store.base import ObjectInfo, PendingGet, StoreSettings
 from s3cryptfs.vfs.nodes import ChildInfo, Listing, Node
 
 if TYPE_CHECKING:
@@ -58,6 +59,9 @@ AHEAD_MIN_STRICT = 64 * 1024
 # How far a scan may skip ahead between two opens and still count as sequential (names that
 # are directories or that the application filters out).
 SCAN_GAP = 8
+# Bodies up to this size are decrypted on the event loop when no key server is involved
+# (fetch): a few hundred microseconds at most, which every other request would wait for.
+LOOP_DECRYPT_MAX = 256 * 1024
 
 
 def remote_vid(key: str, etag: str) -> tuple[str, str, str]:
@@ -84,6 +88,29 @@ class Whole:
     opened: tuple[BodyCipher, dict[int, bytes]] | None
 
 
+async def _reply(pending: PendingGet, settings: StoreSettings) -> tuple[bytes, ObjectInfo] | None:
+    """The result of a request sent without a thread, or None when it has none (an error, a
+    reply that needs more, no reply in time): the caller then asks the blocking way, which
+    retries and says what is wrong."""
+    token = trio.lowlevel.current_trio_token()
+    arrived = trio.Event()
+
+    def wake(_: object) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(arrived.set)
+
+    pending.done.add_done_callback(wake)
+    with trio.move_on_after(settings.read_timeout + settings.connect_timeout):
+        await arrived.wait()
+    if not pending.done.done():
+        pending.abandon()
+        return None
+    try:
+        return pending.done.result()
+    except Exception:  # noqa: BLE001 - asked again the blocking way, which classifies
+        return None
+
+
 @dataclass(slots=True)
 class _Scan:
     listing: Listing
@@ -105,6 +132,9 @@ class SmallFiles:
         # counters for status: opens answered from what a scan fetched ahead, and fetches made
         self.ahead_used = 0
         self.ahead_fetches = 0
+        # whole-file fetches answered without a worker thread, and of those, decrypted so too
+        self.loop_fetches = 0
+        self.loop_opens = 0
 
     # --- versions ----------------------------------------------------------------------
 
@@ -136,6 +166,8 @@ class SmallFiles:
             except (KeyRetired, KeyNotFound, UnknownProvider):
                 # A rewrap replaces only the metadata and may keep the ETag: our cached
                 # envelope can be older than the object's. Fetch the current one once.
+                if not fs.codec.may_wait():
+                    raise  # (on the event loop: the reads will ask again from a thread)
                 fresh = fs.store.head(key)
                 if fresh.etag != etag or not fresh.metadata or fresh.metadata == meta:
                     raise
@@ -206,17 +238,35 @@ class SmallFiles:
         return ttl > 0 and time.monotonic() - got.at < ttl
 
     async def fetch(self, key: str) -> Whole:
-        """The whole object, its ETag and metadata, in one request, decrypted in the same
-        worker thread (ObjectTooLarge past SMALL_BODY_MAX: the listing was older than the
-        object). One thread job, not two: for a small file the hand-over costs more than
-        the decryption."""
-        return await self.fs._thread(self._get_whole, key)
+        """The whole object, its ETag and metadata, in one request, decrypted (ObjectTooLarge
+        past SMALL_BODY_MAX: the listing was older than the object).
+
+        Sent from the event loop when the store can do so without blocking, and decrypted
+        there when that waits on no key manager: a trip to a worker thread and back cost
+        more than either. Otherwise one thread job for both, not two."""
+        fs = self.fs
+        pending = fs.store.get_bounded_start(key, SMALL_BODY_MAX, "file")
+        if pending is not None:
+            got = await _reply(pending, fs.store.settings)
+            if got is not None:
+                body, info = got
+                self.loop_fetches += 1
+                if len(body) <= LOOP_DECRYPT_MAX and fs.codec.opens_now(info.metadata):
+                    self.loop_opens += 1
+                    with fs.codec.without_waiting():
+                        return self._open_whole(key, body, info)
+                return await fs._thread(self._open_whole, key, body, info)
+        return await fs._thread(self._get_whole, key)
 
     def _get_whole(self, key: str) -> Whole:
-        """Blocking: fetch(). A body that does not open (forged, truncated, key not
+        """Blocking: fetch()."""
+        body, info = self.fs.store.get_bounded(key, SMALL_BODY_MAX, "file")
+        return self._open_whole(key, body, info)
+
+    def _open_whole(self, key: str, body: bytes, info: ObjectInfo) -> Whole:
+        """A fetched body, decrypted. One that does not open (forged, truncated, key not
         available) is returned unopened: the reads then take the usual path, which fetches
         again and says what is wrong."""
-        body, info = self.fs.store.get_bounded(key, SMALL_BODY_MAX, "file")
         version = None
         opened = None
         if info.metadata and gw.is_mpu_object(info.metadata):
@@ -335,4 +385,9 @@ class SmallFiles:
             self.fs.reader.forget(got.version)
 
     def stats(self) -> dict[str, int]:
-        return {"ahead_fetches": self.ahead_fetches, "ahead_used": self.ahead_used}
+        return {
+            "ahead_fetches": self.ahead_fetches,
+            "ahead_used": self.ahead_used,
+            "fetched_on_event_loop": self.loop_fetches,
+            "decrypted_on_event_loop": self.loop_opens,
+        }

@@ -4,10 +4,16 @@ request by request on the real server through the fault-injecting store's call l
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import os
+import threading
+import time
 
 import pytest
+import trio
 
+from s3cryptfs.store.base import ObjectInfo, PendingGet, StoreSettings
+from s3cryptfs.vfs.smallfiles import _reply
 from tests.vfs.harness import CoreDriver, CoreFs
 
 DIR = "scan"
@@ -181,3 +187,24 @@ def test_a_renamed_file_leaves_no_chunks_cached_under_its_old_name(
     assert node.version is None and node.remote is not None
     assert not driver.fs.blocks.contains(old.vid, 0)
     assert driver.read_file(f"{DIR}/moved") == files["f0001"]
+
+
+def test_a_reply_sent_from_the_event_loop_that_does_not_come_is_given_up() -> None:
+    """The CRT has no read timeout: the event loop waits for a fetch it sent itself no longer
+    than a blocking request would, then closes its connection and lets the caller ask the
+    blocking way."""
+    settings = StoreSettings(bucket="b", read_timeout=0.2, connect_timeout=0.1)
+    closed: list[int] = []
+    never: concurrent.futures.Future[tuple[bytes, ObjectInfo]] = concurrent.futures.Future()
+    start = time.monotonic()
+    assert trio.run(_reply, PendingGet(never, lambda: closed.append(1)), settings) is None
+    assert closed == [1] and 0.25 <= time.monotonic() - start < 5
+    info = ObjectInfo("k", 4, '"e"', 0)
+    later: concurrent.futures.Future[tuple[bytes, ObjectInfo]] = concurrent.futures.Future()
+    threading.Timer(0.05, later.set_result, [(b"body", info)]).start()
+    got = trio.run(_reply, PendingGet(later, lambda: closed.append(2)), settings)
+    assert got == (b"body", info)
+    failed: concurrent.futures.Future[tuple[bytes, ObjectInfo]] = concurrent.futures.Future()
+    failed.set_exception(OSError("reset"))
+    assert trio.run(_reply, PendingGet(failed, lambda: closed.append(3)), settings) is None
+    assert closed == [1]
