@@ -210,6 +210,8 @@ class ObjectCodec:
     def _refresh_if_older(self, max_age: float) -> None:
         if not self._refresh_due(max_age):
             return
+        if not self.may_wait():  # (came due since opens_now said it was not)
+            raise WouldWait("a descriptor re-read is due")
         try:
             self.refresh()
         except Exception:  # noqa: BLE001 - S3 or a refused descriptor: go on with what we know
@@ -534,11 +536,15 @@ class ObjectCodec:
         return self.gateway_keys.manager(provider) is None
 
     def _unwrap_once(self, envelope: KeyEnvelope) -> bytes:
-        manager = self.gateway_keys.manager(envelope.provider) or self.ring.manager(
-            envelope.provider
-        )
-        if not self.may_wait() and not wraps_locally(manager):
-            raise WouldWait(f"{envelope.provider} unwraps on a server")
+        manager = self.gateway_keys.manager(envelope.provider)
+        if manager is None and not self.may_wait():
+            # (built, or building one may derive a key or connect; unwrapping may ask a
+            # server: the cached key opens_now counted on may have gone since)
+            manager = self.ring.built(envelope.provider)
+            if manager is None or not wraps_locally(manager):
+                raise WouldWait(f"{envelope.provider} may have to ask its server")
+        if manager is None:
+            manager = self.ring.manager(envelope.provider)
         return self.kms_calls.timed(
             envelope.provider, "unwrap", lambda: manager.unwrap_key(envelope, self._context)
         )
@@ -572,7 +578,7 @@ class ObjectCodec:
             return False
         if self._refresh_due(self._unwrap_max_age()):
             return False
-        if self.dek_cache.get(cache_key(envelope)) is not None:
+        if self.dek_cache.holds(cache_key(envelope)):
             return True
         manager = self.ring.built(envelope.provider)
         return manager is not None and wraps_locally(manager)

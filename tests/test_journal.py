@@ -273,6 +273,32 @@ def test_a_pool_of_another_slot_count_keeps_its_versions(tmp_path):
     assert sorted((e.slot, e.seq) for e in fewer.scan()) == [(3, 7), (6, 9)]
 
 
+def test_an_entry_that_does_not_fit_its_slot_leaves_the_slot_to_its_taker(tmp_path):
+    """write_slot refuses what does not fit, and the slot stays taken until the caller, once
+    the version is committed as files, gives it back: given back at once, another version
+    could take it and a failure of those files would then give it back a second time."""
+    journal = Journal(str(tmp_path / "journal"))
+    slot = journal.slots.take()
+    assert slot is not None
+    entry = Entry(
+        seq=journal.next_seq(),
+        key="vol/big-record",
+        body_path=journal.slots.path,
+        metadata={"s3cryptfs-format": "1"},
+        base=ABSENT,
+        plain_size=0,
+        body_size=journal.slots.capacity,
+        slot=slot,
+        body_offset=journal.slots.offset(slot),
+    )
+    assert not journal.write_slot(entry, bytes(journal.slots.capacity))
+    assert entry.slot is None
+    others = {journal.slots.take() for _ in range(journal.slots.count - 1)}
+    assert slot not in others  # still the caller's
+    journal.slots.give_back(slot)
+    assert journal.slots.take() == slot
+
+
 def test_a_full_pool_grows_in_the_background_and_keeps_its_size(tmp_path):
     path = str(tmp_path / "pool")
     pool = SlotPool(path, count=2, size=4096, max_count=4, grow_by=2)

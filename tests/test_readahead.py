@@ -98,7 +98,8 @@ def test_opens_under_close_to_open_fetch_and_decrypt_on_the_event_loop(mounted):
     assert 50 <= used.get("get", 0) <= 52 and used.get("head", 0) <= 2, used
     ahead = after["read_ahead"]
     assert ahead["fetched_on_event_loop"] >= 45, ahead  # (a first one may have to connect)
-    assert ahead["decrypted_on_event_loop"] == ahead["fetched_on_event_loop"], ahead
+    # (each but an open that finds a re-read of the descriptor due, which a thread makes)
+    assert ahead["decrypted_on_event_loop"] >= ahead["fetched_on_event_loop"] - 2, ahead
 
 
 def test_cold_random_small_read_fetches_only_its_chunk(mounted):

@@ -56,9 +56,10 @@ class KeyManager(Protocol):
 
 
 def wraps_locally(manager: KeyManager) -> bool:
-    """*manager* wraps with keys it holds in memory, no server involved: a wrap is a few
-    microseconds and cannot block, so it may run on the event loop. Opt-in (a class attribute
-    ``wraps_locally = True``): a manager that says nothing is taken to call a server."""
+    """*manager* wraps and unwraps with keys it holds in memory, no server involved: each is
+    a few microseconds and cannot block, so it may run on the event loop. Opt-in (a class
+    attribute ``wraps_locally = True``): a manager that says nothing is taken to call a
+    server."""
     return getattr(manager, "wraps_locally", False) is True
 
 

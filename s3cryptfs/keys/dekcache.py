@@ -45,6 +45,12 @@ class DekCache:
             self.hits += 1
             return found[1]
 
+    def holds(self, key: CacheKey) -> bool:
+        """Whether get() would find *key* now (counted neither as a hit nor as a miss)."""
+        with self._lock:
+            found = self._entries.get(key)
+        return found is not None and found[0] >= time.monotonic()
+
     def put(self, key: CacheKey, dek: bytes) -> None:
         if self.max_entries <= 0:
             return

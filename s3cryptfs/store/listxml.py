@@ -1,4 +1,7 @@
-"""The reply of a ListObjectsV2 request (an XML document) read into a ListPage.
+"""S3's XML replies: a ListObjectsV2 reply read into a ListPage, and the result document of
+the other requests that answer with one (result_text).
+
+The reply of a ListObjectsV2 request:
 
 A page holds up to 1,000 objects, and a wide directory is listed page after page while the
 mount answers the kernel under the same interpreter lock: building an element tree of the
@@ -19,6 +22,7 @@ import re
 import urllib.parse
 import xml.etree.ElementTree as ET
 
+from s3cryptfs.store import retry
 from s3cryptfs.store.base import ListPage, ObjectInfo, etag_of
 
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
@@ -108,3 +112,31 @@ def iso_ns(value: str) -> int:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=datetime.UTC)
     return int(parsed.timestamp() * 1e9)
+
+
+def result_text(body: bytes | bytearray, what: str, name: str) -> str:
+    """The text of element *name* in the XML document of a 2xx reply. S3 may answer a copy
+    or a complete with 200 and an error document (the request failed after the status was
+    sent), or the reply may be cut off: both are taken as botocore takes them, as a 500 with
+    the document's code (a cut-off reply is retried; an error's code decides its kind)."""
+    try:
+        root = ET.fromstring(bytes(body).strip())
+    except ET.ParseError:
+        err = retry.classify_reply("", 500, "incomplete reply", what)
+        raise err from None
+    if root.tag.rpartition("}")[2] == "Error":
+        code = root.findtext("Code") or ""
+        err = retry.classify_reply(code, 500, root.findtext("Message") or code, what)
+        raise err
+    # whether or not the server puts its elements in S3's namespace
+    found = root.findtext(f"{_NS}{name}")
+    return found if found is not None else root.findtext(name) or ""
+
+
+def error_code(body: bytes) -> tuple[str, str]:
+    """The code and message of an error document ("" when the body is none)."""
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError:
+        return "", ""
+    return root.findtext("Code") or "", root.findtext("Message") or ""

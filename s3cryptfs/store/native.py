@@ -24,7 +24,6 @@ import os
 import threading
 import time
 import urllib.parse
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -33,8 +32,6 @@ from xml.sax.saxutils import escape
 import awscrt.auth
 import awscrt.exceptions
 import awscrt.http
-import botocore.credentials
-import botocore.session
 
 from s3cryptfs import limits
 from s3cryptfs.errors import (
@@ -53,7 +50,14 @@ from s3cryptfs.store.base import (
     StoreSettings,
     etag_of,
 )
-from s3cryptfs.store.crtconn import Body, ConnectionPool, Endpoint, HttpError, PoolExhausted
+from s3cryptfs.store.crtconn import (
+    Body,
+    ConnectionPool,
+    Endpoint,
+    HttpError,
+    PoolExhausted,
+    credentials_provider,
+)
 from s3cryptfs.store.s3 import S3Store
 from s3cryptfs.store.transfers import MultipartTransfers
 
@@ -100,6 +104,9 @@ class _Sent:
     conn: awscrt.http.HttpClientConnection | None = None
     reused: bool = False
     again: Callable[[], _Sent] | None = None
+    # Taken by whoever gives the connection back first: the reply's end, or a waiter that
+    # gives up on it (NativeStore._give_up), which must not close it once it serves another.
+    once: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _waiting(
@@ -116,7 +123,7 @@ def classify(exc: BaseException, what: str) -> StoreError:
     if isinstance(exc, StoreError):
         return exc
     if isinstance(exc, HttpError):
-        code, msg = _error_code(exc.body)
+        code, msg = listxml.error_code(exc.body)
         return retry.classify_reply(code, exc.status_code, msg or code, what)
     if isinstance(exc, (_TimedOut, PoolExhausted)):
         return TransientStoreError(f"{what}: S3 connection failed (no reply within the timeout)")
@@ -131,17 +138,7 @@ def classify(exc: BaseException, what: str) -> StoreError:
 
 def definitive(exc: BaseException) -> bool:
     """As store/s3.py's definitive, for CRT errors: refused, unknown host, TLS failure."""
-    return isinstance(exc, awscrt.exceptions.AwsCrtError) and exc.name.startswith(
-        ("AWS_IO_SOCKET_CONNECTION_REFUSED", "AWS_IO_DNS_", "AWS_IO_TLS_")
-    )
-
-
-def _error_code(body: bytes) -> tuple[str, str]:
-    try:
-        root = ET.fromstring(body)
-    except ET.ParseError:
-        return "", ""
-    return root.findtext("Code") or "", root.findtext("Message") or ""
+    return isinstance(exc, awscrt.exceptions.AwsCrtError) and exc.name.startswith(_UNREACHABLE)
 
 
 # Cached: objects written in one second share the header's text, and email.utils's parser
@@ -152,34 +149,6 @@ def _mtime_ns(value: str) -> int:
         return int(email.utils.parsedate_to_datetime(value).timestamp() * 1e9)
     except (TypeError, ValueError):
         return 0
-
-
-def _credentials_provider() -> tuple[awscrt.auth.AwsCredentialsProvider, bool]:
-    """The credentials boto3 would use (environment, profile, SSO, instance role...), from
-    botocore's resolver; refreshable ones refresh themselves when they near expiry.
-
-    Fixed keys (environment, a profile's keys) are handed to the CRT as they are: a delegate
-    is called back into Python, under the GIL, for every request it signs (about 80 us of
-    CPU per request measured, an eighth of a small GET's)."""
-    creds = botocore.session.get_session().get_credentials()
-    if creds is None:
-        # botocore's whole chain found nothing. The CRT's environment provider then fails
-        # each request cleanly ("no S3 credentials found"), where a delegate that raises would
-        # also print the exception from inside the CRT's callback.
-        return awscrt.auth.AwsCredentialsProvider.new_environment(), False
-    if not isinstance(creds, botocore.credentials.RefreshableCredentials):
-        frozen = creds.get_frozen_credentials()
-        fixed = awscrt.auth.AwsCredentialsProvider.new_static(
-            frozen.access_key, frozen.secret_key, frozen.token
-        )
-        return fixed, True
-    refreshable = creds  # thread-safe: botocore locks its refresh
-
-    def current() -> awscrt.auth.AwsCredentials:
-        frozen = refreshable.get_frozen_credentials()
-        return awscrt.auth.AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token)
-
-    return awscrt.auth.AwsCredentialsProvider.new_delegate(current), False
 
 
 # Request bodies and ranged reads past this size go through botocore (`_bulk`): the CRT copies
@@ -218,7 +187,7 @@ class NativeStore(PagedReads, MultipartTransfers):
             endpoint = Endpoint(self._host, 443, True)
         if endpoint.https:
             endpoint = dataclasses.replace(endpoint, ca_bundle=os.environ.get("AWS_CA_BUNDLE"))
-        credentials, fixed = _credentials_provider()
+        credentials, fixed = credentials_provider()
         # Signing with fixed keys waits for nothing: get_bounded_start may sign on the caller's
         # event loop. A refresh of expiring ones may fetch from a server.
         self._fixed_credentials = fixed
@@ -320,10 +289,15 @@ class NativeStore(PagedReads, MultipartTransfers):
         # connect timeout is the CRT's own) is cancelled here and retried like a timeout.
         return self.settings.read_timeout + self.settings.connect_timeout
 
+    def _give_up(self, sent: _Sent) -> None:
+        """Close the connection of a request given up on (which ends it with an error), unless
+        its reply came meanwhile and gave the connection back to the pool."""
+        if sent.conn is not None and sent.once.acquire(blocking=False):
+            self._pool.release(sent.conn, False)
+
     def _cancel_if_stalled(self, sent: _Sent) -> None:
         if time.monotonic() - sent.progress[0] > self._stall_limit:
-            if sent.conn is not None:
-                sent.conn.close()  # ends the request with an error, and the connection
+            self._give_up(sent)
             with contextlib.suppress(Exception):
                 sent.done.result(timeout=self._stall_limit)
             raise _TimedOut() from None
@@ -378,7 +352,7 @@ class NativeStore(PagedReads, MultipartTransfers):
             return sent
         sent.conn = conn
         progress = sent.progress
-        once = threading.Lock()  # the connection goes back to the pool once
+        once = sent.once  # the connection goes back to the pool once
 
         def release(reusable: bool) -> None:
             if once.acquire(blocking=False):
@@ -567,12 +541,8 @@ class NativeStore(PagedReads, MultipartTransfers):
             except BaseException as exc:  # noqa: BLE001 - the caller asks get_bounded
                 out.set_exception(exc)
 
-        def abandon() -> None:
-            if sent.conn is not None:
-                sent.conn.close()
-
         sent.done.add_done_callback(done)
-        return PendingGet(out, abandon)
+        return PendingGet(out, lambda: self._give_up(sent))
 
     def get_bounded(self, key: str, limit: int, what: str) -> tuple[bytes, ObjectInfo]:
         """The whole object with its metadata, if it is at most *limit* bytes; a larger one is
@@ -707,7 +677,7 @@ class NativeStore(PagedReads, MultipartTransfers):
 
         def send() -> str:
             r = self._send("POST", path, "CreateMultipartUpload", headers, b"")
-            return _xml_text(_xml_result(r, what), "UploadId")
+            return listxml.result_text(r.body, what, "UploadId")
 
         return self._call(what, send)
 
@@ -739,7 +709,7 @@ class NativeStore(PagedReads, MultipartTransfers):
 
         def send() -> str:
             r = self._send("POST", path, "CompleteMultipartUpload", headers, body)
-            return etag_of(_xml_text(_xml_result(r, what), "ETag"))
+            return etag_of(listxml.result_text(r.body, what, "ETag"))
 
         return self._call(what, send)
 
@@ -770,7 +740,7 @@ class NativeStore(PagedReads, MultipartTransfers):
 
         def send() -> str:
             r = self._send("PUT", self._path(dst), "CopyObject", headers, b"")
-            return etag_of(_xml_text(_xml_result(r, what), "ETag"))
+            return etag_of(listxml.result_text(r.body, what, "ETag"))
 
         return self._call(what, send)
 
@@ -795,7 +765,7 @@ class NativeStore(PagedReads, MultipartTransfers):
 
         def send() -> str:
             r = self._send("PUT", path, "UploadPartCopy", headers, b"")
-            return _xml_text(_xml_result(r, what), "ETag")
+            return listxml.result_text(r.body, what, "ETag")
 
         return self._call(what, send)
 
@@ -816,29 +786,6 @@ def _check_total(what: str, key: str, limit: int, reply: _Reply) -> None:
 
 class _Incomplete(Exception):
     """A reply with less than the object (it needs get_bounded's second request)."""
-
-
-def _xml_result(r: _Reply, what: str) -> ET.Element:
-    """The XML document of a 2xx reply. S3 may answer a copy or a complete with 200 and an error
-    document (the request failed after the status was sent), or the reply may be cut off: both
-    are taken as botocore takes them, as a 500 with the document's code (a cut-off reply is
-    retried; an error's code decides its kind)."""
-    try:
-        root = ET.fromstring(bytes(r.body).strip())
-    except ET.ParseError:
-        err = retry.classify_reply("", 500, "incomplete reply", what)
-        raise err from None
-    if root.tag.rpartition("}")[2] == "Error":
-        code = root.findtext("Code") or ""
-        err = retry.classify_reply(code, 500, root.findtext("Message") or code, what)
-        raise err
-    return root
-
-
-def _xml_text(root: ET.Element, name: str) -> str:
-    """A child's text, whether or not the server puts its elements in S3's namespace."""
-    found = root.findtext(f"{_NS}{name}")
-    return found if found is not None else root.findtext(name) or ""
 
 
 def _parse_list(r: _Reply) -> ListPage:

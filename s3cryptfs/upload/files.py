@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 INLINE_WRITE = 256 * 1024
+# (sequence number, sealed version, body path, offset of the body in it) -> its journal entry
+NewEntry = Callable[[int, SealedObject, str, int], Entry]
 SLOT_PLAIN = 64 * 1024  # versions up to this size are committed into a journal slot
 
 
@@ -537,9 +539,10 @@ class WritePath(KeptClosed):
                     else:
                         sealed, entry, body = now
                         self.counters["seals_on_event_loop"] += 1
-                        if not self.journal.write_slot(entry, body):
-                            slot = None  # given back: its record does not fit a slot
+                        if not self.journal.write_slot(entry, body):  # its record is too long
                             await self._thread(self._commit_files, entry, body)
+                    if slot is not None and entry.slot is None:  # committed as files
+                        self.journal.slots.give_back(slot)
             except BaseException:
                 if stream is not None:
                     stream.drop("sealing failed")
@@ -630,7 +633,7 @@ class WritePath(KeptClosed):
         attrs: md.PosixAttrs,
         xattrs: dict[bytes, bytes],
         key: str,
-        new_entry: Any,
+        new_entry: NewEntry,
     ) -> tuple[SealedObject, Entry, bytes] | None:
         """Seal a small version for its journal slot on the event loop, when nothing in that
         can wait on a server (codec.seal_small_now): reading it, encrypting it and writing the
@@ -645,7 +648,7 @@ class WritePath(KeptClosed):
             return None
         sealed, body = done
         pool = self.journal.slots
-        entry: Entry = new_entry(seq, sealed, pool.path, pool.offset(slot))
+        entry = new_entry(seq, sealed, pool.path, pool.offset(slot))
         entry.slot = slot
         return sealed, entry, body
 
@@ -653,9 +656,14 @@ class WritePath(KeptClosed):
         """Commit a sealed small version as a body file and its record (blocking): its record
         did not fit a slot."""
         entry.body_path, entry.body_offset = self.journal.body_path(entry.seq), 0
-        with open(entry.body_path, "wb") as fh:
-            fh.write(body)
-        self.journal.write_record(entry)
+        try:
+            with open(entry.body_path, "wb") as fh:
+                fh.write(body)
+            self.journal.write_record(entry)
+        except BaseException:
+            with contextlib.suppress(OSError):  # (a full disk: the room it took)
+                os.unlink(entry.body_path)
+            raise
 
     def _commit_sealed(
         self,
@@ -665,7 +673,7 @@ class WritePath(KeptClosed):
         attrs: md.PosixAttrs,
         xattrs: dict[bytes, bytes],
         key: str,
-        new_entry: Any,
+        new_entry: NewEntry,
     ) -> tuple[SealedObject, Entry]:
         """Seal the write-back file and commit it to the journal, in one trip to a worker
         thread: into a slot (one flush) when it is small, else as a body file and record."""

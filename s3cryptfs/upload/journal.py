@@ -213,11 +213,12 @@ class Journal:
 
     def write_slot(self, entry: Entry, body: bytes) -> bool:
         """Commit *entry* (its slot taken, body_offset set) with one write, flushed by the group
-        commit. False (slot given back) if it does not fit: commit it as files instead."""
+        commit. False if it does not fit (entry.slot None): commit it as files instead, and
+        give the slot back once that is done (given back before, it could be taken by another
+        version, and then given back again should the files fail)."""
         assert entry.slot is not None
         record = json.dumps(entry.record()).encode()
         if len(body) + len(record) > self.slots.capacity:
-            self.slots.give_back(entry.slot)
             entry.slot = None
             return False
         self.slots.write(entry.slot, entry.seq, entry.generation, body, record)

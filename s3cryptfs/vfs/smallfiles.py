@@ -100,14 +100,18 @@ async def _reply(pending: PendingGet, settings: StoreSettings) -> tuple[bytes, O
             token.run_sync_soon(arrived.set)
 
     pending.done.add_done_callback(wake)
-    with trio.move_on_after(settings.read_timeout + settings.connect_timeout):
-        await arrived.wait()
+    try:
+        with trio.move_on_after(settings.read_timeout + settings.connect_timeout):
+            await arrived.wait()
+    finally:
+        if not pending.done.done():  # (no reply in time, or the open was interrupted)
+            pending.abandon()
     if not pending.done.done():
-        pending.abandon()
         return None
     try:
         return pending.done.result()
-    except Exception:  # noqa: BLE001 - asked again the blocking way, which classifies
+    except Exception as exc:  # noqa: BLE001 - asked again the blocking way, which classifies
+        log.debug("a read sent from the event loop is sent again from a thread: %r", exc)
         return None
 
 

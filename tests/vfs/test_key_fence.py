@@ -45,6 +45,8 @@ def test_a_seal_that_began_before_a_refresh_holds_the_old_generation(
         driver.write_file("f.txt", b"k" * size)
     finally:
         setattr(codec, sealer, real)
+    on_loop = driver.fs.writes.counters["seals_on_event_loop"]
+    assert on_loop == (sealer == "seal_small_now"), on_loop  # the path meant was taken
     assert seen == [before]
     # Until then a retire that needs the new generation waited for this mount:
     waiting, _ = registry.blockers([record(seen[0], [])], "s3cryptfs-password", 1, before + 1)
