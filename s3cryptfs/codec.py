@@ -73,8 +73,9 @@ class SealedObject:
     cipher: BodyCipher  # to read the sealed body back before it is uploaded
 
 
-class WouldWait(S3CryptFSError):
-    """Work done without_waiting() reached something that waits on a server."""
+class WouldWait(Exception):
+    """Work done without_waiting() reached something that waits on a server (never shown to
+    anyone: the work is done again where waiting is allowed)."""
 
 
 @dataclass
@@ -211,7 +212,7 @@ class ObjectCodec:
         if not self._refresh_due(max_age):
             return
         if not self.may_wait():  # (came due since opens_now said it was not)
-            raise WouldWait("a descriptor re-read is due")
+            raise WouldWait()
         try:
             self.refresh()
         except Exception:  # noqa: BLE001 - S3 or a refused descriptor: go on with what we know
@@ -494,7 +495,7 @@ class ObjectCodec:
                 if self._refresh is None or not governed:
                     raise
                 if not self.may_wait():
-                    raise WouldWait("a descriptor re-read is needed") from None
+                    raise WouldWait() from None  # (a descriptor re-read would be)
                 # The rate limit must not hide a change made since the last read: the first
                 # time a provider/version is missing, re-read even within the interval.
                 seen = (envelope.provider, envelope.key_version)
@@ -542,7 +543,7 @@ class ObjectCodec:
             # server: the cached key opens_now counted on may have gone since)
             manager = self.ring.built(envelope.provider)
             if manager is None or not wraps_locally(manager):
-                raise WouldWait(f"{envelope.provider} may have to ask its server")
+                raise WouldWait()
         if manager is None:
             manager = self.ring.manager(envelope.provider)
         return self.kms_calls.timed(

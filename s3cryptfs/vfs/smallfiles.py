@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from s3cryptfs.cache.reader import Version
+from s3cryptfs.codec import WouldWait
 from s3cryptfs.errors import (
     IntegrityError,
     KeyNotFound,
@@ -279,7 +280,7 @@ class SmallFiles:
         try:
             version = self.version(key, ChildInfo(False, info.size, info.etag), info.metadata, 0)
             opened = self.fs.reader.open_whole(version, body)
-        except (S3CryptFSError, ValueError) as exc:
+        except (S3CryptFSError, ValueError, WouldWait) as exc:
             log.debug("%s: not read whole: %s", key, exc)
         return Whole(info, version, opened)
 
