@@ -31,14 +31,23 @@ class Fault:
     hits: int = 0
 
 
+@dataclass
+class _Hold:
+    op: str
+    key_part: str
+    gate: threading.Event
+    times: int | None  # calls still to be held; None = every one
+
+
 class FaultyStore(S3Store):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._faults: list[Fault] = []
-        self._holds: list[tuple[str, str, threading.Event]] = []
+        self._holds: list[_Hold] = []
         self._fault_lock = threading.Lock()
         self.calls: list[str] = []  # every operation attempted ("put vol/a.txt", ...)
         self.record = True  # (off for tests that measure memory)
+        self.arrived: list[str] = []  # operations that met a hold(), as they began to wait
 
     def fail(self, op: str = "", key_part: str = "", times: int | None = 1, **kw: Any) -> Fault:
         fault = Fault(op, key_part, times, **kw)
@@ -52,12 +61,13 @@ class FaultyStore(S3Store):
 
         return self.fail("put", key_part, 1, error=lambda w: PreconditionFailed(f"{w}: injected"))
 
-    def hold(self, op: str, key_part: str = "") -> threading.Event:
+    def hold(self, op: str, key_part: str = "", times: int | None = None) -> threading.Event:
         """Calls of *op* on keys with *key_part* wait until the returned event is set (an upload
-        held back in flight, neither failed nor done)."""
+        held back in flight, neither failed nor done); only the next *times* such calls, if
+        given. Each call that met the gate is in `arrived`, before it waits."""
         gate = threading.Event()
         with self._fault_lock:
-            self._holds.append((op, key_part, gate))
+            self._holds.append(_Hold(op, key_part, gate, times))
         return gate
 
     def heal(self) -> None:
@@ -83,8 +93,16 @@ class FaultyStore(S3Store):
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         def faulty() -> T:
             op, _, key = what.partition(" ")
+            gates = []
             with self._fault_lock:
-                gates = [g for o, k, g in self._holds if o == op and k in key]
+                for h in self._holds:
+                    if h.op != op or h.key_part not in key or h.times == 0:
+                        continue
+                    if h.times is not None:
+                        h.times -= 1
+                    gates.append(h.gate)
+                if gates:
+                    self.arrived.append(what)
             for gate in gates:
                 gate.wait()
             fault = self._pick(what)

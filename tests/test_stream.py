@@ -5,6 +5,7 @@ file as it was closed, encrypted, and no multipart upload is left behind."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -272,7 +273,7 @@ def test_unlink_while_streaming(mounted, s3client):
     assert listed.get("KeyCount", 0) == 0
 
 
-@pytest.mark.expect_log_errors(r"was changed by another writer")
+@pytest.mark.expect_log_errors(r"was changed by another writer", r"shared: not encrypted")
 def test_another_writer_during_the_stream_gets_a_conflict_copy(mounted, s3client):
     m, bucket = mounted.mountpoint, mounted.bucket
     data = os.urandom(2 * PART + MIB)
@@ -282,7 +283,12 @@ def test_another_writer_during_the_stream_gets_a_conflict_copy(mounted, s3client
     s3client.put_object(Bucket=bucket, Key="vol/shared", Body=b"theirs")  # another client
     write_in_steps(fd, data[2 * PART :])
     os.close(fd)
-    assert wait_state(m / "shared", {"clean", "conflict"}) in ("clean", "conflict")
+    # Ours lost: the name is the other client's object again here, a plaintext one, which
+    # this volume refuses (an error state, not a clean file over what S3 holds).
+    assert wait_state(m / "shared", {"clean", "conflict", "error"}) == "error"
+    with pytest.raises(OSError) as info:
+        (m / "shared").read_bytes()
+    assert info.value.errno == errno.EIO
     deadline = time.monotonic() + 30
     names: list[str] = []
     while time.monotonic() < deadline:

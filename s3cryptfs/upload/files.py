@@ -448,7 +448,10 @@ class WritePath(KeptClosed):
     # --- sealing -------------------------------------------------------------------------
 
     def base(self, f: Written) -> Base:
-        if self.uploader.pending_for(self.key(f)):
+        # A version that lost and is settling (saved_as set, its end under way) is no base:
+        # versions of its lineage follow it through w.diverted, and once that ended, a new
+        # open starts anew from what the name holds (end_divergence), not in its copy.
+        if any(e.saved_as is None for e in self.uploader.pending_for(self.key(f))):
             return CHAIN
         diverted = f.w.diverted
         if diverted is not None and diverted.saved_as:

@@ -53,6 +53,12 @@ class Versions:
             self._deleted_elsewhere(node)
             raise NoSuchEntry(f"{key} was deleted by another client") from None
         remote = node.remote
+        if remote is None or node.w.local is not None or node.w.staging is not None:
+            # Written here while S3 answered (another handle's truncating open): the file is
+            # what this mount wrote, whatever the answer says of the version before.
+            if got is not None:
+                self.fs.reader.forget(got.version)
+            return True
         changed = head.etag != remote.etag
         if got is not None and got.info.etag == head.etag:
             # What a scan fetched ahead is still the object: it becomes the node's version.
@@ -99,19 +105,34 @@ class Versions:
 
     async def conflicted(self, node: Node, entry: Entry) -> None:
         """This mount's version went to a conflict copy: the name is the other writer's."""
-        node.error = str(entry.error)
+        error = node.error = str(entry.error)
         self.fs.unsynced.discard(node)
+        known = node.remote
         try:
             head = await self.fs._thread(self.fs.store.head, entry.key)
         except ObjectNotFound:
-            # The other writer deleted it: so is it here (ours is in the copy).
-            self._deleted_elsewhere(node)
-            node.error = None
-            return
+            head = None
         except S3CryptFSError:
             return  # node.error says why reads fail, until an open finds the new version
-        self.fs._replace_remote(node, head)
+        if self._moved_on(node, known):
+            # Opened, written or looked at anew while S3 answered: what that open found is
+            # newer than this answer, and a version written since is the file's now.
+            if node.error == error:
+                node.error = None
+            return
         node.error = None
+        if head is None:
+            self._deleted_elsewhere(node)  # the other writer deleted it (ours is in the copy)
+        else:
+            self.fs._replace_remote(node, head)
+
+    @staticmethod
+    def _moved_on(node: Node, known: ChildInfo | None) -> bool:
+        """Whether *node* changed here since its version in S3 was *known*: an answer about
+        that version from a request begun then is stale."""
+        return (
+            node.remote is not known or node.writers > 0 or node.w.busy or node.unlinked
+        )
 
     def _as_new(self, node: Node) -> None:
         """No version in S3 any more: the next upload creates it (If-None-Match)."""

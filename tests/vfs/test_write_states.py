@@ -134,6 +134,41 @@ def test_versions_closed_after_a_conflict_follow_it_to_the_copy(driver: CoreDriv
     assert driver.read_file("s.txt") == b"the other writer's version"
 
 
+def test_a_file_rewritten_while_its_conflict_settles_keeps_what_was_closed(
+    driver: CoreDriver,
+) -> None:
+    """A version lost to another machine, which deleted the file; once nobody writes it here,
+    the mount asks S3 what the name holds now. A shell writing the file again meanwhile (open
+    with O_TRUNC, flush of the empty file, write, close) starts a new version from its own open:
+    the late answer about the old one must not unlink the file under it (the closed content
+    would go nowhere, and the empty flush be uploaded alone)."""
+    store = driver.core.store
+    driver.write_file("d.txt", b"first")
+    wait_for(lambda: in_s3(driver, "d.txt"), what="the first version")
+    node = driver._lookup("d.txt")
+    copy_gate = store.hold("put", "d.txt.conflict-")
+    fh = driver.open("d.txt", os.O_WRONLY | os.O_TRUNC)
+    driver.write_at(fh, 0, b"ours, which loses")
+    store.delete("vol/d.txt")  # another machine deletes it
+    driver.close(fh)
+    wait_for(lambda: any("conflict-" in c for c in store.arrived), what="the conflict copy")
+    head_gate = store.hold("head", "vol/d.txt", times=1)  # the mount's look at the name after
+    copy_gate.set()
+    wait_for(lambda: "head vol/d.txt" in store.arrived, what="the look at the name")
+    # The shell, while that answer is on its way:
+    fh = driver.open("d.txt", os.O_WRONLY | os.O_TRUNC)
+    driver._run(driver.fs.flush, fh)
+    head_gate.set()
+    wait_for(lambda: driver.fs.uploader.conflicts == 1 and not node.error, what="the answer")
+    driver.write_at(fh, 0, b"written again")
+    driver.close(fh)
+    wait_for(lambda: not driver.fs.uploader.pending, what="the uploads")
+    contents = {k.removeprefix("vol/"): driver.read_file(k.removeprefix("vol/"))
+                for k in keys_in_s3(driver)}
+    assert contents.get("d.txt") == b"written again", contents
+    assert sorted(contents.values()) == [b"ours, which loses", b"written again"], contents
+
+
 def test_a_rename_that_waited_for_an_upload_lost_to_a_delete_elsewhere_says_enoent(
     driver: CoreDriver,
 ) -> None:
