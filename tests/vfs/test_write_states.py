@@ -20,7 +20,7 @@ from s3cryptfs.format import metadata as md
 from s3cryptfs.upload.journal import Entry, Upload
 from s3cryptfs.upload.state import FileWrite, Staged
 from s3cryptfs.upload.stream import PHASES, Phase
-from tests.vfs.harness import CoreDriver
+from tests.vfs.harness import CoreDriver, CoreFs
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
@@ -167,6 +167,33 @@ def test_a_file_rewritten_while_its_conflict_settles_keeps_what_was_closed(
                 for k in keys_in_s3(driver)}
     assert contents.get("d.txt") == b"written again", contents
     assert sorted(contents.values()) == [b"ours, which loses", b"written again"], contents
+
+
+def test_a_late_listing_head_does_not_move_the_base_of_a_file_being_written(
+    core: CoreFs, driver: CoreDriver, seaweed, bucket, tmp_path
+) -> None:
+    """A listing's HEAD of a file answers after the file was opened for writing here, and
+    tells of a version another machine stored since that open: what this mount closes next
+    is still based on the version its open found, so it becomes a conflict copy instead of
+    replacing the other machine's version unseen."""
+    driver.write_file("h.txt", b"first")
+    wait_for(lambda: in_s3(driver, "h.txt"), what="the first version")
+    node = driver._lookup("h.txt")
+    fh = driver.open("h.txt", os.O_WRONLY)
+    other = CoreFs(seaweed, bucket, tmp_path / "other").start()
+    try:
+        CoreDriver(other).write_file("h.txt", b"the other machine's")
+        other.call(other.fs.drain, 5.0)
+    finally:
+        other.stop(drain=False)
+    driver._run(driver.fs.listing.head_metadata, node)  # (as a HEAD begun before the open)
+    driver.write_at(fh, 0, b"ours")
+    driver.close(fh)
+    wait_for(lambda: not driver.fs.uploader.pending, what="the upload")
+    contents = {k.removeprefix("vol/"): driver.read_file(k.removeprefix("vol/"))
+                for k in keys_in_s3(driver)}
+    assert contents.pop("h.txt") == b"the other machine's"
+    assert list(contents.values()) == [b"ourst"], contents  # (written over "first")
 
 
 def test_a_rename_that_waited_for_an_upload_lost_to_a_delete_elsewhere_says_enoent(
