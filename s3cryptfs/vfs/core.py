@@ -408,6 +408,7 @@ class Filesystem:
             self.reader.forget(node.version)
         node.set_remote(ChildInfo(False, info.size, info.etag), info.metadata)
         node.size = self.codec.plain_size_or_none(info.size, info.metadata) or 0
+        node.error = None  # (what was wrong with the version before; this one's: below)
         if not node.w.busy:
             node.xattrs = None  # another version: its own, read when asked for
         if info.metadata is not None:

@@ -29,14 +29,21 @@ class Versions:
         *recreate*: if another machine deleted it, the file becomes a new one here (an open
         that truncates needs none of the old content; its version is created with
         If-None-Match, so a file made there meanwhile wins and this one becomes a copy)."""
-        if node.w.local is not None or node.w.staging is not None or node.remote is None:
+        if node.w.local is not None or node.w.staging is not None:
+            return True
+        # No version in S3 known here: a file made here. Unless its version just lost to
+        # another machine's (node.error, until Versions.conflicted has asked what the name
+        # holds): then this open asks, rather than fail for the version that lost.
+        unknown = node.remote is None
+        if unknown and not node.error:
             return True
         key = self.fs.key(node.path)
         small = self.fs.small
         got = await small.take(key)
         whole: Whole | None = None
         try:
-            if got is not None and got.info.etag == node.remote.etag and small.trusted(got):
+            known = node.remote
+            if got is not None and known and got.info.etag == known.etag and small.trusted(got):
                 head = got.info  # fetched ahead within --file-cache-ttl: no request
             elif got is None and small.whole(node) and not small.cached(node):
                 try:
@@ -53,13 +60,14 @@ class Versions:
             self._deleted_elsewhere(node)
             raise NoSuchEntry(f"{key} was deleted by another client") from None
         remote = node.remote
-        if remote is None or node.w.local is not None or node.w.staging is not None:
+        made_here = remote is None and not unknown
+        if made_here or node.w.local is not None or node.w.staging is not None:
             # Written here while S3 answered (another handle's truncating open): the file is
             # what this mount wrote, whatever the answer says of the version before.
             if got is not None:
                 self.fs.reader.forget(got.version)
             return True
-        changed = head.etag != remote.etag
+        changed = remote is None or head.etag != remote.etag
         if got is not None and got.info.etag == head.etag:
             # What a scan fetched ahead is still the object: it becomes the node's version.
             if changed or node.metadata is None:
@@ -140,6 +148,7 @@ class Versions:
             self.fs.reader.forget(node.version)
         node.remote = None
         node.size = 0
+        node.error = None  # (of the version before)
         if node.xattrs is None:
             node.xattrs = {}  # (their version is gone)
         self.fs.unsynced.add(node)

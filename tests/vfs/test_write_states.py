@@ -169,6 +169,44 @@ def test_a_file_rewritten_while_its_conflict_settles_keeps_what_was_closed(
     assert sorted(contents.values()) == [b"ours, which loses", b"written again"], contents
 
 
+@pytest.mark.parametrize("made_here", [False, True], ids=["in-s3-before", "made-here"])
+def test_a_file_read_while_its_lost_version_settles_is_the_winner(
+    core: CoreFs, driver: CoreDriver, seaweed, bucket, tmp_path, made_here: bool
+) -> None:
+    """An open for reading right after this mount's version lost to another machine's, while
+    the mount is still asking S3 what the name holds: the open's own look finds the winner,
+    and reads it (not EIO for the version that lost). *made_here*: the file was created on
+    this mount and never in S3 (no version of it known), and another machine created the
+    name first."""
+    store = driver.core.store
+    if made_here:
+        root = driver._lookup("")
+        fh = driver._run(driver.fs.create, root.ino, "w.txt", 0o100644, os.getuid(), 0).fh
+    else:
+        driver.write_file("w.txt", b"first")
+        wait_for(lambda: in_s3(driver, "w.txt"), what="the first version")
+        fh = driver.open("w.txt", os.O_WRONLY | os.O_TRUNC)
+    driver.write_at(fh, 0, b"ours, which loses")
+    other = CoreFs(seaweed, bucket, tmp_path / "other").start()
+    try:
+        CoreDriver(other).write_file("w.txt", b"the winner")
+        other.call(other.fs.drain, 5.0)
+    finally:
+        other.stop(drain=False)
+    copy_gate = store.hold("put", "w.txt.conflict-")
+    driver.close(fh)
+    wait_for(lambda: any("conflict-" in c for c in store.arrived), what="the conflict copy")
+    head_gate = store.hold("head", "vol/w.txt", times=1)  # the mount's look at the name after
+    copy_gate.set()
+    wait_for(lambda: "head vol/w.txt" in store.arrived, what="the look at the name")
+    try:
+        assert driver.read_file("w.txt") == b"the winner"
+    finally:
+        head_gate.set()
+    wait_for(lambda: not driver.fs.uploader.pending, what="the copy")
+    assert driver.read_file("w.txt") == b"the winner"
+
+
 def test_a_late_listing_head_does_not_move_the_base_of_a_file_being_written(
     core: CoreFs, driver: CoreDriver, seaweed, bucket, tmp_path
 ) -> None:
