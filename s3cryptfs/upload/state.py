@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -152,3 +152,33 @@ def trouble_kind(why: str) -> str:
 def posix_attrs(f: Written) -> md.PosixAttrs:
     return md.PosixAttrs(f.mode, f.uid, f.gid, f.mtime_ns, atime_ns=f.atime_ns)
 
+
+
+class Renames:
+    """Files being renamed. A commit takes the file's key when it begins: one begun while the
+    name changes would seal its version under the old name, to be uploaded there after the
+    rename deleted it. So a commit under way ends before a rename looks at the file's
+    versions, and none begins until the file has its new name; the renaming task's own
+    commits (a rename seals what was written first) go through."""
+
+    def __init__(self) -> None:
+        self._by_file: dict[object, tuple[trio.Event, object]] = {}
+
+    @contextlib.asynccontextmanager
+    async def renaming(self, f: object, lock: trio.Lock) -> AsyncIterator[None]:
+        done = trio.Event()
+        self._by_file[f] = (done, trio.lowlevel.current_task())
+        try:
+            async with lock:  # (a commit holds the file's lock from its start to its end)
+                pass
+            yield
+        finally:
+            del self._by_file[f]
+            done.set()
+
+    async def wait(self, f: object) -> None:
+        while (held := self._by_file.get(f)) is not None:
+            done, renamer = held
+            if renamer is trio.lowlevel.current_task():
+                return
+            await done.wait()

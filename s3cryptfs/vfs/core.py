@@ -458,6 +458,18 @@ class Filesystem:
 
     # --- opening and writing ------------------------------------------------------------
 
+    def _unless_deleted(self, node: Node, truncating: bool) -> None:
+        if not node.unlinked:
+            return
+        if truncating and node.deleted_elsewhere and self.nodes.at(node.path) is None:
+            # Another machine deleted it; truncating needs none of its content: the file
+            # is a new one here (uploaded with If-None-Match), as after Versions.revalidate.
+            self.versions.reattach(node)
+            return
+        # The kernel looks the name up again and finds what is there now. Opened as it is,
+        # what is written to it would go nowhere.
+        raise StaleEntry(f"{self.key(node.path)} was deleted by another client")
+
     async def open(self, ino: int, flags: int) -> tuple[Handle, bool]:
         """Returns the handle and whether the kernel may keep its page cache."""
         node = self.node(ino)
@@ -467,19 +479,14 @@ class Filesystem:
         if writable:
             self._writable()
         truncating = writable and bool(flags & os.O_TRUNC)
-        if node.unlinked:
-            if truncating and node.deleted_elsewhere and self.nodes.at(node.path) is None:
-                # Another machine deleted it; truncating needs none of its content: the file
-                # is a new one here (uploaded with If-None-Match), as after Versions.revalidate.
-                self.versions.reattach(node)
-            else:
-                # The kernel looks the name up again and finds what is there now. Opened as
-                # it is, what is written to it would go nowhere.
-                raise StaleEntry(f"{self.key(node.path)} was deleted by another client")
+        self._unless_deleted(node, truncating)
         try:
             keep = await self.versions.revalidate(node, recreate=truncating)
         except NoSuchEntry as exc:
             raise StaleEntry(str(exc)) from None
+        if node.unlinked:  # found deleted meanwhile, by another open's look at S3
+            self._unless_deleted(node, truncating)
+            keep = False
         if node.error and node.w.local is None and node.w.staging is None and not writable:
             raise IntegrityError(f"{self.key(node.path)}: {node.error}")
         if not writable:

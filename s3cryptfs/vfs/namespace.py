@@ -249,11 +249,41 @@ class Namespace:
             await self.fs.writes.drop_stream(target, "replaced")
             if not target.is_dir:
                 await self._keep_open_content(target)
-        moved = None
-        if node.is_dir:
-            await self._rename_dir(node, new_path, target)
-        else:
-            moved = await self._rename_file(node, new_path, target)
+        async with contextlib.AsyncExitStack() as stack:
+            if node.is_dir:
+                await self._rename_dir(node, new_path, target)
+                moved = None
+            else:
+                # No close seals the file under its old name meanwhile (upload/state.py).
+                await stack.enter_async_context(self.fs.writes.renames.renaming(node, node.lock))
+                moved = await self._rename_file(node, new_path, target)
+            await self._move_node(node, new_path, src_parent, old_name, target, moved)
+        self.fs.listing.add(
+            dst_parent,
+            new_name,
+            ChildInfo(
+                node.is_dir,
+                node.remote.body_size if node.remote else 0,
+                node.remote.etag if node.remote else "",
+            ),
+        )
+        now = now_ns()
+        self.fs.listing.entries_changed(src_parent, now)
+        if dst_parent is not src_parent:
+            self.fs.listing.entries_changed(dst_parent, now)
+        node.ctime_ns = now
+        self.fs.listing.note_gone(src_parent.path, old_name)
+        self.fs.listing.note(node)
+
+    async def _move_node(
+        self,
+        node: Node,
+        new_path: str,
+        src_parent: Node,
+        old_name: str,
+        target: Node | None,
+        moved: Entry | None,
+    ) -> None:
         if node.unlinked:
             # Another machine deleted it while the rename waited for its upload, which lost
             # to that delete and went to a conflict copy (Versions.conflicted). There is
@@ -271,22 +301,6 @@ class Namespace:
             if moved is not None:
                 # Sent from now on: when it lands, its key names the node (Versions.uploaded).
                 self.fs.uploader.release(moved)
-        self.fs.listing.add(
-            dst_parent,
-            new_name,
-            ChildInfo(
-                node.is_dir,
-                node.remote.body_size if node.remote else 0,
-                node.remote.etag if node.remote else "",
-            ),
-        )
-        now = now_ns()
-        self.fs.listing.entries_changed(src_parent, now)
-        if dst_parent is not src_parent:
-            self.fs.listing.entries_changed(dst_parent, now)
-        node.ctime_ns = now
-        self.fs.listing.note_gone(src_parent.path, old_name)
-        self.fs.listing.note(node)
 
     async def _rename_file(
         self,

@@ -25,8 +25,19 @@ class Versions:
 
     async def revalidate(self, node: Node, recreate: bool = False) -> bool:
         """Before opening: is the object still what we cached? Returns True if unchanged.
+        Asked again under the new name when this mount renamed the file while S3 answered
+        (not found under the old one: that says nothing of the file)."""
+        for _ in range(3):
+            path = node.path
+            try:
+                return await self._revalidate(node, recreate)
+            except NoSuchEntry:
+                if node.path == path:
+                    raise
+        return await self._revalidate(node, recreate)
 
-        *recreate*: if another machine deleted it, the file becomes a new one here (an open
+    async def _revalidate(self, node: Node, recreate: bool) -> bool:
+        """*recreate*: if another machine deleted it, the file becomes a new one here (an open
         that truncates needs none of the old content; its version is created with
         If-None-Match, so a file made there meanwhile wins and this one becomes a copy)."""
         if node.w.local is not None or node.w.staging is not None:
@@ -54,6 +65,8 @@ class Versions:
             else:
                 head = await self.fs._thread(self.fs.store.head, key)
         except ObjectNotFound:
+            if self.fs.key(node.path) != key:
+                raise NoSuchEntry() from None  # renamed here meanwhile: revalidate asks again
             if recreate:
                 self._as_new(node)
                 return False

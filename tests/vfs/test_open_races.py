@@ -1,0 +1,173 @@
+"""Requests on one file that overlap in the mount (two processes, or a process and the
+mount's own background work): an answer S3 gives one of them must not undo what another did
+meanwhile. Each test holds one request at a chosen S3 call (FaultyStore.hold) while another
+runs, then lets it go."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from s3cryptfs.errors import S3CryptFSError
+from tests.vfs.harness import CoreDriver
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {predicate}")
+
+
+def keys_in_s3(driver: CoreDriver, prefix: str = "vol/") -> list[str]:
+    client = driver.core.store._client
+    found = client.list_objects_v2(Bucket=driver.core.url.bucket, Prefix=prefix)
+    return sorted(o["Key"] for o in found.get("Contents", []) if "/.s3cryptfs/" not in o["Key"])
+
+
+async def _until_arrived(store: Any, what: str) -> None:
+    await trio.to_thread.run_sync(wait_for, lambda: what in store.arrived)
+
+
+def test_a_truncating_open_that_meets_a_delete_found_by_another_open_keeps_its_data(
+    driver: CoreDriver,
+) -> None:
+    """`echo new > t` and `cat t` open a file another machine deleted: the reader's look
+    finds it gone while the writer's is out. The writer's open makes the file anew (as when
+    its own look finds it gone), and what it writes and closes reaches S3."""
+    fs, store = driver.fs, driver.core.store
+    driver.write_file("t.bin", os.urandom(1_500_000))
+    wait_for(lambda: not fs.uploader.pending)
+    node = driver._lookup("t.bin")
+    store.delete("vol/t.bin")  # another machine
+    gate = store.hold("head", "vol/t.bin", times=1)
+    out: dict[str, Any] = {}
+
+    async def scenario() -> None:
+        async def writer() -> None:
+            out["w"] = (await fs.open(node.ino, os.O_WRONLY | os.O_TRUNC))[0]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            await _until_arrived(store, "head vol/t.bin")
+            try:
+                await fs.open(node.ino, os.O_RDONLY)
+            except S3CryptFSError as exc:
+                out["r"] = exc
+            gate.set()
+
+    driver.core.call(scenario)
+    assert isinstance(out.get("r"), S3CryptFSError)  # the reader: the file is gone
+    driver.write_at(out["w"].fh, 0, b"new content")
+    driver.close(out["w"].fh)
+    wait_for(lambda: not fs.uploader.pending)
+    assert keys_in_s3(driver) == ["vol/t.bin"]
+    assert driver.read_file("t.bin") == b"new content"
+
+
+def test_an_open_whose_look_was_out_during_a_rename_keeps_the_renamed_file(
+    driver: CoreDriver,
+) -> None:
+    """An open asks S3 for a file while `mv src dst` renames it: not found under the old name
+    says nothing of the file, which is at dst; the open asks there. Neither that open, nor a
+    writer that had the file open before, loses it."""
+    fs, store = driver.fs, driver.core.store
+    data = os.urandom(1_500_000)  # over the size fetched whole: the open HEADs
+    driver.write_file("src.bin", data)
+    wait_for(lambda: not fs.uploader.pending)
+    node = driver._lookup("src.bin")
+    writer = driver.open("src.bin", os.O_WRONLY)  # a log writer, nothing written yet
+    gate = store.hold("head", "vol/src.bin", times=1)
+    out: dict[str, Any] = {}
+
+    async def scenario() -> None:
+        async def opener() -> None:
+            try:
+                out["open"] = (await fs.open(node.ino, os.O_RDONLY))[0]
+            except S3CryptFSError as exc:
+                out["open"] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(opener)
+            await _until_arrived(store, "head vol/src.bin")
+            await fs.rename(1, "src.bin", 1, "dst.bin", 0)
+            gate.set()
+
+    driver.core.call(scenario)
+    assert not isinstance(out["open"], Exception), out["open"]
+    driver.core.call(fs.release, out["open"].fh)
+    assert not node.unlinked and node.path == "dst.bin"
+    assert driver.read_file("dst.bin") == data
+    driver.write_at(writer, 0, b"APPENDED")
+    driver.close(writer)
+    wait_for(lambda: not fs.uploader.pending)
+    assert keys_in_s3(driver) == ["vol/dst.bin"]
+    assert driver.read_file("dst.bin") == b"APPENDED" + data[8:]
+
+
+def _hold_seals(driver: CoreDriver) -> tuple[threading.Event, threading.Event]:
+    """Hold the next seal in its worker thread: (started, go)."""
+    writes = driver.fs.writes
+    started, go = threading.Event(), threading.Event()
+    seal = writes._commit_sealed
+
+    def held(*args: Any) -> Any:
+        started.set()
+        go.wait(30)
+        return seal(*args)
+
+    writes._commit_sealed = held  # type: ignore[method-assign]
+    return started, go
+
+
+def _close_during_rename(driver: CoreDriver, fh: int) -> None:
+    """The file's close (FLUSH) is sealing in a worker thread when `mv a.bin b.bin` comes."""
+    fs = driver.fs
+    started, go = _hold_seals(driver)
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.flush, fh)
+            await trio.to_thread.run_sync(started.wait, 30)
+            nursery.start_soon(fs.rename, 1, "a.bin", 1, "b.bin", 0)
+            await trio.sleep(0.3)
+            go.set()
+        await fs.release(fh)
+
+    driver.core.call(scenario)
+
+
+def test_a_rename_during_the_close_of_a_new_file_moves_what_was_closed(
+    driver: CoreDriver,
+) -> None:
+    fs = driver.fs
+    data = os.urandom(200_000)  # sealed in a worker thread
+    fh = driver.core.call(fs.create, 1, "a.bin", 0o100644, os.getuid(), 0).fh
+    driver.write_at(fh, 0, data)
+    _close_during_rename(driver, fh)
+    wait_for(lambda: not fs.uploader.pending)
+    assert keys_in_s3(driver) == ["vol/b.bin"]
+    assert driver.read_file("b.bin") == data
+
+
+def test_a_rename_during_the_close_of_a_rewritten_file_moves_what_was_closed(
+    driver: CoreDriver,
+) -> None:
+    fs = driver.fs
+    driver.write_file("a.bin", b"old " * 50_000)
+    wait_for(lambda: not fs.uploader.pending)
+    fh = driver.open("a.bin", os.O_RDWR | os.O_TRUNC)
+    new = os.urandom(200_000)
+    driver.write_at(fh, 0, new)
+    _close_during_rename(driver, fh)
+    wait_for(lambda: not fs.uploader.pending)
+    assert keys_in_s3(driver) == ["vol/b.bin"]
+    assert driver.read_file("b.bin") == new
+    assert fs.uploader.conflicts == 0
