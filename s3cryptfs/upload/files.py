@@ -450,9 +450,8 @@ class WritePath(KeptClosed):
     # --- sealing -------------------------------------------------------------------------
 
     def base(self, f: Written) -> Base:
-        # A version that lost and is settling (saved_as set, its end under way) is no base:
-        # versions of its lineage follow it through w.diverted, and once that ended, a new
-        # open starts anew from what the name holds (end_divergence), not in its copy.
+        # A version that lost and is settling (saved_as set) is no base: its lineage follows
+        # it through w.diverted, and a new open starts from what the name holds.
         if any(e.saved_as is None for e in self.uploader.pending_for(self.key(f))):
             return CHAIN
         diverted = f.w.diverted
@@ -566,7 +565,10 @@ class WritePath(KeptClosed):
             if self.closed_pending.pop(f, None) is not None:  # kept, recorded or not
                 w.why = None
                 log.info("%s: sealed for upload after all", key)
-            w._to(Staged.CLEAN if w.writes == writes else Staged.DIRTY)
+            # A chmod or setxattr meanwhile left its change to this commit (Xattrs.persist),
+            # which had taken them before: the next one carries it.
+            moved = posix_attrs(f) != attrs or (f.xattrs is not None and f.xattrs != xattrs)
+            w._to(Staged.CLEAN if w.writes == writes and not moved else Staged.DIRTY)
             self._install(f, entry, sealed)
             # Streamed: mostly in S3 already, and a wait could only have it resent whole.
             delay = 0.0 if entry.stream is not None else self.settings.upload_delay

@@ -153,7 +153,6 @@ def posix_attrs(f: Written) -> md.PosixAttrs:
     return md.PosixAttrs(f.mode, f.uid, f.gid, f.mtime_ns, atime_ns=f.atime_ns)
 
 
-
 class Renames:
     """Files being renamed. A commit takes the file's key when it begins: one begun while the
     name changes would seal its version under the old name, to be uploaded there after the

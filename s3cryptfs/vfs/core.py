@@ -326,7 +326,7 @@ class Filesystem:
         elif isinstance(info, ChildInfo) and info.attrs is not None:
             node.apply_attrs(info.attrs)
             node.attrs_known = not md.is_device(node.mode)  # rdev: in its metadata
-        return self.nodes.add(node)
+        return self.nodes.add_found(node)
 
     def _dir_node(self, path: str, mtime_ns: int = 0, attrs: IndexEntry | None = None) -> Node:
         if attrs is not None and not attrs.is_dir:
@@ -345,7 +345,7 @@ class Filesystem:
         if attrs is not None:
             node.apply_attrs(attrs)
             node.xattrs = decoded(attrs.xattrs)
-        return self.nodes.add(node)
+        return self.nodes.add_found(node)
 
     def _apply_metadata(self, node: Node, meta: dict[str, str]) -> None:
         assert node.remote is not None

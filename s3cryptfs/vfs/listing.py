@@ -351,12 +351,12 @@ class Listings:
         its index entry, if it has one."""
         if node.remote is None:
             return None  # removed while the HEAD was out
-        if node.writers or node.holds_local:
-            # Opened for writing while the HEAD was out: the version that open found is the
-            # one its next upload is based on (If-Match), and must stay so: based on a newer
-            # one, it would replace another machine's version instead of becoming a copy.
-            return None
         if head.etag != node.remote.etag:
+            if node.writers or node.holds_local:
+                # Opened for writing while the HEAD was out: the version that open found is
+                # the one its next upload is based on (If-Match), and must stay so: based on
+                # a newer one, it would replace another machine's version, not become a copy.
+                return None
             self.fs._replace_remote(node, head)
         self.fs._apply_metadata(node, head.metadata or {})
         await self.companion_size(node)

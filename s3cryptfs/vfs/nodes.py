@@ -531,6 +531,15 @@ class NodeTable:
         self.by_path[node.path] = node
         return node
 
+    def add_found(self, node: Node) -> Node:
+        """*node*, made from what S3 or a listing said (answers awaited), unless another
+        request made a node of that kind for the path meanwhile: that one is the file. Two
+        inodes for one path would split its versions (an upload landing on the other)."""
+        known = self.by_path.get(node.path)
+        if known is not None and known.is_dir == node.is_dir:
+            return known
+        return self.add(node)
+
     def new_ino(self) -> int:
         ino = self._next
         self._next += 1

@@ -29,6 +29,7 @@ from s3cryptfs.errors import (
     IntegrityError,
     InvalidRequest,
     NoAttribute,
+    NoSuchEntry,
     NotPermitted,
     NotSupported,
     strip_subject,
@@ -220,6 +221,15 @@ class Xattrs:
             node.mode, node.uid, node.gid, node.mtime_ns, node.mode_set_here = wanted
             if xattrs_changed:
                 node.xattrs = xattrs
+            if node.metadata is None:
+                # Gone, or another version than the one this mount writes from: a copy would
+                # lose the envelope. A file written here carries them in its next version.
+                if node.w.staging is None:
+                    raise NoSuchEntry(f"{key} is not in S3")
+                node.w.dirtied()
+                if node.writers == 0:
+                    await fs.writes.seal_closed(node, tell=True)
+                return
         remote = node.remote
         assert remote is not None
         meta = await self._new_metadata(node, node.metadata or {}, xattrs_changed)

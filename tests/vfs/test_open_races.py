@@ -171,3 +171,75 @@ def test_a_rename_during_the_close_of_a_rewritten_file_moves_what_was_closed(
     assert keys_in_s3(driver) == ["vol/b.bin"]
     assert driver.read_file("b.bin") == new
     assert fs.uploader.conflicts == 0
+
+
+def test_a_chmod_during_a_close_is_in_s3_after_it(driver: CoreDriver) -> None:
+    """`chmod 600` from another process while the file's close is sealing: the change, left
+    to that commit (which had taken the attributes already), is in the next version."""
+    fs = driver.fs
+    fh = driver.core.call(fs.create, 1, "m.bin", 0o100644, os.getuid(), 0).fh
+    driver.write_at(fh, 0, os.urandom(200_000))
+    node = fs.nodes.at("m.bin")
+    assert node is not None
+    started, go = _hold_seals(driver)
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.flush, fh)
+            await trio.to_thread.run_sync(started.wait, 30)
+            await fs.setattr(node.ino, None, mode=0o600)
+            go.set()
+        await fs.release(fh)
+
+    driver.core.call(scenario)
+    wait_for(lambda: not fs.uploader.pending)
+    client = driver.core.store._client
+    meta = client.head_object(Bucket=driver.core.url.bucket, Key="vol/m.bin")["Metadata"]
+    assert meta.get("s3cryptfs-mode") == "100600"
+    assert fs.state_of(node) == "clean"
+
+
+def test_a_lookup_answered_after_a_readdir_made_the_file_gives_the_same_inode(
+    driver: CoreDriver,
+) -> None:
+    """`stat x` and `ls` in a directory not listed yet: the lookup's HEAD answers after the
+    readdir made the file's node. Both give the kernel the same inode, and writes through it
+    land as one file's versions (never a conflict copy of itself)."""
+    fs, store = driver.fs, driver.core.store
+    driver.write_file("x.txt", b"v1")
+    wait_for(lambda: not fs.uploader.pending)
+    old = fs.nodes.at("x.txt")
+    assert old is not None
+    fs.nodes.detach(old)  # as after the kernel's FORGET
+    fs.nodes.by_ino.pop(old.ino)
+    root = fs.node(1)
+    root.listing = None
+
+    async def not_small(parent: Any) -> bool:
+        return False  # a wide directory, whose lookups HEAD the name
+
+    fs.listing._small = not_small  # type: ignore[method-assign]
+    gate = store.hold("head", "vol/x.txt", times=1)
+    out: dict[str, Any] = {}
+
+    async def scenario() -> None:
+        async def lookup() -> None:
+            out["lookup"] = await fs.lookup(1, "x.txt")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lookup)
+            await _until_arrived(store, "head vol/x.txt")
+            out["readdir"] = dict(await fs.readdir(1))["x.txt"]
+            gate.set()
+
+    driver.core.call(scenario)
+    assert out["lookup"] is out["readdir"]
+    node = out["readdir"]
+    for data in (b"v2", b"v3"):
+        handle, _ = driver.core.call(fs.open, node.ino, os.O_WRONLY | os.O_TRUNC)
+        driver.write_at(handle.fh, 0, data)
+        driver.close(handle.fh)
+        wait_for(lambda: not fs.uploader.pending)
+    assert fs.uploader.conflicts == 0
+    assert keys_in_s3(driver) == ["vol/x.txt"]
+    assert driver.read_file("x.txt") == b"v3"
