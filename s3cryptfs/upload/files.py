@@ -38,7 +38,7 @@ from s3cryptfs.upload import closed as closed_files
 from s3cryptfs.upload.journal import ABSENT, CHAIN, FOLLOW, Base, Entry, Journal
 from s3cryptfs.upload.keep import KeptClosed
 from s3cryptfs.upload.state import (
-    Renames,
+    NameChanges,
     Staged,
     Staging,
     Written,
@@ -121,7 +121,7 @@ class WritePath(KeptClosed):
         self.streams: set[Stream] = set()
         self.stream_limiter = trio.CapacityLimiter(store.settings.part_concurrency)
         self.closed_pending: dict[Any, str] = {}  # file -> why it is kept as closed
-        self.renames = Renames()
+        self.names = NameChanges()
         self.unrecorded: set[Any] = set()  # of those, the ones whose record is not written
         self._closed_kick = trio.Event()
         self._closed_at_start: list[tuple[str, closed_files.ClosedRecord]] = []
@@ -464,7 +464,7 @@ class WritePath(KeptClosed):
 
     async def commit(self, f: Written) -> Entry | None:
         """Seal the file's write-back file into the journal and queue the upload."""
-        await self.renames.wait(f)
+        await self.names.wait(f)
         with self.codec.fence():  # its key is in no hold until the upload is queued
             return await self._commit(f)
 

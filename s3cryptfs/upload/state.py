@@ -153,19 +153,21 @@ def posix_attrs(f: Written) -> md.PosixAttrs:
     return md.PosixAttrs(f.mode, f.uid, f.gid, f.mtime_ns, atime_ns=f.atime_ns)
 
 
-class Renames:
-    """Files being renamed. A commit takes the file's key when it begins: one begun while the
-    name changes would seal its version under the old name, to be uploaded there after the
-    rename deleted it. So a commit under way ends before a rename looks at the file's
-    versions, and none begins until the file has its new name; the renaming task's own
+class NameChanges:
+    """Files being renamed or deleted. A commit takes the file's key when it begins: one
+    begun while the name changes would seal its version under the old name, to be uploaded
+    there after the rename or the delete removed it (the file back). So a commit under way
+    ends before the name changes, and none begins until it has; the changing task's own
     commits (a rename seals what was written first) go through."""
 
     def __init__(self) -> None:
         self._by_file: dict[object, tuple[trio.Event, object]] = {}
 
     @contextlib.asynccontextmanager
-    async def renaming(self, f: object, lock: trio.Lock) -> AsyncIterator[None]:
+    async def changing(self, f: object, lock: trio.Lock) -> AsyncIterator[None]:
         done = trio.Event()
+        while f in self._by_file:  # (the kernel holds the name's lock: not in practice)
+            await self._by_file[f][0].wait()
         self._by_file[f] = (done, trio.lowlevel.current_task())
         try:
             async with lock:  # (a commit holds the file's lock from its start to its end)
@@ -177,7 +179,7 @@ class Renames:
 
     async def wait(self, f: object) -> None:
         while (held := self._by_file.get(f)) is not None:
-            done, renamer = held
-            if renamer is trio.lowlevel.current_task():
+            done, changer = held
+            if changer is trio.lowlevel.current_task():
                 return
             await done.wait()

@@ -163,12 +163,14 @@ class Namespace:
         if node.is_dir:
             raise IsDirectory()
         key = self.fs.key(node.path)
-        await self.fs.writes.drop_stream(node, "unlinked")
-        await self._keep_open_content(node)
-        self.fs.uploader.cancel(key)
-        await self.fs.writes.forget_closed(node)  # before waiting: a crash must not revive it
-        await self.fs.uploader.wait_all(self.fs.uploader.pending_for(key))
-        await self._orphan(node)
+        # No close seals the file meanwhile: its version would be uploaded after the delete.
+        async with self.fs.writes.names.changing(node, node.lock):
+            await self.fs.writes.drop_stream(node, "unlinked")
+            await self._keep_open_content(node)
+            self.fs.uploader.cancel(key)
+            await self.fs.writes.forget_closed(node)  # before waiting: a crash must not revive it
+            await self.fs.uploader.wait_all(self.fs.uploader.pending_for(key))
+            await self._orphan(node)
         self.fs.listing.remove(parent.path, name)
         self.fs.listing.note_gone(parent.path, name)
         await self._records_settled()
@@ -255,7 +257,7 @@ class Namespace:
                 moved = None
             else:
                 # No close seals the file under its old name meanwhile (upload/state.py).
-                await stack.enter_async_context(self.fs.writes.renames.renaming(node, node.lock))
+                await stack.enter_async_context(self.fs.writes.names.changing(node, node.lock))
                 moved = await self._rename_file(node, new_path, target)
             await self._move_node(node, new_path, src_parent, old_name, target, moved)
         self.fs.listing.add(

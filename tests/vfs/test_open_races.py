@@ -243,3 +243,27 @@ def test_a_lookup_answered_after_a_readdir_made_the_file_gives_the_same_inode(
     assert fs.uploader.conflicts == 0
     assert keys_in_s3(driver) == ["vol/x.txt"]
     assert driver.read_file("x.txt") == b"v3"
+
+
+def test_a_file_deleted_while_its_last_close_seals_stays_deleted(driver: CoreDriver) -> None:
+    """`rm` of a file whose last close is sealing it (nobody has it open any more, so the
+    unlink waits for nothing of it): what that seal makes is not uploaded after the delete,
+    which would bring the file back."""
+    fs = driver.fs
+    fh = driver.core.call(fs.create, 1, "gone.bin", 0o100644, os.getuid(), 0).fh
+    driver.write_at(fh, 0, os.urandom(200_000))  # no flush: sealed at release
+    started, go = _hold_seals(driver)
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.release, fh)
+            await trio.to_thread.run_sync(started.wait, 30)
+            nursery.start_soon(fs.unlink, 1, "gone.bin")
+            await trio.sleep(0.3)
+            go.set()
+
+    driver.core.call(scenario)
+    wait_for(lambda: not fs.uploader.pending)
+    time.sleep(1.5)  # past the upload delay of anything queued
+    assert keys_in_s3(driver) == []
+    assert not driver.exists("gone.bin")
