@@ -37,6 +37,7 @@ from s3cryptfs.store.helper import UploadHelper
 from s3cryptfs.upload import closed as closed_files
 from s3cryptfs.upload.journal import ABSENT, CHAIN, FOLLOW, Base, Entry, Journal
 from s3cryptfs.upload.keep import KeptClosed
+from s3cryptfs.upload.landing import Landing
 from s3cryptfs.upload.state import (
     NameChanges,
     Staged,
@@ -85,9 +86,12 @@ class WriteCallbacks:
     # the extended attributes a new version of the file carries (read from its current
     # version when not known yet: may HEAD, may call a KMS)
     xattrs: Callable[[Any], Awaitable[dict[bytes, bytes]]] | None = None
+    # attributes changed while a seal had taken them already: store them (True: the
+    # extended attributes too) in the version just queued, or the object
+    attrs_moved: Callable[[Any, bool], Awaitable[None]] | None = None
 
 
-class WritePath(KeptClosed):
+class WritePath(KeptClosed, Landing):
     def __init__(
         self,
         store: ObjectStore,
@@ -466,14 +470,25 @@ class WritePath(KeptClosed):
         """Seal the file's write-back file into the journal and queue the upload."""
         await self.names.wait(f)
         with self.codec.fence():  # its key is in no hold until the upload is queued
-            return await self._commit(f)
+            entry, moved = await self._commit(f)
+        if moved is not None and self.callbacks.attrs_moved is not None:
+            # A chmod or setxattr meanwhile left its change to this commit (Xattrs.persist),
+            # which had taken the attributes before it sealed.
+            try:
+                await self.callbacks.attrs_moved(f, moved)
+            except S3CryptFSError as exc:
+                key = self.key(f)
+                log.error("%s: attributes changed during its close not stored: %s", key, exc)
+        return entry
 
-    async def _commit(self, f: Written) -> Entry | None:
+    async def _commit(self, f: Written) -> tuple[Entry | None, bool | None]:
+        """The version queued, and whether the attributes (True: also the extended ones)
+        changed while it sealed (None: they did not)."""
         async with f.lock:
             w = f.w
             staging = w.staging
             if staging is None or not w.unsealed or f.unlinked:
-                return w.local
+                return w.local, None
             stream = w.stream
             await self.uploader.wait_for_space(self.settings.journal_limit)
             xattrs = await self.callbacks.xattrs(f) if self.callbacks.xattrs is not None else {}
@@ -565,15 +580,15 @@ class WritePath(KeptClosed):
             if self.closed_pending.pop(f, None) is not None:  # kept, recorded or not
                 w.why = None
                 log.info("%s: sealed for upload after all", key)
-            # A chmod or setxattr meanwhile left its change to this commit (Xattrs.persist),
-            # which had taken them before: the next one carries it.
-            moved = posix_attrs(f) != attrs or (f.xattrs is not None and f.xattrs != xattrs)
-            w._to(Staged.CLEAN if w.writes == writes and not moved else Staged.DIRTY)
+            w._to(Staged.CLEAN if w.writes == writes else Staged.DIRTY)
             self._install(f, entry, sealed)
             # Streamed: mostly in S3 already, and a wait could only have it resent whole.
             delay = 0.0 if entry.stream is not None else self.settings.upload_delay
             self.uploader.submit(entry, delay)
-            return entry
+            xattrs_moved = f.xattrs is not None and f.xattrs != xattrs
+            if xattrs_moved or posix_attrs(f) != attrs:
+                return entry, xattrs_moved
+            return entry, None
 
     def _install(self, f: Written, entry: Entry, sealed: SealedObject) -> None:
         """*entry* is the newest version of *f*: readers read it from the journal."""
@@ -743,55 +758,3 @@ class WritePath(KeptClosed):
         if xattrs != stream.xattrs:
             metadata = self.codec.seal_xattrs(metadata, xattrs, stream.key)
         return SealedObject(metadata, plain_size, body_size, stream.cipher)
-
-    # --- uploads landing -------------------------------------------------------------------
-
-    async def _uploaded(self, entry: Entry) -> None:
-        """The uploader finished *entry*: the file's content now lives in S3."""
-        f = self.callbacks.find(entry.key)
-        if f is None or f.w.local is not entry:
-            return
-        w = f.w
-        w.local = None
-        if w.local_version is not None:
-            self.reader.forget(w.local_version)
-        w.local_version = None
-        await self.callbacks.uploaded(f, entry)  # no local version any more: S3 has it
-        self.release_if_idle(f)
-
-    async def _conflicted(self, entry: Entry) -> None:
-        f = self.callbacks.find(entry.key)
-        if f is None:
-            return
-        w = f.w
-        if w.local is not entry:
-            if w.local is not None:
-                return  # a newer version is queued: it follows this one (uploader._next)
-        else:
-            w.local = None
-            if w.local_version is not None:
-                self.reader.forget(w.local_version)
-            w.local_version = None
-        w.diverted = entry
-        await self.end_divergence(f)
-
-    async def end_divergence(self, f: Written) -> None:
-        """Once nobody writes a file whose versions went to a conflict copy and all of them
-        are stored, the file is the other writer's version again (the core reads it anew):
-        the next open and write start a new lineage, based on that version."""
-        w = f.w
-        entry = w.diverted
-        if entry is None or f.writers or w.busy:
-            return
-        w.diverted = None
-        await self.callbacks.conflicted(f, entry)
-
-    def state_of(self, f: Written) -> str:
-        """clean, dirty or uploading (the state attribute of a file)."""
-        w = f.w
-        if w.unsealed:
-            return "dirty"
-        if w.local is not None:
-            entry = self.uploader.in_flight.get(self.key(f))
-            return "uploading" if entry is w.local else "dirty"
-        return "clean"

@@ -168,6 +168,7 @@ class Filesystem:
                 uploaded=self.versions.uploaded,
                 conflicted=self.versions.conflicted,
                 xattrs=lambda node: self.xattrs.for_new_version(node),
+                attrs_moved=lambda node, xattrs: self.xattrs.persist(node, xattrs),
             ),
         )
         self.journal = self.writes.journal

@@ -245,19 +245,22 @@ class Namespace:
         new_path = child_path(dst_parent.path, new_name)
         if node.is_dir and new_path.startswith(node.path + "/"):
             raise InvalidRequest("cannot move a directory into itself")
-        # A streamed upload goes to the old name: it is sent whole at close instead.
-        await self.fs._drop_streams_under(node)
-        if target is not None:
-            await self.fs.writes.drop_stream(target, "replaced")
-            if not target.is_dir:
-                await self._keep_open_content(target)
         async with contextlib.AsyncExitStack() as stack:
+            # No close seals the file, or the file it replaces, under its name meanwhile: its
+            # version would be queued under a name that is changing (upload/state.py).
+            files = [n for n in (node, target) if n is not None and not n.is_dir]
+            for f in sorted(files, key=lambda n: n.ino):
+                await stack.enter_async_context(self.fs.writes.names.changing(f, f.lock))
+            # A streamed upload goes to the old name: it is sent whole at close instead.
+            await self.fs._drop_streams_under(node)
+            if target is not None:
+                await self.fs.writes.drop_stream(target, "replaced")
+                if not target.is_dir:
+                    await self._keep_open_content(target)
             if node.is_dir:
                 await self._rename_dir(node, new_path, target)
                 moved = None
             else:
-                # No close seals the file under its old name meanwhile (upload/state.py).
-                await stack.enter_async_context(self.fs.writes.names.changing(node, node.lock))
                 moved = await self._rename_file(node, new_path, target)
             await self._move_node(node, new_path, src_parent, old_name, target, moved)
         self.fs.listing.add(

@@ -267,3 +267,39 @@ def test_a_file_deleted_while_its_last_close_seals_stays_deleted(driver: CoreDri
     time.sleep(1.5)  # past the upload delay of anything queued
     assert keys_in_s3(driver) == []
     assert not driver.exists("gone.bin")
+
+
+def test_a_close_of_the_file_a_rename_replaces_does_not_undo_the_rename(
+    driver: CoreDriver,
+) -> None:
+    """`mv a.bin b.bin` while a process that has b.bin open closes it: the rename waits for
+    b.bin's version in flight, and the close comes meanwhile. What b.bin holds in S3 at the
+    end is a.bin's content (the close wrote to the file the rename replaced), not the
+    closed version queued over the moved one."""
+    fs, store = driver.fs, driver.core.store
+    driver.write_file("b.bin", b"old b")
+    wait_for(lambda: not fs.uploader.pending)
+    fh = driver.open("b.bin", os.O_RDWR)
+    driver.write_at(fh, 0, os.urandom(200_000))
+    driver._run(fs.flush, fh)  # a version of b.bin, queued
+    driver.write_at(fh, 0, os.urandom(200_000))  # and more, closed during the rename
+    driver.write_file("a.bin", b"the new a")
+    put_gate = store.hold("put", "vol/b.bin", times=1)
+    started, go = _hold_seals(driver)
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.rename, 1, "a.bin", 1, "b.bin", 0)
+            await _until_arrived(store, "put vol/b.bin")  # the rename waits for b.bin's
+            nursery.start_soon(fs.flush, fh)
+            await trio.to_thread.run_sync(started.wait, 1)  # (not with the fence)
+            put_gate.set()
+            await trio.sleep(0.5)
+            go.set()
+        await fs.release(fh)
+
+    driver.core.call(scenario)
+    wait_for(lambda: not fs.uploader.pending)
+    time.sleep(1.5)  # past the upload delay of anything queued
+    assert keys_in_s3(driver) == ["vol/b.bin"]
+    assert driver.read_file("b.bin") == b"the new a"
