@@ -349,18 +349,19 @@ class WritePath(KeptClosed, Landing):
         staging = w.staging
         assert staging is not None
         stream = w.stream
-        if stream is not None:  # under its lock: the next part may be cut meanwhile
-            data: bytes = await self._thread(stream.read_through, offset, size)
-            return data
         cut, cut_read = staging.cut, staging.cut_read
-        if offset >= cut or cut_read is None:
-            data = await self._thread(os.pread, staging.fd, size, offset)
-            return data
-        low = await cut_read(offset, min(size, cut - offset))
-        if offset + size <= cut:
-            return low
-        high = await self._thread(os.pread, staging.fd, offset + size - cut, cut)
-        return low + high
+        with staging.reading():
+            if stream is not None:  # under its lock: the next part may be cut meanwhile
+                data: bytes = await self._thread(stream.read_through, offset, size)
+                return data
+            if offset >= cut or cut_read is None:
+                data = await self._thread(os.pread, staging.fd, size, offset)
+                return data
+            low = await cut_read(offset, min(size, cut - offset))
+            if offset + size <= cut:
+                return low
+            high = await self._thread(os.pread, staging.fd, offset + size - cut, cut)
+            return low + high
 
     async def uncut(self, f: Written) -> None:
         """Put the plaintext a streamed commit cut out back into the write-back file, before

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,13 +52,32 @@ class Staging:
     # out); cut_read(offset, size) reads it from the committed version until it is put back.
     cut: int = 0
     cut_read: Callable[[int, int], Awaitable[bytes]] | None = None
+    # Reads in worker threads (WritePath.read) that still use fd: a file let go meanwhile
+    # (released once idle, or discarded) is closed after the last of them, never under one,
+    # whose pread would fail with EBADF or read whatever file got the descriptor number.
+    readers: int = 0
+    closing: bool = False
 
     def close(self) -> None:
+        if self.readers:
+            self.closing = True
+            return
         try:
             os.close(self.fd)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        self.readers += 1
+        try:
+            yield
+        finally:
+            self.readers -= 1
+            if self.closing and not self.readers:
+                self.closing = False
+                self.close()
 
 
 @dataclass(eq=False, slots=True)  # every known file has one, most of them idle

@@ -303,3 +303,43 @@ def test_a_close_of_the_file_a_rename_replaces_does_not_undo_the_rename(
     time.sleep(1.5)  # past the upload delay of anything queued
     assert keys_in_s3(driver) == ["vol/b.bin"]
     assert driver.read_file("b.bin") == b"the new a"
+
+
+def test_a_read_through_the_write_back_file_outlives_its_release(driver: CoreDriver) -> None:
+    """A read served from the write-back file is in a worker thread when the writer's last
+    close lets that file go: the read still returns what the file holds (closing the file
+    under it would fail the read with EBADF, or read whatever file got the descriptor)."""
+    fs = driver.fs
+    writer = driver.core.call(fs.create, 1, "r.txt", 0o100644, os.getuid(), 0).fh
+    driver.write_at(writer, 0, b"hello, reader")
+    driver._run(fs.flush, writer)
+    reader = driver.open("r.txt", os.O_RDONLY)
+    started, go = threading.Event(), threading.Event()
+    run_in_thread = fs.writes._thread
+
+    async def held(fn: Any, *args: Any) -> Any:
+        if fn is os.pread:
+            started.set()
+            await trio.to_thread.run_sync(go.wait, 30)
+        return await run_in_thread(fn, *args)
+
+    fs.writes._thread = held  # type: ignore[method-assign]
+    out: dict[str, bytes] = {}
+
+    async def scenario() -> None:
+        async def read() -> None:
+            out["read"] = await fs.read(reader, 0, 100)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.to_thread.run_sync(started.wait, 30)
+            await fs.release(writer)  # the write-back file is let go here
+            go.set()
+
+    try:
+        driver.core.call(scenario)
+    finally:
+        fs.writes._thread = run_in_thread  # type: ignore[method-assign]
+    assert out["read"] == b"hello, reader"
+    driver.core.call(fs.release, reader)
+    assert driver.read_file("r.txt") == b"hello, reader"
