@@ -8,22 +8,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from s3cryptfs.errors import S3CryptFSError
 from tests.vfs.harness import CoreDriver
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {predicate}")
+from tests.vfs.test_write_states import wait_for
 
 
 def keys_in_s3(driver: CoreDriver, prefix: str = "vol/") -> list[str]:

@@ -47,6 +47,16 @@ def keys_in_s3(driver: CoreDriver) -> list[str]:
     return [o["Key"] for o in found.get("Contents", []) if "/.s3cryptfs/" not in o["Key"]]
 
 
+def another_machine_writes(seaweed, bucket: str, tmp_path, name: str, data: bytes) -> None:
+    """A second Filesystem on the volume (another machine) writes *name*, until in S3."""
+    other = CoreFs(seaweed, bucket, tmp_path / "other").start()
+    try:
+        CoreDriver(other).write_file(name, data)
+        other.call(other.fs.drain, 5.0)
+    finally:
+        other.stop(drain=False)
+
+
 # --- the tables ---------------------------------------------------------------------------------
 
 
@@ -187,12 +197,7 @@ def test_a_file_read_while_its_lost_version_settles_is_the_winner(
         wait_for(lambda: in_s3(driver, "w.txt"), what="the first version")
         fh = driver.open("w.txt", os.O_WRONLY | os.O_TRUNC)
     driver.write_at(fh, 0, b"ours, which loses")
-    other = CoreFs(seaweed, bucket, tmp_path / "other").start()
-    try:
-        CoreDriver(other).write_file("w.txt", b"the winner")
-        other.call(other.fs.drain, 5.0)
-    finally:
-        other.stop(drain=False)
+    another_machine_writes(seaweed, bucket, tmp_path, "w.txt", b"the winner")
     copy_gate = store.hold("put", "w.txt.conflict-")
     driver.close(fh)
     wait_for(lambda: any("conflict-" in c for c in store.arrived), what="the conflict copy")
@@ -218,12 +223,7 @@ def test_a_late_listing_head_does_not_move_the_base_of_a_file_being_written(
     wait_for(lambda: in_s3(driver, "h.txt"), what="the first version")
     node = driver._lookup("h.txt")
     fh = driver.open("h.txt", os.O_WRONLY)
-    other = CoreFs(seaweed, bucket, tmp_path / "other").start()
-    try:
-        CoreDriver(other).write_file("h.txt", b"the other machine's")
-        other.call(other.fs.drain, 5.0)
-    finally:
-        other.stop(drain=False)
+    another_machine_writes(seaweed, bucket, tmp_path, "h.txt", b"the other machine's")
     driver._run(driver.fs.listing.head_metadata, node)  # (as a HEAD begun before the open)
     driver.write_at(fh, 0, b"ours")
     driver.close(fh)
