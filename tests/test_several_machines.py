@@ -219,7 +219,14 @@ def test_stress_three_mounts_lose_no_closed_version(make_volume, bucket) -> None
                     for entry in os.scandir(vol.mountpoint):  # `ls -l`
                         entry.stat()
                     name = rng.choice(names)
-                    data = (vol.mountpoint / name).read_bytes()
+                    # O_DIRECT: what the mount answers, not the kernel's page cache, which can
+                    # keep a page zero-filled by a read that raced this mount's own truncating
+                    # rewrite of the file (docs/SEMANTICS.md, "What does not hold").
+                    fd = os.open(vol.mountpoint / name, os.O_RDONLY | os.O_DIRECT)
+                    try:
+                        data = os.read(fd, 1 << 16)
+                    finally:
+                        os.close(fd)
                     with lock:
                         counts["reads"] += 1
                         if data not in intended:
