@@ -221,7 +221,7 @@ def test_stress_three_mounts_lose_no_closed_version(make_volume, bucket) -> None
                     name = rng.choice(names)
                     # O_DIRECT: what the mount answers, not the kernel's page cache, which can
                     # keep a page zero-filled by a read that raced this mount's own truncating
-                    # rewrite of the file (docs/SEMANTICS.md, "What does not hold").
+                    # rewrite of the file (docs/SEMANTICS.md, "one known gap").
                     fd = os.open(vol.mountpoint / name, os.O_RDONLY | os.O_DIRECT)
                     try:
                         data = os.read(fd, 1 << 16)
