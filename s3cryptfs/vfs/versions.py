@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import trio
+
 from s3cryptfs.errors import NoSuchEntry, ObjectNotFound, ObjectTooLarge, S3CryptFSError
 from s3cryptfs.upload.journal import Entry
 from s3cryptfs.vfs.nodes import ChildInfo, Node
@@ -22,6 +24,14 @@ if TYPE_CHECKING:
 class Versions:
     def __init__(self, fs: Filesystem) -> None:
         self.fs = fs
+        # Files whose version lost while S3 is asked what the name holds now (conflicted):
+        # a read meanwhile waits for the answer rather than fail for the version that lost.
+        self._settling: dict[Node, trio.Event] = {}
+
+    async def settled(self, node: Node) -> None:
+        """Returns once no look at S3 for *node*'s lost version is under way."""
+        while (settling := self._settling.get(node)) is not None:
+            await settling.wait()
 
     async def revalidate(self, node: Node, recreate: bool = False) -> bool:
         """Before opening: is the object still what we cached? Returns True if unchanged.
@@ -129,12 +139,17 @@ class Versions:
         error = node.error = str(entry.error)
         self.fs.unsynced.discard(node)
         known = node.remote
+        settling = self._settling[node] = trio.Event()
         try:
             head = await self.fs._thread(self.fs.store.head, entry.key)
         except ObjectNotFound:
             head = None
         except S3CryptFSError:
             return  # node.error says why reads fail, until an open finds the new version
+        finally:
+            if self._settling.get(node) is settling:
+                del self._settling[node]
+            settling.set()
         if self._moved_on(node, known):
             # Opened, written or looked at anew while S3 answered: what that open found is
             # newer than this answer, and a version written since is the file's now.

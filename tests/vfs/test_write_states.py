@@ -212,6 +212,46 @@ def test_a_file_read_while_its_lost_version_settles_is_the_winner(
     assert driver.read_file("w.txt") == b"the winner"
 
 
+def test_a_descriptor_opened_before_a_lost_version_reads_the_winner(
+    driver: CoreDriver, seaweed, bucket, tmp_path
+) -> None:
+    """`tail -f`-style reader with the file open since before this mount's version lost to
+    another machine's: a read while the mount asks S3 what the name holds waits for that
+    answer and returns the winner, not EIO for the version that lost."""
+    store = driver.core.store
+    driver.write_file("r.txt", b"first")
+    wait_for(lambda: in_s3(driver, "r.txt"), what="the first version")
+    reader = driver.open("r.txt", os.O_RDONLY)
+    assert driver.read_at(reader, 0, 100) == b"first"
+    fh = driver.open("r.txt", os.O_WRONLY | os.O_TRUNC)
+    driver.write_at(fh, 0, b"ours, which loses")
+    another_machine_writes(seaweed, bucket, tmp_path, "r.txt", b"the winner")
+    copy_gate = store.hold("put", "r.txt.conflict-")
+    driver.close(fh)
+    wait_for(lambda: any("conflict-" in c for c in store.arrived), what="the conflict copy")
+    head_gate = store.hold("head", "vol/r.txt", times=1)  # the mount's look at the name after
+    copy_gate.set()
+    wait_for(lambda: "head vol/r.txt" in store.arrived, what="the look at the name")
+    got: list[bytes | BaseException] = []
+
+    def read() -> None:
+        try:
+            got.append(driver.read_at(reader, 0, 100))
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            got.append(exc)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    try:
+        thread.join(0.5)
+        assert not got, got  # waits for the answer (EIO before it, with the old code)
+    finally:
+        head_gate.set()
+        thread.join(30)
+    assert got == [b"the winner"], got
+    driver.close(reader)
+
+
 def test_a_late_listing_head_does_not_move_the_base_of_a_file_being_written(
     core: CoreFs, driver: CoreDriver, seaweed, bucket, tmp_path
 ) -> None:
