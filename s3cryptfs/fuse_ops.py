@@ -22,6 +22,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import pyfuse3
 import trio
 
+from s3cryptfs.asyncutil import run_abandonable
 from s3cryptfs.errors import (
     Busy,
     InvalidRequest,
@@ -139,6 +140,18 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     return e
 
 
+async def _drop_pages(inode: int) -> None:
+    """Drop the kernel's pages of *inode* (Filesystem.read says when). From a thread, and
+    awaited there: the kernel locks each page it drops, and a page being read stays locked
+    until this loop answers that read."""
+
+    def drop() -> None:
+        with contextlib.suppress(OSError):  # (no such inode in the kernel any more)
+            pyfuse3.invalidate_inode(inode, attr_only=False)
+
+    await run_abandonable(drop)
+
+
 def _write_only(flags: int) -> bool:
     # Such handles get direct I/O: the kernel passes the writer's pages straight to us instead
     # of copying them into its page cache first, a copy per byte that large copies feel. They
@@ -178,6 +191,7 @@ class FuseOperations(pyfuse3.Operations):
         self.requests: Counter[str] = Counter()  # kernel requests by kind, for the stats
         self.dropper = EntryDropper(self._names_to_drop)
         self._to_drop: list[Node] = []  # chosen by sweeps, not sent to the kernel yet
+        fs.drop_pages = _drop_pages
 
     def _reply(self, node: Node) -> pyfuse3.EntryAttributes:
         node = self.fs.nodes.held(node)

@@ -196,7 +196,9 @@ def test_stress_three_mounts_lose_no_closed_version(make_volume, bucket) -> None
     same moment. Every one of those last versions must be in the volume, as the file or as a
     conflict copy; no conflict copy may hold anything but a version some mount closed (never
     the empty state of an O_TRUNC); and the random phase must fail no operation but with
-    ENOENT (a name another mount just renamed or deleted)."""
+    ENOENT (a name another mount just renamed or deleted). Meanwhile a second thread on each
+    mount lists the tree as `ls -l` does and reads files: it must only ever read a version
+    some mount wrote, or the empty state of a truncating open."""
     seconds = float(os.environ.get("S3CRYPTFS_STRESS_SECONDS", "40"))
     mounts = [make_volume(bucket=bucket) for _ in range(3)]
     mounts[0].init()
@@ -206,7 +208,37 @@ def test_stress_three_mounts_lose_no_closed_version(make_volume, bucket) -> None
     closed: set[bytes] = set()
     lock = threading.Lock()
     errors: list[str] = []
-    counts = {"writes": 0, "renames": 0, "deletes": 0, "vanished": 0, "stale": 0}
+    counts = {"writes": 0, "renames": 0, "deletes": 0, "vanished": 0, "stale": 0, "reads": 0}
+    intended: set[bytes] = {b""}  # what a reader may see: what any mount began to write
+
+    def reader(index: int, vol, until: float) -> None:
+        rng = random.Random(100 + index)
+        try:
+            while time.monotonic() < until:
+                try:
+                    for entry in os.scandir(vol.mountpoint):  # `ls -l`
+                        entry.stat()
+                    name = rng.choice(names)
+                    # Half through the kernel's page cache (cat), half O_DIRECT: what the
+                    # mount answers, past any page the kernel kept.
+                    direct = os.O_DIRECT if rng.random() < 0.5 else 0
+                    fd = os.open(vol.mountpoint / name, os.O_RDONLY | direct)
+                    try:
+                        data = os.read(fd, 1 << 16)
+                    finally:
+                        os.close(fd)
+                    with lock:
+                        counts["reads"] += 1
+                        if data not in intended:
+                            errors.append(f"mount {index} read {name}: {data[:40]!r}")
+                except FileNotFoundError:
+                    pass  # renamed or deleted by another mount meanwhile
+                except OSError as exc:
+                    if exc.errno != errno.ESTALE:
+                        raise
+                time.sleep(rng.random() * 0.05)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(f"mount {index}, reading: {exc!r}")
 
     def worker(index: int, vol, until: float) -> None:
         rng = random.Random(index)
@@ -221,6 +253,8 @@ def test_stress_three_mounts_lose_no_closed_version(make_volume, bucket) -> None
                     if kind == 0:
                         counter += 1
                         data = f"mount {index} version {counter} of {name}\n".encode()
+                        with lock:
+                            intended.add(data)
                         shell_write(path, data)
                         with lock:
                             closed.add(data)
@@ -245,6 +279,7 @@ def test_stress_three_mounts_lose_no_closed_version(make_volume, bucket) -> None
 
     until = time.monotonic() + seconds
     threads = [threading.Thread(target=worker, args=(i, m, until)) for i, m in enumerate(mounts)]
+    threads += [threading.Thread(target=reader, args=(i, m, until)) for i, m in enumerate(mounts)]
     for t in threads:
         t.start()
     for t in threads:
@@ -284,7 +319,8 @@ def test_stress_three_mounts_lose_no_closed_version(make_volume, bucket) -> None
     strangers = [e for e, v in present.items() if v not in closed]
     print(
         f"stress: {counts['writes']} writes, {counts['renames']} renames, {counts['deletes']} "
-        f"deletes, {counts['vanished']} raced away, {counts['stale']} ESTALE; "
+        f"deletes, {counts['vanished']} raced away, {counts['stale']} ESTALE, "
+        f"{counts['reads']} reads; "
         f"{len(present)} names at the end, "
         f"{len(copies)} conflict copies; last versions: {len(last) - len(missing)} of "
         f"{len(last)} kept"

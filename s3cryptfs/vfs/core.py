@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -27,7 +27,6 @@ from s3cryptfs.errors import (
     BadHandle,
     FileTooLarge,
     IntegrityError,
-    InvalidRequest,
     IsDirectory,
     KeyManagerError,
     NoSuchEntry,
@@ -67,6 +66,11 @@ from s3cryptfs.vfs.xattrs import Xattrs, decoded
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+async def _no_pages(ino: int) -> None:
+    """No kernel keeps pages of this core's files (driven directly, as the tests do)."""
+
 
 # Bits that hand out privileges (setuid, setgid) or decide who may delete in a directory
 # (sticky): anyone who can write to the bucket can set them in object metadata, so modes read
@@ -182,6 +186,10 @@ class Filesystem:
         self.trimmer = malloc.Trimmer()  # freed transfer buffers back to the system
         self._next_fh = 1
         self.unsynced: set[Node] = set()  # created here, not in S3 yet
+        # Files read short while this mount wrote them, and what drops the kernel's pages of
+        # a file (set by the FUSE adapter): see read().
+        self.read_short: set[Node] = set()
+        self.drop_pages: Callable[[int], Awaitable[None]] = _no_pages
         self._closed_at_start: list[tuple[str, ClosedRecord]] = []
         # Set by `s3cryptfs umount --force` (through fuse_ops): the mount stops at once.
         self.stop_requested = trio.Event()
@@ -420,9 +428,24 @@ class Filesystem:
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self.handles[fh]
+        data = await self._read(handle, offset, size)
+        if len(data) < size and handle.node.writers:
+            # The kernel zero-fills the rest of a page read short, and keeps the page. Read
+            # while a rewrite here truncated the file, and asked for before a direct write
+            # put data there, it shows zeros in the new content: the next write drops it.
+            self.read_short.add(handle.node)
+        return data
+
+    async def _read(self, handle: Handle, offset: int, size: int) -> bytes:
         node = handle.node
         if node.w.staging is not None:
             return await self.writes.read(node, offset, size)
+        if node.error and node.w.local_version is None:
+            # The version this descriptor read may have just lost to another machine's:
+            # the winner, once S3 has said which it is (or EIO, if it cannot say).
+            await self.versions.settled(node)
+            if node.w.staging is not None:
+                return await self.writes.read(node, offset, size)
         version = node.w.local_version
         if version is None:
             if node.remote is None:
@@ -443,19 +466,7 @@ class Filesystem:
             raise
 
     async def readlink(self, ino: int) -> bytes:
-        node = self.node(ino)
-        if not node.is_link:
-            raise InvalidRequest()
-        if node.link_target is None:
-            await self.versions.revalidate(node)
-            assert node.remote is not None
-            # (the read below is pinned to this ETag, so the size checked is the size read)
-            limits.check_size(
-                "symlink", self.key(node.path), node.remote.body_size, limits.SYMLINK_BODY_MAX
-            )
-            version = self._remote_version(node)
-            node.link_target = await self.reader.read(version, 0, version.plain_size or 1 << 20)
-        return node.link_target
+        return await self.namespace.readlink(self.node(ino))
 
     # --- opening and writing ------------------------------------------------------------
 
@@ -574,6 +585,9 @@ class Filesystem:
         await self._materialize(node)
         written = await self.writes.write(node, offset, data)
         node.mtime_ns = node.ctime_ns = now_ns()
+        if node in self.read_short:
+            self.read_short.discard(node)
+            await self.drop_pages(node.ino)
         kill = stat.S_ISUID | (stat.S_ISGID if node.mode & stat.S_IXGRP else 0)
         if not handle.privileged and node.mode & kill:
             # With direct I/O the kernel leaves this to the file system (FUSE's killpriv).
@@ -629,6 +643,8 @@ class Filesystem:
         node.opens -= 1
         if handle.writable:
             node.writers -= 1
+            if not node.writers:
+                self.read_short.discard(node)
             if (
                 node.writers == 0
                 and node.w.unsealed
@@ -644,21 +660,6 @@ class Filesystem:
                 await self.writes.end_divergence(node)
         self.nodes.maybe_drop(node)
         self.trimmer.soon()
-
-    # --- streamed uploads ------------------------------------------------------------------
-    async def _drop_streams_under(self, node: Node) -> None:
-        """Drop the streamed uploads of *node* and, for a directory, of every node below."""
-        if not node.is_dir:
-            if node.write_state is not None and node.write_state.stream is not None:
-                await self.writes.drop_stream(node, "renamed")
-            return
-        path = node.path
-        for n in list(self.nodes.by_path.values()):
-            ws = n.write_state
-            if ws is not None and ws.stream is not None and (
-                n.path == path or n.path.startswith(path + "/")
-            ):
-                await self.writes.drop_stream(n, "renamed")
 
     def _node_for_key(self, key: str) -> Node | None:
         if not key.startswith(self.prefix):

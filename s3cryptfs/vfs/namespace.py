@@ -89,6 +89,35 @@ class Namespace:
         self.fs.listing.note(node)
         return node
 
+    async def _drop_streams_under(self, node: Node) -> None:
+        """Drop the streamed uploads of *node* and, for a directory, of every node below."""
+        if not node.is_dir:
+            if node.write_state is not None and node.write_state.stream is not None:
+                await self.fs.writes.drop_stream(node, "renamed")
+            return
+        path = node.path
+        for n in list(self.fs.nodes.by_path.values()):
+            ws = n.write_state
+            if ws is not None and ws.stream is not None and (
+                n.path == path or n.path.startswith(path + "/")
+            ):
+                await self.fs.writes.drop_stream(n, "renamed")
+
+    async def readlink(self, node: Node) -> bytes:
+        fs = self.fs
+        if not node.is_link:
+            raise InvalidRequest()
+        if node.link_target is None:
+            await fs.versions.revalidate(node)
+            assert node.remote is not None
+            # (the read below is pinned to this ETag, so the size checked is the size read)
+            limits.check_size(
+                "symlink", fs.key(node.path), node.remote.body_size, limits.SYMLINK_BODY_MAX
+            )
+            version = fs._remote_version(node)
+            node.link_target = await fs.reader.read(version, 0, version.plain_size or 1 << 20)
+        return node.link_target
+
     async def symlink(
         self,
         parent_ino: int,
@@ -252,7 +281,7 @@ class Namespace:
             for f in sorted(files, key=lambda n: n.ino):
                 await stack.enter_async_context(self.fs.writes.names.changing(f, f.lock))
             # A streamed upload goes to the old name: it is sent whole at close instead.
-            await self.fs._drop_streams_under(node)
+            await self._drop_streams_under(node)
             if target is not None:
                 await self.fs.writes.drop_stream(target, "replaced")
                 if not target.is_dir:

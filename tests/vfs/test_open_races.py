@@ -334,3 +334,37 @@ def test_a_read_through_the_write_back_file_outlives_its_release(driver: CoreDri
     assert out["read"] == b"hello, reader"
     driver.core.call(fs.release, reader)
     assert driver.read_file("r.txt") == b"hello, reader"
+
+
+def test_a_read_short_while_the_file_is_rewritten_drops_the_kernels_pages_at_the_next_write(
+    driver: CoreDriver,
+) -> None:
+    """`cat f` while `echo x > f` runs: a read that comes back short because the rewrite
+    truncated the file leaves the kernel a page it zero-filled, which would show zeros once
+    the new content is written with direct I/O. The next write drops the file's pages; reads
+    short at the end of a file nobody writes do not."""
+    fs = driver.fs
+    dropped: list[int] = []
+
+    async def drop_pages(ino: int) -> None:
+        dropped.append(ino)
+
+    fs.drop_pages = drop_pages
+    driver.write_file("p.txt", b"x" * 10_000)
+    wait_for(lambda: not fs.uploader.pending)
+    node = driver._lookup("p.txt")
+    reader = driver.open("p.txt", os.O_RDONLY)
+    assert len(driver.read_at(reader, 8192, 4096)) == 10_000 - 8192  # at the end, no writer
+    writer = driver.open("p.txt", os.O_WRONLY | os.O_APPEND)
+    driver.write_at(writer, 10_000, b"y")
+    assert dropped == []  # that short read raced nothing
+    driver.close(writer)
+    writer = driver.open("p.txt", os.O_WRONLY | os.O_TRUNC)
+    assert driver.read_at(reader, 0, 4096) == b""  # the rewrite truncated it meanwhile
+    driver.write_at(writer, 0, b"new content")
+    assert dropped == [node.ino]
+    driver.write_at(writer, 11, b", more")
+    assert dropped == [node.ino]  # once per short read
+    driver.close(writer)
+    driver.close(reader)
+    assert driver.read_file("p.txt") == b"new content, more"
