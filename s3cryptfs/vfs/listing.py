@@ -261,8 +261,17 @@ class Listings:
             if head.metadata is not None and md.MTIME not in head.metadata:
                 # Streamed uploads fix their metadata before the last write: the exact mtime
                 # is in the directory index (if it still describes this version).
+                seen = node.mtime_ns
                 entry = (await self.dir_index(parent)).get(name)
-                if entry is not None and entry.etag == head.etag:
+                # (unless the node changed meanwhile: a touch here, or another version)
+                remote = node.remote
+                if (
+                    entry is not None
+                    and entry.etag == head.etag
+                    and remote is not None
+                    and remote.etag == head.etag
+                    and node.mtime_ns == seen
+                ):
                     node.mtime_ns = entry.mtime_ns
             return node
         page = await self.fs._thread(self.fs.store.list, key + "/", "/", None)
