@@ -141,7 +141,7 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
 
 
 async def _drop_pages(inode: int) -> None:
-    """Drop the kernel's pages of *inode* (Filesystem.read says when). From a thread, and
+    """Drop the kernel's pages of *inode* (vfs/pages.py says when). From a thread, and
     awaited there: the kernel locks each page it drops, and a page being read stays locked
     until this loop answers that read."""
 
@@ -191,7 +191,7 @@ class FuseOperations(pyfuse3.Operations):
         self.requests: Counter[str] = Counter()  # kernel requests by kind, for the stats
         self.dropper = EntryDropper(self._names_to_drop)
         self._to_drop: list[Node] = []  # chosen by sweeps, not sent to the kernel yet
-        fs.drop_pages = _drop_pages
+        fs.pages.drop = _drop_pages
 
     def _reply(self, node: Node) -> pyfuse3.EntryAttributes:
         node = self.fs.nodes.held(node)

@@ -112,6 +112,18 @@ def shell_write(path: Path, data: bytes, together: threading.Barrier | None = No
     os.close(fd2)
 
 
+def _direct_read(path: Path) -> bytes:
+    """What the mount answers now, past any page the kernel keeps."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as exc:
+        return repr(exc).encode()
+    try:
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
 def _race(a, b, name: str, first: bytes, second: bytes) -> None:
     """Both mounts write the same name at the same moment."""
     together = threading.Barrier(2)
@@ -229,8 +241,14 @@ def test_stress_three_mounts_lose_no_closed_version(make_volume, bucket) -> None
                         os.close(fd)
                     with lock:
                         counts["reads"] += 1
-                        if data not in intended:
-                            errors.append(f"mount {index} read {name}: {data[:40]!r}")
+                        wrong = data not in intended
+                    if wrong:
+                        again = _direct_read(vol.mountpoint / name)
+                        how = "O_DIRECT" if direct else "cached"
+                        errors.append(
+                            f"mount {index} read {name} ({how}, {len(data)} bytes): "
+                            f"{data[:40]!r}; read again with O_DIRECT: {again[:40]!r}"
+                        )
                 except FileNotFoundError:
                     pass  # renamed or deleted by another mount meanwhile
                 except OSError as exc:

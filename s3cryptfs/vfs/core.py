@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -59,6 +60,7 @@ from s3cryptfs.vfs.nodes import (
     now_ns,
     shared_metadata,
 )
+from s3cryptfs.vfs.pages import KernelPages
 from s3cryptfs.vfs.smallfiles import SmallFiles
 from s3cryptfs.vfs.status import status_of
 from s3cryptfs.vfs.versions import Versions
@@ -66,10 +68,6 @@ from s3cryptfs.vfs.xattrs import Xattrs, decoded
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-async def _no_pages(ino: int) -> None:
-    """No kernel keeps pages of this core's files (driven directly, as the tests do)."""
 
 
 # Bits that hand out privileges (setuid, setgid) or decide who may delete in a directory
@@ -186,10 +184,7 @@ class Filesystem:
         self.trimmer = malloc.Trimmer()  # freed transfer buffers back to the system
         self._next_fh = 1
         self.unsynced: set[Node] = set()  # created here, not in S3 yet
-        # Files read short while this mount wrote them, and what drops the kernel's pages of
-        # a file (set by the FUSE adapter): see read().
-        self.read_short: set[Node] = set()
-        self.drop_pages: Callable[[int], Awaitable[None]] = _no_pages
+        self.pages = KernelPages(self.reader)
         self._closed_at_start: list[tuple[str, ClosedRecord]] = []
         # Set by `s3cryptfs umount --force` (through fuse_ops): the mount stops at once.
         self.stop_requested = trio.Event()
@@ -428,13 +423,14 @@ class Filesystem:
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self.handles[fh]
-        data = await self._read(handle, offset, size)
-        if len(data) < size and handle.node.writers:
-            # The kernel zero-fills the rest of a page read short, and keeps the page. Read
-            # while a rewrite here truncated the file, and asked for before a direct write
-            # put data there, it shows zeros in the new content: the next write drops it.
-            self.read_short.add(handle.node)
-        return data
+        # (vfs/pages.py: answered again when that reply would leave the kernel zeros)
+        answer = functools.partial(self._read, handle, offset, size)
+        return await self.pages.read(handle.node, offset, size, answer)
+
+    def _current_version(self, node: Node) -> Version | None:
+        if node.w.local_version is not None:
+            return node.w.local_version
+        return self._remote_version(node) if node.remote is not None else None
 
     async def _read(self, handle: Handle, offset: int, size: int) -> bytes:
         node = handle.node
@@ -585,9 +581,7 @@ class Filesystem:
         await self._materialize(node)
         written = await self.writes.write(node, offset, data)
         node.mtime_ns = node.ctime_ns = now_ns()
-        if node in self.read_short:
-            self.read_short.discard(node)
-            await self.drop_pages(node.ino)
+        await self.pages.changed(node, written=True)
         kill = stat.S_ISUID | (stat.S_ISGID if node.mode & stat.S_IXGRP else 0)
         if not handle.privileged and node.mode & kill:
             # With direct I/O the kernel leaves this to the file system (FUSE's killpriv).
@@ -643,8 +637,7 @@ class Filesystem:
         node.opens -= 1
         if handle.writable:
             node.writers -= 1
-            if not node.writers:
-                self.read_short.discard(node)
+            self.pages.closed(node)
             if (
                 node.writers == 0
                 and node.w.unsealed
@@ -693,12 +686,15 @@ class Filesystem:
             if node.is_dir:
                 raise IsDirectory()
             self._check_size(size)
+            if fh is not None and node.w.staging is None and size < node.size:
+                self.pages.truncating(node, self._current_version(node))
             if size == 0 and node.w.staging is None:
                 node.w.attach(self.writes.new_staging(node.path), dirty=True)
             else:
                 await self._materialize(node)
             await self.writes.truncate(node, size)
             node.mtime_ns = now
+            await self.pages.changed(node, written=False)
             if fh is None and node.writers == 0:
                 # truncate(2) by name: like a close, kept as closed if it cannot be sealed now
                 await self.writes.seal_closed(node, tell=True)

@@ -336,20 +336,22 @@ def test_a_read_through_the_write_back_file_outlives_its_release(driver: CoreDri
     assert driver.read_file("r.txt") == b"hello, reader"
 
 
-def test_a_read_short_while_the_file_is_rewritten_drops_the_kernels_pages_at_the_next_write(
+def test_a_read_during_a_rewrite_here_answers_as_the_kernels_size_says(
     driver: CoreDriver,
 ) -> None:
-    """`cat f` while `echo x > f` runs: a read that comes back short because the rewrite
-    truncated the file leaves the kernel a page it zero-filled, which would show zeros once
-    the new content is written with direct I/O. The next write drops the file's pages; reads
-    short at the end of a file nobody writes do not."""
+    """`cat f` while `echo x > f` runs on this mount. The kernel takes a short read as the
+    end of the file and keeps the rest of its page as zeros, and it sets a truncated file's
+    size only once the mount has answered the truncation: a read answered in between comes
+    back short for a size the kernel still shows (vfs/pages.py). Until the rewrite writes, a
+    read is answered with the version before; the write then drops the kernel's pages. A read
+    short at the end of a file nobody writes drops nothing."""
     fs = driver.fs
     dropped: list[int] = []
 
     async def drop_pages(ino: int) -> None:
         dropped.append(ino)
 
-    fs.drop_pages = drop_pages
+    fs.pages.drop = drop_pages
     driver.write_file("p.txt", b"x" * 10_000)
     wait_for(lambda: not fs.uploader.pending)
     node = driver._lookup("p.txt")
@@ -359,12 +361,51 @@ def test_a_read_short_while_the_file_is_rewritten_drops_the_kernels_pages_at_the
     driver.write_at(writer, 10_000, b"y")
     assert dropped == []  # that short read raced nothing
     driver.close(writer)
+    wait_for(lambda: not fs.uploader.pending)
     writer = driver.open("p.txt", os.O_WRONLY | os.O_TRUNC)
-    assert driver.read_at(reader, 0, 4096) == b""  # the rewrite truncated it meanwhile
+    assert driver.read_at(reader, 0, 4096) == b"x" * 4096  # the version before
+    driver._run(fs.flush, writer)  # the shell's flush of the empty file
+    assert driver.read_at(reader, 8192, 4096) == b"x" * (10_000 - 8192) + b"y"
     driver.write_at(writer, 0, b"new content")
     assert dropped == [node.ino]
+    assert driver.read_at(reader, 0, 4096) == b"new content"  # (short: the end of the file)
     driver.write_at(writer, 11, b", more")
-    assert dropped == [node.ino]  # once per short read
+    assert dropped == [node.ino, node.ino]  # after that short read, once
+    driver.write_at(writer, 17, b"!")
+    assert dropped == [node.ino, node.ino]
     driver.close(writer)
     driver.close(reader)
-    assert driver.read_file("p.txt") == b"new content, more"
+    assert driver.read_file("p.txt") == b"new content, more!"
+
+
+def test_a_read_overtaken_by_a_rewrite_here_is_answered_with_the_new_content(
+    driver: CoreDriver,
+) -> None:
+    """A read of the end of a file asks S3 while a rewrite on this mount truncates and writes
+    the file: answered short with the old version's end, the kernel would keep the rest of its
+    page as zeros (vfs/pages.py). It is answered again, with what the file holds now."""
+    fs, store = driver.fs, driver.core.store
+    size = 1_500_000  # over the size fetched whole: reads are ranged GETs
+    driver.write_file("e.bin", b"o" * size)
+    wait_for(lambda: not fs.uploader.pending)
+    node = driver._lookup("e.bin")
+    reader = driver.open("e.bin", os.O_RDONLY)
+    gate = store.hold("get", "vol/e.bin", times=1)
+    out: dict[str, Any] = {}
+
+    async def scenario() -> None:
+        async def read() -> None:
+            out["read"] = await fs.read(reader, size - 100, 4096)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await _until_arrived(store, "get vol/e.bin")
+            writer, _ = await fs.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+            await fs.write(writer.fh, 0, b"n" * size)
+            out["writer"] = writer.fh
+            gate.set()
+
+    driver.core.call(scenario)
+    assert out["read"] == b"n" * 100  # not the old version's end, short of the new one's
+    driver.close(out["writer"])
+    driver.close(reader)
