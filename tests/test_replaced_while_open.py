@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import threading
 
 MIB = 1024 * 1024
 
@@ -68,3 +69,39 @@ def test_sed_in_place_while_a_reader_holds_the_file(mounted):
         subprocess.run(["sed", "-i", "s/alpha/beta/", str(m / "text")], check=True)
         assert first + reader.read() == lines
     assert (m / "text").read_bytes() == lines.replace(b"alpha", b"beta")
+
+
+def test_cat_while_a_shell_rewrites_the_file_never_reads_zeros(mounted):
+    """`cat f` in a loop while `echo ... > f` runs in another loop on the same mount: every
+    read is a version the shell wrote, or empty (the truncated file), never zeros. The kernel
+    zero-fills the rest of a page that a read answered short, and takes the truncated size
+    only after the mount answered the truncation (vfs/pages.py)."""
+    path = mounted.mountpoint / "f.txt"
+    path.write_bytes(b"version 0\n")
+    written = {b"", b"version 0\n"}
+    done = threading.Event()
+    seen: list[bytes] = []
+
+    def shell() -> None:
+        for i in range(1, 600):
+            data = f"version {i}\n".encode()
+            written.add(data)
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+            fd2 = os.dup(fd)
+            os.close(fd)  # the shell's flush of the empty file
+            os.write(fd2, data)
+            os.close(fd2)
+        done.set()
+
+    def cat() -> None:
+        while not done.is_set():
+            seen.append(path.read_bytes())  # through the kernel's page cache
+
+    threads = [threading.Thread(target=shell), threading.Thread(target=cat)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(seen) > 100
+    assert [s for s in seen if s not in written] == []
+    assert path.read_bytes() == b"version 599\n"
