@@ -52,9 +52,6 @@ class KernelPages:
         if version is not None and node.writers:
             self._before[node] = version
 
-    def before(self, node: Node) -> Version | None:
-        return self._before.get(node)
-
     async def read(
         self, node: Node, offset: int, size: int, answer: Callable[[], Awaitable[bytes]]
     ) -> bytes:
