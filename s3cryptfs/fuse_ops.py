@@ -143,7 +143,8 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
 async def _drop_pages(inode: int) -> None:
     """Drop the kernel's pages of *inode* (vfs/pages.py says when). From a thread, and
     awaited there: the kernel locks each page it drops, and a page being read stays locked
-    until this loop answers that read."""
+    until this loop answers that read. (Never while answering a write through the page
+    cache: its page can stay locked until that answer.)"""
 
     def drop() -> None:
         with contextlib.suppress(OSError):  # (no such inode in the kernel any more)
@@ -393,14 +394,15 @@ class FuseOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         handle, keep = await self.fs.open(inode, flags)
         handle.privileged = ctx.uid == 0
+        handle.direct = _write_only(flags)
         if not keep:
             # Close-to-open: the object changed (another machine wrote it). keep_cache off
             # drops the kernel's pages; its size may be cached too (a getattr just before the
             # open answered from our old view), so its attributes go as well, or reads would
-            # stop at the old size. Attributes only: this takes no inode lock, safe in here.
+            # stop at the old size. Attributes only: that locks no page, safe in here.
             with contextlib.suppress(OSError):
                 pyfuse3.invalidate_inode(inode, attr_only=True)
-        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep, direct_io=_write_only(flags))
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep, direct_io=handle.direct)
 
     @_guard
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
@@ -408,9 +410,8 @@ class FuseOperations(pyfuse3.Operations):
             parent_inode, from_kernel(name), mode, ctx.uid, ctx.gid, flags
         )
         handle.privileged = ctx.uid == 0
-        info = pyfuse3.FileInfo(
-            fh=handle.fh, keep_cache=handle.keep_cache, direct_io=_write_only(flags)
-        )
+        handle.direct = _write_only(flags)
+        info = pyfuse3.FileInfo(fh=handle.fh, keep_cache=handle.keep_cache, direct_io=handle.direct)
         return info, self._reply(handle.node)
 
     @_guard

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 import threading
 
 MIB = 1024 * 1024
@@ -105,3 +106,22 @@ def test_cat_while_a_shell_rewrites_the_file_never_reads_zeros(mounted):
     assert len(seen) > 100
     assert [s for s in seen if s not in written] == []
     assert path.read_bytes() == b"version 599\n"
+
+
+def test_a_rewrite_through_the_page_cache_after_a_short_read_does_not_hang(mounted):
+    """A read-write rewrite (`open(O_RDWR | O_TRUNC)`, as editors and sqlite do) reads to
+    the end of the file, then writes into a page not loaded yet. Such a write goes through
+    the kernel's page cache, which can keep that page locked until the mount answers the
+    write: the mount must not wait for the kernel to drop that file's pages meanwhile."""
+    path = mounted.mountpoint / "rw.bin"
+    path.write_bytes(b"o" * 20_000)
+    code = (
+        "import os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_TRUNC)\n"
+        "os.pwrite(fd, b'a' * 5000, 0)\n"
+        "assert os.pread(fd, 8192, 0) == b'a' * 5000\n"  # short: the end of the file
+        "os.pwrite(fd, b'x', 9000)\n"
+        "os.close(fd)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=60)
+    assert path.read_bytes() == b"a" * 5000 + b"\0" * 4000 + b"x"

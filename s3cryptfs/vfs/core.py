@@ -581,7 +581,7 @@ class Filesystem:
         await self._materialize(node)
         written = await self.writes.write(node, offset, data)
         node.mtime_ns = node.ctime_ns = now_ns()
-        await self.pages.changed(node, written=True)
+        await self.pages.written(node, handle.direct)
         kill = stat.S_ISUID | (stat.S_ISGID if node.mode & stat.S_IXGRP else 0)
         if not handle.privileged and node.mode & kill:
             # With direct I/O the kernel leaves this to the file system (FUSE's killpriv).
@@ -637,7 +637,7 @@ class Filesystem:
         node.opens -= 1
         if handle.writable:
             node.writers -= 1
-            self.pages.closed(node)
+            await self.pages.closed(node)
             if (
                 node.writers == 0
                 and node.w.unsealed
@@ -686,15 +686,15 @@ class Filesystem:
             if node.is_dir:
                 raise IsDirectory()
             self._check_size(size)
-            if fh is not None and node.w.staging is None and size < node.size:
-                self.pages.truncating(node, self._current_version(node))
+            shrunk = fh is not None and node.w.staging is None and size < node.size
+            before = self._current_version(node) if shrunk else None
             if size == 0 and node.w.staging is None:
                 node.w.attach(self.writes.new_staging(node.path), dirty=True)
             else:
                 await self._materialize(node)
             await self.writes.truncate(node, size)
             node.mtime_ns = now
-            await self.pages.changed(node, written=False)
+            self.pages.resized(node, before)
             if fh is None and node.writers == 0:
                 # truncate(2) by name: like a close, kept as closed if it cannot be sealed now
                 await self.writes.seal_closed(node, tell=True)

@@ -390,6 +390,7 @@ class Handle:
     writable: bool
     state: ReadState = field(default_factory=ReadState)
     keep_cache: bool = True  # whether the kernel's pages of the file are still its content
+    direct: bool = False  # its writes bypass the kernel's page cache (direct I/O)
     # Opened by root (who keeps setuid and setgid bits when writing); any other writer drops
     # them, as the kernel does on a local disk (Filesystem.write).
     privileged: bool = True

@@ -1,28 +1,32 @@
 """What the kernel's page cache keeps of a file this mount rewrites while it is read.
 
 The kernel takes a read that comes back shorter than it asked for as the end of the file: it
-zero-fills the rest of the page and keeps the page. When the reply was short because a
-rewrite on this mount had just truncated the file (`cat f` while `echo x > f` runs), and the
-new content then arrives by direct I/O (which bypasses that page), the page shows zeros where
-the new content is. Two cases, by when the read was answered:
+zero-fills the rest of the page and keeps the page. A truncating rewrite on this mount (`cat f`
+while `echo x > f` runs) makes such short reads, and the kernel can keep their zeros where
+the new content goes:
 
-- during a write or truncation of the file (the read began before it, and ends after), or
-  short of the size the file has once it is answered (another version found meanwhile): the
-  read is answered again, with what the file holds now (Filesystem.read);
-- after the truncation: the kernel may not have taken the new size yet when the reader
-  copies the page (the truncating thread sets it once the mount has answered it), so a read
-  that would come back short while the rewrite has written nothing is answered with the
-  version before the truncation, which is what the kernel's size still describes;
-- before the write that follows: that write drops the file's pages from the kernel.
+- a read the mount answered from the truncated file while the reader still went by the old
+  size (the truncating thread sets the new size only once the mount has answered it): for a
+  moment after the truncation (TRUNCATED_FOR), such a read is answered from the version before
+  it, which is what that old size describes, as long as the file is still as truncated;
+- a read that a write or truncation overtook (it began before, and ends after), or that ends
+  short of the size the file has by the time it is answered: answered again, with what the
+  file holds now;
+- a short read, or one answered from the version before, during the rewrite: the next direct
+  write, or the last writer's close, drops the file's pages from the kernel. (Not a write
+  through the page cache: it writes the page itself, and the kernel may hold that page locked
+  until the write is answered, so dropping it then would wait forever.)
 
-Only files with a writer on this mount are tracked; a short read at the end of a file nobody
-writes here is the end of the file.
+Only files truncated through one of their descriptors on this mount are tracked, until their
+last writer closes; `tail -f` of a log written here pays nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from s3cryptfs.cache.reader import Reader, Version
 from s3cryptfs.errors import S3CryptFSError
@@ -30,10 +34,21 @@ from s3cryptfs.vfs.nodes import Node
 
 # A read answered again this many times at most: each try raced a write of the same file.
 READ_TRIES = 3
+# How long after a truncation a read may still come from a reader that went by the size
+# before it. The kernel takes the new size as soon as the truncating open or ftruncate gets
+# its answer; this is for a thread that has yet to be scheduled.
+TRUNCATED_FOR = 1.0
 
 
 async def _no_kernel(ino: int) -> None:
     """No kernel keeps pages of these files (the core driven directly, as tests do)."""
+
+
+@dataclass(slots=True)
+class _Before:
+    version: Version  # what the file held before its truncation
+    size: int  # its size once truncated: served only while it is still that
+    until: float  # time.monotonic() deadline
 
 
 class KernelPages:
@@ -41,65 +56,61 @@ class KernelPages:
         self.reader = reader
         # Drops the kernel's pages of an inode: set by the FUSE adapter.
         self.drop: Callable[[int], Awaitable[None]] = _no_kernel
-        self._changes: dict[Node, int] = {}  # writes and truncations, while written here
-        self._short: set[Node] = set()  # read short since the last write
-        # Files truncated by a rewrite that has written nothing since: the version before.
-        self._before: dict[Node, Version] = {}
+        self._rewritten: set[Node] = set()  # truncated through a descriptor, writers open
+        self._short: set[Node] = set()  # a read that may have left zeros, since the drop
+        self._before: dict[Node, _Before] = {}
 
-    def truncating(self, node: Node, version: Version | None) -> None:
-        """A descriptor of *node* truncates it; *version*: what it held (None: nothing
-        that can be read again, such as a write-back file)."""
-        if version is not None and node.writers:
-            self._before[node] = version
+    def resized(self, node: Node, before: Version | None) -> None:
+        """A descriptor of *node* changed its size (now node.size); *before*: what it held,
+        when it shrank and that can be read again (not a write-back file)."""
+        if not node.writers:
+            return
+        self._rewritten.add(node)
+        self._before.pop(node, None)
+        if before is not None:
+            self._before[node] = _Before(before, node.size, time.monotonic() + TRUNCATED_FOR)
 
     async def read(
         self, node: Node, offset: int, size: int, answer: Callable[[], Awaitable[bytes]]
     ) -> bytes:
         """*answer*'s reply to the kernel's read of *node*, made safe for its page cache."""
         for _ in range(READ_TRIES):
-            seen = self.seen(node)
+            seen = self._mark(node)
             data = await answer()
-            # One that a write or truncation here overtook, or that ends before the size the
-            # file has now (a new version found meanwhile): what the file holds now.
             if len(data) >= size or not (
-                self.raced(node, seen) or offset + len(data) < node.size
+                self._mark(node) != seen or offset + len(data) < node.size
             ):
                 break
-        before = self._before.get(node)
-        if len(data) < size and before is not None:
-            with contextlib.suppress(S3CryptFSError):  # (gone: what the file holds now)
-                older = await self.reader.read(before, offset, size)
-                data = older if len(older) > len(data) else data
-        self.answered(node, len(data) < size or before is not None)
+        if len(data) < size and node in self._rewritten:
+            self._short.add(node)  # (before the await below: a write meanwhile drops it)
+            before = self._before.get(node)
+            if before is not None and before.size == node.size:
+                if time.monotonic() < before.until:
+                    with contextlib.suppress(S3CryptFSError):  # (gone: what it holds now)
+                        older = await self.reader.read(before.version, offset, size)
+                        data = older if len(older) > len(data) else data
+                else:
+                    del self._before[node]
         return data
 
-    def seen(self, node: Node) -> int | None:
-        """A mark to give raced() once the read it starts is answered."""
-        return self._changes.get(node)
+    @staticmethod
+    def _mark(node: Node) -> tuple[int, int]:
+        # Every write and truncation here sets the mtime; a size change found in S3 shows too.
+        return node.mtime_ns, node.size
 
-    def raced(self, node: Node, seen: int | None) -> bool:
-        """Whether *node* was written or truncated here since *seen*."""
-        return self._changes.get(node) != seen
-
-    def answered(self, node: Node, short: bool) -> None:
-        """A read of *node* was answered: *short*, or from the version before."""
-        if short and node.writers:
-            self._short.add(node)
-
-    async def changed(self, node: Node, written: bool) -> None:
-        """*node* was written (*written*) or truncated through one of its descriptors."""
-        if not node.writers:
-            return
-        self._changes[node] = self._changes.get(node, 0) + 1
-        if written:
-            self._before.pop(node, None)
-        if node in self._short:
+    async def written(self, node: Node, direct: bool) -> None:
+        """*node* was written through one of its descriptors (*direct*: with direct I/O)."""
+        self._before.pop(node, None)
+        if direct and node in self._short:
             self._short.discard(node)
             await self.drop(node.ino)
 
-    def closed(self, node: Node) -> None:
+    async def closed(self, node: Node) -> None:
         """A writer of *node* let it go."""
-        if not node.writers:
+        if node.writers or node not in self._rewritten:
+            return
+        self._rewritten.discard(node)
+        self._before.pop(node, None)
+        if node in self._short:
             self._short.discard(node)
-            self._changes.pop(node, None)
-            self._before.pop(node, None)
+            await self.drop(node.ino)  # (a release holds no page: the kernel does not wait)
