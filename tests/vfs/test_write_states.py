@@ -12,6 +12,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -179,6 +180,24 @@ def test_a_file_rewritten_while_its_conflict_settles_keeps_what_was_closed(
     assert sorted(contents.values()) == [b"ours, which loses", b"written again"], contents
 
 
+def _lose_and_hold_the_look(
+    driver: CoreDriver, fh: int, name: str, server: tuple[Any, str, Any]
+) -> threading.Event:
+    """Write and close *name* through *fh* after another machine wrote it: this mount's
+    version loses (its conflict copy is made), and the mount's look at what the name holds
+    now is held at S3 until the returned gate is set."""
+    store = driver.core.store
+    driver.write_at(fh, 0, b"ours, which loses")
+    another_machine_writes(*server, name, b"the winner")
+    copy_gate = store.hold("put", f"{name}.conflict-")
+    driver.close(fh)
+    wait_for(lambda: any("conflict-" in c for c in store.arrived), what="the conflict copy")
+    head_gate = store.hold("head", f"vol/{name}", times=1)
+    copy_gate.set()
+    wait_for(lambda: f"head vol/{name}" in store.arrived, what="the look at the name")
+    return head_gate
+
+
 @pytest.mark.parametrize("made_here", [False, True], ids=["in-s3-before", "made-here"])
 def test_a_file_read_while_its_lost_version_settles_is_the_winner(
     core: CoreFs, driver: CoreDriver, seaweed, bucket, tmp_path, made_here: bool
@@ -188,7 +207,6 @@ def test_a_file_read_while_its_lost_version_settles_is_the_winner(
     and reads it (not EIO for the version that lost). *made_here*: the file was created on
     this mount and never in S3 (no version of it known), and another machine created the
     name first."""
-    store = driver.core.store
     if made_here:
         root = driver._lookup("")
         fh = driver._run(driver.fs.create, root.ino, "w.txt", 0o100644, os.getuid(), 0).fh
@@ -196,14 +214,7 @@ def test_a_file_read_while_its_lost_version_settles_is_the_winner(
         driver.write_file("w.txt", b"first")
         wait_for(lambda: in_s3(driver, "w.txt"), what="the first version")
         fh = driver.open("w.txt", os.O_WRONLY | os.O_TRUNC)
-    driver.write_at(fh, 0, b"ours, which loses")
-    another_machine_writes(seaweed, bucket, tmp_path, "w.txt", b"the winner")
-    copy_gate = store.hold("put", "w.txt.conflict-")
-    driver.close(fh)
-    wait_for(lambda: any("conflict-" in c for c in store.arrived), what="the conflict copy")
-    head_gate = store.hold("head", "vol/w.txt", times=1)  # the mount's look at the name after
-    copy_gate.set()
-    wait_for(lambda: "head vol/w.txt" in store.arrived, what="the look at the name")
+    head_gate = _lose_and_hold_the_look(driver, fh, "w.txt", (seaweed, bucket, tmp_path))
     try:
         assert driver.read_file("w.txt") == b"the winner"
     finally:
@@ -218,20 +229,12 @@ def test_a_descriptor_opened_before_a_lost_version_reads_the_winner(
     """`tail -f`-style reader with the file open since before this mount's version lost to
     another machine's: a read while the mount asks S3 what the name holds waits for that
     answer and returns the winner, not EIO for the version that lost."""
-    store = driver.core.store
     driver.write_file("r.txt", b"first")
     wait_for(lambda: in_s3(driver, "r.txt"), what="the first version")
     reader = driver.open("r.txt", os.O_RDONLY)
     assert driver.read_at(reader, 0, 100) == b"first"
     fh = driver.open("r.txt", os.O_WRONLY | os.O_TRUNC)
-    driver.write_at(fh, 0, b"ours, which loses")
-    another_machine_writes(seaweed, bucket, tmp_path, "r.txt", b"the winner")
-    copy_gate = store.hold("put", "r.txt.conflict-")
-    driver.close(fh)
-    wait_for(lambda: any("conflict-" in c for c in store.arrived), what="the conflict copy")
-    head_gate = store.hold("head", "vol/r.txt", times=1)  # the mount's look at the name after
-    copy_gate.set()
-    wait_for(lambda: "head vol/r.txt" in store.arrived, what="the look at the name")
+    head_gate = _lose_and_hold_the_look(driver, fh, "r.txt", (seaweed, bucket, tmp_path))
     got: list[bytes | BaseException] = []
 
     def read() -> None:
