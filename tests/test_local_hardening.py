@@ -45,6 +45,7 @@ class StubFs:
 
     def __init__(self) -> None:
         self.health_checks = 0
+        self.pages = SimpleNamespace()  # (FuseOperations gives it its page dropper)
 
     def node(self, inode: int) -> SimpleNamespace:
         return SimpleNamespace(is_dir=True)

@@ -97,7 +97,7 @@ EXPLAINED_WRAPPERS: dict[tuple[str, str, str], str] = {
     ("upload/uploader.py", "wait", "{}"): "re-raises the UploadConflict made in _divert()",
     ("store/helper.py", "_error_from", "{}"): "an error the helper raised, passed on",
     ("store/helper.py", "_fail_pending", "{}"): "'the upload helper exited' (run())",
-    ("vfs/core.py", "read", "{}"): _NODE_ERROR,
+    ("vfs/core.py", "_read", "{}"): _NODE_ERROR,
     ("vfs/core.py", "open", "{}"): _NODE_ERROR,
     ("vfs/core.py", "_materialize", "{}"): _NODE_ERROR,
     ("vfs/core.py", "fsync", "{}"): _NODE_ERROR,

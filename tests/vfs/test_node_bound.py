@@ -220,7 +220,8 @@ def test_a_file_two_sweeps_chose_is_asked_about_once() -> None:
     table = root_table(limit=10)
     for i in range(11):
         held_file(table, f"f{i}")
-    ops = FuseOperations(SimpleNamespace(nodes=table, reader=SimpleNamespace(nursery=None)))  # type: ignore[arg-type]
+    fs = SimpleNamespace(nodes=table, reader=SimpleNamespace(nursery=None), pages=SimpleNamespace())
+    ops = FuseOperations(fs)  # type: ignore[arg-type]
     first = table.to_forget()
     ops._to_drop += first
     table.held(first[0])  # a lookup takes it back
